@@ -1,0 +1,129 @@
+"""CPU checks of the numerics choices in finetune_worker.modeling (tiny Llama, no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from finetune_worker import modeling  # noqa: E402
+
+
+def tiny_config(**kw):
+    base = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=256, max_position_embeddings=256)
+    base.update(kw)
+    return transformers.LlamaConfig(**base)
+
+
+def tiny_model(dtype=torch.bfloat16):
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(tiny_config(), dtype=dtype)
+
+
+SPEC = {"model": {"name": "unused"}, "lora": {"r": 8, "alpha": 16, "dropout": 0.0}}
+
+
+def test_lora_targets_every_linear_projection_and_freezes_the_base():
+    pm = modeling.prepare_for_training(tiny_model(), SPEC, {"method": "lora"})
+    adapted = {name.split(".")[-1] for name, mod in pm.named_modules() if hasattr(mod, "lora_A")}
+    assert adapted == set(modeling.DEFAULT_TARGET_MODULES)
+    trainable = [n for n, p in pm.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    # adapters hold fp32 master weights; the frozen base stays bf16
+    assert all(p.dtype == torch.float32 for n, p in pm.named_parameters() if p.requires_grad)
+    assert pm.get_input_embeddings().weight.dtype == torch.bfloat16
+
+
+def test_lora_settings_are_translated():
+    spec = {"lora": {"r": 4, "alpha": 8, "dropout": 0.05, "targetModules": ["q_proj", "v_proj"],
+                     "useRslora": True, "useDora": True}}
+    cfg = modeling.lora_config(spec)
+    assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout) == (4, 8, 0.05)
+    assert set(cfg.target_modules) == {"q_proj", "v_proj"}
+    assert cfg.use_rslora and cfg.use_dora
+
+
+def test_qlora_keeps_embeddings_and_lm_head_bf16_and_quantizes_the_projections():
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    model = tiny_model()
+    reference_ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model(input_ids=reference_ids).logits.float()
+    modeling.quantize_in_place(model)
+    pm = modeling.prepare_for_training(model, SPEC, {"method": "qlora", "gradientCheckpointing": True})
+    base = pm.base_model.model
+    assert base.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert base.lm_head.weight.dtype == torch.bfloat16
+    assert not isinstance(base.lm_head, bnb.nn.Linear4bit)
+    q = base.model.layers[0].self_attn.q_proj.base_layer
+    assert isinstance(q, bnb.nn.Linear4bit) and q.weight.quant_type == "nf4"
+    assert all(p.dtype != torch.float32 for n, p in pm.named_parameters() if not p.requires_grad)
+    # NF4 is a lossy copy of the same weights, not different weights
+    pm.eval()
+    with torch.no_grad():
+        out = pm(input_ids=reference_ids).logits.float()
+    rel = (out - ref).norm() / ref.norm()
+    assert rel < 0.2, f"NF4 model drifted {rel:.3f} from its bf16 source"
+    # and it trains: gradients reach the adapters through checkpointed, quantised layers
+    pm.train()
+    loss = pm(input_ids=reference_ids, labels=reference_ids).loss
+    loss.backward()
+    grads = [p.grad for n, p in pm.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None for g in grads)
+
+
+def test_selective_checkpointing_recomputes_the_requested_share_of_layers():
+    assert modeling.checkpointed_layers(32, 1.0) == list(range(32))
+    assert modeling.checkpointed_layers(32, 0.5) == list(range(0, 32, 2))
+    assert modeling.checkpointed_layers(32, 0.0) == []
+    assert len(modeling.checkpointed_layers(32, 0.25)) == 8
+
+    pm = modeling.prepare_for_training(
+        tiny_model(), SPEC, {"method": "lora", "gradientCheckpointing": True, "checkpointFraction": 0.5}
+    )
+    flags = [layer.gradient_checkpointing for layer in pm.base_model.model.model.layers]
+    assert flags == [True, False, True, False]
+
+
+def test_checkpointing_gives_the_same_gradients():
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(5))
+    grads = []
+    for ckpt in (False, True):
+        pm = modeling.prepare_for_training(
+            tiny_model(torch.float32), {"lora": {"r": 4, "dropout": 0.0}},
+            {"method": "lora", "gradient_checkpointing": ckpt},
+        )
+        for n, p in pm.named_parameters():  # lora_B starts at zero: give it a value so A gets grads
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(hash(n) % 1000))
+        pm.train()
+        pm(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-7), n
+
+
+def test_load_base_model_from_a_local_directory(tmp_path):
+    tiny_model().save_pretrained(tmp_path / "m")
+    spec = {"model": {"path": str(tmp_path / "m")}}
+    model = modeling.load_base_model(spec, {"method": "lora"}, None, "cpu")
+    assert model.dtype == torch.bfloat16
+    assert model.config.use_cache is False
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+
+
+def test_errors_name_the_field():
+    with pytest.raises(ValueError, match="plan.method"):
+        modeling.plan_method({"method": "full"})
+    with pytest.raises(FileNotFoundError, match="spec.model.path"):
+        modeling.model_source({"model": {"path": "/does/not/exist"}})
+    with pytest.raises(ValueError, match="spec.model"):
+        modeling.model_source({"model": {}})
+    with pytest.raises(RuntimeError, match="CUDA"):
+        modeling.load_base_model({"model": {"name": "x/y"}}, {"method": "qlora"}, None, "cpu")

@@ -1,0 +1,323 @@
+"""Loading the base model and turning it into a trainable LoRA / QLoRA model.
+
+This module owns the numerics of a fine-tuning run: which dtype each part of the model lives
+in, how the base is quantised, where adapters go, which layers are recomputed in the backward
+pass and which fused kernels replace the stock ones. The planner's memory formulas were
+calibrated against exactly these choices (tests/data/calibration/), so changing one of them
+changes the memory a job needs.
+
+The three entry points take the FineTuneJob spec and the operator's plan duck-typed: fields are
+read by their Python (snake_case) or CRD (camelCase) names, so the worker can pass either the
+pydantic models or plain dicts decoded from its config file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# Every linear projection of a Llama-style block. Adapting all of them (not only q/v) is what
+# lets LoRA match full fine-tuning quality at r=16; the planner assumes this set by default.
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def field(obj: Any, name: str, default: Any = None) -> Any:
+    """Read `name` (snake_case) from a pydantic model, a dataclass or a dict, also trying camelCase.
+
+    None-valued fields fall back to `default`, so optional spec fields can be left out.
+    """
+    if obj is None:
+        return default
+    camel = _camel(name)
+    for key in (name, camel):
+        if isinstance(obj, Mapping):
+            if key in obj and obj[key] is not None:
+                return obj[key]
+        else:
+            value = getattr(obj, key, None)
+            if value is not None:
+                return value
+    return default
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
+def plan_method(plan: Any) -> str:
+    method = str(field(plan, "method", "lora")).lower()
+    if method not in ("lora", "qlora"):
+        raise ValueError(
+            f"plan.method is {method!r}; expected 'lora' (bf16 base) or 'qlora' (NF4 base). "
+            "The operator's planner writes this field: re-plan the job or fix the worker config."
+        )
+    return method
+
+
+def model_source(spec: Any) -> tuple[str, str | None]:
+    """Where to load the base model from: (path or hub id, revision or None).
+
+    A local directory (baked into the image or mounted from a PVC) wins over a hub id so that a
+    job can run air-gapped; a hub id is pinned by its revision when the spec gives one.
+    """
+    model = field(spec, "model", spec)
+    for key in ("path", "local_path", "pvc_path", "mount_path"):
+        candidate = field(model, key)
+        if candidate:
+            if not os.path.isdir(candidate):
+                raise FileNotFoundError(
+                    f"spec.model.{_camel(key)} is {candidate!r} but no such directory exists in "
+                    "the worker pod; check the volume mount (PVC) and the path inside it."
+                )
+            return str(candidate), None
+    name = field(model, "name") or field(model, "id") or field(model, "hub_id") or field(model, "source")
+    if isinstance(name, str) and name:
+        if os.path.isdir(name):
+            return name, None
+        return name, field(model, "revision")
+    raise ValueError(
+        "spec.model names no model: set spec.model.name to a Hugging Face hub id (e.g. "
+        "'meta-llama/Meta-Llama-3-8B', optionally with spec.model.revision) or spec.model.path "
+        "to a directory mounted in the pod."
+    )
+
+
+def load_tokenizer(spec: Any, token: str | None):
+    """Load the tokenizer that belongs to the base model.
+
+    A tokenizer without a pad token (Llama 3 ships none) gets its EOS as pad token: padding
+    positions are masked out of attention and loss, so which id fills them does not matter,
+    and adding a new token would resize the embeddings the planner has already sized.
+    """
+    from transformers import AutoTokenizer
+
+    source, revision = model_source(spec)
+    tok = AutoTokenizer.from_pretrained(source, revision=revision, token=token)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def bnb_config(spec: Any = None):
+    """The QLoRA quantisation: NF4 weights, double-quantised scales, bf16 compute.
+
+    bf16 compute keeps the dequantised matmuls on the tensor cores at the same precision as
+    LoRA on a bf16 base, so the two methods train the same mathematics up to NF4 rounding.
+    """
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    quant = field(spec, "quantization")
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=str(field(quant, "quant_type", "nf4")),
+        bnb_4bit_use_double_quant=bool(field(quant, "double_quant", True)),
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_quant_storage=torch.bfloat16,
+    )
+
+
+def load_base_model(spec: Any, plan: Any, token: str | None, device: str, *, attn_implementation: str | None = None):
+    """Load the frozen base model: bf16 for LoRA, NF4 + double quant + bf16 compute for QLoRA.
+
+    The base always loads straight into bf16 on the target device; nothing is upcast to fp32.
+    In particular the embeddings and lm_head stay bf16 under QLoRA (peft's
+    prepare_model_for_kbit_training would upcast both to fp32: 2 x 128,256 x 4,096 x 2 extra bytes,
+    about 2 GiB on a Llama-3-8B, for no benefit since they are frozen).
+    SDPA attention is the default: with padding-free packing (position_ids that restart per
+    sequence and no attention_mask) transformers derives a block-diagonal causal mask from the
+    position ids, so packed sequences never attend to each other.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    method = plan_method(plan)
+    source, revision = model_source(spec)
+    kwargs: dict[str, Any] = dict(
+        revision=revision,
+        token=token,
+        dtype=torch.bfloat16,
+        attn_implementation=attn_implementation or "sdpa",
+        low_cpu_mem_usage=True,
+    )
+    if method == "qlora":
+        if not str(device).startswith("cuda"):
+            raise RuntimeError(
+                f"plan.method is 'qlora' but the worker runs on {device!r}: the NF4 kernels of "
+                "bitsandbytes need a CUDA GPU. Schedule the job on a GPU node or plan it as 'lora'."
+            )
+        kwargs["quantization_config"] = bnb_config(spec)
+        kwargs["device_map"] = {"": device}
+    else:
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    model.config.use_cache = False  # a KV cache is dead weight in training and disables packing masks
+    return model
+
+
+def quantize_in_place(model, spec: Any = None):
+    """Swap a bf16 model's decoder Linear layers for bitsandbytes NF4 Linear4bit, in memory.
+
+    The same result as load_base_model(..., method 'qlora') on a checkpoint (transformers
+    converts every nn.Linear except lm_head, which it keeps in the load dtype), without writing
+    and re-reading a checkpoint: the benchmark and the memory calibration build random-weight
+    models from a config and use this.
+    """
+    import bitsandbytes as bnb
+    import torch
+
+    cfg = bnb_config(spec)
+    skip = {"lm_head"}
+    device = next(model.parameters()).device
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if not isinstance(child, torch.nn.Linear) or child_name in skip:
+                continue
+            q = bnb.nn.Linear4bit(
+                child.in_features,
+                child.out_features,
+                bias=child.bias is not None,
+                compute_dtype=cfg.bnb_4bit_compute_dtype,
+                compress_statistics=cfg.bnb_4bit_use_double_quant,
+                quant_type=cfg.bnb_4bit_quant_type,
+                quant_storage=cfg.bnb_4bit_quant_storage,
+                device="meta",
+            )
+            q.weight = bnb.nn.Params4bit(
+                child.weight.data,
+                requires_grad=False,
+                compress_statistics=cfg.bnb_4bit_use_double_quant,
+                quant_type=cfg.bnb_4bit_quant_type,
+                quant_storage=cfg.bnb_4bit_quant_storage,
+                module=q,
+            )
+            if child.bias is not None:
+                q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+            setattr(parent, child_name, q)
+            q.weight = q.weight.to(device)  # quantises on the move to the GPU
+            del child
+    model.is_loaded_in_4bit = True
+    model.is_quantized = True
+    model.quantization_method = "bitsandbytes"
+    model.hf_quantizer = None
+    model.config.quantization_config = cfg
+    return model
+
+
+def lora_config(spec: Any):
+    """Translate spec.lora into a peft LoraConfig (all linear projections unless told otherwise)."""
+    from peft import LoraConfig
+
+    lora = field(spec, "lora")
+    r = int(field(lora, "r", 16))
+    targets = field(lora, "target_modules") or list(DEFAULT_TARGET_MODULES)
+    return LoraConfig(
+        r=r,
+        lora_alpha=float(field(lora, "alpha", 2 * r)),
+        lora_dropout=float(field(lora, "dropout", 0.0)),
+        target_modules=list(targets),
+        use_rslora=bool(field(lora, "use_rslora", field(lora, "rslora", False))),
+        use_dora=bool(field(lora, "use_dora", field(lora, "dora", False))),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def liger_available() -> bool:
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure (no triton, no GPU build) means "not available"
+        return False
+    return True
+
+
+def apply_fused_kernels(model) -> bool:
+    """Patch in liger-kernel's Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy).
+
+    Each replaces several memory-bound PyTorch ops by one kernel; the fused linear cross-entropy
+    never materialises the (tokens x 128,256) logits, the largest activation of a Llama-3 step.
+    Only on CUDA (Triton) and only when the package imports; returns whether it was applied.
+    """
+    device = next(model.parameters()).device
+    if device.type != "cuda" or not liger_available():
+        return False
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(model=model)
+    return True
+
+
+def checkpointed_layers(num_layers: int, fraction: float) -> list[int]:
+    """Which decoder layers to recompute in backward when only `fraction` of them should be.
+
+    Spread evenly over the depth so the saved activations of the others are spread too.
+    """
+    fraction = min(max(float(fraction), 0.0), 1.0)
+    count = round(num_layers * fraction)
+    if count <= 0:
+        return []
+    step = num_layers / count
+    return sorted({int(i * step) for i in range(count)})
+
+
+def enable_checkpointing(model, fraction: float = 1.0) -> list[int]:
+    """Recompute the chosen decoder layers in backward (non-reentrant), keep the rest's activations.
+
+    use_reentrant=False works with frozen inputs and with peft; selective (fraction < 1)
+    trades memory for the recompute of fewer layers: each layer not recomputed saves a sixth of
+    that layer's step time (forward recompute is 2 of 6 FLOPs per parameter for LoRA).
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    keep = set(checkpointed_layers(len(layers), fraction))
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i in keep
+    return sorted(keep)
+
+
+def prepare_for_training(model, spec: Any, plan: Any, *, fused_kernels: bool | None = None):
+    """Freeze the base, apply fused kernels, checkpointing per plan, and wrap with LoRA adapters.
+
+    Deliberately not peft's prepare_model_for_kbit_training: that upcasts every non-quantised
+    weight (embeddings, lm_head, norms) to fp32, which costs ~2 GiB on an 8B model and slows
+    the norms and the logits; the frozen parts train identically in bf16 and the adapters are
+    created in fp32 by peft regardless.
+    """
+    from peft import get_peft_model
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.config.use_cache = False
+    if fused_kernels is None:
+        fused_kernels = bool(field(plan, "fused_kernels", True))
+    applied = apply_fused_kernels(model) if fused_kernels else False
+    ckpt = field(plan, "gradient_checkpointing", False)
+    if ckpt:
+        fraction = 1.0 if ckpt is True else float(ckpt)
+        fraction = float(field(plan, "checkpoint_fraction", fraction))
+        enable_checkpointing(model, fraction)
+        # The embeddings are frozen, so without this hook the first checkpointed block would see
+        # inputs that need no grad and (with reentrant checkpointing) skip its backward.
+        model.enable_input_require_grads()
+    peft_model = get_peft_model(model, lora_config(spec))
+    # Adapters in fp32 (peft's default) keep the optimizer update precise; cast them only if a
+    # bf16 base made peft create them in bf16.
+    for name, p in peft_model.named_parameters():
+        if p.requires_grad and p.dtype != _fp32():
+            p.data = p.data.float()
+    peft_model.fused_kernels_applied = applied
+    return peft_model
+
+
+def _fp32():
+    import torch
+
+    return torch.float32
