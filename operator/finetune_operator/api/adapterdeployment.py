@@ -1,0 +1,119 @@
+"""The AdapterDeployment kind: serve a base model with one or more LoRA adapters (vLLM).
+
+Adapters are loaded by name next to one copy of the base weights, so many fine-tunes share
+one GPU. Unlike the other kinds, the spec is mutable: adding an adapter or scaling
+replicas is the normal way to use it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, model_validator
+
+from .common import (
+    API_VERSION,
+    Condition,
+    DNSLabel,
+    LocalObjectReference,
+    LocalSecretReference,
+    ObjectMeta,
+    SecretKeySelector,
+    SourceURI,
+    SpecModel,
+    StatusModel,
+    cel,
+    conditions_schema_extra,
+    validations,
+)
+from .finetunejob import DeploymentResources, ModelSource
+
+KIND = "AdapterDeployment"
+PLURAL = "adapterdeployments"
+
+
+class AdapterSource(SpecModel):
+    model_config = {"json_schema_extra": validations(
+        cel("has(self.uri) != has(self.fineTuneJobRef)",
+            "exactly one of adapters[].uri and adapters[].fineTuneJobRef must be set"),
+    )}
+
+    name: DNSLabel
+    """Name clients pass as `model` in requests to select this adapter."""
+    uri: SourceURI | None = None
+    fine_tune_job_ref: LocalObjectReference | None = None
+    """Serve the adapter of this FineTuneJob once it has succeeded."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> AdapterSource:
+        if (self.uri is None) == (self.fine_tune_job_ref is None):
+            raise ValueError(
+                f"adapter {self.name!r}: exactly one of adapters[].uri and "
+                f"adapters[].fineTuneJobRef must be set")
+        return self
+
+
+class AdapterDeploymentSpec(SpecModel):
+    base_model: ModelSource
+    adapters: Annotated[list[AdapterSource], Field(max_length=64, json_schema_extra={
+        "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]})] = Field(
+        default_factory=list)
+    runtime: Literal["vllm"] = "vllm"
+    replicas: Annotated[int, Field(ge=0, le=100)] = 1
+    resources: DeploymentResources = Field(default_factory=DeploymentResources)
+    max_lora_rank: Annotated[int, Field(ge=1, le=1024)] = 64
+    """Largest adapter rank the server accepts; memory for it is reserved up front."""
+    hf_token_secret_ref: SecretKeySelector | None = None
+    storage_secret_ref: LocalSecretReference | None = None
+    image: Annotated[str, Field(min_length=1, max_length=1024)] | None = None
+    """Serving image override."""
+
+    @model_validator(mode="after")
+    def _unique_adapter_names(self) -> AdapterDeploymentSpec:
+        names = [a.name for a in self.adapters]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"spec.adapters: names must be unique; repeated: {duplicates}")
+        return self
+
+
+class AdapterDeploymentStatus(StatusModel):
+    observed_generation: int | None = None
+    conditions: Annotated[list[Condition], Field(json_schema_extra=conditions_schema_extra())] = (
+        Field(default_factory=list))
+    replicas: int | None = None
+    ready_replicas: int | None = None
+    loaded_adapters: list[str] = Field(default_factory=list)
+    """Adapters the server reports as loaded."""
+    endpoint: str | None = None
+    """OpenAI-compatible base URL inside the cluster, e.g. `http://name.ns.svc:8000/v1`."""
+    deployment_name: str | None = None
+
+
+class AdapterDeployment(SpecModel):
+    """Serve a base model with LoRA adapters."""
+
+    model_config = {"extra": "ignore"}
+
+    api_version: Literal["finetune.dev/v1alpha1"] = API_VERSION
+    kind: Literal["AdapterDeployment"] = KIND
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    spec: AdapterDeploymentSpec
+    status: AdapterDeploymentStatus | None = None
+
+
+def crd_extras() -> dict[str, Any]:
+    return {
+        "kind": KIND,
+        "plural": PLURAL,
+        "singular": "adapterdeployment",
+        "short_names": ["adep"],
+        "categories": ["finetune"],
+        "scale": {"specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas"},
+        "printer_columns": [
+            {"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas"},
+            {"name": "Replicas", "type": "integer", "jsonPath": ".spec.replicas"},
+            {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint"},
+            {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+        ],
+    }

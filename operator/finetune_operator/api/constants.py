@@ -1,0 +1,94 @@
+"""Named values shared by the operator, the worker and the CRDs: phases, condition types,
+condition reasons, labels and file names. A string that two components must agree on is
+defined here once."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Phase(StrEnum):
+    """`status.phase`: a one-word summary for `kubectl get`; conditions carry the detail."""
+
+    PENDING = "Pending"
+    PLANNING = "Planning"
+    QUEUED = "Queued"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+    @property
+    def finished(self) -> bool:
+        return self in (Phase.SUCCEEDED, Phase.FAILED)
+
+
+class ConditionType(StrEnum):
+    # FineTuneJob
+    PLANNED = "Planned"
+    QUEUED = "Queued"
+    RUNNING = "Running"
+    SUSPENDED = "Suspended"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    # AdapterMerge uses Running / Succeeded / Failed too.
+    # AdapterDeployment
+    AVAILABLE = "Available"
+    PROGRESSING = "Progressing"
+    DEGRADED = "Degraded"
+
+
+class Reason:
+    """CamelCase `reason` values. Plain string constants (not an enum) so that a reason
+    read back from the cluster compares equal to the constant without conversion."""
+
+    # Planned
+    PLAN_FITS = "PlanFits"
+    PLAN_DOES_NOT_FIT = "InsufficientGPUMemory"
+    MODEL_CONFIG_UNAVAILABLE = "ModelConfigUnavailable"
+    # Queued
+    WAITING_FOR_QUOTA = "WaitingForQuota"
+    ADMITTED = "Admitted"
+    # Suspended
+    SUSPENDED_BY_USER = "SuspendedByUser"
+    # Running
+    PODS_STARTING = "PodsStarting"
+    TRAINING = "Training"
+    RESUMED_FROM_CHECKPOINT = "ResumedFromCheckpoint"
+    # Succeeded
+    TRAINING_COMPLETE = "TrainingComplete"
+    MERGE_COMPLETE = "MergeComplete"
+    # Failed: one per worker exit code (see exit_codes.WorkerExitCode), then the Job's own.
+    INVALID_CONFIG = "InvalidConfig"
+    DATA_ERROR = "DataError"
+    CUDA_OUT_OF_MEMORY = "CUDAOutOfMemory"
+    NON_FINITE_LOSS = "NonFiniteLoss"
+    STORAGE_ERROR = "StorageError"
+    MODEL_LOAD_ERROR = "ModelLoadError"
+    BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
+    POD_FAILED = "PodFailed"
+    FINE_TUNE_JOB_FAILED = "FineTuneJobFailed"
+    FINE_TUNE_JOB_NOT_FOUND = "FineTuneJobNotFound"
+    # Neutral states
+    NOT_STARTED = "NotStarted"
+    IN_PROGRESS = "InProgress"
+    # AdapterDeployment
+    REPLICAS_READY = "ReplicasReady"
+    REPLICAS_NOT_READY = "ReplicasNotReady"
+    ADAPTER_NOT_READY = "AdapterNotReady"
+    ADAPTER_LOAD_FAILED = "AdapterLoadFailed"
+
+
+# Labels and annotations put on children so they can be found and traced back.
+LABEL_PREFIX = "finetune.dev"
+LABEL_FINETUNEJOB = f"{LABEL_PREFIX}/finetunejob"
+LABEL_ADAPTERMERGE = f"{LABEL_PREFIX}/adaptermerge"
+LABEL_ADAPTERDEPLOYMENT = f"{LABEL_PREFIX}/adapterdeployment"
+LABEL_COMPONENT = f"{LABEL_PREFIX}/component"
+ANNOTATION_SPEC_HASH = f"{LABEL_PREFIX}/spec-hash"
+
+# Files the worker and the operator agree on.
+WORKER_CONFIG_FILENAME = "worker-config.yaml"
+ADAPTER_MANIFEST_FILENAME = "finetune-manifest.json"
+
+DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"

@@ -1,0 +1,512 @@
+"""The FineTuneJob kind: what a user asks for (spec) and what the system observed (status).
+
+Spec defaults are what a user of a LoRA tool expects (r=16, alpha=32, all linear layers,
+cosine schedule, bf16). Every rule the API server enforces through CEL is also checked
+here, next to it, so the worker rejects the same specs with the same words.
+
+Immutability: the spec cannot change after creation, except `suspend`. CEL transition
+rules cannot see status, so "immutable once started" is enforced from creation; a job
+that has not started yet is cheap to delete and re-create, and a changed spec would
+otherwise silently mix two trainings in one checkpoint directory.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, model_validator
+
+from .common import (
+    API_VERSION,
+    HF_REPO_PATTERN,
+    Artifact,
+    Condition,
+    DNSLabel,
+    DType,
+    LocalSecretReference,
+    ObjectMeta,
+    ObjectReference,
+    OutputURI,
+    PositiveQuantity,
+    Quantity,
+    SecretKeySelector,
+    ShortString,
+    SourceURI,
+    SpecModel,
+    StatusModel,
+    StorageURI,
+    Timestamp,
+    at_most_one_cel,
+    cel,
+    conditions_schema_extra,
+    exactly_one_cel,
+    validations,
+)
+from .constants import DEFAULT_GPU_RESOURCE, Phase
+
+KIND = "FineTuneJob"
+PLURAL = "finetunejobs"
+
+# Names of children are `<job>-<suffix>` and must stay DNS labels (63); Job pods add a
+# 5-character hash to the Job's name. 45 leaves room for both.
+MAX_NAME_LENGTH = 45
+
+HFRepoId = Annotated[str, Field(min_length=1, max_length=256, pattern=HF_REPO_PATTERN)]
+Revision = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9._/-]+$")]
+ModuleName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.*-]+$")]
+
+
+# --- model ----------------------------------------------------------------------------------
+
+
+class ArchitectureHints(SpecModel):
+    """Shape of the base model, used for planning when its config cannot be read
+    (for example a private repository the operator has no token for)."""
+
+    model_type: ShortString | None = None
+    """Transformers `model_type`, e.g. `llama`, `mistral`, `qwen2`."""
+    num_parameters: Annotated[int, Field(ge=1)] | None = None
+    """Total parameter count, e.g. 8030261248."""
+    hidden_size: Annotated[int, Field(ge=1)] | None = None
+    intermediate_size: Annotated[int, Field(ge=1)] | None = None
+    num_hidden_layers: Annotated[int, Field(ge=1)] | None = None
+    num_attention_heads: Annotated[int, Field(ge=1)] | None = None
+    num_key_value_heads: Annotated[int, Field(ge=1)] | None = None
+    vocab_size: Annotated[int, Field(ge=1)] | None = None
+    tie_word_embeddings: bool | None = None
+
+
+class ModelSource(SpecModel):
+    """A base model: a Hugging Face id (plus revision) or a URI."""
+
+    model_config = {"json_schema_extra": validations(
+        exactly_one_cel("name", "uri", "model"),
+    )}
+
+    name: HFRepoId | None = None
+    """Hugging Face repository id, e.g. `meta-llama/Meta-Llama-3-8B`."""
+    uri: SourceURI | None = None
+    """`hf://owner/name`, `pvc://claim/path` or `s3://bucket/key`."""
+    revision: Revision | None = None
+    """Branch, tag or commit of a Hugging Face repository; pin a commit for reproducibility."""
+    tokenizer: Annotated[str, Field(min_length=1, max_length=1024)] | None = None
+    """Tokenizer to use instead of the model's own (a Hugging Face id or a URI)."""
+    architecture: ArchitectureHints | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> ModelSource:
+        if (self.name is None) == (self.uri is None):
+            raise ValueError("exactly one of model.name and model.uri must be set")
+        return self
+
+    @property
+    def reference(self) -> str:
+        """What to load: the id or the URI, with `@revision` when pinned."""
+        base = self.name or self.uri or ""
+        return f"{base}@{self.revision}" if self.revision else base
+
+
+# --- dataset --------------------------------------------------------------------------------
+
+
+class FieldMapping(SpecModel):
+    """Column names in the dataset when they differ from the format's defaults."""
+
+    instruction: ShortString | None = None
+    """alpaca: the instruction column (default `instruction`)."""
+    input: ShortString | None = None
+    """alpaca: the optional input column (default `input`)."""
+    output: ShortString | None = None
+    """alpaca: the response column (default `output`)."""
+    messages: ShortString | None = None
+    """chat: the column holding `[{role, content}]` lists (default `messages`)."""
+    text: ShortString | None = None
+    """text: the column with raw text (default `text`)."""
+    prompt: ShortString | None = None
+    """completion: the prompt column (default `prompt`)."""
+    completion: ShortString | None = None
+    """completion: the completion column (default `completion`)."""
+
+
+DatasetFormat = Literal["alpaca", "chat", "text", "completion"]
+
+
+class DatasetSpec(SpecModel):
+    model_config = {"json_schema_extra": validations(
+        at_most_one_cel("evalSplit", "evalFraction", "dataset"),
+    )}
+
+    uri: SourceURI
+    """`hf://owner/name`, `pvc://claim/file.jsonl` or `s3://bucket/key`."""
+    format: DatasetFormat
+    """alpaca (instruction/input/output), chat (messages), text, or completion (prompt/completion)."""
+    subset: ShortString | None = None
+    """Configuration name of a Hugging Face dataset."""
+    split: ShortString = "train"
+    fields: FieldMapping | None = None
+    max_samples: Annotated[int, Field(ge=1)] | None = None
+    """Use at most this many training rows (after shuffling with the seed)."""
+    eval_split: ShortString | None = None
+    """A split to evaluate on."""
+    eval_fraction: Annotated[float, Field(gt=0, le=0.5)] | None = None
+    """Hold out this fraction of the training split for evaluation instead."""
+
+    @model_validator(mode="after")
+    def _one_eval_source(self) -> DatasetSpec:
+        if self.eval_split is not None and self.eval_fraction is not None:
+            raise ValueError("at most one of dataset.evalSplit and dataset.evalFraction may be set")
+        return self
+
+
+# --- method ---------------------------------------------------------------------------------
+
+Method = Literal["auto", "lora", "qlora"]
+ResolvedMethod = Literal["lora", "qlora"]
+
+
+class LoRASpec(SpecModel):
+    r: Annotated[int, Field(ge=1, le=1024)] = 16
+    """Rank of the update matrices."""
+    alpha: Annotated[float, Field(gt=0)] = 32
+    """Scaling numerator: the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA)."""
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    target_modules: Annotated[list[ModuleName], Field(min_length=1, max_length=64)] = [
+        "all-linear"]
+    """Module names to adapt; `all-linear` means every linear projection except the output head."""
+    use_rs_lora: bool = Field(False, alias="useRSLoRA")
+    """Rank-stabilised scaling (alpha/sqrt(r)); helps at high ranks."""
+    use_do_ra: bool = Field(False, alias="useDoRA")
+    """Weight-decomposed LoRA (DoRA): slower, sometimes better at low ranks."""
+
+
+class QuantizationSpec(SpecModel):
+    """How the frozen base is stored for QLoRA (bitsandbytes 4-bit)."""
+
+    type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    """Quantize the quantization constants too (saves about 0.4 bits per parameter)."""
+    compute_dtype: DType = "bfloat16"
+    """Dtype the 4-bit weights are de-quantized to for matrix multiplies."""
+
+
+# --- training -------------------------------------------------------------------------------
+
+
+class TrainingSpec(SpecModel):
+    model_config = {"json_schema_extra": validations(
+        exactly_one_cel("epochs", "maxSteps", "spec.training"),
+        at_most_one_cel("warmupRatio", "warmupSteps", "spec.training"),
+    )}
+
+    epochs: Annotated[float, Field(gt=0, le=1000)] | None = None
+    """Passes over the training data (may be fractional). Exactly one of epochs and maxSteps."""
+    max_steps: Annotated[int, Field(ge=1)] | None = None
+    """Optimizer steps to run. Exactly one of epochs and maxSteps."""
+    learning_rate: Annotated[float, Field(gt=0, le=1)] = 2e-4
+    batch_size: Annotated[int, Field(ge=1, le=65536)] = 16
+    """Effective batch size: micro-batch x gradient accumulation x GPUs."""
+    micro_batch_size: Annotated[
+        Literal["auto"] | Annotated[int, Field(ge=1, le=4096)],
+        Field(json_schema_extra={"x-kubernetes-int-or-string": True, **validations(cel(
+            "type(self) == string ? self == 'auto' : self >= 1",
+            "must be 'auto' or an integer of at least 1"))}),
+    ] = "auto"
+    """Sequences per forward pass; `auto` lets the planner choose the fastest that fits."""
+    seq_length: Annotated[int, Field(ge=16, le=131072)] = 2048
+    """Maximum tokens per training sequence; longer rows are truncated."""
+    packing: bool = False
+    """Concatenate short rows into full-length sequences (faster on short data)."""
+    gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
+    """Trade compute for activation memory; `auto` lets the planner decide."""
+    optimizer: Literal[
+        "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit",
+        "paged_adamw_32bit", "adafactor", "sgd"] = "adamw_torch"
+    scheduler: Literal[
+        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+        "constant_with_warmup"] = "cosine"
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] | None = None
+    """Fraction of steps spent warming up (0.03 when neither this nor warmupSteps is set)."""
+    warmup_steps: Annotated[int, Field(ge=0)] | None = None
+    weight_decay: Annotated[float, Field(ge=0, le=1)] = 0.0
+    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 42
+    checkpoint_steps: Annotated[int, Field(ge=1)] = 200
+    """Save a checkpoint every this many steps (the job resumes from the latest)."""
+    checkpoint_limit: Annotated[int, Field(ge=1, le=100)] = 2
+    """Keep at most this many checkpoints."""
+    resume: bool = True
+    """Continue from the latest checkpoint when a pod is restarted."""
+
+    @model_validator(mode="after")
+    def _one_length(self) -> TrainingSpec:
+        if (self.epochs is None) == (self.max_steps is None):
+            raise ValueError(
+                "exactly one of spec.training.epochs and spec.training.maxSteps must be set")
+        if self.warmup_ratio is not None and self.warmup_steps is not None:
+            raise ValueError("at most one of spec.training.warmupRatio and "
+                             "spec.training.warmupSteps may be set")
+        return self
+
+    @property
+    def effective_warmup_ratio(self) -> float:
+        return 0.03 if self.warmup_ratio is None and self.warmup_steps is None else (
+            self.warmup_ratio or 0.0)
+
+
+# --- resources ------------------------------------------------------------------------------
+
+
+class GPUSpec(SpecModel):
+    count: Annotated[int, Field(ge=1, le=64)] = 1
+    memory: PositiveQuantity
+    """Memory per GPU the plan must fit in, e.g. `24Gi`: the planner's budget."""
+    product: ShortString | None = None
+    """GPU product for scheduling (the `nvidia.com/gpu.product` node label), e.g. `NVIDIA-H200`."""
+    resource_name: Annotated[str, Field(min_length=1, max_length=253)] = DEFAULT_GPU_RESOURCE
+    """Extended resource to request."""
+
+
+class Toleration(SpecModel):
+    """A `core/v1` Toleration."""
+
+    key: Annotated[str, Field(max_length=316)] | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: Annotated[str, Field(max_length=63)] | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+LabelMap = Annotated[dict[str, Annotated[str, Field(max_length=63)]], Field(max_length=64)]
+
+
+class ResourcesSpec(SpecModel):
+    gpu: GPUSpec
+    cpu: Quantity | None = None
+    """CPU request and limit for the worker, e.g. `8`."""
+    memory: Quantity | None = None
+    """Host memory request and limit for the worker, e.g. `64Gi`."""
+    node_selector: LabelMap | None = None
+    tolerations: Annotated[list[Toleration], Field(max_length=32)] | None = None
+    priority_class_name: DNSLabel | None = None
+    queue_name: DNSLabel | None = None
+    """Kueue LocalQueue; the Job is created suspended and Kueue admits it."""
+
+
+# --- output, follow-ups ---------------------------------------------------------------------
+
+
+class OutputSpec(SpecModel):
+    uri: OutputURI
+    """Where the adapter is written: `pvc://claim/path`, `s3://bucket/key` or `hf://owner/name`."""
+
+
+class MergeFollowUp(SpecModel):
+    """Create an AdapterMerge (adapter folded into the base weights) after training."""
+
+    enabled: bool = False
+    output: StorageURI | None = None
+    """Where the merged model is written (default: the adapter's URI with `-merged`)."""
+    dtype: DType = "bfloat16"
+
+
+class DeploymentGPU(SpecModel):
+    count: Annotated[int, Field(ge=1, le=64)] = 1
+    product: ShortString | None = None
+    resource_name: Annotated[str, Field(min_length=1, max_length=253)] = DEFAULT_GPU_RESOURCE
+
+
+class DeploymentResources(SpecModel):
+    gpu: DeploymentGPU = Field(default_factory=DeploymentGPU)
+    cpu: Quantity | None = None
+    memory: Quantity | None = None
+
+
+class DeployFollowUp(SpecModel):
+    """Create an AdapterDeployment serving the adapter after training."""
+
+    enabled: bool = False
+    name: DNSLabel | None = None
+    """AdapterDeployment to create, or to add the adapter to (default: the job's name)."""
+    runtime: Literal["vllm"] = "vllm"
+    replicas: Annotated[int, Field(ge=0, le=100)] = 1
+    resources: DeploymentResources | None = None
+
+
+class FollowUpSpec(SpecModel):
+    merge: MergeFollowUp | None = None
+    deploy: DeployFollowUp | None = None
+
+
+# --- spec -----------------------------------------------------------------------------------
+
+# Fields that may change after creation. Everything else is compared with `oldSelf`.
+MUTABLE_SPEC_FIELDS = ("suspend",)
+
+
+class FineTuneJobSpec(SpecModel):
+    model_config = {"json_schema_extra": validations(
+        cel("self.method != 'lora' || !has(self.quantization)",
+            "spec.quantization may only be set when spec.method is qlora or auto",
+            field_path=".quantization"),
+    )}
+
+    model: ModelSource
+    dataset: DatasetSpec
+    method: Method = "auto"
+    """`auto` lets the planner pick lora (bf16 base) or qlora (4-bit base) to fit the budget."""
+    # `default: {}` in the CRD makes the API server fill in (and show) the LoRA defaults.
+    lora: LoRASpec = Field(default_factory=LoRASpec, json_schema_extra={"default": {}})
+    quantization: QuantizationSpec | None = None
+    """4-bit settings used when the method is (or resolves to) qlora."""
+    training: TrainingSpec
+    resources: ResourcesSpec
+    output: OutputSpec
+    hf_token_secret_ref: SecretKeySelector | None = None
+    """Hugging Face token for gated models, private datasets and Hub pushes."""
+    storage_secret_ref: LocalSecretReference | None = None
+    """Object storage credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...)."""
+    follow_up: FollowUpSpec | None = None
+    image: Annotated[str, Field(min_length=1, max_length=1024)] | None = None
+    """Worker image override."""
+    suspend: bool = False
+    """Stop running pods (checkpoints are kept) and resume when set back to false."""
+    active_deadline_seconds: Annotated[int, Field(ge=1)] | None = None
+    backoff_limit: Annotated[int, Field(ge=0, le=100)] = 2
+    """Retries after a retryable pod failure (out-of-memory and bad data are not retried)."""
+    ttl_seconds_after_finished: Annotated[int, Field(ge=0)] | None = None
+
+    @model_validator(mode="after")
+    def _quantization_needs_qlora(self) -> FineTuneJobSpec:
+        if self.method == "lora" and self.quantization is not None:
+            raise ValueError("spec.quantization may only be set when spec.method is qlora or auto")
+        return self
+
+    @property
+    def quantization_or_default(self) -> QuantizationSpec:
+        return self.quantization or QuantizationSpec()
+
+
+# --- status ---------------------------------------------------------------------------------
+
+
+class MemoryBreakdown(StatusModel):
+    """Predicted peak GPU memory per GPU, in bytes, by what occupies it."""
+
+    base_weights: int = 0
+    """Frozen base weights (bf16, or 4-bit plus quantization constants for qlora)."""
+    adapter_weights: int = 0
+    gradients: int = 0
+    """Gradients of the trainable (adapter) parameters."""
+    optimizer_state: int = 0
+    activations: int = 0
+    """Activations kept for the backward pass at the chosen micro-batch."""
+    overhead: int = 0
+    """CUDA context, allocator fragmentation and temporary buffers."""
+
+
+class TrainingPlan(StatusModel):
+    """What the planner decided and why; also handed to the worker in its config."""
+
+    method: ResolvedMethod
+    reason: Annotated[str, Field(max_length=4096)] = ""
+    """Why this method and these settings, for people."""
+    estimated_peak_bytes: int
+    budget_bytes: int | None = None
+    breakdown: MemoryBreakdown = Field(default_factory=MemoryBreakdown)
+    micro_batch_size: Annotated[int, Field(ge=1)]
+    gradient_accumulation: Annotated[int, Field(ge=1)]
+    gradient_checkpointing: bool
+    trainable_params: int
+    total_params: int | None = None
+
+
+class Progress(StatusModel):
+    step: int = 0
+    total_steps: int | None = None
+    epoch: float | None = None
+    percent: float | None = None
+    loss: float | None = None
+    learning_rate: float | None = None
+    eta_seconds: int | None = None
+    updated_at: Timestamp | None = None
+
+
+class TrainingMetrics(StatusModel):
+    """Measured by the worker on the GPU (not predicted)."""
+
+    peak_vram_bytes: int | None = Field(None, alias="peakVRAMBytes")
+    """`torch.cuda.max_memory_reserved` on the busiest GPU."""
+    peak_vram: str | None = Field(None, alias="peakVRAM")
+    """The same, formatted for people (`17.2Gi`); shown by `kubectl get ftj`."""
+    tokens_per_second: float | None = None
+    samples_per_second: float | None = None
+    steps_per_second: float | None = None
+    gpu_seconds: float | None = None
+    """GPU time used: wall time x GPUs."""
+
+
+class FollowUpStatus(StatusModel):
+    merge: ObjectReference | None = None
+    """The AdapterMerge created for this job."""
+    deployment: ObjectReference | None = None
+    """The AdapterDeployment serving this job's adapter."""
+
+
+class FineTuneJobStatus(StatusModel):
+    observed_generation: int | None = None
+    phase: Phase | None = None
+    conditions: Annotated[list[Condition], Field(json_schema_extra=conditions_schema_extra())] = (
+        Field(default_factory=list))
+    plan: TrainingPlan | None = None
+    progress: Progress | None = None
+    metrics: TrainingMetrics | None = None
+    adapter: Artifact | None = None
+    job_name: str | None = None
+    """The batch Job running the worker."""
+    spec_hash: str | None = None
+    """`api.spec_hash` of the spec the plan and the Job were built from."""
+    follow_up: FollowUpStatus | None = None
+    start_time: Timestamp | None = None
+    completion_time: Timestamp | None = None
+
+
+# --- the resource ---------------------------------------------------------------------------
+
+
+class FineTuneJob(SpecModel):
+    """A LoRA or QLoRA fine-tuning run, planned to fit a GPU memory budget."""
+
+    model_config = {"extra": "ignore", "json_schema_extra": validations(
+        cel(f"self.metadata.name.size() <= {MAX_NAME_LENGTH} && "
+            "self.metadata.name.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')",
+            f"metadata.name must be a DNS label of at most {MAX_NAME_LENGTH} characters "
+            "(lower-case letters, digits and '-'), because it names the Job and its pods"),
+    )}
+
+    api_version: Literal["finetune.dev/v1alpha1"] = API_VERSION
+    kind: Literal["FineTuneJob"] = KIND
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    spec: FineTuneJobSpec
+    status: FineTuneJobStatus | None = None
+
+
+def crd_extras() -> dict[str, Any]:
+    """What the CRD needs beyond the schema; used by crdgen."""
+    return {
+        "kind": KIND,
+        "plural": PLURAL,
+        "singular": "finetunejob",
+        "short_names": ["ftj"],
+        "categories": ["finetune"],
+        "mutable_spec_fields": MUTABLE_SPEC_FIELDS,
+        "printer_columns": [
+            {"name": "Method", "type": "string", "jsonPath": ".status.plan.method"},
+            {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+            {"name": "Progress", "type": "number", "jsonPath": ".status.progress.percent",
+             "description": "Percent of training steps done"},
+            {"name": "Peak VRAM", "type": "string", "jsonPath": ".status.metrics.peakVRAM",
+             "description": "Measured peak GPU memory"},
+            {"name": "Tokens/s", "type": "number", "jsonPath": ".status.metrics.tokensPerSecond"},
+            {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+        ],
+    }

@@ -1,0 +1,34 @@
+"""`spec_hash`: a stable identity for "the training this FineTuneJob asks for".
+
+The operator records it in status and in the worker config; the worker writes it into the
+adapter manifest and refuses to resume from a checkpoint made for a different hash. Only
+fields that change the trained weights (or the plan that shapes them) are included:
+scheduling knobs (suspend, deadlines, retries, queue, node placement), credentials,
+follow-ups and the image are left out, so changing them never invalidates a checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from .common import parse_quantity
+from .finetunejob import FineTuneJobSpec
+
+TRAINING_FIELDS = ("model", "dataset", "method", "lora", "quantization", "training", "output")
+
+
+def spec_hash(spec: FineTuneJobSpec) -> str:
+    """Hex sha256 of the canonical JSON of the training-relevant fields, defaults filled in.
+
+    Defaults are filled in so that `r: 16` written out and `r` left to its default hash the
+    same; keys are sorted and separators fixed so the hash is stable across processes.
+    """
+    data = spec.model_dump(by_alias=True, exclude_none=True, mode="json",
+                           include=set(TRAINING_FIELDS))
+    # The GPU budget shapes the plan (micro-batch, checkpointing, method under `auto`);
+    # in bytes, so `24Gi` and `24576Mi` are the same budget.
+    gpu = spec.resources.gpu
+    data["gpu"] = {"count": gpu.count, "memoryBytes": parse_quantity(gpu.memory)}
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
