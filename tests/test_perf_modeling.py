@@ -39,7 +39,7 @@ def test_lora_targets_every_linear_projection_and_freezes_the_base():
 
 def test_lora_settings_are_translated():
     spec = {"lora": {"r": 4, "alpha": 8, "dropout": 0.05, "targetModules": ["q_proj", "v_proj"],
-                     "useRslora": True, "useDora": True}}
+                     "useRSLoRA": True, "useDoRA": True}}
     cfg = modeling.lora_config(spec)
     assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout) == (4, 8, 0.05)
     assert set(cfg.target_modules) == {"q_proj", "v_proj"}
@@ -111,8 +111,8 @@ def test_checkpointing_gives_the_same_gradients():
 
 def test_load_base_model_from_a_local_directory(tmp_path):
     tiny_model().save_pretrained(tmp_path / "m")
-    spec = {"model": {"path": str(tmp_path / "m")}}
-    model = modeling.load_base_model(spec, {"method": "lora"}, None, "cpu")
+    spec = {"model": {"uri": "pvc://models/m"}}
+    model = modeling.load_base_model(spec, {"method": "lora"}, None, "cpu", local_path=str(tmp_path / "m"))
     assert model.dtype == torch.bfloat16
     assert model.config.use_cache is False
     assert model.get_input_embeddings().weight.dtype == torch.bfloat16
@@ -121,8 +121,11 @@ def test_load_base_model_from_a_local_directory(tmp_path):
 def test_errors_name_the_field():
     with pytest.raises(ValueError, match="plan.method"):
         modeling.plan_method({"method": "full"})
-    with pytest.raises(FileNotFoundError, match="spec.model.path"):
-        modeling.model_source({"model": {"path": "/does/not/exist"}})
+    with pytest.raises(FileNotFoundError, match="/does/not/exist"):
+        modeling.model_source({"model": {"name": "a/b"}}, "/does/not/exist")
+    with pytest.raises(ValueError, match="spec.model.uri"):
+        modeling.model_source({"model": {"uri": "s3://bucket/key"}})
+    assert modeling.model_source({"model": {"uri": "hf://a/b", "revision": "abc"}}) == ("a/b", "abc")
     with pytest.raises(ValueError, match="spec.model"):
         modeling.model_source({"model": {}})
     with pytest.raises(RuntimeError, match="CUDA"):

@@ -56,10 +56,25 @@ def token_loss_sum(model, batch):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_rows_with_padding_tail_give_the_same_loss(attn):
+    """Rows of seq_len: the shorter row ends in a padding segment that must not change the loss."""
+    model = tiny_llama(attn)
+    data = examples([40, 30, 20, 10, 60])
+    packed = packing.make_collator(Tok(), SEQ_LEN, packing=True)(data)
+    assert packed["input_ids"].shape[1] <= SEQ_LEN and packed["input_ids"].shape[0] >= 3
+    one_row = packing.make_collator(Tok(), SEQ_LEN, packing=True, row_tokens=10_000)(data)
+    with torch.no_grad():
+        a, na = token_loss_sum(model, packed)
+        b, nb = token_loss_sum(model, one_row)
+    assert na == nb
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_loss_equals_per_sequence_loss(attn):
     model = tiny_llama(attn)
     data = examples([17, 40, 5, 64, 23])
-    collate_packed = packing.make_collator(Tok(), SEQ_LEN, packing=True)
+    collate_packed = packing.make_collator(Tok(), SEQ_LEN, packing=True, row_tokens=1024)
     packed = collate_packed(data)
     assert packed["input_ids"].shape == (1, 17 + 40 + 5 + 64 + 23)
     assert "attention_mask" not in packed
@@ -85,7 +100,7 @@ def test_packed_loss_differs_without_position_resets():
     """Guard against a vacuous pass: the same row with plain 0..N-1 positions (no resets) lets
     sequences attend to each other and must give a different loss."""
     model = tiny_llama()
-    packed = packing.make_collator(Tok(), SEQ_LEN, packing=True)(examples([30, 30, 30]))
+    packed = packing.make_collator(Tok(), SEQ_LEN, packing=True, row_tokens=1000)(examples([30, 30, 30]))
     broken = dict(packed, position_ids=torch.arange(packed["input_ids"].shape[1])[None])
     with torch.no_grad():
         good = model(**packed).loss
@@ -100,7 +115,8 @@ def test_padded_batch_loss_equals_packed_loss_and_gradients():
     padded = packing.make_collator(Tok(), SEQ_LEN, packing=False)(data)
     packed = packing.make_collator(Tok(), SEQ_LEN, packing=True)(data)
     assert padded["input_ids"].shape == (4, 50)  # padded to the longest, not to seq_len
-    assert packing.real_tokens(padded) == packing.real_tokens(packed) == 9 + 33 + 21 + 50
+    assert packed["input_ids"].shape == (2, 59)  # first-fit decreasing: [50, 9] and [33, 21]
+    assert int(padded["attention_mask"].sum()) == packing.example_tokens(data, SEQ_LEN) == 113
     assert packing.trained_tokens(padded) == packing.trained_tokens(packed)
 
     grads = []
@@ -115,11 +131,18 @@ def test_padded_batch_loss_equals_packed_loss_and_gradients():
 
 def test_truncation_and_first_token_masking():
     data = [{"input_ids": list(range(2, 102)), "labels": list(range(2, 102))}]
-    packed = packing.make_collator(Tok(), 32, packing=True)(data + data)
+    packed = packing.make_collator(Tok(), 32, packing=True, row_tokens=64)(data + data)
     assert packed["input_ids"].shape == (1, 64)
     labels = packed["labels"][0].tolist()
     assert labels[0] == packing.IGNORE_INDEX and labels[32] == packing.IGNORE_INDEX
     assert labels[1] == 3 and labels[33] == 3
+
+
+def test_pack_rows_first_fit_decreasing():
+    rows = packing.pack_rows([300, 200, 500, 100, 12], 512)
+    assert sorted(i for r in rows for i in r) == [0, 1, 2, 3, 4]
+    assert all(sum([300, 200, 500, 100, 12][i] for i in r) <= 512 for r in rows)
+    assert len(rows) == 3
 
 
 def test_token_budget_batches_respects_budget_and_order():

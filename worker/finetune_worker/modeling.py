@@ -59,35 +59,45 @@ def plan_method(plan: Any) -> str:
     return method
 
 
-def model_source(spec: Any) -> tuple[str, str | None]:
+def model_source(spec: Any, local_path: str | None = None) -> tuple[str, str | None]:
     """Where to load the base model from: (path or hub id, revision or None).
 
-    A local directory (baked into the image or mounted from a PVC) wins over a hub id so that a
-    job can run air-gapped; a hub id is pinned by its revision when the spec gives one.
+    `local_path` is where the worker already has the model (a `pvc://` or `s3://` source mounted
+    or downloaded into the pod); it wins so a job can run air-gapped. Otherwise spec.model.name
+    or an `hf://owner/name` URI is a hub id, pinned by spec.model.revision when given.
     """
     model = field(spec, "model", spec)
-    for key in ("path", "local_path", "pvc_path", "mount_path"):
-        candidate = field(model, key)
-        if candidate:
-            if not os.path.isdir(candidate):
-                raise FileNotFoundError(
-                    f"spec.model.{_camel(key)} is {candidate!r} but no such directory exists in "
-                    "the worker pod; check the volume mount (PVC) and the path inside it."
-                )
-            return str(candidate), None
-    name = field(model, "name") or field(model, "id") or field(model, "hub_id") or field(model, "source")
+    if local_path:
+        if not os.path.isdir(local_path):
+            raise FileNotFoundError(
+                f"the base model should be at {local_path!r} in the worker pod but no such "
+                "directory exists; check the volume mount (PVC) or the download step."
+            )
+        return str(local_path), None
+    name = field(model, "name")
+    uri = field(model, "uri")
+    if not name and isinstance(uri, str):
+        if uri.startswith("hf://"):
+            name = uri[len("hf://"):]
+        elif "://" not in uri:
+            name = uri
+        else:
+            raise ValueError(
+                f"spec.model.uri is {uri!r}: the worker must mount or download it first and pass "
+                "its local directory as local_path."
+            )
     if isinstance(name, str) and name:
         if os.path.isdir(name):
             return name, None
         return name, field(model, "revision")
     raise ValueError(
         "spec.model names no model: set spec.model.name to a Hugging Face hub id (e.g. "
-        "'meta-llama/Meta-Llama-3-8B', optionally with spec.model.revision) or spec.model.path "
-        "to a directory mounted in the pod."
+        "'meta-llama/Meta-Llama-3-8B', optionally with spec.model.revision) or spec.model.uri "
+        "to hf://, pvc:// or s3://."
     )
 
 
-def load_tokenizer(spec: Any, token: str | None):
+def load_tokenizer(spec: Any, token: str | None, *, local_path: str | None = None):
     """Load the tokenizer that belongs to the base model.
 
     A tokenizer without a pad token (Llama 3 ships none) gets its EOS as pad token: padding
@@ -96,7 +106,10 @@ def load_tokenizer(spec: Any, token: str | None):
     """
     from transformers import AutoTokenizer
 
-    source, revision = model_source(spec)
+    source, revision = model_source(spec, local_path)
+    override = field(field(spec, "model"), "tokenizer")
+    if override and "://" not in str(override):
+        source, revision = str(override), None
     tok = AutoTokenizer.from_pretrained(source, revision=revision, token=token)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -116,14 +129,22 @@ def bnb_config(spec: Any = None):
     quant = field(spec, "quantization")
     return BitsAndBytesConfig(
         load_in_4bit=True,
-        bnb_4bit_quant_type=str(field(quant, "quant_type", "nf4")),
+        bnb_4bit_quant_type=str(field(quant, "type", "nf4")),
         bnb_4bit_use_double_quant=bool(field(quant, "double_quant", True)),
         bnb_4bit_compute_dtype=torch.bfloat16,
         bnb_4bit_quant_storage=torch.bfloat16,
     )
 
 
-def load_base_model(spec: Any, plan: Any, token: str | None, device: str, *, attn_implementation: str | None = None):
+def load_base_model(
+    spec: Any,
+    plan: Any,
+    token: str | None,
+    device: str,
+    *,
+    local_path: str | None = None,
+    attn_implementation: str | None = None,
+):
     """Load the frozen base model: bf16 for LoRA, NF4 + double quant + bf16 compute for QLoRA.
 
     The base always loads straight into bf16 on the target device; nothing is upcast to fp32.
@@ -138,7 +159,7 @@ def load_base_model(spec: Any, plan: Any, token: str | None, device: str, *, att
     from transformers import AutoModelForCausalLM
 
     method = plan_method(plan)
-    source, revision = model_source(spec)
+    source, revision = model_source(spec, local_path)
     kwargs: dict[str, Any] = dict(
         revision=revision,
         token=token,
@@ -222,8 +243,9 @@ def lora_config(spec: Any):
         lora_alpha=float(field(lora, "alpha", 2 * r)),
         lora_dropout=float(field(lora, "dropout", 0.0)),
         target_modules=list(targets),
-        use_rslora=bool(field(lora, "use_rslora", field(lora, "rslora", False))),
-        use_dora=bool(field(lora, "use_dora", field(lora, "dora", False))),
+        # the API spells these useRSLoRA / useDoRA (python: use_rs_lora / use_do_ra)
+        use_rslora=bool(field(lora, "use_rs_lora", field(lora, "use_rslora", field(lora, "useRSLoRA", False)))),
+        use_dora=bool(field(lora, "use_do_ra", field(lora, "use_dora", field(lora, "useDoRA", False)))),
         bias="none",
         task_type="CAUSAL_LM",
     )

@@ -28,13 +28,41 @@ def _truncate(example: dict[str, Sequence[int]], seq_len: int) -> tuple[list[int
     return ids, labels
 
 
-def make_collator(tokenizer: Any, seq_len: int, packing: bool) -> Callable[[list[dict]], dict]:
+def pack_rows(lengths: Sequence[int], row_tokens: int) -> list[list[int]]:
+    """First-fit-decreasing bin packing of example indices into rows of at most row_tokens.
+
+    Rows of bounded length keep attention cheap: SDPA has no variable-length kernel for packed
+    sequences, so a row costs row_length^2 in attention however its sequences are split; rows of
+    seq_len tokens cost no more than unpacked examples would. Within a row the original order
+    is kept, so the same examples give the same row contents on every run.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        n = lengths[i]
+        for r, room in enumerate(free):
+            if n <= room:
+                rows[r].append(i)
+                free[r] -= n
+                break
+        else:
+            rows.append([i])
+            free.append(row_tokens - n)
+    return [sorted(row) for row in rows]
+
+
+def make_collator(
+    tokenizer: Any, seq_len: int, packing: bool, *, row_tokens: int | None = None
+) -> Callable[[list[dict]], dict]:
     """Build the collate function for a list of {"input_ids", "labels"} examples.
 
-    packing=True: one row holding every example back to back (padding-free), `position_ids`
-    restarting per example and the label of each example's first token set to -100, so the last
-    token of one example is never trained to predict the first token of the next. The number of
-    tokens in a step is the sum of the examples' lengths, not micro-batch x longest.
+    packing=True: examples back to back with no padding between them, in rows of at most
+    `row_tokens` (default seq_len) tokens; `position_ids` restart at 0 for every example and
+    the label of each example's first token is -100, so the last token of one example is never
+    trained to predict the first token of the next. Rows shorter than the longest are filled
+    with a padding segment that has its own positions (so nothing attends across into it) and
+    -100 labels. A step then costs the examples' total length, not count x longest.
     packing=False: right-padded to the longest example in the batch (not to seq_len), with an
     attention_mask and -100 labels on padding.
     Each example is truncated to seq_len tokens first.
@@ -44,23 +72,27 @@ def make_collator(tokenizer: Any, seq_len: int, packing: bool) -> Callable[[list
     pad_id = getattr(tokenizer, "pad_token_id", None)
     if pad_id is None:
         pad_id = getattr(tokenizer, "eos_token_id", None) or 0
+    capacity = row_tokens or seq_len
 
     def collate_packed(examples: list[dict]) -> dict:
-        input_ids: list[int] = []
-        labels: list[int] = []
-        position_ids: list[int] = []
-        for example in examples:
-            ids, labs = _truncate(example, seq_len)
-            if not ids:
-                continue
-            input_ids += ids
-            labels += [IGNORE_INDEX] + labs[1:]
-            position_ids += range(len(ids))
-        return {
-            "input_ids": torch.tensor([input_ids], dtype=torch.long),
-            "labels": torch.tensor([labels], dtype=torch.long),
-            "position_ids": torch.tensor([position_ids], dtype=torch.long),
-        }
+        items = [_truncate(e, seq_len) for e in examples]
+        items = [item for item in items if item[0]]
+        rows = pack_rows([len(ids) for ids, _ in items], capacity) if items else [[]]
+        width = max(sum(len(items[i][0]) for i in row) for row in rows)
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, row in enumerate(rows):
+            at = 0
+            for i in row:
+                ids, labs = items[i]
+                n = len(ids)
+                input_ids[r, at : at + n] = torch.tensor(ids, dtype=torch.long)
+                labels[r, at + 1 : at + n] = torch.tensor(labs[1:], dtype=torch.long)
+                position_ids[r, at : at + n] = torch.arange(n)
+                at += n
+            position_ids[r, at:] = torch.arange(width - at)
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
 
     def collate_padded(examples: list[dict]) -> dict:
         rows = [_truncate(e, seq_len) for e in examples]
@@ -75,6 +107,11 @@ def make_collator(tokenizer: Any, seq_len: int, packing: bool) -> Callable[[list
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
     return collate_packed if packing else collate_padded
+
+
+def example_tokens(examples: Iterable[dict], seq_len: int) -> int:
+    """Real tokens the examples contribute after truncation: what tokens/s counts."""
+    return sum(min(len(e["input_ids"]), seq_len) for e in examples)
 
 
 def token_budget_batches(
@@ -98,13 +135,6 @@ def token_budget_batches(
         used += n
     if batch:
         yield batch
-
-
-def real_tokens(batch: dict) -> int:
-    """Tokens of actual data in a collated batch (padding excluded): what tokens/s counts."""
-    if "attention_mask" in batch:
-        return int(batch["attention_mask"].sum())
-    return int(batch["input_ids"].numel())
 
 
 def trained_tokens(batch: dict) -> int:
