@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from .common import (
     API_VERSION,
@@ -33,10 +33,10 @@ PLURAL = "adapterdeployments"
 
 
 class AdapterSource(SpecModel):
-    model_config = {"json_schema_extra": validations(
+    model_config = ConfigDict(json_schema_extra=validations(
         cel("has(self.uri) != has(self.fineTuneJobRef)",
             "exactly one of adapters[].uri and adapters[].fineTuneJobRef must be set"),
-    )}
+    ))
 
     name: DNSLabel
     """Name clients pass as `model` in requests to select this adapter."""
@@ -93,7 +93,7 @@ class AdapterDeploymentStatus(StatusModel):
 class AdapterDeployment(SpecModel):
     """Serve a base model with LoRA adapters."""
 
-    model_config = {"extra": "ignore"}
+    model_config = ConfigDict(extra="ignore")
 
     api_version: Literal["finetune.dev/v1alpha1"] = API_VERSION
     kind: Literal["AdapterDeployment"] = KIND

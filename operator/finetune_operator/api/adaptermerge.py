@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from .common import (
     API_VERSION,
@@ -53,13 +53,13 @@ class MergeResources(SpecModel):
 
 
 class AdapterMergeSpec(SpecModel):
-    model_config = {"json_schema_extra": validations(
+    model_config = ConfigDict(json_schema_extra=validations(
         cel("has(self.fineTuneJobRef) != has(self.adapterURI)",
             "exactly one of spec.fineTuneJobRef and spec.adapterURI must be set"),
         cel("!has(self.adapterURI) || has(self.baseModel)",
             "spec.baseModel is required when spec.adapterURI is set", field_path=".baseModel"),
         cel("self == oldSelf", "spec is immutable; create a new AdapterMerge to merge again"),
-    )}
+    ))
 
     fine_tune_job_ref: LocalObjectReference | None = None
     """The FineTuneJob whose adapter to merge; it must have succeeded."""
@@ -99,7 +99,7 @@ class AdapterMergeStatus(StatusModel):
 class AdapterMerge(SpecModel):
     """Merge a LoRA adapter into its base model's weights."""
 
-    model_config = {"extra": "ignore"}
+    model_config = ConfigDict(extra="ignore")
 
     api_version: Literal["finetune.dev/v1alpha1"] = API_VERSION
     kind: Literal["AdapterMerge"] = KIND

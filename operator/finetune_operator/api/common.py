@@ -109,11 +109,9 @@ _SUFFIX = {
 }
 
 
-def parse_quantity_decimal(value: str | int | float) -> Decimal:
+def parse_quantity_decimal(value: str | float) -> Decimal:
     """A Kubernetes quantity (`24Gi`, `500m`, `1.5e9`, `8`) as an exact decimal."""
-    if isinstance(value, bool):
-        raise ValueError(f"{value!r} is not a quantity")
-    if isinstance(value, int | float):
+    if isinstance(value, int | float) and not isinstance(value, bool):
         return Decimal(str(value))
     text = str(value).strip()
     match = _QUANTITY.match(text)
@@ -131,12 +129,12 @@ def parse_quantity_decimal(value: str | int | float) -> Decimal:
     return base * _SUFFIX[suffix]
 
 
-def parse_quantity(value: str | int | float) -> int:
+def parse_quantity(value: str | float) -> int:
     """A memory quantity in bytes, rounded up (`parse_quantity("24Gi") == 25769803776`)."""
     return math.ceil(parse_quantity_decimal(value))
 
 
-def format_bytes(n: int | float) -> str:
+def format_bytes(n: float) -> str:
     """Bytes for people, in binary units with one decimal: 18253611008 -> `17.0Gi`."""
     value = float(n)
     for unit in ("", "Ki", "Mi", "Gi", "Ti", "Pi"):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from .common import (
     API_VERSION,
@@ -79,9 +79,9 @@ class ArchitectureHints(SpecModel):
 class ModelSource(SpecModel):
     """A base model: a Hugging Face id (plus revision) or a URI."""
 
-    model_config = {"json_schema_extra": validations(
+    model_config = ConfigDict(json_schema_extra=validations(
         exactly_one_cel("name", "uri", "model"),
-    )}
+    ))
 
     name: HFRepoId | None = None
     """Hugging Face repository id, e.g. `meta-llama/Meta-Llama-3-8B`."""
@@ -132,9 +132,9 @@ DatasetFormat = Literal["alpaca", "chat", "text", "completion"]
 
 
 class DatasetSpec(SpecModel):
-    model_config = {"json_schema_extra": validations(
+    model_config = ConfigDict(json_schema_extra=validations(
         at_most_one_cel("evalSplit", "evalFraction", "dataset"),
-    )}
+    ))
 
     uri: SourceURI
     """`hf://owner/name`, `pvc://claim/file.jsonl` or `s3://bucket/key`."""
@@ -170,8 +170,8 @@ class LoRASpec(SpecModel):
     alpha: Annotated[float, Field(gt=0)] = 32
     """Scaling numerator: the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA)."""
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
-    target_modules: Annotated[list[ModuleName], Field(min_length=1, max_length=64)] = [
-        "all-linear"]
+    target_modules: Annotated[list[ModuleName], Field(min_length=1, max_length=64)] = Field(
+        default_factory=lambda: ["all-linear"], json_schema_extra={"default": ["all-linear"]})
     """Module names to adapt; `all-linear` means every linear projection except the output head."""
     use_rs_lora: bool = Field(False, alias="useRSLoRA")
     """Rank-stabilised scaling (alpha/sqrt(r)); helps at high ranks."""
@@ -193,10 +193,10 @@ class QuantizationSpec(SpecModel):
 
 
 class TrainingSpec(SpecModel):
-    model_config = {"json_schema_extra": validations(
+    model_config = ConfigDict(json_schema_extra=validations(
         exactly_one_cel("epochs", "maxSteps", "spec.training"),
         at_most_one_cel("warmupRatio", "warmupSteps", "spec.training"),
-    )}
+    ))
 
     epochs: Annotated[float, Field(gt=0, le=1000)] | None = None
     """Passes over the training data (may be fractional). Exactly one of epochs and maxSteps."""
@@ -344,11 +344,11 @@ MUTABLE_SPEC_FIELDS = ("suspend",)
 
 
 class FineTuneJobSpec(SpecModel):
-    model_config = {"json_schema_extra": validations(
+    model_config = ConfigDict(json_schema_extra=validations(
         cel("self.method != 'lora' || !has(self.quantization)",
             "spec.quantization may only be set when spec.method is qlora or auto",
             field_path=".quantization"),
-    )}
+    ))
 
     model: ModelSource
     dataset: DatasetSpec
@@ -476,12 +476,12 @@ class FineTuneJobStatus(StatusModel):
 class FineTuneJob(SpecModel):
     """A LoRA or QLoRA fine-tuning run, planned to fit a GPU memory budget."""
 
-    model_config = {"extra": "ignore", "json_schema_extra": validations(
+    model_config = ConfigDict(extra="ignore", json_schema_extra=validations(
         cel(f"self.metadata.name.size() <= {MAX_NAME_LENGTH} && "
             "self.metadata.name.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')",
             f"metadata.name must be a DNS label of at most {MAX_NAME_LENGTH} characters "
             "(lower-case letters, digits and '-'), because it names the Job and its pods"),
-    )}
+    ))
 
     api_version: Literal["finetune.dev/v1alpha1"] = API_VERSION
     kind: Literal["FineTuneJob"] = KIND

@@ -1,0 +1,204 @@
+"""Invalid manifests: the API server (OpenAPI + CEL from the generated CRDs) and the
+pydantic models (what the worker and operator use) must both reject each one, and both
+must name the offending field in their message."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+from finetune_operator.api import AdapterDeployment, AdapterMerge, FineTuneJob
+from pydantic import ValidationError
+
+DELETE = object()
+
+
+def finetunejob() -> dict:
+    return {
+        "apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
+        "metadata": {"name": "valid"},
+        "spec": {
+            "model": {"name": "meta-llama/Meta-Llama-3-8B"},
+            "dataset": {"uri": "hf://tatsu-lab/alpaca", "format": "alpaca"},
+            "training": {"maxSteps": 10},
+            "resources": {"gpu": {"memory": "24Gi"}},
+            "output": {"uri": "pvc://adapters/llama3"},
+        },
+    }
+
+
+def adaptermerge() -> dict:
+    return {
+        "apiVersion": "finetune.dev/v1alpha1", "kind": "AdapterMerge",
+        "metadata": {"name": "valid-merge"},
+        "spec": {"fineTuneJobRef": {"name": "valid"}, "output": {"uri": "pvc://models/m"}},
+    }
+
+
+def adapterdeployment() -> dict:
+    return {
+        "apiVersion": "finetune.dev/v1alpha1", "kind": "AdapterDeployment",
+        "metadata": {"name": "valid-deploy"},
+        "spec": {"baseModel": {"name": "meta-llama/Meta-Llama-3-8B"},
+                 "adapters": [{"name": "a", "uri": "pvc://adapters/a"}]},
+    }
+
+
+BASES = {"ftj": finetunejob, "merge": adaptermerge, "deploy": adapterdeployment}
+MODELS = {"FineTuneJob": FineTuneJob, "AdapterMerge": AdapterMerge,
+          "AdapterDeployment": AdapterDeployment}
+
+
+def mutate(doc: dict, path: str, value: Any) -> dict:
+    doc = copy.deepcopy(doc)
+    *parents, last = path.split(".")
+    node: Any = doc
+    for key in parents:
+        if isinstance(node, list):
+            node = node[int(key)]
+        else:
+            node = node.setdefault(key, {})
+    if isinstance(node, list):
+        node[int(last)] = value
+    elif value is DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    return doc
+
+
+# (id, base, [(path, value), ...], the field path both rejections must mention)
+INVALID = [
+    ("r-zero", "ftj", [("spec.lora.r", 0)], "spec.lora.r"),
+    ("r-too-large", "ftj", [("spec.lora.r", 2048)], "spec.lora.r"),
+    ("alpha-zero", "ftj", [("spec.lora.alpha", 0)], "spec.lora.alpha"),
+    ("alpha-negative", "ftj", [("spec.lora.alpha", -8)], "spec.lora.alpha"),
+    ("dropout-one", "ftj", [("spec.lora.dropout", 1.0)], "spec.lora.dropout"),
+    ("dropout-negative", "ftj", [("spec.lora.dropout", -0.1)], "spec.lora.dropout"),
+    ("target-modules-empty", "ftj", [("spec.lora.targetModules", [])], "spec.lora.targetModules"),
+    ("seq-length-short", "ftj", [("spec.training.seqLength", 8)], "spec.training.seqLength"),
+    ("seq-length-long", "ftj", [("spec.training.seqLength", 262144)], "spec.training.seqLength"),
+    ("gpu-memory-zero", "ftj", [("spec.resources.gpu.memory", "0Gi")],
+     "spec.resources.gpu.memory"),
+    ("gpu-memory-negative", "ftj", [("spec.resources.gpu.memory", "-24Gi")],
+     "spec.resources.gpu.memory"),
+    ("gpu-memory-not-quantity", "ftj", [("spec.resources.gpu.memory", "lots")],
+     "spec.resources.gpu.memory"),
+    ("gpu-memory-missing", "ftj", [("spec.resources.gpu.memory", DELETE)],
+     "spec.resources.gpu.memory"),
+    ("epochs-and-max-steps", "ftj", [("spec.training.epochs", 1)], "spec.training"),
+    ("neither-epochs-nor-max-steps", "ftj", [("spec.training.maxSteps", DELETE)],
+     "spec.training"),
+    ("epochs-zero", "ftj", [("spec.training.maxSteps", DELETE), ("spec.training.epochs", 0)],
+     "spec.training.epochs"),
+    ("learning-rate-zero", "ftj", [("spec.training.learningRate", 0)],
+     "spec.training.learningRate"),
+    ("micro-batch-word", "ftj", [("spec.training.microBatchSize", "big")],
+     "spec.training.microBatchSize"),
+    ("micro-batch-zero", "ftj", [("spec.training.microBatchSize", 0)],
+     "spec.training.microBatchSize"),
+    ("checkpointing-maybe", "ftj", [("spec.training.gradientCheckpointing", "maybe")],
+     "spec.training.gradientCheckpointing"),
+    ("model-uri-http", "ftj", [("spec.model.name", DELETE),
+                               ("spec.model.uri", "https://example.com/model")], "spec.model.uri"),
+    ("model-name-and-uri", "ftj", [("spec.model.uri", "pvc://models/llama")], "spec.model"),
+    ("model-pvc-claim-not-dns", "ftj", [("spec.model.name", DELETE),
+                                        ("spec.model.uri", "pvc://My_Claim/x")], "spec.model.uri"),
+    ("dataset-uri-ftp", "ftj", [("spec.dataset.uri", "ftp://data/alpaca.json")],
+     "spec.dataset.uri"),
+    ("dataset-format-unknown", "ftj", [("spec.dataset.format", "sharegpt")],
+     "spec.dataset.format"),
+    ("eval-fraction-too-big", "ftj", [("spec.dataset.evalFraction", 0.9)],
+     "spec.dataset.evalFraction"),
+    ("eval-split-and-fraction", "ftj", [("spec.dataset.evalFraction", 0.1),
+                                        ("spec.dataset.evalSplit", "test")], "spec.dataset"),
+    ("output-local-path", "ftj", [("spec.output.uri", "/tmp/adapter")], "spec.output.uri"),
+    ("method-full", "ftj", [("spec.method", "full")], "spec.method"),
+    ("quantization-with-lora", "ftj", [("spec.method", "lora"),
+                                       ("spec.quantization", {"type": "nf4"})],
+     "spec.quantization"),
+    ("quantization-int8", "ftj", [("spec.method", "qlora"),
+                                  ("spec.quantization", {"type": "int8"})],
+     "spec.quantization.type"),
+    ("inline-token", "ftj", [("spec.hfTokenSecretRef", {"name": "hf", "token": "hf_abc"})],
+     "spec.hfTokenSecretRef.token"),
+    ("queue-name-not-dns", "ftj", [("spec.resources.queueName", "GPU Queue")],
+     "spec.resources.queueName"),
+    ("deploy-name-not-dns", "ftj", [("spec.followUp", {"deploy": {"enabled": True,
+                                                                  "name": "Bad_Name"}})],
+     "spec.followUp.deploy.name"),
+    ("merge-dtype-int8", "ftj", [("spec.followUp", {"merge": {"dtype": "int8"}})],
+     "spec.followUp.merge.dtype"),
+    ("backoff-negative", "ftj", [("spec.backoffLimit", -1)], "spec.backoffLimit"),
+    ("name-not-dns-label", "ftj", [("metadata.name", "llama.v1")], "metadata.name"),
+    ("name-too-long", "ftj", [("metadata.name", "a" * 50)], "metadata.name"),
+    ("merge-two-sources", "merge", [("spec.adapterURI", "pvc://adapters/a"),
+                                    ("spec.baseModel", {"name": "gpt2"})], "spec.fineTuneJobRef"),
+    ("merge-uri-without-base", "merge", [("spec.fineTuneJobRef", DELETE),
+                                         ("spec.adapterURI", "pvc://adapters/a")],
+     "spec.baseModel"),
+    ("merge-output-hf", "merge", [("spec.output.uri", "hf://me/merged")], "spec.output.uri"),
+    ("deploy-adapter-two-sources", "deploy", [("spec.adapters.0.fineTuneJobRef",
+                                               {"name": "valid"})], "spec.adapters[0]"),
+    ("deploy-adapter-names-repeat", "deploy",
+     [("spec.adapters", [{"name": "a", "uri": "pvc://x/a"}, {"name": "a", "uri": "pvc://x/b"}])],
+     "spec.adapters"),
+    ("deploy-max-lora-rank-zero", "deploy", [("spec.maxLoraRank", 0)], "spec.maxLoraRank"),
+    ("deploy-runtime-tgi", "deploy", [("spec.runtime", "tgi")], "spec.runtime"),
+]
+
+# Rules only the API server can check (they need metadata or the previous object).
+SERVER_ONLY = {"name-not-dns-label", "name-too-long"}
+
+
+def invalid_manifest(base: str, changes: list) -> dict:
+    doc = BASES[base]()
+    for path, value in changes:
+        doc = mutate(doc, path, value)
+    return doc
+
+
+def pydantic_message(exc: ValidationError) -> str:
+    # Pydantic locations index lists with integers; print them as the API server does.
+    lines = []
+    for error in exc.errors():
+        where = ""
+        for part in error["loc"]:
+            where += f"[{part}]" if isinstance(part, int) else f".{part}" if where else str(part)
+        lines.append(f"{where}: {error['msg']}")
+    return "\n".join(lines)
+
+
+def test_the_table_is_large_enough():
+    assert len(INVALID) >= 25
+    assert len({case[0] for case in INVALID}) == len(INVALID)
+
+
+@pytest.mark.parametrize("base", sorted(BASES))
+def test_the_valid_bases_are_valid(base):
+    doc = BASES[base]()
+    MODELS[doc["kind"]].model_validate(doc)
+
+
+@pytest.mark.parametrize("case_id, base, changes, field", INVALID, ids=[c[0] for c in INVALID])
+def test_models_reject_invalid_manifest(case_id, base, changes, field):
+    if case_id in SERVER_ONLY:
+        pytest.skip("checked by the API server only (metadata.name)")
+    doc = invalid_manifest(base, changes)
+    with pytest.raises(ValidationError) as err:
+        MODELS[doc["kind"]].model_validate(doc)
+    message = pydantic_message(err.value)
+    assert field.split("[")[0] in message, message
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("case_id, base, changes, field", INVALID, ids=[c[0] for c in INVALID])
+def test_api_server_rejects_invalid_manifest(crds, kube, case_id, base, changes,
+                                             field):
+    doc = invalid_manifest(base, changes)
+    result = kube.create(doc, check=False)
+    assert result.returncode != 0, f"{case_id} was accepted:\n{result.stdout}"
+    assert field in result.stderr, result.stderr
+    # Nothing was stored.
+    assert kube.get_or_none(doc["kind"].lower(), doc["metadata"]["name"]) is None
