@@ -33,6 +33,8 @@ PLURAL = "adapterdeployments"
 
 
 class AdapterSource(SpecModel):
+    """One adapter to serve: from a URI or from a FineTuneJob."""
+
     model_config = ConfigDict(json_schema_extra=validations(
         cel("has(self.uri) != has(self.fineTuneJobRef)",
             "exactly one of adapters[].uri and adapters[].fineTuneJobRef must be set"),
@@ -54,6 +56,8 @@ class AdapterSource(SpecModel):
 
 
 class AdapterDeploymentSpec(SpecModel):
+    """The base model, the adapters served on it, and the serving replicas."""
+
     base_model: ModelSource
     adapters: Annotated[list[AdapterSource], Field(max_length=64, json_schema_extra={
         "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]})] = Field(
@@ -78,6 +82,8 @@ class AdapterDeploymentSpec(SpecModel):
 
 
 class AdapterDeploymentStatus(StatusModel):
+    """Readiness of the serving replicas and which adapters they loaded."""
+
     observed_generation: int | None = None
     conditions: Annotated[list[Condition], Field(json_schema_extra=conditions_schema_extra())] = (
         Field(default_factory=list))

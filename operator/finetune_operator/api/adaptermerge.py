@@ -39,6 +39,8 @@ PLURAL = "adaptermerges"
 
 
 class MergeOutput(SpecModel):
+    """Where the merged model goes."""
+
     uri: StorageURI
     """Where the merged model is written: `pvc://claim/path` or `s3://bucket/key`."""
 
@@ -53,6 +55,8 @@ class MergeResources(SpecModel):
 
 
 class AdapterMergeSpec(SpecModel):
+    """Which adapter to merge into which base, and where the result goes. Immutable."""
+
     model_config = ConfigDict(json_schema_extra=validations(
         cel("has(self.fineTuneJobRef) != has(self.adapterURI)",
             "exactly one of spec.fineTuneJobRef and spec.adapterURI must be set"),
@@ -85,6 +89,8 @@ class AdapterMergeSpec(SpecModel):
 
 
 class AdapterMergeStatus(StatusModel):
+    """Progress of the merge Job and the merged artifact."""
+
     observed_generation: int | None = None
     phase: Phase | None = None
     conditions: Annotated[list[Condition], Field(json_schema_extra=conditions_schema_extra())] = (

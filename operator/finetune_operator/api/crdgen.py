@@ -101,7 +101,19 @@ def to_structural(node: Any, defs: dict[str, Any], path: str = "") -> Any:
             out[key] = value
     if "enum" in out and "type" not in out:
         out["type"] = "string"
-    return out
+    return _ordered(out)
+
+
+# Reading order for people: what it is, then its bounds, then its children, then rules.
+KEY_ORDER = ("description", "type", "x-kubernetes-int-or-string", "format", "enum", "default",
+             "minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum", "minLength",
+             "maxLength", "pattern", "minItems", "maxItems", "maxProperties", "required",
+             "properties", "additionalProperties", "items")
+
+
+def _ordered(node: dict[str, Any]) -> dict[str, Any]:
+    rank = {key: i for i, key in enumerate(KEY_ORDER)}
+    return dict(sorted(node.items(), key=lambda kv: rank.get(kv[0], len(rank))))
 
 
 def immutability_rules(spec_schema: dict[str, Any], mutable: tuple[str, ...],

@@ -132,6 +132,8 @@ DatasetFormat = Literal["alpaca", "chat", "text", "completion"]
 
 
 class DatasetSpec(SpecModel):
+    """Training data: where it is, how rows are shaped, and what to hold out."""
+
     model_config = ConfigDict(json_schema_extra=validations(
         at_most_one_cel("evalSplit", "evalFraction", "dataset"),
     ))
@@ -165,6 +167,8 @@ ResolvedMethod = Literal["lora", "qlora"]
 
 
 class LoRASpec(SpecModel):
+    """Low-rank adapter settings (PEFT `LoraConfig`)."""
+
     r: Annotated[int, Field(ge=1, le=1024)] = 16
     """Rank of the update matrices."""
     alpha: Annotated[float, Field(gt=0)] = 32
@@ -193,6 +197,8 @@ class QuantizationSpec(SpecModel):
 
 
 class TrainingSpec(SpecModel):
+    """Optimisation settings. Exactly one of epochs and maxSteps."""
+
     model_config = ConfigDict(json_schema_extra=validations(
         exactly_one_cel("epochs", "maxSteps", "spec.training"),
         at_most_one_cel("warmupRatio", "warmupSteps", "spec.training"),
@@ -257,6 +263,8 @@ class TrainingSpec(SpecModel):
 
 
 class GPUSpec(SpecModel):
+    """GPUs per worker and the memory budget the plan must fit in."""
+
     count: Annotated[int, Field(ge=1, le=64)] = 1
     memory: PositiveQuantity
     """Memory per GPU the plan must fit in, e.g. `24Gi`: the planner's budget."""
@@ -280,6 +288,8 @@ LabelMap = Annotated[dict[str, Annotated[str, Field(max_length=63)]], Field(max_
 
 
 class ResourcesSpec(SpecModel):
+    """What the worker pod requests and where it may run."""
+
     gpu: GPUSpec
     cpu: Quantity | None = None
     """CPU request and limit for the worker, e.g. `8`."""
@@ -296,6 +306,8 @@ class ResourcesSpec(SpecModel):
 
 
 class OutputSpec(SpecModel):
+    """Where the trained adapter goes."""
+
     uri: OutputURI
     """Where the adapter is written: `pvc://claim/path`, `s3://bucket/key` or `hf://owner/name`."""
 
@@ -310,12 +322,16 @@ class MergeFollowUp(SpecModel):
 
 
 class DeploymentGPU(SpecModel):
+    """GPUs per serving replica."""
+
     count: Annotated[int, Field(ge=1, le=64)] = 1
     product: ShortString | None = None
     resource_name: Annotated[str, Field(min_length=1, max_length=253)] = DEFAULT_GPU_RESOURCE
 
 
 class DeploymentResources(SpecModel):
+    """What each serving replica requests."""
+
     gpu: DeploymentGPU = Field(default_factory=DeploymentGPU)
     cpu: Quantity | None = None
     memory: Quantity | None = None
@@ -333,6 +349,8 @@ class DeployFollowUp(SpecModel):
 
 
 class FollowUpSpec(SpecModel):
+    """What to create once training has succeeded."""
+
     merge: MergeFollowUp | None = None
     deploy: DeployFollowUp | None = None
 
@@ -344,6 +362,9 @@ MUTABLE_SPEC_FIELDS = ("suspend",)
 
 
 class FineTuneJobSpec(SpecModel):
+    """What to fine-tune, on what data, how, within which GPU budget, and where the adapter
+    goes. Immutable after creation except `suspend`."""
+
     model_config = ConfigDict(json_schema_extra=validations(
         cel("self.method != 'lora' || !has(self.quantization)",
             "spec.quantization may only be set when spec.method is qlora or auto",
@@ -421,6 +442,8 @@ class TrainingPlan(StatusModel):
 
 
 class Progress(StatusModel):
+    """Training progress as last reported by the worker."""
+
     step: int = 0
     total_steps: int | None = None
     epoch: float | None = None
@@ -453,6 +476,8 @@ class FollowUpStatus(StatusModel):
 
 
 class FineTuneJobStatus(StatusModel):
+    """What the operator and the worker observed."""
+
     observed_generation: int | None = None
     phase: Phase | None = None
     conditions: Annotated[list[Condition], Field(json_schema_extra=conditions_schema_extra())] = (
