@@ -18,6 +18,7 @@ from .common import (
     LocalObjectReference,
     LocalSecretReference,
     ObjectMeta,
+    ObjectReference,
     SecretKeySelector,
     SourceURI,
     SpecModel,
@@ -81,6 +82,26 @@ class AdapterDeploymentSpec(SpecModel):
         return self
 
 
+class AdapterState(StatusModel):
+    """One adapter of the spec as the operator sees it: served, waiting, or refused and why."""
+
+    name: str
+    """The `model` name clients send to select this adapter."""
+    state: Literal["Loaded", "Accepted", "Pending", "Refused"]
+    """Loaded: ready replicas run a server that lists it. Accepted: passed the checks, the
+    server is rolling out with it. Pending: its FineTuneJob has not succeeded yet.
+    Refused: failed a compatibility check (see reason and message)."""
+    reason: str | None = None
+    message: str | None = None
+    uri: str | None = None
+    """Where the adapter's files are read from."""
+    fine_tune_job: ObjectReference | None = None
+    """The FineTuneJob that trained it, for `fineTuneJobRef` adapters."""
+    sha256: str | None = None
+    """Digest over the adapter's files (the adapter manifest's), when known."""
+    rank: int | None = None
+
+
 class AdapterDeploymentStatus(StatusModel):
     """Readiness of the serving replicas and which adapters they loaded."""
 
@@ -94,6 +115,11 @@ class AdapterDeploymentStatus(StatusModel):
     endpoint: str | None = None
     """OpenAI-compatible base URL inside the cluster, e.g. `http://name.ns.svc:8000/v1`."""
     deployment_name: str | None = None
+    service_name: str | None = None
+    base_model_name: str | None = None
+    """The `model` name that selects the base model without any adapter."""
+    adapters: list[AdapterState] = Field(default_factory=list)
+    """Every adapter of the spec with its state, source FineTuneJob and checksum."""
 
 
 class AdapterDeployment(SpecModel):

@@ -32,6 +32,7 @@ class ConditionType(StrEnum):
     FAILED = "Failed"
     # AdapterMerge uses Running / Succeeded / Failed too.
     # AdapterDeployment
+    READY = "Ready"
     AVAILABLE = "Available"
     PROGRESSING = "Progressing"
     DEGRADED = "Degraded"
@@ -77,6 +78,18 @@ class Reason:
     REPLICAS_NOT_READY = "ReplicasNotReady"
     ADAPTER_NOT_READY = "AdapterNotReady"
     ADAPTER_LOAD_FAILED = "AdapterLoadFailed"
+    NO_SERVABLE_ADAPTER = "NoServableAdapter"
+    SCALED_TO_ZERO = "ScaledToZero"
+    ROLLING_OUT = "RollingOut"
+    ADAPTERS_COMPATIBLE = "AdaptersCompatible"
+    # AdapterDeployment: why an adapter is refused before it is served.
+    BASE_MODEL_MISMATCH = "BaseModelMismatch"
+    RANK_ABOVE_LIMIT = "RankAboveLimit"
+    UNSUPPORTED_TARGET_MODULES = "UnsupportedTargetModules"
+    UNSUPPORTED_ADAPTER_FEATURE = "UnsupportedAdapterFeature"
+    ADAPTER_FILES_MISSING = "AdapterFilesMissing"
+    ADAPTER_CHECKSUM_MISMATCH = "AdapterChecksumMismatch"
+    ADAPTER_NAME_CONFLICT = "AdapterNameConflict"
 
 
 # Labels and annotations put on children so they can be found and traced back.

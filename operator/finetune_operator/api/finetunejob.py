@@ -335,6 +335,10 @@ class DeploymentResources(SpecModel):
     gpu: DeploymentGPU = Field(default_factory=DeploymentGPU)
     cpu: Quantity | None = None
     memory: Quantity | None = None
+    node_selector: LabelMap | None = None
+    """Extra node labels the serving pods require (the operator's default when unset)."""
+    tolerations: Annotated[list[Toleration], Field(max_length=32)] | None = None
+    """Tolerations for the serving pods (the operator's default when unset)."""
 
 
 class DeployFollowUp(SpecModel):
