@@ -1,0 +1,95 @@
+"""FineTuneJob spec in, `status.plan` out: the thin layer between the API models and the core.
+
+The core (arch, memory, decide) knows nothing about pydantic; this module reads a
+`FineTuneJobSpec` into a `PlanRequest` and a `Budget`, and writes the decision as the API's
+`TrainingPlan`. When nothing fits it raises `NoFittingPlan`, whose message is meant for the
+FineTuneJob's Planned=False condition.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .arch import ModelArch
+from .decide import Budget, PlanDecision, PlanRequest, plan_training
+from .memory import DEFAULT_CONSTANTS, MemoryConstants
+
+if TYPE_CHECKING:  # the api package imports pydantic; the core must not need it
+    from finetune_operator.api import FineTuneJobSpec, TrainingPlan
+
+
+class NoFittingPlan(Exception):
+    """No configuration the spec allows fits `spec.resources.gpu.memory`."""
+
+    def __init__(self, decision: PlanDecision):
+        super().__init__(decision.reason)
+        self.decision = decision
+        self.minimum_budget_bytes = decision.minimum_budget_bytes
+
+
+def request_from_spec(spec: FineTuneJobSpec) -> tuple[PlanRequest, Budget]:
+    from finetune_operator.api import parse_quantity
+
+    training, lora = spec.training, spec.lora
+    micro = None if training.micro_batch_size == "auto" else int(training.micro_batch_size)
+    ckpt = {"auto": None, "on": True, "off": False}[training.gradient_checkpointing]
+    request = PlanRequest(
+        method=spec.method,
+        lora_r=lora.r,
+        target_modules=tuple(lora.target_modules),
+        lora_dropout=lora.dropout,
+        use_dora=lora.use_do_ra,
+        seq_len=training.seq_length,
+        packing=training.packing,
+        batch_size=training.batch_size,
+        micro_batch=micro,
+        gradient_checkpointing=ckpt,
+        optimizer=training.optimizer,
+        double_quant=spec.quantization_or_default.double_quant,
+    )
+    gpu = spec.resources.gpu
+    return request, Budget(gpu_memory_bytes=parse_quantity(gpu.memory), gpu_count=gpu.count)
+
+
+def decide_for_spec(spec: FineTuneJobSpec, arch: ModelArch,
+                    constants: MemoryConstants = DEFAULT_CONSTANTS) -> PlanDecision:
+    request, budget = request_from_spec(spec)
+    return plan_training(arch, request, budget, constants)
+
+
+def training_plan(decision: PlanDecision) -> TrainingPlan:
+    """The API's `status.plan` for a decision that fits."""
+    from finetune_operator.api import MemoryBreakdown, TrainingPlan
+
+    if decision.chosen is None:
+        raise NoFittingPlan(decision)
+    estimate = decision.chosen.estimate
+    parts = estimate.breakdown
+    breakdown = MemoryBreakdown(
+        base_weights=parts["weights"],
+        adapter_weights=parts["adapter_weights"],
+        gradients=parts["gradients"],
+        optimizer_state=parts["optimizer_state"],
+        activations=parts["activations"] + parts["logits"] + parts["backward_buffers"],
+        overhead=parts["allocator_overhead"] + estimate.cuda_context,
+    )
+    return TrainingPlan(
+        method=decision.chosen.shape.method,
+        reason=decision.reason[:4096],
+        # As nvidia-smi would show it (the breakdown's overhead includes the CUDA context),
+        # the same terms as the budget it is compared with.
+        estimated_peak_bytes=estimate.with_context,
+        budget_bytes=decision.budget.gpu_memory_bytes,
+        breakdown=breakdown,
+        micro_batch_size=decision.chosen.shape.micro_batch,
+        gradient_accumulation=decision.chosen.gradient_accumulation,
+        gradient_checkpointing=decision.chosen.shape.gradient_checkpointing,
+        trainable_params=int(estimate.details["trainable_params"]),
+        total_params=decision.arch.total_params(),
+    )
+
+
+def plan_for_spec(spec: FineTuneJobSpec, arch: ModelArch,
+                  constants: MemoryConstants = DEFAULT_CONSTANTS) -> TrainingPlan:
+    """Plan a FineTuneJob: its `status.plan`, or NoFittingPlan with the minimum memory."""
+    return training_plan(decide_for_spec(spec, arch, constants))

@@ -1,0 +1,294 @@
+"""Choosing method, micro-batch and gradient checkpointing for a GPU memory budget.
+
+Every configuration the user left open is enumerated (LoRA / QLoRA x checkpointing off / on x
+every micro-batch that divides the per-GPU batch), its peak is predicted by memory.py, and the
+fastest one that fits is chosen. Pure: no I/O, no pydantic; api_adapter.py turns the decision
+into the FineTuneJob's status.plan.
+
+Fitting: `resources.gpu.memory` is what nvidia-smi would show, so the CUDA context is added to
+the predicted peak, and a safety margin (5 % of the budget or 0.5 GiB, whichever is larger)
+is kept free for what the model cannot see: fragmentation after hours of uneven batches,
+NCCL buffers, a second CUDA stream.
+
+Speed: a relative tokens/s score, `rate(method, checkpointing) x tokens / (tokens + 2048)`.
+The rates are the H200 reference measurements of an 8B model at its largest micro-batch
+(../shared/bench): bf16 LoRA 1.0, LoRA with checkpointing 0.70 (the forward pass runs twice),
+QLoRA 0.87 (4-bit weights are dequantised for every matmul), QLoRA with checkpointing 0.57.
+The saturating factor says that a micro-batch of a few thousand tokens already keeps the GPU
+busy and every doubling beyond gains less. Micro-batches stop at 16,384 tokens (89 % of the
+asymptote): beyond that the extra speed is a few percent and the memory is better left as
+headroom. So bf16 LoRA wins whenever it fits at a reasonable micro-batch, no checkpointing
+beats checkpointing, and QLoRA without checkpointing can beat LoRA with it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .arch import ModelArch
+from .memory import (
+    DEFAULT_CONSTANTS,
+    GiB,
+    MemoryConstants,
+    MemoryEstimate,
+    MiB,
+    TrainingShape,
+    estimate_memory,
+)
+
+MethodChoice = Literal["auto", "lora", "qlora"]
+
+SPEED_RATES = {
+    ("lora", False): 1.00,
+    ("lora", True): 0.70,
+    ("qlora", False): 0.87,
+    ("qlora", True): 0.57,
+}
+SATURATION_TOKENS = 2048
+DEFAULT_MAX_TOKENS_PER_MICRO_BATCH = 16384
+SAFETY_FRACTION = 0.05
+SAFETY_MIN_BYTES = 512 * MiB
+
+
+def format_gib(n: float) -> str:
+    """Bytes as GiB with one decimal, the way a FineTuneJob's budget is written (`23.4Gi`)."""
+    return f"{n / GiB:.1f}Gi"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Memory per GPU the plan must fit in (`spec.resources.gpu.memory`)."""
+
+    gpu_memory_bytes: int
+    gpu_count: int = 1
+    safety_fraction: float = SAFETY_FRACTION
+    safety_min_bytes: int = SAFETY_MIN_BYTES
+
+    @property
+    def margin_bytes(self) -> int:
+        return int(max(self.safety_fraction * self.gpu_memory_bytes, self.safety_min_bytes))
+
+    @property
+    def usable_bytes(self) -> int:
+        return self.gpu_memory_bytes - self.margin_bytes
+
+    def required_for(self, need_bytes: int) -> int:
+        """The smallest budget whose usable part holds `need_bytes` (rounded up to 0.1 GiB)."""
+        exact = max(need_bytes / (1 - self.safety_fraction), need_bytes + self.safety_min_bytes)
+        step = GiB / 10
+        return int(math.ceil(exact / step) * step)
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What the user asked for; None means "the planner decides"."""
+
+    method: MethodChoice = "auto"
+    lora_r: int = 16
+    target_modules: tuple[str, ...] = ("all-linear",)
+    lora_dropout: float = 0.05
+    use_dora: bool = False
+    seq_len: int = 2048
+    packing: bool = False
+    batch_size: int = 16
+    """Effective batch: micro-batch x gradient accumulation x GPUs."""
+    micro_batch: int | None = None
+    gradient_checkpointing: bool | None = None
+    optimizer: str = "adamw_torch"
+    double_quant: bool = True
+    fused_ce: bool = True
+    fused_kernels: bool = True
+    max_tokens_per_micro_batch: int = DEFAULT_MAX_TOKENS_PER_MICRO_BATCH
+
+    def __post_init__(self) -> None:
+        if self.method not in ("auto", "lora", "qlora"):
+            raise ValueError(f"spec.method is {self.method!r}; expected auto, lora or qlora")
+        if self.batch_size < 1:
+            raise ValueError(f"spec.training.batchSize is {self.batch_size}; expected >= 1")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    shape: TrainingShape
+    estimate: MemoryEstimate
+    gradient_accumulation: int
+    fits: bool
+    speed: float
+
+    @property
+    def effective_batch(self) -> int:
+        return self.shape.micro_batch * self.gradient_accumulation * self.shape.gpu_count
+
+    @property
+    def need_bytes(self) -> int:
+        """Predicted peak as nvidia-smi would show it: reserved + CUDA context."""
+        return self.estimate.with_context
+
+    def describe(self) -> str:
+        base = "bf16 base" if self.shape.method == "lora" else "4-bit NF4 base"
+        ckpt = "with" if self.shape.gradient_checkpointing else "without"
+        return (f"{self.shape.method} ({base}) {ckpt} gradient checkpointing, micro-batch "
+                f"{self.shape.micro_batch} x {self.gradient_accumulation} accumulation step"
+                f"{'s' if self.gradient_accumulation != 1 else ''}")
+
+
+@dataclass(frozen=True)
+class PlanDecision:
+    """The planner's answer. `chosen` is None when nothing fits; `minimum_budget_bytes` then
+    says how much memory per GPU the cheapest allowed configuration would need."""
+
+    fits: bool
+    chosen: Candidate | None
+    candidates: list[Candidate]
+    reason: str
+    budget: Budget
+    request: PlanRequest
+    arch: ModelArch
+    minimum_budget_bytes: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def method(self) -> str | None:
+        return self.chosen.shape.method if self.chosen else None
+
+    @property
+    def micro_batch(self) -> int | None:
+        return self.chosen.shape.micro_batch if self.chosen else None
+
+    @property
+    def gradient_accumulation(self) -> int | None:
+        return self.chosen.gradient_accumulation if self.chosen else None
+
+    @property
+    def gradient_checkpointing(self) -> bool | None:
+        return self.chosen.shape.gradient_checkpointing if self.chosen else None
+
+    @property
+    def estimate(self) -> MemoryEstimate | None:
+        return self.chosen.estimate if self.chosen else None
+
+
+def speed_score(shape: TrainingShape) -> float:
+    """Relative tokens per second (1.0 = bf16 LoRA at an infinitely large micro-batch)."""
+    tokens = shape.tokens_per_micro_batch
+    rate = SPEED_RATES[(shape.method, shape.gradient_checkpointing)]
+    return rate * tokens / (tokens + SATURATION_TOKENS)
+
+
+def _divisors(n: int) -> list[int]:
+    return sorted({d for k in range(1, math.isqrt(n) + 1) if n % k == 0 for d in (k, n // k)})
+
+
+def micro_batch_options(request: PlanRequest, gpu_count: int) -> list[int]:
+    """Micro-batches to try: divisors of the per-GPU batch (so accumulation makes the effective
+    batch exact), up to the token cap; at least 1."""
+    if request.micro_batch is not None:
+        return [request.micro_batch]
+    per_gpu = max(1, math.ceil(request.batch_size / gpu_count))
+    cap = max(1, request.max_tokens_per_micro_batch // request.seq_len)
+    return [m for m in _divisors(per_gpu) if m <= cap] or [1]
+
+
+def _shape(request: PlanRequest, method: str, ckpt: bool, micro: int, accum: int,
+           gpu_count: int) -> TrainingShape:
+    return TrainingShape(
+        method=method, lora_r=request.lora_r, target_modules=request.target_modules,
+        lora_dropout=request.lora_dropout, use_dora=request.use_dora, seq_len=request.seq_len,
+        micro_batch=micro, packing=request.packing, gradient_checkpointing=ckpt,
+        gradient_accumulation=accum, optimizer=request.optimizer, fused_ce=request.fused_ce,
+        fused_kernels=request.fused_kernels, double_quant=request.double_quant,
+        gpu_count=gpu_count)
+
+
+def enumerate_candidates(arch: ModelArch, request: PlanRequest, budget: Budget,
+                         constants: MemoryConstants = DEFAULT_CONSTANTS) -> list[Candidate]:
+    methods = ["lora", "qlora"] if request.method == "auto" else [request.method]
+    ckpts = [False, True] if request.gradient_checkpointing is None else [
+        request.gradient_checkpointing]
+    candidates = []
+    for method in methods:
+        for ckpt in ckpts:
+            for micro in micro_batch_options(request, budget.gpu_count):
+                accum = max(1, math.ceil(request.batch_size / (micro * budget.gpu_count)))
+                shape = _shape(request, method, ckpt, micro, accum, budget.gpu_count)
+                estimate = estimate_memory(arch, shape, constants)
+                candidates.append(Candidate(
+                    shape=shape, estimate=estimate, gradient_accumulation=accum,
+                    fits=estimate.with_context <= budget.usable_bytes, speed=speed_score(shape)))
+    return candidates
+
+
+def plan_training(arch: ModelArch, request: PlanRequest, budget: Budget,
+                  constants: MemoryConstants = DEFAULT_CONSTANTS) -> PlanDecision:
+    """Choose the fastest configuration that fits (see the module docstring for "fastest")."""
+    candidates = enumerate_candidates(arch, request, budget, constants)
+    fitting = [c for c in candidates if c.fits]
+    cheapest = min(candidates, key=lambda c: c.need_bytes)
+    minimum = budget.required_for(cheapest.need_bytes)
+    notes = _notes(request, budget)
+    if not fitting:
+        reason = (
+            f"Nothing fits in {format_gib(budget.gpu_memory_bytes)} per GPU: the smallest "
+            f"configuration allowed by the spec ({cheapest.describe()}, seq {request.seq_len}) "
+            f"needs {format_gib(cheapest.need_bytes)} including the CUDA context, so "
+            f"spec.resources.gpu.memory must be at least {format_gib(minimum)} (it keeps "
+            f"{format_gib(budget.required_for(cheapest.need_bytes) - cheapest.need_bytes)} "
+            "free as a safety margin)." + _unlock_hint(request))
+        return PlanDecision(False, None, candidates, reason, budget, request, arch, minimum, notes)
+    chosen = max(fitting, key=lambda c: (c.speed, -c.need_bytes))
+    reason = _reason(chosen, candidates, budget, request, notes)
+    return PlanDecision(True, chosen, candidates, reason, budget, request, arch, minimum, notes)
+
+
+def _unlock_hint(request: PlanRequest) -> str:
+    hints = []
+    if request.method == "lora":
+        hints.append("method qlora")
+    if request.gradient_checkpointing is False:
+        hints.append("gradientCheckpointing on")
+    if request.micro_batch not in (None, 1):
+        hints.append("microBatchSize auto")
+    if hints:
+        return " Allowing " + " or ".join(hints) + " would need less."
+    return " A shorter seqLength or a smaller LoRA r would need less."
+
+
+def _notes(request: PlanRequest, budget: Budget) -> list[str]:
+    notes = []
+    if budget.gpu_count > 1:
+        notes.append(f"{budget.gpu_count} GPUs run data-parallel (DDP): each holds the whole "
+                     "model, so the budget applies per GPU.")
+    return notes
+
+
+def _reason(chosen: Candidate, candidates: list[Candidate], budget: Budget,
+            request: PlanRequest, notes: list[str]) -> str:
+    shape = chosen.shape
+    parts = [
+        (f"{chosen.describe()}: predicted peak {format_gib(chosen.estimate.total)} + "
+        f"{format_gib(chosen.estimate.cuda_context)} CUDA context = "
+        f"{format_gib(chosen.need_bytes)} of {format_gib(budget.gpu_memory_bytes)} per GPU "
+        f"({format_gib(budget.usable_bytes)} usable after a "
+        f"{format_gib(budget.margin_bytes)} safety margin).")
+    ]
+    fitting = [c for c in candidates if c.fits]
+    parts.append(f"Fastest of {len(fitting)} fitting configurations out of {len(candidates)}.")
+    # Say what a faster option would have cost, so the user knows what more memory buys.
+    faster = [c for c in candidates if not c.fits and c.speed > chosen.speed]
+    if faster:
+        nearest = min(faster, key=lambda c: c.need_bytes)
+        parts.append(f"Faster but not fitting: {nearest.describe()} would need "
+                     f"{format_gib(budget.required_for(nearest.need_bytes))}.")
+    if (shape.micro_batch < request.batch_size // budget.gpu_count
+            and request.micro_batch is None
+            and shape.tokens_per_micro_batch * 2 > request.max_tokens_per_micro_batch):
+        parts.append(f"Micro-batch capped at about {request.max_tokens_per_micro_batch} tokens: "
+                     "larger ones gain little speed.")
+    if chosen.effective_batch != request.batch_size:
+        parts.append(f"Effective batch rounded from {request.batch_size} to "
+                     f"{chosen.effective_batch} ({shape.micro_batch} x "
+                     f"{chosen.gradient_accumulation} x {budget.gpu_count} GPU"
+                     f"{'s' if budget.gpu_count != 1 else ''}).")
+    return " ".join(parts + notes)

@@ -1,0 +1,352 @@
+"""Predicted peak GPU memory of one LoRA / QLoRA training process, term by term.
+
+Pure arithmetic on a `ModelArch` and a `TrainingShape`: no torch, no I/O. The terms and the
+reasoning behind each are in docs/memory-model.md; the constants that are measured rather
+than derived live in `MemoryConstants` and are checked by tests/test_planner_calibration.py
+against every measured point under tests/data/calibration/.
+
+What is predicted is `torch.cuda.max_memory_reserved()` of the training process (what the
+worker reports as peak VRAM). The CUDA context is outside PyTorch's allocator; it is kept as a
+separate number and only added when checking a budget (see decide.py).
+
+The peak of a training step is the larger of two moments:
+  * the loss: every layer's saved activations (or only the layer inputs, with gradient
+    checkpointing) plus the logits / cross-entropy buffers;
+  * the backward pass of the last layer: the same saved activations, that layer's
+    recomputed activations (with checkpointing) and the gradient buffers of its backward.
+On top of both sit the static terms: base weights, adapters, their gradients (kept across
+micro-batches when accumulating) and the optimizer state.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from .arch import ModelArch
+
+KiB, MiB, GiB = 2**10, 2**20, 2**30
+
+Method = Literal["lora", "qlora"]
+
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit",
+              "paged_adamw_32bit", "adafactor", "sgd")
+
+# bitsandbytes' paged optimizers page only state tensors of at least this many elements
+# (bitsandbytes.optim.optimizer.Optimizer8bit.get_state_buffer); smaller ones are ordinary
+# device tensors. Paged state lives in CUDA unified memory, outside PyTorch's allocator.
+PAGED_MIN_ELEMENTS = 100_000
+
+NF4_BLOCK = 64  # bitsandbytes 4-bit block size: one absmax per 64 weights
+DOUBLE_QUANT_BLOCK = 256  # double quantisation: one fp32 scale per 256 8-bit absmax values
+
+
+@dataclass(frozen=True)
+class MemoryConstants:
+    """The measured (not derived) parts of the model. docs/memory-model.md says where each
+    number comes from; change them only together with the calibration data."""
+
+    backward_bytes_per_intermediate: float = 10.0
+    """Per token, per intermediate (MLP) channel: gradient buffers alive while one layer runs
+    its backward pass (the bf16 gradient of the MLP activations plus the fp32 gradient through
+    peft's input cast and the dropout). Fitted on the H200 headroom probe (9.9-10.9)."""
+    fused_ce_bytes_per_hidden: float = 10.0
+    """Per token, per hidden channel: fused linear cross-entropy keeps the gradient of the last
+    hidden state (2 bytes) and one chunk of fp32 logits and their gradient (about the size of
+    the hidden state, 4 + 4 bytes). Never the full tokens x vocabulary logits."""
+    unfused_ce_bytes_per_vocab: float = 10.0
+    """Per token, per vocabulary entry, without fusion: bf16 logits (2), the fp32 upcast the
+    loss makes (4) and the fp32 log-probabilities kept for backward (4)."""
+    allocator_slack_bytes: int = 256 * MiB
+    """Reserved minus allocated at the peak: the caching allocator rounds blocks and cannot
+    always reuse freed ones. 0.04-0.87 GiB on the H200 reference runs."""
+    allocator_slack_fraction: float = 0.01
+    """Additional slack proportional to the step's transient memory."""
+    cuda_context_bytes: int = 512 * MiB
+    """CUDA context + cuBLAS/cuDNN handles, visible to nvidia-smi but not to PyTorch's
+    allocator: about 0.5 GiB on an H200 with torch 2.x (measured by the calibration runs)."""
+
+
+DEFAULT_CONSTANTS = MemoryConstants()
+
+
+@dataclass(frozen=True)
+class TrainingShape:
+    """One candidate training configuration (what the planner varies and what the user fixed).
+
+    The defaults describe our worker (worker/finetune_worker/modeling.py): bf16 everything
+    except fp32 adapters, liger-kernel's fused RMSNorm / SwiGLU / linear cross-entropy,
+    torch AdamW. `upcast_non_quantized=True` describes the common recipe's
+    prepare_model_for_kbit_training, which keeps embeddings, lm_head and norms in fp32.
+    """
+
+    method: Method = "lora"
+    lora_r: int = 16
+    target_modules: tuple[str, ...] = ("all-linear",)
+    lora_dropout: float = 0.05
+    use_dora: bool = False
+    seq_len: int = 2048
+    micro_batch: int = 1
+    packing: bool = False
+    gradient_checkpointing: bool = False
+    gradient_accumulation: int = 1
+    optimizer: str = "adamw_torch"
+    fused_ce: bool = True
+    fused_kernels: bool = True
+    """liger-kernel RMSNorm and SwiGLU (they save bf16 inputs instead of fp32 copies)."""
+    double_quant: bool = True
+    adapter_bytes: int = 4
+    """fp32 adapters (peft's default, and our worker's); 2 when a recipe casts them to bf16."""
+    upcast_non_quantized: bool = False
+    attention_mask: bool | None = None
+    """Whether attention runs with an explicit mask (padding or packed-sequence boundaries),
+    which makes transformers repeat the K/V heads and keep a tokens x tokens boolean mask.
+    None: True whenever the batch can hold padding or packed sequences (our worker)."""
+    gpu_count: int = 1
+
+    def __post_init__(self) -> None:
+        if self.method not in ("lora", "qlora"):
+            raise ValueError(f"method is {self.method!r}; expected 'lora' or 'qlora'")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"optimizer is {self.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
+        for name in ("lora_r", "seq_len", "micro_batch", "gradient_accumulation", "gpu_count"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} is {getattr(self, name)!r}; expected at least 1")
+
+    @property
+    def tokens_per_micro_batch(self) -> int:
+        """Upper bound: padding-free packing fills a micro-batch with at most this many."""
+        return self.micro_batch * self.seq_len
+
+    @property
+    def masked_attention(self) -> bool:
+        return True if self.attention_mask is None else self.attention_mask
+
+    def but(self, **changes) -> TrainingShape:
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Predicted peak reserved bytes of one GPU, with the terms that make it up.
+
+    `breakdown` sums to `total`. `cuda_context` is outside `total` (nvidia-smi shows
+    total + cuda_context). `paged_optimizer_state` lives in CUDA unified memory, outside both:
+    the driver can evict it to host memory, so it does not need to fit.
+    """
+
+    total: int
+    breakdown: dict[str, int]
+    cuda_context: int = 0
+    paged_optimizer_state: int = 0
+    details: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def with_context(self) -> int:
+        return self.total + self.cuda_context
+
+
+class UnknownTargetModule(ValueError):
+    """spec.lora.targetModules names a module the architecture does not have."""
+
+
+def target_projections(arch: ModelArch, targets: tuple[str, ...] | list[str]
+                       ) -> dict[str, tuple[int, int]]:
+    """The projections of one block that get adapters: name -> (in_features, out_features)."""
+    projections = arch.projections()
+    if any(t in ("all-linear", "all_linear", "all") for t in targets):
+        return projections
+    chosen: dict[str, tuple[int, int]] = {}
+    unknown = []
+    for target in targets:
+        # peft matches a target as a suffix of the module path ("self_attn.q_proj" or "q_proj").
+        name = target.rsplit(".", 1)[-1]
+        if name in projections:
+            chosen[name] = projections[name]
+        elif name in ("qkv_proj", "gate_up_proj") and not arch.fused_projections:
+            parts = ("q_proj", "k_proj", "v_proj") if name == "qkv_proj" else ("gate_proj",
+                                                                               "up_proj")
+            chosen.update({p: projections[p] for p in parts})
+        else:
+            unknown.append(target)
+    if unknown or not chosen:
+        raise UnknownTargetModule(
+            f"spec.lora.targetModules {list(targets)!r}: {', '.join(unknown) or 'nothing'} "
+            f"does not name a linear projection of {arch.name} ({arch.model_type}); expected "
+            f"'all-linear' or some of {', '.join(projections)}")
+    return chosen
+
+
+def trainable_params(arch: ModelArch, shape: TrainingShape) -> int:
+    """LoRA A (r x in) and B (out x r) for every adapted projection of every block."""
+    per_layer = sum(shape.lora_r * (fan_in + fan_out) + (fan_out if shape.use_dora else 0)
+                    for fan_in, fan_out in target_projections(arch, shape.target_modules).values())
+    return arch.num_layers * per_layer
+
+
+def adapter_tensor_sizes(arch: ModelArch, shape: TrainingShape) -> list[int]:
+    """Element counts of every trainable tensor (the optimizer allocates state per tensor)."""
+    sizes = []
+    for fan_in, fan_out in target_projections(arch, shape.target_modules).values():
+        sizes += [shape.lora_r * fan_in, fan_out * shape.lora_r]
+        if shape.use_dora:
+            sizes.append(fan_out)
+    return sizes * arch.num_layers
+
+
+def nf4_bytes(params: int, double_quant: bool) -> int:
+    """4-bit weights plus their quantisation constants.
+
+    One absmax per 64-weight block: fp32 (0.5 bit per weight) without double quantisation;
+    with it, an 8-bit absmax (0.125 bit) plus one fp32 scale per 256 blocks (0.002 bit).
+    """
+    blocks = math.ceil(params / NF4_BLOCK)
+    if double_quant:
+        constants = blocks + 4 * math.ceil(blocks / DOUBLE_QUANT_BLOCK)
+    else:
+        constants = 4 * blocks
+    return params // 2 + constants
+
+
+def weight_bytes(arch: ModelArch, shape: TrainingShape) -> int:
+    """The frozen base: bf16 for LoRA; NF4 decoder projections + 16-bit rest for QLoRA."""
+    if shape.method == "lora":
+        return 2 * arch.total_params()
+    rest = 4 if shape.upcast_non_quantized else 2
+    quantized = nf4_bytes(arch.quantizable_params(), shape.double_quant)
+    return quantized + rest * arch.unquantized_params()
+
+
+def optimizer_state_bytes(arch: ModelArch, shape: TrainingShape) -> tuple[int, int]:
+    """(bytes in PyTorch's allocator, bytes paged into unified memory) for the adapters."""
+    sizes = adapter_tensor_sizes(arch, shape)
+    opt = shape.optimizer
+    if opt == "sgd":
+        return 0, 0
+    if opt == "adafactor":
+        # Factored second moment (row + column vectors) per matrix, no first moment.
+        return sum(4 * (shape.lora_r + n // shape.lora_r) for n in sizes), 0
+    per_element = 2 if "8bit" in opt else (2 * shape.adapter_bytes if opt.startswith("adamw_torch")
+                                           else 8)
+    if opt.startswith("paged_"):
+        resident = sum(per_element * n for n in sizes if n < PAGED_MIN_ELEMENTS)
+        paged = sum(per_element * n for n in sizes if n >= PAGED_MIN_ELEMENTS)
+        return resident, paged
+    return per_element * sum(sizes), 0
+
+
+def layer_activation_bytes(arch: ModelArch, shape: TrainingShape) -> dict[str, float]:
+    """Bytes one decoder layer keeps for its backward pass, per token, by where they come from.
+
+    Frozen base projections keep nothing (their weight gradient is not needed); what is kept:
+      norms      - RMSNorm input: an fp32 copy (stock) or the 16-bit input (liger);
+      adapters   - per adapted projection, the bf16 copy of its input that lora_A saves (peft
+                   casts the input to the fp32 adapter dtype, autocast casts it back) plus the
+                   1-byte dropout mask when lora_dropout > 0;
+      attention  - SDPA's query, key, value and output (bf16) and its fp32 log-sum-exp; with
+                   an explicit mask transformers repeats K/V to every query head first;
+      mlp        - gate and up outputs (and SiLU's output without liger's fused SwiGLU).
+    """
+    h, i = arch.hidden_size, arch.intermediate_size
+    act = 4 if (shape.method == "qlora" and shape.upcast_non_quantized) else 2
+    norm_bytes = (act if shape.fused_kernels else 4) * h
+    norms = arch.norms_per_layer * norm_bytes
+
+    targets = target_projections(arch, shape.target_modules)
+    mask = 1 if shape.lora_dropout > 0 else 0
+    shares_input = shape.adapter_bytes == act and mask == 0
+    adapters = 0.0
+    seen_inputs: set[int] = set()
+    groups = {"q_proj": 0, "k_proj": 0, "v_proj": 0, "qkv_proj": 0, "gate_proj": 1, "up_proj": 1,
+              "gate_up_proj": 1, "o_proj": 2, "down_proj": 3}
+    for name, (fan_in, _fan_out) in targets.items():
+        adapters += 2 * shape.lora_r  # lora_A's output, saved by lora_B
+        if shares_input:
+            # No cast and no dropout: lora_A saves the very tensor the block already has, once
+            # per distinct input (q/k/v share one, gate/up another).
+            if groups.get(name, name) in seen_inputs:
+                continue
+            seen_inputs.add(groups.get(name, name))
+        adapters += (2 + mask) * fan_in
+
+    kv_width = arch.q_dim if shape.masked_attention else arch.kv_dim
+    attention = 2 * arch.q_dim + 2 * 2 * kv_width + 2 * arch.q_dim + 4 * arch.num_heads
+
+    mlp = (2 if shape.fused_kernels else 3) * act * i
+    return {"norms": norms, "adapters": adapters, "attention": attention, "mlp": mlp}
+
+
+def estimate_memory(arch: ModelArch, shape: TrainingShape,
+                    constants: MemoryConstants = DEFAULT_CONSTANTS) -> MemoryEstimate:
+    """Predict the peak reserved GPU memory of one training process (one GPU)."""
+    tokens = shape.tokens_per_micro_batch
+    h, i, layers = arch.hidden_size, arch.intermediate_size, arch.num_layers
+    act = 4 if (shape.method == "qlora" and shape.upcast_non_quantized) else 2
+
+    n_trainable = trainable_params(arch, shape)
+    weights = weight_bytes(arch, shape)
+    adapters = shape.adapter_bytes * n_trainable
+    # Gradients are kept across micro-batches when accumulating; without accumulation they
+    # appear while activations are freed, so they still overlap the end of the backward pass.
+    gradients = shape.adapter_bytes * n_trainable
+    optimizer, paged = optimizer_state_bytes(arch, shape)
+    # DDP keeps a flat copy of the gradients in its all-reduce buckets.
+    ddp_buckets = gradients if shape.gpu_count > 1 else 0
+
+    per_layer = layer_activation_bytes(arch, shape)
+    layer_bytes = sum(per_layer.values())
+    if shape.gradient_checkpointing:
+        # Only each layer's input survives the forward pass; the layer under backward is
+        # recomputed in full.
+        saved = layers * act * h * tokens
+        recomputed = layer_bytes * tokens
+    else:
+        saved = layers * layer_bytes * tokens
+        recomputed = 0.0
+    rows, row_len = (1, tokens) if shape.packing else (shape.micro_batch, shape.seq_len)
+    attention_mask = rows * row_len * row_len if shape.masked_attention else 0
+    backward = constants.backward_bytes_per_intermediate * i * tokens
+    if shape.method == "qlora":
+        # bitsandbytes dequantises one projection at a time into a bf16 scratch matrix.
+        backward += 2 * max(a * b for a, b in arch.projections().values())
+
+    if shape.fused_ce:
+        loss = constants.fused_ce_bytes_per_hidden * h * tokens
+    else:
+        loss = constants.unfused_ce_bytes_per_vocab * arch.vocab_size * tokens
+    if shape.method == "qlora" and shape.upcast_non_quantized:
+        # autocast casts the fp32 lm_head to bf16 on every call (frozen weights are not cached).
+        loss += 2 * arch.vocab_size * h
+    final_hidden = (4 + act) * h * tokens  # final norm's saved input and its output
+
+    at_loss = saved + final_hidden + loss
+    at_backward = saved + recomputed + backward
+    if at_loss >= at_backward:
+        activations, logits, transient = saved + final_hidden, loss, 0.0
+    else:
+        activations, logits, transient = saved + recomputed, 0.0, backward
+    dynamic = activations + logits + transient + attention_mask
+    slack = constants.allocator_slack_bytes + constants.allocator_slack_fraction * dynamic
+
+    breakdown = {
+        "weights": int(weights),
+        "adapter_weights": int(adapters),
+        "gradients": int(gradients + ddp_buckets),
+        "optimizer_state": int(optimizer),
+        "activations": int(activations + attention_mask),
+        "logits": int(logits),
+        "backward_buffers": int(transient),
+        "allocator_overhead": int(slack),
+    }
+    details = {
+        "trainable_params": n_trainable,
+        "total_params": arch.total_params(),
+        "tokens_per_micro_batch": tokens,
+        "layer_bytes_per_token": layer_bytes,
+        **{f"layer_{k}_bytes_per_token": v for k, v in per_layer.items()},
+    }
+    return MemoryEstimate(total=sum(breakdown.values()), breakdown=breakdown,
+                          cuda_context=constants.cuda_context_bytes,
+                          paged_optimizer_state=int(paged), details=details)
