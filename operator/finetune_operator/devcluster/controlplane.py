@@ -178,7 +178,7 @@ def _crash_message(cluster: Cluster, name: str) -> str:
     if "address already in use" in tail:
         hint += (" A port it wanted was taken by another process between choosing and "
                  "binding; run `finetune-operator dev up` again (it picks new free ports).")
-    elif "database file" in tail or "member" in tail and name == "etcd":
+    elif name == "etcd" and ("database file" in tail or "member" in tail):
         hint += (" The etcd data directory looks stale or foreign; run "
                  "`finetune-operator dev down` to remove it, then `dev up`.")
     return f"{name} exited during start-up. {hint}\nLast lines:\n{tail}"
@@ -323,7 +323,10 @@ def _start_components(cluster: Cluster, paths: dict[str, Path], pki: Path) -> No
         "--use-service-account-credentials=false",
         # Fast garbage collection and job sync keep the tests short.
         "--concurrent-gc-syncs", "10",
-        "--controllers", "*,-nodeipam,-cloud-node-lifecycle,-service-lb-controller,-route",
+        # No node-lifecycle controller: fake nodes send no heartbeats, and tainting them
+        # NotReady after 40 s would stop scheduling in the middle of a test run.
+        "--controllers", "*,-node-ipam-controller,-cloud-node-lifecycle-controller,"
+        "-service-lb-controller,-node-route-controller,-node-lifecycle-controller",
         "--v=1",
     ])
     _spawn(cluster, "kube-scheduler", [
@@ -344,6 +347,7 @@ def _start_components(cluster: Cluster, paths: dict[str, Path], pki: Path) -> No
         "--node-ip", "10.0.0.1",
         "--cidr", "10.0.0.1/24",
         "--server-address", "127.0.0.1:0",
+        "--config", str(Path(__file__).with_name("kwok-stages.yaml")),
     ])
 
 
