@@ -112,7 +112,9 @@ def point_from_record(record: Mapping[str, Any], source: str = "") -> Calibratio
         optimizer=str(_get(record, "optimizer", "adamw_torch")),
         adapter_bytes=int(_get(record, "adapter_bytes", 4)),
         upcast_non_quantized=bool(_get(record, "upcast_non_quantized", False)),
-        attention_mask=_get(record, "attention_mask"),
+        # Calibration runs train on full-length samples: without packing there is no padding,
+        # so transformers drops the all-ones mask; packed rows always carry one.
+        attention_mask=bool(_get(record, "attention_mask", _get(record, "packing", False))),
         double_quant=bool(_get(record, "double_quant", True)),
     )
     reserved = _bytes(record, "peak_reserved_bytes", "peak_reserved_GiB")
