@@ -177,7 +177,7 @@ def test_status_writes_do_not_bump_generation(crds, kube):
         "metrics": {"peakVRAMBytes": 3 * 2**30, "peakVRAM": "3.0Gi", "tokensPerSecond": 1234.5},
         "jobName": "job-train",
     })
-    kube.patch_status("finetunejob", "job", to_k8s(status))
+    kube.patch_status("finetunejob", "job", {"status": to_k8s(status)})
     stored = kube.get("finetunejob", "job")
     assert stored["metadata"]["generation"] == generation
     # Everything the models write survives the schema (nothing pruned).
@@ -232,3 +232,12 @@ def test_adaptermerge_spec_is_immutable(crds, kube):
     result = kube.kubectl("patch", "adaptermerge", docs[0]["metadata"]["name"], "--type=merge",
                           "-p", json.dumps({"spec": {"dtype": "float16"}}), check=False)
     assert result.returncode != 0 and "immutable" in result.stderr, result.stderr
+
+
+@pytest.mark.cluster
+def test_kubectl_explain_shows_the_model_docstrings(crds, admin_kube):
+    # The descriptions come from the models' docstrings: one text for code and for users.
+    out = wait_for(lambda: admin_kube.kubectl("explain", "finetunejob.spec.lora.r",
+                                              namespaced=False, check=False).stdout,
+                   what="the FineTuneJob schema to be published for kubectl explain")
+    assert "Rank of the update matrices." in out

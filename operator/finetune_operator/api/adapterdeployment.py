@@ -25,6 +25,7 @@ from .common import (
     StatusModel,
     cel,
     conditions_schema_extra,
+    object_name_rule,
     validations,
 )
 from .finetunejob import DeploymentResources, ModelSource
@@ -125,7 +126,10 @@ class AdapterDeploymentStatus(StatusModel):
 class AdapterDeployment(SpecModel):
     """Serve a base model with LoRA adapters."""
 
-    model_config = ConfigDict(extra="ignore")
+    # Service names must start with a letter (DNS-1035), hence letter_first.
+    model_config = ConfigDict(extra="ignore", json_schema_extra=validations(
+        object_name_rule(KIND, "Deployment, Service and pods", letter_first=True),
+    ))
 
     api_version: Literal["finetune.dev/v1alpha1"] = API_VERSION
     kind: Literal["AdapterDeployment"] = KIND

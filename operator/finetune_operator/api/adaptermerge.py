@@ -29,6 +29,7 @@ from .common import (
     Timestamp,
     cel,
     conditions_schema_extra,
+    object_name_rule,
     validations,
 )
 from .constants import Phase
@@ -105,7 +106,9 @@ class AdapterMergeStatus(StatusModel):
 class AdapterMerge(SpecModel):
     """Merge a LoRA adapter into its base model's weights."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", json_schema_extra=validations(
+        object_name_rule(KIND, "Job and pods"),
+    ))
 
     api_version: Literal["finetune.dev/v1alpha1"] = API_VERSION
     kind: Literal["AdapterMerge"] = KIND

@@ -201,6 +201,22 @@ DNSLabel = Annotated[
         "starting and ending with a letter or digit"))),
 ]
 
+# Children are named `<object>-<suffix>` and pods add a hash; names must leave room for both
+# and stay DNS labels (63), which is also what Service names and pod labels require.
+MAX_NAME_LENGTH = 45
+
+
+def object_name_rule(kind: str, uses: str, *, letter_first: bool = False) -> dict[str, str]:
+    """Root-level CEL rule on `metadata.name` (the only metadata CEL can see)."""
+    first = "[a-z]" if letter_first else "[a-z0-9]"
+    start = "a letter" if letter_first else "a letter or digit"
+    return cel(
+        f"self.metadata.name.size() <= {MAX_NAME_LENGTH} && "
+        f"self.metadata.name.matches('^{first}([-a-z0-9]*[a-z0-9])?$')",
+        f"metadata.name must be a DNS label of at most {MAX_NAME_LENGTH} characters (lower-case "
+        f"letters, digits and '-', starting with {start}) because it names the {kind}'s {uses}")
+
+
 # Hugging Face repository ids: `gpt2` or `owner/name`.
 HF_REPO_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$"
 URI_PATTERNS = {
@@ -227,7 +243,8 @@ def _uri_type(*schemes: str) -> Any:
         str,
         AfterValidator(check),
         Field(max_length=1024, json_schema_extra=validations(
-            cel(f"self.matches('{pattern}')", message))),
+            # A raw CEL string: the pattern's backslashes (`\s`) are regex, not CEL escapes.
+            cel(f"self.matches(r'{pattern}')", message))),
     ]
 
 

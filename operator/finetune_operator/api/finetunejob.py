@@ -40,16 +40,13 @@ from .common import (
     cel,
     conditions_schema_extra,
     exactly_one_cel,
+    object_name_rule,
     validations,
 )
 from .constants import DEFAULT_GPU_RESOURCE, Phase
 
 KIND = "FineTuneJob"
 PLURAL = "finetunejobs"
-
-# Names of children are `<job>-<suffix>` and must stay DNS labels (63); Job pods add a
-# 5-character hash to the Job's name. 45 leaves room for both.
-MAX_NAME_LENGTH = 45
 
 HFRepoId = Annotated[str, Field(min_length=1, max_length=256, pattern=HF_REPO_PATTERN)]
 Revision = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9._/-]+$")]
@@ -506,10 +503,7 @@ class FineTuneJob(SpecModel):
     """A LoRA or QLoRA fine-tuning run, planned to fit a GPU memory budget."""
 
     model_config = ConfigDict(extra="ignore", json_schema_extra=validations(
-        cel(f"self.metadata.name.size() <= {MAX_NAME_LENGTH} && "
-            "self.metadata.name.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')",
-            f"metadata.name must be a DNS label of at most {MAX_NAME_LENGTH} characters "
-            "(lower-case letters, digits and '-'), because it names the Job and its pods"),
+        object_name_rule(KIND, "Job and pods"),
     ))
 
     api_version: Literal["finetune.dev/v1alpha1"] = API_VERSION
