@@ -45,3 +45,17 @@ def test_measured_peak_is_predicted(source, record):
             f"measured {measured / 2**30:.2f} GiB, error {error:+.1%}"
     assert abs(error) <= 0.10, where
     assert error >= -0.05, where
+
+
+WEIGHT_RECORDS = [p for p in RECORDS if p.values[1].get("model_bytes_after_load")]
+
+
+@pytest.mark.parametrize("source,record", WEIGHT_RECORDS)
+def test_measured_base_model_bytes_match_the_weights_term(source, record):
+    # The grid records torch.cuda.memory_allocated() right after building (and quantising)
+    # the base model: that is the weights term alone.
+    from finetune_operator.planner.memory import weight_bytes
+
+    point = point_from_record(record, source)
+    assert weight_bytes(point.arch, point.shape) == pytest.approx(
+        record["model_bytes_after_load"], rel=0.02), point.label
