@@ -234,3 +234,46 @@ def test_invalid_shape_names_the_field():
     with pytest.raises(UnknownArchitecture, match="hidden_size"):
         ModelArch(name="x", hidden_size=0, intermediate_size=1, num_layers=1, num_heads=1,
                   num_kv_heads=1, vocab_size=1)
+
+
+def test_hub_config_is_fetched_with_the_token_and_errors_say_what_to_do(monkeypatch):
+    # A local stand-in for the Hub (HF_ENDPOINT): no network in tests.
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen = {}
+
+    class Hub(BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen[self.path] = self.headers.get("Authorization")
+            if self.path == "/acme/small/resolve/main/config.json":
+                body = json.dumps({**LLAMA3_CONFIG, "num_hidden_layers": 2}).encode()
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(body)
+            else:
+                self.send_response(401)
+                self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+        for var in ("no_proxy", "NO_PROXY"):
+            monkeypatch.setenv(var, "127.0.0.1,localhost")
+        arch = arch_for_model({"name": "acme/small"}, allow_hub=True, token="hf_secret")
+        assert arch.num_layers == 2 and arch.name == "acme/small"
+        assert seen["/acme/small/resolve/main/config.json"] == "Bearer hf_secret"
+        with pytest.raises(UnknownArchitecture, match="401.*hfTokenSecretRef") as caught:
+            arch_for_model({"name": "acme/gated"}, allow_hub=True, token="hf_secret")
+        assert "hf_secret" not in str(caught.value)
+        # Hints still rescue a model the Hub refuses.
+        hinted = arch_for_model({"name": "acme/gated", "architecture": {
+            "hiddenSize": 64, "intermediateSize": 224, "numHiddenLayers": 2,
+            "numAttentionHeads": 4, "vocabSize": 1024}}, allow_hub=True)
+        assert hinted.hidden_size == 64
+    finally:
+        server.shutdown()
