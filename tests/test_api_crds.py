@@ -111,6 +111,19 @@ def test_reapplying_the_crds_is_a_no_op(crds, admin_kube):
 
 
 @pytest.mark.cluster
+def test_client_side_reapply_is_a_no_op(crds, admin_kube):
+    # What a user runs: `kubectl apply -f crds/`. The first apply may record its
+    # last-applied annotation; the second must change nothing.
+    admin_kube.kubectl("apply", "-f", str(CRD_DIR), namespaced=False)
+    before = {n: admin_kube.get("crd", n, namespaced=False)["metadata"] for n in CRD_NAMES}
+    out = admin_kube.kubectl("apply", "-f", str(CRD_DIR), namespaced=False).stdout
+    assert out.count(" unchanged") == len(CRD_NAMES), out
+    for name in CRD_NAMES:
+        after = admin_kube.get("crd", name, namespaced=False)["metadata"]
+        assert after["resourceVersion"] == before[name]["resourceVersion"]
+
+
+@pytest.mark.cluster
 @pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
 def test_examples_apply_cleanly(crds, kube, path):
     result = kube.kubectl("apply", "-f", str(path))
