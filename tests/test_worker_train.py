@@ -1,0 +1,275 @@
+"""The worker trains for real on the CPU: a tiny Llama and committed datasets.
+
+LoRA (bf16 base) and QLoRA (NF4 base; bitsandbytes runs NF4 on the CPU) each train a few
+steps and must memorise; the adapter reloads with identical outputs; merging reproduces
+base+adapter; SIGTERM saves a checkpoint that the next run resumes from; a diverging
+run and CUDA out-of-memory exit with their documented codes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest_worker import worker_config_dict
+from kubetest import wait_for
+
+torch = pytest.importorskip("torch")
+
+from finetune_operator.api import AdapterManifest, WorkerConfig
+
+# tiny_model_root and worker_config fixtures
+pytest_plugins = ["conftest_worker"]
+pytestmark = pytest.mark.slow
+
+
+def _config(tmp_path, model_root, **kwargs) -> WorkerConfig:
+    return WorkerConfig.model_validate(worker_config_dict(tmp_path, model_root, **kwargs))
+
+
+def _dataset_loss(model, config: WorkerConfig) -> float:
+    """Mean completion-token loss over the training file, as the worker tokenizes it."""
+    from finetune_worker import train
+
+    tokenizer = train.load_tokenizer(config, None)
+    splits = train.load_training_data(config, tokenizer, None)
+    losses = []
+    model.eval()
+    with torch.no_grad():
+        for example in splits.train:
+            ids = torch.tensor([example["input_ids"]])
+            labels = torch.tensor([example["labels"]])
+            losses.append(float(model(input_ids=ids, labels=labels).loss))
+    return sum(losses) / len(losses)
+
+
+def _load_base(config: WorkerConfig):
+    from finetune_worker import train
+
+    model, _ = train.load_base_model(config.spec, config.plan, None, "cpu",
+                                     str(config.paths.resolve_pvc(config.spec.model.uri))), None
+    return model
+
+
+def _load_adapter(config: WorkerConfig, adapter_dir: Path):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(_load_base(config), str(adapter_dir)).eval()
+
+
+def _probe() -> torch.Tensor:
+    return torch.tensor([[1, 4, 60, 61, 62, 63, 64, 65, 6]])
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_model_root):
+    """One LoRA training run on the chat data, shared by the tests that inspect it."""
+    from finetune_worker.train import run_training
+
+    tmp = tmp_path_factory.mktemp("lora")
+    config = _config(tmp, tiny_model_root, fmt="chat", max_steps=14, eval_fraction=0.2)
+    return config, run_training(config)
+
+
+def test_lora_memorises_reports_and_reloads_identically(lora_run):
+    config, result = lora_run
+    assert result.global_step == 14 and not result.preempted and result.resumed_from is None
+    # loss on the training rows falls well below the untrained model's
+    before = _dataset_loss(_load_base(config), config)
+    reloaded = _load_adapter(config, result.adapter_dir)
+    after = _dataset_loss(reloaded, config)
+    assert after < 0.5 * before, (before, after)
+    # the adapter on disk gives exactly the outputs of the model that was trained
+    trained = result.model.eval()
+    with torch.no_grad():
+        assert torch.equal(trained(_probe()).logits, reloaded(_probe()).logits)
+    # measured numbers: CPU runs report peak RSS, plus throughput and an eval loss
+    metrics = result.metrics
+    assert metrics["device"] == "cpu" and metrics["peakRSSBytes"] > 100 * 2**20
+    assert metrics["tokensPerSecond"] > 0 and metrics["samplesPerSecond"] > 0
+    assert result.eval_loss is not None and metrics["evalLoss"] == result.eval_loss
+    assert result.progress["step"] == 14 and result.progress["totalSteps"] == 14
+
+
+def test_adapter_manifest_lists_every_file_with_its_digest(lora_run):
+    from finetune_worker.adapter import verify_adapter
+
+    config, result = lora_run
+    manifest = verify_adapter(result.adapter_dir)
+    names = {f.name for f in manifest.files}
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= names
+    assert manifest.spec_hash == config.spec_hash and manifest.method == "lora"
+    assert manifest.base_model.uri == "pvc://models/tiny" and manifest.r == 8
+    assert set(manifest.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj",
+                                            "gate_proj", "up_proj", "down_proj"}
+    assert manifest.metrics.tokens_per_second == result.metrics["tokensPerSecond"]
+    assert manifest.digest == result.adapter_digest
+    # nothing temporary is left beside the adapter
+    assert [p.name for p in result.adapter_dir.parent.iterdir()] == ["adapter"]
+
+
+def test_merged_model_matches_base_plus_adapter(lora_run, tmp_path, tiny_model_root):
+    from finetune_worker.cli import main
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _, result = lora_run
+    merged_dir = tmp_path / "merged-fp32"
+    code = main(["merge", "--adapter", str(result.adapter_dir), "--output", str(merged_dir),
+                 "--claim-mount", f"models={tiny_model_root}", "--dtype", "float32"])
+    assert code == 0
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_root / "tiny", dtype=torch.float32)
+    reference = PeftModel.from_pretrained(base, str(result.adapter_dir)).eval()
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    with torch.no_grad():
+        expected, got = reference(_probe()).logits, merged(_probe()).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert (merged_dir / "model.safetensors").is_file()
+    assert (merged_dir / "tokenizer.json").is_file()
+
+
+def test_qlora_trains_on_nf4_base_with_bf16_embeddings_and_merges_unquantised(
+        tmp_path, tiny_model_root):
+    import bitsandbytes as bnb
+    from finetune_worker.cli import main
+    from finetune_worker.train import run_training
+    from transformers import AutoModelForCausalLM
+
+    config = _config(tmp_path, tiny_model_root, fmt="alpaca", method="qlora", max_steps=12,
+                     packing=True)
+    result = run_training(config)
+    model = result.model
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and all(m.weight.quant_type == "nf4" for m in layers)
+    # frozen embeddings and head stay bf16 (the common recipe upcasts them to fp32)
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert model.get_output_embeddings().weight.dtype == torch.bfloat16
+    before = _dataset_loss(_load_base(config), config)
+    reloaded = _load_adapter(config, result.adapter_dir)
+    after = _dataset_loss(reloaded, config)
+    assert after < 0.6 * before, (before, after)
+    # trl keeps QLoRA adapters in bf16 (as the QLoRA paper does); peft reloads them into
+    # fp32 tensors, so compare the weights exactly and the outputs at the trained dtype
+    trained = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    loaded = {n: p for n, p in reloaded.named_parameters() if "lora_" in n}
+    assert trained.keys() == loaded.keys() and trained
+    for name, param in trained.items():
+        assert torch.equal(loaded[name].to(param.dtype), param), name
+        loaded[name].data = loaded[name].data.to(param.dtype)
+    with torch.no_grad():
+        assert torch.equal(reloaded(_probe()).logits, model.eval()(_probe()).logits)
+    assert AdapterManifest.read(result.adapter_dir).method == "qlora"
+
+    merged_dir = tmp_path / "merged"
+    assert main(["merge", "--adapter", str(result.adapter_dir), "--output", str(merged_dir),
+                 "--claim-mount", f"models={tiny_model_root}"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+    assert merged.dtype == torch.bfloat16
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules())
+    assert "quantization_config" not in json.loads((merged_dir / "config.json").read_text())
+
+
+def _write_config(tmp_path: Path, config: dict) -> Path:
+    import yaml
+
+    path = tmp_path / "worker-config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_sigterm_saves_a_checkpoint_and_the_next_run_resumes_from_it(tmp_path, tiny_model_root,
+                                                                    caplog):
+    from finetune_worker.checkpoints import MARKER, find_resumable_checkpoint
+    from finetune_worker.train import run_training
+
+    raw = worker_config_dict(tmp_path, tiny_model_root, fmt="completion", max_steps=200,
+                             checkpointSteps=2)
+    path = _write_config(tmp_path, raw)
+    log = tmp_path / "termination-log"
+    env = {**os.environ, "FINETUNE_WORKER_TERMINATION_LOG": str(log)}
+    proc = subprocess.Popen([sys.executable, "-m", "finetune_worker.cli", "train", "--config",
+                             str(path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env)
+    checkpoints = Path(raw["paths"]["checkpointDir"])
+    try:
+        wait_for(lambda: (checkpoints / "checkpoint-2" / MARKER).exists(), timeout=120,
+                 what="the first checkpoint")
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, output
+    summary = json.loads(log.read_text())
+    assert summary["result"] == "Preempted"
+    stopped_at = summary["progress"]["step"]
+    assert 2 <= stopped_at < 200
+    newest = find_resumable_checkpoint(checkpoints, raw["specHash"])
+    assert newest == checkpoints / f"checkpoint-{stopped_at}"  # saved on SIGTERM, complete
+    assert not (Path(raw["paths"]["outputDir"]) / "adapter_config.json").exists()
+
+    # a save interrupted by a hard kill leaves a directory without a marker: skipped
+    partial = checkpoints / f"checkpoint-{stopped_at + 1}"
+    partial.mkdir()
+    (partial / "adapter_model.safetensors").write_bytes(b"half")
+    resumed_config = WorkerConfig.model_validate(
+        {**raw, "spec": {**raw["spec"], "training": {**raw["spec"]["training"]}}})
+    resumed_config.spec.training.max_steps = stopped_at + 2  # not in the spec hash's way
+    caplog.set_level("INFO")
+    result = run_training(resumed_config)
+    assert result.resumed_from == checkpoints / f"checkpoint-{stopped_at}"
+    assert result.global_step == stopped_at + 2
+    assert f"skipping checkpoint {partial}: it has no COMPLETE marker" in caplog.text
+
+
+def test_diverging_loss_exits_13_after_three_non_finite_steps(tmp_path, tiny_model_root):
+    from finetune_worker.cli import main
+    from safetensors.torch import load_file, save_file
+
+    broken_root = tmp_path / "models"
+    broken = broken_root / "tiny"
+    import shutil
+
+    shutil.copytree(tiny_model_root / "tiny", broken)
+    weights = load_file(broken / "model.safetensors")
+    weights["model.norm.weight"] = torch.full_like(weights["model.norm.weight"], float("nan"))
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    raw = worker_config_dict(tmp_path, broken_root, fmt="text", max_steps=10)
+    log = tmp_path / "termination-log"
+    os.environ["FINETUNE_WORKER_TERMINATION_LOG"] = str(log)
+    try:
+        code = main(["train", "--config", str(_write_config(tmp_path, raw))])
+    finally:
+        del os.environ["FINETUNE_WORKER_TERMINATION_LOG"]
+    assert code == 13
+    summary = json.loads(log.read_text())
+    assert summary["reason"] == "NonFiniteLoss"
+    assert "for 3 consecutive steps (up to step 3)" in summary["message"]
+
+
+def test_cuda_out_of_memory_exits_12_naming_peak_and_plan(tmp_path, tiny_model_root,
+                                                         monkeypatch):
+    from finetune_worker import train
+    from finetune_worker.cli import main
+
+    def exhausted(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    # The first allocation that fails is the trainer's; everything before it is real.
+    monkeypatch.setattr(train, "build_trainer", exhausted)
+    raw = worker_config_dict(tmp_path, tiny_model_root, fmt="text", micro_batch=8,
+                             checkpointing=True)
+    log = tmp_path / "termination-log"
+    monkeypatch.setenv("FINETUNE_WORKER_TERMINATION_LOG", str(log))
+    assert main(["train", "--config", str(_write_config(tmp_path, raw))]) == 12
+    message = json.loads(log.read_text())["message"]
+    assert "CUDA out of memory before the first training step" in message
+    assert ("method=lora, micro-batch=8, gradient accumulation=1, gradient checkpointing=on, "
+            "predicted peak=1.0Gi of a 24.0Gi budget") in message
+    assert "Tried to allocate 2.00 GiB" in message

@@ -1,0 +1,273 @@
+"""Worker pieces that need no training: data rendering and masks, corrupt data, the
+termination message, checkpoint selection, status rate limiting and the CLI's config
+errors. Fast; run on every `make test`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest_worker import worker_config_dict
+from finetune_worker import checkpoints, data, termination
+from finetune_worker.errors import DataError
+from finetune_worker.status import StatusReporter
+from tinymodel import DATA_DIR, make_tiny_tokenizer
+
+# tiny_model_root and worker_config fixtures
+pytest_plugins = ["conftest_worker"]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return make_tiny_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def _decode_loss_tokens(tokenizer, example) -> str:
+    ids = [i for i, label in zip(example["input_ids"], example["labels"]) if label != -100]
+    return tokenizer.decode(ids)
+
+
+@pytest.mark.parametrize("fmt, answer_field", [
+    ("alpaca", "output"), ("completion", "completion"), ("chat", None), ("text", "text")])
+def test_each_format_takes_loss_only_on_the_completion(tokenizer, fmt, answer_field):
+    records = data.load_records(str(DATA_DIR / f"{fmt}.jsonl"))
+    splits = data.prepare_splits(records, fmt, tokenizer, max_length=256, source=fmt)
+    assert len(splits.train) == len(records)
+    for record, example in zip(records, splits.train):
+        assert len(example["input_ids"]) == len(example["labels"])
+        trained = _decode_loss_tokens(tokenizer, example)
+        if fmt == "chat":
+            answers = [m["content"] for m in record["messages"] if m["role"] == "assistant"]
+            # the assistant's text and its end-of-turn token, nothing of the user's turn
+            assert trained == "".join(a + "<|end|>" for a in answers)
+        elif fmt == "text":
+            assert trained == record["text"] + tokenizer.eos_token
+        else:
+            assert trained == record[answer_field] + tokenizer.eos_token
+            full = tokenizer.decode(example["input_ids"])
+            assert full.endswith(record[answer_field] + tokenizer.eos_token)
+            assert len(full) > len(trained)  # the prompt is there, just not trained on
+
+
+def test_chat_masks_every_assistant_turn_in_a_multi_turn_conversation(tokenizer):
+    messages = [{"role": "user", "content": "What is two plus three?"},
+                {"role": "assistant", "content": "Five."},
+                {"role": "user", "content": "And ten minus four?"},
+                {"role": "assistant", "content": "Six."}]
+    example = data.tokenize_example({"messages": messages}, "chat", tokenizer, max_length=256)
+    assert _decode_loss_tokens(tokenizer, example) == "Five.<|end|>Six.<|end|>"
+
+
+def test_eval_fraction_holds_out_rows_and_field_mapping_renames(tokenizer):
+    from finetune_operator.api.finetunejob import FieldMapping
+
+    records = data.load_records(str(DATA_DIR / "completion.jsonl"))
+    renamed = records.rename_columns({"prompt": "question", "completion": "answer"})
+    mapped = data.rename_fields(renamed, "completion",
+                                FieldMapping(prompt="question", completion="answer"), "x")
+    splits = data.prepare_splits(mapped, "completion", tokenizer, max_length=256, source="x",
+                                 eval_fraction=0.25, seed=1)
+    assert len(splits.eval) == 6 and len(splits.train) == 18
+    with pytest.raises(DataError, match="fields.prompt names column 'nope'"):
+        data.rename_fields(renamed, "completion", FieldMapping(prompt="nope"), "x")
+
+
+def test_rows_without_completion_tokens_after_truncation_are_dropped(tokenizer):
+    records = data.load_records(str(DATA_DIR / "alpaca.jsonl"))
+    with pytest.raises(DataError, match="raise the sequence length"):
+        data.prepare_splits(records, "alpaca", tokenizer, max_length=24, source="alpaca")
+
+
+@pytest.mark.parametrize("name, fmt, message", [
+    ("alpaca-bad-json", "alpaca", r"cannot read dataset .*alpaca-bad-json.jsonl"),
+    ("alpaca-missing-output", "alpaca", r"row 1: field 'output' is missing or null"),
+    ("chat-bad-role", "chat", r"row 1: field 'messages' message 1 has role 'robot'"),
+])
+def test_corrupt_data_is_a_data_error_naming_row_and_field(tokenizer, name, fmt, message):
+    with pytest.raises(DataError, match=message):
+        records = data.load_records(str(DATA_DIR / "corrupt" / f"{name}.jsonl"))
+        data.prepare_splits(records, fmt, tokenizer, max_length=256, source=str(name))
+
+
+def test_wrong_format_names_the_missing_columns(tokenizer):
+    records = data.load_records(str(DATA_DIR / "text.jsonl"))
+    with pytest.raises(DataError, match=r"format 'alpaca' but has no column\(s\) "
+                                        r"\['instruction', 'output'\]"):
+        data.prepare_splits(records, "alpaca", tokenizer, max_length=256, source="text.jsonl")
+
+
+# --- termination message -----------------------------------------------------------------
+
+
+def test_termination_message_fits_4k_dropping_details_first(tmp_path):
+    summary = {"result": "Succeeded", "exitCode": 0, "reason": "TrainingComplete",
+               "message": "m" * 3000,
+               "metrics": {"peakVRAMBytes": 123, "tokensPerSecond": 4567.8, "trainLoss": 1.0,
+                           "evalLoss": 2.0},
+               "progress": {"step": 10, "totalSteps": 10, "loss": 0.5},
+               "adapter": {"path": "/out", "files": [{"name": f"f{i}", "sha256": "a" * 64}
+                                                     for i in range(40)]}}
+    path = termination.write_termination_message(summary, tmp_path / "termination-log")
+    raw = path.read_bytes()
+    assert len(raw) <= 4096
+    parsed = json.loads(raw)
+    assert parsed["exitCode"] == 0 and parsed["metrics"]["peakVRAMBytes"] == 123
+    assert parsed["metrics"]["tokensPerSecond"] == 4567.8
+    # the file list went first; once it fit, nothing more was dropped
+    assert "files" not in parsed["adapter"] and parsed["progress"]["step"] == 10
+    assert parsed["message"] == "m" * 3000
+    small = termination.fit_summary({"result": "Failed", "exitCode": 11, "message": "x" * 9000})
+    assert len(small) <= 4096 and json.loads(small)["message"].endswith("...")
+    unchanged = {"result": "Succeeded", "exitCode": 0, "message": "ok", "progress": {"step": 1}}
+    assert json.loads(termination.fit_summary(unchanged)) == unchanged
+
+
+# --- checkpoints -------------------------------------------------------------------------
+
+
+def _fake_checkpoint(root: Path, step: int, spec_hash: str | None, *, payload: bytes = b"w"):
+    directory = root / f"checkpoint-{step}"
+    directory.mkdir(parents=True)
+    (directory / "adapter_model.safetensors").write_bytes(payload)
+    (directory / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    if spec_hash is not None:
+        checkpoints.mark_complete(directory, spec_hash, step)
+    return directory
+
+
+def test_resume_picks_newest_complete_checkpoint_of_this_spec(tmp_path, caplog):
+    good = _fake_checkpoint(tmp_path, 20, "hash-a")
+    _fake_checkpoint(tmp_path, 10, "hash-a")
+    _fake_checkpoint(tmp_path, 30, None)  # killed while saving: no marker
+    _fake_checkpoint(tmp_path, 40, "hash-b")  # another spec
+    corrupt = _fake_checkpoint(tmp_path, 50, "hash-a")
+    (corrupt / "adapter_model.safetensors").write_bytes(b"truncated")
+    (tmp_path / "checkpoint-60").mkdir()
+    (tmp_path / "checkpoint-60" / checkpoints.MARKER).write_text("{not json")
+    caplog.set_level("WARNING")
+    assert checkpoints.find_resumable_checkpoint(tmp_path, "hash-a") == good
+    text = caplog.text
+    assert "checkpoint-60: its COMPLETE marker is unreadable" in text
+    assert "checkpoint-50: adapter_model.safetensors does not match the sha256" in text
+    assert "checkpoint-40: it was written for spec hash hash-b" in text
+    assert "checkpoint-30: it has no COMPLETE marker" in text
+    assert checkpoints.find_resumable_checkpoint(tmp_path, "hash-c") is None
+    assert checkpoints.find_resumable_checkpoint(tmp_path / "absent", "hash-a") is None
+
+
+# --- status reporter rate limit ------------------------------------------------------------
+
+
+class RecordingClient:
+    def __init__(self, fail: bool = False):
+        self.patches: list[dict] = []
+        self.fail = fail
+
+    def patch_status(self, namespace, name, status):
+        if self.fail:
+            from finetune_worker.status import StatusPatchError
+
+            raise StatusPatchError("connection refused")
+        self.patches.append(json.loads(json.dumps(status)))
+        return {}
+
+
+def test_status_updates_are_rate_limited_and_the_final_one_always_goes():
+    now = [100.0]
+    client = RecordingClient()
+    reporter = StatusReporter("ns", "job", client, min_interval_s=10, clock=lambda: now[0])
+    assert reporter.update(progress={"step": 1})
+    now[0] += 3
+    assert not reporter.update(progress={"step": 2}, metrics={"tokensPerSecond": 5.0})
+    now[0] += 3
+    assert not reporter.update(progress={"step": 3})
+    now[0] += 5  # 11 s after the first patch
+    assert reporter.update(progress={"step": 4})
+    now[0] += 1
+    assert reporter.final(metrics={"peakVRAMBytes": 7})
+    assert client.patches == [
+        {"progress": {"step": 1}},
+        {"progress": {"step": 4}, "metrics": {"tokensPerSecond": 5.0}},
+        {"metrics": {"peakVRAMBytes": 7}},
+    ]
+
+
+def test_unreachable_api_warns_once_and_never_raises(caplog):
+    caplog.set_level("WARNING")
+    reporter = StatusReporter("ns", "job", RecordingClient(fail=True), min_interval_s=0)
+    for step in range(5):
+        assert reporter.update(progress={"step": step}) is False
+    assert reporter.final(metrics={"tokensPerSecond": 1.0}) is False
+    assert caplog.text.count("cannot report status") == 1
+
+
+def test_client_refuses_to_patch_fields_other_than_progress_and_metrics(tmp_path):
+    from finetune_worker.status import KubeStatusClient
+
+    client = KubeStatusClient("https://127.0.0.1:1", tmp_path / "token", None)
+    with pytest.raises(ValueError, match="only patch"):
+        client.patch_status("ns", "job", {"phase": "Succeeded"})
+
+
+# --- CLI: invalid configs ------------------------------------------------------------------
+
+
+def _run_cli(*args, env_extra=None, tmp_path):
+    import os
+
+    log = tmp_path / "termination-log"
+    env = {**os.environ, "FINETUNE_WORKER_TERMINATION_LOG": str(log), **(env_extra or {})}
+    proc = subprocess.run([sys.executable, "-m", "finetune_worker.cli", *args],
+                          capture_output=True, text=True, env=env, timeout=120, check=False)
+    summary = json.loads(log.read_text()) if log.exists() else None
+    return proc, summary
+
+
+def test_missing_config_exits_10_with_the_path(tmp_path):
+    proc, summary = _run_cli("train", "--config", str(tmp_path / "absent.yaml"), tmp_path=tmp_path)
+    assert proc.returncode == 10, proc.stderr
+    assert "absent.yaml does not exist" in proc.stderr
+    assert summary["exitCode"] == 10 and summary["reason"] == "InvalidConfig"
+
+
+def test_invalid_config_names_the_field_and_exits_10(tmp_path):
+    import yaml
+
+    config = worker_config_dict(tmp_path, tmp_path)
+    config["spec"]["training"]["learningrate"] = 0.1  # a typo must not train with the default
+    config["spec"]["lora"]["r"] = 0
+    path = tmp_path / "worker-config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc, summary = _run_cli("train", "--config", str(path), tmp_path=tmp_path)
+    assert proc.returncode == 10, proc.stderr
+    assert "spec.training.learningrate: Extra inputs are not permitted" in proc.stderr
+    assert "spec.lora.r: Input should be greater than or equal to 1" in proc.stderr
+    assert "spec.lora.r" in summary["message"]
+
+
+def test_missing_dataset_on_the_volume_is_a_data_error(tmp_path, tiny_model_root):
+    import yaml
+
+    config = worker_config_dict(tmp_path, tiny_model_root, dataset_file="absent.jsonl")
+    path = tmp_path / "worker-config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc, summary = _run_cli("train", "--config", str(path), tmp_path=tmp_path)
+    assert proc.returncode == 11, proc.stderr
+    assert "spec.dataset.uri resolves to" in summary["message"]
+    assert "absent.jsonl" in summary["message"] and summary["reason"] == "DataError"
+
+
+def test_missing_model_on_the_volume_is_a_model_load_error(tmp_path, tiny_model_root):
+    import yaml
+
+    config = worker_config_dict(tmp_path, tiny_model_root)
+    config["spec"]["model"] = {"uri": "pvc://models/not-there"}
+    path = tmp_path / "worker-config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc, summary = _run_cli("train", "--config", str(path), tmp_path=tmp_path)
+    assert proc.returncode == 15, proc.stderr
+    assert "not-there" in summary["message"] and summary["reason"] == "ModelLoadError"

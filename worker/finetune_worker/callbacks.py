@@ -1,0 +1,169 @@
+"""Trainer callbacks: progress reporting, the non-finite-loss guard, checkpoint marking
+and time- or signal-triggered saves.
+
+Imported only from `train.py`, after transformers is loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import threading
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from .checkpoints import mark_complete
+from .errors import NonFiniteLossError
+from .status import StatusReporter
+
+log = logging.getLogger(__name__)
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class ProgressCallback(TrainerCallback):
+    """One line per logged step, and rate-limited status updates.
+
+    Throughput is measured from this process's start of training, so a resumed run
+    reports its own speed rather than an average diluted by the restart.
+    """
+
+    def __init__(self, reporter: StatusReporter | None):
+        self.reporter = reporter
+        self._t0: float | None = None
+        self._step0 = 0
+        self._tokens0 = 0
+        self.last_progress: dict = {}
+        self.tokens_per_second: float | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._t0 = time.perf_counter()
+        self._step0 = state.global_step
+        self._tokens0 = int(state.num_input_tokens_seen or 0)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "loss" not in logs or self._t0 is None:
+            return  # eval and end-of-training summaries are reported by run_training
+        elapsed = max(time.perf_counter() - self._t0, 1e-9)
+        done = state.global_step - self._step0
+        total = state.max_steps or None
+        tokens = int(state.num_input_tokens_seen or 0) - self._tokens0
+        self.tokens_per_second = tokens / elapsed if tokens else None
+        eta = None
+        if total and done > 0:
+            eta = round((total - state.global_step) * elapsed / done)
+        progress = {
+            "step": state.global_step,
+            "totalSteps": total,
+            "epoch": round(float(state.epoch or 0.0), 4),
+            "percent": round(100.0 * state.global_step / total, 2) if total else None,
+            "loss": _finite_or_none(logs.get("loss")),
+            "learningRate": _finite_or_none(logs.get("learning_rate")),
+            "etaSeconds": eta,
+            "updatedAt": utc_now(),
+        }
+        progress = {k: v for k, v in progress.items() if v is not None}
+        self.last_progress = progress
+        log.info("step %s/%s loss %s lr %.3g tokens/s %s eta %ss", state.global_step, total,
+                 logs.get("loss"), logs.get("learning_rate") or 0.0,
+                 f"{self.tokens_per_second:.0f}" if self.tokens_per_second else "-", eta)
+        if self.reporter is not None:
+            metrics = ({"tokensPerSecond": round(self.tokens_per_second, 2)}
+                       if self.tokens_per_second else None)
+            self.reporter.update(progress=progress, metrics=metrics)
+
+
+def _finite_or_none(value):
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+class NonFiniteLossGuard(TrainerCallback):
+    """Stops the run after `patience` consecutive NaN/inf losses.
+
+    One bad step can be a fluke that the optimizer survives; several in a row means the
+    run has diverged and every further GPU-hour is wasted. Needs `logging_steps=1` and
+    `logging_nan_inf_filter=False`, otherwise the Trainer hides the NaNs.
+    """
+
+    def __init__(self, patience: int = 3):
+        self.patience = patience
+        self.consecutive = 0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs:
+            return
+        if math.isfinite(float(logs["loss"])):
+            self.consecutive = 0
+            return
+        self.consecutive += 1
+        if self.consecutive >= self.patience:
+            raise NonFiniteLossError(
+                f"the training loss was {logs['loss']} for {self.consecutive} consecutive steps "
+                f"(up to step {state.global_step}); the run has diverged. Lower "
+                f"spec.training.learningRate (now {args.learning_rate}) or raise warm-up, and "
+                "check the data for empty or extreme rows.")
+
+
+class CheckpointCallback(TrainerCallback):
+    """Marks each saved checkpoint complete, and triggers saves on time and on SIGTERM.
+
+    A preempted pod gets SIGTERM and a grace period: the handler only sets a flag, and
+    the next step end turns it into save + stop, so the save happens on the training
+    thread between steps, never in the middle of an optimizer update.
+    """
+
+    def __init__(self, spec_hash: str, *, interval_s: float | None = None):
+        self.spec_hash = spec_hash
+        self.interval_s = interval_s
+        self.preempted = threading.Event()
+        self._last_save = time.monotonic()
+        self.saved_steps: list[int] = []
+
+    def request_stop(self, signum=None, frame=None) -> None:
+        if not self.preempted.is_set():
+            log.warning("received %s: saving a checkpoint at the end of this step, then "
+                        "stopping", signal.Signals(signum).name if signum else "a stop request")
+        self.preempted.set()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.preempted.is_set():
+            control.should_save = True
+            control.should_training_stop = True
+        elif self.interval_s and time.monotonic() - self._last_save >= self.interval_s:
+            control.should_save = True
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if checkpoint.is_dir():
+            mark_complete(checkpoint, self.spec_hash, state.global_step)
+            self.saved_steps.append(state.global_step)
+        self._last_save = time.monotonic()
+        return control
+
+
+class SigtermToCheckpoint:
+    """Context manager routing SIGTERM to `CheckpointCallback.request_stop` while training."""
+
+    def __init__(self, callback: CheckpointCallback):
+        self.callback = callback
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self.callback.request_stop)
+        return self.callback
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False

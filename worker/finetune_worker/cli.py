@@ -1,0 +1,183 @@
+"""`finetune-worker train | merge`: the entrypoint of the worker image.
+
+Only argument parsing, logging and the mapping from failures to exit codes live here;
+heavy imports happen inside the commands so `--help` is instant. Exit codes are the
+contract with the operator's pod failure policy (finetune_operator.api.exit_codes):
+0 success, 10 invalid config, 11 data error, 12 CUDA out of memory, 13 non-finite loss,
+14 storage error, 15 model load error; 143 when SIGTERM stopped training after a
+checkpoint (the pod was preempted and the Job may retry).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+log = logging.getLogger("finetune_worker")
+
+DEFAULT_CONFIG = "/etc/finetune-worker/worker-config.yaml"
+PREEMPTED_EXIT_CODE = 128 + 15  # what a SIGTERM-killed process reports; the Job retries it
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="finetune-worker",
+        description="Train a LoRA/QLoRA adapter for a FineTuneJob, or merge one into its base.")
+    parser.add_argument("--log-level", default=os.environ.get("FINETUNE_WORKER_LOG_LEVEL", "INFO"))
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train the adapter a worker config describes")
+    train.add_argument("--config", default=os.environ.get("FINETUNE_WORKER_CONFIG", DEFAULT_CONFIG),
+                       help=f"worker config file (YAML/JSON; default {DEFAULT_CONFIG} or "
+                            "$FINETUNE_WORKER_CONFIG)")
+
+    merge = commands.add_parser("merge", help="merge an adapter into its unquantised base model")
+    merge.add_argument("--adapter", required=True, help="adapter directory (with its manifest)")
+    merge.add_argument("--output", required=True, help="directory for the merged model")
+    merge.add_argument("--base-model", help="base model path or Hub id (default: the manifest's)")
+    merge.add_argument("--revision", help="revision of a Hub base model")
+    merge.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    merge.add_argument("--hf-token-file", help="file holding a Hugging Face token")
+    merge.add_argument("--claim-mount", action="append", default=[], metavar="CLAIM=PATH",
+                       help="where a PVC named in the manifest is mounted (repeatable)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    command = train_command if args.command == "train" else merge_command
+    return command(args)
+
+
+def _summary(result: str, code: int, message: str, *, reason: str | None = None, **extra) -> dict:
+    from finetune_operator.api import WorkerExitCode
+
+    if reason is None:
+        reason = WorkerExitCode(code).reason if code in iter(WorkerExitCode) else result
+    return {"result": result, "exitCode": code, "reason": reason, "message": message, **extra}
+
+
+def _fail(exc, reporter=None, **extra) -> int:
+    from .memory import peak_memory_metrics
+    from .termination import write_termination_message
+
+    log.error("%s: %s", type(exc).__name__, exc)
+    metrics = peak_memory_metrics()
+    if reporter is not None:
+        reporter.final(metrics=metrics)
+    write_termination_message(_summary("Failed", int(exc.exit_code), str(exc),
+                                       metrics=metrics, **extra))
+    return int(exc.exit_code)
+
+
+def train_command(args) -> int:
+    from finetune_operator.api import WorkerConfigError, load_worker_config
+
+    from .errors import InvalidConfigError, WorkerError
+
+    try:
+        config = load_worker_config(args.config)
+    except WorkerConfigError as exc:
+        return _fail(InvalidConfigError(str(exc)))
+    reporter = make_reporter(config)
+    try:
+        from .train import run_training
+
+        result = run_training(config, reporter=reporter)
+    except WorkerError as exc:
+        return _fail(exc, reporter, specHash=config.spec_hash)
+    except Exception as exc:
+        # A bug, not a verdict on the job: exit 1 (retryable) but still leave a summary.
+        from .termination import write_termination_message
+
+        write_termination_message(_summary("Failed", 1, f"{type(exc).__name__}: {exc}",
+                                           reason="WorkerCrashed", specHash=config.spec_hash))
+        raise
+    return report_success(config, result, reporter)
+
+
+def make_reporter(config):
+    from .status import KubeStatusClient, StatusReporter
+
+    client = KubeStatusClient.from_environment() if config.report.status_patch else None
+    if config.report.status_patch and client is None:
+        log.warning("status patching is on but there is no in-cluster service account; "
+                    "the final numbers go to the termination message only")
+    return StatusReporter(config.job.namespace, config.job.name, client,
+                          min_interval_s=config.report.min_interval_seconds)
+
+
+def report_success(config, result, reporter) -> int:
+    from .termination import write_termination_message
+
+    reporter.final(progress=result.progress, metrics=result.metrics)
+    if result.preempted:
+        message = (f"stopped by SIGTERM at step {result.global_step} after saving "
+                   f"checkpoint-{result.global_step}; a new pod resumes from it")
+        write_termination_message({"result": "Preempted", "exitCode": PREEMPTED_EXIT_CODE,
+                                   "reason": "Preempted", "message": message,
+                                   "specHash": config.spec_hash, "metrics": result.metrics,
+                                   "progress": result.progress})
+        log.warning(message)
+        return PREEMPTED_EXIT_CODE
+    adapter = {"path": str(result.adapter_dir), "digest": result.adapter_digest,
+               "uri": config.spec.output.uri}
+    write_termination_message(_summary(
+        "Succeeded", 0, f"trained {result.global_step} steps"
+        + (f", resumed from {result.resumed_from.name}" if result.resumed_from else ""),
+        specHash=config.spec_hash, metrics=result.metrics, progress=result.progress,
+        adapter=adapter))
+    log.info("done: %s", result.metrics)
+    return 0
+
+
+def merge_command(args) -> int:
+    from .errors import InvalidConfigError, WorkerError
+
+    try:
+        from .merge import merge_adapter
+        from .sources import Source
+        from .train import read_secret_file
+
+        mounts = {}
+        for item in args.claim_mount:
+            claim, sep, path = item.partition("=")
+            if not sep or not claim or not path:
+                raise InvalidConfigError(f"--claim-mount {item!r} must look like CLAIM=/path")
+            mounts[claim] = path
+        base = None
+        if args.base_model:
+            local = Path(args.base_model)
+            base = (Source(local_path=local) if local.is_absolute() or local.exists()
+                    else Source(hub_id=args.base_model, revision=args.revision))
+        token = read_secret_file(args.hf_token_file, "Hugging Face token")
+        result = merge_adapter(Path(args.adapter), Path(args.output), base=base,
+                               claim_mounts=mounts, dtype=args.dtype, token=token)
+    except WorkerError as exc:
+        return _fail(exc)
+    except Exception as exc:
+        import torch
+
+        if isinstance(exc, torch.OutOfMemoryError):
+            from .errors import OutOfMemoryError
+
+            return _fail(OutOfMemoryError(f"out of memory while merging: {exc}; merging needs "
+                                          "the whole base model in memory at --dtype"))
+        raise
+    from finetune_operator.api import Reason
+
+    from .termination import write_termination_message
+
+    write_termination_message(_summary("Succeeded", 0, f"merged into {result.output_dir}",
+                                       reason=Reason.MERGE_COMPLETE, base=result.base,
+                                       output=str(result.output_dir)))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""The JSON summary in the container's termination message.
+
+Kubernetes keeps at most 4 KiB of `/dev/termination-log` in the pod status, and the
+operator reads it when the status patches could not reach the API server, so the
+summary must always parse: when it is too long, less important fields are dropped
+first and the human message is shortened last.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PATH = "/dev/termination-log"
+LIMIT_BYTES = 4096
+# Dropped in this order until the summary fits; outcome, exit code, peak memory and
+# throughput are what the operator needs most, so they are never in this list.
+DROP_FIRST = (
+    ("adapter", "files"),
+    ("progress",),
+    ("metrics", "evalLoss"),
+    ("metrics", "trainLoss"),
+    ("adapter",),
+    ("metrics", "trainRuntimeSeconds"),
+    ("metrics", "samplesPerSecond"),
+)
+
+
+def termination_log_path() -> Path | None:
+    """Where to write: the env override, else the kubelet's file when it exists."""
+    override = os.environ.get("FINETUNE_WORKER_TERMINATION_LOG")
+    if override:
+        return Path(override)
+    default = Path(DEFAULT_PATH)
+    return default if default.exists() else None
+
+
+def _encode(summary: dict) -> bytes:
+    return json.dumps(summary, separators=(",", ":"), sort_keys=True, default=str).encode()
+
+
+def _drop(summary: dict, path: tuple[str, ...]) -> None:
+    node: Any = summary
+    for key in path[:-1]:
+        node = node.get(key) if isinstance(node, dict) else None
+        if node is None:
+            return
+    if isinstance(node, dict):
+        node.pop(path[-1], None)
+
+
+def fit_summary(summary: dict, limit: int = LIMIT_BYTES) -> bytes:
+    """Compact JSON of `summary`, no longer than `limit` bytes."""
+    summary = json.loads(json.dumps(summary, default=str))  # a deep copy we may trim
+    data = _encode(summary)
+    for path in DROP_FIRST:
+        if len(data) <= limit:
+            return data
+        _drop(summary, path)
+        data = _encode(summary)
+    message = str(summary.get("message", ""))
+    while len(data) > limit and message:
+        overflow = len(data) - limit
+        message = message[: max(len(message) - overflow - 3, 0)]
+        summary["message"] = message + "..." if message else ""
+        data = _encode(summary)
+    if len(data) > limit:  # only the essentials survive
+        keep = {k: summary[k] for k in ("result", "exitCode", "reason") if k in summary}
+        data = _encode(keep)
+    return data
+
+
+def write_termination_message(summary: dict, path: Path | None = None) -> Path | None:
+    """Write the summary; a failure to write is logged, never raised (we are exiting)."""
+    path = path or termination_log_path()
+    if path is None:
+        return None
+    try:
+        path.write_bytes(fit_summary(summary))
+    except OSError as exc:
+        log.warning("cannot write the termination message to %s: %s", path, exc)
+        return None
+    return path

@@ -1,0 +1,362 @@
+"""`run_training`: one fine-tuning run from a WorkerConfig, start to adapter.
+
+The sequence is fixed (as in transformers' run_clm): resolve sources, load tokenizer and
+data (cheap failures first), load and prepare the model, train with resume, evaluate,
+write the adapter and manifest, and return the measured numbers. Failures surface as
+WorkerError subclasses; the CLI turns them into exit codes. Nothing here calls
+sys.exit, so the benchmark can call it in-process.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from finetune_operator.api import WorkerConfig, spec_hash, uri_scheme
+
+from . import sources
+from .checkpoints import find_resumable_checkpoint
+from .errors import DataError, InvalidConfigError, ModelLoadError, StorageError, WorkerError
+from .memory import out_of_memory_message, peak_memory_metrics
+from .status import StatusReporter
+
+log = logging.getLogger(__name__)
+
+NON_FINITE_PATIENCE = 3
+
+
+@dataclass
+class TrainResult:
+    """What a run produced and measured (metrics use the status field names)."""
+
+    metrics: dict[str, Any]
+    progress: dict[str, Any]
+    adapter_dir: Path | None = None
+    adapter_digest: str | None = None
+    resumed_from: Path | None = None
+    preempted: bool = False
+    global_step: int = 0
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    checkpoints: list[int] = field(default_factory=list)
+    model: Any = field(default=None, repr=False)
+    """The trained peft model, for in-process callers (tests, the benchmark)."""
+
+
+def read_secret_file(path: str | None, what: str) -> str | None:
+    if not path:
+        return None
+    try:
+        value = Path(path).read_text().strip()
+    except OSError as exc:
+        raise InvalidConfigError(f"{what} file {path} cannot be read ({exc}); check that the "
+                                 "Secret exists and is mounted") from None
+    return value or None
+
+
+def training_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# --- translators: spec -> library configuration ----------------------------------------
+
+
+def local_path(source: sources.Source) -> str | None:
+    return str(source.local_path) if source.local_path is not None else None
+
+
+def with_target_modules(spec, targets: list[str]):
+    """The spec with `all-linear` replaced by the module names it resolved to."""
+    return spec.model_copy(update={"lora": spec.lora.model_copy(update={"target_modules": targets})})
+
+
+def resolve_target_modules(model, requested: list[str]) -> list[str]:
+    """`all-linear` -> the names of every linear projection except the output head."""
+    if requested != ["all-linear"]:
+        return list(requested)
+    import torch
+
+    names = set()
+    output = model.get_output_embeddings()
+    for name, module in model.named_modules():
+        linear = isinstance(module, torch.nn.Linear) or type(module).__name__ in (
+            "Linear4bit", "Linear8bitLt")
+        if linear and module is not output:
+            names.add(name.rsplit(".", 1)[-1])
+    if not names:
+        raise ModelLoadError("spec.lora.targetModules is all-linear but the model has no linear "
+                             "layers besides its output head; name the modules explicitly")
+    return sorted(names)
+
+
+def build_sft_config(config: WorkerConfig, *, device: str, save_interval_s: float | None):
+    """spec.training + plan -> trl SFTConfig. Packing and checkpointing are handled by our
+    collator and modeling.py, so the trainer's own versions stay off."""
+    from trl import SFTConfig
+
+    training, plan = config.spec.training, config.plan
+    warmup = (training.warmup_steps if training.warmup_steps is not None
+              else training.effective_warmup_ratio)
+    return SFTConfig(
+        output_dir=config.paths.checkpoint_dir,
+        per_device_train_batch_size=plan.micro_batch_size,
+        per_device_eval_batch_size=plan.micro_batch_size,
+        gradient_accumulation_steps=plan.gradient_accumulation,
+        max_steps=training.max_steps or -1,
+        num_train_epochs=training.epochs or 1.0,
+        learning_rate=training.learning_rate,
+        lr_scheduler_type=training.scheduler,
+        warmup_steps=warmup,
+        weight_decay=training.weight_decay,
+        max_grad_norm=training.max_grad_norm,
+        optim=training.optimizer,
+        seed=training.seed,
+        data_seed=training.seed,
+        bf16=device == "cuda",
+        use_cpu=device == "cpu",
+        gradient_checkpointing=False,
+        # every step is logged so the NaN guard sees each loss; trl syncs per step anyway
+        logging_strategy="steps",
+        logging_steps=1,
+        logging_nan_inf_filter=False,
+        save_strategy="steps",
+        save_steps=training.checkpoint_steps,
+        save_total_limit=training.checkpoint_limit,
+        eval_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+        max_length=training.seq_length,
+        packing=False,
+        padding_free=False,
+        remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        dataloader_num_workers=0,
+    )
+
+
+# --- steps of a run --------------------------------------------------------------------
+
+
+def load_tokenizer(config: WorkerConfig, token: str | None):
+    from . import modeling
+
+    source = sources.tokenizer_source(config.spec.model, config.paths)
+    sources.check_local(source, "spec.model", ModelLoadError)
+    try:
+        return modeling.load_tokenizer(config.spec, token, local_path=local_path(source))
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load the tokenizer from {source.location}: "
+                             f"{type(exc).__name__}: {exc}") from exc
+
+
+def load_training_data(config: WorkerConfig, tokenizer, token: str | None):
+    from .data import load_records, prepare_splits, rename_fields
+
+    dataset = config.spec.dataset
+    source = sources.dataset_source(dataset, config.paths)
+    sources.check_local(source, "spec.dataset.uri", DataError)
+    location = source.location
+    seed = config.spec.training.seed
+    records = load_records(location, split=dataset.split, token=token, subset=dataset.subset)
+    records = rename_fields(records, dataset.format, dataset.fields, location)
+    if dataset.max_samples and dataset.max_samples < len(records):
+        records = records.shuffle(seed=seed).select(range(dataset.max_samples))
+    eval_records = None
+    if dataset.eval_split:
+        eval_records = load_records(location, split=dataset.eval_split, token=token,
+                                    subset=dataset.subset)
+        eval_records = rename_fields(eval_records, dataset.format, dataset.fields, location)
+    return prepare_splits(records, dataset.format, tokenizer,
+                          max_length=config.spec.training.seq_length, source=location,
+                          eval_records=eval_records, eval_fraction=dataset.eval_fraction or 0.0,
+                          seed=seed)
+
+
+def load_model(config: WorkerConfig, token: str | None, device: str):
+    """Base model per plan (bf16 or NF4), then LoRA and checkpointing per plan."""
+    from . import modeling
+
+    spec, plan = config.spec, config.plan
+    source = sources.model_source(spec.model, config.paths)
+    sources.check_local(source, "spec.model", ModelLoadError)
+    try:
+        base = load_base_model(spec, plan, token, device, local_path(source))
+    except Exception as exc:
+        if _is_out_of_memory(exc):
+            raise
+        raise ModelLoadError(f"cannot load the base model from {source.location} "
+                             f"(method {plan.method}): {type(exc).__name__}: {exc}") from exc
+    revision = getattr(base.config, "_commit_hash", None) or source.revision
+    targets = resolve_target_modules(base, list(spec.lora.target_modules))
+    try:
+        model = modeling.prepare_for_training(base, with_target_modules(spec, targets), plan)
+    except ValueError as exc:  # peft: target modules not found and the like
+        raise InvalidConfigError(f"cannot apply LoRA with spec.lora {spec.lora.model_dump()}: "
+                                 f"{exc}") from exc
+    return model, revision
+
+
+def load_base_model(spec, plan, token: str | None, device: str, path: str | None):
+    from . import modeling
+
+    if plan.method == "qlora" and device == "cpu":
+        # bitsandbytes >= 0.48 runs NF4 on the CPU, which the CPU tests rely on; the
+        # model is loaded in bf16 and quantised in memory, the same layers and settings
+        # transformers quantises at load time.
+        base = modeling.load_base_model(spec, plan.model_copy(update={"method": "lora"}), token,
+                                        device, local_path=path)
+        return modeling.quantize_in_place(base, spec)
+    return modeling.load_base_model(spec, plan, token, device, local_path=path)
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError)
+
+
+def _final_throughput(output, state, elapsed: float, tokens: int) -> dict:
+    steps = max(state.global_step, 0)
+    metrics = {
+        "tokensPerSecond": round(tokens / elapsed, 2) if tokens and elapsed > 0 else None,
+        "samplesPerSecond": output.metrics.get("train_samples_per_second"),
+        "stepsPerSecond": output.metrics.get("train_steps_per_second"),
+        "trainRuntimeSeconds": round(elapsed, 2),
+        "trainedTokens": tokens,
+        "steps": steps,
+    }
+    return {k: v for k, v in metrics.items() if v is not None}
+
+
+def run_training(config: WorkerConfig, *, reporter: StatusReporter | None = None) -> TrainResult:
+    """Train the adapter a WorkerConfig describes. Raises WorkerError subclasses."""
+    check_config(config)
+    token = read_secret_file(config.paths.hf_token_file, "Hugging Face token")
+    device = training_device()
+
+    tokenizer = load_tokenizer(config, token)
+    splits = load_training_data(config, tokenizer, token)
+    log.info("data: %d training and %d eval examples (%d dropped)", len(splits.train),
+             len(splits.eval) if splits.eval is not None else 0, splits.dropped)
+
+    step = None
+    try:
+        model, revision = load_model(config, token, device)
+        trainer, checkpointing, progress = build_trainer(config, model, tokenizer, splits,
+                                                          device, reporter)
+        resume = find_resumable_checkpoint(Path(config.paths.checkpoint_dir),
+                                           config.spec_hash) if config.spec.training.resume else None
+        from .callbacks import SigtermToCheckpoint
+
+        started = time.perf_counter()
+        with SigtermToCheckpoint(checkpointing):
+            output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        elapsed = time.perf_counter() - started
+        step = trainer.state.global_step
+        tokens = int(trainer.state.num_input_tokens_seen or 0) - progress._tokens0
+        metrics = {**_final_throughput(output, trainer.state, elapsed, tokens),
+                   **peak_memory_metrics()}
+        if device == "cuda":
+            import torch
+
+            metrics["gpuSeconds"] = round(elapsed * max(torch.cuda.device_count(), 1), 1)
+        result = TrainResult(metrics=metrics, progress=dict(progress.last_progress),
+                             resumed_from=resume, preempted=checkpointing.preempted.is_set(),
+                             global_step=step, checkpoints=list(checkpointing.saved_steps),
+                             train_loss=_finite(output.training_loss))
+        if result.preempted:
+            return result
+        if splits.eval is not None:
+            result.eval_loss = _finite(trainer.evaluate().get("eval_loss"))
+        result.metrics.update({k: v for k, v in (("trainLoss", result.train_loss),
+                                                 ("evalLoss", result.eval_loss)) if v is not None})
+    except Exception as exc:
+        if _is_out_of_memory(exc):
+            from .errors import OutOfMemoryError
+
+            raise OutOfMemoryError(out_of_memory_message(config.plan, step, exc)) from exc
+        raise
+
+    manifest = write_outputs(config, trainer.model, revision, result.metrics, token)
+    result.adapter_dir = Path(config.paths.output_dir)
+    result.adapter_digest = manifest.digest
+    result.model = trainer.model
+    return result
+
+
+def _finite(value) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def build_trainer(config: WorkerConfig, model, tokenizer, splits, device: str,
+                  reporter: StatusReporter | None):
+    from trl import SFTTrainer
+
+    from . import packing
+    from .callbacks import CheckpointCallback, NonFiniteLossGuard, ProgressCallback
+
+    training = config.spec.training
+    progress = ProgressCallback(reporter)
+    checkpointing = CheckpointCallback(config.spec_hash,
+                                       interval_s=getattr(training, "checkpoint_minutes", None)
+                                       and training.checkpoint_minutes * 60)
+    try:
+        Path(config.paths.checkpoint_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"cannot create the checkpoint directory "
+                           f"{config.paths.checkpoint_dir}: {exc}") from exc
+    args = build_sft_config(config, device=device, save_interval_s=checkpointing.interval_s)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=splits.train,
+        eval_dataset=splits.eval,
+        processing_class=tokenizer,
+        data_collator=packing.make_collator(tokenizer, training.seq_length, training.packing),
+        callbacks=[progress, NonFiniteLossGuard(NON_FINITE_PATIENCE), checkpointing],
+    )
+    return trainer, checkpointing, progress
+
+
+def write_outputs(config: WorkerConfig, model, revision: str | None, metrics: dict,
+                  token: str | None):
+    from .adapter import push_to_hub, write_adapter
+
+    manifest = write_adapter(config, model, Path(config.paths.output_dir),
+                             base_revision=revision, metrics=metrics)
+    output = config.spec.output.uri
+    if uri_scheme(output) == "hf":
+        push_to_hub(Path(config.paths.output_dir), output[len("hf://"):], token)
+    return manifest
+
+
+def check_config(config: WorkerConfig) -> None:
+    """What pydantic cannot see: cross-checks between spec, plan and the pod."""
+    expected = spec_hash(config.spec)
+    if expected != config.spec_hash:
+        # Checkpoints are keyed by the operator's hash, so it stays the identity; a
+        # difference means operator and worker versions disagree on the hash function.
+        log.warning("specHash in the worker config (%s) differs from this worker's hash of the "
+                    "spec (%s); using the config's", config.spec_hash[:12], expected[:12])
+    if config.spec.method != "auto" and config.spec.method != config.plan.method:
+        raise InvalidConfigError(f"spec.method is {config.spec.method!r} but plan.method is "
+                                 f"{config.plan.method!r}; the plan must follow the spec")
+    if uri_scheme(config.spec.output.uri) == "s3":
+        raise InvalidConfigError(
+            f"spec.output.uri is {config.spec.output.uri!r}, but this worker image cannot "
+            "write to s3:// yet; use pvc://claim/path or hf://owner/name")
+    if config.spec.training.packing and config.plan.micro_batch_size < 1:
+        raise InvalidConfigError("plan.microBatchSize must be at least 1")
+
+
+__all__ = ["TrainResult", "WorkerError", "run_training"]
