@@ -154,3 +154,32 @@ def test_token_budget_batches_respects_budget_and_order():
     # an example longer than the budget still gets its own micro-batch (truncated by seq_len)
     assert [6] in batches
     assert list(packing.token_budget_batches([900], 512, seq_len=512)) == [[0]]
+
+
+def test_right_padding_without_mask_gives_the_same_loss():
+    """Under a causal mask right padding is invisible to real tokens, so the mask can be left out
+    (which lets SDPA use its flash kernel)."""
+    model = tiny_llama()
+    data = examples([12, 40, 33, 7])
+    with_mask = packing.make_collator(Tok(), SEQ_LEN, packing=False)(data)
+    without = packing.make_collator(Tok(), SEQ_LEN, packing=False, attention_mask=False)(data)
+    assert "attention_mask" not in without
+    with torch.no_grad():
+        a, na = token_loss_sum(model, with_mask)
+        b, nb = token_loss_sum(model, without)
+    assert na == nb
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
+def test_length_grouped_batches_bound_padded_size_and_cover_everything():
+    import random
+
+    rnd = random.Random(0)
+    lengths = [rnd.randint(5, 512) for _ in range(300)]
+    batches = packing.length_grouped_batches(lengths, 2048, window=100)
+    assert sorted(i for b in batches for i in b) == list(range(300))
+    for b in batches:
+        assert max(lengths[i] for i in b) * len(b) <= 2048
+        assert all(0 <= i // 100 == b[0] // 100 for i in b)  # never mixes windows
+    padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+    assert padded < 1.1 * sum(lengths)  # sorting leaves little padding

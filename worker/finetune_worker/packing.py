@@ -53,7 +53,8 @@ def pack_rows(lengths: Sequence[int], row_tokens: int) -> list[list[int]]:
 
 
 def make_collator(
-    tokenizer: Any, seq_len: int, packing: bool, *, row_tokens: int | None = None
+    tokenizer: Any, seq_len: int, packing: bool, *, row_tokens: int | None = None,
+    attention_mask: bool = True,
 ) -> Callable[[list[dict]], dict]:
     """Build the collate function for a list of {"input_ids", "labels"} examples.
 
@@ -64,7 +65,11 @@ def make_collator(
     with a padding segment that has its own positions (so nothing attends across into it) and
     -100 labels. A step then costs the examples' total length, not count x longest.
     packing=False: right-padded to the longest example in the batch (not to seq_len), with an
-    attention_mask and -100 labels on padding.
+    attention_mask and -100 labels on padding. attention_mask=False leaves the mask out: under a
+    causal mask a real token only sees tokens before it, and right padding comes after every real
+    token, so the mask changes nothing for real tokens, while without it SDPA can take its flash
+    kernel (a mask forces the slower memory-efficient kernel). Use it with
+    length_grouped_batches so there is little padding to compute.
     Each example is truncated to seq_len tokens first.
     """
     import torch
@@ -99,13 +104,16 @@ def make_collator(
         width = max((len(ids) for ids, _ in rows), default=0)
         input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # noqa: F811
         for i, (ids, labs) in enumerate(rows):
             input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             labels[i, : len(labs)] = torch.tensor(labs, dtype=torch.long)
             attention_mask[i, : len(ids)] = 1
+        if not with_mask:
+            return {"input_ids": input_ids, "labels": labels}
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
+    with_mask = attention_mask
     return collate_packed if packing else collate_padded
 
 
@@ -135,6 +143,39 @@ def token_budget_batches(
         used += n
     if batch:
         yield batch
+
+
+def length_grouped_batches(
+    lengths: Sequence[int], max_tokens: int, *, window: int = 1024, seed: int = 0
+) -> list[list[int]]:
+    """Micro-batches of similar-length examples whose padded size (rows x longest) fits max_tokens.
+
+    Examples are sorted by length inside windows of `window` examples (not globally, so the data
+    order stays mostly as given), cut into micro-batches, and the micro-batches of each window are
+    shuffled with a fixed seed so long and short ones alternate (steady memory and no length
+    ordering effect on the loss). Padding drops to a few percent of the tokens.
+    """
+    import random
+
+    rng = random.Random(seed)
+    batches: list[list[int]] = []
+    for start in range(0, len(lengths), window):
+        idx = sorted(range(start, min(start + window, len(lengths))), key=lambda i: lengths[i])
+        group: list[int] = []
+        longest = 0
+        window_batches = []
+        for i in idx:
+            n = lengths[i]
+            if group and max(longest, n) * (len(group) + 1) > max_tokens:
+                window_batches.append(group)
+                group, longest = [], 0
+            group.append(i)
+            longest = max(longest, n)
+        if group:
+            window_batches.append(group)
+        rng.shuffle(window_batches)
+        batches += window_batches
+    return batches
 
 
 def trained_tokens(batch: dict) -> int:
