@@ -1,0 +1,396 @@
+"""One level-based reconcile pass for an AdapterDeployment: observe, decide, apply, report.
+
+AdapterDeployments share vLLM servers (see builders/serving.py), so a pass is about the
+server groups this object touches, not only the object: the group it belongs to now, and
+any group whose server still lists it as an owner (it moved, or it was deleted). Each
+group's Deployment and Service are rebuilt from the group's current members and applied
+server-side; a group left without a servable adapter loses its server. Then the object's
+own status is written once, only if it changed.
+
+Called for every event of an AdapterDeployment (DELETED included), of a server
+Deployment (for each AdapterDeployment it serves), of a FineTuneJob an adapter refers to,
+and by the periodic resync.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import kopf
+
+from .. import k8s
+from ..api.adapterdeployment import AdapterDeployment, AdapterSource
+from ..api.common import API_VERSION
+from ..api.constants import ADAPTER_MANIFEST_FILENAME, LABEL_COMPONENT, Phase, Reason
+from ..api.constants import ConditionType as C
+from ..api.finetunejob import FineTuneJob
+from ..builders import serving
+from ..builders.serving import Member, ServedAdapter, ServingDefaults
+from ..conditions import set_condition
+from .settings import OperatorSettings
+
+log = logging.getLogger(__name__)
+KIND = "AdapterDeployment"
+SERVER_SELECTOR = f"{LABEL_COMPONENT}={serving.SERVER_COMPONENT}"
+
+_defaults: ServingDefaults | None = None
+
+
+def serving_defaults(settings: OperatorSettings) -> ServingDefaults:
+    global _defaults
+    if _defaults is None:
+        _defaults = ServingDefaults.from_env(image=settings.serving_image)
+    return _defaults
+
+
+@dataclass
+class AdapterDecision:
+    """What this pass decided for one adapter of one AdapterDeployment."""
+
+    name: str
+    state: str  # Accepted | Pending | Refused (Loaded is reported, not decided)
+    reason: str
+    message: str
+    uri: str | None = None
+    sha256: str | None = None
+    rank: int | None = None
+    fine_tune_job: dict | None = None
+    served: ServedAdapter | None = None
+
+
+@dataclass
+class Desired:
+    """One AdapterDeployment with its server config and adapter decisions."""
+
+    body: dict
+    ad: AdapterDeployment
+    config: dict
+    server: str
+    decisions: list[AdapterDecision] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.ad.metadata.name
+
+    def member(self) -> Member | None:
+        served = tuple(d.served for d in self.decisions if d.served is not None)
+        if not served:
+            return None
+        return Member(name=self.name, uid=self.ad.metadata.uid, replicas=self.ad.spec.replicas,
+                      adapters=served)
+
+
+# --- observe + decide: adapters ---------------------------------------------------------------
+
+
+def _local_dir(uri: str, settings: OperatorSettings) -> str | None:
+    """`<pvc_root>/<claim>/<path>` for a pvc:// URI, when the dev setting provides one."""
+    if not settings.pvc_root or not uri.startswith("pvc://"):
+        return None
+    return os.path.join(settings.pvc_root, uri[len("pvc://"):])
+
+
+def _facts_from_job(ftj: FineTuneJob, name: str) -> dict:
+    model = ftj.spec.model
+    return {
+        "name": name,
+        "baseModel": {k: v for k, v in (("name", model.name), ("uri", model.uri),
+                                        ("revision", model.revision)) if v},
+        "revisionDeclared": True,
+        "r": ftj.spec.lora.r,
+        "targetModules": list(ftj.spec.lora.target_modules),
+        "useDoRA": ftj.spec.lora.use_do_ra,
+    }
+
+
+def decide_adapter(source: AdapterSource, ad: AdapterDeployment, config: dict,
+                   jobs: dict[str, dict], settings: OperatorSettings) -> AdapterDecision:
+    """Accept, wait for, or refuse one adapter, with the reason people will read."""
+    spec_limit = ad.spec.max_lora_rank
+    facts: dict = {"name": source.name}
+    sha256 = None
+    job_ref = None
+    uri = source.uri
+    if source.fine_tune_job_ref is not None:
+        job_name = source.fine_tune_job_ref.name
+        body = jobs.get(job_name)
+        if body is None:
+            return AdapterDecision(
+                source.name, "Pending", Reason.FINE_TUNE_JOB_NOT_FOUND,
+                f"adapter {source.name!r}: FineTuneJob {job_name!r} not found in namespace "
+                f"{ad.metadata.namespace}; create it or fix adapters[].fineTuneJobRef")
+        ftj = FineTuneJob.model_validate(body)
+        job_ref = {"name": job_name, "namespace": ad.metadata.namespace,
+                   "uid": ftj.metadata.uid}
+        status = body.get("status") or {}
+        phase = status.get("phase") or Phase.PENDING
+        if phase == Phase.FAILED:
+            return AdapterDecision(
+                source.name, "Refused", Reason.FINE_TUNE_JOB_FAILED,
+                f"adapter {source.name!r}: FineTuneJob {job_name!r} failed; it has no adapter "
+                "to serve", fine_tune_job=job_ref)
+        if phase != Phase.SUCCEEDED:
+            return AdapterDecision(
+                source.name, "Pending", Reason.ADAPTER_NOT_READY,
+                f"adapter {source.name!r}: waiting for FineTuneJob {job_name!r} to succeed "
+                f"(phase {phase})", fine_tune_job=job_ref)
+        artifact = status.get("adapter") or {}
+        uri = artifact.get("uri") or ftj.spec.output.uri
+        sha256 = artifact.get("sha256")
+        facts = _facts_from_job(ftj, source.name)
+
+    problems: list[list[str]] = []
+    local = _local_dir(uri, settings)
+    if local is not None:
+        # Dev/demo only: the operator can read the volume, so it runs the file checks the
+        # init container would run, and refuses before a pod is ever created.
+        file_problems, manifest_facts = serving.verify_adapter_dir(
+            local, {"name": source.name, "sha256": sha256,
+                    "manifest": ADAPTER_MANIFEST_FILENAME})
+        problems += file_problems
+        if source.fine_tune_job_ref is None:
+            facts = {**facts, **manifest_facts}
+        else:  # the spec says what was asked; the manifest what was resolved
+            for key in ("r", "targetModules", "useDoRA", "modulesToSave"):
+                if manifest_facts.get(key) is not None:
+                    facts[key] = manifest_facts[key]
+    problems += serving.adapter_problems(facts, serving.server_check_inputs(config, spec_limit))
+    rank = facts.get("r")
+    if problems:
+        return AdapterDecision(
+            source.name, "Refused", problems[0][0], "; ".join(m for _, m in problems),
+            uri=uri, sha256=sha256, rank=rank, fine_tune_job=job_ref)
+    served = ServedAdapter(
+        name=source.name, uri=uri, deployment=ad.metadata.name,
+        max_rank=rank if rank is not None else min(spec_limit, serving.VLLM_LORA_RANKS[-1]),
+        sha256=sha256, fine_tune_job=job_ref["name"] if job_ref else None)
+    return AdapterDecision(source.name, "Accepted", Reason.ADAPTERS_COMPATIBLE, "",
+                           uri=uri, sha256=sha256, rank=rank, fine_tune_job=job_ref,
+                           served=served)
+
+
+def _refuse_name_conflicts(group: list[Desired]) -> None:
+    """Model names are unique per server: the oldest AdapterDeployment keeps a name."""
+    group.sort(key=lambda d: (d.body["metadata"].get("creationTimestamp") or "", d.name))
+    taken: dict[str, str] = {}
+    for d in group:
+        base_name = serving.served_base_name(d.config)
+        for dec in d.decisions:
+            if dec.served is None:
+                continue
+            owner = taken.get(dec.name)
+            if dec.name == base_name or (owner and owner != d.name):
+                what = ("the base model's name" if dec.name == base_name
+                        else f"an adapter of AdapterDeployment {owner!r}")
+                dec.state, dec.reason, dec.served = "Refused", Reason.ADAPTER_NAME_CONFLICT, None
+                dec.message = (f"adapter {dec.name!r}: the shared server already serves "
+                               f"{what} under this name; rename adapters[].name")
+            else:
+                taken[dec.name] = d.name
+
+
+# --- the pass ---------------------------------------------------------------------------------
+
+
+async def reconcile(namespace: str, name: str, settings: OperatorSettings) -> None:
+    defaults = serving_defaults(settings)
+    # --- observe ------------------------------------------------------------------------------
+    bodies = [b for b in await k8s.list_objects(API_VERSION, KIND, namespace)
+              if not b["metadata"].get("deletionTimestamp")]
+    servers = {d["metadata"]["name"]: d for d in await k8s.list_objects(
+        "apps/v1", "Deployment", namespace, SERVER_SELECTOR)}
+    desired = {}
+    for body in bodies:
+        ad = AdapterDeployment.model_validate(body)
+        config = serving.server_config(ad, defaults)
+        desired[ad.metadata.name] = Desired(body, ad, config, serving.server_name(config))
+    me = desired.get(name)
+
+    # The groups this object touches: where it belongs now, and where it was served before.
+    affected = {me.server} if me else set()
+    affected |= {s for s, dep in servers.items()
+                 if any(ref.get("kind") == KIND and ref.get("name") == name
+                        for ref in dep["metadata"].get("ownerReferences") or [])}
+    if not affected:
+        return
+    jobs = {j["metadata"]["name"]: j
+            for j in await k8s.list_objects(API_VERSION, "FineTuneJob", namespace)}
+
+    # --- decide + apply, per server group ------------------------------------------------------
+    applied: dict[str, dict | None] = {}
+    for server in sorted(affected):
+        group = [d for d in desired.values() if d.server == server]
+        for d in group:
+            d.decisions = [decide_adapter(src, d.ad, d.config, jobs, settings)
+                           for src in d.ad.spec.adapters]
+        _refuse_name_conflicts(group)
+        members = [m for m in (d.member() for d in group) if m is not None]
+        applied[server] = await _apply_server(namespace, server, group, members, defaults,
+                                              servers.get(server))
+
+    # --- report -------------------------------------------------------------------------------
+    if me is not None:
+        deployment = applied.get(me.server)
+        pods = []
+        if deployment is not None:
+            pods = await k8s.list_objects("v1", "Pod", namespace,
+                                          f"{serving.LABEL_SERVER}={me.server}")
+        await _write_status(me, deployment, pods)
+
+
+async def _apply_server(namespace: str, server: str, group: list[Desired],
+                        members: list[Member], defaults: ServingDefaults,
+                        existing: dict | None) -> dict | None:
+    if not members:
+        if existing is not None:
+            log.info("removing server %s/%s: no adapter left to serve", namespace, server)
+        await k8s.delete("apps/v1", "Deployment", namespace, server)
+        await k8s.delete("v1", "Service", namespace, server)
+        return None
+    config = next(d.config for d in group if d.member() is not None)
+    deployment, service = serving.build_server(config, members, defaults)
+    await k8s.server_side_apply(service)
+    applied = await k8s.server_side_apply(deployment)
+    if existing is None:
+        log.info("created server %s/%s for %s", namespace, server,
+                 ", ".join(m.name for m in members))
+    return applied
+
+
+# --- report -----------------------------------------------------------------------------------
+
+
+def _rolled_out(deployment: dict) -> bool:
+    """Every replica runs the current pod template and is ready."""
+    spec_replicas = deployment["spec"].get("replicas", 1)
+    st = deployment.get("status") or {}
+    return (spec_replicas > 0
+            and st.get("observedGeneration", 0) >= deployment["metadata"].get("generation", 0)
+            and st.get("updatedReplicas", 0) >= spec_replicas
+            and st.get("readyReplicas", 0) >= spec_replicas
+            and st.get("replicas", 0) == st.get("updatedReplicas", 0))
+
+
+def pod_failures(pods: list[dict]) -> list[str]:
+    """Why server pods cannot start: failed adapter checks, failed fetches, crash loops."""
+    failures = []
+    for pod in pods:
+        st = pod.get("status") or {}
+        for cs in (st.get("initContainerStatuses") or []) + (st.get("containerStatuses") or []):
+            state = cs.get("state") or {}
+            term = state.get("terminated") or (cs.get("lastState") or {}).get("terminated")
+            waiting = (state.get("waiting") or {}).get("reason")
+            if term and term.get("exitCode", 0) != 0 and (
+                    waiting in ("CrashLoopBackOff", "Error") or state.get("terminated")):
+                text = (term.get("message") or term.get("reason") or "").strip()
+                failures.append(f"{cs['name']} in pod {pod['metadata']['name']} exited with "
+                                f"code {term.get('exitCode')}" + (f": {text}" if text else ""))
+    return failures
+
+
+def _adapter_states(me: Desired, loaded: bool) -> list[dict]:
+    out = []
+    for d in me.decisions:
+        state = "Loaded" if (d.state == "Accepted" and loaded) else d.state
+        entry = {"name": d.name, "state": state}
+        if d.state != "Accepted":
+            entry.update({"reason": d.reason, "message": d.message})
+        for key, value in (("uri", d.uri), ("sha256", d.sha256), ("rank", d.rank),
+                           ("fineTuneJob", d.fine_tune_job)):
+            if value is not None:
+                entry[key] = value
+        out.append(entry)
+    return out
+
+
+def desired_status(me: Desired, deployment: dict | None, pods: list[dict],
+                   old: dict) -> dict:
+    """The AdapterDeployment's status from its decisions and its server's observed state."""
+    generation = me.body["metadata"].get("generation")
+    conds = list(old.get("conditions") or [])
+    dep_status = (deployment or {}).get("status") or {}
+    loaded = deployment is not None and _rolled_out(deployment)
+    served = [d for d in me.decisions if d.state == "Accepted"]
+    refused = [d for d in me.decisions if d.state == "Refused"]
+    pending = [d for d in me.decisions if d.state == "Pending"]
+    failures = pod_failures(pods) if deployment is not None else []
+
+    if not served:
+        why = refused + pending
+        reason = why[0].reason if why else Reason.NO_SERVABLE_ADAPTER
+        message = ("; ".join(d.message for d in why) if why
+                   else "spec.adapters is empty; add an adapter to serve")
+        ready = (False, Reason.NO_SERVABLE_ADAPTER if refused else reason, message)
+    elif deployment is not None and deployment["spec"].get("replicas") == 0:
+        ready = (False, Reason.SCALED_TO_ZERO, "spec.replicas is 0")
+    elif loaded:
+        names = ", ".join(d.name for d in served)
+        ready = (True, Reason.REPLICAS_READY,
+                 f"{dep_status.get('readyReplicas')}/{deployment['spec']['replicas']} replicas "
+                 f"of {deployment['metadata']['name']} ready, serving {names}"
+                 + (f"; still waiting for {', '.join(d.name for d in pending)}"
+                    if pending else ""))
+    else:
+        ready = (False, Reason.ROLLING_OUT if dep_status.get("readyReplicas")
+                 else Reason.REPLICAS_NOT_READY,
+                 f"{dep_status.get('readyReplicas') or 0}/{deployment['spec']['replicas']} "
+                 f"replicas of {deployment['metadata']['name']} ready with the current "
+                 "adapters" if deployment else "creating the server")
+    conds = set_condition(conds, C.READY, *ready, generation)
+
+    if refused:
+        degraded = (True, refused[0].reason, "; ".join(d.message for d in refused))
+    elif failures:
+        degraded = (True, Reason.ADAPTER_LOAD_FAILED, "; ".join(failures[:3]))
+    else:
+        degraded = (False, "AsExpected", "")
+    conds = set_condition(conds, C.DEGRADED, *degraded, generation)
+
+    status = {
+        "observedGeneration": generation,
+        "conditions": conds,
+        "replicas": dep_status.get("replicas", 0),
+        "readyReplicas": dep_status.get("readyReplicas", 0),
+        "loadedAdapters": [d.name for d in served] if loaded else [],
+        "adapters": _adapter_states(me, loaded),
+        "baseModelName": serving.served_base_name(me.config),
+    }
+    if deployment is not None:
+        status.update({"deploymentName": me.server, "serviceName": me.server,
+                       "endpoint": serving.endpoint(me.config)})
+    else:
+        status.update({"deploymentName": None, "serviceName": None, "endpoint": None})
+    return status
+
+
+async def _write_status(me: Desired, deployment: dict | None, pods: list[dict]) -> None:
+    old = dict(me.body.get("status") or {})
+    new = desired_status(me, deployment, pods, old)
+    if all(old.get(k) == v for k, v in new.items() if v is not None) and all(
+            old.get(k) is None for k, v in new.items() if v is None):
+        return
+    await k8s.patch_status(me.body, new)
+    was_ready = _is_true(old, C.READY)
+    now_ready = _is_true(new, C.READY)
+    if now_ready != was_ready:
+        cond = next(c for c in new["conditions"] if c["type"] == C.READY)
+        kopf.event(me.body, type="Normal" if now_ready else "Warning", reason=cond["reason"],
+                   message=cond["message"] or cond["reason"])
+
+
+def _is_true(status: dict, type_: str) -> bool:
+    return any(c.get("type") == type_ and c.get("status") == "True"
+               for c in status.get("conditions") or [])
+
+
+async def referencing(namespace: str, job_name: str) -> list[str]:
+    """AdapterDeployments with an adapter from this FineTuneJob (to re-check on its events)."""
+    names = []
+    for body in await k8s.list_objects(API_VERSION, KIND, namespace):
+        for adapter in (body.get("spec") or {}).get("adapters") or []:
+            if (adapter.get("fineTuneJobRef") or {}).get("name") == job_name:
+                names.append(body["metadata"]["name"])
+                break
+    return names

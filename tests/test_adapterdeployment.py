@@ -1,0 +1,236 @@
+"""AdapterDeployments on a real control plane: shared vLLM servers, refusals, clean-up.
+
+The operator runs as its own process; the Deployment controller, scheduler and kwok turn
+the server Deployments into pods that become Ready on fake GPU nodes (no vLLM runs: the
+rendered arguments are checked against vLLM's CLI in test_serving.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+from kubetest import Kube, condition, wait_for
+
+pytestmark = pytest.mark.cluster
+BASE = "meta-llama/Meta-Llama-3-8B"
+SERVERS = "finetune.dev/component=adapter-server"
+# The fake nodes keep the `not-ready` NoSchedule taint the API server puts on new nodes
+# (no node-lifecycle controller removes it); per-deployment tolerations get past it, and
+# exercise spec.resources.tolerations on the way.
+RESOURCES = {"tolerations": [{"key": "node.kubernetes.io/not-ready", "operator": "Exists",
+                              "effect": "NoSchedule"}]}
+
+
+def adapter_deployment(name: str, adapters: list[dict], **spec) -> dict:
+    return {"apiVersion": "finetune.dev/v1alpha1", "kind": "AdapterDeployment",
+            "metadata": {"name": name},
+            "spec": {"baseModel": {"name": BASE}, "adapters": adapters,
+                     "resources": RESOURCES, **spec}}
+
+
+def servers(kube: Kube) -> list[dict]:
+    return kube.items("deployments", SERVERS)
+
+
+def lora_modules(deployment: dict) -> list[str]:
+    """The values of the single `--lora-modules` flag."""
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args.count("--lora-modules") == 1, args
+    start = args.index("--lora-modules") + 1
+    values = []
+    for arg in args[start:]:
+        if arg.startswith("--"):
+            break
+        values.append(arg)
+    return values
+
+
+def owners(obj: dict) -> list[str]:
+    return sorted(r["name"] for r in obj["metadata"].get("ownerReferences") or [])
+
+
+def ad_status(kube: Kube, name: str) -> dict:
+    return kube.get("adapterdeployment", name).get("status") or {}
+
+
+def wait_ready(kube: Kube, name: str, timeout: float = 90) -> dict:
+    def ready():
+        obj = kube.get("adapterdeployment", name)
+        c = condition(obj, "Ready")
+        return c and c["status"] == "True" and obj
+    return wait_for(ready, timeout=timeout, what=f"AdapterDeployment {name} Ready")
+
+
+def test_adapters_on_one_base_share_one_server_and_a_second_base_gets_its_own(
+        kube: Kube, operator_process):
+    kube.apply([
+        adapter_deployment("support", [{"name": "support", "uri": "hf://acme/support-lora"}]),
+        adapter_deployment("alpaca", [{"name": "alpaca", "uri": "hf://acme/alpaca-lora"}],
+                           replicas=2),
+        adapter_deployment("sql", [{"name": "sql", "uri": "hf://acme/sql-lora"}]),
+    ])
+    shared = wait_for(lambda: (s := servers(kube)) and len(lora_modules(s[0])) == 3 and s,
+                      timeout=60, what="one server listing all three adapters")
+    assert len(shared) == 1
+    server = shared[0]
+    assert lora_modules(server) == ["alpaca=acme/alpaca-lora", "sql=acme/sql-lora",
+                                    "support=acme/support-lora"]
+    assert owners(server) == ["alpaca", "sql", "support"]
+    assert server["spec"]["replicas"] == 2  # the most any member asks for
+    name = server["metadata"]["name"]
+    service = kube.get("service", name)
+    assert service["spec"]["selector"] == server["spec"]["selector"]["matchLabels"]
+
+    # kwok runs the pods: readiness is real Deployment status, reported per adapter.
+    for ad in ("support", "alpaca", "sql"):
+        obj = wait_ready(kube, ad)
+        st = obj["status"]
+        assert st["endpoint"] == f"http://{name}.{kube.namespace}.svc:8000/v1"
+        assert st["loadedAdapters"] == [ad]
+        assert st["readyReplicas"] == 2 and st["deploymentName"] == name
+        assert st["adapters"][0]["state"] == "Loaded"
+        assert condition(obj, "Degraded")["status"] == "False"
+
+    kube.apply(adapter_deployment("mistral", [{"name": "code", "uri": "hf://acme/code"}],
+                                  baseModel={"name": "mistralai/Mistral-7B-v0.3"}))
+    both = wait_for(lambda: len(s := servers(kube)) == 2 and s, timeout=60,
+                    what="a second server for the second base model")
+    other = next(s for s in both if s["metadata"]["name"] != name)
+    assert lora_modules(other) == ["code=acme/code"]
+    assert owners(other) == ["mistral"]
+    args = other["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[0] == "mistralai/Mistral-7B-v0.3"
+    assert len(lora_modules(kube.get("deployment", name))) == 3
+
+
+def test_removing_adapters_updates_the_server_and_deleting_the_last_removes_it(
+        kube: Kube, operator_process):
+    kube.apply([
+        adapter_deployment("a", [{"name": "one", "uri": "hf://acme/one"},
+                                 {"name": "two", "uri": "hf://acme/two"}]),
+        adapter_deployment("b", [{"name": "three", "uri": "hf://acme/three"}]),
+    ])
+    server = wait_for(lambda: (s := servers(kube)) and len(lora_modules(s[0])) == 3 and s[0],
+                      timeout=60, what="the shared server with three adapters")
+    name = server["metadata"]["name"]
+    before = server["spec"]["template"]
+    wait_ready(kube, "a")
+
+    # Remove one adapter from a spec: the template rolls without it.
+    kube.apply(adapter_deployment("a", [{"name": "one", "uri": "hf://acme/one"}]))
+    updated = wait_for(lambda: len(lora_modules(d := kube.get("deployment", name))) == 2 and d,
+                       timeout=60, what="the server without adapter 'two'")
+    assert lora_modules(updated) == ["one=acme/one", "three=acme/three"]
+    assert updated["spec"]["template"] != before
+    wait_for(lambda: ad_status(kube, "a").get("loadedAdapters") == ["one"], timeout=90,
+             what="status.loadedAdapters of a without 'two'")
+
+    # Delete one AdapterDeployment: its adapters and its owner reference leave the server.
+    kube.delete("adapterdeployment", "a")
+    wait_for(lambda: lora_modules(d := kube.get("deployment", name)) == ["three=acme/three"]
+             and owners(d) == ["b"], timeout=60, what="the server serving only b")
+    assert owners(kube.get("service", name)) == ["b"]
+
+    # Delete the last one: the server and its Service go.
+    kube.delete("adapterdeployment", "b")
+    wait_for(lambda: kube.get_or_none("deployment", name) is None
+             and kube.get_or_none("service", name) is None, timeout=60,
+             what="the server to be removed with its last AdapterDeployment")
+
+
+def finished_job(kube: Kube, name: str, *, model: str = BASE, r: int = 16,
+                 output: str | None = None) -> dict:
+    """A FineTuneJob marked Succeeded by the test (no training here), as the worker would."""
+    from finetune_operator.api import FineTuneJob, spec_hash
+
+    doc = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
+           "metadata": {"name": name},
+           "spec": {"model": {"name": model},
+                    "dataset": {"uri": "pvc://data/alpaca.jsonl", "format": "alpaca"},
+                    "lora": {"r": r}, "training": {"maxSteps": 10}, "suspend": True,
+                    "resources": {"gpu": {"count": 1, "memory": "80Gi"}},
+                    "output": {"uri": output or f"hf://acme/{name}"}}}
+    kube.apply(doc)
+    shash = spec_hash(FineTuneJob.model_validate(doc).spec)
+    kube.patch_status("finetunejob", name, {"status": {
+        "phase": "Succeeded", "specHash": shash,
+        "adapter": {"uri": doc["spec"]["output"]["uri"], "sha256": "ab" * 32}}})
+    return wait_for(lambda: (o := kube.get("finetunejob", name))["status"].get("phase")
+                    == "Succeeded" and o, timeout=30, what=f"FineTuneJob {name} Succeeded")
+
+
+def test_incompatible_adapters_are_refused_with_their_reason(kube: Kube, operator_process):
+    finished_job(kube, "mistral-tuned", model="mistralai/Mistral-7B-v0.3")
+    finished_job(kube, "wide", r=128)
+    finished_job(kube, "fits", r=32)
+    kube.apply(adapter_deployment("mixed", [
+        {"name": "mistral-tuned", "fineTuneJobRef": {"name": "mistral-tuned"}},
+        {"name": "wide", "fineTuneJobRef": {"name": "wide"}},
+        {"name": "fits", "fineTuneJobRef": {"name": "fits"}},
+    ], maxLoraRank=64))
+
+    def refused():
+        obj = kube.get("adapterdeployment", "mixed")
+        c = condition(obj, "Degraded")
+        return c and c["status"] == "True" and obj
+    obj = wait_for(refused, timeout=60, what="Degraded with the refusals")
+    degraded = condition(obj, "Degraded")
+    assert degraded["reason"] == "BaseModelMismatch"
+    assert "'mistral-tuned' was trained on 'mistralai/Mistral-7B-v0.3'" in degraded["message"]
+    assert "'wide' has rank 128, above spec.maxLoraRank (64)" in degraded["message"]
+    states = {a["name"]: a for a in obj["status"]["adapters"]}
+    assert states["mistral-tuned"]["reason"] == "BaseModelMismatch"
+    assert states["wide"]["reason"] == "RankAboveLimit"
+    assert states["fits"]["state"] in ("Accepted", "Loaded")
+    assert states["fits"]["fineTuneJob"]["name"] == "fits"
+    assert states["fits"]["sha256"] == "ab" * 32
+    # Only the compatible adapter reaches the server, at the rank it needs.
+    server = wait_for(lambda: (s := servers(kube)) and s[0], timeout=60, what="the server")
+    assert lora_modules(server) == ["fits=acme/fits"]
+    args = server["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--max-lora-rank") + 1] == "32"
+    obj = wait_ready(kube, "mixed")
+    assert obj["status"]["loadedAdapters"] == ["fits"]
+
+
+def test_adapter_waits_for_its_finetunejob_then_is_served(kube: Kube, operator_process):
+    kube.apply(adapter_deployment("early", [{"name": "late", "fineTuneJobRef":
+                                             {"name": "late"}}]))
+    obj = wait_for(lambda: (o := kube.get("adapterdeployment", "early")).get("status")
+                   and condition(o, "Ready") and o, timeout=60, what="a status")
+    assert condition(obj, "Ready")["reason"] == "FineTuneJobNotFound"
+    assert servers(kube) == []
+    finished_job(kube, "late")
+    server = wait_for(lambda: (s := servers(kube)) and s[0], timeout=60,
+                      what="the server once the job succeeded")
+    assert lora_modules(server) == ["late=acme/late"]
+
+
+def test_finetunejob_follow_up_deploys_and_deleting_the_job_removes_the_server(
+        kube: Kube, operator_process):
+    # The FineTuneJob's follow-up creates an AdapterDeployment owned by the job.
+    from finetune_operator.api import FineTuneJob, spec_hash
+
+    doc = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
+           "metadata": {"name": "tuned"},
+           "spec": {"model": {"name": BASE},
+                    "dataset": {"uri": "pvc://data/alpaca.jsonl", "format": "alpaca"},
+                    "training": {"maxSteps": 10}, "suspend": True,
+                    "resources": {"gpu": {"count": 1, "memory": "80Gi"}},
+                    "output": {"uri": "hf://acme/tuned"},
+                    "followUp": {"deploy": {"enabled": True, "resources": RESOURCES}}}}
+    kube.apply(doc)
+    kube.patch_status("finetunejob", "tuned", {"status": {
+        "phase": "Succeeded", "specHash": spec_hash(FineTuneJob.model_validate(doc).spec),
+        "adapter": {"uri": "hf://acme/tuned"}}})
+    created = wait_for(lambda: kube.get_or_none("adapterdeployment", "tuned"), timeout=60,
+                       what="the follow-up AdapterDeployment")
+    assert created["spec"]["adapters"][0]["fineTuneJobRef"]["name"] == "tuned"
+    server = wait_for(lambda: (s := servers(kube)) and s[0], timeout=60, what="its server")
+    assert lora_modules(server) == ["tuned=acme/tuned"]
+    name = server["metadata"]["name"]
+    kube.delete("finetunejob", "tuned")
+    wait_for(lambda: kube.get_or_none("adapterdeployment", "tuned") is None, timeout=60,
+             what="the AdapterDeployment to go with its FineTuneJob")
+    wait_for(lambda: kube.get_or_none("deployment", name) is None
+             and kube.get_or_none("service", name) is None, timeout=60,
+             what="the server to go with the last adapter")
