@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: all venv binaries test demo demo-down crds lint clean help
+.PHONY: all venv binaries test demo demo-down crds chart-crds lint clean help
 
 help:
 	@echo "make demo    run a real fine-tune through the operator on a local control plane"
@@ -45,6 +45,11 @@ demo-down: venv
 
 crds: venv
 	$(VENV)/bin/finetune-operator crds
+	$(PY) charts/finetune-operator/hack/sync_crds.py
+
+# The chart's CRD templates are crds/ wrapped for Helm (tests/test_chart.py checks drift).
+chart-crds: venv
+	$(PY) charts/finetune-operator/hack/sync_crds.py
 
 lint: venv
 	$(VENV)/bin/ruff check operator worker tests

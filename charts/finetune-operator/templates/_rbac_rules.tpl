@@ -1,0 +1,92 @@
+{{/*
+The operator's permissions, rule by rule, each with the reason it is needed. Verified by
+tests/test_chart_rbac.py: the operator's integration suite passes with exactly these.
+No wildcards, no escalate/bind/impersonate: the worker Role the operator creates grants
+only `patch finetunejobs/status`, which the operator holds itself, so the API server's
+escalation check passes without `escalate` or `bind`.
+*/}}
+
+{{/* Rules for the namespaces the operator works in (ClusterRole or per-namespace Role). */}}
+{{- define "finetune-operator.namespacedRules" -}}
+# Watch the three kinds; never write their spec (GitOps tools own it).
+- apiGroups: ["finetune.dev"]
+  resources: ["finetunejobs", "adaptermerges", "adapterdeployments"]
+  verbs: ["get", "list", "watch"]
+# Follow-ups of a successful FineTuneJob.
+- apiGroups: ["finetune.dev"]
+  resources: ["adaptermerges", "adapterdeployments"]
+  verbs: ["create"]
+# Status is the only thing the operator writes on its own kinds.
+- apiGroups: ["finetune.dev"]
+  resources: ["finetunejobs/status", "adaptermerges/status", "adapterdeployments/status"]
+  verbs: ["get", "patch"]
+# Training and merge Jobs: created once, suspended/resumed, removed with their owner.
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["create", "get", "list", "watch", "patch", "delete"]
+# Worker pods drive status; their log tail explains a failure.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: [""]
+  resources: ["pods/log"]
+  verbs: ["get"]
+# The worker's config (the plan).
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["create", "get", "list", "watch"]
+# Each job's worker identity: a ServiceAccount and a Role allowing it to patch its own
+# FineTuneJob's status.
+- apiGroups: [""]
+  resources: ["serviceaccounts"]
+  verbs: ["create", "get"]
+- apiGroups: ["rbac.authorization.k8s.io"]
+  resources: ["roles", "rolebindings"]
+  verbs: ["create", "get"]
+# Referenced Secrets are checked to exist by name: `get` only, never list or watch.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get"]
+# Events for phase changes (kopf posts core/v1 Events).
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+# AdapterDeployment: a vLLM Deployment and its Service.
+- apiGroups: ["apps"]
+  resources: ["deployments"]
+  verbs: ["create", "get", "list", "watch", "patch", "delete"]
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["create", "get", "list", "watch", "patch", "delete"]
+{{- if .Values.standby.enabled }}
+{{- if not (include "finetune-operator.clusterWide" .) }}
+# kopf peering (namespaced mode): keep-alives in the KopfPeering object.
+- apiGroups: ["kopf.dev"]
+  resources: ["kopfpeerings"]
+  verbs: ["get", "list", "watch", "patch"]
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Cluster-scoped rules: kopf's discovery of CRDs (and namespaces), cluster peering. */}}
+{{- define "finetune-operator.clusterRules" -}}
+# kopf watches CRDs so a (re)installed CRD is picked up without a restart.
+- apiGroups: ["apiextensions.k8s.io"]
+  resources: ["customresourcedefinitions"]
+  verbs: ["get", "list", "watch"]
+{{- if not (include "finetune-operator.clusterWide" .) }}
+# kopf lists namespaces to notice watched namespaces being created or deleted.
+- apiGroups: [""]
+  resources: ["namespaces"]
+  verbs: ["list", "watch"]
+{{- end }}
+{{- if and .Values.standby.enabled (include "finetune-operator.clusterWide" .) }}
+# kopf peering (cluster mode): keep-alives in the ClusterKopfPeering object.
+- apiGroups: ["kopf.dev"]
+  resources: ["clusterkopfpeerings"]
+  verbs: ["get", "list", "watch", "patch"]
+{{- end }}
+{{- end }}
