@@ -7,7 +7,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from kubetest import Kube
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,3 +50,45 @@ def admin_kube(cluster) -> Kube:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return ROOT
+
+
+@pytest.fixture(scope="session")
+def crds(cluster):
+    """The generated CRDs, applied and Established."""
+    from kubetest import Kube, wait_for
+
+    admin = Kube(cluster)
+    admin.kubectl("apply", "--server-side", "--field-manager=tests", "-f", str(ROOT / "crds"),
+                  namespaced=False)
+    for crd in ("finetunejobs", "adaptermerges", "adapterdeployments"):
+        wait_for(lambda crd=crd: admin.kubectl(
+            "get", "crd", f"{crd}.finetune.dev", "-o",
+            "jsonpath={.status.conditions[?(@.type=='Established')].status}",
+            namespaced=False).stdout == "True", what=f"CRD {crd} Established")
+    return True
+
+
+@pytest.fixture(scope="session")
+def operator_process(cluster, crds, tmp_path_factory):
+    """The operator (kopf run) as a real process against the test control plane.
+
+    Yields an `OperatorProcess` with `.restart()` / `.kill()` and the log path.
+    With FINETUNE_TEST_OPERATOR_RBAC=chart the operator authenticates as the Helm chart's
+    ServiceAccount (only the chart's RBAC), and any Forbidden it logs fails the session.
+    """
+    from operator_harness import OperatorProcess
+
+    kubeconfig = None
+    as_chart = os.environ.get("FINETUNE_TEST_OPERATOR_RBAC", "admin") == "chart"
+    if as_chart:
+        from charttest import chart_identity_kubeconfig
+
+        kubeconfig = chart_identity_kubeconfig(cluster, tmp_path_factory.mktemp("identity"))
+    proc = OperatorProcess(cluster, tmp_path_factory.mktemp("operator"), kubeconfig=kubeconfig)
+    proc.start()
+    yield proc
+    proc.stop()
+    if as_chart:
+        from charttest import assert_no_forbidden
+
+        assert_no_forbidden(proc.log_text())

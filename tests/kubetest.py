@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
-
 from finetune_operator.devcluster import binaries
 from finetune_operator.devcluster.controlplane import Cluster
 
@@ -41,7 +40,7 @@ class Kube:
         if namespaced:
             argv += ["-n", self.namespace]
         res = subprocess.run([*argv, *args], input=input, capture_output=True, text=True,
-                             timeout=timeout)
+                             timeout=timeout, check=False)
         if check and res.returncode != 0:
             raise KubectlError(args, res.stderr.strip())
         return res
@@ -81,6 +80,21 @@ class Kube:
 
     def delete(self, kind: str, name: str, *, wait: bool = False) -> None:
         self.kubectl("delete", kind, name, "--ignore-not-found", f"--wait={str(wait).lower()}")
+
+
+def bound_pvc(kube: Kube, claim: str, size: str = "1Gi") -> None:
+    """A PersistentVolumeClaim bound to a hostPath PersistentVolume (the PV controller
+    binds them), so pods that mount it can be scheduled."""
+    pv = f"pv-{kube.namespace}-{claim}"[:63]
+    kube.apply({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv},
+                "spec": {"capacity": {"storage": size}, "accessModes": ["ReadWriteOnce"],
+                         "storageClassName": "manual",
+                         "hostPath": {"path": f"/tmp/finetune-test-pv/{pv}"},
+                         "claimRef": {"namespace": kube.namespace, "name": claim}}})
+    kube.apply({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                "metadata": {"name": claim},
+                "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "manual",
+                         "volumeName": pv, "resources": {"requests": {"storage": size}}}})
 
 
 def _dump(manifest: dict | list) -> str:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
-
 from finetune_operator.devcluster import controlplane
 from kubetest import Kube, condition, wait_for
 
@@ -122,7 +122,7 @@ def test_rbac_is_enforced_for_service_accounts(kube: Kube):
 def _token_kubeconfig(kube: Kube, token: str) -> str:
     import yaml
 
-    cfg = yaml.safe_load(open(kube.kubeconfig))
+    cfg = yaml.safe_load(Path(kube.kubeconfig).read_text())
     cfg["users"] = [{"name": "dev-admin", "user": {"token": token}}]
     path = os.path.join(kube.cluster.directory, f"token-{kube.namespace}.kubeconfig")
     with open(path, "w") as f:

@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "crds": ("finetune_operator.api.crdgen", "write the CRD YAML generated from the API models"),
     "plan": ("finetune_operator.planner.cli", "predict peak GPU memory and choose a plan"),
     "run": ("finetune_operator.main", "run the operator (kopf) against the current cluster"),
+    "demo": ("finetune_operator.demo.cli", "a real fine-tune through the operator, locally"),
 }
 
 

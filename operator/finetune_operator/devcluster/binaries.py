@@ -31,14 +31,7 @@ GOTOOLCHAIN = "local"
 
 # The staging modules that k8s.io/kubernetes' own go.mod points at ./staging/...; each
 # is replaced with its published version, the usual way to build Kubernetes as a module.
-KUBERNETES_STAGING_MODULES = (
-    "api apiextensions-apiserver apimachinery apiserver cli-runtime client-go cloud-provider "
-    "cluster-bootstrap code-generator component-base component-helpers controller-manager "
-    "cri-api cri-client cri-streaming csi-translation-lib dynamic-resource-allocation "
-    "endpointslice externaljwt kms kube-aggregator kube-controller-manager kube-proxy "
-    "kube-scheduler kubectl kubelet metrics mount-utils pod-security-admission "
-    "sample-apiserver streaming"
-).split()
+KUBERNETES_STAGING_MODULES = ["api", "apiextensions-apiserver", "apimachinery", "apiserver", "cli-runtime", "client-go", "cloud-provider", "cluster-bootstrap", "code-generator", "component-base", "component-helpers", "controller-manager", "cri-api", "cri-client", "cri-streaming", "csi-translation-lib", "dynamic-resource-allocation", "endpointslice", "externaljwt", "kms", "kube-aggregator", "kube-controller-manager", "kube-proxy", "kube-scheduler", "kubectl", "kubelet", "metrics", "mount-utils", "pod-security-admission", "sample-apiserver", "streaming"]
 
 ETCD_MAIN = """\
 // Built by finetune-operator's dev cluster: etcd's own entry point, nothing added.
@@ -166,7 +159,8 @@ def _go_version() -> str:
             "the Go toolchain is not installed, and the local control plane is built from Go "
             "modules. Install Go 1.26 or newer (Debian: `apt-get install golang`), then retry."
         )
-    return subprocess.run([go, "version"], capture_output=True, text=True).stdout.strip()
+    return subprocess.run([go, "version"], capture_output=True, text=True,
+                          check=False).stdout.strip()
 
 
 def build(component: GoComponent) -> None:

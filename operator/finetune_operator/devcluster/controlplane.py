@@ -102,7 +102,8 @@ def _free_port() -> int:
 
 
 def _openssl(*args: str, cwd: Path) -> None:
-    res = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True)
+    res = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True,
+                         check=False)
     if res.returncode != 0:
         raise ClusterError(f"openssl {' '.join(args[:2])} failed: {res.stderr.strip()}")
 
@@ -212,13 +213,13 @@ def _https_ok(cluster: Cluster, path: str) -> bool:
 def kubectl(cluster: Cluster, *args: str, input: str | None = None,
             check: bool = True) -> subprocess.CompletedProcess:
     res = subprocess.run([str(binaries.kubectl_path()), "--kubeconfig", cluster.kubeconfig, *args],
-                         input=input, capture_output=True, text=True)
+                         input=input, capture_output=True, text=True, check=False)
     if check and res.returncode != 0:
         raise ClusterError(f"kubectl {' '.join(args)} failed: {res.stderr.strip()}")
     return res
 
 
-def up(directory: str | os.PathLike | None = None, *, gpu_nodes: int = 2) -> Cluster:
+def up(directory: str | os.PathLike | None = None, *, gpu_nodes: int = 3) -> Cluster:
     """Start a control plane in `directory` (idempotent: a healthy one is reused)."""
     directory = Path(directory or default_directory()).resolve()
     existing = Cluster.load(directory)
@@ -304,6 +305,9 @@ def _start_components(cluster: Cluster, paths: dict[str, Path], pki: Path) -> No
         "--api-audiences", "https://kubernetes.default.svc.cluster.local",
         "--service-cluster-ip-range", SERVICE_CIDR,
         "--allow-privileged=true",
+        # Nodes would be created with a not-ready taint that only the node-lifecycle
+        # controller removes; that controller is off (see the controller-manager flags).
+        "--disable-admission-plugins", "TaintNodesByCondition",
         "--profiling=false",
         "--v=1",
     ])
@@ -325,8 +329,9 @@ def _start_components(cluster: Cluster, paths: dict[str, Path], pki: Path) -> No
         "--concurrent-gc-syncs", "10",
         # No node-lifecycle controller: fake nodes send no heartbeats, and tainting them
         # NotReady after 40 s would stop scheduling in the middle of a test run.
-        "--controllers", "*,-node-ipam-controller,-cloud-node-lifecycle-controller,"
-        "-service-lb-controller,-node-route-controller,-node-lifecycle-controller",
+        "--controllers", ("*,-node-ipam-controller,-cloud-node-lifecycle-controller,"
+                          "-service-lb-controller,-node-route-controller,"
+                          "-node-lifecycle-controller"),
         "--v=1",
     ])
     _spawn(cluster, "kube-scheduler", [

@@ -1,0 +1,303 @@
+"""Pure builders for a FineTuneJob's children: worker config, RBAC and the batch Job.
+
+Every function takes the parsed FineTuneJob (and the plan) and returns plain dicts; no
+I/O, so each is unit-tested without a cluster. Names are deterministic (`<job>-train`,
+`<job>-worker`, ...) which is what makes re-running a reconcile, or an operator restart
+in the middle of one, create nothing twice.
+"""
+
+from __future__ import annotations
+
+import yaml
+
+from ..api.common import API_VERSION, parse_quantity
+from ..api.constants import (
+    ANNOTATION_SPEC_HASH,
+    LABEL_COMPONENT,
+    LABEL_FINETUNEJOB,
+    WORKER_CONFIG_FILENAME,
+)
+from ..api.exit_codes import WorkerExitCode
+from ..api.finetunejob import FineTuneJob, TrainingPlan
+from .storage import VolumePlan, locate
+
+MANAGED_BY = {"app.kubernetes.io/managed-by": "finetune-operator"}
+CONFIG_DIR = "/etc/finetune"
+SECRETS_DIR = "/var/run/secrets/finetune.dev"
+HF_TOKEN_PATH = f"{SECRETS_DIR}/hf-token/token"
+STORAGE_CREDENTIALS_DIR = f"{SECRETS_DIR}/storage"
+SCRATCH_DIR = "/scratch"
+WORKER_CONTAINER = "worker"
+WORKER_UID = 1000
+DEFAULT_WORKER_IMAGE = "ghcr.io/finetune-dev/finetune-worker:0.1.0"
+
+# Exit codes that no retry can fix: fail the Job at once instead of burning backoffLimit
+# on the same bad config, data, plan or learning rate. Storage errors stay retryable.
+PERMANENT_EXIT_CODES = sorted(int(c) for c in WorkerExitCode
+                              if c is not WorkerExitCode.SUCCESS and not c.retryable)
+
+
+def names(job_name: str) -> dict[str, str]:
+    return {
+        "job": f"{job_name}-train",
+        "config": f"{job_name}-worker-config",
+        "service_account": f"{job_name}-worker",
+        "role": f"{job_name}-worker",
+        "role_binding": f"{job_name}-worker",
+    }
+
+
+def labels(job_name: str, component: str) -> dict[str, str]:
+    return {**MANAGED_BY, LABEL_FINETUNEJOB: job_name, LABEL_COMPONENT: component}
+
+
+def _meta(ftj: FineTuneJob, name: str, component: str) -> dict:
+    return {"name": name, "namespace": ftj.metadata.namespace,
+            "labels": labels(ftj.metadata.name, component)}
+
+
+def _claims(ftj: FineTuneJob) -> VolumePlan:
+    """Every PVC the spec names, writable where the worker writes."""
+    spec = ftj.spec
+    pvcs = VolumePlan()
+    pvcs.use(locate(spec.output.uri), write=True)
+    if spec.model.uri:
+        pvcs.use(locate(spec.model.uri), write=False)
+    pvcs.use(locate(spec.dataset.uri), write=False)
+    return pvcs
+
+
+def worker_paths(ftj: FineTuneJob) -> dict:
+    """Paths inside the pod, as the worker config states them."""
+    output = locate(ftj.spec.output.uri)
+    out_dir = output.local_path or f"{SCRATCH_DIR}/output"
+    return {
+        "outputDir": out_dir,
+        "claimMounts": _claims(ftj).mount_paths(),
+        # Checkpoints sit next to the adapter on the same volume, so a new pod (after
+        # preemption or a retry) finds them.
+        "checkpointDir": f"{out_dir}/checkpoints",
+        "hfTokenFile": HF_TOKEN_PATH if ftj.spec.hf_token_secret_ref else None,
+        "storageCredentialsDir": STORAGE_CREDENTIALS_DIR if ftj.spec.storage_secret_ref else None,
+    }
+
+
+def worker_config(ftj: FineTuneJob, plan: TrainingPlan, spec_hash: str,
+                  *, report_interval_seconds: int = 10) -> dict:
+    """The WorkerConfig document the worker parses with the same API models."""
+    from ..api.worker_config import WorkerConfig
+
+    doc = {
+        "apiVersion": API_VERSION,
+        "kind": "WorkerConfig",
+        "job": {"namespace": ftj.metadata.namespace, "name": ftj.metadata.name,
+                "uid": ftj.metadata.uid},
+        "spec": ftj.spec.model_dump(mode="json", by_alias=True, exclude_none=True),
+        "plan": plan.model_dump(mode="json", by_alias=True, exclude_none=True),
+        "paths": {k: v for k, v in worker_paths(ftj).items() if v is not None},
+        "report": {"statusPatch": True, "minIntervalSeconds": report_interval_seconds},
+        "specHash": spec_hash,
+    }
+    # Round-trip through the model: the operator never mounts a config the worker would
+    # reject.
+    return WorkerConfig.model_validate(doc).model_dump(mode="json", by_alias=True,
+                                                       exclude_none=True)
+
+
+def build_config_map(ftj: FineTuneJob, plan: TrainingPlan, spec_hash: str) -> dict:
+    n = names(ftj.metadata.name)
+    return {
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": _meta(ftj, n["config"], "worker-config"),
+        "data": {WORKER_CONFIG_FILENAME: yaml.safe_dump(worker_config(ftj, plan, spec_hash),
+                                                        sort_keys=True)},
+    }
+
+
+def build_rbac(ftj: FineTuneJob) -> list[dict]:
+    """A ServiceAccount allowed exactly one thing: patching this job's status."""
+    n = names(ftj.metadata.name)
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount",
+         "metadata": _meta(ftj, n["service_account"], "worker")},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+         "metadata": _meta(ftj, n["role"], "worker"),
+         "rules": [{"apiGroups": ["finetune.dev"], "resources": ["finetunejobs/status"],
+                    "verbs": ["patch"], "resourceNames": [ftj.metadata.name]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+         "metadata": _meta(ftj, n["role_binding"], "worker"),
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                     "name": n["role"]},
+         "subjects": [{"kind": "ServiceAccount", "name": n["service_account"],
+                       "namespace": ftj.metadata.namespace}]},
+    ]
+
+
+def gpu_node_affinity(memory_bytes: int, product: str | None) -> dict:
+    """Require nodes whose GPUs have at least the budget, by GPU Feature Discovery labels.
+
+    `nvidia.com/gpu.memory` is in MiB. `Gt` is strict, so compare with one MiB less.
+    """
+    mib = memory_bytes // (1024 * 1024)
+    exprs = [{"key": "nvidia.com/gpu.memory", "operator": "Gt", "values": [str(mib - 1)]}]
+    if product:
+        exprs.append({"key": "nvidia.com/gpu.product", "operator": "In", "values": [product]})
+    return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchExpressions": exprs}]}}}
+
+
+RESTRICTED_CONTAINER_SECURITY = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+def secret_volumes(hf_token_ref, storage_ref) -> tuple[list[dict], list[dict]]:
+    """Secrets only as files, never environment variables: they do not leak into
+    `kubectl describe`, crash dumps or child processes' environments."""
+    volumes, mounts = [], []
+    if hf_token_ref:
+        volumes.append({"name": "hf-token", "secret": {
+            "secretName": hf_token_ref.name, "items": [{"key": hf_token_ref.key, "path": "token"}],
+            "defaultMode": 0o440}})
+        mounts.append({"name": "hf-token", "mountPath": f"{SECRETS_DIR}/hf-token",
+                       "readOnly": True})
+    if storage_ref:
+        volumes.append({"name": "storage-credentials", "secret": {
+            "secretName": storage_ref.name, "defaultMode": 0o440}})
+        mounts.append({"name": "storage-credentials", "mountPath": STORAGE_CREDENTIALS_DIR,
+                       "readOnly": True})
+    return volumes, mounts
+
+
+def worker_volumes(config_map: str, pvcs: VolumePlan, *, shm_limit: str = "16Gi",
+                   hf_token_ref=None, storage_ref=None) -> tuple[list[dict], list[dict]]:
+    """Volumes every worker pod has: its config, shared memory, scratch, PVCs, secrets."""
+    sv, sm = secret_volumes(hf_token_ref, storage_ref)
+    volumes = [
+        {"name": "worker-config", "configMap": {"name": config_map}},
+        # DataLoader workers exchange batches through /dev/shm; the container default
+        # (64 MiB) is far too small.
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_limit}},
+        {"name": "scratch", "emptyDir": {}},
+        *pvcs.volumes(), *sv,
+    ]
+    mounts = [
+        {"name": "worker-config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "scratch", "mountPath": SCRATCH_DIR},
+        *pvcs.mounts(), *sm,
+    ]
+    return volumes, mounts
+
+
+def worker_container(image: str, command: list[str], mounts: list[dict],
+                     resources: dict[str, str]) -> dict:
+    return {
+        "name": WORKER_CONTAINER,
+        "image": image,
+        "command": command,
+        "env": [
+            {"name": "HF_HOME", "value": f"{SCRATCH_DIR}/hf-home"},
+            {"name": "TMPDIR", "value": SCRATCH_DIR},
+            {"name": "PYTHONUNBUFFERED", "value": "1"},
+            {"name": "FINETUNE_WORKER_TERMINATION_LOG", "value": "/dev/termination-log"},
+        ],
+        # GPUs are requested as limits (extended resources must have request == limit).
+        "resources": {"requests": dict(resources), "limits": dict(resources)},
+        "volumeMounts": mounts,
+        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": RESTRICTED_CONTAINER_SECURITY,
+    }
+
+
+def worker_pod_spec(service_account: str | None, container: dict, volumes: list[dict],
+                    affinity: dict | None) -> dict:
+    spec = {
+        "restartPolicy": "Never",
+        "terminationGracePeriodSeconds": 180,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": WORKER_UID,
+                            "runAsGroup": WORKER_UID, "fsGroup": WORKER_UID,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if service_account:
+        spec["serviceAccountName"] = service_account
+        spec["automountServiceAccountToken"] = True
+    else:
+        spec["automountServiceAccountToken"] = False
+    if affinity:
+        spec["affinity"] = affinity
+    return spec
+
+
+def failure_policy() -> dict:
+    return {"rules": [
+        # Preemption and node drains are not the job's fault: retry without counting.
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+        {"action": "FailJob", "onExitCodes": {
+            "containerName": WORKER_CONTAINER, "operator": "In",
+            "values": PERMANENT_EXIT_CODES}},
+    ]}
+
+
+def build_training_job(ftj: FineTuneJob, plan: TrainingPlan, spec_hash: str, *,
+                       default_image: str = DEFAULT_WORKER_IMAGE) -> dict:
+    spec = ftj.spec
+    n = names(ftj.metadata.name)
+    gpu = spec.resources.gpu
+    shm_limit = "16Gi"
+    if spec.resources.memory:
+        # Shared memory counts against the container's memory limit; keep it a quarter.
+        shm_limit = str(max(parse_quantity(spec.resources.memory) // 4, 64 * 2**20))
+    volumes, mounts = worker_volumes(n["config"], _claims(ftj), shm_limit=shm_limit,
+                                     hf_token_ref=spec.hf_token_secret_ref,
+                                     storage_ref=spec.storage_secret_ref)
+    requests: dict[str, str] = {gpu.resource_name: str(gpu.count)}
+    if spec.resources.cpu:
+        requests["cpu"] = str(spec.resources.cpu)
+    if spec.resources.memory:
+        requests["memory"] = str(spec.resources.memory)
+    container = worker_container(
+        spec.image or default_image,
+        ["finetune-worker", "train", "--config", f"{CONFIG_DIR}/{WORKER_CONFIG_FILENAME}"],
+        mounts, requests)
+    pod_spec = worker_pod_spec(n["service_account"], container, volumes,
+                               gpu_node_affinity(parse_quantity(gpu.memory), gpu.product))
+    if spec.resources.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.resources.node_selector)
+    if spec.resources.tolerations:
+        pod_spec["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True)
+                                   for t in spec.resources.tolerations]
+    if spec.resources.priority_class_name:
+        pod_spec["priorityClassName"] = spec.resources.priority_class_name
+    job_labels = labels(ftj.metadata.name, "trainer")
+    queued = spec.resources.queue_name is not None
+    if queued:
+        job_labels["kueue.x-k8s.io/queue-name"] = spec.resources.queue_name
+    job_spec = {
+        "backoffLimit": spec.backoff_limit,
+        "completions": 1,
+        "parallelism": 1,
+        # Kueue admits a queued Job by un-suspending it; a user's suspend wins either way.
+        "suspend": bool(spec.suspend or queued),
+        "podFailurePolicy": failure_policy(),
+        "template": {"metadata": {"labels": labels(ftj.metadata.name, "trainer"),
+                                  "annotations": {ANNOTATION_SPEC_HASH: spec_hash}},
+                     "spec": pod_spec},
+    }
+    if spec.active_deadline_seconds:
+        job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
+    if spec.ttl_seconds_after_finished is not None:
+        job_spec["ttlSecondsAfterFinished"] = spec.ttl_seconds_after_finished
+    return {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {**_meta(ftj, n["job"], "trainer"), "labels": job_labels,
+                     "annotations": {ANNOTATION_SPEC_HASH: spec_hash}},
+        "spec": job_spec,
+    }

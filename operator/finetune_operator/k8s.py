@@ -1,0 +1,194 @@
+"""The operator's only module that talks to the Kubernetes API.
+
+Everything else builds plain dicts (builders/) or computes status from dicts
+(status.py); this module turns them into requests. Creates are idempotent (409
+"already exists" returns the existing object), deletes are tolerant (404 is
+"already gone"), status writes carry the resourceVersion they were computed from so a
+concurrent change makes the write fail instead of overwriting newer state.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from kubernetes_asyncio import client, config
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from . import metrics
+
+log = logging.getLogger(__name__)
+
+FIELD_MANAGER = "finetune-operator"
+
+# apiVersion, kind -> plural. Only the kinds the operator reads or writes.
+PLURALS: dict[tuple[str, str], str] = {
+    ("v1", "ConfigMap"): "configmaps",
+    ("v1", "Secret"): "secrets",
+    ("v1", "ServiceAccount"): "serviceaccounts",
+    ("v1", "Pod"): "pods",
+    ("v1", "Service"): "services",
+    ("v1", "PersistentVolumeClaim"): "persistentvolumeclaims",
+    ("batch/v1", "Job"): "jobs",
+    ("apps/v1", "Deployment"): "deployments",
+    ("rbac.authorization.k8s.io/v1", "Role"): "roles",
+    ("rbac.authorization.k8s.io/v1", "RoleBinding"): "rolebindings",
+    ("finetune.dev/v1alpha1", "FineTuneJob"): "finetunejobs",
+    ("finetune.dev/v1alpha1", "AdapterMerge"): "adaptermerges",
+    ("finetune.dev/v1alpha1", "AdapterDeployment"): "adapterdeployments",
+}
+
+
+class Conflict(Exception):
+    """The object changed since it was read; the caller reconciles again."""
+
+
+_api: client.ApiClient | None = None
+
+
+async def connect() -> client.ApiClient:
+    """One shared client: in-cluster credentials when running in a pod, else KUBECONFIG."""
+    global _api
+    if _api is None:
+        if os.environ.get("KUBERNETES_SERVICE_HOST") and os.path.exists(
+            "/var/run/secrets/kubernetes.io/serviceaccount/token"
+        ):
+            config.load_incluster_config()
+        else:
+            await config.load_kube_config()
+        _api = client.ApiClient()
+    return _api
+
+
+async def close() -> None:
+    global _api
+    if _api is not None:
+        await _api.close()
+        _api = None
+
+
+def path(api_version: str, kind: str, namespace: str | None, name: str | None = None,
+         subresource: str | None = None) -> str:
+    plural = PLURALS[(api_version, kind)]
+    prefix = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    parts = [prefix]
+    if namespace:
+        parts.append(f"namespaces/{namespace}")
+    parts.append(plural)
+    if name:
+        parts.append(name)
+    if subresource:
+        parts.append(subresource)
+    return "/".join(parts)
+
+
+async def _call(method: str, resource_path: str, *, body: Any = None,
+                content_type: str = "application/json", query: list | None = None) -> Any:
+    api = await connect()
+    started = time.monotonic()
+    try:
+        return await api.call_api(
+            resource_path, method,
+            query_params=query or [],
+            header_params={"Accept": "application/json", "Content-Type": content_type},
+            body=body,
+            response_types_map={200: "object", 201: "object", 202: "object"},
+            auth_settings=["BearerToken"],
+            _return_http_data_only=True,
+        )
+    except ApiException as exc:
+        metrics.API_ERRORS.labels(method=method, code=str(exc.status)).inc()
+        raise
+    finally:
+        metrics.API_LATENCY.labels(method=method).observe(time.monotonic() - started)
+
+
+def _ident(obj: dict) -> tuple[str, str, str | None, str]:
+    md = obj["metadata"]
+    return obj["apiVersion"], obj["kind"], md.get("namespace"), md["name"]
+
+
+async def get(api_version: str, kind: str, namespace: str | None, name: str) -> dict | None:
+    try:
+        return await _call("GET", path(api_version, kind, namespace, name))
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+async def list_objects(api_version: str, kind: str, namespace: str | None,
+                       label_selector: str | None = None) -> list[dict]:
+    query = [("labelSelector", label_selector)] if label_selector else None
+    result = await _call("GET", path(api_version, kind, namespace), query=query)
+    return result.get("items", [])
+
+
+async def create_if_absent(obj: dict) -> tuple[dict, bool]:
+    """Create `obj`; if it already exists return the existing one. -> (object, created)."""
+    api_version, kind, namespace, name = _ident(obj)
+    try:
+        created = await _call("POST", path(api_version, kind, namespace), body=obj,
+                              query=[("fieldManager", FIELD_MANAGER)])
+        return created, True
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+    existing = await get(api_version, kind, namespace, name)
+    if existing is None:  # deleted between our create and get: next pass creates it
+        raise Conflict(f"{kind} {namespace}/{name} vanished while being created")
+    return existing, False
+
+
+async def server_side_apply(obj: dict) -> dict:
+    """Server-side apply: for children whose desired content changes over time."""
+    api_version, kind, namespace, name = _ident(obj)
+    return await _call(
+        "PATCH", path(api_version, kind, namespace, name), body=obj,
+        content_type="application/apply-patch+yaml",
+        query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
+    )
+
+
+async def merge_patch(api_version: str, kind: str, namespace: str | None, name: str,
+                      patch: dict) -> dict:
+    return await _call("PATCH", path(api_version, kind, namespace, name), body=patch,
+                       content_type="application/merge-patch+json")
+
+
+async def patch_status(obj: dict, status: dict) -> dict:
+    """Replace-by-merge the status, guarded by the resourceVersion `obj` was read at."""
+    api_version, kind, namespace, name = _ident(obj)
+    body = {"metadata": {"resourceVersion": obj["metadata"]["resourceVersion"]},
+            "status": status}
+    try:
+        return await _call("PATCH", path(api_version, kind, namespace, name, "status"),
+                           body=body, content_type="application/merge-patch+json")
+    except ApiException as exc:
+        if exc.status == 409:
+            raise Conflict(f"{kind} {namespace}/{name} changed while reconciling") from exc
+        raise
+
+
+async def delete(api_version: str, kind: str, namespace: str | None, name: str,
+                 propagation: str = "Background") -> bool:
+    try:
+        await _call("DELETE", path(api_version, kind, namespace, name),
+                    body={"propagationPolicy": propagation})
+        return True
+    except ApiException as exc:
+        if exc.status == 404:
+            return False
+        raise
+
+
+async def read_pod_log_tail(namespace: str, pod: str, lines: int = 20) -> str:
+    """Last lines of a worker's log, for a failure message people can act on."""
+    api = await connect()
+    try:
+        return await client.CoreV1Api(api).read_namespaced_pod_log(
+            pod, namespace, tail_lines=lines)
+    except ApiException:
+        return ""

@@ -1,0 +1,198 @@
+"""kopf entry point: registers handlers and start-up settings, nothing else.
+
+Run with `kopf run -m finetune_operator.main` (or `finetune-operator run`). Every
+handler hands off to one reconcile function per kind. Handlers are `on.event`:
+level-triggered, no per-object progress annotations and no finalizers, so the operator
+never writes to a user's object except its status subresource (GitOps tools see no
+drift) and deletion is left to owner references and the garbage collector.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+
+import kopf
+
+from . import k8s, metrics
+from .api.constants import LABEL_ADAPTERMERGE, LABEL_FINETUNEJOB
+from .reconcile import adapterdeployment, adaptermerge, finetunejob
+from .reconcile.settings import SETTINGS
+
+log = logging.getLogger("finetune_operator")
+GROUP, VERSION = "finetune.dev", "v1alpha1"
+MANAGED = {"app.kubernetes.io/managed-by": "finetune-operator"}
+
+RECONCILERS = {
+    "FineTuneJob": finetunejob.reconcile,
+    "AdapterMerge": adaptermerge.reconcile,
+    "AdapterDeployment": adapterdeployment.reconcile,
+}
+# Serialise passes per object: an event of the FineTuneJob and one of its Job may arrive
+# together; two passes at once would only race on the status write (which is guarded by
+# resourceVersion anyway), so this is about not doing the work twice, not correctness.
+_locks: dict[tuple[str, str, str], asyncio.Lock] = {}
+
+
+async def run_reconcile(kind: str, namespace: str, name: str) -> None:
+    lock = _locks.setdefault((kind, namespace, name), asyncio.Lock())
+    async with lock:
+        started = time.monotonic()
+        for attempt in range(4):
+            try:
+                await RECONCILERS[kind](namespace, name, SETTINGS)
+                break
+            except k8s.Conflict:
+                metrics.API_RETRIES.labels(kind=kind).inc()
+                log.debug("conflict on %s %s/%s (attempt %d); reconciling again", kind,
+                          namespace, name, attempt + 1)
+            except Exception as exc:
+                metrics.RECONCILE_ERRORS.labels(kind=kind, error=type(exc).__name__).inc()
+                log.exception("reconcile of %s %s/%s failed; the next event or resync "
+                              "retries", kind, namespace, name)
+                break
+        metrics.RECONCILE_SECONDS.labels(kind=kind).observe(time.monotonic() - started)
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, **_) -> None:
+    # Our own annotation prefix and finalizer name, should kopf ever need them.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration")
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    # A watch that goes silent (a dropped connection no one noticed) is restarted.
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.watching.connect_timeout = 30
+    settings.networking.request_timeout = 60
+    # Only warnings of kopf's own go to Kubernetes Events; ours are posted explicitly.
+    settings.posting.level = logging.WARNING
+    settings.peering.name = os.environ.get("FINETUNE_PEERING_NAME", "finetune-operator")
+    settings.peering.mandatory = False
+    settings.peering.stealth = True
+    if os.environ.get("FINETUNE_PEERING", "false").lower() != "true":
+        settings.peering.standalone = True
+    await k8s.connect()
+    _start_metrics_server()
+
+
+def _start_metrics_server() -> None:
+    from prometheus_client import start_http_server
+
+    if SETTINGS.metrics_port:
+        try:
+            start_http_server(SETTINGS.metrics_port)
+        except OSError as exc:  # a second operator in the same pod network (tests)
+            log.warning("metrics endpoint not started on :%s: %s", SETTINGS.metrics_port, exc)
+
+
+@kopf.on.cleanup()
+async def shutdown(**_) -> None:
+    await k8s.close()
+
+
+@kopf.on.probe(id="apiserver")
+async def apiserver_reachable(**_) -> str:
+    await k8s.list_objects("finetune.dev/v1alpha1", "FineTuneJob", None)
+    return "ok"
+
+
+@kopf.on.event(GROUP, VERSION, "finetunejobs")
+async def finetunejob_event(type: str, name: str, namespace: str, **_) -> None:
+    if type != "DELETED":
+        await run_reconcile("FineTuneJob", namespace, name)
+
+
+@kopf.on.event(GROUP, VERSION, "adaptermerges")
+async def adaptermerge_event(type: str, name: str, namespace: str, **_) -> None:
+    if type != "DELETED":
+        await run_reconcile("AdapterMerge", namespace, name)
+
+
+@kopf.on.event(GROUP, VERSION, "adapterdeployments")
+async def adapterdeployment_event(name: str, namespace: str, **_) -> None:
+    # DELETED too: the shared server drops the adapters (or goes) with the deployment.
+    await run_reconcile("AdapterDeployment", namespace, name)
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=MANAGED)
+async def server_event(meta: dict, namespace: str, **_) -> None:
+    # A vLLM server is owned by every AdapterDeployment it serves.
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("kind") == "AdapterDeployment":
+            await run_reconcile("AdapterDeployment", namespace, ref["name"])
+
+
+@kopf.on.event(GROUP, VERSION, "finetunejobs")
+async def finetunejob_adapters_event(name: str, namespace: str, **_) -> None:
+    # An adapter waiting for this job is served as soon as the job succeeds.
+    for ad_name in await adapterdeployment.referencing(namespace, name):
+        await run_reconcile("AdapterDeployment", namespace, ad_name)
+
+
+def _owner_kind(labels: dict) -> tuple[str, str] | None:
+    if labels.get(LABEL_ADAPTERMERGE):
+        return "AdapterMerge", labels[LABEL_ADAPTERMERGE]
+    if labels.get(LABEL_FINETUNEJOB):
+        return "FineTuneJob", labels[LABEL_FINETUNEJOB]
+    return None
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=MANAGED)
+async def job_event(labels: dict, namespace: str, **_) -> None:
+    owner = _owner_kind(labels)
+    if owner:
+        await run_reconcile(owner[0], namespace, owner[1])
+
+
+@kopf.on.event("", "v1", "pods", labels=MANAGED)
+async def pod_event(labels: dict, namespace: str, **_) -> None:
+    owner = _owner_kind(labels)
+    if owner:
+        await run_reconcile(owner[0], namespace, owner[1])
+
+
+@kopf.on.startup()
+async def start_resync(memo: kopf.Memo, **_) -> None:
+    memo.resync = asyncio.get_running_loop().create_task(_resync_forever())
+
+
+async def _resync_forever() -> None:
+    """Level-based safety net: reconcile everything periodically, events or not."""
+    while True:
+        await asyncio.sleep(SETTINGS.resync_seconds)
+        try:
+            await resync_once()
+        except Exception:
+            log.exception("periodic resync failed; trying again in %ss", SETTINGS.resync_seconds)
+
+
+async def resync_once() -> None:
+    namespaces = SETTINGS.namespaces or [None]
+    counts: dict[tuple[str, str], int] = {}
+    for ns in namespaces:
+        for kind in RECONCILERS:
+            for obj in await k8s.list_objects("finetune.dev/v1alpha1", kind, ns):
+                md = obj["metadata"]
+                await run_reconcile(kind, md["namespace"], md["name"])
+                if kind == "FineTuneJob":
+                    key = (md["namespace"], (obj.get("status") or {}).get("phase") or "Pending")
+                    counts[key] = counts.get(key, 0) + 1
+    log.info("resync complete: %d FineTuneJobs", sum(counts.values()))
+    metrics.JOBS_BY_PHASE.clear()
+    for (ns, phase), n in counts.items():
+        metrics.JOBS_BY_PHASE.labels(namespace=ns, phase=phase).set(n)
+
+
+def main(argv: list[str]) -> int:
+    """`finetune-operator run [kopf run options]`: kopf with this module and sane defaults."""
+    args = list(argv)
+    if not any(a.startswith(("--namespace", "-n", "--all-namespaces", "-A")) for a in args):
+        args.append("--all-namespaces")
+    os.execvp(sys.executable, [sys.executable, "-m", "kopf", "run", "-m", __name__, *args])
+    return 0  # not reached
+

@@ -1,0 +1,49 @@
+"""Planning a FineTuneJob: the I/O the pure planner needs, then the planner.
+
+The planner (finetune_operator.planner) finds the architecture from spec hints, built-in
+presets, a config.json on a local directory standing in for PVCs (dev clusters and the
+demo) or the Hugging Face Hub. What only the operator can do is read the job's token
+Secret for a gated repository; it is passed along and never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+
+from . import k8s
+from .api.constants import Reason
+from .api.finetunejob import FineTuneJob, TrainingPlan
+from .planner import UnknownArchitecture
+from .planner.api_adapter import NoFittingPlan, plan_for_spec
+from .planner.configsource import arch_for_model
+from .reconcile.settings import OperatorSettings
+
+
+class PlanningFailed(Exception):
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+async def _hf_token(ftj: FineTuneJob) -> str | None:
+    ref = ftj.spec.hf_token_secret_ref
+    if ref is None:
+        return None
+    secret = await k8s.get("v1", "Secret", ftj.metadata.namespace, ref.name)
+    value = ((secret or {}).get("data") or {}).get(ref.key)
+    return base64.b64decode(value).decode().strip() if value else None
+
+
+async def plan_job(ftj: FineTuneJob, settings: OperatorSettings) -> TrainingPlan:
+    token = await _hf_token(ftj)
+    try:
+        arch = await asyncio.to_thread(
+            arch_for_model, ftj.spec.model, claims_root=settings.pvc_root,
+            allow_hub=settings.allow_hub, token=token)
+    except UnknownArchitecture as exc:
+        raise PlanningFailed(Reason.MODEL_CONFIG_UNAVAILABLE, str(exc)) from exc
+    try:
+        return plan_for_spec(ftj.spec, arch)
+    except NoFittingPlan as exc:
+        raise PlanningFailed(Reason.PLAN_DOES_NOT_FIT, str(exc)) from exc

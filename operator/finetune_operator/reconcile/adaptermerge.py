@@ -1,0 +1,94 @@
+"""One level-based reconcile pass for an AdapterMerge: a Job running `finetune-worker merge`."""
+
+from __future__ import annotations
+
+import kopf
+
+from .. import k8s
+from ..api.adaptermerge import AdapterMerge
+from ..api.common import API_VERSION
+from ..api.constants import ConditionType as C
+from ..api.constants import Phase, Reason
+from ..api.finetunejob import ModelSource
+from ..builders import merge
+from ..conditions import now, set_condition
+from ..status import Outcome, apply_outcome, observe_training
+from .settings import OperatorSettings
+
+KIND = "AdapterMerge"
+
+
+async def _adapter_source(am: AdapterMerge) -> tuple[str, ModelSource] | Outcome:
+    """Where the adapter is and which base it belongs to; or why we must wait or fail."""
+    if am.spec.adapter_uri:
+        return am.spec.adapter_uri, am.spec.base_model
+    ref = am.spec.fine_tune_job_ref.name
+    ftj = await k8s.get(API_VERSION, "FineTuneJob", am.metadata.namespace, ref)
+    if ftj is None:
+        return Outcome(Phase.PENDING, Reason.FINE_TUNE_JOB_NOT_FOUND,
+                       f"FineTuneJob {ref!r} (spec.fineTuneJobRef) does not exist in "
+                       f"namespace {am.metadata.namespace}")
+    status = ftj.get("status") or {}
+    if status.get("phase") == Phase.FAILED:
+        return Outcome(Phase.FAILED, Reason.FINE_TUNE_JOB_FAILED,
+                       f"FineTuneJob {ref!r} failed, so there is no adapter to merge")
+    if status.get("phase") != Phase.SUCCEEDED:
+        return Outcome(Phase.PENDING, Reason.NOT_STARTED,
+                       f"waiting for FineTuneJob {ref!r} to succeed "
+                       f"(phase {status.get('phase') or 'Pending'})")
+    uri = (status.get("adapter") or {}).get("uri") or ftj["spec"]["output"]["uri"]
+    return uri, ModelSource.model_validate(ftj["spec"]["model"])
+
+
+async def reconcile(namespace: str, name: str, settings: OperatorSettings) -> None:
+    body = await k8s.get(API_VERSION, KIND, namespace, name)
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return
+    am = AdapterMerge.model_validate(body)
+    old = dict(body.get("status") or {})
+    generation = body["metadata"].get("generation")
+    if old.get("phase") in (Phase.SUCCEEDED, Phase.FAILED):
+        return  # a merge is a one-shot computation; its spec is immutable
+
+    source = await _adapter_source(am)
+    job = None
+    if isinstance(source, Outcome):
+        outcome = source
+    else:
+        adapter_uri, base = source
+        for child in (merge.build_config_map(am, adapter_uri, base),
+                      merge.build_merge_job(am, adapter_uri, base,
+                                            default_image=settings.worker_image)):
+            kopf.adopt(child, owner=body)
+            obj, _ = await k8s.create_if_absent(child)
+            if child["kind"] == "Job":
+                job = obj
+        pods = await k8s.list_objects("v1", "Pod", namespace,
+                                      f"job-name={job['metadata']['name']}")
+        outcome = observe_training(job, pods, user_suspended=False, queued=False)
+        if outcome.phase == Phase.SUCCEEDED:
+            outcome = Outcome(Phase.SUCCEEDED, Reason.MERGE_COMPLETE,
+                              f"merged into {am.spec.output.uri}", outcome.termination)
+
+    status = apply_outcome({**old, "observedGeneration": generation}, outcome, generation)
+    # Merges have no queue and no suspend: keep the conditions that mean something here.
+    status["conditions"] = [c for c in status["conditions"]
+                            if c["type"] in (C.RUNNING, C.SUCCEEDED, C.FAILED)]
+    if job is not None:
+        status["jobName"] = job["metadata"]["name"]
+        if outcome.phase == Phase.RUNNING and not status.get("startTime"):
+            status["startTime"] = now()
+    if outcome.phase.finished:
+        status.setdefault("completionTime", now())
+    if outcome.phase == Phase.SUCCEEDED:
+        summary = outcome.termination or {}
+        merged = summary.get("merged") or summary.get("artifact") or {}
+        status["merged"] = {"uri": am.spec.output.uri,
+                            **{k: merged[k] for k in ("sizeBytes", "sha256") if k in merged}}
+        status["conditions"] = set_condition(status["conditions"], C.SUCCEEDED, True,
+                                             Reason.MERGE_COMPLETE, outcome.message, generation)
+    if status != old:
+        await k8s.patch_status(body, status)
+        if status.get("phase") != old.get("phase"):
+            kopf.event(body, type="Warning" if outcome.phase == Phase.FAILED else "Normal",
+                       reason=outcome.reason, message=f"{outcome.phase.value}: {outcome.message}")

@@ -1,0 +1,237 @@
+"""One level-based reconcile pass for a FineTuneJob: observe, decide, apply, report.
+
+Called for every event of the FineTuneJob and of its Job and pods, and by the periodic
+resync. Each pass reads the current state, derives the desired children from the spec
+and the plan, creates what is missing (deterministic names, so a repeated or interrupted
+pass creates nothing twice), and writes the status once, only if it changed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import kopf
+
+from .. import k8s, metrics
+from ..api.common import API_VERSION, format_bytes
+from ..api.constants import ConditionType as C
+from ..api.constants import Phase, Reason
+from ..api.finetunejob import FineTuneJob, TrainingPlan
+from ..api.spec_hash import spec_hash
+from ..builders import followups, training
+from ..conditions import now, set_condition
+from ..planning import PlanningFailed, plan_job
+from ..status import apply_outcome, metrics_from_termination, observe_training
+from .settings import OperatorSettings
+
+log = logging.getLogger(__name__)
+KIND = "FineTuneJob"
+
+
+@dataclass
+class Observed:
+    body: dict
+    ftj: FineTuneJob
+    job: dict | None
+    pods: list[dict]
+
+
+async def reconcile(namespace: str, name: str, settings: OperatorSettings) -> None:
+    body = await k8s.get(API_VERSION, KIND, namespace, name)
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return  # children go with it through owner references and the garbage collector
+    ftj = FineTuneJob.model_validate(body)
+    old = dict(body.get("status") or {})
+    generation = body["metadata"].get("generation")
+    status = {**old, "observedGeneration": generation}
+    phase = old.get("phase")
+
+    if phase in (Phase.SUCCEEDED, Phase.FAILED) and old.get("specHash") == spec_hash(ftj.spec):
+        status = await _finish(body, ftj, status, settings)
+        await _write(body, old, status)
+        return
+
+    # --- decide: the plan (once per spec) ---------------------------------------------------
+    shash = spec_hash(ftj.spec)
+    plan = _recorded_plan(old, shash)
+    if plan is None:
+        try:
+            plan = await plan_job(ftj, settings)
+        except PlanningFailed as exc:
+            await _write(body, old, _planning_failed(status, exc, generation))
+            return
+        status["plan"] = plan.model_dump(mode="json", by_alias=True, exclude_none=True)
+        status["specHash"] = shash
+        status["conditions"] = set_condition(
+            status.get("conditions") or [], C.PLANNED, True, Reason.PLAN_FITS,
+            _plan_summary(plan), generation)
+
+    missing = await _missing_secrets(ftj)
+    if missing:
+        status = _failed(status, "SecretNotFound",
+                         f"{', '.join(missing)} not found in namespace {namespace}; create it, "
+                         "then re-create this FineTuneJob", generation)
+        await _write(body, old, status)
+        return
+
+    # --- apply: children, created once ------------------------------------------------------
+    job = await _ensure_children(body, ftj, plan, shash, settings)
+    job = await _sync_suspend(ftj, job)
+    pods = await k8s.list_objects("v1", "Pod", namespace, f"job-name={job['metadata']['name']}")
+
+    # --- report ----------------------------------------------------------------------------
+    outcome = observe_training(job, pods, user_suspended=ftj.spec.suspend,
+                               queued=ftj.spec.resources.queue_name is not None)
+    status = apply_outcome(status, outcome, generation)
+    status["jobName"] = job["metadata"]["name"]
+    if outcome.phase == Phase.RUNNING and not status.get("startTime"):
+        status["startTime"] = now()
+    if outcome.phase.finished:
+        status.setdefault("completionTime", now())
+        if outcome.termination:
+            status = _merge_termination(status, outcome.termination)
+        status = await _finish(body, ftj, status, settings)
+    await _write(body, old, status)
+
+
+def _recorded_plan(status: dict, shash: str) -> TrainingPlan | None:
+    if status.get("plan") and status.get("specHash") == shash:
+        return TrainingPlan.model_validate(status["plan"])
+    return None
+
+
+def _plan_summary(plan: TrainingPlan) -> str:
+    return (f"{plan.method}, micro-batch {plan.micro_batch_size} x accumulation "
+            f"{plan.gradient_accumulation}, gradient checkpointing "
+            f"{'on' if plan.gradient_checkpointing else 'off'}, predicted peak "
+            f"{format_bytes(plan.estimated_peak_bytes)}"
+            + (f" of {format_bytes(plan.budget_bytes)}" if plan.budget_bytes else "")
+            + (f": {plan.reason}" if plan.reason else ""))
+
+
+def _planning_failed(status: dict, exc: PlanningFailed, generation: int | None) -> dict:
+    conds = set_condition(status.get("conditions") or [], C.PLANNED, False, exc.reason,
+                          str(exc), generation)
+    return _failed({**status, "conditions": conds}, exc.reason, str(exc), generation)
+
+
+def _failed(status: dict, reason: str, message: str, generation: int | None) -> dict:
+    conds = list(status.get("conditions") or [])
+    conds = set_condition(conds, C.FAILED, True, reason, message, generation)
+    conds = set_condition(conds, C.SUCCEEDED, False, reason, "", generation)
+    conds = set_condition(conds, C.RUNNING, False, Phase.FAILED.value, "", generation)
+    return {**status, "phase": Phase.FAILED.value, "conditions": conds,
+            "completionTime": status.get("completionTime") or now()}
+
+
+async def _missing_secrets(ftj: FineTuneJob) -> list[str]:
+    """Referenced Secrets that do not exist (by `get`: the operator never lists Secrets)."""
+    refs = []
+    if ftj.spec.hf_token_secret_ref:
+        refs.append(("spec.hfTokenSecretRef", ftj.spec.hf_token_secret_ref.name))
+    if ftj.spec.storage_secret_ref:
+        refs.append(("spec.storageSecretRef", ftj.spec.storage_secret_ref.name))
+    missing = []
+    for field, name in refs:
+        if await k8s.get("v1", "Secret", ftj.metadata.namespace, name) is None:
+            missing.append(f"Secret {name!r} ({field})")
+    return missing
+
+
+async def _ensure_children(body: dict, ftj: FineTuneJob, plan: TrainingPlan, shash: str,
+                           settings: OperatorSettings) -> dict:
+    children = [
+        training.build_config_map(ftj, plan, shash),
+        *training.build_rbac(ftj),
+    ]
+    job = training.build_training_job(ftj, plan, shash, default_image=settings.worker_image)
+    created_job = None
+    # The Job goes last: its pods must find their ServiceAccount and config.
+    for child in [*children, job]:
+        kopf.adopt(child, owner=body)
+        obj, created = await k8s.create_if_absent(child)
+        if created:
+            log.info("created %s %s/%s", child["kind"], child["metadata"]["namespace"],
+                     child["metadata"]["name"])
+        if child is job:
+            created_job = obj
+    return created_job
+
+
+async def _sync_suspend(ftj: FineTuneJob, job: dict) -> dict:
+    """spec.suspend drives Job.spec.suspend; a Kueue-managed Job is un-suspended by Kueue."""
+    want = ftj.spec.suspend
+    have = bool(job["spec"].get("suspend"))
+    if want == have or (not want and ftj.spec.resources.queue_name):
+        return job
+    return await k8s.merge_patch("batch/v1", "Job", job["metadata"]["namespace"],
+                                 job["metadata"]["name"], {"spec": {"suspend": want}})
+
+
+def _merge_termination(status: dict, summary: dict) -> dict:
+    """Fill what the worker could not patch itself from its termination message."""
+    status = dict(status)
+    from_term = metrics_from_termination(summary)
+    if from_term:
+        status["metrics"] = {**from_term, **(status.get("metrics") or {})}
+    adapter = summary.get("adapter")
+    if adapter and adapter.get("uri") and not status.get("adapter"):
+        status["adapter"] = {k: adapter[k] for k in ("uri", "sizeBytes", "sha256") if k in adapter}
+    return status
+
+
+async def _finish(body: dict, ftj: FineTuneJob, status: dict,
+                  settings: OperatorSettings) -> dict:
+    """Follow-ups of a successful job: created once, recorded in status."""
+    if status.get("phase") != Phase.SUCCEEDED:
+        return status
+    follow = dict(status.get("followUp") or {})
+    for key, build in (("merge", followups.build_adapter_merge),
+                       ("deployment", followups.build_adapter_deployment)):
+        if follow.get(key):
+            continue  # created before: deleting it later does not bring it back
+        child = build(ftj, status)
+        if child is None:
+            continue
+        kopf.adopt(child, owner=body)
+        obj, _ = await k8s.create_if_absent(child)
+        follow[key] = {"name": obj["metadata"]["name"], "namespace": obj["metadata"]["namespace"],
+                       "uid": obj["metadata"]["uid"]}
+    if follow:
+        status = {**status, "followUp": follow}
+    return status
+
+
+def _comparable(status: dict) -> dict:
+    return {k: v for k, v in status.items() if k not in ("progress", "metrics")}
+
+
+async def _write(body: dict, old: dict, status: dict) -> None:
+    """Write status only if the operator's part changed; emit an Event on a new phase."""
+    # Progress and metrics belong to the worker: never written back from a stale read,
+    # except metrics the operator filled from the termination message.
+    new = {k: v for k, v in status.items() if k != "progress"}
+    if new.get("metrics") == old.get("metrics"):
+        new.pop("metrics", None)
+    if _comparable(new) == _comparable(old) and "metrics" not in new:
+        return
+    await k8s.patch_status(body, new)
+    if new.get("phase") != old.get("phase"):
+        phase = new.get("phase")
+        metrics.TRANSITIONS.labels(phase=phase).inc()
+        cond = _phase_condition(new)
+        kind = "Warning" if phase == Phase.FAILED else "Normal"
+        reason = (cond or {}).get("reason") or phase
+        message = (cond or {}).get("message") or f"phase is now {phase}"
+        kopf.event(body, type=kind, reason=reason, message=f"{phase}: {message}")
+
+
+def _phase_condition(status: dict) -> dict | None:
+    wanted = {Phase.FAILED: C.FAILED, Phase.SUCCEEDED: C.SUCCEEDED, Phase.RUNNING: C.RUNNING,
+              Phase.QUEUED: C.QUEUED}.get(status.get("phase"), C.PLANNED)
+    for c in status.get("conditions") or []:
+        if c["type"] == wanted:
+            return c
+    return None
+

@@ -1,0 +1,40 @@
+"""Operator settings: command-line flags and environment, parsed once at start-up."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+@dataclass
+class OperatorSettings:
+    worker_image: str = "ghcr.io/finetune-dev/finetune-worker:0.1.0"
+    """Default worker image (a FineTuneJob's spec.image overrides it)."""
+    serving_image: str = "vllm/vllm-openai:v0.11.0"
+    namespaces: list[str] = field(default_factory=list)
+    """Namespaces to watch; empty means the whole cluster."""
+    resync_seconds: float = 60.0
+    """Every FineTuneJob is reconciled at least this often, events or not."""
+    pvc_root: str | None = None
+    """Local directory standing in for PVCs (dev and demo only): `pvc://claim/path` is read
+    from `<pvc_root>/claim/path` when the planner needs a model's config.json."""
+    allow_hub: bool = True
+    """Fetch config.json from the Hugging Face Hub (HF_ENDPOINT) for models without a
+    preset; off in air-gapped clusters, where spec.model.architecture is needed instead."""
+    metrics_port: int = 8080
+
+    @classmethod
+    def from_env(cls) -> OperatorSettings:
+        s = cls()
+        s.worker_image = os.environ.get("FINETUNE_WORKER_IMAGE", s.worker_image)
+        s.serving_image = os.environ.get("FINETUNE_SERVING_IMAGE", s.serving_image)
+        ns = os.environ.get("FINETUNE_NAMESPACES", "")
+        s.namespaces = [n for n in ns.split(",") if n]
+        s.resync_seconds = float(os.environ.get("FINETUNE_RESYNC_SECONDS", s.resync_seconds))
+        s.pvc_root = os.environ.get("FINETUNE_PVC_ROOT") or None
+        s.allow_hub = os.environ.get("FINETUNE_ALLOW_HUB", "true").lower() != "false"
+        s.metrics_port = int(os.environ.get("FINETUNE_METRICS_PORT", s.metrics_port))
+        return s
+
+
+SETTINGS = OperatorSettings.from_env()

@@ -1,0 +1,227 @@
+"""Pure builders and status logic of the operator: no cluster needed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from finetune_operator.api.constants import Phase, Reason
+from finetune_operator.api.exit_codes import WorkerExitCode
+from finetune_operator.api.finetunejob import FineTuneJob, TrainingPlan
+from finetune_operator.api.worker_config import WorkerConfig
+from finetune_operator.builders import followups, training
+from finetune_operator.conditions import set_condition
+from finetune_operator.status import observe_training
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_example(name: str, namespace: str = "team-a") -> FineTuneJob:
+    doc = yaml.safe_load((ROOT / "examples" / name).read_text())
+    doc["metadata"].update(namespace=namespace, uid="1234-uid", generation=1)
+    return FineTuneJob.model_validate(doc)
+
+
+PLAN = TrainingPlan.model_validate({
+    "method": "qlora", "reason": "test", "estimatedPeakBytes": 20 * 2**30,
+    "microBatchSize": 4, "gradientAccumulation": 4, "gradientCheckpointing": True,
+    "trainableParams": 41943040,
+})
+
+
+@pytest.fixture
+def llama() -> FineTuneJob:
+    return load_example("finetunejob-llama3-8b.yaml")
+
+
+def test_training_job_requests_gpus_and_selects_nodes_by_gpu_memory(llama):
+    job = training.build_training_job(llama, PLAN, "hash1")
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    gpu = llama.spec.resources.gpu
+    assert container["resources"]["limits"][gpu.resource_name] == str(gpu.count)
+    exprs = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"][0]["matchExpressions"]
+    mem = next(e for e in exprs if e["key"] == "nvidia.com/gpu.memory")
+    budget_mib = int(gpu.memory.removesuffix("Gi")) * 1024
+    assert mem == {"key": "nvidia.com/gpu.memory", "operator": "Gt",
+                   "values": [str(budget_mib - 1)]}
+    assert job["metadata"]["name"] == f"{llama.metadata.name}-train"
+    assert pod["restartPolicy"] == "Never"
+    assert pod["serviceAccountName"] == f"{llama.metadata.name}-worker"
+
+
+def test_training_job_failure_policy_fails_fast_on_permanent_exit_codes(llama):
+    rules = training.build_training_job(llama, PLAN, "h")["spec"]["podFailurePolicy"]["rules"]
+    assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+    codes = set(rules[1]["onExitCodes"]["values"])
+    assert rules[1]["action"] == "FailJob"
+    assert {WorkerExitCode.INVALID_CONFIG, WorkerExitCode.DATA_ERROR,
+            WorkerExitCode.NON_FINITE_LOSS, WorkerExitCode.CUDA_OOM} <= codes
+    assert WorkerExitCode.STORAGE_ERROR not in codes  # may be transient: retried
+
+
+def test_secrets_are_mounted_as_files_never_env(llama):
+    assert llama.spec.hf_token_secret_ref is not None
+    job = training.build_training_job(llama, PLAN, "h")
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    secret_vols = [v for v in pod["volumes"] if "secret" in v]
+    assert [v["secret"]["secretName"] for v in secret_vols] == [
+        llama.spec.hf_token_secret_ref.name]
+    assert all("valueFrom" not in e for e in container["env"])
+    assert "envFrom" not in container
+    cfg = yaml.safe_load(training.build_config_map(llama, PLAN, "h")["data"][
+        "worker-config.yaml"])
+    assert cfg["paths"]["hfTokenFile"] == training.HF_TOKEN_PATH
+
+
+def test_restricted_security_context_and_shm(llama):
+    pod = training.build_training_job(llama, PLAN, "h")["spec"]["template"]["spec"]
+    sc = pod["containers"][0]["securityContext"]
+    assert sc["runAsNonRoot"] and not sc["allowPrivilegeEscalation"]
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"]["medium"] == "Memory"
+
+
+def test_worker_config_round_trips_through_the_worker_model(llama):
+    cm = training.build_config_map(llama, PLAN, "abc")
+    cfg = WorkerConfig.model_validate(yaml.safe_load(cm["data"]["worker-config.yaml"]))
+    assert cfg.spec == llama.spec
+    assert cfg.plan.micro_batch_size == 4
+    assert cfg.job.name == llama.metadata.name and cfg.spec_hash == "abc"
+
+
+def test_pvc_output_and_model_are_mounted_once_each():
+    ftj = load_example("finetunejob-demo.yaml")
+    job = training.build_training_job(ftj, PLAN, "h")
+    pod = job["spec"]["template"]["spec"]
+    claims = {v["persistentVolumeClaim"]["claimName"]: v["persistentVolumeClaim"]["readOnly"]
+              for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    out_claim = ftj.spec.output.uri.split("://")[1].split("/")[0]
+    assert claims[out_claim] is False  # the worker writes the adapter there
+    assert len(claims) == len(set(claims))
+    cfg = yaml.safe_load(training.build_config_map(ftj, PLAN, "h")["data"][
+        "worker-config.yaml"])
+    assert cfg["paths"]["outputDir"].startswith(f"/mnt/{out_claim}")
+    assert set(cfg["paths"]["claimMounts"]) == set(claims)
+
+
+def test_kueue_queue_creates_the_job_suspended_with_the_queue_label(llama):
+    doc = llama.model_dump(mode="json", by_alias=True, exclude_none=True)
+    doc["spec"]["resources"]["queueName"] = "gpu-queue"
+    ftj = FineTuneJob.model_validate(doc)
+    job = training.build_training_job(ftj, PLAN, "h")
+    assert job["spec"]["suspend"] is True
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+
+
+def test_worker_role_allows_only_patching_its_own_status(llama):
+    sa, role, binding = training.build_rbac(llama)
+    assert role["rules"] == [{"apiGroups": ["finetune.dev"],
+                              "resources": ["finetunejobs/status"], "verbs": ["patch"],
+                              "resourceNames": [llama.metadata.name]}]
+    assert binding["subjects"][0]["name"] == sa["metadata"]["name"]
+
+
+def test_followups_only_when_enabled():
+    demo = load_example("finetunejob-demo.yaml")
+    merge = followups.build_adapter_merge(demo, {})
+    deploy = followups.build_adapter_deployment(demo, {})
+    enabled = demo.spec.follow_up
+    assert (merge is not None) == bool(enabled and enabled.merge and enabled.merge.enabled)
+    assert (deploy is not None) == bool(enabled and enabled.deploy and enabled.deploy.enabled)
+    if merge:
+        assert merge["spec"]["fineTuneJobRef"] == {"name": demo.metadata.name}
+    if deploy:
+        assert deploy["spec"]["adapters"][0]["fineTuneJobRef"] == {"name": demo.metadata.name}
+
+
+# --- status: the Job and its pods -> phase and reason ---------------------------------------
+
+def _job(conditions=(), suspend=False, **spec):
+    return {"metadata": {"name": "j-train"}, "spec": {"suspend": suspend, **spec},
+            "status": {"conditions": [{"type": t, "status": "True", "reason": r}
+                                      for t, r in conditions]}}
+
+
+def _pod(phase, *, exit_code=None, reason=None, message=None, created="2026-01-01T00:00:00Z",
+         disrupted=False, scheduled=None):
+    status = {"phase": phase, "conditions": []}
+    if exit_code is not None or reason:
+        term = {"exitCode": exit_code, "reason": reason or "Error"}
+        if message:
+            term["message"] = message
+        status["containerStatuses"] = [{"name": "worker", "state": {"terminated": term}}]
+    if disrupted:
+        status["conditions"].append({"type": "DisruptionTarget", "status": "True"})
+    if scheduled is not None:
+        status["conditions"].append({"type": "PodScheduled", "status": "False",
+                                     "reason": "Unschedulable", "message": scheduled})
+    return {"metadata": {"name": f"p-{phase}-{created}", "creationTimestamp": created},
+            "status": status}
+
+
+@pytest.mark.parametrize("code", [c for c in WorkerExitCode if c != WorkerExitCode.SUCCESS])
+def test_worker_exit_codes_map_to_reasons(code):
+    summary = json.dumps({"result": "failed", "exitCode": int(code), "message": "details here"})
+    out = observe_training(_job([("Failed", "PodFailurePolicy")]),
+                           [_pod("Failed", exit_code=int(code), message=summary)],
+                           user_suspended=False, queued=False)
+    assert out.phase == Phase.FAILED
+    assert out.reason == code.reason
+    assert "details here" in out.message
+
+
+def test_host_oom_kill_is_not_reported_as_cuda_oom():
+    out = observe_training(_job([("Failed", "BackoffLimitExceeded")]),
+                           [_pod("Failed", exit_code=137, reason="OOMKilled")],
+                           user_suspended=False, queued=False)
+    assert out.reason == "HostOutOfMemory"
+    assert "spec.resources.memory" in out.message
+
+
+def test_deadline_and_backoff_reasons():
+    dl = observe_training(_job([("Failed", "DeadlineExceeded")], activeDeadlineSeconds=60), [],
+                          user_suspended=False, queued=False)
+    assert dl.reason == Reason.DEADLINE_EXCEEDED and "60s" in dl.message
+    bo = observe_training(_job([("Failed", "BackoffLimitExceeded")], backoffLimit=2),
+                          [_pod("Failed", exit_code=1)], user_suspended=False, queued=False)
+    assert bo.reason == Reason.BACKOFF_LIMIT_EXCEEDED
+
+
+def test_evicted_then_running_is_reported_as_resumed():
+    pods = [_pod("Failed", disrupted=True, created="2026-01-01T00:00:00Z"),
+            _pod("Running", created="2026-01-01T00:05:00Z")]
+    out = observe_training(_job(), pods, user_suspended=False, queued=False)
+    assert out.phase == Phase.RUNNING and out.reason == "EvictedAndResumed"
+
+
+def test_queued_suspended_unschedulable_and_complete():
+    assert observe_training(_job(suspend=True), [], user_suspended=False,
+                            queued=True).phase == Phase.QUEUED
+    sus = observe_training(_job(suspend=True), [], user_suspended=True, queued=False)
+    assert sus.reason == Reason.SUSPENDED_BY_USER
+    pend = observe_training(_job(), [_pod("Pending", scheduled="0/3 nodes: Insufficient gpu")],
+                            user_suspended=False, queued=False)
+    assert pend.phase == Phase.QUEUED and "Insufficient gpu" in pend.message
+    done = observe_training(_job([("Complete", "")]),
+                            [_pod("Succeeded", exit_code=0,
+                                  message=json.dumps({"metrics": {"tokensPerSecond": 5.0}}))],
+                            user_suspended=False, queued=False)
+    assert done.phase == Phase.SUCCEEDED
+    assert done.termination["metrics"]["tokensPerSecond"] == 5.0
+
+
+def test_condition_transition_time_moves_only_when_status_flips():
+    conds = set_condition([], "Running", True, "Training", "a", 1)
+    first = conds[0]["lastTransitionTime"]
+    conds2 = set_condition(conds, "Running", True, "Training", "b", 2)
+    assert conds2[0]["lastTransitionTime"] == first and conds2[0]["message"] == "b"
+    conds3 = set_condition([{**conds2[0], "lastTransitionTime": "2000-01-01T00:00:00Z"}],
+                           "Running", False, "Done", "", 3)
+    assert conds3[0]["lastTransitionTime"] != "2000-01-01T00:00:00Z"

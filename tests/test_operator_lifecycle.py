@@ -1,0 +1,297 @@
+"""The operator on a real control plane: FineTuneJob -> Job -> status, follow-ups, failures.
+
+The operator runs as its own process (`kopf run`), the Job controller creates pods, the
+scheduler binds them to kwok fake GPU nodes, and kwok completes them. For failures the
+test plays the kubelet on a node kwok does not manage ("manual"), writing the pod status
+a real kubelet would write: exit codes and termination messages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from kubetest import Kube, bound_pvc, condition, wait_for
+
+pytestmark = pytest.mark.cluster
+ROOT = Path(__file__).resolve().parent.parent
+MANUAL_NODE = "manual-gpu-0"
+
+
+def ftj_manifest(name: str, *, memory: str = "24Gi", manual: bool = False, **spec) -> dict:
+    doc = {
+        "apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"name": "meta-llama/Meta-Llama-3-8B"},
+            "dataset": {"uri": "pvc://data/alpaca.jsonl", "format": "alpaca"},
+            "training": {"maxSteps": 10},
+            "resources": {"gpu": {"count": 1, "memory": memory}},
+            "output": {"uri": f"pvc://adapters/{name}"},
+        },
+    }
+    if manual:
+        doc["spec"]["resources"]["nodeSelector"] = {"finetune.dev/test-node": "manual"}
+        # The manual node has no kubelet heartbeat: tolerate the not-ready taint.
+        doc["spec"]["resources"]["tolerations"] = [{"operator": "Exists"}]
+    for key, value in spec.items():
+        doc["spec"][key] = value
+    return doc
+
+
+@pytest.fixture(scope="module")
+def manual_node(cluster):
+    from finetune_operator.devcluster.controlplane import fake_gpu_node
+
+    node = fake_gpu_node(MANUAL_NODE, product="NVIDIA-H100-80GB-HBM3", memory_mib=81559)
+    node["metadata"]["annotations"] = {}  # not kwok's: the test is its kubelet
+    node["metadata"]["labels"]["finetune.dev/test-node"] = "manual"
+    admin = Kube(cluster)
+    admin.apply(node)
+    admin.kubectl("patch", "node", MANUAL_NODE, "--subresource=status", "--type=merge", "-p",
+                  json.dumps({"status": {"conditions": [{
+                      "type": "Ready", "status": "True", "reason": "TestKubelet",
+                      "message": "the test acts as this node's kubelet"}]}}),
+                  namespaced=False)
+    return MANUAL_NODE
+
+
+def act_as_kubelet(kube: Kube, job: str, *, exit_code: int, message: str = "",
+                   reason: str | None = None) -> str:
+    """Wait for the Job's pod on the manual node, then finish it like a kubelet would."""
+    pod = wait_for(lambda: [p for p in kube.items("pods", f"job-name={job}")
+                            if p["spec"].get("nodeName") == MANUAL_NODE
+                            and p["status"].get("phase") in (None, "Pending")],
+                   timeout=60, what=f"a pod of {job} bound to {MANUAL_NODE}")[0]
+    name = pod["metadata"]["name"]
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    terminated = {"exitCode": exit_code, "reason": reason or ("Completed" if exit_code == 0
+                                                               else "Error"),
+                  "startedAt": now, "finishedAt": now}
+    if message:
+        terminated["message"] = message
+    kube.patch_status("pod", name, {"status": {
+        "phase": "Succeeded" if exit_code == 0 else "Failed",
+        "containerStatuses": [{"name": "worker", "image": pod["spec"]["containers"][0]["image"],
+                               "imageID": "", "ready": False, "restartCount": 0,
+                               "state": {"terminated": terminated}}]}})
+    return name
+
+
+@pytest.fixture
+def kube(kube: Kube) -> Kube:
+    """The namespace's volumes the example manifests name."""
+    for claim in ("data", "adapters"):
+        bound_pvc(kube, claim)
+    return kube
+
+
+def ftj(kube: Kube, name: str) -> dict:
+    return kube.get("finetunejob", name)
+
+
+def wait_phase(kube: Kube, name: str, phase: str, timeout: float = 60) -> dict:
+    return wait_for(lambda: (o := ftj(kube, name)).get("status", {}).get("phase") == phase
+                    and o, timeout=timeout, what=f"FineTuneJob {name} phase {phase}")
+
+
+def test_examples_become_jobs_that_kwok_completes(kube: Kube, operator_process):
+    started = time.monotonic()
+    doc = yaml.safe_load((ROOT / "examples" / "finetunejob-llama3-8b.yaml").read_text())
+    ref = doc["spec"].get("hfTokenSecretRef")
+    if ref:
+        kube.kubectl("create", "secret", "generic", ref["name"],
+                     f"--from-literal={ref.get('key', 'token')}=hf_not_a_real_token")
+    kube.apply(doc)
+    name = doc["metadata"]["name"]
+    job = wait_for(lambda: kube.get_or_none("job", f"{name}-train"), timeout=30,
+                   what="the training Job")
+    created_after = time.monotonic() - started
+    status = ftj(kube, name)["status"]
+    plan = status["plan"]
+    assert plan["method"] in ("lora", "qlora")
+    assert condition(ftj(kube, name), "Planned")["status"] == "True"
+    # The worker gets the plan through its config: same method, same micro-batch.
+    cm = kube.get("configmap", f"{name}-worker-config")
+    cfg = yaml.safe_load(cm["data"]["worker-config.yaml"])
+    assert cfg["plan"]["method"] == plan["method"]
+    assert cfg["plan"]["microBatchSize"] == plan["microBatchSize"]
+    pod_spec = job["spec"]["template"]["spec"]
+    gpu = doc["spec"]["resources"]["gpu"]
+    assert pod_spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == str(
+        gpu.get("count", 1))
+    assert job["metadata"]["ownerReferences"][0]["kind"] == "FineTuneJob"
+    done = wait_phase(kube, name, "Succeeded")
+    completed_after = time.monotonic() - started
+    assert condition(done, "Succeeded")["status"] == "True"
+    assert done["status"]["observedGeneration"] == done["metadata"]["generation"]
+    _record_timing(created_after, completed_after)
+
+
+def _record_timing(created_after: float, completed_after: float) -> None:
+    out = os.environ.get("FINETUNE_TIMING_FILE")
+    if out:
+        with open(out, "a") as f:
+            f.write(json.dumps({"apply_to_job_s": round(created_after, 2),
+                                "apply_to_succeeded_s": round(completed_after, 2)}) + "\n")
+
+
+def test_followups_are_created_once(kube: Kube, operator_process):
+    doc = ftj_manifest("with-followups", followUp={
+        "merge": {"enabled": True}, "deploy": {"enabled": True, "name": "with-followups"}})
+    kube.apply(doc)
+    done = wait_phase(kube, "with-followups", "Succeeded")
+    refs = wait_for(lambda: (f := ftj(kube, "with-followups")["status"].get("followUp"))
+                    and "merge" in f and "deployment" in f and f, what="follow-up references")
+    merges = kube.items("adaptermerges")
+    deployments = kube.items("adapterdeployments")
+    assert [m["metadata"]["name"] for m in merges] == [refs["merge"]["name"]]
+    assert [d["metadata"]["name"] for d in deployments] == [refs["deployment"]["name"]]
+    assert merges[0]["spec"]["fineTuneJobRef"]["name"] == "with-followups"
+    assert merges[0]["metadata"]["ownerReferences"][0]["uid"] == done["metadata"]["uid"]
+    # Deleted follow-ups are not re-created: "exactly once".
+    kube.delete("adaptermerge", refs["merge"]["name"], wait=True)
+    operator_process.wait_for_resyncs(2)
+    assert kube.get_or_none("adaptermerge", refs["merge"]["name"]) is None
+
+
+def raw_patch(kube: Kube, token: str, path: str, body: dict) -> int:
+    """A merge-patch the way the worker sends it (no GET first, unlike kubectl)."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    ca = Path(kube.cluster.directory) / "pki" / "ca.crt"
+    req = urllib.request.Request(kube.cluster.server + path, method="PATCH",
+                                 data=json.dumps(body).encode(),
+                                 headers={"Authorization": f"Bearer {token}",
+                                          "Content-Type": "application/merge-patch+json"})
+    try:
+        with urllib.request.urlopen(req, context=ssl.create_default_context(cafile=str(ca))):
+            return 200
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_worker_token_may_patch_only_its_own_status(kube: Kube, operator_process):
+    for name in ("mine", "other"):
+        kube.apply(ftj_manifest(name, suspend=True))
+    wait_for(lambda: kube.get_or_none("rolebinding", "mine-worker"), what="worker binding")
+    token = kube.kubectl("create", "token", "mine-worker").stdout.strip()
+    base = f"/apis/finetune.dev/v1alpha1/namespaces/{kube.namespace}/finetunejobs"
+    progress = {"status": {"progress": {"step": 3, "totalSteps": 10, "loss": 1.5}}}
+    wait_for(lambda: raw_patch(kube, token, f"{base}/mine/status", progress) == 200,
+             what="the worker's status patch to be allowed")
+    assert ftj(kube, "mine")["status"]["progress"]["step"] == 3
+    assert raw_patch(kube, token, f"{base}/other/status", progress) == 403
+    assert raw_patch(kube, token, f"{base}/mine", {"spec": {"suspend": False}}) == 403
+    # The operator's own status writes leave the worker's progress alone.
+    wait_for(lambda: condition(ftj(kube, "mine"), "Suspended"), what="Suspended condition")
+    operator_process.wait_for_resyncs(1)
+    assert ftj(kube, "mine")["status"]["progress"]["step"] == 3
+
+
+def test_termination_message_alone_fills_metrics(kube: Kube, operator_process, manual_node):
+    kube.apply(ftj_manifest("term-only", manual=True))
+    wait_for(lambda: kube.get_or_none("job", "term-only-train"), what="the Job")
+    summary = {"result": "succeeded", "exitCode": 0,
+               "metrics": {"peakVRAMBytes": 17179869184, "peakVRAM": "16Gi",
+                           "tokensPerSecond": 12345.6, "samplesPerSecond": 24.1},
+               "adapter": {"uri": "pvc://adapters/term-only", "sizeBytes": 1000,
+                           "sha256": "ab" * 32}}
+    act_as_kubelet(kube, "term-only-train", exit_code=0, message=json.dumps(summary))
+    done = wait_phase(kube, "term-only", "Succeeded")
+    assert done["status"]["metrics"]["tokensPerSecond"] == 12345.6
+    assert done["status"]["metrics"]["peakVRAMBytes"] == 17179869184
+    assert done["status"]["adapter"]["sha256"] == "ab" * 32
+
+
+@pytest.mark.parametrize("code,reason", [(10, "InvalidConfig"), (11, "DataError"),
+                                         (12, "CUDAOutOfMemory"), (13, "NonFiniteLoss")])
+def test_worker_exit_code_maps_to_reason(kube: Kube, operator_process, manual_node, code,
+                                         reason):
+    name = f"exit-{code}"
+    kube.apply(ftj_manifest(name, manual=True, backoffLimit=3))
+    summary = {"result": "failed", "exitCode": code, "message": f"failure {code} details"}
+    act_as_kubelet(kube, f"{name}-train", exit_code=code, message=json.dumps(summary))
+    failed = wait_phase(kube, name, "Failed")
+    cond = condition(failed, "Failed")
+    assert cond["reason"] == reason
+    assert f"failure {code} details" in cond["message"]
+    # Permanent failures are not retried: the failure policy failed the Job at once.
+    assert len(kube.items("pods", f"job-name={name}-train")) == 1
+    events = kube.items("events")
+    assert any(e.get("reason") == reason and e["involvedObject"]["name"] == name
+               for e in events)
+
+
+def test_missing_secret_and_unknown_model_fail_with_clear_conditions(kube: Kube,
+                                                                     operator_process):
+    kube.apply(ftj_manifest("no-secret", hfTokenSecretRef={"name": "hf-missing"}))
+    failed = wait_phase(kube, "no-secret", "Failed")
+    cond = condition(failed, "Failed")
+    assert cond["reason"] == "SecretNotFound" and "hf-missing" in cond["message"]
+    assert kube.get_or_none("job", "no-secret-train") is None
+
+    unknown = ftj_manifest("unknown-model")
+    unknown["spec"]["model"] = {"uri": "pvc://models/mystery"}
+    kube.apply(unknown)
+    failed = wait_phase(kube, "unknown-model", "Failed")
+    planned = condition(failed, "Planned")
+    assert planned["status"] == "False" and planned["reason"] == "ModelConfigUnavailable"
+    assert "spec.model.architecture" in planned["message"]
+
+
+def test_budget_too_small_says_what_would_fit(kube: Kube, operator_process):
+    kube.apply(ftj_manifest("too-small", memory="2Gi"))
+    failed = wait_phase(kube, "too-small", "Failed")
+    planned = condition(failed, "Planned")
+    assert planned["status"] == "False" and planned["reason"] == "InsufficientGPUMemory"
+    assert "Gi" in planned["message"]
+    assert kube.get_or_none("job", "too-small-train") is None
+
+
+def test_suspend_and_resume_drive_the_job(kube: Kube, operator_process, manual_node):
+    kube.apply(ftj_manifest("pausable", manual=True))
+    wait_for(lambda: kube.get_or_none("job", "pausable-train"), what="the Job")
+    doc = ftj_manifest("pausable", manual=True, suspend=True)
+    kube.apply(doc)
+    wait_for(lambda: kube.get("job", "pausable-train")["spec"].get("suspend") is True,
+             what="the Job to be suspended")
+    wait_for(lambda: (condition(ftj(kube, "pausable"), "Suspended") or {}).get("status")
+             == "True", what="the Suspended condition")
+    kube.apply(ftj_manifest("pausable", manual=True, suspend=False))
+    wait_for(lambda: kube.get("job", "pausable-train")["spec"].get("suspend") is False,
+             what="the Job to resume")
+
+
+def test_deleting_the_finetunejob_removes_everything_it_owned(kube: Kube, operator_process):
+    kube.apply(ftj_manifest("short-lived", suspend=True))
+    wait_for(lambda: kube.get_or_none("job", "short-lived-train"), what="the Job")
+    kube.delete("finetunejob", "short-lived")
+    for kind, name in (("job", "short-lived-train"), ("configmap", "short-lived-worker-config"),
+                       ("serviceaccount", "short-lived-worker"), ("role", "short-lived-worker"),
+                       ("rolebinding", "short-lived-worker")):
+        wait_for(lambda kind=kind, name=name: kube.get_or_none(kind, name) is None, timeout=60,
+                 what=f"{kind} {name} to be garbage-collected")
+
+
+def test_sigkill_mid_reconcile_leaves_no_duplicates(kube: Kube, operator_process):
+    names = [f"burst-{i}" for i in range(4)]
+    kube.apply([ftj_manifest(n, suspend=True) for n in names])
+    # Kill the operator while it is working through the burst, then start it again.
+    wait_for(lambda: any(kube.get_or_none("configmap", f"{n}-worker-config") for n in names),
+             timeout=30, what="the operator to start reconciling the burst")
+    operator_process.restart()
+    for n in names:
+        wait_for(lambda n=n: kube.get_or_none("job", f"{n}-train"), timeout=60,
+                 what=f"the Job of {n}")
+    jobs = kube.items("jobs")
+    assert sorted(j["metadata"]["name"] for j in jobs) == sorted(f"{n}-train" for n in names)
+    for kind in ("configmaps", "serviceaccounts", "roles", "rolebindings"):
+        owned = kube.items(kind, "app.kubernetes.io/managed-by=finetune-operator")
+        assert len(owned) == len(names), kind
