@@ -273,3 +273,20 @@ def test_cuda_out_of_memory_exits_12_naming_peak_and_plan(tmp_path, tiny_model_r
     assert ("method=lora, micro-batch=8, gradient accumulation=1, gradient checkpointing=on, "
             "predicted peak=1.0Gi of a 24.0Gi budget") in message
     assert "Tried to allocate 2.00 GiB" in message
+
+
+def test_checkpoints_are_also_saved_on_time(tmp_path, tiny_model_root, monkeypatch, lora_run):
+    from finetune_worker.checkpoints import checkpoint_problem
+    from finetune_worker.train import run_training
+
+    # step-based only (every 1000 steps): the final step is the one checkpoint
+    assert lora_run[1].checkpoints == [14]
+    monkeypatch.setenv("FINETUNE_WORKER_CHECKPOINT_MINUTES", "0.00001")
+    config = _config(tmp_path, tiny_model_root, fmt="text", max_steps=3)
+    result = run_training(config)
+    assert result.checkpoints == [1, 2, 3]
+    root = Path(config.paths.checkpoint_dir)
+    # checkpointLimit (default 2) keeps the newest two, each complete
+    assert sorted(p.name for p in root.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    for step in (2, 3):
+        assert checkpoint_problem(root / f"checkpoint-{step}", config.spec_hash) is None

@@ -29,7 +29,7 @@ def utc_now() -> str:
 class ProgressCallback(TrainerCallback):
     """One line per logged step, and rate-limited status updates.
 
-    Throughput is measured from this process's start of training, so a resumed run
+    Throughput and ETA are measured from this process's first step, so a resumed run
     reports its own speed rather than an average diluted by the restart.
     """
 
@@ -41,10 +41,13 @@ class ProgressCallback(TrainerCallback):
         self.last_progress: dict = {}
         self.tokens_per_second: float | None = None
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        self._t0 = time.perf_counter()
-        self._step0 = state.global_step
-        self._tokens0 = int(state.num_input_tokens_seen or 0)
+    def on_step_begin(self, args, state, control, **kwargs):
+        # The first step, not on_train_begin: the Trainer restores a checkpoint's state
+        # after on_train_begin, and the clock should not include loading.
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+            self._step0 = state.global_step
+            self._tokens0 = int(state.num_input_tokens_seen or 0)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}

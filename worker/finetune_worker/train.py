@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,7 +96,25 @@ def resolve_target_modules(model, requested: list[str]) -> list[str]:
     return sorted(names)
 
 
-def build_sft_config(config: WorkerConfig, *, device: str, save_interval_s: float | None):
+def checkpoint_interval_seconds(training) -> float | None:
+    """Time-based checkpoints on top of every `checkpointSteps` steps.
+
+    A preemptible GPU can disappear between step-based saves that are hours apart; a save
+    every N minutes bounds the loss. The spec's `checkpointMinutes` wins when the API has
+    it; otherwise FINETUNE_WORKER_CHECKPOINT_MINUTES, default 30; 0 turns it off.
+    """
+    minutes = getattr(training, "checkpoint_minutes", None)
+    if minutes is None:
+        raw = os.environ.get("FINETUNE_WORKER_CHECKPOINT_MINUTES", "30")
+        try:
+            minutes = float(raw)
+        except ValueError:
+            raise InvalidConfigError(f"FINETUNE_WORKER_CHECKPOINT_MINUTES is {raw!r}; expected "
+                                     "a number of minutes (0 turns time-based saves off)") from None
+    return minutes * 60 if minutes and minutes > 0 else None
+
+
+def build_sft_config(config: WorkerConfig, *, device: str):
     """spec.training + plan -> trl SFTConfig. Packing and checkpointing are handled by our
     collator and modeling.py, so the trainer's own versions stay off."""
     from trl import SFTConfig
@@ -246,7 +265,7 @@ def run_training(config: WorkerConfig, *, reporter: StatusReporter | None = None
     log.info("data: %d training and %d eval examples (%d dropped)", len(splits.train),
              len(splits.eval) if splits.eval is not None else 0, splits.dropped)
 
-    step = None
+    trainer = None
     try:
         model, revision = load_model(config, token, device)
         trainer, checkpointing, progress = build_trainer(config, model, tokenizer, splits,
@@ -259,7 +278,6 @@ def run_training(config: WorkerConfig, *, reporter: StatusReporter | None = None
         with SigtermToCheckpoint(checkpointing):
             output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         elapsed = time.perf_counter() - started
-        step = trainer.state.global_step
         tokens = int(trainer.state.num_input_tokens_seen or 0) - progress._tokens0
         metrics = {**_final_throughput(output, trainer.state, elapsed, tokens),
                    **peak_memory_metrics()}
@@ -269,7 +287,7 @@ def run_training(config: WorkerConfig, *, reporter: StatusReporter | None = None
             metrics["gpuSeconds"] = round(elapsed * max(torch.cuda.device_count(), 1), 1)
         result = TrainResult(metrics=metrics, progress=dict(progress.last_progress),
                              resumed_from=resume, preempted=checkpointing.preempted.is_set(),
-                             global_step=step, checkpoints=list(checkpointing.saved_steps),
+                             global_step=trainer.state.global_step, checkpoints=list(checkpointing.saved_steps),
                              train_loss=_finite(output.training_loss))
         if result.preempted:
             return result
@@ -281,6 +299,7 @@ def run_training(config: WorkerConfig, *, reporter: StatusReporter | None = None
         if _is_out_of_memory(exc):
             from .errors import OutOfMemoryError
 
+            step = trainer.state.global_step + 1 if trainer is not None else None
             raise OutOfMemoryError(out_of_memory_message(config.plan, step, exc)) from exc
         raise
 
@@ -308,14 +327,13 @@ def build_trainer(config: WorkerConfig, model, tokenizer, splits, device: str,
     training = config.spec.training
     progress = ProgressCallback(reporter)
     checkpointing = CheckpointCallback(config.spec_hash,
-                                       interval_s=getattr(training, "checkpoint_minutes", None)
-                                       and training.checkpoint_minutes * 60)
+                                       interval_s=checkpoint_interval_seconds(training))
     try:
         Path(config.paths.checkpoint_dir).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise StorageError(f"cannot create the checkpoint directory "
                            f"{config.paths.checkpoint_dir}: {exc}") from exc
-    args = build_sft_config(config, device=device, save_interval_s=checkpointing.interval_s)
+    args = build_sft_config(config, device=device)
     trainer = SFTTrainer(
         model=model,
         args=args,
