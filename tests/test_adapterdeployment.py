@@ -234,3 +234,73 @@ def test_finetunejob_follow_up_deploys_and_deleting_the_job_removes_the_server(
     wait_for(lambda: kube.get_or_none("deployment", name) is None
              and kube.get_or_none("service", name) is None, timeout=60,
              what="the server to go with the last adapter")
+
+
+MANUAL_NODE = "manual-serving-0"
+
+
+@pytest.fixture(scope="module")
+def manual_node(cluster):
+    """A GPU node no kwok manages: the test plays its kubelet (pod statuses by hand)."""
+    import json
+
+    from finetune_operator.devcluster.controlplane import fake_gpu_node
+
+    node = fake_gpu_node(MANUAL_NODE)
+    node["metadata"]["annotations"] = {}
+    node["metadata"]["labels"]["finetune.dev/test-node"] = MANUAL_NODE
+    # Only the pods meant for it tolerate this: nothing else may land where no kubelet runs.
+    node["spec"]["taints"] = [{"key": "finetune.dev/test-node", "value": MANUAL_NODE,
+                               "effect": "NoSchedule"}]
+    admin = Kube(cluster)
+    admin.apply(node)
+    admin.kubectl("patch", "node", MANUAL_NODE, "--subresource=status", "--type=merge", "-p",
+                  json.dumps({"status": {"conditions": [{
+                      "type": "Ready", "status": "True", "reason": "TestKubelet",
+                      "message": "the test acts as this node's kubelet"}]}}),
+                  namespaced=False)
+    return MANUAL_NODE
+
+
+def test_adapter_failing_its_checks_in_the_pod_degrades_the_deployment(
+        kube: Kube, operator_process, manual_node):
+    kube.apply(adapter_deployment(
+        "checked", [{"name": "support", "uri": "s3://adapters/support"}],
+        storageSecretRef={"name": "s3"},
+        resources={"nodeSelector": {"finetune.dev/test-node": manual_node},
+                   "tolerations": [{"operator": "Exists"}]}))
+    pod = wait_for(lambda: [p for p in kube.items("pods", SERVERS)
+                            if p["spec"].get("nodeName") == manual_node],
+                   timeout=60, what=f"a server pod bound to {manual_node}")[0]
+    inits = [c["name"] for c in pod["spec"]["initContainers"]]
+    assert inits == ["fetch", "verify-adapters"]
+    # What a kubelet reports when the verify init container exits non-zero and restarts.
+    message = ("AdapterChecksumMismatch: adapter 'support': files differ from their manifest "
+               "checksums in /adapters/support: ['adapter_model.safetensors']")
+    kube.patch_status("pod", pod["metadata"]["name"], {"status": {
+        "phase": "Pending",
+        "initContainerStatuses": [
+            {"name": "fetch", "image": pod["spec"]["initContainers"][0]["image"],
+             "imageID": "", "ready": True, "restartCount": 0,
+             "state": {"terminated": {"exitCode": 0, "reason": "Completed",
+                                      "startedAt": "2026-01-01T00:00:00Z",
+                                      "finishedAt": "2026-01-01T00:00:01Z"}}},
+            {"name": "verify-adapters", "image": pod["spec"]["initContainers"][1]["image"],
+             "imageID": "", "ready": False, "restartCount": 2,
+             "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+             "lastState": {"terminated": {"exitCode": 1, "reason": "Error",
+                                          "message": message,
+                                          "startedAt": "2026-01-01T00:00:02Z",
+                                          "finishedAt": "2026-01-01T00:00:03Z"}}},
+        ]}})
+
+    def degraded():
+        obj = kube.get("adapterdeployment", "checked")
+        c = condition(obj, "Degraded")
+        return c and c["status"] == "True" and obj
+    obj = wait_for(degraded, timeout=60, what="Degraded from the pod's failed adapter check")
+    c = condition(obj, "Degraded")
+    assert c["reason"] == "AdapterLoadFailed"
+    assert "verify-adapters" in c["message"] and message in c["message"]
+    assert condition(obj, "Ready")["status"] == "False"
+    assert obj["status"]["loadedAdapters"] == []
