@@ -109,7 +109,7 @@ def test_examples_become_jobs_that_kwok_completes(kube: Kube, operator_process):
     kube.apply(doc)
     name = doc["metadata"]["name"]
     job = wait_for(lambda: kube.get_or_none("job", f"{name}-train"), timeout=30,
-                   what="the training Job")
+                   interval=0.05, what="the training Job")
     created_after = time.monotonic() - started
     status = ftj(kube, name)["status"]
     plan = status["plan"]
@@ -125,19 +125,25 @@ def test_examples_become_jobs_that_kwok_completes(kube: Kube, operator_process):
     assert pod_spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == str(
         gpu.get("count", 1))
     assert job["metadata"]["ownerReferences"][0]["kind"] == "FineTuneJob"
-    done = wait_phase(kube, name, "Succeeded")
-    completed_after = time.monotonic() - started
+    wait_for(lambda: [p for p in kube.items("pods", f"job-name={name}-train")
+                      if p["status"].get("phase") == "Succeeded"], timeout=60, interval=0.05,
+             what="kwok to complete the worker pod")
+    pod_done = time.monotonic()
+    done = wait_for(lambda: (o := ftj(kube, name))["status"].get("phase") == "Succeeded" and o,
+                    timeout=60, interval=0.05, what="status Succeeded")
+    succeeded_after_pod = time.monotonic() - pod_done
     assert condition(done, "Succeeded")["status"] == "True"
     assert done["status"]["observedGeneration"] == done["metadata"]["generation"]
-    _record_timing(created_after, completed_after)
+    _record_timing(created_after, succeeded_after_pod)
 
 
-def _record_timing(created_after: float, completed_after: float) -> None:
+def _record_timing(created_after: float, succeeded_after_pod: float) -> None:
     out = os.environ.get("FINETUNE_TIMING_FILE")
     if out:
         with open(out, "a") as f:
             f.write(json.dumps({"apply_to_job_s": round(created_after, 2),
-                                "apply_to_succeeded_s": round(completed_after, 2)}) + "\n")
+                                "pod_done_to_succeeded_s": round(succeeded_after_pod, 2)})
+                    + "\n")
 
 
 def test_followups_are_created_once(kube: Kube, operator_process):

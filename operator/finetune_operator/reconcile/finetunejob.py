@@ -177,7 +177,12 @@ def _merge_termination(status: dict, summary: dict) -> dict:
         status["metrics"] = {**from_term, **(status.get("metrics") or {})}
     adapter = summary.get("adapter")
     if adapter and adapter.get("uri") and not status.get("adapter"):
-        status["adapter"] = {k: adapter[k] for k in ("uri", "sizeBytes", "sha256") if k in adapter}
+        # The worker calls the digest over all adapter files `digest`.
+        sha = adapter.get("sha256") or adapter.get("digest")
+        status["adapter"] = {"uri": adapter["uri"],
+                             **({"sizeBytes": adapter["sizeBytes"]} if "sizeBytes" in adapter
+                                else {}),
+                             **({"sha256": sha} if sha else {})}
     return status
 
 
