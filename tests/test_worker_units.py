@@ -271,3 +271,16 @@ def test_missing_model_on_the_volume_is_a_model_load_error(tmp_path, tiny_model_
     proc, summary = _run_cli("train", "--config", str(path), tmp_path=tmp_path)
     assert proc.returncode == 15, proc.stderr
     assert "not-there" in summary["message"] and summary["reason"] == "ModelLoadError"
+
+
+def test_corrupt_rows_exit_11_naming_the_row(tmp_path, tiny_model_root):
+    import yaml
+
+    config = worker_config_dict(tmp_path, tiny_model_root, fmt="alpaca",
+                                dataset_file="corrupt/alpaca-missing-output.jsonl")
+    path = tmp_path / "worker-config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc, summary = _run_cli("train", "--config", str(path), tmp_path=tmp_path)
+    assert proc.returncode == 11, proc.stderr
+    assert "row 1: field 'output' is missing or null" in summary["message"]
+    assert not (tmp_path / "checkpoints").exists()  # failed before any training

@@ -286,7 +286,10 @@ def run_training(config: WorkerConfig, *, reporter: StatusReporter | None = None
 
             metrics["gpuSeconds"] = round(elapsed * max(torch.cuda.device_count(), 1), 1)
         result = TrainResult(metrics=metrics, progress=dict(progress.last_progress),
-                             resumed_from=resume, preempted=checkpointing.preempted.is_set(),
+                             resumed_from=resume,
+                             # a SIGTERM that lands after the last step stops nothing
+                             preempted=(checkpointing.preempted.is_set()
+                                        and trainer.state.global_step < trainer.state.max_steps),
                              global_step=trainer.state.global_step, checkpoints=list(checkpointing.saved_steps),
                              train_loss=_finite(output.training_loss))
         if result.preempted:
