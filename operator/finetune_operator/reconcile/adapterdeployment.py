@@ -394,3 +394,12 @@ async def referencing(namespace: str, job_name: str) -> list[str]:
                 names.append(body["metadata"]["name"])
                 break
     return names
+
+
+async def served_by(namespace: str, server: str) -> list[str]:
+    """The AdapterDeployments a server Deployment serves (its owners)."""
+    if not server:
+        return []
+    deployment = await k8s.get("apps/v1", "Deployment", namespace, server)
+    return [ref["name"] for ref in ((deployment or {}).get("metadata") or {}).get(
+        "ownerReferences") or [] if ref.get("kind") == KIND]
