@@ -18,7 +18,8 @@ import time
 import kopf
 
 from . import k8s, metrics
-from .api.constants import LABEL_ADAPTERMERGE, LABEL_FINETUNEJOB
+from .api.constants import LABEL_ADAPTERMERGE, LABEL_COMPONENT, LABEL_FINETUNEJOB
+from .builders.serving import LABEL_SERVER
 from .reconcile import adapterdeployment, adaptermerge, finetunejob
 from .reconcile.settings import SETTINGS
 
@@ -125,6 +126,14 @@ async def server_event(meta: dict, namespace: str, **_) -> None:
     for ref in meta.get("ownerReferences") or []:
         if ref.get("kind") == "AdapterDeployment":
             await run_reconcile("AdapterDeployment", namespace, ref["name"])
+
+
+@kopf.on.event("", "v1", "pods", labels={**MANAGED, LABEL_COMPONENT: "adapter-server"})
+async def server_pod_event(labels: dict, namespace: str, **_) -> None:
+    # A server pod that cannot start (a failed adapter check) degrades its deployments now,
+    # not at the next resync.
+    for ad_name in await adapterdeployment.served_by(namespace, labels.get(LABEL_SERVER, "")):
+        await run_reconcile("AdapterDeployment", namespace, ad_name)
 
 
 @kopf.on.event(GROUP, VERSION, "finetunejobs")
