@@ -40,6 +40,8 @@ class ProgressCallback(TrainerCallback):
         self._tokens0 = 0
         self.last_progress: dict = {}
         self.tokens_per_second: float | None = None
+        self.seconds = 0.0  # from the first step of this process to the end of training
+        self.tokens = 0  # non-padding tokens trained on in that time
 
     def on_step_begin(self, args, state, control, **kwargs):
         # The first step, not on_train_begin: the Trainer restores a checkpoint's state
@@ -48,6 +50,11 @@ class ProgressCallback(TrainerCallback):
             self._t0 = time.perf_counter()
             self._step0 = state.global_step
             self._tokens0 = int(state.num_input_tokens_seen or 0)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._t0 is not None:
+            self.seconds = time.perf_counter() - self._t0
+            self.tokens = int(state.num_input_tokens_seen or 0) - self._tokens0
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}

@@ -241,16 +241,20 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError)
 
 
-def _final_throughput(output, state, elapsed: float, tokens: int) -> dict:
-    steps = max(state.global_step, 0)
+def measured_throughput(output, progress, wall_seconds: float, device: str) -> dict:
+    """Throughput over the training steps (loading and checkpoint restore excluded)."""
+    seconds = progress.seconds
     metrics = {
-        "tokensPerSecond": round(tokens / elapsed, 2) if tokens and elapsed > 0 else None,
+        "tokensPerSecond": round(progress.tokens / seconds, 2) if progress.tokens and seconds else None,
         "samplesPerSecond": output.metrics.get("train_samples_per_second"),
         "stepsPerSecond": output.metrics.get("train_steps_per_second"),
-        "trainRuntimeSeconds": round(elapsed, 2),
-        "trainedTokens": tokens,
-        "steps": steps,
+        "trainRuntimeSeconds": round(wall_seconds, 2),
+        "trainedTokens": progress.tokens,
     }
+    if device == "cuda":
+        import torch
+
+        metrics["gpuSeconds"] = round(wall_seconds * max(torch.cuda.device_count(), 1), 1)
     return {k: v for k, v in metrics.items() if v is not None}
 
 
@@ -277,20 +281,15 @@ def run_training(config: WorkerConfig, *, reporter: StatusReporter | None = None
         started = time.perf_counter()
         with SigtermToCheckpoint(checkpointing):
             output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        elapsed = time.perf_counter() - started
-        tokens = int(trainer.state.num_input_tokens_seen or 0) - progress._tokens0
-        metrics = {**_final_throughput(output, trainer.state, elapsed, tokens),
+        metrics = {**measured_throughput(output, progress, time.perf_counter() - started, device),
                    **peak_memory_metrics()}
-        if device == "cuda":
-            import torch
-
-            metrics["gpuSeconds"] = round(elapsed * max(torch.cuda.device_count(), 1), 1)
         result = TrainResult(metrics=metrics, progress=dict(progress.last_progress),
                              resumed_from=resume,
                              # a SIGTERM that lands after the last step stops nothing
                              preempted=(checkpointing.preempted.is_set()
                                         and trainer.state.global_step < trainer.state.max_steps),
-                             global_step=trainer.state.global_step, checkpoints=list(checkpointing.saved_steps),
+                             global_step=trainer.state.global_step,
+                             checkpoints=list(checkpointing.saved_steps),
                              train_loss=_finite(output.training_loss))
         if result.preempted:
             return result
