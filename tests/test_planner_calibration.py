@@ -53,9 +53,13 @@ WEIGHT_RECORDS = [p for p in RECORDS if p.values[1].get("model_bytes_after_load"
 @pytest.mark.parametrize("source,record", WEIGHT_RECORDS)
 def test_measured_base_model_bytes_match_the_weights_term(source, record):
     # The grid records torch.cuda.memory_allocated() right after building (and quantising)
-    # the base model: that is the weights term alone.
+    # the base model: the weights term, plus the two 32 MiB cuBLAS workspaces when an earlier
+    # run in the same process had already created them.
+    from finetune_operator.planner import DEFAULT_CONSTANTS
     from finetune_operator.planner.memory import weight_bytes
 
     point = point_from_record(record, source)
-    assert weight_bytes(point.arch, point.shape) == pytest.approx(
-        record["model_bytes_after_load"], rel=0.02), point.label
+    predicted = weight_bytes(point.arch, point.shape)
+    extra = record["model_bytes_after_load"] - predicted
+    assert -0.005 * predicted <= extra <= (
+        DEFAULT_CONSTANTS.cublas_workspace_bytes + 0.005 * predicted), point.label

@@ -71,7 +71,7 @@ def training_plan(decision: PlanDecision) -> TrainingPlan:
         gradients=parts["gradients"],
         optimizer_state=parts["optimizer_state"],
         activations=parts["activations"] + parts["logits"] + parts["backward_buffers"],
-        overhead=parts["allocator_overhead"] + estimate.cuda_context,
+        overhead=parts["workspace"] + parts["allocator_overhead"] + estimate.cuda_context,
     )
     return TrainingPlan(
         method=decision.chosen.shape.method,

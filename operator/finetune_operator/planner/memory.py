@@ -47,10 +47,15 @@ class MemoryConstants:
     """The measured (not derived) parts of the model. docs/memory-model.md says where each
     number comes from; change them only together with the calibration data."""
 
-    backward_bytes_per_intermediate: float = 10.0
-    """Per token, per intermediate (MLP) channel: gradient buffers alive while one layer runs
-    its backward pass (the bf16 gradient of the MLP activations plus the fp32 gradient through
-    peft's input cast and the dropout). Fitted on the H200 headroom probe (9.9-10.9)."""
+    backward_bytes_per_intermediate: float = 4.0
+    """Per token, per intermediate (MLP) channel: bf16 gradient buffers alive while one layer
+    runs its backward pass. Fitted on the H200 grid's QLoRA runs (no casts: 4.2)."""
+    backward_fp32_cast_bytes_per_intermediate: float = 5.0
+    """Added when the adapters' input goes through an fp32 copy (peft's cast to fp32 adapters
+    on a bf16 base, or an fp32 residual stream): its gradient comes back in fp32. Fitted on the
+    grid's LoRA runs (8.5-9.4 in all) and the reference probe (9.9-10.9 with dropout)."""
+    backward_dropout_bytes_per_intermediate: float = 1.0
+    """Added with lora_dropout > 0: the gradient through the dropped-out copy."""
     fused_ce_bytes_per_hidden: float = 10.0
     """Per token, per hidden channel: fused linear cross-entropy keeps the gradient of the last
     hidden state (2 bytes) and one chunk of fp32 logits and their gradient (about the size of
@@ -58,14 +63,21 @@ class MemoryConstants:
     unfused_ce_bytes_per_vocab: float = 10.0
     """Per token, per vocabulary entry, without fusion: bf16 logits (2), the fp32 upcast the
     loss makes (4) and the fp32 log-probabilities kept for backward (4)."""
-    allocator_slack_bytes: int = 256 * MiB
-    """Reserved minus allocated at the peak: the caching allocator rounds blocks and cannot
-    always reuse freed ones. 0.04-0.87 GiB on the H200 reference runs."""
-    allocator_slack_fraction: float = 0.01
-    """Additional slack proportional to the step's transient memory."""
-    cuda_context_bytes: int = 512 * MiB
-    """CUDA context + cuBLAS/cuDNN handles, visible to nvidia-smi but not to PyTorch's
-    allocator: about 0.5 GiB on an H200 with torch 2.x (measured by the calibration runs)."""
+    cublas_workspace_bytes: int = 64 * MiB
+    """cuBLAS workspaces, allocated through PyTorch's allocator: 32 MiB per handle on Hopper,
+    one handle for the forward thread and one for autograd's backward thread (also seen in the
+    grid as 64 MiB left in memory_allocated after a previous run in the same process)."""
+    allocator_slack_bytes: int = 64 * MiB
+    """Reserved minus allocated at the peak: the caching allocator rounds blocks up and cannot
+    always reuse freed ones. 0.01-0.61 GiB on the H200 grid, 0.04-0.87 GiB on the reference
+    runs; this constant and the fraction below were fitted on both."""
+    allocator_slack_fraction: float = 0.02
+    """Additional slack proportional to the step's activation memory."""
+    cuda_context_bytes: int = 768 * MiB
+    """Device memory outside PyTorch's allocator: the CUDA context (0.60 GiB right after
+    initialisation on an H200 with torch 2.11) plus cuBLAS workspaces and lazily loaded
+    kernels (0.75 GiB at the end of every calibration run). nvidia-smi shows it, so budgets
+    count it; max_memory_reserved does not."""
 
 
 DEFAULT_CONSTANTS = MemoryConstants()
@@ -237,6 +249,20 @@ def optimizer_state_bytes(arch: ModelArch, shape: TrainingShape) -> tuple[int, i
     return per_element * sum(sizes), 0
 
 
+def adapter_input_copied(shape: TrainingShape) -> bool:
+    """Whether each adapter works on its own copy of its input.
+
+    peft's LoRA layer on a bf16 base casts the input to the adapters' dtype (fp32) and
+    autocast casts it back to bf16 for lora_A: a new tensor per adapter. Its 4-bit layer skips
+    the cast under autocast, so bf16 inputs are used as they are; an fp32 residual stream
+    (the common recipe's upcast) is cast to bf16 by autocast, again a copy.
+    """
+    act = 4 if (shape.method == "qlora" and shape.upcast_non_quantized) else 2
+    if act != 2:
+        return True
+    return shape.method == "lora" and shape.adapter_bytes != act
+
+
 def layer_activation_bytes(arch: ModelArch, shape: TrainingShape) -> dict[str, float]:
     """Bytes one decoder layer keeps for its backward pass, per token, by where they come from.
 
@@ -256,19 +282,22 @@ def layer_activation_bytes(arch: ModelArch, shape: TrainingShape) -> dict[str, f
 
     targets = target_projections(arch, shape.target_modules)
     mask = 1 if shape.lora_dropout > 0 else 0
-    shares_input = shape.adapter_bytes == act and mask == 0
+    shares_input = mask == 0 and not adapter_input_copied(shape)
     adapters = 0.0
-    seen_inputs: set[int] = set()
-    groups = {"q_proj": 0, "k_proj": 0, "v_proj": 0, "qkv_proj": 0, "gate_proj": 1, "up_proj": 1,
-              "gate_up_proj": 1, "o_proj": 2, "down_proj": 3}
+    # Without a copy, lora_A saves the very tensor the block already has: once per distinct
+    # input (q/k/v share one, gate/up another), and o_proj's input is SDPA's saved output.
+    seen_inputs: set[str] = {"attention_output"}
+    groups = {"q_proj": "attention_input", "k_proj": "attention_input",
+              "v_proj": "attention_input", "qkv_proj": "attention_input",
+              "gate_proj": "mlp_input", "up_proj": "mlp_input", "gate_up_proj": "mlp_input",
+              "o_proj": "attention_output"}
     for name, (fan_in, _fan_out) in targets.items():
         adapters += 2 * shape.lora_r  # lora_A's output, saved by lora_B
+        group = groups.get(name, name)
         if shares_input:
-            # No cast and no dropout: lora_A saves the very tensor the block already has, once
-            # per distinct input (q/k/v share one, gate/up another).
-            if groups.get(name, name) in seen_inputs:
+            if group in seen_inputs:
                 continue
-            seen_inputs.add(groups.get(name, name))
+            seen_inputs.add(group)
         adapters += (2 + mask) * fan_in
 
     kv_width = arch.q_dim if shape.masked_attention else arch.kv_dim
@@ -307,7 +336,12 @@ def estimate_memory(arch: ModelArch, shape: TrainingShape,
         recomputed = 0.0
     rows, row_len = (1, tokens) if shape.packing else (shape.micro_batch, shape.seq_len)
     attention_mask = rows * row_len * row_len if shape.masked_attention else 0
-    backward = constants.backward_bytes_per_intermediate * i * tokens
+    backward_per_channel = (
+        constants.backward_bytes_per_intermediate
+        + (constants.backward_fp32_cast_bytes_per_intermediate if adapter_input_copied(shape)
+           else 0.0)
+        + (constants.backward_dropout_bytes_per_intermediate if shape.lora_dropout > 0 else 0.0))
+    backward = backward_per_channel * i * tokens
     if shape.method == "qlora":
         # bitsandbytes dequantises one projection at a time into a bf16 scratch matrix.
         backward += 2 * max(a * b for a, b in arch.projections().values())
@@ -338,6 +372,7 @@ def estimate_memory(arch: ModelArch, shape: TrainingShape,
         "activations": int(activations + attention_mask),
         "logits": int(logits),
         "backward_buffers": int(transient),
+        "workspace": int(constants.cublas_workspace_bytes),
         "allocator_overhead": int(slack),
     }
     details = {
