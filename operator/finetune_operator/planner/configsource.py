@@ -122,9 +122,14 @@ def arch_for_model(model: Any, *, config_path: str | os.PathLike[str] | None = N
             hub_error = exc
     if hints is not None:
         return arch_from_hints(hints, name=label)
-    why = f" ({hub_error})" if hub_error else ""
+    reasons = [str(hub_error)] if hub_error else []
+    if uri and uri.startswith("pvc://"):
+        reasons.append(f"no config.json under {claims_root}" if claims_root is not None else
+                       "pvc:// is read under the claims directory, and none was given (the "
+                       "operator's PVC root, or --claims-root for `finetune-operator plan`)")
+    detail = "".join(f"; {reason}" for reason in reasons)
     raise UnknownArchitecture(
-        f"cannot tell the architecture of {label!r}{why}: it is not a built-in preset and its "
-        "config.json could not be read. Set spec.model.architecture (hiddenSize, "
+        f"cannot tell the architecture of {label!r}: it is not a built-in preset and its "
+        f"config.json could not be read{detail}. Set spec.model.architecture (hiddenSize, "
         "intermediateSize, numHiddenLayers, numAttentionHeads, numKeyValueHeads, vocabSize, "
         "tieWordEmbeddings) from the model's config.json.")

@@ -274,7 +274,11 @@ def _reason(chosen: Candidate, candidates: list[Candidate], budget: Budget,
         f"{format_gib(budget.margin_bytes)} safety margin).")
     ]
     fitting = [c for c in candidates if c.fits]
-    parts.append(f"Fastest of {len(fitting)} fitting configurations out of {len(candidates)}.")
+    if len(candidates) == 1:
+        parts.append("The only configuration the spec allows; it fits.")
+    else:
+        parts.append(f"Fastest of {len(fitting)} fitting configurations out of "
+                     f"{len(candidates)}.")
     # Say what a faster option would have cost, so the user knows what more memory buys.
     faster = [c for c in candidates if not c.fits and c.speed > chosen.speed]
     if faster:
