@@ -105,6 +105,10 @@ def test_arch_for_model_prefers_local_config_then_preset_then_hints(tmp_path):
     assert hinted.num_kv_heads == 4  # defaults to the attention heads
     with pytest.raises(UnknownArchitecture, match="spec.model.architecture"):
         arch_for_model({"name": "acme/private"})
+    with pytest.raises(UnknownArchitecture, match="--claims-root"):
+        arch_for_model({"uri": "pvc://claim/models/tiny"})
+    with pytest.raises(UnknownArchitecture, match="no config.json under"):
+        arch_for_model({"uri": "pvc://claim/models/absent"}, claims_root=tmp_path)
 
 
 # --- weights -----------------------------------------------------------------------------
