@@ -37,6 +37,18 @@ def test_24gi_prefers_lora_with_checkpointing_over_any_qlora():
     assert "Fastest of" in decision.reason
 
 
+def test_no_checkpointing_at_a_small_micro_batch_beats_checkpointing_at_a_large_one():
+    # The worker's H200 grid (tests/data/calibration/h200-*): LoRA at seq 2048 without
+    # checkpointing at micro-batch 1 ran 11,907 tokens/s, with checkpointing at micro-batch 8
+    # 9,390. At 36 GiB both fit; the faster must be chosen.
+    decision = plan(36)
+    lora_ckpt_8 = [c for c in decision.candidates if c.shape.method == "lora"
+                   and c.shape.gradient_checkpointing and c.shape.micro_batch == 8]
+    assert lora_ckpt_8 and lora_ckpt_8[0].fits
+    assert (decision.method, decision.gradient_checkpointing, decision.micro_batch) == (
+        "lora", False, 1)
+
+
 def test_12gi_falls_back_to_qlora():
     decision = plan(12)
     assert decision.fits and decision.method == "qlora"

@@ -10,15 +10,17 @@ the predicted peak, and a safety margin (5 % of the budget or 0.5 GiB, whichever
 is kept free for what the model cannot see: fragmentation after hours of uneven batches,
 NCCL buffers, a second CUDA stream.
 
-Speed: a relative tokens/s score, `rate(method, checkpointing) x tokens / (tokens + 2048)`.
-The rates are the H200 reference measurements of an 8B model at its largest micro-batch
+Speed: a relative tokens/s score, `rate(method, checkpointing) x T / (T + T_half(method))`.
+The rates are the H200 reference measurements of an 8B model at large micro-batches
 (../shared/bench): bf16 LoRA 1.0, LoRA with checkpointing 0.70 (the forward pass runs twice),
 QLoRA 0.87 (4-bit weights are dequantised for every matmul), QLoRA with checkpointing 0.57.
-The saturating factor says that a micro-batch of a few thousand tokens already keeps the GPU
-busy and every doubling beyond gains less. Micro-batches stop at 16,384 tokens (89 % of the
-asymptote): beyond that the extra speed is a few percent and the memory is better left as
-headroom. So bf16 LoRA wins whenever it fits at a reasonable micro-batch, no checkpointing
-beats checkpointing, and QLoRA without checkpointing can beat LoRA with it.
+The saturating factor says how many tokens a micro-batch needs to keep the GPU busy: the
+worker's H200 grid reaches 88 % of LoRA's full speed at 2,048 tokens (T_half = 512); QLoRA,
+which dequantises every weight once per micro-batch, needs more (T_half = 1,536).
+Micro-batches stop at 16,384 tokens: beyond that the extra speed is a few percent and the
+memory is better left as headroom. So bf16 LoRA wins whenever it fits at a reasonable
+micro-batch, no checkpointing beats checkpointing, and QLoRA without checkpointing can beat
+LoRA with it.
 """
 
 from __future__ import annotations
@@ -46,7 +48,9 @@ SPEED_RATES = {
     ("qlora", False): 0.87,
     ("qlora", True): 0.57,
 }
-SATURATION_TOKENS = 2048
+# Tokens per micro-batch at which a method reaches half its full speed. QLoRA needs more: it
+# dequantises every weight once per micro-batch whatever the micro-batch's size.
+SATURATION_TOKENS = {"lora": 512, "qlora": 1536}
 DEFAULT_MAX_TOKENS_PER_MICRO_BATCH = 16384
 SAFETY_FRACTION = 0.05
 SAFETY_MIN_BYTES = 512 * MiB
@@ -174,7 +178,7 @@ def speed_score(shape: TrainingShape) -> float:
     """Relative tokens per second (1.0 = bf16 LoRA at an infinitely large micro-batch)."""
     tokens = shape.tokens_per_micro_batch
     rate = SPEED_RATES[(shape.method, shape.gradient_checkpointing)]
-    return rate * tokens / (tokens + SATURATION_TOKENS)
+    return rate * tokens / (tokens + SATURATION_TOKENS[shape.method])
 
 
 def _divisors(n: int) -> list[int]:
