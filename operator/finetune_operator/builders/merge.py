@@ -77,15 +77,26 @@ def build_config_map(am: AdapterMerge, adapter_uri: str, base: ModelSource) -> d
     }
 
 
+def merge_memory_request(total_params: int | None) -> str:
+    """Host memory for a merge: the bf16 base twice (loaded, and the merged copy being
+    written) plus 1 GiB for the runtime; 32Gi (an 8B model) when the size is unknown.
+    A fixed 32Gi would make a small model's merge unschedulable on a small node."""
+    if not total_params:
+        return "32Gi"
+    gib = -(-(2 * 2 * total_params) // 2**30) + 1
+    return f"{gib}Gi"
+
+
 def build_merge_job(am: AdapterMerge, adapter_uri: str, base: ModelSource, *,
-                    default_image: str = DEFAULT_WORKER_IMAGE) -> dict:
+                    default_image: str = DEFAULT_WORKER_IMAGE,
+                    total_params: int | None = None) -> dict:
     n = names(am.metadata.name)
     spec = am.spec
     volumes, mounts = worker_volumes(n["config"], _claims(adapter_uri, spec.output.uri, base),
                                      hf_token_ref=spec.hf_token_secret_ref,
                                      storage_ref=spec.storage_secret_ref)
-    # Merging an 8B model in bf16 fits in host memory; a GPU only speeds it up.
-    requests: dict[str, str] = {"cpu": "2", "memory": "32Gi"}
+    # Merging in bf16 fits in host memory; a GPU only speeds it up.
+    requests: dict[str, str] = {"cpu": "2", "memory": merge_memory_request(total_params)}
     res = spec.resources
     if res and res.cpu:
         requests["cpu"] = str(res.cpu)

@@ -18,10 +18,11 @@ from .settings import OperatorSettings
 KIND = "AdapterMerge"
 
 
-async def _adapter_source(am: AdapterMerge) -> tuple[str, ModelSource] | Outcome:
-    """Where the adapter is and which base it belongs to; or why we must wait or fail."""
+async def _adapter_source(am: AdapterMerge) -> tuple[str, ModelSource, int | None] | Outcome:
+    """Where the adapter is, which base it belongs to and the base's size if the plan
+    knows it; or why we must wait or fail."""
     if am.spec.adapter_uri:
-        return am.spec.adapter_uri, am.spec.base_model
+        return am.spec.adapter_uri, am.spec.base_model, None
     ref = am.spec.fine_tune_job_ref.name
     ftj = await k8s.get(API_VERSION, "FineTuneJob", am.metadata.namespace, ref)
     if ftj is None:
@@ -37,7 +38,8 @@ async def _adapter_source(am: AdapterMerge) -> tuple[str, ModelSource] | Outcome
                        f"waiting for FineTuneJob {ref!r} to succeed "
                        f"(phase {status.get('phase') or 'Pending'})")
     uri = (status.get("adapter") or {}).get("uri") or ftj["spec"]["output"]["uri"]
-    return uri, ModelSource.model_validate(ftj["spec"]["model"])
+    total_params = (status.get("plan") or {}).get("totalParams")
+    return uri, ModelSource.model_validate(ftj["spec"]["model"]), total_params
 
 
 async def reconcile(namespace: str, name: str, settings: OperatorSettings) -> None:
@@ -55,10 +57,11 @@ async def reconcile(namespace: str, name: str, settings: OperatorSettings) -> No
     if isinstance(source, Outcome):
         outcome = source
     else:
-        adapter_uri, base = source
+        adapter_uri, base, total_params = source
         for child in (merge.build_config_map(am, adapter_uri, base),
                       merge.build_merge_job(am, adapter_uri, base,
-                                            default_image=settings.worker_image)):
+                                            default_image=settings.worker_image,
+                                            total_params=total_params)):
             kopf.adopt(child, owner=body)
             obj, _ = await k8s.create_if_absent(child)
             if child["kind"] == "Job":
