@@ -41,7 +41,7 @@ demo: binaries
 	$(VENV)/bin/finetune-operator demo
 
 demo-down: venv
-	$(VENV)/bin/finetune-operator dev down --dir .demo/cluster
+	$(VENV)/bin/finetune-operator demo down
 
 crds: venv
 	$(VENV)/bin/finetune-operator crds

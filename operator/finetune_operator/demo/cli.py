@@ -7,7 +7,8 @@ is, the plan and why, the measured throughput and memory, the merge result and t
 AdapterDeployment. Everything it starts is stopped at the end, on Ctrl-C, or at the
 start of the next run (a run killed with SIGKILL leaves a record in the data folder).
 
-`finetune-operator demo node-agent ...` runs the node agent on its own.
+`finetune-operator demo down` stops what a killed run left behind; `finetune-operator demo
+node-agent ...` runs the node agent on its own.
 """
 
 from __future__ import annotations
@@ -100,6 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         from .nodeagent import main as agent_main
 
         return agent_main(argv[1:])
+    if argv[:1] == ["down"]:
+        args = parse_args(argv[1:])
+        Demo(args).stop_stale()
+        print(f"stopped whatever an earlier demo left running in {args.data_dir}")
+        return 0
     args = parse_args(argv)
     demo = Demo(args)
 
