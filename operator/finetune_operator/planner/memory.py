@@ -257,10 +257,16 @@ def adapter_input_copied(shape: TrainingShape) -> bool:
     the cast under autocast, so bf16 inputs are used as they are; an fp32 residual stream
     (the common recipe's upcast) is cast to bf16 by autocast, again a copy.
     """
-    act = 4 if (shape.method == "qlora" and shape.upcast_non_quantized) else 2
+    act = residual_bytes(shape)
     if act != 2:
         return True
     return shape.method == "lora" and shape.adapter_bytes != act
+
+
+def residual_bytes(shape: TrainingShape) -> int:
+    """Bytes per element of the residual stream: bf16, except under the common recipe's
+    QLoRA, whose fp32 embeddings and norms turn every hidden state into fp32."""
+    return 4 if (shape.method == "qlora" and shape.upcast_non_quantized) else 2
 
 
 def layer_activation_bytes(arch: ModelArch, shape: TrainingShape) -> dict[str, float]:
@@ -268,15 +274,15 @@ def layer_activation_bytes(arch: ModelArch, shape: TrainingShape) -> dict[str, f
 
     Frozen base projections keep nothing (their weight gradient is not needed); what is kept:
       norms      - RMSNorm input: an fp32 copy (stock) or the 16-bit input (liger);
-      adapters   - per adapted projection, the bf16 copy of its input that lora_A saves (peft
-                   casts the input to the fp32 adapter dtype, autocast casts it back) plus the
-                   1-byte dropout mask when lora_dropout > 0;
+      adapters   - per adapted projection, the input lora_A saves: its own bf16 copy when the
+                   input is cast (see adapter_input_copied), the dropped-out copy plus a
+                   1-byte mask with dropout, otherwise the block's tensor itself (shared);
       attention  - SDPA's query, key, value and output (bf16) and its fp32 log-sum-exp; with
                    an explicit mask transformers repeats K/V to every query head first;
       mlp        - gate and up outputs (and SiLU's output without liger's fused SwiGLU).
     """
     h, i = arch.hidden_size, arch.intermediate_size
-    act = 4 if (shape.method == "qlora" and shape.upcast_non_quantized) else 2
+    act = residual_bytes(shape)
     norm_bytes = (act if shape.fused_kernels else 4) * h
     norms = arch.norms_per_layer * norm_bytes
 
@@ -312,7 +318,7 @@ def estimate_memory(arch: ModelArch, shape: TrainingShape,
     """Predict the peak reserved GPU memory of one training process (one GPU)."""
     tokens = shape.tokens_per_micro_batch
     h, i, layers = arch.hidden_size, arch.intermediate_size, arch.num_layers
-    act = 4 if (shape.method == "qlora" and shape.upcast_non_quantized) else 2
+    act = residual_bytes(shape)
 
     n_trainable = trainable_params(arch, shape)
     weights = weight_bytes(arch, shape)
