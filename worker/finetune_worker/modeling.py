@@ -280,6 +280,20 @@ def apply_fused_kernels(model) -> bool:
     return True
 
 
+def configure_cuda_backends(cudnn_attention: bool = False) -> None:
+    """Process-wide CUDA settings for training on batches whose shapes change every step.
+
+    Length-grouped and packed batches have a new (rows, length) shape almost every step. cuDNN's
+    SDPA kernels build an execution plan per shape (measured on an H200: a length-grouped 4k-token
+    step took 0.65 s against 0.33 s for fixed shapes), while the flash and memory-efficient kernels
+    have no per-shape setup, so cuDNN attention is switched off.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        torch.backends.cuda.enable_cudnn_sdp(cudnn_attention)
+
+
 def checkpointed_layers(num_layers: int, fraction: float) -> list[int]:
     """Which decoder layers to recompute in backward when only `fraction` of them should be.
 
@@ -341,6 +355,8 @@ def prepare_for_training(model, spec: Any, plan: Any, *, fused_kernels: bool | N
         if p.requires_grad and p.dtype != _fp32():
             p.data = p.data.float()
     on_cuda = next(model.parameters()).device.type == "cuda"
+    if on_cuda:
+        configure_cuda_backends(bool(field(plan, "cudnn_attention", False)))
     if field(plan, "lean_lora", on_cuda):
         lean_lora_layers(peft_model)
     peft_model.fused_kernels_applied = applied

@@ -38,6 +38,7 @@ class RunConfig:
     group_by_tokens: bool = True  # packing: fill micro-batches to a token budget, not a count
     length_grouped: bool = False  # no packing: similar lengths together, no attention mask (flash)
     lean_lora: bool = True  # modeling.lean_lora_layers (no fp32 input round trip, addmm epilogue)
+    cudnn_sdpa: bool = False  # let SDPA pick cuDNN attention (per-shape plans) or not
     grad_accum: int = 1
     grad_ckpt: float = 0.0  # share of layers recomputed in backward (0 = off, 1 = all)
     fused_kernels: bool = True
@@ -59,7 +60,8 @@ class RunConfig:
 
     def plan(self) -> dict:
         return {"method": self.method, "gradientCheckpointing": self.grad_ckpt > 0,
-                "checkpointFraction": self.grad_ckpt, "leanLora": self.lean_lora}
+                "checkpointFraction": self.grad_ckpt, "leanLora": self.lean_lora,
+                "cudnnAttention": self.cudnn_sdpa}
 
 
 @dataclass
@@ -149,6 +151,7 @@ def prepare(base, cfg: RunConfig):
                                                gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.fused_kernels:
             modeling.apply_fused_kernels(base)
+        modeling.configure_cuda_backends(cfg.cudnn_sdpa)
         torch.manual_seed(cfg.seed + 1)
         return get_peft_model(base, modeling.lora_config(cfg.spec()))
     torch.manual_seed(cfg.seed + 1)  # LoRA A init: the same adapters for the same seed
