@@ -35,8 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "$FINETUNE_WORKER_CONFIG)")
 
     merge = commands.add_parser("merge", help="merge an adapter into its unquantised base model")
-    merge.add_argument("--adapter", required=True, help="adapter directory (with its manifest)")
-    merge.add_argument("--output", required=True, help="directory for the merged model")
+    merge.add_argument("--config", default=os.environ.get("FINETUNE_WORKER_MERGE_CONFIG"),
+                       help="merge config written by the operator (MergeConfig YAML); gives "
+                            "the adapter, output, base model, dtype and claim mounts")
+    merge.add_argument("--adapter", help="adapter directory (with its manifest); required "
+                                         "without --config")
+    merge.add_argument("--output", help="directory for the merged model; required without "
+                                        "--config")
     merge.add_argument("--base-model", help="base model path or Hub id (default: the manifest's)")
     merge.add_argument("--revision", help="revision of a Hub base model")
     merge.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -155,6 +160,11 @@ def merge_command(args) -> int:
             local = Path(args.base_model)
             base = (Source(local_path=local) if local.is_absolute() or local.exists()
                     else Source(hub_id=args.base_model, revision=args.revision))
+        if args.config:
+            args, base, mounts = _merge_args_from_config(args)
+        elif not args.adapter or not args.output:
+            raise InvalidConfigError("finetune-worker merge needs --config, or both --adapter "
+                                     "and --output")
         token = read_secret_file(args.hf_token_file, "Hugging Face token")
         result = merge_adapter(Path(args.adapter), Path(args.output), base=base,
                                claim_mounts=mounts, dtype=args.dtype, token=token)
@@ -177,6 +187,26 @@ def merge_command(args) -> int:
                                        reason=Reason.MERGE_COMPLETE, base=result.base,
                                        output=str(result.output_dir)))
     return 0
+
+
+def _merge_args_from_config(args):
+    """`--config`: the operator's MergeConfig fills what the options would say."""
+    from finetune_operator.api import WorkerConfigError
+    from finetune_operator.api.merge_config import load_merge_config
+    from finetune_operator.api.worker_config import WorkerPaths
+
+    from .errors import InvalidConfigError
+    from .sources import model_source
+
+    try:
+        config = load_merge_config(args.config)
+    except WorkerConfigError as exc:
+        raise InvalidConfigError(str(exc)) from None
+    paths = WorkerPaths(output_dir=config.output_dir, checkpoint_dir=config.output_dir,
+                        claim_mounts=config.claim_mounts)
+    args.adapter, args.output, args.dtype = config.adapter_dir, config.output_dir, config.dtype
+    args.hf_token_file = config.hf_token_file
+    return args, model_source(config.base_model, paths), dict(config.claim_mounts)
 
 
 if __name__ == "__main__":  # pragma: no cover
