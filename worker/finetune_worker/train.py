@@ -263,6 +263,12 @@ def run_training(config: WorkerConfig, *, reporter: StatusReporter | None = None
     check_config(config)
     token = read_secret_file(config.paths.hf_token_file, "Hugging Face token")
     device = training_device()
+    if device == "cuda":
+        import torch
+
+        # peaks are per process; a caller running several trainings (the benchmark)
+        # must get each run's own
+        torch.cuda.reset_peak_memory_stats()
 
     tokenizer = load_tokenizer(config, token)
     splits = load_training_data(config, tokenizer, token)
