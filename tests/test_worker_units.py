@@ -156,6 +156,19 @@ def test_resume_picks_newest_complete_checkpoint_of_this_spec(tmp_path, caplog):
     assert "checkpoint-40: it was written for spec hash hash-b" in text
     assert "checkpoint-30: it has no COMPLETE marker" in text
     assert checkpoints.find_resumable_checkpoint(tmp_path, "hash-c") is None
+
+
+def test_resume_under_a_different_plan_says_what_changed(tmp_path, caplog):
+    directory = tmp_path / "checkpoint-7"
+    directory.mkdir()
+    (directory / "adapter_model.safetensors").write_bytes(b"w")
+    checkpoints.mark_complete(directory, "hash-a", 7, {"method": "lora", "microBatchSize": 8,
+                                                       "gradientAccumulation": 1})
+    caplog.set_level("WARNING")
+    now = {"method": "lora", "microBatchSize": 4, "gradientAccumulation": 2}
+    assert checkpoints.find_resumable_checkpoint(tmp_path, "hash-a", now) == directory
+    assert ("resuming checkpoint-7 under a different plan (gradientAccumulation: 1 -> 2; "
+            "microBatchSize: 8 -> 4)") in caplog.text
     assert checkpoints.find_resumable_checkpoint(tmp_path / "absent", "hash-a") is None
 
 

@@ -131,8 +131,10 @@ class CheckpointCallback(TrainerCallback):
     thread between steps, never in the middle of an optimizer update.
     """
 
-    def __init__(self, spec_hash: str, *, interval_s: float | None = None):
+    def __init__(self, spec_hash: str, *, interval_s: float | None = None,
+                 plan: dict | None = None):
         self.spec_hash = spec_hash
+        self.plan = plan or {}
         self.interval_s = interval_s
         self.preempted = threading.Event()
         self._last_save = time.monotonic()
@@ -155,7 +157,7 @@ class CheckpointCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if checkpoint.is_dir():
-            mark_complete(checkpoint, self.spec_hash, state.global_step)
+            mark_complete(checkpoint, self.spec_hash, state.global_step, self.plan)
             self.saved_steps.append(state.global_step)
         self._last_save = time.monotonic()
         return control

@@ -34,11 +34,17 @@ def _files(directory: Path) -> list[Path]:
                   and not p.name.startswith(f".{MARKER}"))
 
 
-def mark_complete(checkpoint: Path, spec_hash: str, step: int) -> Path:
-    """Write the marker last, atomically, so its presence means the checkpoint is whole."""
+def mark_complete(checkpoint: Path, spec_hash: str, step: int,
+                  plan: dict | None = None) -> Path:
+    """Write the marker last, atomically, so its presence means the checkpoint is whole.
+
+    `plan` records how the run was executed (method, micro-batch, ...): not part of the
+    checkpoint's identity, but a resume under a different plan is reported.
+    """
     marker = {
         "specHash": spec_hash,
         "step": step,
+        "plan": plan or {},
         "files": {str(p.relative_to(checkpoint)): sha256_file(p) for p in _files(checkpoint)},
     }
     tmp = checkpoint / f".{MARKER}.tmp"
@@ -85,12 +91,25 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def find_resumable_checkpoint(root: Path, spec_hash: str) -> Path | None:
+def plan_differences(checkpoint: Path, plan: dict) -> list[str]:
+    """`field: saved -> now` for every plan field that differs from the checkpoint's."""
+    saved = json.loads((checkpoint / MARKER).read_text()).get("plan") or {}
+    return [f"{key}: {saved.get(key)!r} -> {value!r}" for key, value in sorted(plan.items())
+            if key in saved and saved[key] != value]
+
+
+def find_resumable_checkpoint(root: Path, spec_hash: str, plan: dict | None = None) -> Path | None:
     """The newest complete checkpoint for this spec; the others are skipped with a warning."""
     for step, checkpoint in list_checkpoints(root):
         problem = checkpoint_problem(checkpoint, spec_hash)
         if problem is None:
             log.info("resuming from %s (step %d)", checkpoint, step)
+            differences = plan_differences(checkpoint, plan or {})
+            if differences:
+                # Same spec, so the weights are compatible; the run continues, but its
+                # remaining steps see a different batch layout or numerics.
+                log.warning("resuming %s under a different plan (%s)", checkpoint.name,
+                            "; ".join(differences))
             return checkpoint
         log.warning("skipping checkpoint %s: %s", checkpoint, problem)
     return None

@@ -280,8 +280,9 @@ def run_training(config: WorkerConfig, *, reporter: StatusReporter | None = None
         model, revision = load_model(config, token, device)
         trainer, checkpointing, progress = build_trainer(config, model, tokenizer, splits,
                                                           device, reporter)
-        resume = find_resumable_checkpoint(Path(config.paths.checkpoint_dir),
-                                           config.spec_hash) if config.spec.training.resume else None
+        resume = (find_resumable_checkpoint(Path(config.paths.checkpoint_dir), config.spec_hash,
+                                            plan_record(config.plan))
+                  if config.spec.training.resume else None)
         from .callbacks import SigtermToCheckpoint
 
         started = time.perf_counter()
@@ -325,6 +326,13 @@ def _finite(value) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def plan_record(plan) -> dict:
+    """The plan fields that shape a step, as recorded in each checkpoint."""
+    return plan.model_dump(by_alias=True, include={"method", "micro_batch_size",
+                                                   "gradient_accumulation",
+                                                   "gradient_checkpointing"})
+
+
 def build_trainer(config: WorkerConfig, model, tokenizer, splits, device: str,
                   reporter: StatusReporter | None):
     from trl import SFTTrainer
@@ -335,7 +343,8 @@ def build_trainer(config: WorkerConfig, model, tokenizer, splits, device: str,
     training = config.spec.training
     progress = ProgressCallback(reporter)
     checkpointing = CheckpointCallback(config.spec_hash,
-                                       interval_s=checkpoint_interval_seconds(training))
+                                       interval_s=checkpoint_interval_seconds(training),
+                                       plan=plan_record(config.plan))
     try:
         Path(config.paths.checkpoint_dir).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
