@@ -480,20 +480,25 @@ class Demo:
              + (f" ({', '.join(files)})" if files else " (no files)"))
         if status.get("adapter"):
             a = status["adapter"]
-            info(f"            digest {a.get('sha256', '?')[:16]}..., {a.get('sizeBytes', '?')} bytes")
+            size = f", {a['sizeBytes']:,} bytes" if a.get("sizeBytes") else ""
+            info(f"            sha256 {a.get('sha256', '?')[:16]}...{size}")
         if status.get("plan"):
             info("plan:       " + describe_plan(status["plan"]))
         m = status.get("metrics") or {}
-        if m:
+        worker = self.worker_summary(status.get("jobName"))
+        wm = worker.get("metrics") or {}
+        if m or wm:
             info("measured:   " + ", ".join(f"{k} {v}" for k, v in (
-                ("tokens/s", _num(m.get("tokensPerSecond"))),
-                ("samples/s", _num(m.get("samplesPerSecond"))),
-                ("peak memory", m.get("peakVRAM") or _bytes(m.get("peakVRAMBytes"))),
-                ("train loss", _num(m.get("trainLoss"))),
-                ("eval loss", _num(m.get("evalLoss"))),
-                ("runtime s", _num(m.get("trainRuntimeSeconds")))) if v not in (None, "None")))
-            info("            (peak memory is the worker process's peak host memory: "
-                 "there is no GPU on this node)")
+                ("tokens/s", _num(m.get("tokensPerSecond") or wm.get("tokensPerSecond"))),
+                ("samples/s", _num(m.get("samplesPerSecond") or wm.get("samplesPerSecond"))),
+                ("peak GPU memory", m.get("peakVRAM") or _bytes(m.get("peakVRAMBytes"))),
+                ("peak host memory (RSS)", _bytes(wm.get("peakRSSBytes"))),
+                ("train loss", _num(wm.get("trainLoss"))),
+                ("eval loss", _num(wm.get("evalLoss"))),
+                ("training time", _seconds(wm.get("trainRuntimeSeconds"))))
+                if v is not None))
+            info("            (from status.metrics and the worker's termination message; on "
+                 "this node the worker ran on the CPU, so its memory is host memory)")
         merge = followups.get("merge")
         if merge is not None:
             ms = merge.get("status") or {}
@@ -507,7 +512,12 @@ class Demo:
         if deploy is not None:
             ds = deploy.get("status") or {}
             info(f"deployment: AdapterDeployment {deploy['metadata']['name']} created "
-                 f"(runtime {deploy['spec'].get('runtime')}, phase {ds.get('phase', 'n/a')})")
+                 f"(runtime {deploy['spec'].get('runtime')}"
+                 + (f", phase {ds['phase']}" if ds.get("phase") else "") + ")")
+            for cond in ds.get("conditions") or []:
+                if cond.get("status") == "True" or cond.get("type") == "Ready":
+                    info(f"            {cond['type']}={cond['status']} {cond.get('reason', '')}: "
+                         f"{cond.get('message', '')}")
             refused = self.refused_pods()
             for pod, reason, message in refused:
                 info(f"            its serving pod {pod} is refused by the local node agent: "
@@ -524,9 +534,27 @@ class Demo:
                 "mergedDir": str(self.paths.claim(merge["spec"]["output"]["uri"]))
                 if merge else None,
                 "refusedPods": [list(r) for r in self.refused_pods()],
+                "workerSummary": worker,
                 "podLogs": str(logs), "elapsedSeconds": elapsed,
                 "pods": self.api.get(f"/api/v1/namespaces/{NAMESPACE}/pods")["items"],
             }, indent=1))
+
+    def worker_summary(self, job_name: str | None) -> dict:
+        """The JSON summary the worker left as its termination message (pod status)."""
+        if not job_name:
+            return {}
+        pods = self.api.get(f"/api/v1/namespaces/{NAMESPACE}/pods",
+                            labelSelector=f"job-name={job_name}")["items"]
+        for pod in pods:
+            for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+                message = ((cs.get("state") or {}).get("terminated") or {}).get("message")
+                try:
+                    summary = json.loads(message or "")
+                except json.JSONDecodeError:
+                    continue
+                if summary.get("result") == "Succeeded":
+                    return summary
+        return {}
 
     def refused_pods(self) -> list[tuple[str, str, str]]:
         out = []
@@ -612,6 +640,10 @@ def _num(v) -> str | None:
     if v is None:
         return None
     return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _seconds(v) -> str | None:
+    return None if v is None else f"{v:.1f}s"
 
 
 def _bytes(v) -> str | None:
