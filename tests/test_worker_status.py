@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest_worker import worker_config_dict
+from finetune_operator.api import AdapterManifest
 from finetune_worker.status import KubeStatusClient, StatusPatchError, StatusReporter
 
 # tiny_model_root and worker_config fixtures
@@ -128,6 +129,10 @@ def test_training_run_reports_progress_and_final_metrics(worker_identity, kube, 
     assert progress["step"] == 4 and progress["totalSteps"] == 4 and progress["percent"] == 100
     assert progress["loss"] > 0 and "updatedAt" in progress
     summary = json.loads(log.read_text())
+    assert summary["result"] == "Succeeded" and summary["exitCode"] == 0
+    manifest = AdapterManifest.read(raw["paths"]["outputDir"])
+    assert summary["adapter"] == {"uri": "pvc://out/adapter", "path": raw["paths"]["outputDir"],
+                                  "digest": manifest.digest, "sizeBytes": manifest.size_bytes}
     assert metrics["tokensPerSecond"] == summary["metrics"]["tokensPerSecond"] > 0
     assert metrics["samplesPerSecond"] > 0
     assert _without_worker_fields(after) == _without_worker_fields(before)

@@ -119,10 +119,16 @@ def test_merged_model_matches_base_plus_adapter(lora_run, tmp_path, tiny_model_r
     from transformers import AutoModelForCausalLM
 
     _, result = lora_run
+    # as the merge Job runs it: a MergeConfig written by the operator
     merged_dir = tmp_path / "merged-fp32"
-    code = main(["merge", "--adapter", str(result.adapter_dir), "--output", str(merged_dir),
-                 "--claim-mount", f"models={tiny_model_root}", "--dtype", "float32"])
-    assert code == 0
+    merge_config = tmp_path / "merge-config.yaml"
+    merge_config.write_text(json.dumps({
+        "apiVersion": "finetune.dev/v1alpha1", "kind": "MergeConfig",
+        "merge": {"namespace": "default", "name": "tiny-merge", "uid": "0000-merge"},
+        "baseModel": {"uri": "pvc://models/tiny"},
+        "adapterDir": str(result.adapter_dir), "outputDir": str(merged_dir),
+        "dtype": "float32", "claimMounts": {"models": str(tiny_model_root)}}))
+    assert main(["merge", "--config", str(merge_config)]) == 0
     base = AutoModelForCausalLM.from_pretrained(tiny_model_root / "tiny", dtype=torch.float32)
     reference = PeftModel.from_pretrained(base, str(result.adapter_dir)).eval()
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
@@ -290,3 +296,32 @@ def test_checkpoints_are_also_saved_on_time(tmp_path, tiny_model_root, monkeypat
     assert sorted(p.name for p in root.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
     for step in (2, 3):
         assert checkpoint_problem(root / f"checkpoint-{step}", config.spec_hash) is None
+
+
+def test_merge_refuses_a_corrupt_adapter_and_an_invalid_config(lora_run, tmp_path,
+                                                               tiny_model_root, monkeypatch):
+    import shutil
+
+    from finetune_worker.cli import main
+
+    _, result = lora_run
+    log = tmp_path / "termination-log"
+    monkeypatch.setenv("FINETUNE_WORKER_TERMINATION_LOG", str(log))
+    corrupt = tmp_path / "adapter"
+    shutil.copytree(result.adapter_dir, corrupt)
+    weights = corrupt / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    code = main(["merge", "--adapter", str(corrupt), "--output", str(tmp_path / "merged"),
+                 "--claim-mount", f"models={tiny_model_root}"])
+    assert code == 14
+    summary = json.loads(log.read_text())
+    assert summary["reason"] == "StorageError"
+    assert "adapter_model.safetensors is missing or does not match the sha256" in summary["message"]
+    assert not (tmp_path / "merged" / "model.safetensors").exists()
+
+    bad = tmp_path / "merge-config.yaml"
+    bad.write_text(json.dumps({"apiVersion": "finetune.dev/v1alpha1", "kind": "MergeConfig",
+                               "adapterDir": str(result.adapter_dir), "dtype": "float8"}))
+    assert main(["merge", "--config", str(bad)]) == 10
+    message = json.loads(log.read_text())["message"]
+    assert "outputDir: Field required" in message and "dtype" in message

@@ -131,7 +131,7 @@ def report_success(config, result, reporter) -> int:
         log.warning(message)
         return PREEMPTED_EXIT_CODE
     adapter = {"path": str(result.adapter_dir), "digest": result.adapter_digest,
-               "uri": config.spec.output.uri}
+               "sizeBytes": result.adapter_size_bytes, "uri": config.spec.output.uri}
     write_termination_message(_summary(
         "Succeeded", 0, f"trained {result.global_step} steps"
         + (f", resumed from {result.resumed_from.name}" if result.resumed_from else ""),

@@ -38,6 +38,7 @@ class TrainResult:
     progress: dict[str, Any]
     adapter_dir: Path | None = None
     adapter_digest: str | None = None
+    adapter_size_bytes: int | None = None
     resumed_from: Path | None = None
     preempted: bool = False
     global_step: int = 0
@@ -315,6 +316,7 @@ def run_training(config: WorkerConfig, *, reporter: StatusReporter | None = None
     manifest = write_outputs(config, trainer.model, revision, result.metrics, token)
     result.adapter_dir = Path(config.paths.output_dir)
     result.adapter_digest = manifest.digest
+    result.adapter_size_bytes = manifest.size_bytes
     result.model = trainer.model
     return result
 
