@@ -11,7 +11,6 @@ import uuid
 
 import pytest
 import yaml
-
 from charttest import CHART, by_kind, helm, render
 from kubetest import Kube, KubectlError, wait_for
 

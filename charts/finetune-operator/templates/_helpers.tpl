@@ -54,17 +54,29 @@ Usage: include "finetune-operator.imageRef" (dict "image" .Values.worker.image "
 {{- end }}
 
 {{/*
-Watched namespaces in `namespaces` mode, validated once here.
+Watched namespaces, validated once here: "" when the operator serves every namespace,
+else the comma-separated names (or, in cluster mode, kopf glob patterns like `team-*`).
 */}}
 {{- define "finetune-operator.watchedNamespaces" -}}
 {{- if eq .Values.watch.mode "namespaces" }}
 {{- if not .Values.watch.namespaces }}
 {{- fail "watch.mode is \"namespaces\" but watch.namespaces is empty: list the namespaces the operator should watch, or set watch.mode=cluster" }}
 {{- end }}
+{{- range .Values.watch.namespaces }}
+{{- if regexMatch "[*?\\[]" . }}
+{{- fail (printf "watch.namespaces: %q is a pattern, but watch.mode \"namespaces\" creates a Role in each namespace and needs exact names; use watch.mode=cluster for patterns" .) }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- join "," .Values.watch.namespaces }}
 {{- end }}
-{{- end }}
 
+{{/* RBAC scope: a ClusterRole (cluster mode) or a Role per namespace. */}}
 {{- define "finetune-operator.clusterWide" -}}
 {{- if eq .Values.watch.mode "cluster" }}true{{ end }}
+{{- end }}
+
+{{/* kopf serves every namespace (`--all-namespaces`): cluster mode without a list. */}}
+{{- define "finetune-operator.allNamespaces" -}}
+{{- if and (eq .Values.watch.mode "cluster") (not .Values.watch.namespaces) }}true{{ end }}
 {{- end }}

@@ -61,13 +61,11 @@ escalation check passes without `escalate` or `bind`.
 - apiGroups: [""]
   resources: ["services"]
   verbs: ["create", "get", "list", "watch", "patch", "delete"]
-{{- if .Values.standby.enabled }}
-{{- if not (include "finetune-operator.clusterWide" .) }}
-# kopf peering (namespaced mode): keep-alives in the KopfPeering object.
+{{- if and .Values.standby.enabled (not (include "finetune-operator.allNamespaces" .)) }}
+# kopf peering per watched namespace: keep-alives in its KopfPeering object.
 - apiGroups: ["kopf.dev"]
   resources: ["kopfpeerings"]
   verbs: ["get", "list", "watch", "patch"]
-{{- end }}
 {{- end }}
 {{- end }}
 
@@ -77,13 +75,14 @@ escalation check passes without `escalate` or `bind`.
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
   verbs: ["get", "list", "watch"]
-{{- if not (include "finetune-operator.clusterWide" .) }}
-# kopf lists namespaces to notice watched namespaces being created or deleted.
+{{- if not (include "finetune-operator.allNamespaces" .) }}
+# kopf lists namespaces to notice watched namespaces (or ones matching a pattern) being
+# created or deleted.
 - apiGroups: [""]
   resources: ["namespaces"]
   verbs: ["list", "watch"]
 {{- end }}
-{{- if and .Values.standby.enabled (include "finetune-operator.clusterWide" .) }}
+{{- if and .Values.standby.enabled (include "finetune-operator.allNamespaces" .) }}
 # kopf peering (cluster mode): keep-alives in the ClusterKopfPeering object.
 - apiGroups: ["kopf.dev"]
   resources: ["clusterkopfpeerings"]
