@@ -29,7 +29,10 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture
 def namespace(cluster, request) -> str:
-    name = f"t-{request.node.name[:30].lower().replace('_', '-').strip('-')}-{uuid.uuid4().hex[:5]}"
+    # Tests that run the operator get "op-" namespaces, the only ones it watches.
+    prefix = "op" if "operator_process" in request.fixturenames else "t"
+    name = (f"{prefix}-{request.node.name[:30].lower().replace('_', '-').strip('-')}-"
+            f"{uuid.uuid4().hex[:5]}")
     name = "".join(ch if ch.isalnum() or ch == "-" else "-" for ch in name)
     Kube(cluster).kubectl("create", "namespace", name, namespaced=False)
     yield name
@@ -92,3 +95,31 @@ def operator_process(cluster, crds, tmp_path_factory):
         from charttest import assert_no_forbidden
 
         assert_no_forbidden(proc.log_text())
+
+
+MANUAL_NODE = "manual-gpu-0"
+
+
+@pytest.fixture(scope="session")
+def manual_node(cluster) -> str:
+    """A GPU node no kwok manages: a test plays its kubelet, writing pod statuses by hand
+    (exit codes, termination messages, init-container failures). Tainted so that only
+    pods meant for it (tolerating `finetune.dev/test-node`) land there."""
+    import json
+
+    from finetune_operator.devcluster.controlplane import fake_gpu_node
+    from kubetest import Kube
+
+    node = fake_gpu_node(MANUAL_NODE, product="NVIDIA-H100-80GB-HBM3", memory_mib=81559)
+    node["metadata"]["annotations"] = {}
+    node["metadata"]["labels"]["finetune.dev/test-node"] = "manual"
+    node["spec"]["taints"] = [{"key": "finetune.dev/test-node", "value": "manual",
+                               "effect": "NoSchedule"}]
+    admin = Kube(cluster)
+    admin.apply(node)
+    admin.kubectl("patch", "node", MANUAL_NODE, "--subresource=status", "--type=merge", "-p",
+                  json.dumps({"status": {"conditions": [{
+                      "type": "Ready", "status": "True", "reason": "TestKubelet",
+                      "message": "the test acts as this node's kubelet"}]}}),
+                  namespaced=False)
+    return MANUAL_NODE

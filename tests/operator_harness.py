@@ -12,6 +12,9 @@ from finetune_operator.devcluster.controlplane import Cluster
 from kubetest import wait_for
 
 RESYNC_MARKER = "resync complete"
+# The test operator watches only namespaces of tests that asked for it (the `namespace`
+# fixture prefixes those with "op-"): API-only tests must not see an operator write status.
+OPERATOR_NAMESPACES = "op-*"
 
 
 class OperatorProcess:
@@ -28,18 +31,19 @@ class OperatorProcess:
     def start(self) -> None:
         env = {**os.environ, "KUBECONFIG": self.kubeconfig,
                "FINETUNE_RESYNC_SECONDS": "5", "FINETUNE_METRICS_PORT": "0",
-               "FINETUNE_ALLOW_HUB": "false",
+               "FINETUNE_ALLOW_HUB": "false", "FINETUNE_NAMESPACES": OPERATOR_NAMESPACES,
                "PYTHONUNBUFFERED": "1", **self.extra_env}
         self.starts += 1
         offset = len(self.log_text())
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "kopf", "run", "-m", "finetune_operator.main",
-                 "--all-namespaces", "--standalone", "--verbose"],
+                 f"--namespace={OPERATOR_NAMESPACES}", "--standalone", "--verbose"],
                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        # With --verbose kopf logs each watch-stream it opens; once the FineTuneJob
-        # stream is open, no event is missed.
-        wait_for(lambda: "watch-stream for finetunejobs" in self.log_text()[offset:] or
+        # With --verbose kopf logs each watch-stream it opens. Watching a namespace pattern,
+        # it first watches namespaces and then lists and watches each matching one as it
+        # appears, so nothing created in a test namespace is missed.
+        wait_for(lambda: "watch-stream for namespaces" in self.log_text()[offset:] or
                  self.proc.poll() is not None, timeout=60, what="the operator to start")
         if self.proc.poll() is not None:
             raise AssertionError("operator exited at start-up:\n" + self.log_text()[-4000:])

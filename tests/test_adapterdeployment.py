@@ -13,9 +13,8 @@ from kubetest import Kube, condition, wait_for
 pytestmark = pytest.mark.cluster
 BASE = "meta-llama/Meta-Llama-3-8B"
 SERVERS = "finetune.dev/component=adapter-server"
-# The fake nodes keep the `not-ready` NoSchedule taint the API server puts on new nodes
-# (no node-lifecycle controller removes it); per-deployment tolerations get past it, and
-# exercise spec.resources.tolerations on the way.
+# Per-deployment tolerations (harmless on the untainted fake nodes) exercise
+# spec.resources.tolerations on the way to the server's pod template.
 RESOURCES = {"tolerations": [{"key": "node.kubernetes.io/not-ready", "operator": "Exists",
                               "effect": "NoSchedule"}]}
 
@@ -236,38 +235,13 @@ def test_finetunejob_follow_up_deploys_and_deleting_the_job_removes_the_server(
              what="the server to go with the last adapter")
 
 
-MANUAL_NODE = "manual-serving-0"
-
-
-@pytest.fixture(scope="module")
-def manual_node(cluster):
-    """A GPU node no kwok manages: the test plays its kubelet (pod statuses by hand)."""
-    import json
-
-    from finetune_operator.devcluster.controlplane import fake_gpu_node
-
-    node = fake_gpu_node(MANUAL_NODE)
-    node["metadata"]["annotations"] = {}
-    node["metadata"]["labels"]["finetune.dev/test-node"] = MANUAL_NODE
-    # Only the pods meant for it tolerate this: nothing else may land where no kubelet runs.
-    node["spec"]["taints"] = [{"key": "finetune.dev/test-node", "value": MANUAL_NODE,
-                               "effect": "NoSchedule"}]
-    admin = Kube(cluster)
-    admin.apply(node)
-    admin.kubectl("patch", "node", MANUAL_NODE, "--subresource=status", "--type=merge", "-p",
-                  json.dumps({"status": {"conditions": [{
-                      "type": "Ready", "status": "True", "reason": "TestKubelet",
-                      "message": "the test acts as this node's kubelet"}]}}),
-                  namespaced=False)
-    return MANUAL_NODE
-
 
 def test_adapter_failing_its_checks_in_the_pod_degrades_the_deployment(
         kube: Kube, operator_process, manual_node):
     kube.apply(adapter_deployment(
         "checked", [{"name": "support", "uri": "s3://adapters/support"}],
         storageSecretRef={"name": "s3"},
-        resources={"nodeSelector": {"finetune.dev/test-node": manual_node},
+        resources={"nodeSelector": {"finetune.dev/test-node": "manual"},
                    "tolerations": [{"operator": "Exists"}]}))
     pod = wait_for(lambda: [p for p in kube.items("pods", SERVERS)
                             if p["spec"].get("nodeName") == manual_node],

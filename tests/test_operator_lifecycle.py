@@ -19,7 +19,7 @@ from kubetest import Kube, bound_pvc, condition, wait_for
 
 pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).resolve().parent.parent
-MANUAL_NODE = "manual-gpu-0"
+from conftest import MANUAL_NODE
 
 
 def ftj_manifest(name: str, *, memory: str = "24Gi", manual: bool = False, **spec) -> dict:
@@ -36,28 +36,13 @@ def ftj_manifest(name: str, *, memory: str = "24Gi", manual: bool = False, **spe
     }
     if manual:
         doc["spec"]["resources"]["nodeSelector"] = {"finetune.dev/test-node": "manual"}
-        # The manual node has no kubelet heartbeat: tolerate the not-ready taint.
-        doc["spec"]["resources"]["tolerations"] = [{"operator": "Exists"}]
+        # The manual node is tainted so that only the pods meant for it land there.
+        doc["spec"]["resources"]["tolerations"] = [
+            {"key": "finetune.dev/test-node", "operator": "Equal", "value": "manual",
+             "effect": "NoSchedule"}]
     for key, value in spec.items():
         doc["spec"][key] = value
     return doc
-
-
-@pytest.fixture(scope="module")
-def manual_node(cluster):
-    from finetune_operator.devcluster.controlplane import fake_gpu_node
-
-    node = fake_gpu_node(MANUAL_NODE, product="NVIDIA-H100-80GB-HBM3", memory_mib=81559)
-    node["metadata"]["annotations"] = {}  # not kwok's: the test is its kubelet
-    node["metadata"]["labels"]["finetune.dev/test-node"] = "manual"
-    admin = Kube(cluster)
-    admin.apply(node)
-    admin.kubectl("patch", "node", MANUAL_NODE, "--subresource=status", "--type=merge", "-p",
-                  json.dumps({"status": {"conditions": [{
-                      "type": "Ready", "status": "True", "reason": "TestKubelet",
-                      "message": "the test acts as this node's kubelet"}]}}),
-                  namespaced=False)
-    return MANUAL_NODE
 
 
 def act_as_kubelet(kube: Kube, job: str, *, exit_code: int, message: str = "",

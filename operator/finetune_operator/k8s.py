@@ -45,6 +45,16 @@ class Conflict(Exception):
     """The object changed since it was read; the caller reconciles again."""
 
 
+class Gone(Exception):
+    """The object, or its namespace, is being deleted: nothing left to reconcile."""
+
+
+def _gone(exc: ApiException) -> bool:
+    if exc.status == 404:
+        return True
+    return exc.status == 403 and "NamespaceTerminating" in (exc.body or "")
+
+
 _api: client.ApiClient | None = None
 
 
@@ -100,6 +110,8 @@ async def _call(method: str, resource_path: str, *, body: Any = None,
         )
     except ApiException as exc:
         metrics.API_ERRORS.labels(method=method, code=str(exc.status)).inc()
+        if _gone(exc) and method != "GET":
+            raise Gone(f"{method} {resource_path}: {exc.status} {exc.reason}") from exc
         raise
     finally:
         metrics.API_LATENCY.labels(method=method).observe(time.monotonic() - started)
@@ -178,10 +190,8 @@ async def delete(api_version: str, kind: str, namespace: str | None, name: str,
         await _call("DELETE", path(api_version, kind, namespace, name),
                     body={"propagationPolicy": propagation})
         return True
-    except ApiException as exc:
-        if exc.status == 404:
-            return False
-        raise
+    except Gone:
+        return False
 
 
 async def read_pod_log_tail(namespace: str, pod: str, lines: int = 20) -> str:

@@ -10,6 +10,7 @@ drift) and deletion is left to owner references and the garbage collector.
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import logging
 import os
 import sys
@@ -50,6 +51,9 @@ async def run_reconcile(kind: str, namespace: str, name: str) -> None:
                 metrics.API_RETRIES.labels(kind=kind).inc()
                 log.debug("conflict on %s %s/%s (attempt %d); reconciling again", kind,
                           namespace, name, attempt + 1)
+            except k8s.Gone as exc:
+                log.debug("%s %s/%s went away during the pass: %s", kind, namespace, name, exc)
+                break
             except Exception as exc:
                 metrics.RECONCILE_ERRORS.labels(kind=kind, error=type(exc).__name__).inc()
                 log.exception("reconcile of %s %s/%s failed; the next event or resync "
@@ -180,13 +184,23 @@ async def _resync_forever() -> None:
             log.exception("periodic resync failed; trying again in %ss", SETTINGS.resync_seconds)
 
 
+def _watched(namespace: str) -> bool:
+    return not SETTINGS.namespaces or any(fnmatch.fnmatchcase(namespace, pattern)
+                                          for pattern in SETTINGS.namespaces)
+
+
 async def resync_once() -> None:
-    namespaces = SETTINGS.namespaces or [None]
+    # Exact names are listed one by one (a namespaced install may not list cluster-wide);
+    # patterns, like kopf's own `--namespace 'team-*'`, need a cluster-wide list.
+    exact = [n for n in SETTINGS.namespaces if not any(c in n for c in "*?[")]
+    scopes = exact if exact and len(exact) == len(SETTINGS.namespaces) else [None]
     counts: dict[tuple[str, str], int] = {}
-    for ns in namespaces:
+    for ns in scopes:
         for kind in RECONCILERS:
             for obj in await k8s.list_objects("finetune.dev/v1alpha1", kind, ns):
                 md = obj["metadata"]
+                if not _watched(md["namespace"]):
+                    continue
                 await run_reconcile(kind, md["namespace"], md["name"])
                 if kind == "FineTuneJob":
                     key = (md["namespace"], (obj.get("status") or {}).get("phase") or "Pending")
