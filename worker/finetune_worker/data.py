@@ -12,7 +12,6 @@ Problems in the data raise DataError naming the file, the row and the field.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -246,9 +245,3 @@ def prepare_splits(records, fmt: str, tokenizer, *, max_length: int, source: str
             evaluation = None
     return TokenizedSplits(train=train, eval=evaluation, dropped=dropped)
 
-
-def count_tokens(dataset) -> int:
-    return sum(len(ids) for ids in dataset["input_ids"])
-
-
-TokenizerFn = Callable[[str], Any]
