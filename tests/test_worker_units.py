@@ -297,3 +297,25 @@ def test_corrupt_rows_exit_11_naming_the_row(tmp_path, tiny_model_root):
     assert proc.returncode == 11, proc.stderr
     assert "row 1: field 'output' is missing or null" in summary["message"]
     assert not (tmp_path / "checkpoints").exists()  # failed before any training
+
+
+def test_eval_split_and_max_samples_from_a_dataset_directory(tmp_path, tokenizer):
+    from finetune_operator.api import WorkerConfig
+    from finetune_worker.train import load_training_data
+
+    data_dir = tmp_path / "data" / "qa"
+    data_dir.mkdir(parents=True)
+    lines = (DATA_DIR / "completion.jsonl").read_text().splitlines()
+    (data_dir / "train.jsonl").write_text("\n".join(lines[:20]) + "\n")
+    (data_dir / "test.jsonl").write_text("\n".join(lines[20:]) + "\n")
+    raw = worker_config_dict(tmp_path, tmp_path, fmt="completion", data_dir=tmp_path / "data")
+    raw["spec"]["dataset"] = {"uri": "pvc://data/qa", "format": "completion",
+                              "evalSplit": "test", "maxSamples": 8}
+    splits = load_training_data(WorkerConfig.model_validate(raw), tokenizer, None)
+    assert len(splits.train) == 8 and len(splits.eval) == 4
+    train_prompts = {json.loads(line)["prompt"] for line in lines[:20]}
+    test_prompts = {json.loads(line)["prompt"] for line in lines[20:]}
+    for example in splits.train:
+        assert any(tokenizer.decode(example["input_ids"]).startswith(p) for p in train_prompts)
+    for example in splits.eval:
+        assert any(tokenizer.decode(example["input_ids"]).startswith(p) for p in test_prompts)
