@@ -113,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, terminate)
+    # Ctrl-C must stop everything even when the shell started us with SIGINT ignored
+    # (a background job, some CI runners): Python would then never raise KeyboardInterrupt.
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return demo.run()
     except KeyboardInterrupt:
@@ -122,8 +125,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ndemo failed: {exc}", file=sys.stderr, flush=True)
         return 1
     finally:
+        # A second Ctrl-C must not cut the clean-up short and leave processes behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         demo.stop_all()
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 class Demo:
