@@ -296,3 +296,17 @@ def test_deleting_a_running_pod_stops_its_process_and_removes_it(kube, agent):
     assert running.containers["main"].exit_code == 143  # SIGTERM, as a runtime reports it
     assert not Path(f"/proc/{pid}").exists() or \
         Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z"
+
+
+@pytest.mark.cluster
+def test_kubectl_logs_follow_streams_until_the_container_exits(kube, agent):
+    script = ("import time\nprint('first', flush=True)\ntime.sleep(2)\n"
+              "print('second', flush=True)")
+    _create(kube, _test_pod("chatty", agent.node_name, script))
+    wait_for(lambda: kube.get("pod", "chatty")["status"].get("phase") in
+             ("Running", "Succeeded"), timeout=30, what="the pod to start")
+    # Returns only when the agent ends the stream, i.e. after the process exited.
+    followed = kube.kubectl("logs", "-f", "chatty", timeout=30).stdout
+    assert followed.split() == ["first", "second"]
+    assert _terminal(kube, "chatty")["status"]["phase"] == "Succeeded"
+    assert kube.kubectl("logs", "chatty", "--tail=1").stdout.strip() == "second"
