@@ -208,10 +208,11 @@ def test_unfused_cross_entropy_materialises_logits():
     fused = estimate_memory(LLAMA3_8B, shape)
     unfused = estimate_memory(LLAMA3_8B, shape.but(fused_ce=False))
     tokens = 2048 * 4
-    # bf16 logits + their fp32 upcast + fp32 log-probabilities: 10 bytes per vocab entry.
-    assert unfused.breakdown["logits"] == pytest.approx(10 * 128256 * tokens, rel=0.001)
+    # At the start of backward: bf16 logits, fp32 log-probabilities, their gradients and
+    # casts, 18 bytes per vocabulary entry (19.4 measured on the H200 without liger).
+    assert unfused.breakdown["logits"] == pytest.approx(18 * 128256 * tokens, rel=0.001)
     # The loss moment becomes the peak (the backward moment it replaces was smaller).
-    assert unfused.total - fused.total > 6 * 128256 * tokens
+    assert unfused.total - fused.total > 14 * 128256 * tokens
 
 
 def test_qlora_needs_less_than_lora_and_breakdown_sums_to_total():

@@ -40,7 +40,8 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "packing": ("packing", "padding_free"),
     "optimizer": ("optimizer", "optim"),
     "adapter_bytes": ("adapter_bytes",),
-    "upcast_non_quantized": ("upcast_non_quantized", "fp32_upcast"),
+    "upcast_non_quantized": ("upcast_non_quantized", "fp32_upcast", "kbit_fp32_upcast"),
+    "lean_lora": ("lean_lora",),
     "attention_mask": ("attention_mask",),
     "double_quant": ("double_quant",),
     "peak_reserved_bytes": ("peak_reserved_bytes",),
@@ -112,6 +113,9 @@ def point_from_record(record: Mapping[str, Any], source: str = "") -> Calibratio
         optimizer=str(_get(record, "optimizer", "adamw_torch")),
         adapter_bytes=int(_get(record, "adapter_bytes", 4)),
         upcast_non_quantized=bool(_get(record, "upcast_non_quantized", False)),
+        # Records that do not say were measured before the worker's lean LoRA layers existed
+        # (the first H200 grid, the common recipe): peft's own forward.
+        lean_lora=bool(_get(record, "lean_lora", False)),
         # Calibration runs train on full-length samples: without packing there is no padding,
         # so transformers drops the all-ones mask; packed rows always carry one.
         attention_mask=bool(_get(record, "attention_mask", _get(record, "packing", False))),

@@ -28,21 +28,30 @@ def load_points(directory: Path) -> list[CalibrationPoint]:
     return points
 
 
+def _batches(shape) -> str:
+    if shape.packing:
+        return "packed"
+    return "padded, mask" if shape.masked_attention else "no mask"
+
+
 def markdown_table(points: list[CalibrationPoint]) -> str:
     lines = [
-        ("| source | model | method | r | seq | micro-batch | ckpt | liger norms/SwiGLU "
-        "| measured GiB | predicted GiB | error |"),
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        ("| source | model | method | r | seq | micro-batch | ckpt | kernels | adapter input "
+         "| batches | dropout | measured GiB | predicted GiB | error |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in points:
         predicted = estimate_memory(p.arch, p.shape).total
         error = (predicted - p.peak_reserved_bytes) / p.peak_reserved_bytes
         s = p.shape
+        adapter_input = ("fp32 residual" if s.upcast_non_quantized else
+                         "shared" if (s.method == "qlora" or s.lean_lora) else "peft copy")
         lines.append(
             f"| {p.source.removesuffix('.jsonl')} | {p.arch.name} | {s.method} | {s.lora_r} "
             f"| {s.seq_len} | {s.micro_batch} | {'on' if s.gradient_checkpointing else 'off'} "
-            f"| {'yes' if s.fused_kernels else 'no'} | {p.peak_reserved_bytes / GiB:.2f} "
-            f"| {predicted / GiB:.2f} | {error:+.1%} |")
+            f"| {'liger' if s.fused_kernels else 'stock'} | {adapter_input} | {_batches(s)} "
+            f"| {s.lora_dropout:g} | {p.peak_reserved_bytes / GiB:.2f} | {predicted / GiB:.2f} "
+            f"| {error:+.1%} |")
     return "\n".join(lines)
 
 

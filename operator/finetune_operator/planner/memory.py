@@ -60,9 +60,16 @@ class MemoryConstants:
     """Per token, per hidden channel: fused linear cross-entropy keeps the gradient of the last
     hidden state (2 bytes) and one chunk of fp32 logits and their gradient (about the size of
     the hidden state, 4 + 4 bytes). Never the full tokens x vocabulary logits."""
-    unfused_ce_bytes_per_vocab: float = 10.0
-    """Per token, per vocabulary entry, without fusion: bf16 logits (2), the fp32 upcast the
-    loss makes (4) and the fp32 log-probabilities kept for backward (4)."""
+    unfused_ce_bytes_per_vocab: float = 18.0
+    """Per token, per vocabulary entry, without fusion, at the start of the backward pass: the
+    bf16 logits the caller still holds (2), the fp32 log-probabilities kept by the loss (4),
+    their gradient (4), the gradient of the fp32 logits (4), its bf16 cast (2) and softmax
+    temporaries. The H200 run without liger measured 19.4 on top of the norm/SwiGLU copies."""
+    packed_rows_bytes_per_layer: int = 90 * MiB
+    """Measured, not understood: with padding-free packed rows (position ids restarting inside
+    a row, block-diagonal masks) every layer whose activations are kept holds about 90 MiB
+    more than the terms above, whatever the micro-batch (4k, 8k and 16k tokens on the 8B shape:
+    +2.8 to +3.0 GiB without checkpointing, +0.5 GiB with it; docs/perf-notes.md, call 1)."""
     cublas_workspace_bytes: int = 64 * MiB
     """cuBLAS workspaces, allocated through PyTorch's allocator: 32 MiB per handle on Hopper,
     one handle for the forward thread and one for autograd's backward thread (also seen in the
@@ -110,6 +117,9 @@ class TrainingShape:
     double_quant: bool = True
     adapter_bytes: int = 4
     """fp32 adapters (peft's default, and our worker's); 2 when a recipe casts them to bf16."""
+    lean_lora: bool = True
+    """The worker's lean LoRA layers (modeling.lean_lora_layers): under autocast the adapters
+    read the block's bf16 input directly, without peft's fp32 round trip and its copy."""
     upcast_non_quantized: bool = False
     attention_mask: bool | None = None
     """Whether attention runs with an explicit mask (padding or packed-sequence boundaries),
@@ -254,13 +264,14 @@ def adapter_input_copied(shape: TrainingShape) -> bool:
 
     peft's LoRA layer on a bf16 base casts the input to the adapters' dtype (fp32) and
     autocast casts it back to bf16 for lora_A: a new tensor per adapter. Its 4-bit layer skips
-    the cast under autocast, so bf16 inputs are used as they are; an fp32 residual stream
-    (the common recipe's upcast) is cast to bf16 by autocast, again a copy.
+    the cast under autocast, and so do the worker's lean LoRA layers, so bf16 inputs are used
+    as they are; an fp32 residual stream (the common recipe's upcast) is cast to bf16 by
+    autocast, again a copy.
     """
     act = residual_bytes(shape)
     if act != 2:
         return True
-    return shape.method == "lora" and shape.adapter_bytes != act
+    return shape.method == "lora" and shape.adapter_bytes != act and not shape.lean_lora
 
 
 def residual_bytes(shape: TrainingShape) -> int:
@@ -340,8 +351,13 @@ def estimate_memory(arch: ModelArch, shape: TrainingShape,
     else:
         saved = layers * layer_bytes * tokens
         recomputed = 0.0
-    rows, row_len = (1, tokens) if shape.packing else (shape.micro_batch, shape.seq_len)
-    attention_mask = rows * row_len * row_len if shape.masked_attention else 0
+    # The worker packs examples into rows of seq_len tokens (or pads them to it): at most
+    # micro_batch rows, each with a seq_len x seq_len boolean mask shared by all layers.
+    attention_mask = (shape.micro_batch * shape.seq_len * shape.seq_len
+                      if shape.masked_attention else 0)
+    if shape.packing:
+        attention_mask += constants.packed_rows_bytes_per_layer * (
+            1 if shape.gradient_checkpointing else layers)
     backward_per_channel = (
         constants.backward_bytes_per_intermediate
         + (constants.backward_fp32_cast_bytes_per_intermediate if adapter_input_copied(shape)
