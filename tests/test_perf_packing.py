@@ -183,3 +183,17 @@ def test_length_grouped_batches_bound_padded_size_and_cover_everything():
         assert all(0 <= i // 100 == b[0] // 100 for i in b)  # never mixes windows
     padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
     assert padded < 1.1 * sum(lengths)  # sorting leaves little padding
+
+
+def test_length_grouped_widths_rounded_to_a_multiple():
+    import random
+
+    rnd = random.Random(1)
+    lengths = [rnd.randint(5, 512) for _ in range(200)]
+    batches = packing.length_grouped_batches(lengths, 4096, window=200, multiple=64)
+    collate = packing.make_collator(Tok(), 512, packing=False, attention_mask=False, pad_to_multiple_of=64)
+    data = [{"input_ids": [3] * n, "labels": [3] * n} for n in lengths]
+    for b in batches:
+        batch = collate([data[i] for i in b])
+        assert batch["input_ids"].shape[1] % 64 == 0
+        assert batch["input_ids"].numel() <= 4096 or len(b) == 1

@@ -54,7 +54,7 @@ def pack_rows(lengths: Sequence[int], row_tokens: int) -> list[list[int]]:
 
 def make_collator(
     tokenizer: Any, seq_len: int, packing: bool, *, row_tokens: int | None = None,
-    attention_mask: bool = True,
+    attention_mask: bool = True, pad_to_multiple_of: int = 1,
 ) -> Callable[[list[dict]], dict]:
     """Build the collate function for a list of {"input_ids", "labels"} examples.
 
@@ -102,6 +102,7 @@ def make_collator(
     def collate_padded(examples: list[dict]) -> dict:
         rows = [_truncate(e, seq_len) for e in examples]
         width = max((len(ids) for ids, _ in rows), default=0)
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
         input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # noqa: F811
@@ -146,14 +147,16 @@ def token_budget_batches(
 
 
 def length_grouped_batches(
-    lengths: Sequence[int], max_tokens: int, *, window: int = 1024, seed: int = 0
+    lengths: Sequence[int], max_tokens: int, *, window: int = 1024, seed: int = 0, multiple: int = 1
 ) -> list[list[int]]:
     """Micro-batches of similar-length examples whose padded size (rows x longest) fits max_tokens.
 
     Examples are sorted by length inside windows of `window` examples (not globally, so the data
     order stays mostly as given), cut into micro-batches, and the micro-batches of each window are
     shuffled with a fixed seed so long and short ones alternate (steady memory and no length
-    ordering effect on the loss). Padding drops to a few percent of the tokens.
+    ordering effect on the loss). Padding drops to a few percent of the tokens. With `multiple`
+    the padded width is counted rounded up to that multiple (pair it with the collator's
+    pad_to_multiple_of), which bounds how many distinct batch shapes a run sees.
     """
     import random
 
@@ -165,7 +168,7 @@ def length_grouped_batches(
         longest = 0
         window_batches = []
         for i in idx:
-            n = lengths[i]
+            n = -(-lengths[i] // multiple) * multiple
             if group and max(longest, n) * (len(group) + 1) > max_tokens:
                 window_batches.append(group)
                 group, longest = [], 0

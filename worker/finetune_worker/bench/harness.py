@@ -39,6 +39,7 @@ class RunConfig:
     length_grouped: bool = False  # no packing: similar lengths together, no attention mask (flash)
     lean_lora: bool = True  # modeling.lean_lora_layers (no fp32 input round trip, addmm epilogue)
     cudnn_sdpa: bool = False  # let SDPA pick cuDNN attention (per-shape plans) or not
+    pad_multiple: int = 1  # length-grouped: pad widths to a multiple (fewer distinct shapes)
     grad_accum: int = 1
     grad_ckpt: float = 0.0  # share of layers recomputed in backward (0 = off, 1 = all)
     fused_kernels: bool = True
@@ -174,7 +175,8 @@ def release(peft_model):
 def micro_batches(examples: list[dict], cfg: RunConfig) -> list[list[dict]]:
     if cfg.length_grouped:
         lengths = [min(len(e["input_ids"]), cfg.seq_len) for e in examples]
-        groups = packing.length_grouped_batches(lengths, cfg.tokens_per_micro_batch, seed=cfg.seed)
+        groups = packing.length_grouped_batches(lengths, cfg.tokens_per_micro_batch, seed=cfg.seed,
+                                                multiple=cfg.pad_multiple)
         return [[examples[i] for i in g] for g in groups]
     if cfg.packing and cfg.group_by_tokens:
         lengths = [min(len(e["input_ids"]), cfg.seq_len) for e in examples]
@@ -210,7 +212,7 @@ def train(model, examples: list[dict], cfg: RunConfig, *, collator=None, log=pri
     cuda = device.type == "cuda"
     collate = collator or packing.make_collator(
         None, cfg.seq_len, cfg.packing and not cfg.length_grouped, row_tokens=cfg.row_tokens,
-        attention_mask=not cfg.length_grouped)
+        attention_mask=not cfg.length_grouped, pad_to_multiple_of=cfg.pad_multiple)
     groups = micro_batches(examples, cfg)
     need = cfg.steps * cfg.grad_accum
     if len(groups) < need:
@@ -282,6 +284,8 @@ def train(model, examples: list[dict], cfg: RunConfig, *, collator=None, log=pri
             with open(profile_out, "w") as fh:
                 fh.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=60))
     result.losses = [round(float(x), 5) for x in losses]
+    result.notes["step_seconds"] = [round(t, 4) for t in step_times]
+    result.notes["step_shapes"] = [list(b["input_ids"].shape) for b, _, _ in batches[: len(step_times) * cfg.grad_accum]]
     if cuda:
         result.peak_reserved_bytes = torch.cuda.max_memory_reserved()
         result.peak_allocated_bytes = torch.cuda.max_memory_allocated()
