@@ -139,6 +139,7 @@ class Demo:
         self.cluster = None
         self.api = None
         self.processes: dict[str, subprocess.Popen] = {}
+        self.log_offsets: dict[Path, int] = {}
         self.started = time.monotonic()
 
     # ---- the flow --------------------------------------------------------------------------
@@ -388,6 +389,26 @@ class Demo:
             info(f"pod {name}: {status.get('phase', 'Pending')} on {where}"
                  f"{' - ' + detail if detail else ''}{log}")
 
+    def worker_lines(self, offsets: dict[Path, int]) -> None:
+        """The worker's own log messages (not its per-step lines: the status shows those),
+        so the quiet minute of loading libraries and data is not a silent one."""
+        for log in sorted((self.paths.node / "logs" / NAMESPACE).glob("*/*.log")):
+            try:
+                with open(log, "rb") as f:
+                    f.seek(offsets.get(log, 0))
+                    data = f.read()
+            except OSError:
+                continue
+            complete = data.rfind(b"\n") + 1
+            offsets[log] = offsets.get(log, 0) + complete
+            for line in data[:complete].decode(errors="replace").splitlines():
+                _, sep, message = line.partition(" finetune_worker")
+                text = message.partition(": ")[2]
+                if not sep or "callbacks: step " in message or text.startswith("done: "):
+                    continue  # steps and final numbers: the status and the summary say them
+                level = line.split()[2].lower() if len(line.split()) > 2 else "info"
+                info(f"{log.parent.name}: {'' if level == 'info' else level + ': '}{text}")
+
     def follow_training(self, name: str) -> dict:
         say(7, f"training: FineTuneJob {name} as the operator and the worker report it "
                "(kubectl get ftj -w)")
@@ -407,6 +428,7 @@ class Demo:
                 printed_plan = True
                 info("plan: " + describe_plan(status["plan"]))
             self.pod_lines(pods_seen)
+            self.worker_lines(self.log_offsets)
             line = progress_line(status)
             if line != last_line:
                 last_line = line
@@ -442,6 +464,7 @@ class Demo:
             merge = self.get("adaptermerges", merge_name) if want_merge else None
             deploy = self.get("adapterdeployments", deploy_name) if want_deploy else None
             self.pod_lines(pods_seen)
+            self.worker_lines(self.log_offsets)
             merge_phase = ((merge or {}).get("status") or {}).get("phase")
             line = (f"AdapterMerge {merge_name}: {merge_phase or ('absent' if merge is None else 'Pending')}"
                     f"; AdapterDeployment {deploy_name}: "
