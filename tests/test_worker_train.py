@@ -287,8 +287,8 @@ def test_checkpoints_are_also_saved_on_time(tmp_path, tiny_model_root, monkeypat
 
     # step-based only (every 1000 steps): the final step is the one checkpoint
     assert lora_run[1].checkpoints == [14]
-    monkeypatch.setenv("FINETUNE_WORKER_CHECKPOINT_MINUTES", "0.00001")
     config = _config(tmp_path, tiny_model_root, fmt="text", max_steps=3)
+    config.spec.training.checkpoint_minutes = 0.00001  # spec.training.checkpointMinutes
     result = run_training(config)
     assert result.checkpoints == [1, 2, 3]
     root = Path(config.paths.checkpoint_dir)

@@ -187,7 +187,8 @@ def metrics_from_termination(summary: dict) -> dict:
     """Map the worker's termination summary onto status.metrics (camelCase, known keys)."""
     metrics = summary.get("metrics") or {}
     keep = ("peakVRAMBytes", "peakVRAM", "tokensPerSecond", "samplesPerSecond",
-            "stepsPerSecond", "gpuSeconds")
+            "stepsPerSecond", "gpuSeconds", "peakVRAMAllocatedBytes", "peakRSSBytes", "device",
+            "trainedTokens", "trainRuntimeSeconds", "trainLoss", "evalLoss")
     return {k: metrics[k] for k in keep if metrics.get(k) is not None}
 
 

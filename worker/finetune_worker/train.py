@@ -101,18 +101,10 @@ def checkpoint_interval_seconds(training) -> float | None:
     """Time-based checkpoints on top of every `checkpointSteps` steps.
 
     A preemptible GPU can disappear between step-based saves that are hours apart; a save
-    every N minutes bounds the loss. The spec's `checkpointMinutes` wins when the API has
-    it; otherwise FINETUNE_WORKER_CHECKPOINT_MINUTES, default 30; 0 turns it off.
+    every `checkpointMinutes` bounds the loss (0 turns time-based saves off).
     """
-    minutes = getattr(training, "checkpoint_minutes", None)
-    if minutes is None:
-        raw = os.environ.get("FINETUNE_WORKER_CHECKPOINT_MINUTES", "30")
-        try:
-            minutes = float(raw)
-        except ValueError:
-            raise InvalidConfigError(f"FINETUNE_WORKER_CHECKPOINT_MINUTES is {raw!r}; expected "
-                                     "a number of minutes (0 turns time-based saves off)") from None
-    return minutes * 60 if minutes and minutes > 0 else None
+    minutes = training.checkpoint_minutes
+    return minutes * 60 if minutes > 0 else None
 
 
 def build_sft_config(config: WorkerConfig, *, device: str):

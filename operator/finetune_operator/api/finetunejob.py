@@ -235,6 +235,9 @@ class TrainingSpec(SpecModel):
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 42
     checkpoint_steps: Annotated[int, Field(ge=1)] = 200
     """Save a checkpoint every this many steps (the job resumes from the latest)."""
+    checkpoint_minutes: Annotated[float, Field(ge=0, le=1440)] = 30
+    """Also save a checkpoint every this many minutes (0: only every checkpointSteps), so a
+    preempted GPU loses at most this much work."""
     checkpoint_limit: Annotated[int, Field(ge=1, le=100)] = 2
     """Keep at most this many checkpoints."""
     resume: bool = True
@@ -467,6 +470,17 @@ class TrainingMetrics(StatusModel):
     steps_per_second: float | None = None
     gpu_seconds: float | None = None
     """GPU time used: wall time x GPUs."""
+    peak_vram_allocated_bytes: int | None = Field(None, alias="peakVRAMAllocatedBytes")
+    """`torch.cuda.max_memory_allocated`: live tensors at the peak, without allocator cache."""
+    peak_rss_bytes: int | None = Field(None, alias="peakRSSBytes")
+    """Peak host memory of the worker process (the measure that counts on a CPU)."""
+    device: str | None = None
+    """What trained: `cuda` or `cpu`."""
+    trained_tokens: int | None = None
+    """Real (non-padding) tokens the optimizer saw."""
+    train_runtime_seconds: float | None = None
+    train_loss: float | None = None
+    eval_loss: float | None = None
 
 
 class FollowUpStatus(StatusModel):
