@@ -422,8 +422,9 @@ class Demo:
                 key = (cond.get("status"), cond.get("reason"))
                 if conditions_seen.get(cond["type"]) != key:
                     conditions_seen[cond["type"]] = key
+                    message = f": {cond['message']}" if cond.get("message") else ""
                     info(f"condition {cond['type']}={cond.get('status')} "
-                         f"{cond.get('reason', '')}: {cond.get('message', '')}")
+                         f"{cond.get('reason', '')}{message}")
             if status.get("plan") and not printed_plan:
                 printed_plan = True
                 info("plan: " + describe_plan(status["plan"]))
