@@ -518,14 +518,17 @@ class Demo:
         worker = self.worker_summary(status.get("jobName"))
         wm = worker.get("metrics") or {}
         if m or wm:
+            def metric(key):  # the status first; the termination message otherwise
+                return m.get(key) if m.get(key) is not None else wm.get(key)
+
             info("measured:   " + ", ".join(f"{k} {v}" for k, v in (
-                ("tokens/s", _num(m.get("tokensPerSecond") or wm.get("tokensPerSecond"))),
-                ("samples/s", _num(m.get("samplesPerSecond") or wm.get("samplesPerSecond"))),
-                ("peak GPU memory", m.get("peakVRAM") or _bytes(m.get("peakVRAMBytes"))),
-                ("peak host memory (RSS)", _bytes(wm.get("peakRSSBytes"))),
-                ("train loss", _num(wm.get("trainLoss"))),
-                ("eval loss", _num(wm.get("evalLoss"))),
-                ("training time", _seconds(wm.get("trainRuntimeSeconds"))))
+                ("tokens/s", _num(metric("tokensPerSecond"))),
+                ("samples/s", _num(metric("samplesPerSecond"))),
+                ("peak GPU memory", m.get("peakVRAM") or _bytes(metric("peakVRAMBytes"))),
+                ("peak host memory (RSS)", _bytes(metric("peakRSSBytes"))),
+                ("train loss", _num(metric("trainLoss"))),
+                ("eval loss", _num(metric("evalLoss"))),
+                ("training time", _seconds(metric("trainRuntimeSeconds"))))
                 if v is not None))
             info("            (from status.metrics and the worker's termination message; on "
                  "this node the worker ran on the CPU, so its memory is host memory)")
