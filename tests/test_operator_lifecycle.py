@@ -215,9 +215,9 @@ def test_worker_exit_code_maps_to_reason(kube: Kube, operator_process, manual_no
     assert f"failure {code} details" in cond["message"]
     # Permanent failures are not retried: the failure policy failed the Job at once.
     assert len(kube.items("pods", f"job-name={name}-train")) == 1
-    events = kube.items("events")
-    assert any(e.get("reason") == reason and e["involvedObject"]["name"] == name
-               for e in events)
+    # Every transition is an Event on the FineTuneJob (posted asynchronously by kopf).
+    wait_for(lambda: any(e.get("reason") == reason and e["involvedObject"]["name"] == name
+                         for e in kube.items("events")), what=f"a {reason} Event")
 
 
 def test_missing_secret_and_unknown_model_fail_with_clear_conditions(kube: Kube,
