@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from finetune_worker.bench import cli, data, harness  # noqa: E402
+from finetune_worker.bench import cli, data, harness
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -8,12 +8,12 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from finetune_worker import modeling  # noqa: E402
+from finetune_worker import modeling
 
 
 def tiny_config(**kw):
-    base = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=256, max_position_embeddings=256)
+    base = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 256}
     base.update(kw)
     return transformers.LlamaConfig(**base)
 

@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from finetune_worker import packing  # noqa: E402
+from finetune_worker import packing
 
 SEQ_LEN = 64
 
@@ -197,3 +197,21 @@ def test_length_grouped_widths_rounded_to_a_multiple():
         batch = collate([data[i] for i in b])
         assert batch["input_ids"].shape[1] % 64 == 0
         assert batch["input_ids"].numel() <= 4096 or len(b) == 1
+
+
+def test_token_budget_batch_sampler_feeds_a_dataloader():
+    from torch.utils.data import DataLoader
+
+    data = examples([30, 200, 64, 17, 120, 90, 300, 45] * 4)
+    lengths = [len(e["input_ids"]) for e in data]
+    sampler = packing.TokenBudgetBatchSampler(lengths, 512, seq_len=256, multiple=64, window=16)
+    collate = packing.make_collator(Tok(), 256, packing=False, attention_mask=False, pad_to_multiple_of=64)
+    loader = DataLoader(data, batch_sampler=sampler, collate_fn=collate)
+    seen = 0
+    for batch in loader:
+        assert batch["input_ids"].numel() <= 512 or batch["input_ids"].shape[0] == 1
+        assert batch["input_ids"].shape[1] % 64 == 0
+        seen += batch["input_ids"].shape[0]
+    assert seen == len(data) and len(sampler) == len(list(sampler))
+    sampler.set_epoch(1)
+    assert sorted(i for b in sampler for i in b) == list(range(len(data)))

@@ -160,13 +160,13 @@ def load_base_model(
 
     method = plan_method(plan)
     source, revision = model_source(spec, local_path)
-    kwargs: dict[str, Any] = dict(
-        revision=revision,
-        token=token,
-        dtype=torch.bfloat16,
-        attn_implementation=attn_implementation or "sdpa",
-        low_cpu_mem_usage=True,
-    )
+    kwargs: dict[str, Any] = {
+        "revision": revision,
+        "token": token,
+        "dtype": torch.bfloat16,
+        "attn_implementation": attn_implementation or "sdpa",
+        "low_cpu_mem_usage": True,
+    }
     if method == "qlora":
         if not str(device).startswith("cuda"):
             raise RuntimeError(

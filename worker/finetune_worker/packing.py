@@ -105,14 +105,14 @@ def make_collator(
         width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
         input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # noqa: F811
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, (ids, labs) in enumerate(rows):
             input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             labels[i, : len(labs)] = torch.tensor(labs, dtype=torch.long)
-            attention_mask[i, : len(ids)] = 1
+            mask[i, : len(ids)] = 1
         if not with_mask:
             return {"input_ids": input_ids, "labels": labels}
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
 
     with_mask = attention_mask
     return collate_packed if packing else collate_padded
@@ -179,6 +179,37 @@ def length_grouped_batches(
         rng.shuffle(window_batches)
         batches += window_batches
     return batches
+
+
+class TokenBudgetBatchSampler:
+    """A DataLoader batch_sampler of length-grouped micro-batches within a token budget.
+
+    For the trainer: `DataLoader(ds, batch_sampler=TokenBudgetBatchSampler(lengths, budget,
+    multiple=64), collate_fn=make_collator(tok, seq_len, packing=False, attention_mask=False,
+    pad_to_multiple_of=64))` gives every step about `budget` tokens (so the planner's memory bound
+    holds: budget = micro_batch_size x seq_len), little padding, flash attention, and few distinct
+    batch shapes (on an H200 the first step with a new shape cost 0.2-0.25 s extra).
+    A new epoch re-shuffles the micro-batches' order with seed + epoch.
+    """
+
+    def __init__(self, lengths: Sequence[int], max_tokens: int, *, seq_len: int | None = None,
+                 multiple: int = 64, window: int = 1024, seed: int = 0):
+        self.lengths = [min(n, seq_len) if seq_len else n for n in lengths]
+        self.max_tokens, self.multiple, self.window, self.seed = max_tokens, multiple, window, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        return length_grouped_batches(self.lengths, self.max_tokens, window=self.window,
+                                      seed=self.seed + self.epoch, multiple=self.multiple)
+
+    def __iter__(self):
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        return len(self._batches())
 
 
 def trained_tokens(batch: dict) -> int:

@@ -69,12 +69,14 @@ def cmd_env(args) -> None:
 
 
 def cmd_calibrate(args) -> None:
+    import contextlib
+
     from . import calibrate
 
-    out = open(args.out, "a") if args.out else None
-    for method in args.method.split(","):
-        calibrate.grid(args.shape, method, _ints(args.seq), _ints(args.mb), _ints(args.ckpt),
-                       r=args.r, steps=args.steps, dropout=args.dropout, out=out)
+    with open(args.out, "a") if args.out else contextlib.nullcontext() as out:
+        for method in args.method.split(","):
+            calibrate.grid(args.shape, method, _ints(args.seq), _ints(args.mb), _ints(args.ckpt),
+                           r=args.r, steps=args.steps, dropout=args.dropout, out=out)
 
 
 def cmd_run(args) -> None:

@@ -72,7 +72,7 @@ def length_summary(examples: list[dict], seq_len: int | None = None) -> dict:
     if seq_len:
         n = np.minimum(n, seq_len)
     return {
-        "examples": int(len(n)), "mean": round(float(n.mean()), 1),
+        "examples": len(n), "mean": round(float(n.mean()), 1),
         "median": float(np.median(n)), "p90": float(np.percentile(n, 90)),
         "p99": float(np.percentile(n, 99)), "max": int(n.max()),
         "share_over_512": round(float((np.array([len(e["input_ids"]) for e in examples]) > 512).mean()), 3),

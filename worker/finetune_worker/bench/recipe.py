@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import time
 
-from .. import modeling
 from . import harness
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
