@@ -175,7 +175,6 @@ def test_images_pinned_by_digest_and_gpu_defaults():
     assert env["FINETUNE_METRICS_PORT"] == "9090"
     default_env = _env(_operator_deployment(render()))
     assert default_env["FINETUNE_WORKER_IMAGE"] == "ghcr.io/finetune-dev/finetune-worker:0.1.0"
-    assert default_env["FINETUNE_GPU_RESOURCE_NAME"] == "nvidia.com/gpu"
     assert json.loads(default_env["FINETUNE_GPU_TOLERATIONS"]) == [
         {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
 

@@ -225,3 +225,15 @@ def test_condition_transition_time_moves_only_when_status_flips():
     conds3 = set_condition([{**conds2[0], "lastTransitionTime": "2000-01-01T00:00:00Z"}],
                            "Running", False, "Done", "", 3)
     assert conds3[0]["lastTransitionTime"] != "2000-01-01T00:00:00Z"
+
+
+def test_operator_wide_gpu_tolerations_come_before_the_jobs_own(llama):
+    default = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    doc = llama.model_dump(mode="json", by_alias=True, exclude_none=True)
+    doc["spec"]["resources"]["tolerations"] = [{"key": "team", "operator": "Equal",
+                                                "value": "a", "effect": "NoSchedule"}]
+    job = training.build_training_job(FineTuneJob.model_validate(doc), PLAN, "h",
+                                      default_tolerations=default)
+    tolerations = job["spec"]["template"]["spec"]["tolerations"]
+    assert tolerations[0] == default[0]
+    assert tolerations[1]["key"] == "team"

@@ -38,6 +38,8 @@ PLURALS: dict[tuple[str, str], str] = {
     ("finetune.dev/v1alpha1", "FineTuneJob"): "finetunejobs",
     ("finetune.dev/v1alpha1", "AdapterMerge"): "adaptermerges",
     ("finetune.dev/v1alpha1", "AdapterDeployment"): "adapterdeployments",
+    ("kopf.dev/v1", "ClusterKopfPeering"): "clusterkopfpeerings",
+    ("kopf.dev/v1", "KopfPeering"): "kopfpeerings",
 }
 
 

@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 
 import kopf
 
@@ -77,10 +78,14 @@ async def configure(settings: kopf.OperatorSettings, **_) -> None:
     # Only warnings of kopf's own go to Kubernetes Events; ours are posted explicitly.
     settings.posting.level = logging.WARNING
     settings.peering.name = os.environ.get("FINETUNE_PEERING_NAME", "finetune-operator")
-    settings.peering.mandatory = False
     settings.peering.stealth = True
-    if os.environ.get("FINETUNE_PEERING", "false").lower() != "true":
+    if os.environ.get("FINETUNE_PEERING", "false").lower() == "true":
+        # An active/standby pair: without its peering object an operator must wait, not
+        # run unpaired next to the other one.
+        settings.peering.mandatory = True
+    else:
         settings.peering.standalone = True
+    _kopf_settings.append(settings)
     await k8s.connect()
     _start_metrics_server()
 
@@ -189,7 +194,39 @@ def _watched(namespace: str) -> bool:
                                           for pattern in SETTINGS.namespaces)
 
 
+_kopf_settings: list[kopf.OperatorSettings] = []
+
+
+async def outranked() -> bool:
+    """Whether a live peer of higher priority holds the lead (we are the paused standby).
+
+    kopf pauses its own watchers then, but not this resync task; the rule is kopf's: a
+    peer counts until its lastseen + lifetime has passed.
+    """
+    if not _kopf_settings or _kopf_settings[0].peering.standalone:
+        return False
+    peering = _kopf_settings[0].peering
+    if peering.clusterwide:
+        obj = await k8s.get("kopf.dev/v1", "ClusterKopfPeering", None, peering.name)
+    else:
+        first = next((n for n in SETTINGS.namespaces if not any(c in n for c in "*?[")), None)
+        obj = await k8s.get("kopf.dev/v1", "KopfPeering", first, peering.name) if first else None
+    now = datetime.now(UTC)
+    for info in ((obj or {}).get("status") or {}).values():
+        try:
+            seen = datetime.fromisoformat(info["lastseen"])
+            alive = seen + timedelta(seconds=int(info.get("lifetime", 60))) > now
+        except (KeyError, TypeError, ValueError):
+            continue
+        if alive and int(info.get("priority", 0)) > peering.priority:
+            return True
+    return False
+
+
 async def resync_once() -> None:
+    if await outranked():
+        log.debug("a higher-priority operator is active; standby skips the resync")
+        return
     # Exact names are listed one by one (a namespaced install may not list cluster-wide);
     # patterns, like kopf's own `--namespace 'team-*'`, need a cluster-wide list.
     exact = [n for n in SETTINGS.namespaces if not any(c in n for c in "*?[")]

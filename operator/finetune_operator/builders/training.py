@@ -247,7 +247,8 @@ def failure_policy() -> dict:
 
 
 def build_training_job(ftj: FineTuneJob, plan: TrainingPlan, spec_hash: str, *,
-                       default_image: str = DEFAULT_WORKER_IMAGE) -> dict:
+                       default_image: str = DEFAULT_WORKER_IMAGE,
+                       default_tolerations: list[dict] | None = None) -> dict:
     spec = ftj.spec
     n = names(ftj.metadata.name)
     gpu = spec.resources.gpu
@@ -271,9 +272,11 @@ def build_training_job(ftj: FineTuneJob, plan: TrainingPlan, spec_hash: str, *,
                                gpu_node_affinity(parse_quantity(gpu.memory), gpu.product))
     if spec.resources.node_selector:
         pod_spec["nodeSelector"] = dict(spec.resources.node_selector)
-    if spec.resources.tolerations:
-        pod_spec["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True)
-                                   for t in spec.resources.tolerations]
+    tolerations = [*(default_tolerations or []),
+                   *(t.model_dump(by_alias=True, exclude_none=True)
+                     for t in spec.resources.tolerations or [])]
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
     if spec.resources.priority_class_name:
         pod_spec["priorityClassName"] = spec.resources.priority_class_name
     job_labels = labels(ftj.metadata.name, "trainer")

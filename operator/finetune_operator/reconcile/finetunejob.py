@@ -145,7 +145,8 @@ async def _ensure_children(body: dict, ftj: FineTuneJob, plan: TrainingPlan, sha
         training.build_config_map(ftj, plan, shash),
         *training.build_rbac(ftj),
     ]
-    job = training.build_training_job(ftj, plan, shash, default_image=settings.worker_image)
+    job = training.build_training_job(ftj, plan, shash, default_image=settings.worker_image,
+                                      default_tolerations=settings.gpu_tolerations)
     created_job = None
     # The Job goes last: its pods must find their ServiceAccount and config.
     for child in [*children, job]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -22,6 +23,9 @@ class OperatorSettings:
     """Fetch config.json from the Hugging Face Hub (HF_ENDPOINT) for models without a
     preset; off in air-gapped clusters, where spec.model.architecture is needed instead."""
     metrics_port: int = 8080
+    gpu_tolerations: list[dict] = field(default_factory=list)
+    """Tolerations added to every worker pod on top of a job's own (GPU node pools are often
+    tainted `nvidia.com/gpu:NoSchedule`)."""
 
     @classmethod
     def from_env(cls) -> OperatorSettings:
@@ -34,6 +38,7 @@ class OperatorSettings:
         s.pvc_root = os.environ.get("FINETUNE_PVC_ROOT") or None
         s.allow_hub = os.environ.get("FINETUNE_ALLOW_HUB", "true").lower() != "false"
         s.metrics_port = int(os.environ.get("FINETUNE_METRICS_PORT", s.metrics_port))
+        s.gpu_tolerations = json.loads(os.environ.get("FINETUNE_GPU_TOLERATIONS") or "[]")
         return s
 
 
