@@ -237,3 +237,30 @@ def test_operator_wide_gpu_tolerations_come_before_the_jobs_own(llama):
     tolerations = job["spec"]["template"]["spec"]["tolerations"]
     assert tolerations[0] == default[0]
     assert tolerations[1]["key"] == "team"
+
+
+def test_a_finished_pod_before_the_job_completes_is_still_running_not_pending():
+    out = observe_training(_job(), [_pod("Succeeded", exit_code=0)], user_suspended=False,
+                           queued=False)
+    assert out.phase == Phase.RUNNING
+
+
+def test_merge_job_asks_for_host_memory_by_model_size():
+    from finetune_operator.api.adaptermerge import AdapterMerge
+    from finetune_operator.builders import merge
+
+    # Llama-3-8B: the bf16 base twice (loaded + merged copy) plus 1 GiB headroom.
+    assert merge.merge_memory_request(8_030_261_248) == "31Gi"
+    assert merge.merge_memory_request(None) == "32Gi"  # unknown size: enough for 8B
+    doc = yaml.safe_load_all((ROOT / "examples" / "adaptermerge.yaml").read_text())
+    am = AdapterMerge.model_validate({**next(iter(doc)),
+                                      "metadata": {"name": "m", "namespace": "ns", "uid": "u"}})
+    base = load_example("finetunejob-demo.yaml").spec.model
+    job = merge.build_merge_job(am, "pvc://adapters/x", base, total_params=10 * 2**20)
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"][:2] == ["finetune-worker", "merge"]
+    if not (am.spec.resources and am.spec.resources.memory):
+        assert container["resources"]["requests"]["memory"] == "2Gi"
+    cfg = yaml.safe_load(merge.build_config_map(am, "pvc://adapters/x", base)["data"][
+        merge.MERGE_CONFIG_FILENAME])
+    assert cfg["adapterDir"] == "/mnt/adapters/x"

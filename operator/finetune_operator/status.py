@@ -149,6 +149,12 @@ def observe_training(job: dict | None, pods: list[dict], *, user_suspended: bool
                            "latest checkpoint")
         return Outcome(Phase.RUNNING, Reason.TRAINING, f"pod {running[0]['metadata']['name']} "
                        "is training")
+    # The pod is done but the Job controller has not yet marked the Job: still Running,
+    # not back to Pending (the next Job event settles it).
+    finished = [p for p in newest if (p.get("status") or {}).get("phase") == "Succeeded"]
+    if finished and not (job.get("spec") or {}).get("suspend"):
+        return Outcome(Phase.RUNNING, Reason.TRAINING,
+                       f"pod {finished[0]['metadata']['name']} finished; the Job is completing")
     pending = [p for p in newest if (p.get("status") or {}).get("phase") == "Pending"]
     for pod in pending:
         for c in (pod.get("status") or {}).get("conditions") or []:
