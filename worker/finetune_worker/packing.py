@@ -111,7 +111,10 @@ def make_collator(
             labels[i, : len(labs)] = torch.tensor(labs, dtype=torch.long)
             mask[i, : len(ids)] = 1
         if not with_mask:
-            return {"input_ids": input_ids, "labels": labels}
+            # Plain 0..width-1 positions (what the model assumes without them); trl's
+            # trainer wants either a mask or positions to count tokens.
+            positions = torch.arange(width, dtype=torch.long).expand(len(rows), width)
+            return {"input_ids": input_ids, "labels": labels, "position_ids": positions}
         return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
 
     with_mask = attention_mask

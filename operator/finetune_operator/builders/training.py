@@ -205,6 +205,9 @@ def worker_container(image: str, command: list[str], mounts: list[dict],
             {"name": "TMPDIR", "value": SCRATCH_DIR},
             {"name": "PYTHONUNBUFFERED", "value": "1"},
             {"name": "FINETUNE_WORKER_TERMINATION_LOG", "value": "/dev/termination-log"},
+            # Batches of varying shape fragment the caching allocator; the planner's memory
+            # model was calibrated with expandable segments on.
+            {"name": "PYTORCH_CUDA_ALLOC_CONF", "value": "expandable_segments:True"},
         ],
         # GPUs are requested as limits (extended resources must have request == limit).
         "resources": {"requests": dict(resources), "limits": dict(resources)},
