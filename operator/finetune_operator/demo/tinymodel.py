@@ -34,11 +34,16 @@ def _strings(value) -> list[str]:
 
 
 def corpus(datasets: list[Path]) -> list[str]:
+    """Every string in the datasets (a line that is not JSON counts as text)."""
     lines: list[str] = []
     for path in datasets:
         for line in Path(path).read_text(encoding="utf-8").splitlines():
-            if line.strip():
+            if not line.strip():
+                continue
+            try:
                 lines += _strings(json.loads(line))
+            except json.JSONDecodeError:
+                lines.append(line)
     try:
         # The worker's prompt layouts recur in every alpaca example; merging them into
         # few tokens keeps sequences short, as a real tokenizer's vocabulary would.
@@ -58,28 +63,11 @@ def make_tiny_model(directory: str | Path, datasets: list[Path], *, vocab_size: 
     Sizes are multiples of 64 so bitsandbytes could NF4-quantise every projection.
     """
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (
-        GenerationConfig,
-        LlamaConfig,
-        LlamaForCausalLM,
-        PreTrainedTokenizerFast,
-    )
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size,
-                                  special_tokens=[PAD, BOS, EOS, *ROLE_TOKENS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator(corpus(datasets), trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS,
-                                        pad_token=PAD, additional_special_tokens=ROLE_TOKENS)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(str(directory))
+    tokenizer = make_tiny_tokenizer(directory, datasets, vocab_size=vocab_size)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
@@ -97,3 +85,23 @@ def make_tiny_model(directory: str | Path, datasets: list[Path], *, vocab_size: 
                                                pad_token_id=tokenizer.pad_token_id)
     model.save_pretrained(str(directory), safe_serialization=True)
     return directory
+
+
+def make_tiny_tokenizer(directory: str | Path, datasets: list[Path], *, vocab_size: int = 512):
+    """A byte-level BPE trained on `datasets`, with role tokens and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size,
+                                  special_tokens=[PAD, BOS, EOS, *ROLE_TOKENS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(corpus(datasets), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS,
+                                        pad_token=PAD, additional_special_tokens=ROLE_TOKENS)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(str(directory))
+    return tokenizer
