@@ -129,3 +129,21 @@ def condition(obj: dict, type_: str) -> dict | None:
         if c.get("type") == type_:
             return c
     return None
+
+
+def finetunejob_manifest(name: str, *, memory: str = "24Gi", **spec) -> dict:
+    """A small valid FineTuneJob on a preset model (planned without any download), reading
+    and writing the `data` and `adapters` claims; `spec` keys override or add fields."""
+    doc = {
+        "apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"name": "meta-llama/Meta-Llama-3-8B"},
+            "dataset": {"uri": "pvc://data/alpaca.jsonl", "format": "alpaca"},
+            "training": {"maxSteps": 10},
+            "resources": {"gpu": {"count": 1, "memory": memory}},
+            "output": {"uri": f"pvc://adapters/{name}"},
+        },
+    }
+    doc["spec"].update(spec)
+    return doc

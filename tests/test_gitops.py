@@ -14,24 +14,14 @@ reconciling every FineTuneJob), and the object and its Jobs are polled throughou
 from __future__ import annotations
 
 import pytest
-from kubetest import Kube, bound_pvc, condition, wait_for
+from kubetest import Kube, bound_pvc, condition, finetunejob_manifest, wait_for
 from operator_harness import RESYNC_MARKER
 
 pytestmark = pytest.mark.cluster
 
 def manifest(name: str, *, suspend: bool | None = None, max_steps: int = 10,
              unschedulable: bool = False) -> dict:
-    doc = {
-        "apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"name": "meta-llama/Meta-Llama-3-8B"},
-            "dataset": {"uri": "pvc://data/alpaca.jsonl", "format": "alpaca"},
-            "training": {"maxSteps": max_steps},
-            "resources": {"gpu": {"count": 1, "memory": "24Gi"}},
-            "output": {"uri": f"pvc://adapters/{name}"},
-        },
-    }
+    doc = finetunejob_manifest(name, training={"maxSteps": max_steps})
     if suspend is not None:
         doc["spec"]["suspend"] = suspend
     if unschedulable:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kubetest import Kube, bound_pvc, condition, wait_for
+from kubetest import Kube, bound_pvc, condition, finetunejob_manifest, wait_for
 
 pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,25 +23,13 @@ from conftest import MANUAL_NODE
 
 
 def ftj_manifest(name: str, *, memory: str = "24Gi", manual: bool = False, **spec) -> dict:
-    doc = {
-        "apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"name": "meta-llama/Meta-Llama-3-8B"},
-            "dataset": {"uri": "pvc://data/alpaca.jsonl", "format": "alpaca"},
-            "training": {"maxSteps": 10},
-            "resources": {"gpu": {"count": 1, "memory": memory}},
-            "output": {"uri": f"pvc://adapters/{name}"},
-        },
-    }
+    doc = finetunejob_manifest(name, memory=memory, **spec)
     if manual:
         doc["spec"]["resources"]["nodeSelector"] = {"finetune.dev/test-node": "manual"}
         # The manual node is tainted so that only the pods meant for it land there.
         doc["spec"]["resources"]["tolerations"] = [
             {"key": "finetune.dev/test-node", "operator": "Equal", "value": "manual",
              "effect": "NoSchedule"}]
-    for key, value in spec.items():
-        doc["spec"][key] = value
     return doc
 
 
