@@ -264,3 +264,40 @@ def test_merge_job_asks_for_host_memory_by_model_size():
     cfg = yaml.safe_load(merge.build_config_map(am, "pvc://adapters/x", base)["data"][
         merge.MERGE_CONFIG_FILENAME])
     assert cfg["adapterDir"] == "/mnt/adapters/x"
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in (ROOT / "examples").glob(
+    "finetunejob-*.yaml")))
+def test_every_example_finetunejob_builds_a_complete_training_job(example):
+    ftj = load_example(example)
+    plan = PLAN.model_copy(update={"method": "lora"})
+    job = training.build_training_job(ftj, plan, "h")
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    gpu = ftj.spec.resources.gpu
+    assert container["resources"]["limits"][gpu.resource_name] == str(gpu.count)
+    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    keys = {e["key"] for e in terms["nodeSelectorTerms"][0]["matchExpressions"]}
+    assert "nvidia.com/gpu.memory" in keys
+    assert ("nvidia.com/gpu.product" in keys) == bool(gpu.product)
+    assert job["spec"]["podFailurePolicy"]["rules"][1]["action"] == "FailJob"
+    mounted = {m["mountPath"] for m in container["volumeMounts"]}
+    assert {"/etc/finetune", "/dev/shm", "/scratch"} <= mounted
+    for uri in (ftj.spec.output.uri, ftj.spec.dataset.uri, ftj.spec.model.uri or ""):
+        if uri.startswith("pvc://"):
+            assert f"/mnt/{uri[6:].split('/')[0]}" in mounted
+    cfg = yaml.safe_load(training.build_config_map(ftj, plan, "h")["data"]["worker-config.yaml"])
+    assert cfg["plan"]["method"] == "lora"
+
+
+def test_the_operator_package_never_imports_torch_or_transformers():
+    """Its image stays small: model configs are read as JSON."""
+    import subprocess
+    import sys
+
+    code = ("import sys, finetune_operator.main, finetune_operator.planning; "
+            "bad = [m for m in ('torch', 'transformers', 'peft', 'trl') if m in sys.modules]; "
+            "print(','.join(bad))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == ""

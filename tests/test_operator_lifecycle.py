@@ -274,3 +274,20 @@ def test_sigkill_mid_reconcile_leaves_no_duplicates(kube: Kube, operator_process
     for kind in ("configmaps", "serviceaccounts", "roles", "rolebindings"):
         owned = kube.items(kind, "app.kubernetes.io/managed-by=finetune-operator")
         assert len(owned) == len(names), kind
+
+
+def test_kueue_admission_is_the_queued_to_running_edge(kube: Kube, operator_process):
+    kube.apply(ftj_manifest("queued", resources={"gpu": {"count": 1, "memory": "24Gi"},
+                                                 "queueName": "gpu-queue"}))
+    job = wait_for(lambda: kube.get_or_none("job", "queued-train"), what="the Job")
+    assert job["spec"]["suspend"] is True
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    queued = wait_phase(kube, "queued", "Queued")
+    assert condition(queued, "Queued")["reason"] == "WaitingForQuota"
+    # What Kueue does when the ClusterQueue admits the workload.
+    kube.kubectl("patch", "job", "queued-train", "--type=merge", "-p",
+                 '{"spec": {"suspend": false}}')
+    done = wait_phase(kube, "queued", "Succeeded")
+    assert condition(done, "Queued")["status"] == "False"
+    # The operator never suspends a Kueue-admitted Job again.
+    assert kube.get("job", "queued-train")["spec"]["suspend"] is False
