@@ -69,7 +69,6 @@ def test_gpu_job_is_scheduled_by_gfd_labels_and_completed_by_kwok(kube: Kube):
                     {"key": "nvidia.com/gpu.product", "operator": "In",
                      "values": ["NVIDIA-H100-80GB-HBM3"]},
                 ]}]}}},
-            "tolerations": [{"operator": "Exists"}],
             "containers": [{"name": "worker", "image": "example.invalid/worker:1",
                             "resources": {"limits": {"nvidia.com/gpu": "1"}}}],
         }}},
