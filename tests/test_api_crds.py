@@ -71,8 +71,11 @@ def test_finetunejob_crd_names_columns_and_rules():
     assert crd["spec"]["names"]["shortNames"] == ["ftj"]
     version = crd["spec"]["versions"][0]
     assert version["subresources"] == {"status": {}}
-    assert [c["name"] for c in version["additionalPrinterColumns"]] == [
+    columns = version["additionalPrinterColumns"]
+    assert [c["name"] for c in columns if not c.get("priority")] == [
         "Method", "Phase", "Progress", "Peak VRAM", "Tokens/s", "Age"]
+    # -o wide adds why the job is in its phase
+    assert [c["name"] for c in columns if c.get("priority")] == ["Reason"]
     spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
     immutable = {r["fieldPath"] for r in spec["x-kubernetes-validations"] if "oldSelf" in r["rule"]}
     # Every spec field but suspend is guarded, including ones added later.

@@ -64,7 +64,7 @@ def ftj(phase: str | None, *conditions: dict, generation: int = 1, observed: int
     (ftj("Failed", cond("Running", "False"), cond("Failed", reason="OutOfMemory",
                                                   message="CUDA out of memory at step 3")),
      "Degraded", "OutOfMemory: CUDA out of memory at step 3"),
-    (ftj("Pending", cond("Suspended", reason="SuspendedByUser",
+    (ftj("Suspended", cond("Suspended", reason="SuspendedByUser",
                          message="suspended by spec.suspend")),
      "Suspended", "suspended by spec.suspend"),
     # A status computed for an older spec is not evidence of anything yet.

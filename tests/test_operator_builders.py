@@ -205,7 +205,7 @@ def test_queued_suspended_unschedulable_and_complete():
     assert observe_training(_job(suspend=True), [], user_suspended=False,
                             queued=True).phase == Phase.QUEUED
     sus = observe_training(_job(suspend=True), [], user_suspended=True, queued=False)
-    assert sus.reason == Reason.SUSPENDED_BY_USER
+    assert sus.phase == Phase.SUSPENDED and sus.reason == Reason.SUSPENDED_BY_USER
     pend = observe_training(_job(), [_pod("Pending", scheduled="0/3 nodes: Insufficient gpu")],
                             user_suspended=False, queued=False)
     assert pend.phase == Phase.QUEUED and "Insufficient gpu" in pend.message

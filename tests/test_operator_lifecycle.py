@@ -201,6 +201,9 @@ def test_worker_exit_code_maps_to_reason(kube: Kube, operator_process, manual_no
     cond = condition(failed, "Failed")
     assert cond["reason"] == reason
     assert f"failure {code} details" in cond["message"]
+    # `kubectl get ftj -o wide` shows the reason next to the phase.
+    wide = kube.kubectl("get", "ftj", name, "-o", "wide").stdout.splitlines()
+    assert "REASON" in wide[0] and reason in wide[1]
     # Permanent failures are not retried: the failure policy failed the Job at once.
     assert len(kube.items("pods", f"job-name={name}-train")) == 1
     # Every transition is an Event on the FineTuneJob (posted asynchronously by kopf).

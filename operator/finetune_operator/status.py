@@ -128,7 +128,7 @@ def observe_training(job: dict | None, pods: list[dict], *, user_suspended: bool
                        failed.get("message") or "the training Job failed")
     if (job.get("spec") or {}).get("suspend"):
         if user_suspended:
-            return Outcome(Phase.PENDING, Reason.SUSPENDED_BY_USER,
+            return Outcome(Phase.SUSPENDED, Reason.SUSPENDED_BY_USER,
                            "suspended by spec.suspend; checkpoints are kept and training "
                            "resumes from the latest one when it is set back to false")
         if queued:

@@ -1,7 +1,7 @@
 -- Argo CD health check for finetune.dev/FineTuneJob (Lua 5.1, as Argo CD runs it).
 -- Maps the operator's status.phase and conditions onto Argo CD health:
 --   Succeeded -> Healthy; Failed -> Degraded (the Failed condition's message);
---   spec.suspend in effect -> Suspended; Pending/Planning/Queued/Running -> Progressing.
+--   Suspended (spec.suspend in effect) -> Suspended; Pending/Planning/Queued/Running -> Progressing.
 -- A status not yet computed for the current spec (observedGeneration behind) is
 -- Progressing, so a sync is not reported healthy on a stale status.
 local hs = {}

@@ -13,6 +13,8 @@ class Phase(StrEnum):
     PENDING = "Pending"
     PLANNING = "Planning"
     QUEUED = "Queued"
+    SUSPENDED = "Suspended"
+    """spec.suspend is true: no pod runs; checkpoints are kept for the resume."""
     RUNNING = "Running"
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"

@@ -495,6 +495,9 @@ class FineTuneJobStatus(StatusModel):
 
     observed_generation: int | None = None
     phase: Phase | None = None
+    reason: Annotated[str, Field(max_length=128)] | None = None
+    """The reason of the condition behind the phase (e.g. `CUDAOutOfMemory`), for
+    `kubectl get ftj -o wide`; the condition's message says more."""
     conditions: Annotated[list[Condition], Field(json_schema_extra=conditions_schema_extra())] = (
         Field(default_factory=list))
     plan: TrainingPlan | None = None
@@ -539,6 +542,8 @@ def crd_extras() -> dict[str, Any]:
         "printer_columns": [
             {"name": "Method", "type": "string", "jsonPath": ".status.plan.method"},
             {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+            {"name": "Reason", "type": "string", "jsonPath": ".status.reason", "priority": 1,
+             "description": "Why the job is in this phase"},
             {"name": "Progress", "type": "number", "jsonPath": ".status.progress.percent",
              "description": "Percent of training steps done"},
             {"name": "Peak VRAM", "type": "string", "jsonPath": ".status.metrics.peakVRAM",

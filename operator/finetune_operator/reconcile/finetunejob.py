@@ -218,6 +218,8 @@ async def _write(body: dict, old: dict, status: dict) -> None:
     # Progress and metrics belong to the worker: never written back from a stale read,
     # except metrics the operator filled from the termination message.
     new = {k: v for k, v in status.items() if k != "progress"}
+    # The reason behind the phase, as a field: `kubectl get ftj -o wide` shows it.
+    new["reason"] = (_phase_condition(new) or {}).get("reason")
     if new.get("metrics") == old.get("metrics"):
         new.pop("metrics", None)
     if _comparable(new) == _comparable(old) and "metrics" not in new:
@@ -235,7 +237,8 @@ async def _write(body: dict, old: dict, status: dict) -> None:
 
 def _phase_condition(status: dict) -> dict | None:
     wanted = {Phase.FAILED: C.FAILED, Phase.SUCCEEDED: C.SUCCEEDED, Phase.RUNNING: C.RUNNING,
-              Phase.QUEUED: C.QUEUED}.get(status.get("phase"), C.PLANNED)
+              Phase.QUEUED: C.QUEUED, Phase.SUSPENDED: C.SUSPENDED}.get(status.get("phase"),
+                                                                        C.PLANNED)
     for c in status.get("conditions") or []:
         if c["type"] == wanted:
             return c
