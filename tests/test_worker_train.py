@@ -199,18 +199,24 @@ def test_sigterm_saves_a_checkpoint_and_the_next_run_resumes_from_it(tmp_path, t
     path = _write_config(tmp_path, raw)
     log = tmp_path / "termination-log"
     env = {**os.environ, "FINETUNE_WORKER_TERMINATION_LOG": str(log)}
-    proc = subprocess.Popen([sys.executable, "-m", "finetune_worker.cli", "train", "--config",
-                             str(path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env)
+    # Output to a file, not a pipe nobody reads while waiting: a full pipe buffer would
+    # block the worker mid-log and the checkpoint would never come.
+    out_path = tmp_path / "worker.out"
+    with open(out_path, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "finetune_worker.cli", "train",
+                                 "--config", str(path)], stdout=out, stderr=subprocess.STDOUT,
+                                text=True, env=env)
     checkpoints = Path(raw["paths"]["checkpointDir"])
     try:
-        wait_for(lambda: (checkpoints / "checkpoint-2" / MARKER).exists(), timeout=120,
-                 what="the first checkpoint")
+        wait_for(lambda: (checkpoints / "checkpoint-2" / MARKER).exists()
+                 or proc.poll() is not None, timeout=120, what="the first checkpoint")
+        assert proc.poll() is None, "the worker exited early:\n" + out_path.read_text()
         proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
+    output = out_path.read_text()
     assert proc.returncode == 143, output
     summary = json.loads(log.read_text())
     assert summary["result"] == "Preempted"
