@@ -12,35 +12,29 @@ from finetune_operator.api.exit_codes import WorkerExitCode
 class WorkerError(Exception):
     """Base class: a failure with a message meant for the person reading the job status."""
 
+    # The condition reason is `exit_code.reason` (api/exit_codes.py): one source of truth.
     exit_code: WorkerExitCode = WorkerExitCode.INVALID_CONFIG
-    reason: str = "WorkerFailed"
 
 
 class InvalidConfigError(WorkerError):
     exit_code = WorkerExitCode.INVALID_CONFIG
-    reason = "InvalidConfig"
 
 
 class DataError(WorkerError):
     exit_code = WorkerExitCode.DATA_ERROR
-    reason = "DataError"
 
 
 class OutOfMemoryError(WorkerError):
     exit_code = WorkerExitCode.CUDA_OOM
-    reason = "CudaOutOfMemory"
 
 
 class NonFiniteLossError(WorkerError):
     exit_code = WorkerExitCode.NON_FINITE_LOSS
-    reason = "NonFiniteLoss"
 
 
 class StorageError(WorkerError):
     exit_code = WorkerExitCode.STORAGE_ERROR
-    reason = "StorageError"
 
 
 class ModelLoadError(WorkerError):
     exit_code = WorkerExitCode.MODEL_LOAD_ERROR
-    reason = "ModelLoadError"
