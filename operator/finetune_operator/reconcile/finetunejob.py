@@ -22,7 +22,7 @@ from ..api.spec_hash import spec_hash
 from ..builders import followups, training
 from ..conditions import now, set_condition
 from ..planning import PlanningFailed, plan_job
-from ..status import apply_outcome, metrics_from_termination, observe_training
+from ..status import Outcome, apply_outcome, metrics_from_termination, observe_training
 from .settings import OperatorSettings
 
 log = logging.getLogger(__name__)
@@ -117,12 +117,8 @@ def _planning_failed(status: dict, exc: PlanningFailed, generation: int | None) 
 
 
 def _failed(status: dict, reason: str, message: str, generation: int | None) -> dict:
-    conds = list(status.get("conditions") or [])
-    conds = set_condition(conds, C.FAILED, True, reason, message, generation)
-    conds = set_condition(conds, C.SUCCEEDED, False, reason, "", generation)
-    conds = set_condition(conds, C.RUNNING, False, Phase.FAILED.value, "", generation)
-    return {**status, "phase": Phase.FAILED.value, "conditions": conds,
-            "completionTime": status.get("completionTime") or now()}
+    failed = apply_outcome(status, Outcome(Phase.FAILED, reason, message), generation)
+    return {**failed, "completionTime": status.get("completionTime") or now()}
 
 
 async def _missing_secrets(ftj: FineTuneJob) -> list[str]:
