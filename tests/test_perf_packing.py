@@ -215,3 +215,109 @@ def test_token_budget_batch_sampler_feeds_a_dataloader():
     assert seen == len(data) and len(sampler) == len(list(sampler))
     sampler.set_epoch(1)
     assert sorted(i for b in sampler for i in b) == list(range(len(data)))
+
+
+# --- varlen packed rows (attention.py): one row of exactly the token budget per micro-batch ---
+
+
+def varlen_llama():
+    from finetune_worker import attention
+
+    model = tiny_llama()
+    attention.use_varlen(model)
+    assert model.config._attn_implementation == attention.VARLEN
+    return model
+
+
+def test_varlen_row_has_the_budget_shape_and_segment_boundaries():
+    data = examples([17, 40, 5, 64, 23])
+    batch = packing.make_varlen_collator(Tok(), SEQ_LEN, row_tokens=192)(data)
+    assert batch["input_ids"].shape == (1, 192)  # the budget, whatever the examples' lengths
+    assert "attention_mask" not in batch
+    # every example a segment, then the padding tail (149 real tokens) as one more
+    assert batch["cu_seq_lens_q"].tolist() == [0, 17, 57, 62, 126, 149, 192]
+    assert batch["cu_seq_lens_q"].dtype == torch.int32
+    assert batch["max_length_q"] == batch["max_length_k"] == 64
+    starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
+    assert starts == [0, 17, 57, 62, 126, 149]
+    assert (batch["labels"][0, 149:] == packing.IGNORE_INDEX).all()
+    assert batch["labels"][0, 17] == packing.IGNORE_INDEX  # never predict the next example
+    with pytest.raises(ValueError, match="token budget"):
+        packing.make_varlen_collator(Tok(), SEQ_LEN, row_tokens=100)(data)
+
+
+def test_varlen_loss_and_gradients_equal_per_sequence_training():
+    data = examples([17, 40, 5, 64, 23])
+    batch = packing.make_varlen_collator(Tok(), SEQ_LEN, row_tokens=160)(data)
+    varlen = varlen_llama().train()
+    reference = tiny_llama().train()
+    loss = varlen(**batch).loss
+    loss.backward()
+    total, count = 0.0, 0
+    for ex in data:
+        one = packing.make_collator(Tok(), SEQ_LEN, packing=False)([ex])
+        s, n = token_loss_sum(reference, one)
+        total, count = total + s, count + n
+    (total / count).backward()
+    assert count == packing.trained_tokens(batch)
+    assert torch.allclose(loss, total / count, rtol=1e-5)
+    for a, b in zip(varlen.parameters(), reference.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_varlen_boundaries_are_what_separates_the_examples():
+    """Guard against a vacuous pass: the same row declared as a single segment lets examples
+    attend to each other and must change the loss."""
+    data = examples([30, 30, 30])
+    batch = packing.make_varlen_collator(Tok(), SEQ_LEN, row_tokens=90)(data)
+    from finetune_worker import attention
+
+    merged = dict(batch, **attention.boundaries([90]))
+    model = varlen_llama()
+    with torch.no_grad():
+        assert not torch.allclose(model(**batch).loss, model(**merged).loss, rtol=1e-4)
+
+
+def test_varlen_model_without_boundaries_runs_padded_batches_as_before():
+    """Eval and generate calls bring ordinary padded batches: plain SDPA, same result."""
+    data = examples([12, 40, 33])
+    padded = packing.make_collator(Tok(), SEQ_LEN, packing=False)(data)
+    with torch.no_grad():
+        assert torch.allclose(varlen_llama()(**padded).loss, tiny_llama()(**padded).loss, rtol=1e-5)
+
+
+def test_packed_batches_fill_the_budget_and_keep_every_example_once():
+    import random
+
+    rnd = random.Random(0)
+    lengths = [min(512, int(rnd.lognormvariate(5.5, 0.8))) + 1 for _ in range(2000)]
+    for budget in (1024, 4096, 13312):
+        batches = packing.packed_batches(lengths, budget)
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+        assert all(sum(lengths[i] for i in b) <= budget for b in batches)
+        full = batches[:-1]  # all but the last are filled to ~99% (half an example empty without lookahead)
+        fill = sum(lengths[i] for b in full for i in b) / (len(full) * budget)
+        assert fill > 0.97, (budget, fill)
+    # a single example longer than the budget still gets a micro-batch of its own
+    assert packing.packed_batches([900, 10], 512) == [[0], [1]]
+
+
+def test_packed_batch_sampler_reshuffles_per_epoch_and_feeds_a_dataloader():
+    from torch.utils.data import DataLoader
+
+    data = examples([30, 200, 64, 17, 120, 90, 300, 45] * 4)
+    lengths = [len(e["input_ids"]) for e in data]
+    sampler = packing.PackedBatchSampler(lengths, 512, seq_len=256, seed=3)
+    loader = DataLoader(data, batch_sampler=sampler,
+                        collate_fn=packing.make_varlen_collator(Tok(), 256, row_tokens=512))
+    seen = 0
+    for group, batch in zip(list(sampler), loader):
+        assert batch["input_ids"].shape == (1, 512)
+        real = sum(min(lengths[i], 256) for i in group)
+        assert batch["cu_seq_lens_q"][len(group)] == real  # the group's examples, then padding
+        seen += len(group)
+    assert seen == len(data)
+    first = list(sampler)
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert first != second and sorted(i for b in second for i in b) == list(range(len(data)))

@@ -333,24 +333,67 @@ def test_merge_refuses_a_corrupt_adapter_and_an_invalid_config(lora_run, tmp_pat
     assert "outputDir: Field required" in message and "dtype" in message
 
 
-def test_packing_trains_on_dense_token_budget_batches(tmp_path, tiny_model_root):
-    """spec.training.packing: length-grouped batches of about micro-batch x seqLength
-    tokens, no attention mask, widths a multiple of 64 (what the H200 benchmark measured)."""
+def _packed_trainer(tmp_path, tiny_model_root, **kwargs):
     from finetune_worker import train
 
-    config = _config(tmp_path, tiny_model_root, fmt="alpaca", max_steps=2, packing=True)
+    config = _config(tmp_path, tiny_model_root, fmt="alpaca", max_steps=2, packing=True, **kwargs)
     tokenizer = train.load_tokenizer(config, None)
     splits = train.load_training_data(config, tokenizer, None)
     model, _ = train.load_model(config, None, "cpu")
     trainer, _, _ = train.build_trainer(config, model, tokenizer, splits, "cpu", None)
+    return config, splits, trainer
+
+
+def test_packing_trains_on_varlen_rows_of_the_token_budget(tmp_path, tiny_model_root):
+    """spec.training.packing: every micro-batch is one padding-free row of exactly
+    micro-batch x seqLength tokens with varlen attention (what the H200 benchmark measured)."""
+    from finetune_worker import attention
+
+    config, splits, trainer = _packed_trainer(tmp_path, tiny_model_root)
     budget = config.plan.micro_batch_size * config.spec.training.seq_length
-    batches = list(trainer.get_train_dataloader())
-    assert batches
+    assert trainer.model.config._attn_implementation == attention.VARLEN
     seen = 0
-    for batch in batches:
+    for batch in trainer.get_train_dataloader():
         assert "attention_mask" not in batch
+        assert tuple(batch["input_ids"].shape) == (1, budget)
+        cu = batch["cu_seq_lens_q"].tolist()
+        assert cu[0] == 0 and cu[-1] == budget
+        seen += int((batch["position_ids"][0] == 0).sum()) - (1 if cu[-2] < budget and
+                                                               batch["labels"][0, cu[-2]:].eq(-100).all() else 0)
+    assert seen == len(splits.train)  # every example exactly once per epoch
+    output = trainer.train()
+    assert trainer.state.global_step == 2 and output.training_loss > 0
+
+
+def test_packing_falls_back_to_dense_batches_without_a_varlen_kernel(tmp_path, tiny_model_root,
+                                                                      monkeypatch):
+    """torch < 2.10 on a GPU: length-grouped batches padded to a multiple of 64, no mask."""
+    from finetune_worker import attention, train
+
+    monkeypatch.setattr(attention, "supported", lambda device: False)
+    config, splits, trainer = _packed_trainer(tmp_path, tiny_model_root)
+    budget = config.plan.micro_batch_size * config.spec.training.seq_length
+    assert trainer.model.config._attn_implementation != attention.VARLEN
+    seen = 0
+    for batch in trainer.get_train_dataloader():
+        assert "attention_mask" not in batch and "cu_seq_lens_q" not in batch
         rows, width = batch["input_ids"].shape
         assert width % train.DENSE_BATCH_MULTIPLE == 0
         assert rows * width <= budget + rows * train.DENSE_BATCH_MULTIPLE
         seen += rows
-    assert seen == len(splits.train)  # every example exactly once per epoch
+    assert seen == len(splits.train)
+
+
+def test_trainer_loss_is_the_models_own_and_equals_trls(tmp_path, tiny_model_root):
+    """FineTuneTrainer trains on the model's loss, not trl's fused head: same number."""
+    config, _, trainer = _packed_trainer(tmp_path, tiny_model_root)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    items = int((batch["labels"][:, 1:] != -100).sum())
+    trainer.model.train()
+    ours = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=items)
+    trainer.model_loss = False
+    trls = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=items)
+    assert torch.allclose(ours, trls, rtol=1e-4)
+    trainer.model_loss = True
+    halved = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=2 * items)
+    assert torch.allclose(halved, ours / 2, rtol=1e-4)  # normalised over the optimizer step

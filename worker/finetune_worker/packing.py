@@ -121,6 +121,123 @@ def make_collator(
     return collate_packed if packing else collate_padded
 
 
+def make_varlen_collator(tokenizer: Any, seq_len: int, *, row_tokens: int | None = None,
+                         pad_to_multiple_of: int = 1) -> Callable[[list[dict]], dict]:
+    """Collate a micro-batch into one padding-free row for varlen attention (attention.py).
+
+    The examples go back to back in the order given, each truncated to seq_len, with
+    `position_ids` restarting at 0 and the label of each example's first token set to -100 (the
+    last token of one example never learns to predict the next example's first). The row is
+    then filled up to `row_tokens` (the micro-batch's token budget; or to a multiple of
+    `pad_to_multiple_of` when None) with one padding segment, so every step has the same shape.
+    The batch carries the segment boundaries as `cu_seq_lens_q/k` and `max_length_q/k`; the
+    padding segment is a segment of its own, attends only to itself and carries no loss.
+    """
+    import torch
+
+    from .attention import boundaries
+
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    if pad_id is None:
+        pad_id = getattr(tokenizer, "eos_token_id", None) or 0
+
+    def collate(examples: list[dict]) -> dict:
+        items = [item for item in (_truncate(e, seq_len) for e in examples) if item[0]]
+        total = sum(len(ids) for ids, _ in items)
+        width = row_tokens or -(-max(total, 1) // pad_to_multiple_of) * pad_to_multiple_of
+        if total > width:
+            raise ValueError(f"a micro-batch of {total} tokens does not fit a packed row of "
+                             f"{width}; the batch sampler must respect the token budget")
+        input_ids = torch.full((1, width), pad_id, dtype=torch.long)
+        labels = torch.full((1, width), IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros((1, width), dtype=torch.long)
+        segments, at = [], 0
+        for ids, labs in items:
+            n = len(ids)
+            input_ids[0, at : at + n] = torch.tensor(ids, dtype=torch.long)
+            labels[0, at + 1 : at + n] = torch.tensor(labs[1:], dtype=torch.long)
+            position_ids[0, at : at + n] = torch.arange(n)
+            segments.append(n)
+            at += n
+        if at < width:
+            position_ids[0, at:] = torch.arange(width - at)
+            segments.append(width - at)
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+                **boundaries(segments)}
+
+    return collate
+
+
+def packed_batches(lengths: Sequence[int], max_tokens: int, *, lookahead: int = 64) -> list[list[int]]:
+    """Fill micro-batches of at most `max_tokens` tokens, in the order given, for packed rows.
+
+    When the next example does not fit, up to `lookahead` later ones are tried before the
+    micro-batch is closed, which fills rows to ~99% instead of leaving on average half an
+    example empty; order otherwise stays as given (reproducible, comparable across runs).
+    An example longer than max_tokens gets a micro-batch of its own (the collator truncates
+    to seq_len, and the planner's budget is at least seq_len).
+    """
+    waiting: list[int] = []  # examples passed over, oldest first; they go first next time
+    batches: list[list[int]] = []
+    nxt, n = 0, len(lengths)
+    while waiting or nxt < n:
+        batch: list[int] = []
+        used = 0
+        kept: list[int] = []
+
+        def offer(i: int) -> None:
+            nonlocal used
+            if not batch or used + lengths[i] <= max_tokens:
+                batch.append(i)
+                used += lengths[i]
+            else:
+                kept.append(i)
+
+        for i in waiting:
+            offer(i)
+        while nxt < n and len(kept) <= lookahead and used < max_tokens:
+            offer(nxt)
+            nxt += 1
+        batches.append(batch)
+        waiting = kept
+    return batches
+
+
+class PackedBatchSampler:
+    """A DataLoader batch_sampler of micro-batches filled to a token budget, for packed rows.
+
+    Each epoch shuffles the examples with seed + epoch (as the Trainer's own sampler would)
+    and fills micro-batches of at most `max_tokens` tokens (packed_batches). Pair it with
+    make_varlen_collator(row_tokens=max_tokens): every step is one row of exactly the budget,
+    the planner's micro-batch x seqLength, so memory stays at the plan and the shape never
+    changes.
+    """
+
+    def __init__(self, lengths: Sequence[int], max_tokens: int, *, seq_len: int | None = None,
+                 seed: int = 0, shuffle: bool = True):
+        self.lengths = [min(n, seq_len) if seq_len else n for n in lengths]
+        self.max_tokens, self.seed, self.shuffle = max_tokens, seed, shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        import random
+
+        order = list(range(len(self.lengths)))
+        if self.shuffle:
+            random.Random(self.seed + self.epoch).shuffle(order)
+        groups = packed_batches([self.lengths[i] for i in order], self.max_tokens)
+        return [[order[j] for j in g] for g in groups]
+
+    def __iter__(self):
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+
 def example_tokens(examples: Iterable[dict], seq_len: int) -> int:
     """Real tokens the examples contribute after truncation: what tokens/s counts."""
     return sum(min(len(e["input_ids"]), seq_len) for e in examples)

@@ -330,7 +330,6 @@ def build_trainer(config: WorkerConfig, model, tokenizer, splits, device: str,
                   reporter: StatusReporter | None):
     from trl import SFTTrainer
 
-    from . import packing
     from .callbacks import CheckpointCallback, NonFiniteLossGuard, ProgressCallback
 
     training = config.spec.training
@@ -344,21 +343,7 @@ def build_trainer(config: WorkerConfig, model, tokenizer, splits, device: str,
         raise StorageError(f"cannot create the checkpoint directory "
                            f"{config.paths.checkpoint_dir}: {exc}") from exc
     args = build_sft_config(config, device=device)
-    budget = None
-    if training.packing:
-        # Dense batches (docs/perf-notes.md): length-grouped micro-batches of about
-        # micro-batch x seqLength tokens, padded to a multiple of 64 without an attention
-        # mask. Same memory bound as the plan's micro-batch, little padding, the flash SDPA
-        # kernel, few distinct shapes; measured faster on an H200 than masked packed rows.
-        lengths = [len(ids) for ids in splits.train["input_ids"]]
-        budget = packing.TokenBudgetBatchSampler(
-            lengths, config.plan.micro_batch_size * training.seq_length,
-            seq_len=training.seq_length, multiple=DENSE_BATCH_MULTIPLE, seed=training.seed)
-        collator = packing.make_collator(tokenizer, training.seq_length, False,
-                                         attention_mask=False,
-                                         pad_to_multiple_of=DENSE_BATCH_MULTIPLE)
-    else:
-        collator = packing.make_collator(tokenizer, training.seq_length, False)
+    sampler, collator = training_batches(config, model, tokenizer, splits, device)
     trainer = _trainer_class(SFTTrainer)(
         model=model,
         args=args,
@@ -368,11 +353,41 @@ def build_trainer(config: WorkerConfig, model, tokenizer, splits, device: str,
         data_collator=collator,
         callbacks=[progress, NonFiniteLossGuard(NON_FINITE_PATIENCE), checkpointing],
     )
-    trainer.token_budget_sampler = budget
+    trainer.token_budget_sampler = sampler
     return trainer, checkpointing, progress
 
 
 DENSE_BATCH_MULTIPLE = 64
+
+
+def training_batches(config: WorkerConfig, model, tokenizer, splits, device: str):
+    """(batch sampler or None, collator) for the training data, per spec.training.packing.
+
+    Packing: micro-batches of micro-batch x seqLength tokens (the plan's memory bound), each
+    one padding-free row of exactly that length with varlen attention (attention.py): no
+    compute on padding, no mask, one shape for the whole run. Measured on an H200 against
+    the alternatives in docs/perf-notes.md. Where PyTorch has no varlen kernel (torch < 2.10)
+    the dense fallback: length-grouped batches padded to a multiple of 64, no mask.
+    Without packing: the Trainer's own sampler, examples right-padded to the batch's longest.
+    """
+    from . import attention, packing
+
+    training = config.spec.training
+    if not training.packing:
+        return None, packing.make_collator(tokenizer, training.seq_length, False)
+    budget = config.plan.micro_batch_size * training.seq_length
+    lengths = [len(ids) for ids in splits.train["input_ids"]]
+    if attention.supported(device):
+        attention.use_varlen(model)
+        return (packing.PackedBatchSampler(lengths, budget, seq_len=training.seq_length,
+                                           seed=training.seed),
+                packing.make_varlen_collator(tokenizer, training.seq_length, row_tokens=budget))
+    log.warning("this PyTorch has no varlen attention kernel: packing falls back to "
+                "length-grouped padded batches (slower)")
+    return (packing.TokenBudgetBatchSampler(lengths, budget, seq_len=training.seq_length,
+                                            multiple=DENSE_BATCH_MULTIPLE, seed=training.seed),
+            packing.make_collator(tokenizer, training.seq_length, False, attention_mask=False,
+                                  pad_to_multiple_of=DENSE_BATCH_MULTIPLE))
 
 
 def _trainer_class(base):
@@ -380,6 +395,21 @@ def _trainer_class(base):
 
     class FineTuneTrainer(base):
         token_budget_sampler = None
+        model_loss = True
+        """Train on the model's own loss (liger's fused linear cross-entropy on GPUs) rather
+        than trl's fused LM head, which also computes entropy and top-1 accuracy over the
+        vocabulary for its logs and syncs the GPU per micro-batch to record them; this worker
+        reports neither. Same loss (token mean over the optimizer step), measured faster:
+        docs/perf-notes.md."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if not self.model_loss or not model.training:
+                return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                            num_items_in_batch=num_items_in_batch)
+            from transformers import Trainer
+
+            return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
 
         def get_train_dataloader(self):
             if self.token_budget_sampler is None:
