@@ -99,3 +99,32 @@ def test_bench_is_a_worker_subcommand():
     with pytest.raises(SystemExit) as exc:
         main(["bench", "--help"])
     assert exc.value.code == 0
+
+
+@pytest.mark.slow
+def test_trainer_bench_runs_the_planners_choice_through_the_workers_trainer():
+    """`finetune-worker bench trainer`: the operator's planner picks the configuration for the
+    budget, the worker's trainer runs it (varlen packed rows) and every step is timed and
+    counted in real tokens."""
+    pytest.importorskip("trl")
+    pytest.importorskip("datasets")
+    from finetune_worker.bench import trainer
+
+    spec = trainer.job_spec("2Gi", shape="tiny", steps=3, batch_size=8)
+    chosen = trainer.plan(spec, "tiny")
+    assert chosen.method == "lora" and 8 % chosen.micro_batch_size == 0
+    examples = cli.bench_examples(400, 512)
+    base = harness.build_base("tiny", "lora", device="cpu")
+    base, row = trainer.run(base, "lora", examples, "2Gi", shape="tiny", steps=3, warmup=1,
+                            batch_size=8)
+    assert "error" not in row
+    assert row["plan"]["microBatchSize"] == chosen.micro_batch_size
+    assert row["attn_implementation"] == "finetune_varlen"
+    assert row["steps"] == 3 and row["steps_timed"] == 2 and len(row["losses"]) == 3
+    # every step's micro-batches are one row of the budget, filled with real tokens
+    budget = chosen.micro_batch_size * 512 * chosen.gradient_accumulation
+    assert all(0.9 * budget < t <= budget for t in row["real_tokens_per_step"])
+    assert row["tokens_per_s"] == pytest.approx(sum(row["real_tokens_per_step"][1:]) / row["seconds"],
+                                                rel=1e-3)
+    with pytest.raises(ValueError, match="planner chose lora"):
+        trainer.run(base, "qlora", examples, "2Gi", shape="tiny", steps=1, batch_size=8)

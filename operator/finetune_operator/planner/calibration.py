@@ -43,6 +43,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "upcast_non_quantized": ("upcast_non_quantized", "fp32_upcast", "kbit_fp32_upcast"),
     "lean_lora": ("lean_lora",),
     "attention_mask": ("attention_mask",),
+    "varlen": ("varlen",),
     "double_quant": ("double_quant",),
     "peak_reserved_bytes": ("peak_reserved_bytes",),
     "peak_allocated_bytes": ("peak_allocated_bytes", "peak_alloc_bytes"),
@@ -116,9 +117,12 @@ def point_from_record(record: Mapping[str, Any], source: str = "") -> Calibratio
         # Records that do not say were measured before the worker's lean LoRA layers existed
         # (the first H200 grid, the common recipe): peft's own forward.
         lean_lora=bool(_get(record, "lean_lora", False)),
+        # Records that do not say were packed rows with block-diagonal masks (before varlen).
+        varlen=bool(_get(record, "varlen", False)),
         # Calibration runs train on full-length samples: without packing there is no padding,
-        # so transformers drops the all-ones mask; packed rows always carry one.
-        attention_mask=bool(_get(record, "attention_mask", _get(record, "packing", False))),
+        # so transformers drops the all-ones mask; masked packed rows always carry one.
+        attention_mask=bool(_get(record, "attention_mask",
+                                 _get(record, "packing", False) and not _get(record, "varlen", False))),
         double_quant=bool(_get(record, "double_quant", True)),
     )
     reserved = _bytes(record, "peak_reserved_bytes", "peak_reserved_GiB")

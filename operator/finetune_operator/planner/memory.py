@@ -121,10 +121,16 @@ class TrainingShape:
     """The worker's lean LoRA layers (modeling.lean_lora_layers): under autocast the adapters
     read the block's bf16 input directly, without peft's fp32 round trip and its copy."""
     upcast_non_quantized: bool = False
+    varlen: bool = True
+    """With packing, the worker runs each micro-batch as one padding-free row with varlen
+    flash attention (finetune_worker.attention; torch >= 2.10): no mask and no per-row
+    overhead. False: the older packed rows with block-diagonal masks (some calibration
+    records) or a worker on a PyTorch without the kernel."""
     attention_mask: bool | None = None
     """Whether attention runs with an explicit mask (padding or packed-sequence boundaries),
     which makes transformers repeat the K/V heads and keep a tokens x tokens boolean mask.
-    None: True whenever the batch can hold padding or packed sequences (our worker)."""
+    None: True whenever the batch can hold padding or masked packed rows (our worker), False
+    for varlen packed rows."""
     gpu_count: int = 1
 
     def __post_init__(self) -> None:
@@ -144,7 +150,13 @@ class TrainingShape:
 
     @property
     def masked_attention(self) -> bool:
-        return True if self.attention_mask is None else self.attention_mask
+        if self.attention_mask is not None:
+            return self.attention_mask
+        return not self.varlen_rows
+
+    @property
+    def varlen_rows(self) -> bool:
+        return self.packing and self.varlen
 
     def but(self, **changes) -> TrainingShape:
         return replace(self, **changes)
@@ -355,7 +367,7 @@ def estimate_memory(arch: ModelArch, shape: TrainingShape,
     # micro_batch rows, each with a seq_len x seq_len boolean mask shared by all layers.
     attention_mask = (shape.micro_batch * shape.seq_len * shape.seq_len
                       if shape.masked_attention else 0)
-    if shape.packing:
+    if shape.packing and not shape.varlen:
         attention_mask += constants.packed_rows_bytes_per_layer * (
             1 if shape.gradient_checkpointing else layers)
     backward_per_channel = (

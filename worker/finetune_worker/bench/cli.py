@@ -102,6 +102,32 @@ def cmd_run(args) -> None:
                **row}, args.out)
 
 
+def cmd_trainer(args) -> None:
+    """Plan each budget with the operator's planner, then train through the worker's trainer."""
+    from . import harness, shapes, trainer
+
+    harness.cuda_context_bytes()
+    vocab = shapes.SHAPES[args.shape]["vocab_size"]
+    examples = bench_examples(args.examples, vocab, args.seed)
+    memories = [m for m in args.memory.split(",") if m]
+    methods = {m: trainer.plan(trainer.job_spec(m, shape=args.shape, batch_size=args.batch_size),
+                               args.shape).method for m in memories}
+    for method in ("lora", "qlora"):
+        todo = [m for m in memories if methods[m] == method]
+        if not todo:
+            continue
+        base = harness.build_base(args.shape, method)
+        for memory in todo:
+            for model_loss in ([True, False] if memory in args.trl_loss.split(",") else [True]):
+                label = f"trainer-{memory}" + ("" if model_loss else "-trl-loss")
+                base, row = trainer.run(base, method, examples, memory, shape=args.shape,
+                                        steps=args.steps, warmup=args.warmup,
+                                        batch_size=args.batch_size, model_loss=model_loss,
+                                        label=label)
+                _emit(row, args.out)
+        del base
+
+
 def cmd_recipe(args) -> None:
     from . import recipe, shapes
 
@@ -141,6 +167,16 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--profile-steps", type=int, default=2)
     r.add_argument("--profile-table", help="write the profiler's kernel table here")
     r.add_argument("--out")
+    t = sub.add_parser("trainer", help="the product path: planner's choice per budget, worker's trainer")
+    t.add_argument("--memory", default="80Gi,48Gi,24Gi,12Gi", help="GPU memory budgets")
+    t.add_argument("--shape", default="llama-3-8b")
+    t.add_argument("--steps", type=int, default=23, help="optimizer steps, warm-up included")
+    t.add_argument("--warmup", type=int, default=3)
+    t.add_argument("--batch-size", type=int, default=96)
+    t.add_argument("--trl-loss", default="", help="budgets to also run with trl's fused LM head loss")
+    t.add_argument("--examples", type=int, default=8000)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out")
     s = sub.add_parser("recipe", help="the common recipe (peft + trl SFTTrainer) on the same data")
     s.add_argument("--mode", default="lora", help="lora | qlora | lora_gc | qlora_nogc")
     s.add_argument("--shape", default="llama-3-8b")
@@ -156,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--label", default="")
     s.add_argument("--out")
     args = p.parse_args(argv)
-    {"env": cmd_env, "calibrate": cmd_calibrate, "run": cmd_run, "recipe": cmd_recipe}[args.cmd](args)
+    {"env": cmd_env, "calibrate": cmd_calibrate, "run": cmd_run, "recipe": cmd_recipe,
+     "trainer": cmd_trainer}[args.cmd](args)
     return 0
 
 

@@ -37,6 +37,7 @@ class RunConfig:
     micro_batch: int = 16  # examples per micro-batch (no packing, or packing by count)
     group_by_tokens: bool = True  # packing: fill micro-batches to a token budget, not a count
     length_grouped: bool = False  # no packing: similar lengths together, no attention mask (flash)
+    varlen: bool = False  # one padding-free row of exactly tokens_per_micro_batch, varlen flash attention
     lean_lora: bool = True  # modeling.lean_lora_layers (no fp32 input round trip, addmm epilogue)
     cudnn_sdpa: bool = False  # let SDPA pick cuDNN attention (per-shape plans) or not
     pad_multiple: int = 1  # length-grouped: pad widths to a multiple (fewer distinct shapes)
@@ -156,7 +157,12 @@ def prepare(base, cfg: RunConfig):
         torch.manual_seed(cfg.seed + 1)
         return get_peft_model(base, modeling.lora_config(cfg.spec()))
     torch.manual_seed(cfg.seed + 1)  # LoRA A init: the same adapters for the same seed
-    return modeling.prepare_for_training(base, cfg.spec(), cfg.plan(), fused_kernels=cfg.fused_kernels)
+    model = modeling.prepare_for_training(base, cfg.spec(), cfg.plan(), fused_kernels=cfg.fused_kernels)
+    if cfg.varlen:
+        from .. import attention
+
+        attention.use_varlen(model)
+    return model
 
 
 def release(peft_model):
@@ -164,6 +170,7 @@ def release(peft_model):
     import torch
 
     base = peft_model.unload()
+    base.config._attn_implementation = "sdpa"  # a varlen run switched it
     base.gradient_checkpointing_disable()
     if getattr(base, "_require_grads_hook", None) is not None:
         base.disable_input_require_grads()
@@ -173,6 +180,10 @@ def release(peft_model):
 
 
 def micro_batches(examples: list[dict], cfg: RunConfig) -> list[list[dict]]:
+    if cfg.varlen:
+        lengths = [min(len(e["input_ids"]), cfg.seq_len) for e in examples]
+        groups = packing.packed_batches(lengths, cfg.tokens_per_micro_batch)
+        return [[examples[i] for i in g] for g in groups]
     if cfg.length_grouped:
         lengths = [min(len(e["input_ids"]), cfg.seq_len) for e in examples]
         groups = packing.length_grouped_batches(lengths, cfg.tokens_per_micro_batch, seed=cfg.seed,
@@ -210,9 +221,13 @@ def train(model, examples: list[dict], cfg: RunConfig, *, collator=None, log=pri
     result = RunResult(config=asdict(cfg))
     device = next(p for p in model.parameters()).device
     cuda = device.type == "cuda"
-    collate = collator or packing.make_collator(
-        None, cfg.seq_len, cfg.packing and not cfg.length_grouped, row_tokens=cfg.row_tokens,
-        attention_mask=not cfg.length_grouped, pad_to_multiple_of=cfg.pad_multiple)
+    if cfg.varlen:
+        collate = collator or packing.make_varlen_collator(
+            None, cfg.seq_len, row_tokens=cfg.tokens_per_micro_batch)
+    else:
+        collate = collator or packing.make_collator(
+            None, cfg.seq_len, cfg.packing and not cfg.length_grouped, row_tokens=cfg.row_tokens,
+            attention_mask=not cfg.length_grouped, pad_to_multiple_of=cfg.pad_multiple)
     groups = micro_batches(examples, cfg)
     need = cfg.steps * cfg.grad_accum
     if len(groups) < need:
@@ -221,7 +236,7 @@ def train(model, examples: list[dict], cfg: RunConfig, *, collator=None, log=pri
     batches = []
     for g in groups:
         b = collate(g)
-        b = {k: v.pin_memory() if cuda else v for k, v in b.items()}
+        b = {k: v.pin_memory() if cuda and hasattr(v, "pin_memory") else v for k, v in b.items()}
         batches.append((b, packing.example_tokens(g, cfg.seq_len), packing.trained_tokens(b)))
     used = [e for g in groups for e in g]
     result.flops_per_token = flops_per_token(cfg.shape, attended_context(used, cfg.seq_len))
@@ -254,7 +269,8 @@ def train(model, examples: list[dict], cfg: RunConfig, *, collator=None, log=pri
             total_trained = sum(t for _, _, t in chunk)
             step_loss = torch.zeros((), device=device)
             for b, _, trained in chunk:
-                b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
+                b = {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v
+                     for k, v in b.items()}
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
                     out = model(**b)
                 # out.loss is the mean over this micro-batch's trained tokens; reweight so the
