@@ -18,26 +18,42 @@ def _qkv(lengths, heads=32, kv_heads=8, dim=128, seed=0):
             for h in (heads, kv_heads, kv_heads)]
 
 
-def test_flash_varlen_kernel_matches_per_example_attention_with_gqa():
+def _attend(fn, q, k, v, grad):
+    """Output and input gradients of an attention function, for one upstream gradient."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v)
+    (out * grad).sum().backward()
+    return [out.detach().float(), q.grad.float(), k.grad.float(), v.grad.float()]
+
+
+def test_flash_varlen_kernel_is_as_accurate_as_per_example_attention_with_gqa():
+    """Against float32 per-example attention, the bf16 varlen kernel's output and gradients
+    must be as close as bf16 per-example SDPA's (both round in bf16; neither may be wrong)."""
     from finetune_worker import attention
 
     assert attention.supported("cuda"), "this PyTorch has no varlen kernel"
     lengths = [300, 17, 512, 1, 100, 94]
     q, k, v = _qkv(lengths)
     cu = attention.boundaries(lengths)
-    out, _ = attention.varlen_attention_forward(None, q, k, v, None, scaling=128**-0.5, **cu)
-    grad = torch.randn_like(out)
-    (out * grad).sum().backward()
-    fast = [out.detach(), q.grad, k.grad, v.grad]
-    for t in (q, k, v):
-        t.grad = None
-    ref = attention._per_segment(*(t[0].transpose(0, 1) for t in (q, k, v)),
-                                 cu["cu_seq_lens_q"], 128**-0.5).unsqueeze(0)
-    (ref * grad).sum().backward()
-    slow = [ref.detach(), q.grad, k.grad, v.grad]
-    for a, b in zip(fast, slow):
-        assert a.shape == b.shape
-        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+    scale = 128**-0.5
+    grad = torch.randn(1, sum(lengths), 32, 128, device="cuda", dtype=torch.bfloat16)
+
+    def varlen(q, k, v):
+        return attention.varlen_attention_forward(None, q, k, v, None, scaling=scale, **cu)[0]
+
+    def per_example(q, k, v):
+        return attention._per_segment(*(t[0].transpose(0, 1) for t in (q, k, v)),
+                                      cu["cu_seq_lens_q"], scale).unsqueeze(0)
+
+    exact = _attend(per_example, *(t.float() for t in (q, k, v)), grad.float())
+    fast = _attend(varlen, q, k, v, grad)
+    ref = _attend(per_example, q, k, v, grad)
+    for name, e, a, b in zip(("out", "dq", "dk", "dv"), exact, fast, ref):
+        assert a.shape == e.shape, name
+        err_fast, err_ref = (a - e).abs().max().item(), (b - e).abs().max().item()
+        print(f"{name}: max |varlen - fp32| {err_fast:.3g}, |bf16 sdpa - fp32| {err_ref:.3g}, "
+              f"max |fp32| {e.abs().max().item():.3g}")
+        assert err_fast <= 2 * err_ref + 1e-3, name
 
 
 def test_varlen_llama_on_gpu_equals_per_sequence_loss():
