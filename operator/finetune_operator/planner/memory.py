@@ -329,7 +329,10 @@ def layer_activation_bytes(arch: ModelArch, shape: TrainingShape) -> dict[str, f
             seen_inputs.add(group)
         adapters += (2 + mask) * fan_in
 
-    kv_width = arch.q_dim if shape.masked_attention else arch.kv_dim
+    # K/V heads are repeated to the query heads (and the copies saved for backward) under a
+    # mask, and for varlen rows too: PyTorch 2.11's varlen kernel takes no GQA flag, so the
+    # worker repeats them (measured on the H200: 4.5 GiB at 12,288 tokens on the 8B shape).
+    kv_width = arch.q_dim if (shape.masked_attention or shape.varlen_rows) else arch.kv_dim
     attention = 2 * arch.q_dim + 2 * 2 * kv_width + 2 * arch.q_dim + 4 * arch.num_heads
 
     mlp = (2 if shape.fused_kernels else 3) * act * i
