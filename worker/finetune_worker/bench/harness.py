@@ -180,6 +180,8 @@ def release(peft_model):
 
 
 def micro_batches(examples: list[dict], cfg: RunConfig) -> list[list[dict]]:
+    if cfg.varlen and not cfg.group_by_tokens:  # a fixed count per row (the loss-curve check)
+        return list(packing.chunks(examples, cfg.micro_batch))
     if cfg.varlen:
         lengths = [min(len(e["input_ids"]), cfg.seq_len) for e in examples]
         groups = packing.packed_batches(lengths, cfg.tokens_per_micro_batch)
@@ -223,7 +225,7 @@ def train(model, examples: list[dict], cfg: RunConfig, *, collator=None, log=pri
     cuda = device.type == "cuda"
     if cfg.varlen:
         collate = collator or packing.make_varlen_collator(
-            None, cfg.seq_len, row_tokens=cfg.tokens_per_micro_batch)
+            None, cfg.seq_len, row_tokens=cfg.row_tokens or cfg.tokens_per_micro_batch)
     else:
         collate = collator or packing.make_collator(
             None, cfg.seq_len, cfg.packing and not cfg.length_grouped, row_tokens=cfg.row_tokens,
