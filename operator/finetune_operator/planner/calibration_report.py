@@ -29,6 +29,8 @@ def load_points(directory: Path) -> list[CalibrationPoint]:
 
 
 def _batches(shape) -> str:
+    if shape.varlen_rows:
+        return "varlen row"
     if shape.packing:
         return "packed"
     return "padded, mask" if shape.masked_attention else "no mask"
