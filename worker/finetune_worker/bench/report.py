@@ -11,11 +11,14 @@ from pathlib import Path
 
 # budget label -> (result file, run label, target tokens/s, plain transformers+peft+liger probe)
 BUDGETS = [
-    ("80 GiB", "call4-bench.jsonl", "budget-80GiB-b64", 15000, 11762),
-    ("48 GiB", "call4-bench.jsonl", "budget-48GiB-b64", 13000, 10484),
-    ("24 GiB", "call4-bench.jsonl", "budget-24GiB-b64", 10000, 8185),
-    ("12 GiB", "call3-bench.jsonl", "budget-12GiB", 6000, 4618),
+    ("80 GiB", "call5-6-trainer.jsonl", "trainer-80Gi", 15000, 11762),
+    ("48 GiB", "call5-6-trainer.jsonl", "trainer-48Gi", 13000, 10484),
+    ("24 GiB", "call5-6-trainer.jsonl", "trainer-24Gi", 10000, 8185),
+    ("12 GiB", "call5-6-trainer.jsonl", "trainer-12Gi", 6000, 4618),
 ]
+RECIPE = ("call6-7-recipe.jsonl", "recipe-lora")
+QLORA_RECIPE = ("call8-recipe-qlora.jsonl", "recipe-qlora-28")
+LOSS_CHECK = ("call8-check.jsonl", "check-recipe", "check-worker-varlen")
 
 
 def _rows(path: Path) -> dict[str, dict]:
@@ -30,34 +33,37 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     data_dir, out = Path(argv[0]), Path(argv[1])
-    recipe = _rows(data_dir / "call3-recipe.jsonl")["recipe-lora"]["tokens_per_s"]
-    qrecipe = 307.2  # trl's own per-step log of the QLoRA recipe run (call 2, 11 steps), see notes
-    ours, targets, probe, base = [], [], [], []
+    recipe = _rows(data_dir / RECIPE[0])[RECIPE[1]]["tokens_per_s"]
+    qrecipe = _rows(data_dir / QLORA_RECIPE[0])[QLORA_RECIPE[1]]["tokens_per_s"]
+    ours, targets, probe, base, peaks = [], [], [], [], []
     for name, f, label, target, plain in BUDGETS:
-        ours.append(_rows(data_dir / f)[label]["tokens_per_s"])
+        row = _rows(data_dir / f)[label]
+        ours.append(row["tokens_per_s"])
+        peaks.append(row["peak_total_GiB"])
         targets.append(target)
         probe.append(plain)
         base.append(qrecipe if name == "12 GiB" else recipe)
-    losses = json.loads((data_dir / "call2-trl-logged-losses.json").read_text())
-    worker = _rows(data_dir / "call2-recipe.jsonl")["check-worker"]["losses"] if (
-        data_dir / "call2-recipe.jsonl").exists() else []
+    check = _rows(data_dir / LOSS_CHECK[0])
+    recipe_losses, worker = check[LOSS_CHECK[1]]["losses"], check[LOSS_CHECK[2]]["losses"]
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
     x = range(len(BUDGETS))
     w = 0.27
     ax.bar([i - w for i in x], base, w, label="common recipe, same data (trl, mb 1 x 4)")
     ax.bar(list(x), probe, w, label="plain transformers+peft+liger, fixed 512 (reference)")
-    ax.bar([i + w for i in x], ours, w, label="this worker, realistic lengths")
+    ax.bar([i + w for i in x], ours, w, label="this operator's plan + worker, realistic lengths")
+    for i, (tps, peak) in enumerate(zip(ours, peaks)):
+        ax.annotate(f"{tps:,.0f}\n{peak:.1f} GiB", (i + w, tps), ha="center", va="bottom", fontsize=7)
     ax.scatter([i + w for i in x], targets, marker="_", s=600, color="k", zorder=3, label="target")
     ax.set_xticks(list(x), [b[0] for b in BUDGETS])
     ax.set_ylabel("real tokens / s (one H200)")
     ax.set_title("Llama-3-8B-shaped, LoRA r=16 (QLoRA at 12 GiB)")
-    ax.set_ylim(0, 20000)
+    ax.set_ylim(0, 24000)
     ax.legend(fontsize=8, loc="upper center", ncol=2)
-    bx.plot(range(1, len(losses["check_recipe_dropout0_adamw"]) + 1), losses["check_recipe_dropout0_adamw"],
-            "o", label="common recipe (trl SFTTrainer), as logged")
-    if worker:
-        bx.plot(range(1, len(worker) + 1), worker, "-", label="worker loop (packed, liger, lean LoRA)")
+    bx.plot(range(1, len(recipe_losses) + 1), recipe_losses, "o",
+            label="common recipe (trl SFTTrainer, mb 1 x 4, padded)")
+    bx.plot(range(1, len(worker) + 1), worker, "-",
+            label="worker (varlen row, liger, lean LoRA, fused AdamW)")
     bx.set_xlabel("optimizer step")
     bx.set_ylabel("training loss")
     bx.set_title("same data, seed and hyperparameters")
