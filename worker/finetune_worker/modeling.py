@@ -151,9 +151,8 @@ def load_base_model(
     In particular the embeddings and lm_head stay bf16 under QLoRA (peft's
     prepare_model_for_kbit_training would upcast both to fp32: 2 x 128,256 x 4,096 x 2 extra bytes,
     about 2 GiB on a Llama-3-8B, for no benefit since they are frozen).
-    SDPA attention is the default: with padding-free packing (position_ids that restart per
-    sequence and no attention_mask) transformers derives a block-diagonal causal mask from the
-    position ids, so packed sequences never attend to each other.
+    SDPA attention is the default. With packing the trainer switches the model to varlen
+    attention (attention.py), where each packed example attends only to itself.
     """
     import torch
     from transformers import AutoModelForCausalLM

@@ -3,10 +3,15 @@
 Instruction data is short and uneven (most examples a few hundred tokens, a long tail to the
 length limit). Right-padding a batch to its longest member spends GPU time on pad tokens;
 padding-free packing concatenates the batch into one row instead and tells the model where each
-sequence starts through `position_ids` that restart at 0. With no `attention_mask`, transformers
-turns those restarts into a block-diagonal causal mask (masking_utils.find_packed_sequence_indices),
-so a token never attends to, or is trained to predict, a token of another sequence: the loss is
-the same as for the sequences run one by one (tests/test_perf_packing.py checks this).
+sequence starts through `position_ids` that restart at 0, so a token never attends to, or is
+trained to predict, a token of another sequence: the loss is the same as for the sequences run
+one by one (tests/test_perf_packing.py checks this).
+
+The trainer's packed path is make_varlen_collator + PackedBatchSampler: one row of exactly the
+micro-batch's token budget, with the boundaries for varlen attention (attention.py). The other
+collators (rows of seq_len with transformers' block-diagonal masks from the position ids;
+length-grouped padded batches without a mask) are the fallback where PyTorch has no varlen
+kernel, and the benchmark's points of comparison (docs/perf-notes.md).
 """
 
 from __future__ import annotations

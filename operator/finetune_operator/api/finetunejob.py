@@ -218,7 +218,9 @@ class TrainingSpec(SpecModel):
     seq_length: Annotated[int, Field(ge=16, le=131072)] = 2048
     """Maximum tokens per training sequence; longer rows are truncated."""
     packing: bool = False
-    """Concatenate short rows into full-length sequences (faster on short data)."""
+    """Put examples back to back in padding-free rows of microBatchSize x seqLength tokens,
+    each example attending only to itself: no compute on padding (the fastest setting for
+    short, uneven instruction data; docs/benchmarks.md)."""
     gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
     """Trade compute for activation memory; `auto` lets the planner decide."""
     optimizer: Literal[
