@@ -10,13 +10,18 @@ the predicted peak, and a safety margin (5 % of the budget or 0.5 GiB, whichever
 is kept free for what the model cannot see: fragmentation after hours of uneven batches,
 NCCL buffers, a second CUDA stream.
 
-Speed: a relative tokens/s score, `rate(method, checkpointing) x T / (T + T_half(method))`.
+Speed: a relative tokens/s score,
+`rate(method, checkpointing) x T / (T + T_half(method)) x min(1, T / T_host)`.
 The rates are the H200 reference measurements of an 8B model at large micro-batches
 (../shared/bench): bf16 LoRA 1.0, LoRA with checkpointing 0.70 (the forward pass runs twice),
 QLoRA 0.87 (4-bit weights are dequantised for every matmul), QLoRA with checkpointing 0.57.
 The saturating factor says how many tokens a micro-batch needs to keep the GPU busy: the
 worker's H200 grid reaches 88 % of LoRA's full speed at 2,048 tokens (T_half = 512); QLoRA,
 which dequantises every weight once per micro-batch, needs more (T_half = 1,536).
+The last factor is the host: below ~2,048 tokens (~2,900 with checkpointing, whose forward
+launches every kernel twice) a micro-batch's kernels take less GPU time than Python takes to
+launch them, and speed falls in proportion (the worker's varlen rows on the H200: 4,724
+tokens/s at 1,024 tokens, 10,784 at 2,048, 15,159 at 4,096, 15,582 at 12,288).
 Micro-batches stop at 16,384 tokens: beyond that the extra speed is a few percent and the
 memory is better left as headroom. So bf16 LoRA wins whenever it fits at a reasonable
 micro-batch, no checkpointing beats checkpointing, and QLoRA without checkpointing can beat
@@ -51,6 +56,9 @@ SPEED_RATES = {
 # Tokens per micro-batch at which a method reaches half its full speed. QLoRA needs more: it
 # dequantises every weight once per micro-batch whatever the micro-batch's size.
 SATURATION_TOKENS = {"lora": 512, "qlora": 1536}
+# Tokens per micro-batch below which the host (kernel launches) is the bottleneck.
+HOST_BOUND_TOKENS = 2048
+HOST_BOUND_CHECKPOINTING_FACTOR = 1.4
 DEFAULT_MAX_TOKENS_PER_MICRO_BATCH = 16384
 SAFETY_FRACTION = 0.05
 SAFETY_MIN_BYTES = 512 * MiB
@@ -178,7 +186,9 @@ def speed_score(shape: TrainingShape) -> float:
     """Relative tokens per second (1.0 = bf16 LoRA at an infinitely large micro-batch)."""
     tokens = shape.tokens_per_micro_batch
     rate = SPEED_RATES[(shape.method, shape.gradient_checkpointing)]
-    return rate * tokens / (tokens + SATURATION_TOKENS[shape.method])
+    host = HOST_BOUND_TOKENS * (HOST_BOUND_CHECKPOINTING_FACTOR if shape.gradient_checkpointing
+                                else 1.0)
+    return rate * tokens / (tokens + SATURATION_TOKENS[shape.method]) * min(1.0, tokens / host)
 
 
 def _divisors(n: int) -> list[int]:
