@@ -12,10 +12,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def _qkv(lengths, heads=32, kv_heads=8, dim=128, seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)
-    total = sum(lengths)
-    shape = lambda h: (1, h, total, dim)  # noqa: E731 - transformers' (B, H, T, D) layout
-    return [torch.randn(shape(h), device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
-            for h in (heads, kv_heads, kv_heads)]
+    total = sum(lengths)  # transformers' (B, H, T, D) layout
+    return [torch.randn((1, h, total, dim), device="cuda", dtype=torch.bfloat16,
+                        generator=g).requires_grad_() for h in (heads, kv_heads, kv_heads)]
 
 
 def _attend(fn, q, k, v, grad):
@@ -58,7 +57,6 @@ def test_flash_varlen_kernel_is_as_accurate_as_per_example_attention_with_gqa():
 
 def test_varlen_llama_on_gpu_equals_per_sequence_loss():
     import transformers
-
     from finetune_worker import attention, packing
 
     torch.manual_seed(0)

@@ -386,7 +386,7 @@ def test_packing_falls_back_to_dense_batches_without_a_varlen_kernel(tmp_path, t
 
 def test_trainer_loss_is_the_models_own_and_equals_trls(tmp_path, tiny_model_root):
     """FineTuneTrainer trains on the model's loss, not trl's fused head: same number."""
-    config, _, trainer = _packed_trainer(tmp_path, tiny_model_root)
+    _, _, trainer = _packed_trainer(tmp_path, tiny_model_root)
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     items = int((batch["labels"][:, 1:] != -100).sum())
     trainer.model.train()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 from typing import Any
 
 VARLEN = "finetune_varlen"
@@ -107,6 +108,8 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     if dropout:
         raise ValueError("attention dropout is not supported with packed micro-batches; "
                          "Llama-style models train with attention_dropout 0")
+    import torch
+
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, H, D)
     kernel = _varlen_kernel() if query.is_cuda else None
     if kernel is None:
@@ -120,7 +123,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
         elif groups > 1:
             k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))
         longest = int(kwargs.get("max_length_q") or int((cu[1:] - cu[:-1]).max()))
-        cu = cu.to(device=q.device, dtype=torch_int32())
+        cu = cu.to(device=q.device, dtype=torch.int32)
         out = varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, longest,
                           longest, scale=scaling, **extra)
     return out.unsqueeze(0), None
@@ -134,7 +137,7 @@ def _per_segment(q, k, v, cu, scaling):
     groups = q.shape[1] // k.shape[1]
     outs = []
     bounds = [int(x) for x in cu.tolist()]
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    for start, end in itertools.pairwise(bounds):
         qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))  # (H, n, D)
         if groups > 1:
             ks, vs = (t.repeat_interleave(groups, dim=0) for t in (ks, vs))
@@ -142,8 +145,3 @@ def _per_segment(q, k, v, cu, scaling):
                                                    scale=scaling).transpose(0, 1))
     return torch.cat(outs, dim=0)
 
-
-def torch_int32():
-    import torch
-
-    return torch.int32

@@ -189,20 +189,20 @@ def packed_batches(lengths: Sequence[int], max_tokens: int, *, lookahead: int = 
         batch: list[int] = []
         used = 0
         kept: list[int] = []
-
-        def offer(i: int) -> None:
-            nonlocal used
+        # the examples passed over last time first, then new ones until the row is full or
+        # `lookahead` examples have been passed over
+        candidates = iter(waiting)
+        while True:
+            i = next(candidates, None)
+            if i is None:
+                if nxt >= n or len(kept) > lookahead or used >= max_tokens:
+                    break
+                i, nxt = nxt, nxt + 1
             if not batch or used + lengths[i] <= max_tokens:
                 batch.append(i)
                 used += lengths[i]
             else:
                 kept.append(i)
-
-        for i in waiting:
-            offer(i)
-        while nxt < n and len(kept) <= lookahead and used < max_tokens:
-            offer(nxt)
-            nxt += 1
         batches.append(batch)
         waiting = kept
     return batches
