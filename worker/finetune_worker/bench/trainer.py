@@ -146,7 +146,7 @@ def run(base, method: str, examples: list[dict], memory: str, *, shape: str = "l
         clock = _step_clock()
         trainer.add_callback(clock)
         sampler = trainer.token_budget_sampler
-        groups = sampler._batches()
+        groups = list(sampler)  # epoch 0: the order the trainer will draw
         seq = config.spec.training.seq_length
         accum = training_plan.gradient_accumulation
         per_step = [sum(min(len(examples[i]["input_ids"]), seq) for g in groups[s * accum:(s + 1) * accum]
