@@ -336,7 +336,8 @@ def test_training_plan_requires_the_decisions():
 def test_worker_exit_codes_are_the_contract():
     assert {c.name: int(c) for c in WorkerExitCode} == {
         "SUCCESS": 0, "INVALID_CONFIG": 10, "DATA_ERROR": 11, "CUDA_OOM": 12,
-        "NON_FINITE_LOSS": 13, "STORAGE_ERROR": 14, "MODEL_LOAD_ERROR": 15}
+        "NON_FINITE_LOSS": 13, "STORAGE_ERROR": 14, "MODEL_LOAD_ERROR": 15,
+        "ENVIRONMENT_ERROR": 16}
     assert WorkerExitCode.CUDA_OOM.reason == Reason.CUDA_OUT_OF_MEMORY == "CUDAOutOfMemory"
     assert all(code.meaning for code in WorkerExitCode)
     assert [c for c in WorkerExitCode if c.retryable] == [WorkerExitCode.STORAGE_ERROR]

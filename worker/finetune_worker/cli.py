@@ -4,7 +4,7 @@ Only argument parsing, logging and the mapping from failures to exit codes live 
 heavy imports happen inside the commands so `--help` is instant. Exit codes are the
 contract with the operator's pod failure policy (finetune_operator.api.exit_codes):
 0 success, 10 invalid config, 11 data error, 12 CUDA out of memory, 13 non-finite loss,
-14 storage error, 15 model load error; 143 when SIGTERM stopped training after a
+14 storage error, 15 model load error, 16 worker environment error (preflight.py); 143 when SIGTERM stopped training after a
 checkpoint (the pod was preempted and the Job may retry).
 """
 
@@ -34,6 +34,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"worker config file (YAML/JSON; default {DEFAULT_CONFIG} or "
                             "$FINETUNE_WORKER_CONFIG)")
 
+    check = commands.add_parser(
+        "preflight", help="check that this environment can run a worker config's plan "
+                          "(C compiler for Triton, fused kernels, bitsandbytes); exit 16 if not")
+    check.add_argument("--config", default=os.environ.get("FINETUNE_WORKER_CONFIG"),
+                       help="worker config whose plan to check (default: a GPU LoRA plan with "
+                            "fused kernels)")
+    check.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                       help="check for this device (default: cuda when a GPU is visible)")
+    check.add_argument("--no-launch", action="store_true",
+                       help="only the checks that need no GPU: imports, compiler, headers, cache")
+
     merge = commands.add_parser("merge", help="merge an adapter into its unquantised base model")
     merge.add_argument("--config", default=os.environ.get("FINETUNE_WORKER_MERGE_CONFIG"),
                        help="merge config written by the operator (MergeConfig YAML); gives "
@@ -60,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    command = train_command if args.command == "train" else merge_command
+    command = {"train": train_command, "preflight": preflight_command,
+               "merge": merge_command}[args.command]
     return command(args)
 
 
@@ -109,6 +121,32 @@ def train_command(args) -> int:
                                            reason="WorkerCrashed", specHash=config.spec_hash))
         raise
     return report_success(config, result, reporter)
+
+
+def preflight_command(args) -> int:
+    from finetune_operator.api import WorkerConfigError, load_worker_config
+
+    from .errors import InvalidConfigError, WorkerEnvironmentError
+    from .preflight import run_preflight
+
+    plan, packing = {"method": "lora", "fused_kernels": True}, False
+    if args.config:
+        try:
+            config = load_worker_config(args.config)
+        except WorkerConfigError as exc:
+            return _fail(InvalidConfigError(str(exc)))
+        plan, packing = config.plan, config.spec.training.packing
+    device = args.device
+    if device == "auto":
+        from .train import training_device
+
+        device = training_device()
+    try:
+        run_preflight(plan, device, packing=packing, launch=not args.no_launch)
+    except WorkerEnvironmentError as exc:
+        return _fail(exc)
+    print(f"preflight passed for {device}")
+    return 0
 
 
 def make_reporter(config):

@@ -38,3 +38,9 @@ class StorageError(WorkerError):
 
 class ModelLoadError(WorkerError):
     exit_code = WorkerExitCode.MODEL_LOAD_ERROR
+
+
+class WorkerEnvironmentError(WorkerError):
+    """The image or node lacks something the plan needs at run time (preflight.py)."""
+
+    exit_code = WorkerExitCode.ENVIRONMENT_ERROR

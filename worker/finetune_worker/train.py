@@ -18,7 +18,7 @@ from typing import Any
 
 from finetune_operator.api import WorkerConfig, spec_hash, uri_scheme
 
-from . import sources
+from . import preflight, sources
 from .checkpoints import find_resumable_checkpoint
 from .errors import DataError, InvalidConfigError, ModelLoadError, StorageError, WorkerError
 from .memory import out_of_memory_message, peak_memory_metrics
@@ -255,6 +255,8 @@ def run_training(config: WorkerConfig, *, reporter: StatusReporter | None = None
     check_config(config)
     token = read_secret_file(config.paths.hf_token_file, "Hugging Face token")
     device = training_device()
+    # Seconds, before minutes of loading: can this image run the kernels the plan assumes?
+    preflight.run_preflight(config.plan, device, packing=config.spec.training.packing)
     if device == "cuda":
         import torch
 

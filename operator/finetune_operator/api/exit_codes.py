@@ -21,6 +21,7 @@ class WorkerExitCode(IntEnum):
     NON_FINITE_LOSS = 13
     STORAGE_ERROR = 14
     MODEL_LOAD_ERROR = 15
+    ENVIRONMENT_ERROR = 16
 
     @property
     def reason(self) -> str:
@@ -46,6 +47,7 @@ _REASONS = {
     WorkerExitCode.NON_FINITE_LOSS: Reason.NON_FINITE_LOSS,
     WorkerExitCode.STORAGE_ERROR: Reason.STORAGE_ERROR,
     WorkerExitCode.MODEL_LOAD_ERROR: Reason.MODEL_LOAD_ERROR,
+    WorkerExitCode.ENVIRONMENT_ERROR: Reason.WORKER_ENVIRONMENT_ERROR,
 }
 
 _MEANINGS = {
@@ -60,4 +62,7 @@ _MEANINGS = {
         "reading or writing a checkpoint or the adapter failed (volume, bucket or Hub push)",
     WorkerExitCode.MODEL_LOAD_ERROR:
         "the base model or tokenizer cannot be loaded (not found, gated, wrong revision)",
+    WorkerExitCode.ENVIRONMENT_ERROR:
+        "the worker image or node cannot run what the plan assumes (a C compiler for Triton's "
+        "fused kernels, bitsandbytes' CUDA library, a GPU kernel); fix the image",
 }

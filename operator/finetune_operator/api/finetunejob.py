@@ -443,6 +443,9 @@ class TrainingPlan(StatusModel):
     micro_batch_size: Annotated[int, Field(ge=1)]
     gradient_accumulation: Annotated[int, Field(ge=1)]
     gradient_checkpointing: bool
+    fused_kernels: bool = True
+    """The prediction assumes liger's fused Triton kernels on the GPU; the worker refuses to
+    start without them (exit code 16) rather than run a plan made for other kernels."""
     trainable_params: int
     total_params: int | None = None
 

@@ -28,7 +28,7 @@ HF_TOKEN_PATH = f"{SECRETS_DIR}/hf-token/token"
 STORAGE_CREDENTIALS_DIR = f"{SECRETS_DIR}/storage"
 SCRATCH_DIR = "/scratch"
 WORKER_CONTAINER = "worker"
-WORKER_UID = 1000
+WORKER_UID = 65532  # the worker image's USER, the uid its run-time environment is checked with
 DEFAULT_WORKER_IMAGE = "ghcr.io/finetune-dev/finetune-worker:0.1.0"
 
 # Exit codes that no retry can fix: fail the Job at once instead of burning backoffLimit
@@ -194,15 +194,29 @@ def worker_volumes(config_map: str, pvcs: VolumePlan, *, shm_limit: str = "16Gi"
     return volumes, mounts
 
 
+def scratch_environment(scratch_dir: str = SCRATCH_DIR) -> list[dict]:
+    """Every cache and home directory on the scratch emptyDir: the root filesystem is read-only
+    and uid 65532 has no passwd entry, so "~" and the image's /tmp defaults are not writable.
+    Triton writes its compiled launcher and kernels under TRITON_CACHE_DIR at the first launch."""
+    return [{"name": name, "value": f"{scratch_dir}{suffix}"} for name, suffix in (
+        ("HOME", "/home"),
+        ("TMPDIR", ""),
+        ("HF_HOME", "/hf-home"),
+        ("XDG_CACHE_HOME", "/cache"),
+        ("TRITON_HOME", ""),
+        ("TRITON_CACHE_DIR", "/triton"),
+        ("TORCHINDUCTOR_CACHE_DIR", "/torchinductor"),
+    )]
+
+
 def worker_container(image: str, command: list[str], mounts: list[dict],
-                     resources: dict[str, str]) -> dict:
+                     resources: dict[str, str], *, scratch_dir: str = SCRATCH_DIR) -> dict:
     return {
         "name": WORKER_CONTAINER,
         "image": image,
         "command": command,
         "env": [
-            {"name": "HF_HOME", "value": f"{SCRATCH_DIR}/hf-home"},
-            {"name": "TMPDIR", "value": SCRATCH_DIR},
+            *scratch_environment(scratch_dir),
             {"name": "PYTHONUNBUFFERED", "value": "1"},
             {"name": "FINETUNE_WORKER_TERMINATION_LOG", "value": "/dev/termination-log"},
             # Batches of varying shape fragment the caching allocator; the planner's memory

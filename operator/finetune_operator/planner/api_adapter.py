@@ -84,6 +84,7 @@ def training_plan(decision: PlanDecision) -> TrainingPlan:
         micro_batch_size=decision.chosen.shape.micro_batch,
         gradient_accumulation=decision.chosen.gradient_accumulation,
         gradient_checkpointing=decision.chosen.shape.gradient_checkpointing,
+        fused_kernels=decision.request.fused_kernels,
         trainable_params=int(estimate.details["trainable_params"]),
         total_params=decision.arch.total_params(),
     )
