@@ -301,3 +301,105 @@ def test_the_operator_package_never_imports_torch_or_transformers():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == ""
+
+
+# --- several GPUs, several nodes -----------------------------------------------------------
+
+
+def _distributed(llama: FineTuneJob, gpus: int, nodes: int) -> tuple[FineTuneJob, TrainingPlan]:
+    doc = llama.model_dump(mode="json", by_alias=True, exclude_none=True)
+    doc["spec"]["resources"]["gpu"].update(count=gpus, nodes=nodes)
+    plan = PLAN.model_copy(update={"strategy": "ddp", "nodes": nodes,
+                                   "processes_per_node": gpus, "world_size": gpus * nodes})
+    return FineTuneJob.model_validate(doc), plan
+
+
+def test_one_gpu_runs_the_worker_directly_without_a_launcher(llama):
+    job = training.build_training_job(llama, PLAN, "h")
+    command = job["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[:2] == ["finetune-worker", "train"]
+    assert "completionMode" not in job["spec"]
+    assert training.build_rendezvous_service(llama, PLAN) is None
+
+
+def test_several_gpus_on_one_node_run_torchrun_standalone_in_one_pod(llama):
+    ftj, plan = _distributed(llama, gpus=4, nodes=1)
+    job = training.build_training_job(ftj, plan, "h")
+    spec = job["spec"]
+    container = spec["template"]["spec"]["containers"][0]
+    assert container["command"] == [
+        "finetune-worker", "launch", "--nnodes", "1", "--nproc-per-node", "4", "--",
+        "train", "--config", "/etc/finetune/worker-config.yaml"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    assert (spec["completions"], spec["parallelism"]) == (1, 1)
+    assert "completionMode" not in spec and "subdomain" not in spec["template"]["spec"]
+    assert training.build_rendezvous_service(ftj, plan) is None
+
+
+def test_several_nodes_are_an_indexed_job_rendezvousing_at_pod_0_through_a_headless_service(
+        llama):
+    ftj, plan = _distributed(llama, gpus=8, nodes=2)
+    job = training.build_training_job(ftj, plan, "h")
+    service = training.build_rendezvous_service(ftj, plan)
+    name = ftj.metadata.name
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    assert spec["completionMode"] == "Indexed"
+    assert (spec["completions"], spec["parallelism"]) == (2, 2)
+    assert spec["backoffLimit"] == ftj.spec.backoff_limit * 2
+    assert pod["subdomain"] == service["metadata"]["name"] == f"{name}-workers"
+    container = pod["containers"][0]
+    command = container["command"]
+    assert command[:6] == ["finetune-worker", "launch", "--nnodes", "2", "--nproc-per-node", "8"]
+    master = command[command.index("--master-addr") + 1]
+    # pod 0's hostname in an Indexed Job is <job>-0; the Service is its DNS subdomain
+    assert master == f"{job['metadata']['name']}-0.{service['metadata']['name']}"
+    assert command[command.index("--master-port") + 1] == "29500"
+    assert container["ports"] == [{"name": "rendezvous", "containerPort": 29500}]
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["publishNotReadyAddresses"] is True
+    assert service["spec"]["selector"] == {"batch.kubernetes.io/job-name": job["metadata"]["name"]}
+    assert service["spec"]["ports"][0]["port"] == 29500
+    # the same failure policy as one pod: worker exit codes fail the Job at once
+    assert spec["podFailurePolicy"] == training.failure_policy()
+
+
+def test_the_worker_config_carries_the_world_the_worker_must_find(llama):
+    ftj, plan = _distributed(llama, gpus=4, nodes=2)
+    config = WorkerConfig.model_validate(training.worker_config(ftj, plan, "h"))
+    assert (config.plan.strategy, config.plan.nodes, config.plan.processes_per_node,
+            config.plan.world_size) == ("ddp", 2, 4, 8)
+
+
+def test_a_multi_node_success_reads_the_summary_of_the_pod_that_wrote_one():
+    job = {"spec": {}, "status": {"conditions": [{"type": "Complete", "status": "True"}]}}
+    summary = {"result": "Succeeded", "exitCode": 0, "message": "trained 10 steps"}
+
+    def pod(name, created, message=None):
+        term = {"exitCode": 0, **({"message": json.dumps(message)} if message else {})}
+        return {"metadata": {"name": name, "creationTimestamp": created},
+                "status": {"phase": "Succeeded", "containerStatuses": [
+                    {"name": training.WORKER_CONTAINER, "state": {"terminated": term}}]}}
+
+    # pod 1 is newer but only pod 0 (global rank 0) wrote the summary
+    pods = [pod("j-train-0-a", "2026-01-01T00:00:00Z", summary),
+            pod("j-train-1-b", "2026-01-01T00:00:05Z")]
+    outcome = observe_training(job, pods, user_suspended=False, queued=False)
+    assert outcome.phase == Phase.SUCCEEDED and outcome.termination == summary
+
+
+def test_a_multi_node_failure_names_the_pod_whose_worker_gave_a_verdict():
+    job = {"spec": {"backoffLimit": 0},
+           "status": {"conditions": [{"type": "Failed", "status": "True",
+                                      "reason": "PodFailurePolicy"}]}}
+
+    def pod(name, created, code, message):
+        term = {"exitCode": code, "message": json.dumps(
+            {"result": "Failed", "exitCode": code, "message": message})}
+        return {"metadata": {"name": name, "creationTimestamp": created},
+                "status": {"phase": "Failed", "containerStatuses": [
+                    {"name": training.WORKER_CONTAINER, "state": {"terminated": term}}]}}
+
+    pods = [pod("j-train-0", "2026-01-01T00:00:00Z", 11, "row 7 has no 'output'"),
+            pod("j-train-1", "2026-01-01T00:00:09Z", 1, "rank 3 lost its peers")]
+    outcome = observe_training(job, pods, user_suspended=False, queued=False)
+    assert outcome.reason == Reason.DATA_ERROR and "row 7" in outcome.message

@@ -294,3 +294,37 @@ def test_kueue_admission_is_the_queued_to_running_edge(kube: Kube, operator_proc
     assert condition(done, "Queued")["status"] == "False"
     # The operator never suspends a Kueue-admitted Job again.
     assert kube.get("job", "queued-train")["spec"]["suspend"] is False
+
+
+def test_a_multi_node_job_is_an_indexed_job_with_a_rendezvous_service(kube: Kube,
+                                                                        operator_process):
+    doc = ftj_manifest("two-nodes", memory="80Gi",
+                       resources={"gpu": {"count": 2, "nodes": 2, "memory": "80Gi"}},
+                       training={"maxSteps": 10, "batchSize": 16})
+    kube.apply(doc)
+    job = wait_for(lambda: kube.get_or_none("job", "two-nodes-train"), timeout=30,
+                   what="the training Job")
+    plan = ftj(kube, "two-nodes")["status"]["plan"]
+    assert (plan["strategy"], plan["nodes"], plan["processesPerNode"], plan["worldSize"]) == (
+        "ddp", 2, 2, 4)
+    assert plan["microBatchSize"] * plan["gradientAccumulation"] * 4 == 16
+    assert (job["spec"]["completionMode"], job["spec"]["completions"]) == ("Indexed", 2)
+    service = kube.get("service", "two-nodes-workers")
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["metadata"]["ownerReferences"][0]["kind"] == "FineTuneJob"
+    # The Job controller gives each pod its index, as env and as hostname under the Service.
+    pods = wait_for(lambda: len(p := kube.items("pods", "job-name=two-nodes-train")) == 2 and p,
+                    timeout=60, what="two worker pods")
+    for pod in pods:
+        index = pod["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]
+        assert pod["spec"]["hostname"] == f"two-nodes-train-{index}"
+        assert pod["spec"]["subdomain"] == "two-nodes-workers"
+        env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+        assert "JOB_COMPLETION_INDEX" in env
+        command = pod["spec"]["containers"][0]["command"]
+        assert command[command.index("--master-addr") + 1] == "two-nodes-train-0.two-nodes-workers"
+    wait_phase(kube, "two-nodes", "Succeeded")
+    kube.delete("finetunejob", "two-nodes")
+    for kind, name in (("job", "two-nodes-train"), ("service", "two-nodes-workers")):
+        wait_for(lambda kind=kind, name=name: kube.get_or_none(kind, name) is None, timeout=60,
+                 what=f"{kind} {name} to be garbage-collected")

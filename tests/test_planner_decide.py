@@ -190,3 +190,92 @@ def test_plan_for_spec_raises_with_minimum_memory_when_nothing_fits():
         plan_for_spec(spec, LLAMA3_8B)
     assert caught.value.minimum_budget_bytes > 6 * GiB
     assert "must be at least" in str(caught.value)
+
+
+# --- several GPUs: DDP when a replica fits, FSDP when it does not ---------------------------
+
+LLAMA3_70B = preset("meta-llama/Meta-Llama-3-70B")
+
+
+def test_one_gpu_is_a_single_process_and_several_are_ddp_when_a_replica_fits():
+    single = plan(80, PlanRequest(seq_len=512, batch_size=16))
+    assert single.chosen.strategy == "single"
+    assert {c.shape.strategy for c in single.candidates} == {"single"}
+    ddp = plan(80, PlanRequest(seq_len=512, batch_size=16), gpus=4)
+    assert ddp.chosen.strategy == "ddp"
+    assert ddp.micro_batch * ddp.gradient_accumulation * 4 == 16
+    # the replica is whole on every GPU, plus DDP's gradient buckets
+    same_shape = single.chosen.shape.but(gpu_count=4, strategy="ddp")
+    from finetune_operator.planner.memory import estimate_memory
+
+    assert (estimate_memory(LLAMA3_8B, same_shape).breakdown["gradients"]
+            == 2 * single.chosen.estimate.breakdown["gradients"])
+
+
+def test_70b_qlora_on_two_40gi_gpus_is_sharded_because_no_replica_fits():
+    request = PlanRequest(seq_len=2048, batch_size=16, packing=True, method="qlora")
+    decision = plan_training(LLAMA3_70B, request, Budget(40 * GiB, gpu_count=2))
+    assert decision.fits and decision.chosen.strategy == "fsdp"
+    assert not any(c.fits for c in decision.candidates if c.shape.strategy == "ddp")
+    assert "no data-parallel configuration fits" in decision.reason
+    assert "prediction" in decision.reason  # uncalibrated terms are said to be so
+    # Sharding divides the persistent terms by the world size; what is gathered stays whole.
+    chosen = decision.chosen.estimate
+    replica = [c for c in decision.candidates if c.shape.strategy == "ddp"
+               and c.shape.micro_batch == decision.micro_batch
+               and c.shape.gradient_checkpointing == decision.gradient_checkpointing][0]
+    gathered = chosen.details["fsdp_gathered_bytes"]
+    assert chosen.breakdown["weights"] == pytest.approx(
+        replica.estimate.breakdown["weights"] / 2 + gathered, rel=1e-6)
+    assert chosen.breakdown["optimizer_state"] == pytest.approx(
+        replica.estimate.breakdown["optimizer_state"] / 2, rel=1e-3)
+    assert chosen.breakdown["activations"] == replica.estimate.breakdown["activations"]
+    # Two 24 GiB cards cannot hold it even sharded (no CPU offload): the answer says what would.
+    small = plan_training(LLAMA3_70B, request, Budget(24 * GiB, gpu_count=2))
+    assert not small.fits and "FSDP" in small.reason
+    assert 24 * GiB < small.minimum_budget_bytes < 40 * GiB
+
+
+def test_fsdp_loses_to_ddp_whenever_ddp_fits():
+    decision = plan(80, PlanRequest(seq_len=1024, batch_size=16), gpus=2)
+    fits = {c.shape.strategy for c in decision.candidates if c.fits}
+    assert fits == {"ddp", "fsdp"}
+    assert decision.chosen.strategy == "ddp"
+
+
+def test_nodes_multiply_the_world_and_the_plan_says_so():
+    budget = Budget(80 * GiB, gpu_count=8, nodes=2)
+    assert budget.world_size == 16
+    decision = plan_training(LLAMA3_8B, PlanRequest(seq_len=512, batch_size=64), budget)
+    assert decision.micro_batch * decision.gradient_accumulation * 16 == 64
+    assert "2 nodes x 8 GPUs" in decision.reason
+
+
+def test_plan_for_spec_writes_the_strategy_and_world_the_worker_runs():
+    spec = _llama_spec(**{"resources.gpu.count": 4, "resources.gpu.nodes": 2,
+                          "resources.gpu.memory": "80Gi", "training.batchSize": 64})
+    status_plan = plan_for_spec(spec, LLAMA3_8B)
+    dumped = status_plan.model_dump(by_alias=True)
+    assert (dumped["strategy"], dumped["nodes"], dumped["processesPerNode"],
+            dumped["worldSize"]) == ("ddp", 2, 4, 8)
+    assert dumped["microBatchSize"] * dumped["gradientAccumulation"] * 8 == 64
+
+
+def test_a_batch_that_does_not_split_over_the_gpus_is_refused_naming_the_fields():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=r"spec.training.batchSize must be a multiple"):
+        _llama_spec(**{"resources.gpu.count": 3, "training.batchSize": 16})
+
+
+def _llama_spec(**overrides):
+    from finetune_operator.api import FineTuneJobSpec
+
+    doc = yaml.safe_load((EXAMPLES / "finetunejob-llama3-8b.yaml").read_text())["spec"]
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = doc
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return FineTuneJobSpec.model_validate(doc)

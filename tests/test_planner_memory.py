@@ -227,7 +227,7 @@ def test_qlora_needs_less_than_lora_and_breakdown_sums_to_total():
 
 def test_data_parallel_adds_gradient_buckets():
     one = estimate_memory(LLAMA3_8B, TrainingShape(gpu_count=1))
-    two = estimate_memory(LLAMA3_8B, TrainingShape(gpu_count=2))
+    two = estimate_memory(LLAMA3_8B, TrainingShape(gpu_count=2, strategy="ddp"))
     assert two.breakdown["gradients"] == 2 * one.breakdown["gradients"]
 
 

@@ -67,6 +67,12 @@ def _disrupted(pod: dict) -> bool:
     return (pod.get("status") or {}).get("reason") == "Evicted"
 
 
+def _worker_verdict(pod: dict) -> bool:
+    """Whether the pod's worker exited with one of its documented failure codes."""
+    code = (_terminated(pod) or {}).get("exitCode")
+    return code in {int(c) for c in WorkerExitCode if c is not WorkerExitCode.SUCCESS}
+
+
 def explain_pod_failure(pod: dict) -> tuple[str, str]:
     """(reason, message) for a failed worker pod: exit codes, OOM kills, evictions."""
     name = pod["metadata"]["name"]
@@ -103,13 +109,17 @@ def observe_training(job: dict | None, pods: list[dict], *, user_suspended: bool
     newest = _newest(pods)
     complete = _job_condition(job, "Complete") or _job_condition(job, "SuccessCriteriaMet")
     if complete:
-        succeeded = next((p for p in newest if (p.get("status") or {}).get("phase")
-                          == "Succeeded"), None)
+        done = [p for p in newest if (p.get("status") or {}).get("phase") == "Succeeded"]
+        # In a multi-node job only pod 0 (global rank 0) writes the summary.
+        succeeded = next((p for p in done if termination_summary(p)), done[0] if done else None)
         return Outcome(Phase.SUCCEEDED, Reason.TRAINING_COMPLETE, "training finished",
                        termination_summary(succeeded) if succeeded else None)
     failed = _job_condition(job, "Failed") or _job_condition(job, "FailureTarget")
     if failed:
         failed_pods = [p for p in newest if (p.get("status") or {}).get("phase") == "Failed"]
+        # In a multi-node job the pod whose worker exited with one of its own codes says
+        # why; its peers only saw their collectives break.
+        failed_pods.sort(key=lambda p: not _worker_verdict(p))
         job_reason = failed.get("reason") or ""
         if job_reason == "DeadlineExceeded":
             return Outcome(Phase.FAILED, Reason.DEADLINE_EXCEEDED,

@@ -265,9 +265,13 @@ class TrainingSpec(SpecModel):
 
 
 class GPUSpec(SpecModel):
-    """GPUs per worker and the memory budget the plan must fit in."""
+    """GPUs per worker pod, worker pods (nodes), and the memory budget the plan must fit in."""
 
     count: Annotated[int, Field(ge=1, le=64)] = 1
+    """GPUs per worker pod (one node); one training process (torchrun rank) per GPU."""
+    nodes: Annotated[int, Field(ge=1, le=64)] = 1
+    """Worker pods, each on its own node with `count` GPUs. More than 1 runs an Indexed Job
+    whose pods rendezvous through a headless Service; the world size is count x nodes."""
     memory: PositiveQuantity
     """Memory per GPU the plan must fit in, e.g. `24Gi`: the planner's budget."""
     product: ShortString | None = None
@@ -365,6 +369,10 @@ class FollowUpSpec(SpecModel):
 
 # Fields that may change after creation. Everything else is compared with `oldSelf`.
 MUTABLE_SPEC_FIELDS = ("suspend",)
+BATCH_PER_PROCESS_MESSAGE = (
+    "spec.training.batchSize must be a multiple of the GPUs in the job "
+    "(spec.resources.gpu.count x spec.resources.gpu.nodes): every training process takes the "
+    "same number of examples per optimizer step")
 
 
 class FineTuneJobSpec(SpecModel):
@@ -375,6 +383,8 @@ class FineTuneJobSpec(SpecModel):
         cel("self.method != 'lora' || !has(self.quantization)",
             "spec.quantization may only be set when spec.method is qlora or auto",
             field_path=".quantization"),
+        cel("self.training.batchSize % (self.resources.gpu.count * self.resources.gpu.nodes)"
+            " == 0", BATCH_PER_PROCESS_MESSAGE, field_path=".training.batchSize"),
     ))
 
     model: ModelSource
@@ -406,6 +416,14 @@ class FineTuneJobSpec(SpecModel):
     def _quantization_needs_qlora(self) -> FineTuneJobSpec:
         if self.method == "lora" and self.quantization is not None:
             raise ValueError("spec.quantization may only be set when spec.method is qlora or auto")
+        return self
+
+    @model_validator(mode="after")
+    def _batch_splits_over_processes(self) -> FineTuneJobSpec:
+        gpu = self.resources.gpu
+        if self.training.batch_size % (gpu.count * gpu.nodes):
+            raise ValueError(f"{BATCH_PER_PROCESS_MESSAGE} (batchSize {self.training.batch_size}, "
+                             f"{gpu.count} x {gpu.nodes} GPUs)")
         return self
 
     @property
@@ -446,6 +464,18 @@ class TrainingPlan(StatusModel):
     fused_kernels: bool = True
     """The prediction assumes liger's fused Triton kernels on the GPU; the worker refuses to
     start without them (exit code 16) rather than run a plan made for other kernels."""
+    strategy: Literal["single", "ddp", "fsdp"] = "single"
+    """How the processes share the work: one process (`single`); data-parallel replicas of the
+    whole model (`ddp`); or FULL_SHARD FSDP (`fsdp`), which shards the frozen base, the
+    adapters, their gradients and optimizer state across all processes, for bases that do not
+    fit one GPU."""
+    nodes: Annotated[int, Field(ge=1)] = 1
+    """Worker pods (torchrun --nnodes)."""
+    processes_per_node: Annotated[int, Field(ge=1)] = 1
+    """Training processes per pod, one per GPU (torchrun --nproc-per-node)."""
+    world_size: Annotated[int, Field(ge=1)] = 1
+    """nodes x processesPerNode. microBatchSize and gradientAccumulation are per process:
+    the effective batch is microBatchSize x gradientAccumulation x worldSize."""
     trainable_params: int
     total_params: int | None = None
 
@@ -475,6 +505,11 @@ class TrainingMetrics(StatusModel):
     steps_per_second: float | None = None
     gpu_seconds: float | None = None
     """GPU time used: wall time x GPUs."""
+    peak_vram_per_rank_bytes: list[int] | None = Field(None, alias="peakVRAMPerRankBytes")
+    """Peak reserved VRAM of each training process, by global rank; peakVRAMBytes is the
+    largest."""
+    world_size: int | None = None
+    """Training processes that ran (tokensPerSecond is their total)."""
     peak_vram_allocated_bytes: int | None = Field(None, alias="peakVRAMAllocatedBytes")
     """`torch.cuda.max_memory_allocated`: live tensors at the peak, without allocator cache."""
     peak_rss_bytes: int | None = Field(None, alias="peakRSSBytes")

@@ -29,6 +29,7 @@ STORAGE_CREDENTIALS_DIR = f"{SECRETS_DIR}/storage"
 SCRATCH_DIR = "/scratch"
 WORKER_CONTAINER = "worker"
 WORKER_UID = 65532  # the worker image's USER, the uid its run-time environment is checked with
+RENDEZVOUS_PORT = 29500  # torchrun's default master port
 DEFAULT_WORKER_IMAGE = "ghcr.io/finetune-dev/finetune-worker:0.1.0"
 
 # Exit codes that no retry can fix: fail the Job at once instead of burning backoffLimit
@@ -44,6 +45,7 @@ def names(job_name: str) -> dict[str, str]:
         "service_account": f"{job_name}-worker",
         "role": f"{job_name}-worker",
         "role_binding": f"{job_name}-worker",
+        "rendezvous": f"{job_name}-workers",
     }
 
 
@@ -263,6 +265,49 @@ def failure_policy() -> dict:
     ]}
 
 
+def worker_command(ftj: FineTuneJob, plan: TrainingPlan) -> list[str]:
+    """The worker's command: `finetune-worker train`, under torchrun past one process.
+
+    One pod: torchrun's standalone rendezvous on localhost. Several pods (an Indexed Job):
+    a static rendezvous at pod 0, reached through the headless Service, with each pod's node
+    rank its completion index (the launcher reads JOB_COMPLETION_INDEX), so global rank 0,
+    which writes the adapter, the status and the termination message, is always pod 0.
+    """
+    train = ["train", "--config", f"{CONFIG_DIR}/{WORKER_CONFIG_FILENAME}"]
+    if plan.world_size == 1:
+        return ["finetune-worker", *train]
+    launch = ["finetune-worker", "launch", "--nnodes", str(plan.nodes),
+              "--nproc-per-node", str(plan.processes_per_node)]
+    if plan.nodes > 1:
+        n = names(ftj.metadata.name)
+        launch += ["--master-addr", f"{n['job']}-0.{n['rendezvous']}",
+                   "--master-port", str(RENDEZVOUS_PORT)]
+    return [*launch, "--", *train]
+
+
+def build_rendezvous_service(ftj: FineTuneJob, plan: TrainingPlan) -> dict | None:
+    """A headless Service giving each worker pod of a multi-node job a DNS name
+    (`<job>-train-<index>.<job>-workers`); None for a single pod.
+
+    Not-ready addresses are published because the worker pods have no readiness probe to
+    pass before pod 0 must be reachable for the rendezvous.
+    """
+    if plan.nodes == 1:
+        return None
+    n = names(ftj.metadata.name)
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": _meta(ftj, n["rendezvous"], "rendezvous"),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {"batch.kubernetes.io/job-name": n["job"]},
+            "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT,
+                       "targetPort": RENDEZVOUS_PORT}],
+        },
+    }
+
+
 def build_training_job(ftj: FineTuneJob, plan: TrainingPlan, spec_hash: str, *,
                        default_image: str = DEFAULT_WORKER_IMAGE,
                        default_tolerations: list[dict] | None = None) -> dict:
@@ -281,10 +326,10 @@ def build_training_job(ftj: FineTuneJob, plan: TrainingPlan, spec_hash: str, *,
         requests["cpu"] = str(spec.resources.cpu)
     if spec.resources.memory:
         requests["memory"] = str(spec.resources.memory)
-    container = worker_container(
-        spec.image or default_image,
-        ["finetune-worker", "train", "--config", f"{CONFIG_DIR}/{WORKER_CONFIG_FILENAME}"],
-        mounts, requests)
+    container = worker_container(spec.image or default_image, worker_command(ftj, plan), mounts,
+                                 requests)
+    if plan.nodes > 1:
+        container["ports"] = [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT}]
     pod_spec = worker_pod_spec(n["service_account"], container, volumes,
                                gpu_node_affinity(parse_quantity(gpu.memory), gpu.product))
     if spec.resources.node_selector:
@@ -301,9 +346,11 @@ def build_training_job(ftj: FineTuneJob, plan: TrainingPlan, spec_hash: str, *,
     if queued:
         job_labels["kueue.x-k8s.io/queue-name"] = spec.resources.queue_name
     job_spec = {
-        "backoffLimit": spec.backoff_limit,
-        "completions": 1,
-        "parallelism": 1,
+        # A lost pod of a multi-node group makes its peers fail too (their collectives time
+        # out), so one restart of the group costs up to `nodes` retries.
+        "backoffLimit": spec.backoff_limit * plan.nodes,
+        "completions": plan.nodes,
+        "parallelism": plan.nodes,
         # Kueue admits a queued Job by un-suspending it; a user's suspend wins either way.
         "suspend": bool(spec.suspend or queued),
         "podFailurePolicy": failure_policy(),
@@ -311,6 +358,11 @@ def build_training_job(ftj: FineTuneJob, plan: TrainingPlan, spec_hash: str, *,
                                   "annotations": {ANNOTATION_SPEC_HASH: spec_hash}},
                      "spec": pod_spec},
     }
+    if plan.nodes > 1:
+        # Indexed: each pod knows its node rank (JOB_COMPLETION_INDEX) and gets the stable
+        # hostname <job>-<index>, resolvable through the rendezvous Service (subdomain).
+        job_spec["completionMode"] = "Indexed"
+        pod_spec["subdomain"] = n["rendezvous"]
     if spec.active_deadline_seconds:
         job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
     if spec.ttl_seconds_after_finished is not None:

@@ -48,7 +48,8 @@ def request_from_spec(spec: FineTuneJobSpec) -> tuple[PlanRequest, Budget]:
         double_quant=spec.quantization_or_default.double_quant,
     )
     gpu = spec.resources.gpu
-    return request, Budget(gpu_memory_bytes=parse_quantity(gpu.memory), gpu_count=gpu.count)
+    return request, Budget(gpu_memory_bytes=parse_quantity(gpu.memory), gpu_count=gpu.count,
+                           nodes=gpu.nodes)
 
 
 def decide_for_spec(spec: FineTuneJobSpec, arch: ModelArch,
@@ -85,6 +86,10 @@ def training_plan(decision: PlanDecision) -> TrainingPlan:
         gradient_accumulation=decision.chosen.gradient_accumulation,
         gradient_checkpointing=decision.chosen.shape.gradient_checkpointing,
         fused_kernels=decision.request.fused_kernels,
+        strategy=decision.chosen.strategy,
+        nodes=decision.budget.nodes,
+        processes_per_node=decision.budget.gpu_count,
+        world_size=decision.budget.world_size,
         trainable_params=int(estimate.details["trainable_params"]),
         total_params=decision.arch.total_params(),
     )

@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fetch config.json from the Hugging Face Hub for models without a preset")
     p.add_argument("--claims-root", help="directory where pvc://claim/... URIs are mounted")
     p.add_argument("--memory", help="GPU memory per GPU, a Kubernetes quantity such as 24Gi")
-    p.add_argument("--gpus", type=int, default=1, help="GPU count (data parallel)")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs per node (one process each)")
+    p.add_argument("--nodes", type=int, default=1, help="nodes (worker pods)")
     p.add_argument("--method", choices=("auto", "lora", "qlora"), default="auto")
     p.add_argument("--r", "--lora-r", dest="r", type=int, default=16, help="LoRA rank")
     p.add_argument("--target-modules", default="all-linear",
@@ -115,7 +116,9 @@ def _request_from_flags(args: argparse.Namespace) -> tuple[PlanRequest, Budget]:
             args.gradient_checkpointing],
         optimizer=args.optimizer, double_quant=not args.no_double_quant,
         fused_ce=not args.unfused_ce, fused_kernels=not args.no_fused_kernels)
-    return request, Budget(gpu_memory_bytes=memory, gpu_count=args.gpus)
+    if args.gpus < 1 or args.nodes < 1:
+        raise BadInput("--gpus and --nodes must be at least 1")
+    return request, Budget(gpu_memory_bytes=memory, gpu_count=args.gpus, nodes=args.nodes)
 
 
 def _arch_from_flags(args: argparse.Namespace) -> ModelArch:
@@ -171,18 +174,18 @@ def explain(decision: PlanDecision) -> str:
     lines = [
         (f"model {decision.arch.name}: {decision.arch.total_params() / 1e9:.2f}B parameters, "
         f"seq {decision.request.seq_len}, LoRA r={decision.request.lora_r}, budget "
-        f"{format_gib(budget.gpu_memory_bytes)} x {budget.gpu_count} GPU "
+        f"{format_gib(budget.gpu_memory_bytes)} x {budget.world_size} GPU "
         f"(usable {format_gib(budget.usable_bytes)})"),
         "",
-        (f"  {'method':<6} {'ckpt':<4} {'micro':>5} {'accum':>5} {'tokens':>7} "
+        (f"  {'strategy':<8} {'method':<6} {'ckpt':<4} {'micro':>5} {'accum':>5} {'tokens':>7} "
         f"{'peak':>8} {'+context':>9} {'fits':<4} {'speed':>5}"),
     ]
     order = sorted(decision.candidates, key=lambda c: (
-        c.shape.method, c.shape.gradient_checkpointing, c.shape.micro_batch))
+        c.shape.strategy, c.shape.method, c.shape.gradient_checkpointing, c.shape.micro_batch))
     for c in order:
         mark = "->" if c is decision.chosen else "  "
         lines.append(
-            f"{mark}{c.shape.method:<6} {'on' if c.shape.gradient_checkpointing else 'off':<4} "
+            f"{mark}{c.shape.strategy:<8} {c.shape.method:<6} {'on' if c.shape.gradient_checkpointing else 'off':<4} "
             f"{c.shape.micro_batch:>5} {c.gradient_accumulation:>5} "
             f"{c.shape.tokens_per_micro_batch:>7} {format_gib(c.estimate.total):>8} "
             f"{format_gib(c.need_bytes):>9} {'yes' if c.fits else 'no':<4} {c.speed:>5.2f}")

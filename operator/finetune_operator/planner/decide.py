@@ -60,6 +60,13 @@ SATURATION_TOKENS = {"lora": 512, "qlora": 1536}
 HOST_BOUND_TOKENS = 2048
 HOST_BOUND_CHECKPOINTING_FACTOR = 1.4
 DEFAULT_MAX_TOKENS_PER_MICRO_BATCH = 16384
+# Relative speed of the strategies for the same per-process shape. FULL_SHARD FSDP all-gathers
+# every layer's weights in the forward and again in the backward pass and reduce-scatters the
+# gradients; on NVLink most of it overlaps compute. A prediction until multi-GPU measurements
+# exist; it only has to rank DDP above FSDP whenever DDP fits.
+STRATEGY_SPEED = {"single": 1.0, "ddp": 1.0, "fsdp": 0.85}
+STRATEGY_NAMES = {"single": "one process", "ddp": "data-parallel (DDP)",
+                  "fsdp": "fully sharded (FSDP FULL_SHARD)"}
 SAFETY_FRACTION = 0.05
 SAFETY_MIN_BYTES = 512 * MiB
 
@@ -75,8 +82,16 @@ class Budget:
 
     gpu_memory_bytes: int
     gpu_count: int = 1
+    """GPUs per worker pod."""
+    nodes: int = 1
+    """Worker pods, each with `gpu_count` GPUs."""
     safety_fraction: float = SAFETY_FRACTION
     safety_min_bytes: int = SAFETY_MIN_BYTES
+
+    @property
+    def world_size(self) -> int:
+        """Training processes: one per GPU over all pods."""
+        return self.gpu_count * self.nodes
 
     @property
     def margin_bytes(self) -> int:
@@ -134,6 +149,10 @@ class Candidate:
         return self.shape.micro_batch * self.gradient_accumulation * self.shape.gpu_count
 
     @property
+    def strategy(self) -> str:
+        return self.shape.strategy
+
+    @property
     def need_bytes(self) -> int:
         """Predicted peak as nvidia-smi would show it: reserved + CUDA context."""
         return self.estimate.with_context
@@ -141,9 +160,12 @@ class Candidate:
     def describe(self) -> str:
         base = "bf16 base" if self.shape.method == "lora" else "4-bit NF4 base"
         ckpt = "with" if self.shape.gradient_checkpointing else "without"
-        return (f"{self.shape.method} ({base}) {ckpt} gradient checkpointing, micro-batch "
+        text = (f"{self.shape.method} ({base}) {ckpt} gradient checkpointing, micro-batch "
                 f"{self.shape.micro_batch} x {self.gradient_accumulation} accumulation step"
                 f"{'s' if self.gradient_accumulation != 1 else ''}")
+        if self.shape.strategy != "single":
+            text += f" x {self.shape.gpu_count} processes, {STRATEGY_NAMES[self.shape.strategy]}"
+        return text
 
 
 @dataclass(frozen=True)
@@ -188,7 +210,8 @@ def speed_score(shape: TrainingShape) -> float:
     rate = SPEED_RATES[(shape.method, shape.gradient_checkpointing)]
     host = HOST_BOUND_TOKENS * (HOST_BOUND_CHECKPOINTING_FACTOR if shape.gradient_checkpointing
                                 else 1.0)
-    return rate * tokens / (tokens + SATURATION_TOKENS[shape.method]) * min(1.0, tokens / host)
+    return (rate * tokens / (tokens + SATURATION_TOKENS[shape.method]) * min(1.0, tokens / host)
+            * STRATEGY_SPEED[shape.strategy])
 
 
 def _divisors(n: int) -> list[int]:
@@ -206,14 +229,14 @@ def micro_batch_options(request: PlanRequest, gpu_count: int) -> list[int]:
 
 
 def _shape(request: PlanRequest, method: str, ckpt: bool, micro: int, accum: int,
-           gpu_count: int) -> TrainingShape:
+           gpu_count: int, strategy: str = "single") -> TrainingShape:
     return TrainingShape(
         method=method, lora_r=request.lora_r, target_modules=request.target_modules,
         lora_dropout=request.lora_dropout, use_dora=request.use_dora, seq_len=request.seq_len,
         micro_batch=micro, packing=request.packing, gradient_checkpointing=ckpt,
         gradient_accumulation=accum, optimizer=request.optimizer, fused_ce=request.fused_ce,
         fused_kernels=request.fused_kernels, double_quant=request.double_quant,
-        gpu_count=gpu_count)
+        gpu_count=gpu_count, strategy=strategy)
 
 
 def enumerate_candidates(arch: ModelArch, request: PlanRequest, budget: Budget,
@@ -221,16 +244,20 @@ def enumerate_candidates(arch: ModelArch, request: PlanRequest, budget: Budget,
     methods = ["lora", "qlora"] if request.method == "auto" else [request.method]
     ckpts = [False, True] if request.gradient_checkpointing is None else [
         request.gradient_checkpointing]
+    world = budget.world_size
+    strategies = ["single"] if world == 1 else ["ddp", "fsdp"]
     candidates = []
-    for method in methods:
-        for ckpt in ckpts:
-            for micro in micro_batch_options(request, budget.gpu_count):
-                accum = max(1, math.ceil(request.batch_size / (micro * budget.gpu_count)))
-                shape = _shape(request, method, ckpt, micro, accum, budget.gpu_count)
-                estimate = estimate_memory(arch, shape, constants)
-                candidates.append(Candidate(
-                    shape=shape, estimate=estimate, gradient_accumulation=accum,
-                    fits=estimate.with_context <= budget.usable_bytes, speed=speed_score(shape)))
+    for strategy in strategies:
+        for method in methods:
+            for ckpt in ckpts:
+                for micro in micro_batch_options(request, world):
+                    accum = max(1, math.ceil(request.batch_size / (micro * world)))
+                    shape = _shape(request, method, ckpt, micro, accum, world, strategy)
+                    estimate = estimate_memory(arch, shape, constants)
+                    candidates.append(Candidate(
+                        shape=shape, estimate=estimate, gradient_accumulation=accum,
+                        fits=estimate.with_context <= budget.usable_bytes,
+                        speed=speed_score(shape)))
     return candidates
 
 
@@ -241,7 +268,7 @@ def plan_training(arch: ModelArch, request: PlanRequest, budget: Budget,
     fitting = [c for c in candidates if c.fits]
     cheapest = min(candidates, key=lambda c: c.need_bytes)
     minimum = budget.required_for(cheapest.need_bytes)
-    notes = _notes(request, budget)
+    notes: list[str] = []
     if not fitting:
         reason = (
             f"Nothing fits in {format_gib(budget.gpu_memory_bytes)} per GPU: the smallest "
@@ -252,6 +279,7 @@ def plan_training(arch: ModelArch, request: PlanRequest, budget: Budget,
             "free as a safety margin)." + _unlock_hint(request))
         return PlanDecision(False, None, candidates, reason, budget, request, arch, minimum, notes)
     chosen = max(fitting, key=lambda c: (c.speed, -c.need_bytes))
+    notes = _notes(chosen, candidates, budget)
     reason = _reason(chosen, candidates, budget, request, notes)
     return PlanDecision(True, chosen, candidates, reason, budget, request, arch, minimum, notes)
 
@@ -269,12 +297,25 @@ def _unlock_hint(request: PlanRequest) -> str:
     return " A shorter seqLength or a smaller LoRA r would need less."
 
 
-def _notes(request: PlanRequest, budget: Budget) -> list[str]:
-    notes = []
-    if budget.gpu_count > 1:
-        notes.append(f"{budget.gpu_count} GPUs run data-parallel (DDP): each holds the whole "
-                     "model, so the budget applies per GPU.")
-    return notes
+def _notes(chosen: Candidate, candidates: list[Candidate], budget: Budget) -> list[str]:
+    """What the strategy means for this job, and why it was chosen over the other."""
+    world, strategy = budget.world_size, chosen.strategy
+    if strategy == "single":
+        return []
+    where = (f"{budget.nodes} nodes x {budget.gpu_count} GPUs" if budget.nodes > 1
+             else f"{budget.gpu_count} GPUs")
+    if strategy == "ddp":
+        return [f"{world} processes ({where}) run data-parallel (DDP): each holds the whole "
+                "model and the gradients are averaged, so the budget applies per GPU."]
+    ddp_fits = any(c.fits for c in candidates if c.strategy == "ddp")
+    why = ("it is the faster fitting configuration" if ddp_fits
+           else "no data-parallel configuration fits: a whole replica needs at least "
+                + format_gib(min(c.need_bytes for c in candidates if c.strategy == "ddp"))
+                + " per GPU")
+    return [f"{world} processes ({where}) run fully sharded (FSDP FULL_SHARD) because {why}: "
+            "the frozen base, adapters, gradients and optimizer state are split over all "
+            "processes and each layer is gathered while it runs. The FSDP memory terms are a "
+            "prediction, not yet calibrated on multi-GPU measurements."]
 
 
 def _reason(chosen: Candidate, candidates: list[Candidate], budget: Budget,
@@ -299,7 +340,7 @@ def _reason(chosen: Candidate, candidates: list[Candidate], budget: Budget,
         nearest = min(faster, key=lambda c: c.need_bytes)
         parts.append(f"Faster but not fitting: {nearest.describe()} would need "
                      f"{format_gib(budget.required_for(nearest.need_bytes))}.")
-    if (shape.micro_batch < request.batch_size // budget.gpu_count
+    if (shape.micro_batch < request.batch_size // budget.world_size
             and request.micro_batch is None
             and shape.tokens_per_micro_batch * 2 > request.max_tokens_per_micro_batch):
         parts.append(f"Micro-batch capped at about {request.max_tokens_per_micro_batch} tokens: "
@@ -307,6 +348,6 @@ def _reason(chosen: Candidate, candidates: list[Candidate], budget: Budget,
     if chosen.effective_batch != request.batch_size:
         parts.append(f"Effective batch rounded from {request.batch_size} to "
                      f"{chosen.effective_batch} ({shape.micro_batch} x "
-                     f"{chosen.gradient_accumulation} x {budget.gpu_count} GPU"
-                     f"{'s' if budget.gpu_count != 1 else ''}).")
+                     f"{chosen.gradient_accumulation} x {budget.world_size} GPU"
+                     f"{'s' if budget.world_size != 1 else ''}).")
     return " ".join(parts + notes)

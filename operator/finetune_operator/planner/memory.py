@@ -88,6 +88,7 @@ class MemoryConstants:
 
 
 DEFAULT_CONSTANTS = MemoryConstants()
+STRATEGIES = ("single", "ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -132,8 +133,18 @@ class TrainingShape:
     None: True whenever the batch can hold padding or masked packed rows (our worker), False
     for varlen packed rows."""
     gpu_count: int = 1
+    """Training processes in the job (the world size), one per GPU."""
+    strategy: str = "single"
+    """How the processes share the model: `single` (one process), `ddp` (a whole replica on
+    every GPU) or `fsdp` (FULL_SHARD: weights, adapters, gradients and optimizer state
+    sharded over all processes)."""
 
     def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy is {self.strategy!r}; expected one of "
+                             f"{', '.join(STRATEGIES)}")
+        if self.strategy != "single" and self.gpu_count < 2:
+            raise ValueError(f"strategy {self.strategy!r} needs at least 2 processes")
         if self.method not in ("lora", "qlora"):
             raise ValueError(f"method is {self.method!r}; expected 'lora' or 'qlora'")
         if self.optimizer not in OPTIMIZERS:
@@ -339,6 +350,24 @@ def layer_activation_bytes(arch: ModelArch, shape: TrainingShape) -> dict[str, f
     return {"norms": norms, "adapters": adapters, "attention": attention, "mlp": mlp}
 
 
+def fsdp_shards(arch: ModelArch, shape: TrainingShape, weights: float, adapters: float,
+                gradients: float, optimizer: float, paged: float):
+    """Per-process bytes under FULL_SHARD FSDP: every persistent term divided by the world
+    size, plus what is all-gathered while it is used.
+
+    Gathered: the root unit (embeddings, final norm, lm_head), which FSDP keeps unsharded
+    through the forward and backward passes, and two decoder layers (the one computing and
+    the one prefetched). 4-bit QLoRA weights shard the same way once they are stored in the
+    compute dtype (`bnb_4bit_quant_storage`), so their packed size is what moves.
+    A prediction: not yet calibrated against multi-GPU measurements."""
+    world = shape.gpu_count
+    root = 2 * (arch.embedding_params() + arch.lm_head_params())
+    layer = max(0.0, (weights - root) / arch.num_layers)
+    gathered = root + 2 * layer
+    return (weights / world, adapters / world, gradients / world, optimizer / world,
+            paged / world, gathered)
+
+
 def estimate_memory(arch: ModelArch, shape: TrainingShape,
                     constants: MemoryConstants = DEFAULT_CONSTANTS) -> MemoryEstimate:
     """Predict the peak reserved GPU memory of one training process (one GPU)."""
@@ -354,7 +383,11 @@ def estimate_memory(arch: ModelArch, shape: TrainingShape,
     gradients = shape.adapter_bytes * n_trainable
     optimizer, paged = optimizer_state_bytes(arch, shape)
     # DDP keeps a flat copy of the gradients in its all-reduce buckets.
-    ddp_buckets = gradients if shape.gpu_count > 1 else 0
+    ddp_buckets = gradients if shape.strategy == "ddp" else 0
+    gathered = 0
+    if shape.strategy == "fsdp":
+        weights, adapters, gradients, optimizer, paged, gathered = fsdp_shards(
+            arch, shape, weights, adapters, gradients, optimizer, paged)
 
     per_layer = layer_activation_bytes(arch, shape)
     layer_bytes = sum(per_layer.values())
@@ -402,7 +435,7 @@ def estimate_memory(arch: ModelArch, shape: TrainingShape,
     slack = constants.allocator_slack_bytes + constants.allocator_slack_fraction * dynamic
 
     breakdown = {
-        "weights": int(weights),
+        "weights": int(weights + gathered),
         "adapter_weights": int(adapters),
         "gradients": int(gradients + ddp_buckets),
         "optimizer_state": int(optimizer),
@@ -417,6 +450,7 @@ def estimate_memory(arch: ModelArch, shape: TrainingShape,
         "total_params": arch.total_params(),
         "tokens_per_micro_batch": tokens,
         "layer_bytes_per_token": layer_bytes,
+        "fsdp_gathered_bytes": gathered,
         **{f"layer_{k}_bytes_per_token": v for k, v in per_layer.items()},
     }
     return MemoryEstimate(total=sum(breakdown.values()), breakdown=breakdown,

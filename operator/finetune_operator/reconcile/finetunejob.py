@@ -137,9 +137,11 @@ async def _missing_secrets(ftj: FineTuneJob) -> list[str]:
 
 async def _ensure_children(body: dict, ftj: FineTuneJob, plan: TrainingPlan, shash: str,
                            settings: OperatorSettings) -> dict:
+    rendezvous = training.build_rendezvous_service(ftj, plan)
     children = [
         training.build_config_map(ftj, plan, shash),
         *training.build_rbac(ftj),
+        *([rendezvous] if rendezvous else []),
     ]
     job = training.build_training_job(ftj, plan, shash, default_image=settings.worker_image,
                                       default_tolerations=settings.gpu_tolerations)
