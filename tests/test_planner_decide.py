@@ -221,9 +221,9 @@ def test_70b_qlora_on_two_40gi_gpus_is_sharded_because_no_replica_fits():
     assert "prediction" in decision.reason  # uncalibrated terms are said to be so
     # Sharding divides the persistent terms by the world size; what is gathered stays whole.
     chosen = decision.chosen.estimate
-    replica = [c for c in decision.candidates if c.shape.strategy == "ddp"
+    replica = next(c for c in decision.candidates if c.shape.strategy == "ddp"
                and c.shape.micro_batch == decision.micro_batch
-               and c.shape.gradient_checkpointing == decision.gradient_checkpointing][0]
+               and c.shape.gradient_checkpointing == decision.gradient_checkpointing)
     gathered = chosen.details["fsdp_gathered_bytes"]
     assert chosen.breakdown["weights"] == pytest.approx(
         replica.estimate.breakdown["weights"] / 2 + gathered, rel=1e-6)

@@ -305,17 +305,17 @@ def _notes(chosen: Candidate, candidates: list[Candidate], budget: Budget) -> li
     where = (f"{budget.nodes} nodes x {budget.gpu_count} GPUs" if budget.nodes > 1
              else f"{budget.gpu_count} GPUs")
     if strategy == "ddp":
-        return [f"{world} processes ({where}) run data-parallel (DDP): each holds the whole "
-                "model and the gradients are averaged, so the budget applies per GPU."]
+        return [(f"{world} processes ({where}) run data-parallel (DDP): each holds the whole "
+                "model and the gradients are averaged, so the budget applies per GPU.")]
     ddp_fits = any(c.fits for c in candidates if c.strategy == "ddp")
     why = ("it is the faster fitting configuration" if ddp_fits
            else "no data-parallel configuration fits: a whole replica needs at least "
                 + format_gib(min(c.need_bytes for c in candidates if c.strategy == "ddp"))
                 + " per GPU")
-    return [f"{world} processes ({where}) run fully sharded (FSDP FULL_SHARD) because {why}: "
+    return [(f"{world} processes ({where}) run fully sharded (FSDP FULL_SHARD) because {why}: "
             "the frozen base, adapters, gradients and optimizer state are split over all "
             "processes and each layer is gathered while it runs. The FSDP memory terms are a "
-            "prediction, not yet calibrated on multi-GPU measurements."]
+            "prediction, not yet calibrated on multi-GPU measurements.")]
 
 
 def _reason(chosen: Candidate, candidates: list[Candidate], budget: Budget,
