@@ -82,18 +82,19 @@ class Kube:
         self.kubectl("delete", kind, name, "--ignore-not-found", f"--wait={str(wait).lower()}")
 
 
-def bound_pvc(kube: Kube, claim: str, size: str = "1Gi") -> None:
+def bound_pvc(kube: Kube, claim: str, size: str = "1Gi",
+              access_modes: tuple[str, ...] = ("ReadWriteOnce",)) -> None:
     """A PersistentVolumeClaim bound to a hostPath PersistentVolume (the PV controller
     binds them), so pods that mount it can be scheduled."""
     pv = f"pv-{kube.namespace}-{claim}"[:63]
     kube.apply({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv},
-                "spec": {"capacity": {"storage": size}, "accessModes": ["ReadWriteOnce"],
+                "spec": {"capacity": {"storage": size}, "accessModes": list(access_modes),
                          "storageClassName": "manual",
                          "hostPath": {"path": f"/tmp/finetune-test-pv/{pv}"},
                          "claimRef": {"namespace": kube.namespace, "name": claim}}})
     kube.apply({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
                 "metadata": {"name": claim},
-                "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "manual",
+                "spec": {"accessModes": list(access_modes), "storageClassName": "manual",
                          "volumeName": pv, "resources": {"requests": {"storage": size}}}})
 
 

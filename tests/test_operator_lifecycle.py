@@ -298,9 +298,13 @@ def test_kueue_admission_is_the_queued_to_running_edge(kube: Kube, operator_proc
 
 def test_a_multi_node_job_is_an_indexed_job_with_a_rendezvous_service(kube: Kube,
                                                                         operator_process):
+    for claim in ("shared-data", "shared-adapters"):  # every pod mounts them, node by node
+        bound_pvc(kube, claim, access_modes=("ReadWriteMany",))
     doc = ftj_manifest("two-nodes", memory="80Gi",
                        resources={"gpu": {"count": 2, "nodes": 2, "memory": "80Gi"}},
-                       training={"maxSteps": 10, "batchSize": 16})
+                       training={"maxSteps": 10, "batchSize": 16},
+                       dataset={"uri": "pvc://shared-data/alpaca.jsonl", "format": "alpaca"},
+                       output={"uri": "pvc://shared-adapters/two-nodes"})
     kube.apply(doc)
     job = wait_for(lambda: kube.get_or_none("job", "two-nodes-train"), timeout=30,
                    what="the training Job")
@@ -328,3 +332,17 @@ def test_a_multi_node_job_is_an_indexed_job_with_a_rendezvous_service(kube: Kube
     for kind, name in (("job", "two-nodes-train"), ("service", "two-nodes-workers")):
         wait_for(lambda kind=kind, name=name: kube.get_or_none(kind, name) is None, timeout=60,
                  what=f"{kind} {name} to be garbage-collected")
+
+
+def test_a_multi_node_job_on_a_read_write_once_claim_fails_naming_the_field(kube: Kube,
+                                                                           operator_process):
+    doc = ftj_manifest("rwo-nodes", memory="80Gi",
+                       resources={"gpu": {"count": 1, "nodes": 2, "memory": "80Gi"}},
+                       training={"maxSteps": 10, "batchSize": 16})
+    kube.apply(doc)  # pvc://adapters and pvc://data are ReadWriteOnce here
+    failed = wait_phase(kube, "rwo-nodes", "Failed")
+    cond = condition(failed, "Failed")
+    assert cond["reason"] == "VolumeNotShareable"
+    assert "spec.output.uri names PVC 'adapters'" in cond["message"]
+    assert "ReadWriteMany" in cond["message"]
+    assert kube.get_or_none("job", "rwo-nodes-train") is None  # nothing half-started

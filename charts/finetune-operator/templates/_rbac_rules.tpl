@@ -24,6 +24,10 @@ escalation check passes without `escalate` or `bind`.
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["create", "get", "list", "watch", "patch", "delete"]
+# A multi-node job's claims must be mountable on every node: their access modes are read.
+- apiGroups: [""]
+  resources: ["persistentvolumeclaims"]
+  verbs: ["get"]
 # Worker pods drive status; their log tail explains a failure.
 - apiGroups: [""]
   resources: ["pods"]

@@ -67,6 +67,7 @@ class Reason:
     NON_FINITE_LOSS = "NonFiniteLoss"
     STORAGE_ERROR = "StorageError"
     MODEL_LOAD_ERROR = "ModelLoadError"
+    VOLUME_NOT_SHAREABLE = "VolumeNotShareable"
     WORKER_ENVIRONMENT_ERROR = "WorkerEnvironmentError"
     BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
     DEADLINE_EXCEEDED = "DeadlineExceeded"

@@ -58,6 +58,20 @@ def _meta(ftj: FineTuneJob, name: str, component: str) -> dict:
             "labels": labels(ftj.metadata.name, component)}
 
 
+def claim_fields(ftj: FineTuneJob) -> dict[str, tuple[str, bool]]:
+    """Each PVC the spec names -> (the first spec field naming it, whether the worker writes)."""
+    spec = ftj.spec
+    found: dict[str, tuple[str, bool]] = {}
+    for field_name, uri, write in (("spec.output.uri", spec.output.uri, True),
+                                   ("spec.model.uri", spec.model.uri, False),
+                                   ("spec.dataset.uri", spec.dataset.uri, False)):
+        claim = locate(uri).claim if uri else None
+        if claim is not None:
+            field_name = found.get(claim, (field_name, False))[0]
+            found[claim] = (field_name, write or found.get(claim, ("", False))[1])
+    return found
+
+
 def _claims(ftj: FineTuneJob) -> VolumePlan:
     """Every PVC the spec names, writable where the worker writes."""
     spec = ftj.spec

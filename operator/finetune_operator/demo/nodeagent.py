@@ -74,9 +74,15 @@ def machine_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+# Stand-in GPUs the node offers: two, so a two-process FineTuneJob (gpu.count 2, gloo on the
+# CPU) can be watched training distributed on a laptop.
+DEFAULT_GPUS = 2
+
+
 def build_node(name: str, *, cpus: int, memory_bytes: int, gpu_memory_mib: int,
-               labels: dict[str, str] | None = None, taints: list[dict] | None = None) -> dict:
-    """The Node object: this machine's CPU and memory, GFD-style labels for one stand-in GPU."""
+               labels: dict[str, str] | None = None, taints: list[dict] | None = None,
+               gpus: int = DEFAULT_GPUS) -> dict:
+    """The Node object: this machine's CPU and memory, GFD-style labels for stand-in GPUs."""
     return {
         "apiVersion": "v1", "kind": "Node",
         "metadata": {"name": name, "labels": {
@@ -90,16 +96,16 @@ def build_node(name: str, *, cpus: int, memory_bytes: int, gpu_memory_mib: int,
             "nvidia.com/gpu.present": "true",
             "nvidia.com/gpu.product": GPU_PRODUCT,
             "nvidia.com/gpu.memory": str(gpu_memory_mib),
-            "nvidia.com/gpu.count": "1",
+            "nvidia.com/gpu.count": str(gpus),
             **(labels or {}),
         }},
         "spec": {"taints": taints} if taints else {},
     }
 
 
-def node_status(cpus: int, memory_bytes: int, port: int) -> dict:
+def node_status(cpus: int, memory_bytes: int, port: int, gpus: int = DEFAULT_GPUS) -> dict:
     resources = {"cpu": str(cpus), "memory": f"{memory_bytes // 1024}Ki", "pods": "110",
-                 "nvidia.com/gpu": "1", "ephemeral-storage": "100Gi"}
+                 "nvidia.com/gpu": str(gpus), "ephemeral-storage": "100Gi"}
     return {
         "capacity": resources, "allocatable": resources,
         "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],

@@ -75,6 +75,12 @@ async def reconcile(namespace: str, name: str, settings: OperatorSettings) -> No
         await _write(body, old, status)
         return
 
+    unshareable = await _claims_not_shareable(ftj, plan)
+    if unshareable:
+        status = _failed(status, Reason.VOLUME_NOT_SHAREABLE, unshareable, generation)
+        await _write(body, old, status)
+        return
+
     # --- apply: children, created once ------------------------------------------------------
     job = await _ensure_children(body, ftj, plan, shash, settings)
     job = await _sync_suspend(ftj, job)
@@ -133,6 +139,29 @@ async def _missing_secrets(ftj: FineTuneJob) -> list[str]:
         if await k8s.get("v1", "Secret", ftj.metadata.namespace, name) is None:
             missing.append(f"Secret {name!r} ({field})")
     return missing
+
+
+async def _claims_not_shareable(ftj: FineTuneJob, plan: TrainingPlan) -> str | None:
+    """Why the pods of a multi-node job cannot all mount the spec's PVCs, or None.
+
+    A ReadWriteOnce claim attaches to one node: the other pods would wait in
+    ContainerCreating (Multi-Attach) forever. Access modes are immutable, so this is final.
+    A claim that does not exist yet is left to the scheduler, as for one pod.
+    """
+    if plan.nodes == 1:
+        return None
+    for claim, (field_name, writes) in training.claim_fields(ftj).items():
+        pvc = await k8s.get("v1", "PersistentVolumeClaim", ftj.metadata.namespace, claim)
+        if pvc is None:
+            continue
+        modes = set((pvc.get("spec") or {}).get("accessModes") or [])
+        needed = {"ReadWriteMany"} if writes else {"ReadWriteMany", "ReadOnlyMany"}
+        if not modes & needed:
+            return (f"{field_name} names PVC {claim!r} with access modes {sorted(modes)}, but "
+                    f"spec.resources.gpu.nodes is {plan.nodes}: every worker pod mounts it, "
+                    f"each on its own node, which needs {' or '.join(sorted(needed))}. Use such "
+                    "a claim, or one node (spec.resources.gpu.nodes 1)")
+    return None
 
 
 async def _ensure_children(body: dict, ftj: FineTuneJob, plan: TrainingPlan, shash: str,
