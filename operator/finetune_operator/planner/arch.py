@@ -222,6 +222,8 @@ def _preset(name: str, model_type: str, h: int, i: int, layers: int, heads: int,
 # several ids share one shape (base and instruct, 3 and 3.1).
 _LLAMA3_8B = _preset("llama-3-8b", "llama", 4096, 14336, 32, 32, 8, 128256)
 _LLAMA3_70B = _preset("llama-3-70b", "llama", 8192, 28672, 80, 64, 8, 128256)
+_LLAMA32_1B = _preset("llama-3.2-1b", "llama", 2048, 8192, 16, 32, 8, 128256, True)
+_LLAMA32_3B = _preset("llama-3.2-3b", "llama", 3072, 8192, 28, 24, 8, 128256, True)
 _MISTRAL_7B = _preset("mistral-7b", "mistral", 4096, 14336, 32, 32, 8, 32000)
 _MISTRAL_7B_V03 = _preset("mistral-7b-v0.3", "mistral", 4096, 14336, 32, 32, 8, 32768)
 _QWEN25_7B = _preset("qwen2.5-7b", "qwen2", 3584, 18944, 28, 28, 4, 152064)
@@ -250,6 +252,8 @@ _register(_LLAMA3_8B, "meta-llama/Meta-Llama-3-8B", "meta-llama/Meta-Llama-3-8B-
 _register(_LLAMA3_70B, "meta-llama/Meta-Llama-3-70B", "meta-llama/Meta-Llama-3-70B-Instruct",
           "meta-llama/Llama-3.1-70B", "meta-llama/Llama-3.1-70B-Instruct",
           "meta-llama/Meta-Llama-3.1-70B", "meta-llama/Meta-Llama-3.1-70B-Instruct")
+_register(_LLAMA32_1B, "meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.2-1B-Instruct")
+_register(_LLAMA32_3B, "meta-llama/Llama-3.2-3B", "meta-llama/Llama-3.2-3B-Instruct")
 _register(_MISTRAL_7B, "mistralai/Mistral-7B-v0.1", "mistralai/Mistral-7B-Instruct-v0.1",
           "mistralai/Mistral-7B-Instruct-v0.2")
 _register(_MISTRAL_7B_V03, "mistralai/Mistral-7B-v0.3", "mistralai/Mistral-7B-Instruct-v0.3")

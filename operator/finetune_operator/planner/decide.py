@@ -10,22 +10,14 @@ the predicted peak, and a safety margin (5 % of the budget or 0.5 GiB, whichever
 is kept free for what the model cannot see: fragmentation after hours of uneven batches,
 NCCL buffers, a second CUDA stream.
 
-Speed: a relative tokens/s score,
-`rate(method, checkpointing) x T / (T + T_half(method)) x min(1, T / T_host)`.
-The rates are the H200 reference measurements of an 8B model at large micro-batches
-(../shared/bench): bf16 LoRA 1.0, LoRA with checkpointing 0.70 (the forward pass runs twice),
-QLoRA 0.87 (4-bit weights are dequantised for every matmul), QLoRA with checkpointing 0.57.
-The saturating factor says how many tokens a micro-batch needs to keep the GPU busy: the
-worker's H200 grid reaches 88 % of LoRA's full speed at 2,048 tokens (T_half = 512); QLoRA,
-which dequantises every weight once per micro-batch, needs more (T_half = 1,536).
-The last factor is the host: below ~2,048 tokens (~2,900 with checkpointing, whose forward
-launches every kernel twice) a micro-batch's kernels take less GPU time than Python takes to
-launch them, and speed falls in proportion (the worker's varlen rows on the H200: 4,724
-tokens/s at 1,024 tokens, 10,784 at 2,048, 15,159 at 4,096, 15,582 at 12,288).
-Micro-batches stop at 16,384 tokens: beyond that the extra speed is a few percent and the
-memory is better left as headroom. So bf16 LoRA wins whenever it fits at a reasonable
-micro-batch, no checkpointing beats checkpointing, and QLoRA without checkpointing can beat
-LoRA with it.
+Speed: the predicted tokens/s of speed.py, a GPU-time / host-time model fitted on the
+worker's own training step on an H200 over micro-batch tokens x checkpointing x method x
+model size (held-out points within about 12 %). Small micro-batches are host-bound (Python
+launches the same kernels whatever their size), much more so for small models, so a large
+micro-batch with checkpointing often beats a small one without (Llama-3-8B at 40 GiB, seq
+1024: 8,192 tokens with checkpointing 10,700 tokens/s, 2,048 without 8,094; Llama-3.2-1B:
+16,384 with checkpointing 53,596, 2,048 without 18,928). Micro-batches stop at 16,384 tokens:
+beyond that the extra speed is a few percent and the memory is better left as headroom.
 """
 
 from __future__ import annotations
@@ -35,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from .arch import ModelArch
+from .speed import predicted_tokens_per_second
 from .memory import (
     DEFAULT_CONSTANTS,
     GiB,
@@ -47,18 +40,6 @@ from .memory import (
 
 MethodChoice = Literal["auto", "lora", "qlora"]
 
-SPEED_RATES = {
-    ("lora", False): 1.00,
-    ("lora", True): 0.70,
-    ("qlora", False): 0.87,
-    ("qlora", True): 0.57,
-}
-# Tokens per micro-batch at which a method reaches half its full speed. QLoRA needs more: it
-# dequantises every weight once per micro-batch whatever the micro-batch's size.
-SATURATION_TOKENS = {"lora": 512, "qlora": 1536}
-# Tokens per micro-batch below which the host (kernel launches) is the bottleneck.
-HOST_BOUND_TOKENS = 2048
-HOST_BOUND_CHECKPOINTING_FACTOR = 1.4
 DEFAULT_MAX_TOKENS_PER_MICRO_BATCH = 16384
 # Relative speed of the strategies for the same per-process shape. FULL_SHARD FSDP all-gathers
 # every layer's weights in the forward and again in the backward pass and reduce-scatters the
@@ -67,6 +48,9 @@ DEFAULT_MAX_TOKENS_PER_MICRO_BATCH = 16384
 STRATEGY_SPEED = {"single": 1.0, "ddp": 1.0, "fsdp": 0.85}
 STRATEGY_NAMES = {"single": "one process", "ddp": "data-parallel (DDP)",
                   "fsdp": "fully sharded (FSDP FULL_SHARD)"}
+# QLoRA must be predicted this much faster to be chosen over LoRA: its NF4 base costs some
+# quality, and the speed model's held-out error is of the same order (about 10 %).
+QLORA_MIN_SPEEDUP = 1.10
 SAFETY_FRACTION = 0.05
 SAFETY_MIN_BYTES = 512 * MiB
 
@@ -204,13 +188,10 @@ class PlanDecision:
         return self.chosen.estimate if self.chosen else None
 
 
-def speed_score(shape: TrainingShape) -> float:
-    """Relative tokens per second (1.0 = bf16 LoRA at an infinitely large micro-batch)."""
-    tokens = shape.tokens_per_micro_batch
-    rate = SPEED_RATES[(shape.method, shape.gradient_checkpointing)]
-    host = HOST_BOUND_TOKENS * (HOST_BOUND_CHECKPOINTING_FACTOR if shape.gradient_checkpointing
-                                else 1.0)
-    return (rate * tokens / (tokens + SATURATION_TOKENS[shape.method]) * min(1.0, tokens / host)
+def speed_score(arch: ModelArch, shape: TrainingShape) -> float:
+    """Predicted tokens per second of the whole job (speed.py, times the processes and the
+    strategy's factor)."""
+    return (predicted_tokens_per_second(arch, shape) * shape.gpu_count
             * STRATEGY_SPEED[shape.strategy])
 
 
@@ -257,7 +238,7 @@ def enumerate_candidates(arch: ModelArch, request: PlanRequest, budget: Budget,
                     candidates.append(Candidate(
                         shape=shape, estimate=estimate, gradient_accumulation=accum,
                         fits=estimate.with_context <= budget.usable_bytes,
-                        speed=speed_score(shape)))
+                        speed=speed_score(arch, shape)))
     return candidates
 
 
@@ -278,10 +259,15 @@ def plan_training(arch: ModelArch, request: PlanRequest, budget: Budget,
             f"{format_gib(budget.required_for(cheapest.need_bytes) - cheapest.need_bytes)} "
             "free as a safety margin)." + _unlock_hint(request))
         return PlanDecision(False, None, candidates, reason, budget, request, arch, minimum, notes)
-    chosen = max(fitting, key=lambda c: (c.speed, -c.need_bytes))
+    chosen = max(fitting, key=_preference)
     notes = _notes(chosen, candidates, budget)
     reason = _reason(chosen, candidates, budget, request, notes)
     return PlanDecision(True, chosen, candidates, reason, budget, request, arch, minimum, notes)
+
+
+def _preference(c: Candidate) -> tuple[float, int]:
+    """Fastest first, LoRA over QLoRA unless clearly slower, then the least memory."""
+    return (c.speed / (QLORA_MIN_SPEEDUP if c.shape.method == "qlora" else 1.0), -c.need_bytes)
 
 
 def _unlock_hint(request: PlanRequest) -> str:
@@ -333,7 +319,7 @@ def _reason(chosen: Candidate, candidates: list[Candidate], budget: Budget,
         parts.append("The only configuration the spec allows; it fits.")
     else:
         parts.append(f"Fastest of {len(fitting)} fitting configurations out of "
-                     f"{len(candidates)}.")
+                     f"{len(candidates)} (predicted {chosen.speed:,.0f} tokens/s on an H200).")
     # Say what a faster option would have cost, so the user knows what more memory buys.
     faster = [c for c in candidates if not c.fits and c.speed > chosen.speed]
     if faster:

@@ -1,0 +1,103 @@
+"""Fit the planner's speed model (operator/finetune_operator/planner/speed.py) to measured
+throughput, and check it on the points the fit never saw.
+
+    python bench/fit_speed_model.py [docs/bench-data/speed-grid-h200.jsonl]
+
+Fits on 1,024 / 4,096 / 16,384 tokens per micro-batch (dropout 0.05, both shapes, both
+methods, checkpointing off and on); holds out 2,048 and 8,192 tokens and the dropout-0
+points. Prints the constants to copy into SpeedConstants and a table of errors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "operator")]
+
+from finetune_operator.planner import preset  # noqa: E402
+from finetune_operator.planner.memory import TrainingShape  # noqa: E402
+from finetune_operator.planner.speed import (  # noqa: E402
+    DEFAULT_SPEED,
+    SpeedConstants,
+    predicted_tokens_per_second,
+)
+
+ARCH = {"llama-3-8b": preset("meta-llama/Meta-Llama-3-8B"),
+        "llama-3.2-1b": preset("meta-llama/Llama-3.2-1B")}
+FIT_TOKENS = {1024, 4096, 16384}
+KEYS = [("lora", False), ("lora", True), ("qlora", False), ("qlora", True)]
+
+
+def load(path: Path) -> list[dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("kind") == "run"]
+
+
+def shape_of(row: dict) -> TrainingShape:
+    return TrainingShape(method=row["method"], gradient_checkpointing=row["grad_ckpt"] > 0,
+                         micro_batch=1, seq_len=row["tokens_per_micro_batch"], packing=True,
+                         lora_dropout=row["dropout"])
+
+
+def constants_from(v: torch.Tensor) -> SpeedConstants:
+    e = [float(x) for x in torch.exp(v)]
+    return replace(DEFAULT_SPEED, tflops={"lora": e[0], "qlora": e[1]},
+                   dequant_seconds_per_gparam=e[2],
+                   host_seconds_per_layer={k: e[3 + i] for i, k in enumerate(KEYS)},
+                   host_seconds_fixed=e[7], overlap=1 + e[8])
+
+
+def predict(v: torch.Tensor, row: dict) -> torch.Tensor:
+    """The same formula as speed.step_seconds, differentiable in the log-parameters."""
+    arch, shape = ARCH[row["shape"]], shape_of(row)
+    e = torch.exp(v)
+    ckpt = shape.gradient_checkpointing
+    params = arch.num_layers * arch.layer_linear_params() + arch.vocab_size * arch.hidden_size
+    flops = shape.tokens_per_micro_batch * params * (6.0 if ckpt else 4.0)
+    gpu = flops / ((e[0] if shape.method == "lora" else e[1]) * 1e12)
+    if shape.lora_dropout > 0:
+        gpu = gpu * DEFAULT_SPEED.dropout_gpu_factor
+    if shape.method == "qlora":
+        gpu = gpu + (3 if ckpt else 2) * e[2] * arch.quantizable_params() / 1e9
+    host = arch.num_layers * e[3 + KEYS.index((shape.method, ckpt))] + e[7]
+    p = 1 + e[8]
+    return shape.tokens_per_micro_batch / (gpu ** p + host ** p) ** (1 / p)
+
+
+def main() -> int:
+    path = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "docs/bench-data/speed-grid-h200.jsonl"
+    rows = load(path)
+    fit = [r for r in rows if r["tokens_per_micro_batch"] in FIT_TOKENS and r["dropout"] > 0]
+    d = DEFAULT_SPEED
+    start = [d.tflops["lora"], d.tflops["qlora"], d.dequant_seconds_per_gparam,
+             *[d.host_seconds_per_layer[k] for k in KEYS], d.host_seconds_fixed, d.overlap - 1]
+    v = torch.tensor([math.log(x) for x in start], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([v], lr=0.02)
+    for _ in range(4000):
+        opt.zero_grad()
+        loss = sum((torch.log(predict(v, r)) - math.log(r["tokens_per_s"])) ** 2 for r in fit)
+        loss.backward()
+        opt.step()
+    c = constants_from(v.detach())
+    print(f"tflops={ {k: round(x, 1) for k, x in c.tflops.items()} }")
+    print(f"dequant_seconds_per_gparam={c.dequant_seconds_per_gparam:.5f}")
+    print(f"host_seconds_per_layer={ {k: round(x, 5) for k, x in c.host_seconds_per_layer.items()} }")
+    print(f"host_seconds_fixed={c.host_seconds_fixed:.5f} overlap={c.overlap:.2f}")
+    print(f"\n{'point':42} {'measured':>9} {'predicted':>9} {'error':>7}  set")
+    for r in rows:
+        got = predicted_tokens_per_second(ARCH[r["shape"]], shape_of(r), c)
+        held = "fit" if r in fit else "held out"
+        print(f"{r['label']:42} {r['tokens_per_s']:>9.0f} {got:>9.0f} "
+              f"{got / r['tokens_per_s'] - 1:>+7.1%}  {held}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
