@@ -21,9 +21,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "operator")]
 
-from finetune_operator.planner import preset  # noqa: E402
-from finetune_operator.planner.memory import TrainingShape  # noqa: E402
-from finetune_operator.planner.speed import (  # noqa: E402
+from finetune_operator.planner import preset
+from finetune_operator.planner.memory import TrainingShape
+from finetune_operator.planner.speed import (
     DEFAULT_SPEED,
     SpeedConstants,
     predicted_tokens_per_second,

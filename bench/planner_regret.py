@@ -20,8 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "operator")]
 
-from finetune_operator.planner import Budget, PlanRequest, plan_training, preset  # noqa: E402
-from finetune_operator.planner.memory import GiB  # noqa: E402
+from finetune_operator.planner import Budget, PlanRequest, plan_training, preset
+from finetune_operator.planner.memory import GiB
 
 SHAPES = {"llama-3-8b": "meta-llama/Meta-Llama-3-8B", "llama-3.2-1b": "meta-llama/Llama-3.2-1B"}
 JOBS = [  # (shape, budget GiB, seq, batch)
@@ -108,7 +108,7 @@ def main() -> int:
     for r in rows:
         tps = f"{r.chosen_tps:.0f}" if r.chosen_tps else "-"
         regret = f"{r.regret:.1%}" if r.regret is not None else "unmeasured"
-        print(f"{str(r.job):36} {r.chosen:24} {tps:>7} {r.best:24} {r.best_tps:>7.0f} {regret:>7}")
+        print(f"{r.job!s:36} {r.chosen:24} {tps:>7} {r.best:24} {r.best_tps:>7.0f} {regret:>7}")
     scored = [r.regret for r in rows if r.regret is not None]
     print(f"\n{len(scored)} jobs scored: mean regret {sum(scored) / len(scored):.1%}, "
           f"max {max(scored):.1%}")

@@ -158,3 +158,26 @@ def _worker_pids(data_dir: Path) -> list[str]:
             pids.append(entry.name)
     return pids
 
+
+
+def test_the_two_gpu_example_trains_with_two_processes(tmp_path):
+    """examples/finetunejob-2gpu.yaml on the node agent's two stand-in GPUs: one pod,
+    torchrun with two gloo processes, each taking half of every batch."""
+    summary_path = tmp_path / "summary.json"
+    res = subprocess.run([*DEMO, "--data-dir", str(tmp_path), "--max-steps", "4",
+                          "--manifest", str(ROOT / "examples" / "finetunejob-2gpu.yaml"),
+                          "--timeout", "300", "--summary-json", str(summary_path)],
+                         capture_output=True, text=True, timeout=900, cwd=ROOT, check=False)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-6000:]
+    summary = json.loads(summary_path.read_text())
+    status = summary["fineTuneJob"]["status"]
+    assert status["phase"] == "Succeeded" and status["progress"]["step"] == 4
+    plan = status["plan"]
+    assert (plan["strategy"], plan["worldSize"]) == ("ddp", 2)
+    assert plan["microBatchSize"] * plan["gradientAccumulation"] * 2 == 8
+    assert status["metrics"]["worldSize"] == 2
+    worker = next(p for p in summary["pods"] if p["metadata"]["name"].startswith("demo-2gpu-train"))
+    assert worker["spec"]["containers"][0]["command"][:2] == ["finetune-worker", "launch"]
+    adapter_dir = Path(summary["adapterDir"])
+    assert (adapter_dir / "adapter_model.safetensors").is_file()

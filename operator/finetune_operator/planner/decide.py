@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from .arch import ModelArch
-from .speed import predicted_tokens_per_second
 from .memory import (
     DEFAULT_CONSTANTS,
     GiB,
@@ -37,6 +36,7 @@ from .memory import (
     TrainingShape,
     estimate_memory,
 )
+from .speed import predicted_tokens_per_second
 
 MethodChoice = Literal["auto", "lora", "qlora"]
 
