@@ -321,3 +321,21 @@ def test_packed_batch_sampler_reshuffles_per_epoch_and_feeds_a_dataloader():
     sampler.set_epoch(1)
     second = list(sampler)
     assert first != second and sorted(i for b in second for i in b) == list(range(len(data)))
+
+
+def test_an_unpacked_micro_batch_as_one_varlen_row_trains_like_the_padded_batch():
+    """packing: false keeps "micro-batch = N whole examples"; they travel as one padding-free
+    row instead of N rows padded to the longest: same loss, same gradients."""
+    data = examples([17, 40, 5, 64])
+    padded = packing.make_collator(Tok(), SEQ_LEN, packing=False)(data)
+    row = packing.make_varlen_collator(Tok(), SEQ_LEN, pad_to_multiple_of=64)(data)
+    assert tuple(padded["input_ids"].shape) == (4, 64)  # 256 positions, 126 of them real
+    assert tuple(row["input_ids"].shape) == (1, 128)  # 126 tokens padded to a multiple of 64
+    reference, varlen = tiny_llama().train(), varlen_llama().train()
+    loss_padded = reference(**padded).loss
+    loss_padded.backward()
+    loss_row = varlen(**row).loss
+    loss_row.backward()
+    assert torch.allclose(loss_row, loss_padded, rtol=1e-5)
+    for a, b in zip(varlen.parameters(), reference.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6)

@@ -175,8 +175,10 @@ def test_optimizer_state_bytes():
 
 def test_saved_activations_per_layer_from_first_principles():
     h, i = 4096, 14336
+    # Plain SDPA rows (varlen=False): K/V stay at their grouped width without a mask.
     stock = layer_activation_bytes(LLAMA3_8B, TrainingShape(
-        lora_dropout=0.1, fused_kernels=False, attention_mask=False, target_modules=ALL7))
+        lora_dropout=0.1, fused_kernels=False, attention_mask=False, target_modules=ALL7,
+        varlen=False))
     # fp32 norm inputs; bf16 input copy + 1-byte dropout mask per adapted projection;
     # q, k, v, output of SDPA (K/V at the 1024-wide grouped width) plus fp32 log-sum-exp;
     # gate, up and SiLU outputs.
@@ -185,11 +187,12 @@ def test_saved_activations_per_layer_from_first_principles():
     assert stock["attention"] == 2 * h + 2 * 2 * 1024 + 2 * h + 4 * 32
     assert stock["mlp"] == 3 * 2 * i
     fused = layer_activation_bytes(LLAMA3_8B, TrainingShape(
-        lora_dropout=0.1, fused_kernels=True, attention_mask=False, target_modules=ALL7))
+        lora_dropout=0.1, fused_kernels=True, attention_mask=False, target_modules=ALL7,
+        varlen=False))
     # liger's RMSNorm keeps the bf16 input, its SwiGLU recomputes SiLU in backward.
     assert stock["norms"] - fused["norms"] == 2 * 2 * h
     assert stock["mlp"] - fused["mlp"] == 2 * i
-    masked = layer_activation_bytes(LLAMA3_8B, TrainingShape(attention_mask=True))
+    masked = layer_activation_bytes(LLAMA3_8B, TrainingShape(attention_mask=True, varlen=False))
     assert masked["attention"] - fused["attention"] == 2 * 2 * (4096 - 1024)
 
 

@@ -389,6 +389,30 @@ def test_packing_falls_back_to_dense_batches_without_a_varlen_kernel(tmp_path, t
     assert seen == len(splits.train)
 
 
+def test_without_packing_each_micro_batch_is_its_examples_in_one_varlen_row(tmp_path,
+                                                                          tiny_model_root):
+    """packing: false: the micro-batch keeps its number of whole examples, padding-free."""
+    from finetune_worker import attention, train
+
+    config = _config(tmp_path, tiny_model_root, fmt="alpaca", max_steps=2, packing=False)
+    tokenizer = train.load_tokenizer(config, None)
+    splits = train.load_training_data(config, tokenizer, None)
+    model, _ = train.load_model(config, None, "cpu")
+    trainer, _, _ = train.build_trainer(config, model, tokenizer, splits, "cpu", None)
+    assert trainer.model.config._attn_implementation == attention.VARLEN
+    micro = config.plan.micro_batch_size
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
+    starts = int((batch["position_ids"][0] == 0).sum())
+    padding_tail = int(batch["cu_seq_lens_q"][-2] < batch["input_ids"].shape[1]
+                       and batch["labels"][0, int(batch["cu_seq_lens_q"][-2]):].eq(-100).all())
+    assert starts - padding_tail == micro  # whole examples, as many as the plan says
+    assert batch["input_ids"].shape[1] % train.DENSE_BATCH_MULTIPLE == 0
+    assert batch["input_ids"].shape[1] < micro * config.spec.training.seq_length or micro == 1
+    output = trainer.train()
+    assert trainer.state.global_step == 2 and output.training_loss > 0
+
+
 def test_trainer_loss_is_the_models_own_and_equals_trls(tmp_path, tiny_model_root):
     """FineTuneTrainer trains on the model's loss, not trl's fused head: same number."""
     _, _, trainer = _packed_trainer(tmp_path, tiny_model_root)

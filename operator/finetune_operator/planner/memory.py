@@ -123,7 +123,7 @@ class TrainingShape:
     read the block's bf16 input directly, without peft's fp32 round trip and its copy."""
     upcast_non_quantized: bool = False
     varlen: bool = True
-    """With packing, the worker runs each micro-batch as one padding-free row with varlen
+    """The worker runs each micro-batch, packed or not, as one padding-free row with varlen
     flash attention (finetune_worker.attention; torch >= 2.10): no mask and no per-row
     overhead. False: the older packed rows with block-diagonal masks (some calibration
     records) or a worker on a PyTorch without the kernel."""
@@ -167,7 +167,9 @@ class TrainingShape:
 
     @property
     def varlen_rows(self) -> bool:
-        return self.packing and self.varlen
+        """The worker sends every micro-batch as one padding-free varlen row, packed or not
+        (unpacked: its whole examples back to back); records without varlen are older runs."""
+        return self.varlen
 
     def but(self, **changes) -> TrainingShape:
         return replace(self, **changes)
