@@ -128,6 +128,35 @@ def cmd_trainer(args) -> None:
         del base
 
 
+def cmd_job(args) -> None:
+    """FineTuneJob manifests as users write them (examples/*.yaml), through the planner and
+    the worker's preparation and trainer: what a user of each example gets."""
+    from pathlib import Path
+
+    import yaml
+
+    from . import harness, shapes, trainer
+
+    harness.cuda_context_bytes()
+    examples = bench_examples(args.examples, shapes.SHAPES[args.shape]["vocab_size"], args.seed)
+    jobs = []
+    for text in args.job:
+        job = json.loads(text)
+        manifest = yaml.safe_load(Path(job["manifest"]).read_text())
+        spec = trainer.user_job(manifest, args.shape, steps=args.steps, overrides=job.get("set"))
+        jobs.append((job["label"], spec, trainer.plan(spec, args.shape).method))
+    for method in ("lora", "qlora"):
+        todo = [(label, spec) for label, spec, m in jobs if m == method]
+        if not todo:
+            continue
+        base = harness.build_base(args.shape, method)
+        for label, spec in todo:
+            base, row = trainer.run_user_job(base, spec, args.shape, examples, steps=args.steps,
+                                             warmup=args.warmup, label=label)
+            _emit(row, args.out)
+        del base
+
+
 def cmd_recipe(args) -> None:
     from . import recipe, shapes
 
@@ -191,9 +220,18 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--label", default="")
     s.add_argument("--out")
+    j = sub.add_parser("job", help="FineTuneJob manifests as written, through planner and trainer")
+    j.add_argument("--job", action="append", default=[],
+                   help='JSON: {"label": ..., "manifest": "examples/x.yaml", "set": {"training.packing": false}}')
+    j.add_argument("--shape", default="llama-3-8b")
+    j.add_argument("--steps", type=int, default=14)
+    j.add_argument("--warmup", type=int, default=4)
+    j.add_argument("--examples", type=int, default=6000)
+    j.add_argument("--seed", type=int, default=0)
+    j.add_argument("--out")
     args = p.parse_args(argv)
     {"env": cmd_env, "calibrate": cmd_calibrate, "run": cmd_run, "recipe": cmd_recipe,
-     "trainer": cmd_trainer}[args.cmd](args)
+     "trainer": cmd_trainer, "job": cmd_job}[args.cmd](args)
     return 0
 
 

@@ -13,6 +13,12 @@ SHAPES: dict[str, dict] = {
                          "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
                          "max_position_embeddings": 8192, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
                          "tie_word_embeddings": True, "bos_token_id": 128000, "eos_token_id": 128001},
+    # Mistral-7B-v0.3's shape (examples/finetunejob-qlora.yaml).
+    "mistral-7b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                   "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32768,
+                   "max_position_embeddings": 32768, "rope_theta": 1000000.0,
+                   "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "bos_token_id": 1,
+                   "eos_token_id": 2},
     # For CPU tests of the harness itself.
     "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
                  "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 1024,

@@ -19,7 +19,7 @@ from typing import Any
 from . import harness, shapes
 
 HUB_IDS = {"llama-3-8b": "meta-llama/Meta-Llama-3-8B", "llama-3.2-1b": "meta-llama/Llama-3.2-1B",
-           "tiny": "bench/tiny"}
+           "mistral-7b": "mistralai/Mistral-7B-v0.3", "tiny": "bench/tiny"}
 
 
 def job_spec(memory: str, *, shape: str = "llama-3-8b", method: str = "auto", r: int = 16,
@@ -187,4 +187,102 @@ def run(base, method: str, examples: list[dict], memory: str, *, shape: str = "l
     log(f"trainer {memory}: {row.get('tokens_per_s')} tokens/s, peak {row.get('peak_total_GiB')} GiB, "
         f"plan {method} mb {training_plan.micro_batch_size} x {training_plan.gradient_accumulation} "
         f"ckpt {training_plan.gradient_checkpointing}")
+    return harness.release(model), row
+
+
+def user_job(manifest: dict, shape: str, *, steps: int, overrides: dict | None = None) -> dict:
+    """A FineTuneJob spec as a user wrote it (an example manifest), with only what a benchmark
+    must change: the model becomes the random-weight `shape`, the data the benchmark's, the
+    length a fixed number of steps, and the output a scratch path. `overrides` are dotted
+    camelCase paths (e.g. {"training.packing": false})."""
+    import copy
+
+    spec = copy.deepcopy(manifest["spec"])
+    spec["model"] = {"name": HUB_IDS.get(shape, shape)}
+    spec["dataset"] = {"uri": "pvc://data/bench.jsonl", "format": "text"}
+    spec["output"] = {"uri": "pvc://out/adapter"}
+    training = spec.setdefault("training", {})
+    training.pop("epochs", None)
+    training.update({"maxSteps": steps, "checkpointSteps": 100_000, "checkpointMinutes": 0})
+    for key in ("hfTokenSecretRef", "storageSecretRef", "followUp", "image"):
+        spec.pop(key, None)
+    for dotted, value in (overrides or {}).items():
+        node = spec
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        if value is None:
+            node.pop(leaf, None)
+        else:
+            node[leaf] = value
+    return spec
+
+
+def run_user_job(base, spec: dict, shape: str, examples: list[dict], *, steps: int, warmup: int,
+                 label: str, log=print):
+    """Plan `spec` with the operator's planner and train it through the worker's own
+    preparation (modeling.prepare_for_training) and trainer, as a pod would."""
+    import datasets
+    import torch
+
+    from .. import modeling, train
+    from ..data import TokenizedSplits
+
+    training_plan = plan(spec, shape)
+    config = worker_config(spec, training_plan, tempfile.mkdtemp(prefix="bench-job-"))
+    row: dict[str, Any] = {"kind": "job", "label": label, "shape": shape, "spec": spec,
+                           "plan": training_plan.model_dump(by_alias=True)}
+    torch.manual_seed(0)
+    targets = train.resolve_target_modules(base, list(config.spec.lora.target_modules))
+    model = modeling.prepare_for_training(base, train.with_target_modules(config.spec, targets),
+                                          config.plan)
+    splits = TokenizedSplits(train=datasets.Dataset.from_dict(
+        {"input_ids": [e["input_ids"] for e in examples], "labels": [e["labels"] for e in examples]}),
+        eval=None, dropped=0)
+    seq = config.spec.training.seq_length
+    trainer = None
+    try:
+        device = next(model.parameters()).device.type
+        cuda = device == "cuda"
+        trainer, _, _ = train.build_trainer(config, model, bench_tokenizer(shapes.SHAPES[shape]["vocab_size"]),
+                                            splits, device, None)
+        micro_tokens: list[int] = []
+        collate = trainer.data_collator
+
+        def counting(batch):  # real tokens of each micro-batch, in the order trained
+            micro_tokens.append(sum(min(len(e["input_ids"]), seq) for e in batch))
+            return collate(batch)
+
+        trainer.data_collator = counting
+        clock = _step_clock()
+        trainer.add_callback(clock)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        trainer.train()
+        accum = training_plan.gradient_accumulation
+        per_step = [sum(micro_tokens[s * accum:(s + 1) * accum]) for s in range(len(clock.times))]
+        timed = clock.times[warmup:]
+        row.update({
+            "steps": len(clock.times), "steps_timed": len(timed),
+            "tokens_per_s": round(sum(per_step[warmup:]) / sum(timed), 1) if timed else None,
+            "real_tokens_per_step": per_step,
+            "step_seconds": [round(t, 4) for t in clock.times],
+            "attn_implementation": trainer.model.config._attn_implementation,
+            "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+            "peak_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else 0,
+            "non_torch_bytes": harness.non_torch_bytes() if cuda else 0,
+            "predicted_peak_bytes": training_plan.estimated_peak_bytes,
+        })
+        row["peak_total_GiB"] = round((row["peak_reserved_bytes"] + row["non_torch_bytes"]) / 2**30, 2)
+    except torch.OutOfMemoryError as exc:
+        row["error"] = f"OOM: {str(exc).splitlines()[0][:200]}"
+    finally:
+        if trainer is not None:
+            trainer.model.zero_grad(set_to_none=True)
+            del trainer
+        gc.collect()
+    p = training_plan
+    log(f"job {label}: {row.get('tokens_per_s')} tokens/s, peak {row.get('peak_total_GiB')} GiB "
+        f"(predicted {p.estimated_peak_bytes / 2**30:.1f}), plan {p.method} mb "
+        f"{p.micro_batch_size} x {p.gradient_accumulation} ckpt {p.gradient_checkpointing}")
     return harness.release(model), row
