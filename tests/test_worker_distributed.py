@@ -114,14 +114,18 @@ def _child_failed(failures):
 def test_the_root_failure_is_a_verdict_or_a_signal_before_a_peer_that_crashed_with_it():
     from finetune_worker.launch import root_failure
 
-    # same second: rank 0 died of rank 1's SIGKILL (its collective broke)
-    rank, failure = root_failure(_child_failed({0: _failure(1), 1: _failure(-9, local_rank=1)}))
-    assert rank == 1 and failure.exitcode == -9
-    rank, _ = root_failure(_child_failed({0: _failure(1), 3: _failure(12)}))
+    # one poll: rank 0 died of rank 1's SIGKILL (its collective broke), or torchrun stopped it
+    for consequence in (1, -15):
+        rank, failure = root_failure(_child_failed({0: _failure(consequence),
+                                                    1: _failure(-9, local_rank=1)}))
+        assert rank == 1 and failure.exitcode == -9
+    rank, _ = root_failure(_child_failed({0: _failure(-15), 2: _failure(1), 3: _failure(12)}))
     assert rank == 3
-    # an earlier failure stays first
-    rank, _ = root_failure(_child_failed({0: _failure(1, timestamp=99), 1: _failure(-9)}))
-    assert rank == 0
+    # between equals, the earlier, then the lower rank
+    rank, _ = root_failure(_child_failed({0: _failure(1, timestamp=101), 1: _failure(1)}))
+    assert rank == 1
+    rank, _ = root_failure(_child_failed({2: _failure(-9), 1: _failure(-9)}))
+    assert rank == 1
 
 
 def test_a_ranks_exit_code_becomes_the_pods_and_its_summary_is_kept(tmp_path):
@@ -382,8 +386,12 @@ def test_a_killed_rank_ends_the_world_within_a_deadline_naming_the_rank(tmp_path
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_launcher_checkpoints_every_rank_and_exits_143(tmp_path,
-                                                                      tiny_model_root):
+@pytest.mark.parametrize("target", ["launcher", "rank 1"])
+def test_sigterm_checkpoints_every_rank_at_one_step_and_exits_143(tmp_path, tiny_model_root,
+                                                                  target):
+    """SIGTERM to the launcher (a preempted pod) reaches every rank through torchrun; SIGTERM
+    to one rank alone must still stop them all at one step (the ranks agree each step), or
+    that rank's collective save would wait forever for the others."""
     from finetune_worker.checkpoints import MARKER, find_resumable_checkpoint
 
     proc, out, log = _start_long_run(tmp_path, tiny_model_root, checkpointSteps=1000)
@@ -391,7 +399,8 @@ def test_sigterm_to_the_launcher_checkpoints_every_rank_and_exits_143(tmp_path,
         wait_for(lambda: "rank 0 INFO finetune_worker.callbacks: step 3/" in out.read_text()
                  or proc.poll() is not None, timeout=180, what="training to run")
         assert proc.poll() is None, out.read_text()
-        proc.send_signal(signal.SIGTERM)
+        pid = proc.pid if target == "launcher" else _children(proc.pid)[1]
+        os.kill(pid, signal.SIGTERM)
         code = _wait_exit(proc, timeout=90)
     finally:
         if proc.poll() is None:
@@ -405,8 +414,9 @@ def test_sigterm_to_the_launcher_checkpoints_every_rank_and_exits_143(tmp_path,
     assert find_resumable_checkpoint(checkpoints, summary["specHash"]) == \
         checkpoints / f"checkpoint-{step}"
     assert (checkpoints / f"checkpoint-{step}" / MARKER).is_file()
-    # both ranks stopped at the same step (a save is collective)
     assert "rank 1 WARNING finetune_worker.callbacks: received SIGTERM" in output
+    if target == "rank 1":
+        assert "rank 0 WARNING finetune_worker.callbacks: another rank received SIGTERM" in output
 
 
 @pytest.mark.slow

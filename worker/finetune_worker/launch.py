@@ -182,21 +182,23 @@ def launch(options: LaunchOptions) -> int:
 def root_failure(error):
     """(global rank, ProcessFailure) that explains the run's failure.
 
-    torchrun's own choice (`get_first_failure`) is the earliest timestamp, but timestamps are
-    whole seconds and, for a rank that left no error file (the worker's ranks write none), the
-    time the agent noticed it: ranks noticed in the same poll tie, and the rank that died of a
-    peer's death (exit 1 from a broken collective) can come out before the peer. Among the
-    ties, a worker verdict (one of our exit codes) explains the most, then a signal, then a
-    crash; then the lowest rank.
+    torchrun reports every rank it found dead in the poll that noticed the first one, and its
+    own choice (`get_first_failure`) is the earliest timestamp; but a timestamp is whole
+    seconds and, for a rank that left no error file (the worker's ranks write none), the time
+    the agent looked, so the ranks of one poll tie. Among them the cause comes before its
+    consequences: a worker verdict (one of our exit codes), then a rank that died of a signal
+    of its own (SIGKILL, SIGSEGV, ...), then a crash (exit 1, often a collective broken by
+    the dead peer), and last the ranks torchrun itself stopped with SIGTERM.
     """
-    _, first = error.get_first_failure()
-    tied = [(rank, f) for rank, f in error.failures.items() if f.timestamp == first.timestamp]
-    return min(tied, key=lambda item: (_explains(item[1].exitcode), item[0]))
+    return min(error.failures.items(),
+               key=lambda item: (_explains(item[1].exitcode), item[1].timestamp, item[0]))
 
 
 def _explains(exitcode: int) -> int:
-    if exitcode in WORKER_CODES or exitcode == PREEMPTED_EXIT_CODE:
+    if exitcode in WORKER_CODES:
         return 0
+    if exitcode in (-signal.SIGTERM, PREEMPTED_EXIT_CODE):
+        return 3
     return 1 if exitcode < 0 else 2
 
 

@@ -539,14 +539,10 @@ def _trainer_class(base):
                                 pin_memory=self.args.dataloader_pin_memory)
             # accelerate deals the sampler's micro-batches out to the ranks in turn (rank r
             # gets r, r + world, ...), so one optimizer step of the world sees the same
-            # micro-batches as one process accumulating them.
-            loader = self.accelerator.prepare(loader)
-            shard = loader.batch_sampler
-            if shard is not self.token_budget_sampler and not hasattr(shard, "set_epoch"):
-                # accelerate passes a new epoch on to the samplers it knows, not to ours
-                # inside its shard: without this every epoch would repeat the first's order.
-                shard.set_epoch = self.token_budget_sampler.set_epoch
-            return loader
+            # micro-batches as one process accumulating them; the Trainer passes each new
+            # epoch to our sampler inside accelerate's shard (tests/test_worker_distributed.py
+            # crosses two epochs).
+            return self.accelerator.prepare(loader)
 
     return FineTuneTrainer
 
