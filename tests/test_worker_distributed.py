@@ -238,13 +238,14 @@ STEPS = 8
 @pytest.fixture(scope="module")
 def one_and_two_processes(tmp_path_factory, tiny_model_root):
     """The same global batch trained by one process (micro-batch 2, accumulation 2) and by a
-    DDP world of two (micro-batch 2, accumulation 1 each), packed, over almost three epochs."""
+    DDP world of two (micro-batch 2, accumulation 1 each), packed, with gradient checkpointing
+    (non-reentrant, which DDP needs), over almost three epochs."""
     runs = {}
     for name, world_size, accumulation in (("single", 1, 2), ("ddp", 2, 1)):
         tmp = tmp_path_factory.mktemp(name)
         config = _write(tmp / "worker-config.yaml", _distributed_config(
             tmp, tiny_model_root, world_size=world_size, accumulation=accumulation,
-            fmt="alpaca", packing=True, micro_batch=2, max_steps=STEPS))
+            fmt="alpaca", packing=True, micro_batch=2, max_steps=STEPS, checkpointing=True))
         summaries = tmp / "rank-summaries"
         summaries.mkdir()
         args = (_launch(config) if world_size > 1 else ["train", "--config", str(config)])
