@@ -64,14 +64,17 @@ def build_manifest(config, peft_model, *, base_revision: str | None, metrics: di
 
 
 def write_adapter(config, peft_model, destination: Path, *, base_revision: str | None,
-                  metrics: dict) -> AdapterManifest:
-    """Save adapter weights, adapter_config.json and the manifest into `destination`."""
+                  metrics: dict, state_dict: dict | None = None) -> AdapterManifest:
+    """Save adapter weights, adapter_config.json and the manifest into `destination`.
+
+    `state_dict`: the model's full state when its weights are sharded (FSDP; gathered by
+    accelerate); peft keeps the adapter's entries. None: peft reads the model itself."""
     destination = Path(destination)
     staging = destination.parent / f".{destination.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         destination.mkdir(parents=True, exist_ok=True)
         staging.mkdir(parents=True)
-        peft_model.save_pretrained(str(staging), safe_serialization=True)
+        peft_model.save_pretrained(str(staging), safe_serialization=True, state_dict=state_dict)
         manifest = build_manifest(config, peft_model, base_revision=base_revision,
                                   metrics=metrics, directory=staging)
         manifest.write(staging)

@@ -1,7 +1,9 @@
 """Trainer callbacks: progress reporting, the non-finite-loss guard, checkpoint marking
 and time- or signal-triggered saves.
 
-Imported only from `train.py`, after transformers is loaded.
+Every rank of a distributed run runs them; what they decide must be the same on every rank
+(a save is collective), and only global rank 0 (`state.is_world_process_zero`) logs progress
+and marks checkpoints. Imported only from `train.py`, after transformers is loaded.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from . import distributed
 from .checkpoints import mark_complete
 from .errors import NonFiniteLossError
 from .status import StatusReporter
@@ -80,6 +83,8 @@ class ProgressCallback(TrainerCallback):
         }
         progress = {k: v for k, v in progress.items() if v is not None}
         self.last_progress = progress
+        if not state.is_world_process_zero:
+            return  # one progress line and one reporter per run, not per rank
         log.info("step %s/%s loss %s lr %.3g tokens/s %s eta %ss", state.global_step, total,
                  logs.get("loss"), logs.get("learning_rate") or 0.0,
                  f"{self.tokens_per_second:.0f}" if self.tokens_per_second else "-", eta)
@@ -109,6 +114,8 @@ class NonFiniteLossGuard(TrainerCallback):
         self.consecutive = 0
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        # The logged loss is already the mean over all ranks (the Trainer gathers it), so
+        # every rank counts the same steps and stops at the same one.
         if not logs or "loss" not in logs:
             return
         if math.isfinite(float(logs["loss"])):
@@ -128,7 +135,9 @@ class CheckpointCallback(TrainerCallback):
 
     A preempted pod gets SIGTERM and a grace period: the handler only sets a flag, and
     the next step end turns it into save + stop, so the save happens on the training
-    thread between steps, never in the middle of an optimizer update.
+    thread between steps, never in the middle of an optimizer update. Under DDP or FSDP a
+    save is a collective: the signal and the clock are per process, so at each step end the
+    ranks agree (one all_reduce MAX) to save and stop when any of them would.
     """
 
     def __init__(self, spec_hash: str, *, interval_s: float | None = None,
@@ -147,17 +156,27 @@ class CheckpointCallback(TrainerCallback):
         self.preempted.set()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.preempted.is_set():
+        due = bool(self.interval_s) and time.monotonic() - self._last_save >= self.interval_s
+        stop, due = distributed.any_rank(self.preempted.is_set(), due)
+        if stop:
+            if not self.preempted.is_set():
+                log.warning("another rank received SIGTERM: saving a checkpoint at the end of "
+                            "this step, then stopping")
+            self.preempted.set()
             control.should_save = True
             control.should_training_stop = True
-        elif self.interval_s and time.monotonic() - self._last_save >= self.interval_s:
+        elif due:
             control.should_save = True
         return control
 
     def on_save(self, args, state, control, **kwargs):
+        # Every rank writes part of a checkpoint (its RNG state; FSDP shards): the marker,
+        # which vouches for all the files, comes after the last rank has finished.
+        distributed.barrier()
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if checkpoint.is_dir():
-            mark_complete(checkpoint, self.spec_hash, state.global_step, self.plan)
+            if state.is_world_process_zero:
+                mark_complete(checkpoint, self.spec_hash, state.global_step, self.plan)
             self.saved_steps.append(state.global_step)
         self._last_save = time.monotonic()
         return control

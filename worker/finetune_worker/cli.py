@@ -1,11 +1,22 @@
-"""`finetune-worker train | merge`: the entrypoint of the worker image.
+"""`finetune-worker train | launch | merge`: the entrypoint of the worker image.
 
 Only argument parsing, logging and the mapping from failures to exit codes live here;
 heavy imports happen inside the commands so `--help` is instant. Exit codes are the
 contract with the operator's pod failure policy (finetune_operator.api.exit_codes):
 0 success, 10 invalid config, 11 data error, 12 CUDA out of memory, 13 non-finite loss,
-14 storage error, 15 model load error, 16 worker environment error (preflight.py); 143 when SIGTERM stopped training after a
-checkpoint (the pod was preempted and the Job may retry).
+14 storage error, 15 model load error, 16 worker environment error (preflight.py); 143 when
+SIGTERM stopped training after a checkpoint (the pod was preempted and the Job may retry).
+
+`launch` runs `train` as several processes under torchrun (launch.py) when the plan's
+worldSize is above 1, and exits with the same codes: the failing rank's, or 1 when a rank
+crashed or was killed. Only global rank 0 reports status and writes the adapter and the
+summary. Environment read by a distributed run:
+  FINETUNE_WORKER_COLLECTIVE_TIMEOUT_SECONDS  how long a rank waits in a collective for its
+      peers before failing (default 600): a dead or hung peer ends the job instead of
+      holding its GPUs forever
+  TORCH_ELASTIC_SHUTDOWN_TIMEOUT  seconds the launcher gives the ranks to checkpoint after
+      SIGTERM before killing them (default 150, inside the pod's 180 s grace period)
+  JOB_COMPLETION_INDEX  the pod's node rank when `launch --node-rank` is not given
 """
 
 from __future__ import annotations
@@ -45,6 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--no-launch", action="store_true",
                        help="only the checks that need no GPU: imports, compiler, headers, cache")
 
+    launch = commands.add_parser(
+        "launch", help="run `train` as several processes (one per GPU) of a torchrun world, "
+                       "this pod's share of it",
+        usage="finetune-worker launch --nnodes M --nproc-per-node N [--node-rank R] "
+              "[--master-addr HOST] [--master-port P] -- train --config FILE")
+    from .launch import add_arguments as add_launch_arguments
+
+    add_launch_arguments(launch)
+
     merge = commands.add_parser("merge", help="merge an adapter into its unquantised base model")
     merge.add_argument("--config", default=os.environ.get("FINETUNE_WORKER_MERGE_CONFIG"),
                        help="merge config written by the operator (MergeConfig YAML); gives "
@@ -70,10 +90,17 @@ def main(argv: list[str] | None = None) -> int:
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    command = {"train": train_command, "preflight": preflight_command,
+                        format=f"%(asctime)s {rank_prefix()}%(levelname)s %(name)s: %(message)s")
+    command = {"train": train_command, "launch": launch_command, "preflight": preflight_command,
                "merge": merge_command}[args.command]
     return command(args)
+
+
+def rank_prefix() -> str:
+    """`rank 1 ` in each log line of a distributed run: the ranks of a pod share its log."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ:
+        return f"rank {os.environ['RANK']} "
+    return ""
 
 
 def _summary(result: str, code: int, message: str, *, reason: str | None = None, **extra) -> dict:
@@ -97,16 +124,29 @@ def _fail(exc, reporter=None, **extra) -> int:
     return int(exc.exit_code)
 
 
+def launch_command(args) -> int:
+    from .errors import InvalidConfigError
+    from .launch import launch, options_from_args, torchrun_args
+
+    options = options_from_args(args)
+    try:
+        torchrun_args(options)  # refuse bad options before any process starts
+    except InvalidConfigError as exc:
+        return _fail(exc)
+    return launch(options)
+
+
 def train_command(args) -> int:
     from finetune_operator.api import WorkerConfigError, load_worker_config
 
+    from .distributed import World
     from .errors import InvalidConfigError, WorkerError
 
     try:
         config = load_worker_config(args.config)
     except WorkerConfigError as exc:
         return _fail(InvalidConfigError(str(exc)))
-    reporter = make_reporter(config)
+    reporter = make_reporter(config, World.from_environment())
     try:
         from .train import run_training
 
@@ -149,11 +189,13 @@ def preflight_command(args) -> int:
     return 0
 
 
-def make_reporter(config):
+def make_reporter(config, world):
+    """The status reporter; one per run, on global rank 0 (the other ranks' sends nothing)."""
     from .status import KubeStatusClient, StatusReporter
 
-    client = KubeStatusClient.from_environment() if config.report.status_patch else None
-    if config.report.status_patch and client is None:
+    patch = config.report.status_patch and world.is_main
+    client = KubeStatusClient.from_environment() if patch else None
+    if patch and client is None:
         log.warning("status patching is on but there is no in-cluster service account; "
                     "the final numbers go to the termination message only")
     return StatusReporter(config.job.namespace, config.job.name, client,
@@ -163,6 +205,8 @@ def make_reporter(config):
 def report_success(config, result, reporter) -> int:
     from .termination import write_termination_message
 
+    if not result.reports:  # a rank other than 0: rank 0 reports for the world
+        return PREEMPTED_EXIT_CODE if result.preempted else 0
     reporter.final(progress=result.progress, metrics=result.metrics)
     if result.preempted:
         message = (f"stopped by SIGTERM at step {result.global_step} after saving "

@@ -18,19 +18,37 @@ def peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-def peak_memory_metrics() -> dict:
-    """camelCase metrics: peak VRAM (reserved and allocated, busiest GPU) or peak RSS."""
+def peak_memory_metrics(device_index: int | None = None) -> dict:
+    """camelCase metrics: peak VRAM (reserved and allocated) or peak RSS, of this process.
+
+    On `device_index` (a process of a distributed run, which owns one GPU), else the busiest
+    GPU this process used.
+    """
     import torch
 
     metrics: dict = {"peakRSSBytes": peak_rss_bytes()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        devices = range(torch.cuda.device_count())
+        devices = range(torch.cuda.device_count()) if device_index is None else [device_index]
         reserved = max(torch.cuda.max_memory_reserved(d) for d in devices)
         allocated = max(torch.cuda.max_memory_allocated(d) for d in devices)
         metrics.update(peakVRAMBytes=int(reserved), peakVRAM=format_bytes(reserved),
                        peakVRAMAllocatedBytes=int(allocated), device="cuda")
     else:
         metrics["device"] = "cpu"
+    return metrics
+
+
+def world_memory_metrics(per_rank: list[dict]) -> dict:
+    """One run's memory from each rank's peak_memory_metrics (listed by global rank): the
+    largest peak (the GPU that limits the plan) and, on GPUs, every rank's."""
+    metrics = dict(per_rank[0])
+    metrics["peakRSSBytes"] = max(m["peakRSSBytes"] for m in per_rank)
+    metrics["worldSize"] = len(per_rank)
+    if all("peakVRAMBytes" in m for m in per_rank):
+        peaks = [m["peakVRAMBytes"] for m in per_rank]
+        metrics.update(peakVRAMPerRankBytes=peaks, peakVRAMBytes=max(peaks),
+                       peakVRAM=format_bytes(max(peaks)),
+                       peakVRAMAllocatedBytes=max(m["peakVRAMAllocatedBytes"] for m in per_rank))
     return metrics
 
 

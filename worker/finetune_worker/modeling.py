@@ -122,6 +122,8 @@ def bnb_config(spec: Any = None):
 
     bf16 compute keeps the dequantised matmuls on the tensor cores at the same precision as
     LoRA on a bf16 base, so the two methods train the same mathematics up to NF4 rounding.
+    The packed 4-bit weights are stored in bf16 tensors (quant storage = compute dtype), so
+    FSDP can flatten and shard them with the bf16 parts of the model (Answer.AI's fsdp_qlora).
     """
     import torch
     from transformers import BitsAndBytesConfig
@@ -144,8 +146,14 @@ def load_base_model(
     *,
     local_path: str | None = None,
     attn_implementation: str | None = None,
+    device_map: Any = "device",
 ):
     """Load the frozen base model: bf16 for LoRA, NF4 + double quant + bf16 compute for QLoRA.
+
+    `device_map` defaults to everything on `device`; None under FSDP, where the base loads on
+    the CPU (with cpu_ram_efficient_loading on rank 0 only) and FSDP moves each rank's shard to
+    its GPU. The NF4 weights are stored as bf16 (bnb_config's quant storage) so FSDP can shard
+    them like the rest of the bf16 base.
 
     The base always loads straight into bf16 on the target device; nothing is upcast to fp32.
     In particular the embeddings and lm_head stay bf16 under QLoRA (peft's
@@ -173,9 +181,10 @@ def load_base_model(
                 "bitsandbytes need a CUDA GPU. Schedule the job on a GPU node or plan it as 'lora'."
             )
         kwargs["quantization_config"] = bnb_config(spec)
+    if device_map == "device":
         kwargs["device_map"] = {"": device}
-    else:
-        kwargs["device_map"] = {"": device}
+    elif device_map is not None:
+        kwargs["device_map"] = device_map
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     model.config.use_cache = False  # a KV cache is dead weight in training and disables packing masks
     return model

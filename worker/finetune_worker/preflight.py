@@ -62,6 +62,12 @@ def fused_kernels_planned(plan: Any) -> bool:
 def problems(plan: Any, device: str, *, packing: bool = False, launch: bool = True) -> list[str]:
     """What this environment lacks for `plan` on `device`; empty when it can run it."""
     if device != "cuda":
+        if str(_plan_field(plan, "strategy", "single")) == "fsdp":
+            # accelerate shards only on accelerators: on the CPU it would train whole
+            # replicas (plain DDP) while reporting success, with the wrong memory per rank.
+            return [("plan.strategy is 'fsdp', but FSDP through accelerate needs a GPU per "
+                    "process and this worker has none (on the CPU accelerate would silently "
+                    "train unsharded replicas)")]
         return []  # on the CPU nothing is compiled at run time and no fused kernel is used
     found: list[str] = []
     if fused_kernels_planned(plan):

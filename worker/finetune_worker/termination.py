@@ -4,6 +4,10 @@ Kubernetes keeps at most 4 KiB of `/dev/termination-log` in the pod status, and 
 operator reads it when the status patches could not reach the API server, so the
 summary must always parse: when it is too long, less important fields are dropped
 first and the human message is shortened last.
+
+In a distributed run each rank writes its summary to its own file in the directory the
+launcher names (FINETUNE_WORKER_RANK_SUMMARY_DIR), and the launcher (launch.py), the only
+writer of the pod's termination log, keeps the one that explains the outcome.
 """
 
 from __future__ import annotations
@@ -31,8 +35,23 @@ DROP_FIRST = (
 )
 
 
+RANK_SUMMARY_DIR_ENV = "FINETUNE_WORKER_RANK_SUMMARY_DIR"
+
+
+def rank_summary_path(directory: Path, rank: int | str) -> Path:
+    return Path(directory) / f"rank-{rank}.json"
+
+
 def termination_log_path() -> Path | None:
-    """Where to write: the env override, else the kubelet's file when it exists."""
+    """Where to write: this rank's file under the launcher; otherwise the env override, else
+    the kubelet's file when it exists (a rank other than 0 started without our launcher
+    writes nothing: the pod has one termination log)."""
+    rank = os.environ.get("RANK")
+    rank_dir = os.environ.get(RANK_SUMMARY_DIR_ENV)
+    if rank_dir and rank is not None:
+        return rank_summary_path(Path(rank_dir), rank)
+    if rank not in (None, "0"):
+        return None
     override = os.environ.get("FINETUNE_WORKER_TERMINATION_LOG")
     if override:
         return Path(override)

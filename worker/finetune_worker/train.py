@@ -5,6 +5,11 @@ data (cheap failures first), load and prepare the model, train with resume, eval
 write the adapter and manifest, and return the measured numbers. Failures surface as
 WorkerError subclasses; the CLI turns them into exit codes. Nothing here calls
 sys.exit, so the benchmark can call it in-process.
+
+Under torchrun (plan.worldSize > 1, `finetune-worker launch`) every rank runs this same
+sequence: the Trainer and accelerate do DDP or FSDP from the environment, and
+distributed.py makes the worker's own decisions agree. Only global rank 0 writes the
+adapter and manifest and reports (`TrainResult.reports`).
 """
 
 from __future__ import annotations
@@ -18,10 +23,11 @@ from typing import Any
 
 from finetune_operator.api import WorkerConfig, spec_hash, uri_scheme
 
-from . import preflight, sources
+from . import distributed, preflight, sources
 from .checkpoints import find_resumable_checkpoint
+from .distributed import World
 from .errors import DataError, InvalidConfigError, ModelLoadError, StorageError, WorkerError
-from .memory import out_of_memory_message, peak_memory_metrics
+from .memory import out_of_memory_message, peak_memory_metrics, world_memory_metrics
 from .status import StatusReporter
 
 log = logging.getLogger(__name__)
@@ -44,6 +50,9 @@ class TrainResult:
     train_loss: float | None = None
     eval_loss: float | None = None
     checkpoints: list[int] = field(default_factory=list)
+    reports: bool = True
+    """Whether this process reports the run (global rank 0): the other ranks of a distributed
+    run write neither the adapter nor the summary."""
     model: Any = field(default=None, repr=False)
     """The trained peft model, for in-process callers (tests, the benchmark)."""
 
@@ -106,9 +115,10 @@ def checkpoint_interval_seconds(training) -> float | None:
     return minutes * 60 if minutes > 0 else None
 
 
-def build_sft_config(config: WorkerConfig, *, device: str):
+def build_sft_config(config: WorkerConfig, *, device: str, world: World | None = None):
     """spec.training + plan -> trl SFTConfig. Packing and checkpointing are handled by our
-    collator and modeling.py, so the trainer's own versions stay off."""
+    collator and modeling.py, so the trainer's own versions stay off. Under torchrun, creating
+    it joins the process group (accelerate reads the ranks from the environment)."""
     from trl import SFTConfig
 
     training, plan = config.spec.training, config.plan
@@ -149,7 +159,41 @@ def build_sft_config(config: WorkerConfig, *, device: str):
         remove_unused_columns=False,
         dataset_kwargs={"skip_prepare_dataset": True},
         dataloader_num_workers=0,
+        **distributed_arguments(config.plan, world or World()),
     )
+
+
+def distributed_arguments(plan, world: World) -> dict:
+    """TrainingArguments for plan.strategy; nothing for one process.
+
+    The loss is the token mean over the whole optimizer step, all ranks' tokens together
+    (`average_tokens_across_devices`), so a step is the same mathematics as one process
+    accumulating the same micro-batches. DDP: every parameter that needs a gradient gets one
+    each step (LoRA on every adapted layer; checkpointing is non-reentrant), so DDP need not
+    search the graph for unused ones. FSDP (FULL_SHARD, FSDP1 as in peft's FSDP-QLoRA recipe):
+    the base loads on rank 0's CPU only and is sharded from there (`cpu_ram_efficient_loading`
+    with `sync_module_states`); `use_orig_params` off because peft's wrap policy (set in
+    build_trainer) gives the trainable adapters FSDP units of their own, apart from the frozen
+    base; checkpoints are sharded (each rank writes its own) and the adapter is gathered in
+    full on rank 0 (write_outputs).
+    """
+    if not world.distributed:
+        return {}
+    from . import distributed
+
+    arguments = {"ddp_timeout": distributed.collective_timeout_seconds(),
+                 "average_tokens_across_devices": True,
+                 "ddp_find_unused_parameters": False}
+    if plan.strategy == "fsdp":
+        arguments.update(fsdp="full_shard auto_wrap", fsdp_config={
+            "version": 1,
+            "cpu_ram_efficient_loading": True,
+            "sync_module_states": True,
+            "use_orig_params": False,
+            "state_dict_type": "SHARDED_STATE_DICT",
+            "limit_all_gathers": True,
+        })
+    return arguments
 
 
 # --- steps of a run --------------------------------------------------------------------
@@ -191,7 +235,10 @@ def load_training_data(config: WorkerConfig, tokenizer, token: str | None):
 
 
 def load_model(config: WorkerConfig, token: str | None, device: str):
-    """Base model per plan (bf16 or NF4), then LoRA and checkpointing per plan."""
+    """Base model per plan (bf16 or NF4), then LoRA and checkpointing per plan.
+
+    `device` is this process's own (cuda:LOCAL_RANK under torchrun). Under FSDP the base is
+    not placed on it: FSDP moves each rank's shard there (distributed_arguments)."""
     from . import modeling
 
     spec, plan = config.spec, config.plan
@@ -217,6 +264,10 @@ def load_model(config: WorkerConfig, token: str | None, device: str):
 def load_base_model(spec, plan, token: str | None, device: str, path: str | None):
     from . import modeling
 
+    if plan.strategy == "fsdp":
+        return modeling.load_base_model(spec, plan, token, device, local_path=path,
+                                        device_map=None)
+
     if plan.method == "qlora" and device == "cpu":
         # bitsandbytes >= 0.48 runs NF4 on the CPU, which the CPU tests rely on; the
         # model is loaded in bf16 and quantised in memory, the same layers and settings
@@ -233,8 +284,12 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError)
 
 
-def measured_throughput(output, progress, wall_seconds: float, device: str) -> dict:
-    """Throughput over the training steps (loading and checkpoint restore excluded)."""
+def measured_throughput(output, progress, wall_seconds: float, device: str,
+                        world_size: int = 1) -> dict:
+    """Throughput over the training steps (loading and checkpoint restore excluded).
+
+    The Trainer sums the tokens of all ranks (`num_input_tokens_seen` is gathered), so
+    tokens/s is the whole job's."""
     seconds = progress.seconds
     metrics = {
         "tokensPerSecond": round(progress.tokens / seconds, 2) if progress.tokens and seconds else None,
@@ -246,23 +301,32 @@ def measured_throughput(output, progress, wall_seconds: float, device: str) -> d
     if device == "cuda":
         import torch
 
-        metrics["gpuSeconds"] = round(wall_seconds * max(torch.cuda.device_count(), 1), 1)
+        gpus = world_size if world_size > 1 else max(torch.cuda.device_count(), 1)
+        metrics["gpuSeconds"] = round(wall_seconds * gpus, 1)
     return {k: v for k, v in metrics.items() if v is not None}
 
 
 def run_training(config: WorkerConfig, *, reporter: StatusReporter | None = None) -> TrainResult:
     """Train the adapter a WorkerConfig describes. Raises WorkerError subclasses."""
-    check_config(config)
+    world = World.from_environment()
+    check_config(config, world)
     token = read_secret_file(config.paths.hf_token_file, "Hugging Face token")
-    device = training_device()
+    kind = training_device()
     # Seconds, before minutes of loading: can this image run the kernels the plan assumes?
-    preflight.run_preflight(config.plan, device, packing=config.spec.training.packing)
-    if device == "cuda":
+    preflight.run_preflight(config.plan, kind, packing=config.spec.training.packing)
+    device = distributed.process_device(kind, world)
+    if kind == "cuda":
         import torch
 
         # peaks are per process; a caller running several trainings (the benchmark)
         # must get each run's own
         torch.cuda.reset_peak_memory_stats()
+    # Before the model: it joins the process group, and under FSDP it tells from_pretrained
+    # to load the base on rank 0 only.
+    args = build_sft_config(config, device=kind, world=world)
+    if world.distributed:
+        log.info("%s, strategy %s, backend %s", world.describe(), config.plan.strategy,
+                 args.distributed_state.backend)
 
     tokenizer = load_tokenizer(config, token)
     splits = load_training_data(config, tokenizer, token)
@@ -271,19 +335,23 @@ def run_training(config: WorkerConfig, *, reporter: StatusReporter | None = None
 
     trainer = None
     try:
+        from transformers import set_seed
+
+        # The adapters' random init comes from the seed, not from whatever this process drew
+        # before: one process and a world of them start from the same weights.
+        set_seed(config.spec.training.seed)
         model, revision = load_model(config, token, device)
         trainer, checkpointing, progress = build_trainer(config, model, tokenizer, splits,
-                                                          device, reporter)
-        resume = (find_resumable_checkpoint(Path(config.paths.checkpoint_dir), config.spec_hash,
-                                            plan_record(config.plan))
-                  if config.spec.training.resume else None)
+                                                          kind, reporter, args=args)
+        resume = resumable_checkpoint(config, world) if config.spec.training.resume else None
         from .callbacks import SigtermToCheckpoint
 
         started = time.perf_counter()
         with SigtermToCheckpoint(checkpointing):
             output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        metrics = {**measured_throughput(output, progress, time.perf_counter() - started, device),
-                   **peak_memory_metrics()}
+        metrics = {**measured_throughput(output, progress, time.perf_counter() - started, kind,
+                                         world.world_size),
+                   **measured_memory(kind, world)}
         result = TrainResult(metrics=metrics, progress=dict(progress.last_progress),
                              resumed_from=resume,
                              # a SIGTERM that lands after the last step stops nothing
@@ -306,12 +374,51 @@ def run_training(config: WorkerConfig, *, reporter: StatusReporter | None = None
             raise OutOfMemoryError(out_of_memory_message(config.plan, step, exc)) from exc
         raise
 
-    manifest = write_outputs(config, trainer.model, revision, result.metrics, token)
+    adapter, state_dict = adapter_to_save(trainer)  # collective under FSDP: every rank
+    result.model = trainer.model
+    if not world.is_main:
+        result.reports = False
+        return result
+    manifest = write_outputs(config, adapter, revision, result.metrics, token,
+                             state_dict=state_dict)
     result.adapter_dir = Path(config.paths.output_dir)
     result.adapter_digest = manifest.digest
     result.adapter_size_bytes = manifest.size_bytes
-    result.model = trainer.model
     return result
+
+
+def resumable_checkpoint(config: WorkerConfig, world: World) -> Path | None:
+    """The checkpoint every rank resumes from: rank 0 chooses (one verdict on half-written
+    directories and hashes), the others check they can read it (several pods need the
+    checkpoint directory on a volume they all mount)."""
+    root = Path(config.paths.checkpoint_dir)
+    chosen = distributed.decided_by_main(
+        lambda: find_resumable_checkpoint(root, config.spec_hash, plan_record(config.plan)),
+        world)
+    if chosen is not None and not Path(chosen).is_dir():
+        raise StorageError(
+            f"rank 0 resumes from {chosen}, which {world.describe()} cannot see; the checkpoint "
+            f"directory {root} must be one volume shared by every worker pod (ReadWriteMany)")
+    return Path(chosen) if chosen is not None else None
+
+
+def measured_memory(kind: str, world: World) -> dict:
+    """This process's peak memory; in a distributed run every rank's, gathered (collective)."""
+    local = peak_memory_metrics(world.local_rank if kind == "cuda" and world.distributed
+                                else None)
+    if not world.distributed:
+        return local
+    return world_memory_metrics(distributed.gathered(local))
+
+
+def adapter_to_save(trainer):
+    """(peft model, state dict or None) for write_adapter. Under FSDP the adapter weights are
+    sharded: accelerate gathers the full state dict to rank 0 (every rank must call it);
+    otherwise peft reads the weights from the model itself."""
+    if not getattr(trainer, "is_fsdp_enabled", False):
+        return trainer.model, None
+    accelerator = trainer.accelerator
+    return accelerator.unwrap_model(trainer.model), accelerator.get_state_dict(trainer.model)
 
 
 def _finite(value) -> float | None:
@@ -325,11 +432,12 @@ def plan_record(plan) -> dict:
     """The plan fields that shape a step, as recorded in each checkpoint."""
     return plan.model_dump(by_alias=True, include={"method", "micro_batch_size",
                                                    "gradient_accumulation",
-                                                   "gradient_checkpointing"})
+                                                   "gradient_checkpointing", "strategy",
+                                                   "world_size"})
 
 
 def build_trainer(config: WorkerConfig, model, tokenizer, splits, device: str,
-                  reporter: StatusReporter | None):
+                  reporter: StatusReporter | None, *, args=None):
     from trl import SFTTrainer
 
     from .callbacks import CheckpointCallback, NonFiniteLossGuard, ProgressCallback
@@ -344,7 +452,7 @@ def build_trainer(config: WorkerConfig, model, tokenizer, splits, device: str,
     except OSError as exc:
         raise StorageError(f"cannot create the checkpoint directory "
                            f"{config.paths.checkpoint_dir}: {exc}") from exc
-    args = build_sft_config(config, device=device)
+    args = args if args is not None else build_sft_config(config, device=device)
     sampler, collator = training_batches(config, model, tokenizer, splits, device)
     trainer = _trainer_class(SFTTrainer)(
         model=model,
@@ -356,6 +464,13 @@ def build_trainer(config: WorkerConfig, model, tokenizer, splits, device: str,
         callbacks=[progress, NonFiniteLossGuard(NON_FINITE_PATIENCE), checkpointing],
     )
     trainer.token_budget_sampler = sampler
+    if trainer.is_fsdp_enabled:
+        from peft.utils.other import fsdp_auto_wrap_policy
+
+        # Decoder layers as FSDP units, and each LoRA module a unit of its own, so no unit
+        # mixes trainable and frozen weights (use_orig_params=False needs that).
+        trainer.accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(
+            trainer.model)
     return trainer, checkpointing, progress
 
 
@@ -429,25 +544,31 @@ def _trainer_class(base):
                                 collate_fn=self.data_collator,
                                 num_workers=self.args.dataloader_num_workers,
                                 pin_memory=self.args.dataloader_pin_memory)
+            # accelerate deals the sampler's micro-batches out to the ranks in turn (rank r
+            # gets r, r + world, ...), so one optimizer step of the world sees the same
+            # micro-batches as one process accumulating them; the Trainer passes each new
+            # epoch to our sampler inside accelerate's shard (tests/test_worker_distributed.py
+            # crosses two epochs).
             return self.accelerator.prepare(loader)
 
     return FineTuneTrainer
 
 
 def write_outputs(config: WorkerConfig, model, revision: str | None, metrics: dict,
-                  token: str | None):
+                  token: str | None, *, state_dict: dict | None = None):
     from .adapter import push_to_hub, write_adapter
 
     manifest = write_adapter(config, model, Path(config.paths.output_dir),
-                             base_revision=revision, metrics=metrics)
+                             base_revision=revision, metrics=metrics, state_dict=state_dict)
     output = config.spec.output.uri
     if uri_scheme(output) == "hf":
         push_to_hub(Path(config.paths.output_dir), output[len("hf://"):], token)
     return manifest
 
 
-def check_config(config: WorkerConfig) -> None:
+def check_config(config: WorkerConfig, world: World | None = None) -> None:
     """What pydantic cannot see: cross-checks between spec, plan and the pod."""
+    distributed.check_world(config.plan, world or World.from_environment())
     expected = spec_hash(config.spec)
     if expected != config.spec_hash:
         # Checkpoints are keyed by the operator's hash, so it stays the identity; a
