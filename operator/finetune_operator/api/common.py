@@ -295,6 +295,7 @@ class Condition(StatusModel):
     type: Annotated[str, Field(max_length=316)]
     """CamelCase condition type, e.g. `Running`."""
     status: Literal["True", "False", "Unknown"]
+    """Whether the condition holds: True, False or Unknown."""
     observed_generation: Annotated[int, Field(ge=0)] | None = None
     """The `.metadata.generation` this condition was computed from."""
     last_transition_time: Timestamp
@@ -330,21 +331,27 @@ class LocalObjectReference(SpecModel):
     """An object of a known kind in the same namespace."""
 
     name: DNSLabel
+    """Name of the object, in this namespace."""
 
 
 class ObjectReference(StatusModel):
     """A reference written by the operator into status."""
 
     name: str
+    """Name of the object."""
     namespace: str | None = None
+    """Namespace of the object."""
     uid: str | None = None
+    """UID of the object (tells a re-created object of the same name apart)."""
 
 
 class Artifact(StatusModel):
     """A file tree the system produced: where it is and how to check it."""
 
     uri: str
+    """Where the artifact is."""
     size_bytes: int | None = None
+    """Total size of its files, in bytes."""
     sha256: str | None = None
     """Digest over the artifact's files (see the adapter manifest for per-file digests)."""
 
