@@ -206,15 +206,26 @@ DNSLabel = Annotated[
 MAX_NAME_LENGTH = 45
 
 
+# What the API server itself requires of every object name (a DNS-1123 subdomain): a name
+# that breaks this is rejected with the server's own message, so our rule stays silent on it.
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+DNS_SUBDOMAIN_MAX_LENGTH = 253
+
+
 def object_name_rule(kind: str, uses: str, *, letter_first: bool = False) -> dict[str, str]:
-    """Root-level CEL rule on `metadata.name` (the only metadata CEL can see)."""
+    """Root-level CEL rule on `metadata.name` (the only metadata CEL can see), reported on
+    the field `metadata.name` and only for names the API server's own check lets through,
+    so one bad name gets one message."""
     first = "[a-z]" if letter_first else "[a-z0-9]"
     start = "a letter" if letter_first else "a letter or digit"
+    name = "self.metadata.name"
     return cel(
-        f"self.metadata.name.size() <= {MAX_NAME_LENGTH} && "
-        f"self.metadata.name.matches('^{first}([-a-z0-9]*[a-z0-9])?$')",
-        f"metadata.name must be a DNS label of at most {MAX_NAME_LENGTH} characters (lower-case "
-        f"letters, digits and '-', starting with {start}) because it names the {kind}'s {uses}")
+        f"{name}.size() > {DNS_SUBDOMAIN_MAX_LENGTH} || "
+        f"!{name}.matches(r'{DNS_SUBDOMAIN_PATTERN}') || "
+        f"({name}.size() <= {MAX_NAME_LENGTH} && {name}.matches('^{first}([-a-z0-9]*[a-z0-9])?$'))",
+        f"must be a DNS label of at most {MAX_NAME_LENGTH} characters (lower-case letters, digits "
+        f"and '-', no '.', starting with {start}) because it names the {kind}'s {uses}",
+        field_path=".metadata.name")
 
 
 # Hugging Face repository ids: `gpt2` or `owner/name`.

@@ -186,8 +186,9 @@ def crd_for(model: type[BaseModel], extras: dict[str, Any]) -> dict[str, Any]:
             "apiVersion": {"description": f"{GROUP}/{VERSION}", "type": "string"},
             "kind": {"description": extras["kind"], "type": "string"},
             # The API server forbids anything but name rules here (even a description);
-            # kubectl explain shows ObjectMeta's own documentation for it.
-            "metadata": {"type": "object"},
+            # kubectl explain shows ObjectMeta's own documentation for it. `name` is declared
+            # so that the name rule can report on the field (`fieldPath: .metadata.name`).
+            "metadata": {"type": "object", "properties": {"name": {"type": "string"}}},
             "spec": spec,
             "status": status,
         },
