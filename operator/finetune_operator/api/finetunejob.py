@@ -220,7 +220,8 @@ class TrainingSpec(SpecModel):
     learning_rate: Annotated[float, Field(gt=0, le=1)] = 2e-4
     """Peak learning rate of the optimizer, reached after warm-up (0 < value <= 1)."""
     batch_size: Annotated[int, Field(ge=1, le=65536)] = 16
-    """Effective batch size: micro-batch x gradient accumulation x GPUs."""
+    """Examples per optimizer step, exactly: micro-batch x gradient accumulation x GPUs; a
+    multiple of the GPUs, and of microBatchSize x GPUs when microBatchSize is a number."""
     micro_batch_size: Annotated[
         Literal["auto"] | Annotated[int, Field(ge=1, le=4096)],
         Field(json_schema_extra={"x-kubernetes-int-or-string": True, **validations(cel(
@@ -414,6 +415,11 @@ BATCH_PER_PROCESS_MESSAGE = (
     "spec.training.batchSize must be a multiple of the GPUs in the job "
     "(spec.resources.gpu.count x spec.resources.gpu.nodes): every training process takes the "
     "same number of examples per optimizer step")
+MICRO_BATCH_DIVIDES_MESSAGE = (
+    "spec.training.microBatchSize must divide the per-process batch, spec.training.batchSize / "
+    "(spec.resources.gpu.count x spec.resources.gpu.nodes): the batch is exactly microBatchSize "
+    "x gradient accumulation x GPUs. Raise spec.training.batchSize to a multiple of "
+    "microBatchSize x GPUs, lower microBatchSize, or set it to auto")
 
 
 class FineTuneJobSpec(SpecModel):
@@ -426,6 +432,13 @@ class FineTuneJobSpec(SpecModel):
             field_path=".quantization"),
         cel("self.training.batchSize % (self.resources.gpu.count * self.resources.gpu.nodes)"
             " == 0", BATCH_PER_PROCESS_MESSAGE, field_path=".training.batchSize"),
+        # Silent on a batch the rule above rejects already: one message per mistake.
+        cel("type(self.training.microBatchSize) == string"
+            " || self.training.batchSize % (self.resources.gpu.count * self.resources.gpu.nodes)"
+            " != 0"
+            " || (self.training.batchSize / (self.resources.gpu.count * self.resources.gpu.nodes))"
+            " % self.training.microBatchSize == 0",
+            MICRO_BATCH_DIVIDES_MESSAGE, field_path=".training.microBatchSize"),
     ))
 
     model: ModelSource
@@ -473,6 +486,12 @@ class FineTuneJobSpec(SpecModel):
         if self.training.batch_size % (gpu.count * gpu.nodes):
             raise ValueError(f"{BATCH_PER_PROCESS_MESSAGE} (batchSize {self.training.batch_size}, "
                              f"{gpu.count} x {gpu.nodes} GPUs)")
+        micro = self.training.micro_batch_size
+        per_process = self.training.batch_size // (gpu.count * gpu.nodes)
+        if micro != "auto" and per_process % micro:
+            raise ValueError(f"{MICRO_BATCH_DIVIDES_MESSAGE} (batchSize "
+                             f"{self.training.batch_size}, {gpu.count} x {gpu.nodes} GPUs, "
+                             f"microBatchSize {micro})")
         return self
 
     @property
