@@ -88,8 +88,6 @@ INVALID = [
     ("gpu-memory-missing", "ftj", [("spec.resources.gpu.memory", DELETE)],
      "spec.resources.gpu.memory"),
     ("epochs-and-max-steps", "ftj", [("spec.training.epochs", 1)], "spec.training"),
-    ("neither-epochs-nor-max-steps", "ftj", [("spec.training.maxSteps", DELETE)],
-     "spec.training"),
     ("epochs-zero", "ftj", [("spec.training.maxSteps", DELETE), ("spec.training.epochs", 0)],
      "spec.training.epochs"),
     ("learning-rate-zero", "ftj", [("spec.training.learningRate", 0)],

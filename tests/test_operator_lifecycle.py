@@ -110,6 +110,24 @@ def test_examples_become_jobs_that_kwok_completes(kube: Kube, operator_process):
     _record_timing(created_after, succeeded_after_pod)
 
 
+def test_a_minimal_finetunejob_trains_one_epoch(kube: Kube, operator_process):
+    """Model, dataset, GPU memory and output: the API server fills in `training` and the
+    worker is told to train one epoch."""
+    from finetune_operator.api import WorkerConfig
+
+    doc = yaml.safe_load((ROOT / "examples" / "finetunejob-minimal.yaml").read_text())
+    assert "training" not in doc["spec"]
+    kube.apply(doc)
+    stored = ftj(kube, "minimal")["spec"]["training"]
+    assert stored["batchSize"] == 16 and "epochs" not in stored and "maxSteps" not in stored
+    wait_for(lambda: kube.get_or_none("job", "minimal-train"), what="the training Job")
+    cm = kube.get("configmap", "minimal-worker-config")
+    config = WorkerConfig.model_validate(yaml.safe_load(cm["data"]["worker-config.yaml"]))
+    assert config.spec.training.max_steps is None
+    assert config.spec.training.effective_epochs == 1.0
+    wait_phase(kube, "minimal", "Succeeded")
+
+
 def _record_timing(created_after: float, succeeded_after_pod: float) -> None:
     out = os.environ.get("FINETUNE_TIMING_FILE")
     if out:

@@ -120,7 +120,7 @@ def build_sft_config(config: WorkerConfig, *, device: str):
         per_device_eval_batch_size=plan.micro_batch_size,
         gradient_accumulation_steps=plan.gradient_accumulation,
         max_steps=training.max_steps or -1,
-        num_train_epochs=training.epochs or 1.0,
+        num_train_epochs=training.effective_epochs,
         learning_rate=training.learning_rate,
         lr_scheduler_type=training.scheduler,
         warmup_steps=warmup,

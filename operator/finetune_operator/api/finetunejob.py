@@ -206,17 +206,18 @@ class QuantizationSpec(SpecModel):
 
 
 class TrainingSpec(SpecModel):
-    """Optimisation settings. Exactly one of epochs and maxSteps."""
+    """Optimisation settings. At most one of epochs and maxSteps; neither means one epoch."""
 
     model_config = ConfigDict(json_schema_extra=validations(
-        exactly_one_cel("epochs", "maxSteps", "spec.training"),
+        at_most_one_cel("epochs", "maxSteps", "spec.training"),
         at_most_one_cel("warmupRatio", "warmupSteps", "spec.training"),
     ))
 
     epochs: Annotated[float, Field(gt=0, le=1000)] | None = None
-    """Passes over the training data (may be fractional). Exactly one of epochs and maxSteps."""
+    """Passes over the training data (may be fractional); 1 when neither this nor maxSteps is
+    set. At most one of epochs and maxSteps."""
     max_steps: Annotated[int, Field(ge=1)] | None = None
-    """Optimizer steps to run. Exactly one of epochs and maxSteps."""
+    """Optimizer steps to run, instead of epochs. At most one of epochs and maxSteps."""
     learning_rate: Annotated[float, Field(gt=0, le=1)] = 2e-4
     """Peak learning rate of the optimizer, reached after warm-up (0 < value <= 1)."""
     batch_size: Annotated[int, Field(ge=1, le=65536)] = 16
@@ -267,13 +268,19 @@ class TrainingSpec(SpecModel):
 
     @model_validator(mode="after")
     def _one_length(self) -> TrainingSpec:
-        if (self.epochs is None) == (self.max_steps is None):
+        if self.epochs is not None and self.max_steps is not None:
             raise ValueError(
-                "exactly one of spec.training.epochs and spec.training.maxSteps must be set")
+                "at most one of spec.training.epochs and spec.training.maxSteps may be set "
+                "(neither means one epoch)")
         if self.warmup_ratio is not None and self.warmup_steps is not None:
             raise ValueError("at most one of spec.training.warmupRatio and "
                              "spec.training.warmupSteps may be set")
         return self
+
+    @property
+    def effective_epochs(self) -> float:
+        """Epochs for the trainer: one pass when unset (maxSteps, when set, wins)."""
+        return 1.0 if self.epochs is None else self.epochs
 
     @property
     def effective_warmup_ratio(self) -> float:
@@ -451,8 +458,11 @@ class FineTuneJobSpec(SpecModel):
     lora: LoRASpec = Field(default_factory=LoRASpec, json_schema_extra={"default": {}})
     quantization: QuantizationSpec | None = None
     """4-bit settings used when the method is (or resolves to) qlora."""
-    training: TrainingSpec
-    """How to optimise: how long (epochs or maxSteps), batch, learning rate, checkpoints."""
+    # `default: {}` as for lora: a spec without `training` trains one epoch with the defaults.
+    training: TrainingSpec = Field(default_factory=TrainingSpec,
+                                   json_schema_extra={"default": {}})
+    """How to optimise: how long (epochs or maxSteps; neither: one epoch), batch, learning
+    rate, checkpoints."""
     resources: ResourcesSpec
     """GPUs, host resources and scheduling of the worker pods."""
     output: OutputSpec
