@@ -229,14 +229,47 @@ def test_worker_exit_code_maps_to_reason(kube: Kube, operator_process, manual_no
                          for e in kube.items("events")), what=f"a {reason} Event")
 
 
-def test_missing_secret_and_unknown_model_fail_with_clear_conditions(kube: Kube,
-                                                                     operator_process):
-    kube.apply(ftj_manifest("no-secret", hfTokenSecretRef={"name": "hf-missing"}))
-    failed = wait_phase(kube, "no-secret", "Failed")
-    cond = condition(failed, "Failed")
-    assert cond["reason"] == "SecretNotFound" and "hf-missing" in cond["message"]
-    assert kube.get_or_none("job", "no-secret-train") is None
+def references_condition(kube: Kube, name: str) -> dict:
+    return condition(ftj(kube, name), "ReferencesResolved") or {}
 
+
+def test_missing_secret_and_claim_are_waited_for_then_the_job_starts(kube: Kube,
+                                                                     operator_process):
+    """Under GitOps a job's Secret and PVC often arrive after it: a wait that names them,
+    not a failure, and the job starts once they are there."""
+    doc = ftj_manifest("late-refs", hfTokenSecretRef={"name": "hf-late"},
+                       dataset={"uri": "pvc://late-data/alpaca.jsonl", "format": "alpaca"})
+    kube.apply(doc)
+    waiting = wait_for(lambda: (c := references_condition(kube, "late-refs")).get("status")
+                       == "False" and c, what="ReferencesResolved False")
+    assert waiting["reason"] == "SecretNotFound"
+    assert "Secret 'hf-late' with key 'token' (spec.hfTokenSecretRef)" in waiting["message"]
+    assert "PVC 'late-data' (spec.dataset.uri)" in waiting["message"]
+    assert "FINETUNE_REFERENCE_WAIT_SECONDS" in waiting["message"]
+    status = ftj(kube, "late-refs")["status"]
+    assert (status["phase"], status["reason"]) == ("Pending", "SecretNotFound")
+    assert kube.get_or_none("job", "late-refs-train") is None
+
+    # The Secret arrives without the key the job reads: the wait says which key.
+    kube.kubectl("create", "secret", "generic", "hf-late", "--from-literal=other=x")
+    keyless = wait_for(lambda: (c := references_condition(kube, "late-refs")).get("reason")
+                       == "SecretKeyNotFound" and c, what="SecretKeyNotFound")
+    assert "key 'token' in Secret 'hf-late'" in keyless["message"]
+    kube.kubectl("patch", "secret", "hf-late", "--type=merge", "-p",
+                 json.dumps({"stringData": {"token": "hf_not_a_real_token"}}))
+    claim = wait_for(lambda: (c := references_condition(kube, "late-refs")).get("reason")
+                     == "VolumeClaimNotFound" and c, what="VolumeClaimNotFound")
+    assert "Secret" not in claim["message"]
+    assert kube.get_or_none("job", "late-refs-train") is None
+
+    bound_pvc(kube, "late-data")
+    wait_for(lambda: kube.get_or_none("job", "late-refs-train"), what="the training Job")
+    done = wait_phase(kube, "late-refs", "Succeeded")
+    resolved = condition(done, "ReferencesResolved")
+    assert (resolved["status"], resolved["reason"]) == ("True", "ReferencesFound")
+
+
+def test_unknown_model_fails_with_a_clear_condition(kube: Kube, operator_process):
     unknown = ftj_manifest("unknown-model")
     unknown["spec"]["model"] = {"uri": "pvc://models/mystery"}
     kube.apply(unknown)
