@@ -286,6 +286,33 @@ def test_budget_too_small_says_what_would_fit(kube: Kube, operator_process):
     assert planned["status"] == "False" and planned["reason"] == "InsufficientGPUMemory"
     assert "Gi" in planned["message"]
     assert kube.get_or_none("job", "too-small-train") is None
+    # A job that never got a Job was neither admitted from a queue nor ever ran.
+    assert condition(failed, "Queued")["reason"] == "NotQueued"
+    assert condition(failed, "Running")["reason"] == "NotStarted"
+    # One transition, one Event, however many passes follow.
+    wait_for(lambda: any(e.get("reason") == "InsufficientGPUMemory"
+                         and e["involvedObject"]["name"] == "too-small"
+                         for e in kube.items("events")), what="an InsufficientGPUMemory Event")
+    operator_process.wait_for_resyncs(2)
+    events = [e for e in kube.items("events") if e["involvedObject"]["name"] == "too-small"]
+    assert [(e["reason"], e.get("count", 1)) for e in events] == [("InsufficientGPUMemory", 1)]
+
+
+def test_a_retry_whose_new_pod_is_pending_names_the_failure(kube: Kube, operator_process,
+                                                            manual_node):
+    kube.apply(ftj_manifest("retrying", manual=True, backoffLimit=2))
+    summary = {"result": "failed", "exitCode": 14, "message": "checkpoint write failed"}
+    first = act_as_kubelet(kube, "retrying-train", exit_code=14, message=json.dumps(summary))
+    # The Job controller starts a new pod on the manual node, where nothing runs it.
+    wait_for(lambda: [p for p in kube.items("pods", "job-name=retrying-train")
+                      if p["metadata"]["name"] != first], what="the replacement pod")
+    pending = wait_for(lambda: (o := ftj(kube, "retrying"))["status"].get("reason")
+                       == "RetryingAfterFailure" and o, what="RetryingAfterFailure")
+    assert pending["status"]["phase"] == "Pending"
+    running = condition(pending, "Running")
+    assert (running["status"], running["reason"]) == ("False", "RetryingAfterFailure")
+    assert "StorageError" in running["message"]
+    assert "checkpoint write failed" in running["message"]
 
 
 def test_suspend_and_resume_drive_the_job(kube: Kube, operator_process, manual_node):

@@ -58,12 +58,14 @@ class Reason:
     # Queued
     WAITING_FOR_QUOTA = "WaitingForQuota"
     ADMITTED = "Admitted"
+    NOT_QUEUED = "NotQueued"
     # Suspended
     SUSPENDED_BY_USER = "SuspendedByUser"
     # Running
     PODS_STARTING = "PodsStarting"
     TRAINING = "Training"
     RESUMED_FROM_CHECKPOINT = "ResumedFromCheckpoint"
+    RETRYING_AFTER_FAILURE = "RetryingAfterFailure"
     # Succeeded
     TRAINING_COMPLETE = "TrainingComplete"
     MERGE_COMPLETE = "MergeComplete"

@@ -93,8 +93,8 @@ async def reconcile(namespace: str, name: str, settings: OperatorSettings) -> No
     # --- report ----------------------------------------------------------------------------
     outcome = observe_training(job, pods, user_suspended=ftj.spec.suspend,
                                queued=ftj.spec.resources.queue_name is not None)
-    status = apply_outcome(status, outcome, generation)
     status["jobName"] = job["metadata"]["name"]
+    status = apply_outcome(status, outcome, generation)
     if outcome.phase == Phase.RUNNING and not status.get("startTime"):
         status["startTime"] = now()
     if outcome.phase.finished:
@@ -249,7 +249,7 @@ async def _write(body: dict, old: dict, status: dict) -> None:
         kind = "Warning" if phase == Phase.FAILED else "Normal"
         reason = (cond or {}).get("reason") or phase
         message = (cond or {}).get("message") or f"phase is now {phase}"
-        kopf.event(body, type=kind, reason=reason, message=f"{phase}: {message}")
+        await k8s.post_event(body, type=kind, reason=reason, message=f"{phase}: {message}")
 
 
 def _phase_condition(status: dict) -> dict | None:
@@ -259,6 +259,8 @@ def _phase_condition(status: dict) -> dict | None:
     waiting = find(status.get("conditions") or [], C.REFERENCES_RESOLVED)
     if wanted == C.PLANNED and waiting and waiting.get("status") == "False":
         return waiting  # Pending because a Secret or PVC is missing
+    if wanted == C.PLANNED and status.get("jobName"):
+        wanted = C.RUNNING  # Pending with a Job: why its pod is not running (yet, or again)
     for c in status.get("conditions") or []:
         if c["type"] == wanted:
             return c
