@@ -19,11 +19,13 @@ OPERATOR_NAMESPACES = "op-*"
 
 class OperatorProcess:
     def __init__(self, cluster: Cluster, workdir: Path, *, kubeconfig: str | None = None,
-                 extra_env: dict[str, str] | None = None):
+                 extra_env: dict[str, str] | None = None,
+                 namespaces: str = OPERATOR_NAMESPACES):
         self.cluster = cluster
         self.workdir = workdir
         self.kubeconfig = kubeconfig or cluster.kubeconfig
         self.extra_env = extra_env or {}
+        self.namespaces = namespaces
         self.proc: subprocess.Popen | None = None
         self.log_path = workdir / "operator.log"
         self.starts = 0
@@ -31,14 +33,14 @@ class OperatorProcess:
     def start(self) -> None:
         env = {**os.environ, "KUBECONFIG": self.kubeconfig,
                "FINETUNE_RESYNC_SECONDS": "5", "FINETUNE_METRICS_PORT": "0",
-               "FINETUNE_ALLOW_HUB": "false", "FINETUNE_NAMESPACES": OPERATOR_NAMESPACES,
+               "FINETUNE_ALLOW_HUB": "false", "FINETUNE_NAMESPACES": self.namespaces,
                "PYTHONUNBUFFERED": "1", **self.extra_env}
         self.starts += 1
         offset = len(self.log_text())
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "kopf", "run", "-m", "finetune_operator.main",
-                 f"--namespace={OPERATOR_NAMESPACES}", "--standalone", "--verbose"],
+                 f"--namespace={self.namespaces}", "--standalone", "--verbose"],
                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         # With --verbose kopf logs each watch-stream it opens. Watching a namespace pattern,
         # it first watches namespaces and then lists and watches each matching one as it

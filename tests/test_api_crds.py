@@ -66,6 +66,44 @@ def test_schemas_are_structural(plural):
             assert "maxItems" in node, f"{path} is an unbounded list"
 
 
+def _fields(node, path="$"):
+    """Every field (a named property) of a schema; list items and map values are not
+    fields of their own and `kubectl explain` shows them under their parent."""
+    for key, value in node.get("properties", {}).items():
+        yield f"{path}.{key}", value
+        yield from _fields(value, f"{path}.{key}")
+    for key in ("items", "additionalProperties"):
+        if isinstance(node.get(key), dict):
+            yield from _fields(node[key], f"{path}[]")
+
+
+@pytest.mark.parametrize("plural", ["finetunejobs", "adaptermerges", "adapterdeployments"])
+def test_every_field_explains_itself(plural):
+    """`kubectl explain` shows a field's description and nothing of its default or of the
+    int-or-string marker, so the description must carry them."""
+    fields = list(_fields(crd_schema(plural)))
+    assert len(fields) > 20
+    # metadata may carry nothing but name rules (the API server's rule); kubectl explain
+    # shows ObjectMeta's documentation for it.
+    undescribed = [path for path, node in fields if not node.get("description", "").strip()
+                   and not path.startswith("$.metadata")]
+    assert not undescribed, f"fields without a description: {undescribed}"
+    for path, node in fields:
+        default = node.get("default")
+        if path.startswith("$.spec") and default not in (None, {}, [], ""):
+            assert "default" in node["description"].lower(), f"{path} hides its default"
+        if node.get("x-kubernetes-int-or-string"):
+            assert "int-or-string" in node["description"], path
+
+
+def test_descriptions_state_defaults_and_int_or_string():
+    training = crd_schema("finetunejobs")["properties"]["spec"]["properties"]["training"]
+    fields = training["properties"]
+    assert fields["learningRate"]["description"].endswith("Default: 0.0002.")
+    assert fields["microBatchSize"]["description"].startswith("(int-or-string) ")
+    assert "Default: auto." in fields["microBatchSize"]["description"]
+
+
 def test_finetunejob_crd_names_columns_and_rules():
     crd = yaml.safe_load((CRD_DIR / "finetune.dev_finetunejobs.yaml").read_text())
     assert crd["spec"]["names"]["shortNames"] == ["ftj"]
@@ -257,3 +295,6 @@ def test_kubectl_explain_shows_the_model_docstrings(crds, admin_kube):
                                               namespaced=False, check=False).stdout,
                    what="the FineTuneJob schema to be published for kubectl explain")
     assert "Rank of the update matrices." in out
+    out = admin_kube.kubectl("explain", "finetunejob.spec.training.microBatchSize",
+                             namespaced=False).stdout
+    assert "(int-or-string)" in out and "Default: auto." in out, out

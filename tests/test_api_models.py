@@ -109,6 +109,21 @@ def test_minimal_spec_gets_the_documented_defaults():
     assert spec.backoff_limit == 2
 
 
+def test_a_spec_without_training_trains_one_epoch():
+    """Model, dataset, GPU memory and output are all a FineTuneJob needs (issue 18)."""
+    spec = FineTuneJobSpec.model_validate({k: v for k, v in MINIMAL_SPEC.items()
+                                           if k != "training"})
+    assert spec.training.epochs is None and spec.training.max_steps is None
+    assert spec.training.effective_epochs == 1.0
+    assert spec.training.batch_size == 16
+    # A length given explicitly is kept; both at once is still an error.
+    assert FineTuneJobSpec.model_validate(
+        {**MINIMAL_SPEC, "training": {"epochs": 3}}).training.effective_epochs == 3
+    with pytest.raises(ValidationError, match="at most one of spec.training.epochs"):
+        FineTuneJobSpec.model_validate({**MINIMAL_SPEC,
+                                        "training": {"epochs": 1, "maxSteps": 5}})
+
+
 def test_default_target_modules_are_not_shared_between_instances():
     a = FineTuneJobSpec.model_validate(MINIMAL_SPEC)
     a.lora.target_modules.append("q_proj")

@@ -13,7 +13,7 @@ from finetune_operator.api.finetunejob import FineTuneJob, TrainingPlan
 from finetune_operator.api.worker_config import WorkerConfig
 from finetune_operator.builders import followups, training
 from finetune_operator.conditions import set_condition
-from finetune_operator.status import observe_training
+from finetune_operator.status import Outcome, apply_outcome, observe_training
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -215,6 +215,40 @@ def test_queued_suspended_unschedulable_and_complete():
                             user_suspended=False, queued=False)
     assert done.phase == Phase.SUCCEEDED
     assert done.termination["metrics"]["tokensPerSecond"] == 5.0
+
+
+def test_a_retry_whose_new_pod_has_not_started_says_so():
+    pods = [_pod("Failed", exit_code=14, created="2026-01-01T00:00:00Z",
+                 message=json.dumps({"exitCode": 14, "message": "disk full"})),
+            _pod("Pending", created="2026-01-01T00:05:00Z")]
+    out = observe_training(_job(), pods, user_suspended=False, queued=False)
+    assert (out.phase, out.reason) == (Phase.PENDING, Reason.RETRYING_AFTER_FAILURE)
+    assert "StorageError" in out.message and "disk full" in out.message
+    status = apply_outcome({"jobName": "j-train"}, out, 1)
+    running = next(c for c in status["conditions"] if c["type"] == "Running")
+    assert (running["status"], running["reason"]) == ("False", Reason.RETRYING_AFTER_FAILURE)
+
+
+def test_a_failed_pod_that_will_not_be_retried_is_a_failure_not_a_retry():
+    permanent = observe_training(_job(backoffLimit=2), [_pod("Failed", exit_code=11)],
+                                 user_suspended=False, queued=False)
+    assert (permanent.phase, permanent.reason) == (Phase.FAILED, "DataError")
+    pods = [_pod("Failed", exit_code=14, created=f"2026-01-01T00:0{i}:00Z") for i in range(3)]
+    exhausted = observe_training(_job(backoffLimit=2), pods, user_suspended=False, queued=False)
+    assert (exhausted.phase, exhausted.reason) == (Phase.FAILED, Reason.BACKOFF_LIMIT_EXCEEDED)
+
+
+def test_conditions_of_a_job_that_never_got_a_job_do_not_claim_it_was_admitted_or_ran():
+    failed = apply_outcome({}, Outcome(Phase.FAILED, "InsufficientGPUMemory", "too small"), 1)
+    reasons = {c["type"]: c["reason"] for c in failed["conditions"]}
+    assert reasons["Queued"] == Reason.NOT_QUEUED
+    assert reasons["Running"] == Reason.NOT_STARTED
+    # Admitted only after having been queued; a Running reason only once a Job exists.
+    queued = apply_outcome({"jobName": "j"}, Outcome(Phase.QUEUED, "WaitingForQuota", "q"), 1)
+    ran = apply_outcome(queued, Outcome(Phase.RUNNING, Reason.TRAINING, "t"), 1)
+    done = apply_outcome(ran, Outcome(Phase.FAILED, "DataError", "bad rows"), 1)
+    reasons = {c["type"]: c["reason"] for c in done["conditions"]}
+    assert reasons["Queued"] == Reason.ADMITTED and reasons["Running"] == "Failed"
 
 
 def test_condition_transition_time_moves_only_when_status_flips():

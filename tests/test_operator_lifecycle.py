@@ -110,6 +110,24 @@ def test_examples_become_jobs_that_kwok_completes(kube: Kube, operator_process):
     _record_timing(created_after, succeeded_after_pod)
 
 
+def test_a_minimal_finetunejob_trains_one_epoch(kube: Kube, operator_process):
+    """Model, dataset, GPU memory and output: the API server fills in `training` and the
+    worker is told to train one epoch."""
+    from finetune_operator.api import WorkerConfig
+
+    doc = yaml.safe_load((ROOT / "examples" / "finetunejob-minimal.yaml").read_text())
+    assert "training" not in doc["spec"]
+    kube.apply(doc)
+    stored = ftj(kube, "minimal")["spec"]["training"]
+    assert stored["batchSize"] == 16 and "epochs" not in stored and "maxSteps" not in stored
+    wait_for(lambda: kube.get_or_none("job", "minimal-train"), what="the training Job")
+    cm = kube.get("configmap", "minimal-worker-config")
+    config = WorkerConfig.model_validate(yaml.safe_load(cm["data"]["worker-config.yaml"]))
+    assert config.spec.training.max_steps is None
+    assert config.spec.training.effective_epochs == 1.0
+    wait_phase(kube, "minimal", "Succeeded")
+
+
 def _record_timing(created_after: float, succeeded_after_pod: float) -> None:
     out = os.environ.get("FINETUNE_TIMING_FILE")
     if out:
@@ -211,14 +229,47 @@ def test_worker_exit_code_maps_to_reason(kube: Kube, operator_process, manual_no
                          for e in kube.items("events")), what=f"a {reason} Event")
 
 
-def test_missing_secret_and_unknown_model_fail_with_clear_conditions(kube: Kube,
-                                                                     operator_process):
-    kube.apply(ftj_manifest("no-secret", hfTokenSecretRef={"name": "hf-missing"}))
-    failed = wait_phase(kube, "no-secret", "Failed")
-    cond = condition(failed, "Failed")
-    assert cond["reason"] == "SecretNotFound" and "hf-missing" in cond["message"]
-    assert kube.get_or_none("job", "no-secret-train") is None
+def references_condition(kube: Kube, name: str) -> dict:
+    return condition(ftj(kube, name), "ReferencesResolved") or {}
 
+
+def test_missing_secret_and_claim_are_waited_for_then_the_job_starts(kube: Kube,
+                                                                     operator_process):
+    """Under GitOps a job's Secret and PVC often arrive after it: a wait that names them,
+    not a failure, and the job starts once they are there."""
+    doc = ftj_manifest("late-refs", hfTokenSecretRef={"name": "hf-late"},
+                       dataset={"uri": "pvc://late-data/alpaca.jsonl", "format": "alpaca"})
+    kube.apply(doc)
+    waiting = wait_for(lambda: (c := references_condition(kube, "late-refs")).get("status")
+                       == "False" and c, what="ReferencesResolved False")
+    assert waiting["reason"] == "SecretNotFound"
+    assert "Secret 'hf-late' with key 'token' (spec.hfTokenSecretRef)" in waiting["message"]
+    assert "PVC 'late-data' (spec.dataset.uri)" in waiting["message"]
+    assert "FINETUNE_REFERENCE_WAIT_SECONDS" in waiting["message"]
+    status = ftj(kube, "late-refs")["status"]
+    assert (status["phase"], status["reason"]) == ("Pending", "SecretNotFound")
+    assert kube.get_or_none("job", "late-refs-train") is None
+
+    # The Secret arrives without the key the job reads: the wait says which key.
+    kube.kubectl("create", "secret", "generic", "hf-late", "--from-literal=other=x")
+    keyless = wait_for(lambda: (c := references_condition(kube, "late-refs")).get("reason")
+                       == "SecretKeyNotFound" and c, what="SecretKeyNotFound")
+    assert "key 'token' in Secret 'hf-late'" in keyless["message"]
+    kube.kubectl("patch", "secret", "hf-late", "--type=merge", "-p",
+                 json.dumps({"stringData": {"token": "hf_not_a_real_token"}}))
+    claim = wait_for(lambda: (c := references_condition(kube, "late-refs")).get("reason")
+                     == "VolumeClaimNotFound" and c, what="VolumeClaimNotFound")
+    assert "Secret" not in claim["message"]
+    assert kube.get_or_none("job", "late-refs-train") is None
+
+    bound_pvc(kube, "late-data")
+    wait_for(lambda: kube.get_or_none("job", "late-refs-train"), what="the training Job")
+    done = wait_phase(kube, "late-refs", "Succeeded")
+    resolved = condition(done, "ReferencesResolved")
+    assert (resolved["status"], resolved["reason"]) == ("True", "ReferencesFound")
+
+
+def test_unknown_model_fails_with_a_clear_condition(kube: Kube, operator_process):
     unknown = ftj_manifest("unknown-model")
     unknown["spec"]["model"] = {"uri": "pvc://models/mystery"}
     kube.apply(unknown)
@@ -235,6 +286,33 @@ def test_budget_too_small_says_what_would_fit(kube: Kube, operator_process):
     assert planned["status"] == "False" and planned["reason"] == "InsufficientGPUMemory"
     assert "Gi" in planned["message"]
     assert kube.get_or_none("job", "too-small-train") is None
+    # A job that never got a Job was neither admitted from a queue nor ever ran.
+    assert condition(failed, "Queued")["reason"] == "NotQueued"
+    assert condition(failed, "Running")["reason"] == "NotStarted"
+    # One transition, one Event, however many passes follow.
+    wait_for(lambda: any(e.get("reason") == "InsufficientGPUMemory"
+                         and e["involvedObject"]["name"] == "too-small"
+                         for e in kube.items("events")), what="an InsufficientGPUMemory Event")
+    operator_process.wait_for_resyncs(2)
+    events = [e for e in kube.items("events") if e["involvedObject"]["name"] == "too-small"]
+    assert [(e["reason"], e.get("count", 1)) for e in events] == [("InsufficientGPUMemory", 1)]
+
+
+def test_a_retry_whose_new_pod_is_pending_names_the_failure(kube: Kube, operator_process,
+                                                            manual_node):
+    kube.apply(ftj_manifest("retrying", manual=True, backoffLimit=2))
+    summary = {"result": "failed", "exitCode": 14, "message": "checkpoint write failed"}
+    first = act_as_kubelet(kube, "retrying-train", exit_code=14, message=json.dumps(summary))
+    # The Job controller starts a new pod on the manual node, where nothing runs it.
+    wait_for(lambda: [p for p in kube.items("pods", "job-name=retrying-train")
+                      if p["metadata"]["name"] != first], what="the replacement pod")
+    pending = wait_for(lambda: (o := ftj(kube, "retrying"))["status"].get("reason")
+                       == "RetryingAfterFailure" and o, what="RetryingAfterFailure")
+    assert pending["status"]["phase"] == "Pending"
+    running = condition(pending, "Running")
+    assert (running["status"], running["reason"]) == ("False", "RetryingAfterFailure")
+    assert "StorageError" in running["message"]
+    assert "checkpoint write failed" in running["message"]
 
 
 def test_suspend_and_resume_drive_the_job(kube: Kube, operator_process, manual_node):

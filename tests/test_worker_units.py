@@ -319,3 +319,14 @@ def test_eval_split_and_max_samples_from_a_dataset_directory(tmp_path, tokenizer
         assert any(tokenizer.decode(example["input_ids"]).startswith(p) for p in train_prompts)
     for example in splits.eval:
         assert any(tokenizer.decode(example["input_ids"]).startswith(p) for p in test_prompts)
+
+
+def test_a_spec_without_a_length_trains_one_epoch(tmp_path):
+    from conftest_worker import rehash, worker_config_dict
+    from finetune_operator.api import WorkerConfig
+    from finetune_worker.train import build_sft_config
+
+    doc = worker_config_dict(tmp_path, tmp_path)
+    del doc["spec"]["training"]["maxSteps"]
+    args = build_sft_config(WorkerConfig.model_validate(rehash(doc)), device="cpu")
+    assert args.num_train_epochs == 1.0 and args.max_steps == -1

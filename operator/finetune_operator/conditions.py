@@ -24,8 +24,9 @@ def is_true(conditions: list[dict], type_: str) -> bool:
 
 
 def set_condition(conditions: list[dict], type_: str, status: bool | str, reason: str,
-                  message: str, generation: int | None) -> list[dict]:
-    """Return a new list with `type_` set; other conditions keep their order."""
+                  message: str, generation: int | None, *, at: str | None = None) -> list[dict]:
+    """Return a new list with `type_` set; other conditions keep their order. `at` is the
+    time of a transition (default: now), for a caller that computes with its own clock."""
     value = status if isinstance(status, str) else ("True" if status else "False")
     old = find(conditions, type_)
     changed = old is None or old.get("status") != value
@@ -35,7 +36,7 @@ def set_condition(conditions: list[dict], type_: str, status: bool | str, reason
         "reason": reason,
         # The API server caps messages at 32 KiB; ours are one or two sentences.
         "message": message[:1024],
-        "lastTransitionTime": now() if changed else old["lastTransitionTime"],
+        "lastTransitionTime": (at or now()) if changed else old["lastTransitionTime"],
     }
     if generation is not None:
         new["observedGeneration"] = generation

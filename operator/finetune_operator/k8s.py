@@ -31,6 +31,7 @@ PLURALS: dict[tuple[str, str], str] = {
     ("v1", "Pod"): "pods",
     ("v1", "Service"): "services",
     ("v1", "PersistentVolumeClaim"): "persistentvolumeclaims",
+    ("v1", "Event"): "events",
     ("batch/v1", "Job"): "jobs",
     ("apps/v1", "Deployment"): "deployments",
     ("rbac.authorization.k8s.io/v1", "Role"): "roles",
@@ -194,6 +195,35 @@ async def delete(api_version: str, kind: str, namespace: str | None, name: str,
         return True
     except Gone:
         return False
+
+
+async def post_event(obj: dict, *, type: str, reason: str, message: str) -> None:
+    """A core/v1 Event about `obj` (what `kubectl describe` shows).
+
+    Posted here rather than with `kopf.event`, whose queue exists only inside kopf's
+    per-object tasks: a transition found by the periodic resync lost its Event. An Event
+    is a courtesy: failing to post one is logged and never fails the reconcile that
+    already wrote the status.
+    """
+    md = obj["metadata"]
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    event = {
+        "apiVersion": "v1", "kind": "Event",
+        "metadata": {"generateName": f"{md['name']}.", "namespace": md["namespace"]},
+        "involvedObject": {"apiVersion": obj["apiVersion"], "kind": obj["kind"],
+                           "name": md["name"], "namespace": md["namespace"],
+                           "uid": md.get("uid"), "resourceVersion": md.get("resourceVersion")},
+        "type": type, "reason": reason, "message": message[:1024],
+        "source": {"component": FIELD_MANAGER},
+        "reportingComponent": FIELD_MANAGER,
+        "reportingInstance": os.environ.get("POD_ID") or FIELD_MANAGER,
+        "firstTimestamp": stamp, "lastTimestamp": stamp, "count": 1,
+    }
+    try:
+        await _call("POST", path("v1", "Event", md["namespace"]), body=event)
+    except (ApiException, Gone) as exc:
+        log.warning("could not post the %s Event on %s %s/%s: %s", reason, obj["kind"],
+                    md["namespace"], md["name"], exc)
 
 
 async def read_pod_log_tail(namespace: str, pod: str, lines: int = 20) -> str:

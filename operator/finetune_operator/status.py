@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from .api.constants import ConditionType as C
 from .api.constants import Phase, Reason
 from .api.exit_codes import WorkerExitCode
-from .builders.training import WORKER_CONTAINER
+from .builders.training import PERMANENT_EXIT_CODES, WORKER_CONTAINER
 from .conditions import find, set_condition
 
 
@@ -171,24 +171,53 @@ def observe_training(job: dict | None, pods: list[dict], *, user_suspended: bool
             if c.get("type") == "PodScheduled" and c.get("status") == "False":
                 return Outcome(Phase.QUEUED, c.get("reason") or "Unschedulable",
                                "no node can run the worker yet: " + (c.get("message") or ""))
+    # A failed pod the Job controller has not acted on yet. A permanent exit code fails the
+    # Job (podFailurePolicy) and one failure past backoffLimit does too: say Failed now
+    # rather than flash a retry that will not happen. Otherwise a new pod is on its way.
+    retried = [p for p in newest if (p.get("status") or {}).get("phase") == "Failed"
+               and not _disrupted(p)]
+    if retried:
+        reason, message = explain_pod_failure(retried[0])
+        code = (_terminated(retried[0]) or {}).get("exitCode")
+        if code in PERMANENT_EXIT_CODES:
+            return Outcome(Phase.FAILED, reason, message, termination_summary(retried[0]))
+        limit = (job.get("spec") or {}).get("backoffLimit")
+        if limit is not None and len(retried) > limit:
+            return Outcome(Phase.FAILED, Reason.BACKOFF_LIMIT_EXCEEDED,
+                           f"{len(retried)} pod(s) failed, more than spec.backoffLimit "
+                           f"({limit}); last: {message}", termination_summary(retried[0]))
+        return Outcome(Phase.PENDING, Reason.RETRYING_AFTER_FAILURE,
+                       f"retrying after a failure ({reason}: {message}); a new worker pod is "
+                       "starting and resumes from the latest checkpoint")
     return Outcome(Phase.PENDING, Reason.PODS_STARTING, "the worker pod is starting")
 
 
 def apply_outcome(status: dict, outcome: Outcome, generation: int | None) -> dict:
-    """Set phase and the lifecycle conditions from an Outcome (returns a new status)."""
+    """Set phase and the lifecycle conditions from an Outcome (returns a new status).
+
+    Each condition's reason must be true of the job when read: `Admitted` only after it
+    was queued, a Running reason other than `NotStarted` only once a Job exists
+    (`status.jobName`, recorded before this is called)."""
     conds = list(status.get("conditions") or [])
     phase = outcome.phase
+    has_job = bool(status.get("jobName"))
     suspended = outcome.reason == Reason.SUSPENDED_BY_USER
     conds = set_condition(conds, C.SUSPENDED, suspended,
                           Reason.SUSPENDED_BY_USER if suspended else "NotSuspended",
                           outcome.message if suspended else "", generation)
+    was_queued = (find(conds, C.QUEUED) or {}).get("status") == "True" or (
+        (find(conds, C.QUEUED) or {}).get("reason") == Reason.ADMITTED)
     conds = set_condition(conds, C.QUEUED, phase == Phase.QUEUED,
-                          outcome.reason if phase == Phase.QUEUED else Reason.ADMITTED,
+                          outcome.reason if phase == Phase.QUEUED else
+                          (Reason.ADMITTED if was_queued else Reason.NOT_QUEUED),
                           outcome.message if phase == Phase.QUEUED else "", generation)
-    conds = set_condition(conds, C.RUNNING, phase == Phase.RUNNING,
-                          outcome.reason if phase == Phase.RUNNING else
-                          (phase.value if phase.finished else Reason.NOT_STARTED),
-                          outcome.message if phase == Phase.RUNNING else "", generation)
+    if phase == Phase.RUNNING or (phase == Phase.PENDING and has_job):
+        running = (outcome.reason, outcome.message)  # e.g. PodsStarting, RetryingAfterFailure
+    elif phase.finished and has_job:
+        running = (phase.value, "")
+    else:
+        running = (Reason.NOT_STARTED, "")
+    conds = set_condition(conds, C.RUNNING, phase == Phase.RUNNING, *running, generation)
     conds = set_condition(conds, C.SUCCEEDED, phase == Phase.SUCCEEDED,
                           outcome.reason if phase == Phase.SUCCEEDED else Reason.IN_PROGRESS
                           if not phase.finished else outcome.reason,

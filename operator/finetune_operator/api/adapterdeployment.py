@@ -45,6 +45,7 @@ class AdapterSource(SpecModel):
     name: DNSLabel
     """Name clients pass as `model` in requests to select this adapter."""
     uri: SourceURI | None = None
+    """An adapter directory: `pvc://claim/path`, `s3://bucket/key` or `hf://owner/name`."""
     fine_tune_job_ref: LocalObjectReference | None = None
     """Serve the adapter of this FineTuneJob once it has succeeded."""
 
@@ -61,16 +62,23 @@ class AdapterDeploymentSpec(SpecModel):
     """The base model, the adapters served on it, and the serving replicas."""
 
     base_model: ModelSource
+    """The base model every adapter was trained on."""
     adapters: Annotated[list[AdapterSource], Field(max_length=64, json_schema_extra={
         "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]})] = Field(
         default_factory=list)
+    """The adapters to serve, by unique name (at most 64)."""
     runtime: Literal["vllm"] = "vllm"
+    """Serving runtime; only vLLM."""
     replicas: Annotated[int, Field(ge=0, le=100)] = 1
+    """Serving replicas; 0 scales the server away."""
     resources: DeploymentResources = Field(default_factory=DeploymentResources)
+    """What each serving replica requests."""
     max_lora_rank: Annotated[int, Field(ge=1, le=1024)] = 64
     """Largest adapter rank the server accepts; memory for it is reserved up front."""
     hf_token_secret_ref: SecretKeySelector | None = None
+    """Hugging Face token for a gated base model or adapters."""
     storage_secret_ref: LocalSecretReference | None = None
+    """Object storage credentials for s3:// URIs."""
     image: Annotated[str, Field(min_length=1, max_length=1024)] | None = None
     """Serving image override."""
 
@@ -93,7 +101,9 @@ class AdapterState(StatusModel):
     server is rolling out with it. Pending: its FineTuneJob has not succeeded yet.
     Refused: failed a compatibility check (see reason and message)."""
     reason: str | None = None
+    """Why it is in this state (CamelCase)."""
     message: str | None = None
+    """What happened and what to do, for people."""
     uri: str | None = None
     """Where the adapter's files are read from."""
     fine_tune_job: ObjectReference | None = None
@@ -101,22 +111,29 @@ class AdapterState(StatusModel):
     sha256: str | None = None
     """Digest over the adapter's files (the adapter manifest's), when known."""
     rank: int | None = None
+    """LoRA rank read from the adapter's config."""
 
 
 class AdapterDeploymentStatus(StatusModel):
     """Readiness of the serving replicas and which adapters they loaded."""
 
     observed_generation: int | None = None
+    """The `.metadata.generation` this status was computed from."""
     conditions: Annotated[list[Condition], Field(json_schema_extra=conditions_schema_extra())] = (
         Field(default_factory=list))
+    """Ready, Available, Progressing, Degraded: each with a reason and message."""
     replicas: int | None = None
+    """Serving pods that exist."""
     ready_replicas: int | None = None
+    """Serving pods that are ready."""
     loaded_adapters: list[str] = Field(default_factory=list)
     """Adapters the server reports as loaded."""
     endpoint: str | None = None
     """OpenAI-compatible base URL inside the cluster, e.g. `http://name.ns.svc:8000/v1`."""
     deployment_name: str | None = None
+    """The Deployment running the server."""
     service_name: str | None = None
+    """The Service in front of it."""
     base_model_name: str | None = None
     """The `model` name that selects the base model without any adapter."""
     adapters: list[AdapterState] = Field(default_factory=list)

@@ -50,7 +50,9 @@ class MergeResources(SpecModel):
     """Merging runs on the CPU unless a GPU is requested."""
 
     gpu: DeploymentGPU | None = None
+    """GPUs for the merge; unset: the merge runs on the CPU."""
     cpu: Quantity | None = None
+    """CPU request and limit, e.g. `4`."""
     memory: Quantity | None = None
     """Host memory; must hold the base model at `dtype` (about 16Gi for an 8B model in bf16)."""
 
@@ -73,12 +75,17 @@ class AdapterMergeSpec(SpecModel):
     base_model: ModelSource | None = None
     """Base model; defaults to the FineTuneJob's model."""
     output: MergeOutput
+    """Where the merged model goes."""
     dtype: DType = "bfloat16"
     """Dtype of the merged weights."""
     resources: MergeResources | None = None
+    """What the merge pod requests."""
     hf_token_secret_ref: SecretKeySelector | None = None
+    """Hugging Face token for a gated base model."""
     storage_secret_ref: LocalSecretReference | None = None
+    """Object storage credentials for s3:// URIs."""
     image: Annotated[str, Field(min_length=1, max_length=1024)] | None = None
+    """Worker image override (default: the operator's worker image)."""
 
     @model_validator(mode="after")
     def _one_adapter_source(self) -> AdapterMergeSpec:
@@ -93,14 +100,20 @@ class AdapterMergeStatus(StatusModel):
     """Progress of the merge Job and the merged artifact."""
 
     observed_generation: int | None = None
+    """The `.metadata.generation` this status was computed from."""
     phase: Phase | None = None
+    """One-word summary: Pending, Running, Succeeded or Failed."""
     conditions: Annotated[list[Condition], Field(json_schema_extra=conditions_schema_extra())] = (
         Field(default_factory=list))
+    """Running, Succeeded, Failed: each with a reason and message."""
     job_name: str | None = None
+    """The batch Job running the merge."""
     merged: Artifact | None = None
     """The merged model."""
     start_time: Timestamp | None = None
+    """When the merge started."""
     completion_time: Timestamp | None = None
+    """When the merge succeeded or failed."""
 
 
 class AdapterMerge(SpecModel):

@@ -206,15 +206,26 @@ DNSLabel = Annotated[
 MAX_NAME_LENGTH = 45
 
 
+# What the API server itself requires of every object name (a DNS-1123 subdomain): a name
+# that breaks this is rejected with the server's own message, so our rule stays silent on it.
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+DNS_SUBDOMAIN_MAX_LENGTH = 253
+
+
 def object_name_rule(kind: str, uses: str, *, letter_first: bool = False) -> dict[str, str]:
-    """Root-level CEL rule on `metadata.name` (the only metadata CEL can see)."""
+    """Root-level CEL rule on `metadata.name` (the only metadata CEL can see), reported on
+    the field `metadata.name` and only for names the API server's own check lets through,
+    so one bad name gets one message."""
     first = "[a-z]" if letter_first else "[a-z0-9]"
     start = "a letter" if letter_first else "a letter or digit"
+    name = "self.metadata.name"
     return cel(
-        f"self.metadata.name.size() <= {MAX_NAME_LENGTH} && "
-        f"self.metadata.name.matches('^{first}([-a-z0-9]*[a-z0-9])?$')",
-        f"metadata.name must be a DNS label of at most {MAX_NAME_LENGTH} characters (lower-case "
-        f"letters, digits and '-', starting with {start}) because it names the {kind}'s {uses}")
+        f"{name}.size() > {DNS_SUBDOMAIN_MAX_LENGTH} || "
+        f"!{name}.matches(r'{DNS_SUBDOMAIN_PATTERN}') || "
+        f"({name}.size() <= {MAX_NAME_LENGTH} && {name}.matches('^{first}([-a-z0-9]*[a-z0-9])?$'))",
+        f"must be a DNS label of at most {MAX_NAME_LENGTH} characters (lower-case letters, digits "
+        f"and '-', no '.', starting with {start}) because it names the {kind}'s {uses}",
+        field_path=".metadata.name")
 
 
 # Hugging Face repository ids: `gpt2` or `owner/name`.
@@ -295,6 +306,7 @@ class Condition(StatusModel):
     type: Annotated[str, Field(max_length=316)]
     """CamelCase condition type, e.g. `Running`."""
     status: Literal["True", "False", "Unknown"]
+    """Whether the condition holds: True, False or Unknown."""
     observed_generation: Annotated[int, Field(ge=0)] | None = None
     """The `.metadata.generation` this condition was computed from."""
     last_transition_time: Timestamp
@@ -330,21 +342,27 @@ class LocalObjectReference(SpecModel):
     """An object of a known kind in the same namespace."""
 
     name: DNSLabel
+    """Name of the object, in this namespace."""
 
 
 class ObjectReference(StatusModel):
     """A reference written by the operator into status."""
 
     name: str
+    """Name of the object."""
     namespace: str | None = None
+    """Namespace of the object."""
     uid: str | None = None
+    """UID of the object (tells a re-created object of the same name apart)."""
 
 
 class Artifact(StatusModel):
     """A file tree the system produced: where it is and how to check it."""
 
     uri: str
+    """Where the artifact is."""
     size_bytes: int | None = None
+    """Total size of its files, in bytes."""
     sha256: str | None = None
     """Digest over the artifact's files (see the adapter manifest for per-file digests)."""
 

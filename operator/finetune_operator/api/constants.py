@@ -27,6 +27,8 @@ class Phase(StrEnum):
 class ConditionType(StrEnum):
     # FineTuneJob
     PLANNED = "Planned"
+    REFERENCES_RESOLVED = "ReferencesResolved"
+    """Every Secret and PVC the spec names exists (False: waiting for them)."""
     QUEUED = "Queued"
     RUNNING = "Running"
     SUSPENDED = "Suspended"
@@ -48,15 +50,22 @@ class Reason:
     PLAN_FITS = "PlanFits"
     PLAN_DOES_NOT_FIT = "InsufficientGPUMemory"
     MODEL_CONFIG_UNAVAILABLE = "ModelConfigUnavailable"
+    # ReferencesResolved
+    REFERENCES_FOUND = "ReferencesFound"
+    SECRET_NOT_FOUND = "SecretNotFound"
+    SECRET_KEY_NOT_FOUND = "SecretKeyNotFound"
+    VOLUME_CLAIM_NOT_FOUND = "VolumeClaimNotFound"
     # Queued
     WAITING_FOR_QUOTA = "WaitingForQuota"
     ADMITTED = "Admitted"
+    NOT_QUEUED = "NotQueued"
     # Suspended
     SUSPENDED_BY_USER = "SuspendedByUser"
     # Running
     PODS_STARTING = "PodsStarting"
     TRAINING = "Training"
     RESUMED_FROM_CHECKPOINT = "ResumedFromCheckpoint"
+    RETRYING_AFTER_FAILURE = "RetryingAfterFailure"
     # Succeeded
     TRAINING_COMPLETE = "TrainingComplete"
     MERGE_COMPLETE = "MergeComplete"

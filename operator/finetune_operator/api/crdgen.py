@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import difflib
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -92,7 +93,9 @@ def to_structural(node: Any, defs: dict[str, Any], path: str = "") -> Any:
             out["minimum" if key == "exclusiveMinimum" else "maximum"] = value
             out[key] = True
         elif key == "properties":
-            out[key] = {k: to_structural(v, defs, f"{path}.{k}") for k, v in value.items()}
+            out[key] = {k: _explained(to_structural(v, defs, f"{path}.{k}"),
+                                      spec=path.startswith("spec"))
+                        for k, v in value.items()}
         elif key in ("items", "additionalProperties"):
             out[key] = to_structural(value, defs, f"{path}[]")
         elif key == "description":
@@ -102,6 +105,33 @@ def to_structural(node: Any, defs: dict[str, Any], path: str = "") -> Any:
     if "enum" in out and "type" not in out:
         out["type"] = "string"
     return _ordered(out)
+
+
+def _format_default(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return "[" + ", ".join(_format_default(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+def _explained(node: dict[str, Any], *, spec: bool) -> dict[str, Any]:
+    """A field's description as `kubectl explain` should show it.
+
+    kubectl explain prints neither `default` nor the int-or-string marker (a type-less
+    node reads as `<Object>`), so both are stated in the description itself, from the
+    schema: the models' docstrings never restate a default that could drift from it. Status
+    defaults are only what a reader assumes when a field is absent, so they are not shown.
+    """
+    description = node.get("description", "")
+    if node.get("x-kubernetes-int-or-string") and "int-or-string" not in description:
+        description = f"(int-or-string) {description}".strip()
+    default = node.get("default")
+    if spec and default not in (None, {}, [], "") and "default" not in description.lower():
+        description = f"{description} Default: {_format_default(default)}.".strip()
+    if description:
+        node = _ordered({**node, "description": description})
+    return node
 
 
 # Reading order for people: what it is, then its bounds, then its children, then rules.
@@ -153,9 +183,12 @@ def crd_for(model: type[BaseModel], extras: dict[str, Any]) -> dict[str, Any]:
         "type": "object",
         "required": ["spec"],
         "properties": {
-            "apiVersion": {"type": "string"},
-            "kind": {"type": "string"},
-            "metadata": {"type": "object"},
+            "apiVersion": {"description": f"{GROUP}/{VERSION}", "type": "string"},
+            "kind": {"description": extras["kind"], "type": "string"},
+            # The API server forbids anything but name rules here (even a description);
+            # kubectl explain shows ObjectMeta's own documentation for it. `name` is declared
+            # so that the name rule can report on the field (`fieldPath: .metadata.name`).
+            "metadata": {"type": "object", "properties": {"name": {"type": "string"}}},
             "spec": spec,
             "status": status,
         },

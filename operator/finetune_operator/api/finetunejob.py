@@ -65,12 +65,19 @@ class ArchitectureHints(SpecModel):
     num_parameters: Annotated[int, Field(ge=1)] | None = None
     """Total parameter count, e.g. 8030261248."""
     hidden_size: Annotated[int, Field(ge=1)] | None = None
+    """Width of the hidden states (`hidden_size` in config.json)."""
     intermediate_size: Annotated[int, Field(ge=1)] | None = None
+    """Width of the MLP's inner projection (`intermediate_size`)."""
     num_hidden_layers: Annotated[int, Field(ge=1)] | None = None
+    """Transformer blocks (`num_hidden_layers`)."""
     num_attention_heads: Annotated[int, Field(ge=1)] | None = None
+    """Query heads per layer (`num_attention_heads`)."""
     num_key_value_heads: Annotated[int, Field(ge=1)] | None = None
+    """Key/value heads per layer (`num_key_value_heads`; fewer than the query heads with grouped-query attention)."""
     vocab_size: Annotated[int, Field(ge=1)] | None = None
+    """Tokens in the vocabulary (`vocab_size`)."""
     tie_word_embeddings: bool | None = None
+    """Whether the output head shares the input embedding's weights."""
 
 
 class ModelSource(SpecModel):
@@ -89,6 +96,7 @@ class ModelSource(SpecModel):
     tokenizer: Annotated[str, Field(min_length=1, max_length=1024)] | None = None
     """Tokenizer to use instead of the model's own (a Hugging Face id or a URI)."""
     architecture: ArchitectureHints | None = None
+    """The model's shape, for planning when its config.json cannot be read (a private repository, an air-gapped cluster)."""
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> ModelSource:
@@ -142,7 +150,9 @@ class DatasetSpec(SpecModel):
     subset: ShortString | None = None
     """Configuration name of a Hugging Face dataset."""
     split: ShortString = "train"
+    """Split to train on."""
     fields: FieldMapping | None = None
+    """Column names, when they differ from the format's defaults."""
     max_samples: Annotated[int, Field(ge=1)] | None = None
     """Use at most this many training rows (after shuffling with the seed)."""
     eval_split: ShortString | None = None
@@ -171,6 +181,7 @@ class LoRASpec(SpecModel):
     alpha: Annotated[float, Field(gt=0)] = 32
     """Scaling numerator: the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA)."""
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    """Dropout probability on the adapter's input, 0 to <1."""
     target_modules: Annotated[list[ModuleName], Field(min_length=1, max_length=64)] = Field(
         default_factory=lambda: ["all-linear"], json_schema_extra={"default": ["all-linear"]})
     """Module names to adapt; `all-linear` means every linear projection except the output head."""
@@ -184,6 +195,7 @@ class QuantizationSpec(SpecModel):
     """How the frozen base is stored for QLoRA (bitsandbytes 4-bit)."""
 
     type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type of the frozen base: `nf4` (NormalFloat, the QLoRA paper's) or `fp4`."""
     double_quant: bool = True
     """Quantize the quantization constants too (saves about 0.4 bits per parameter)."""
     compute_dtype: DType = "bfloat16"
@@ -194,20 +206,23 @@ class QuantizationSpec(SpecModel):
 
 
 class TrainingSpec(SpecModel):
-    """Optimisation settings. Exactly one of epochs and maxSteps."""
+    """Optimisation settings. At most one of epochs and maxSteps; neither means one epoch."""
 
     model_config = ConfigDict(json_schema_extra=validations(
-        exactly_one_cel("epochs", "maxSteps", "spec.training"),
+        at_most_one_cel("epochs", "maxSteps", "spec.training"),
         at_most_one_cel("warmupRatio", "warmupSteps", "spec.training"),
     ))
 
     epochs: Annotated[float, Field(gt=0, le=1000)] | None = None
-    """Passes over the training data (may be fractional). Exactly one of epochs and maxSteps."""
+    """Passes over the training data (may be fractional); 1 when neither this nor maxSteps is
+    set. At most one of epochs and maxSteps."""
     max_steps: Annotated[int, Field(ge=1)] | None = None
-    """Optimizer steps to run. Exactly one of epochs and maxSteps."""
+    """Optimizer steps to run, instead of epochs. At most one of epochs and maxSteps."""
     learning_rate: Annotated[float, Field(gt=0, le=1)] = 2e-4
+    """Peak learning rate of the optimizer, reached after warm-up (0 < value <= 1)."""
     batch_size: Annotated[int, Field(ge=1, le=65536)] = 16
-    """Effective batch size: micro-batch x gradient accumulation x GPUs."""
+    """Examples per optimizer step, exactly: micro-batch x gradient accumulation x GPUs; a
+    multiple of the GPUs, and of microBatchSize x GPUs when microBatchSize is a number."""
     micro_batch_size: Annotated[
         Literal["auto"] | Annotated[int, Field(ge=1, le=4096)],
         Field(json_schema_extra={"x-kubernetes-int-or-string": True, **validations(cel(
@@ -226,15 +241,21 @@ class TrainingSpec(SpecModel):
     optimizer: Literal[
         "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit",
         "paged_adamw_32bit", "adafactor", "sgd"] = "adamw_torch"
+    """Optimizer (transformers' `optim` names); `adamw_8bit` and `paged_*` keep optimizer state in 8 bits or page it to host memory."""
     scheduler: Literal[
         "linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
         "constant_with_warmup"] = "cosine"
+    """Learning-rate schedule after warm-up (transformers' `lr_scheduler_type`)."""
     warmup_ratio: Annotated[float, Field(ge=0, lt=1)] | None = None
     """Fraction of steps spent warming up (0.03 when neither this nor warmupSteps is set)."""
     warmup_steps: Annotated[int, Field(ge=0)] | None = None
+    """Optimizer steps spent warming up, instead of warmupRatio."""
     weight_decay: Annotated[float, Field(ge=0, le=1)] = 0.0
+    """Decoupled weight decay of the adapter weights (AdamW's), 0 to 1."""
     max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
+    """Gradients are clipped to this global L2 norm."""
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 42
+    """Random seed for shuffling, dropout and adapter initialisation; the same seed and data give the same run."""
     checkpoint_steps: Annotated[int, Field(ge=1)] = 200
     """Save a checkpoint every this many steps (the job resumes from the latest)."""
     checkpoint_minutes: Annotated[float, Field(ge=0, le=1440)] = 30
@@ -247,13 +268,19 @@ class TrainingSpec(SpecModel):
 
     @model_validator(mode="after")
     def _one_length(self) -> TrainingSpec:
-        if (self.epochs is None) == (self.max_steps is None):
+        if self.epochs is not None and self.max_steps is not None:
             raise ValueError(
-                "exactly one of spec.training.epochs and spec.training.maxSteps must be set")
+                "at most one of spec.training.epochs and spec.training.maxSteps may be set "
+                "(neither means one epoch)")
         if self.warmup_ratio is not None and self.warmup_steps is not None:
             raise ValueError("at most one of spec.training.warmupRatio and "
                              "spec.training.warmupSteps may be set")
         return self
+
+    @property
+    def effective_epochs(self) -> float:
+        """Epochs for the trainer: one pass when unset (maxSteps, when set, wins)."""
+        return 1.0 if self.epochs is None else self.epochs
 
     @property
     def effective_warmup_ratio(self) -> float:
@@ -284,10 +311,15 @@ class Toleration(SpecModel):
     """A `core/v1` Toleration."""
 
     key: Annotated[str, Field(max_length=316)] | None = None
+    """Taint key the toleration matches; empty with operator Exists matches every taint."""
     operator: Literal["Exists", "Equal"] | None = None
+    """`Equal` (key and value match) or `Exists` (key only); default Equal."""
     value: Annotated[str, Field(max_length=63)] | None = None
+    """Taint value to match with operator Equal."""
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    """Taint effect to match; empty matches all effects."""
     toleration_seconds: int | None = None
+    """With effect NoExecute: seconds the pod stays bound after the taint appears (unset: forever)."""
 
 
 LabelMap = Annotated[dict[str, Annotated[str, Field(max_length=63)]], Field(max_length=64)]
@@ -302,8 +334,11 @@ class ResourcesSpec(SpecModel):
     memory: Quantity | None = None
     """Host memory request and limit for the worker, e.g. `64Gi`."""
     node_selector: LabelMap | None = None
+    """Node labels the worker pods require, on top of the GPU product's."""
     tolerations: Annotated[list[Toleration], Field(max_length=32)] | None = None
+    """Tolerations for the worker pods, added to the operator's GPU tolerations."""
     priority_class_name: DNSLabel | None = None
+    """PriorityClass of the worker pods (preemption order)."""
     queue_name: DNSLabel | None = None
     """Kueue LocalQueue; the Job is created suspended and Kueue admits it."""
 
@@ -322,25 +357,33 @@ class MergeFollowUp(SpecModel):
     """Create an AdapterMerge (adapter folded into the base weights) after training."""
 
     enabled: bool = False
+    """Create the AdapterMerge when training succeeds."""
     output: StorageURI | None = None
     """Where the merged model is written (default: the adapter's URI with `-merged`)."""
     dtype: DType = "bfloat16"
+    """Dtype of the merged weights."""
 
 
 class DeploymentGPU(SpecModel):
     """GPUs per serving replica."""
 
     count: Annotated[int, Field(ge=1, le=64)] = 1
+    """GPUs per pod (when serving, vLLM's tensor-parallel size)."""
     product: ShortString | None = None
+    """GPU product for scheduling (the `nvidia.com/gpu.product` node label)."""
     resource_name: Annotated[str, Field(min_length=1, max_length=253)] = DEFAULT_GPU_RESOURCE
+    """Extended resource to request."""
 
 
 class DeploymentResources(SpecModel):
     """What each serving replica requests."""
 
     gpu: DeploymentGPU = Field(default_factory=DeploymentGPU)
+    """GPUs per replica."""
     cpu: Quantity | None = None
+    """CPU request and limit per replica, e.g. `4`."""
     memory: Quantity | None = None
+    """Host memory request and limit per replica, e.g. `32Gi`."""
     node_selector: LabelMap | None = None
     """Extra node labels the serving pods require (the operator's default when unset)."""
     tolerations: Annotated[list[Toleration], Field(max_length=32)] | None = None
@@ -351,18 +394,24 @@ class DeployFollowUp(SpecModel):
     """Create an AdapterDeployment serving the adapter after training."""
 
     enabled: bool = False
+    """Create (or extend) an AdapterDeployment when training succeeds."""
     name: DNSLabel | None = None
     """AdapterDeployment to create, or to add the adapter to (default: the job's name)."""
     runtime: Literal["vllm"] = "vllm"
+    """Serving runtime; only vLLM."""
     replicas: Annotated[int, Field(ge=0, le=100)] = 1
+    """Serving replicas of the AdapterDeployment it creates."""
     resources: DeploymentResources | None = None
+    """What each serving replica requests (the operator's defaults when unset)."""
 
 
 class FollowUpSpec(SpecModel):
     """What to create once training has succeeded."""
 
     merge: MergeFollowUp | None = None
+    """Merge the adapter into the base weights after training."""
     deploy: DeployFollowUp | None = None
+    """Serve the adapter after training."""
 
 
 # --- spec -----------------------------------------------------------------------------------
@@ -373,6 +422,11 @@ BATCH_PER_PROCESS_MESSAGE = (
     "spec.training.batchSize must be a multiple of the GPUs in the job "
     "(spec.resources.gpu.count x spec.resources.gpu.nodes): every training process takes the "
     "same number of examples per optimizer step")
+MICRO_BATCH_DIVIDES_MESSAGE = (
+    "spec.training.microBatchSize must divide the per-process batch, spec.training.batchSize / "
+    "(spec.resources.gpu.count x spec.resources.gpu.nodes): the batch is exactly microBatchSize "
+    "x gradient accumulation x GPUs. Raise spec.training.batchSize to a multiple of "
+    "microBatchSize x GPUs, lower microBatchSize, or set it to auto")
 
 
 class FineTuneJobSpec(SpecModel):
@@ -385,32 +439,50 @@ class FineTuneJobSpec(SpecModel):
             field_path=".quantization"),
         cel("self.training.batchSize % (self.resources.gpu.count * self.resources.gpu.nodes)"
             " == 0", BATCH_PER_PROCESS_MESSAGE, field_path=".training.batchSize"),
+        # Silent on a batch the rule above rejects already: one message per mistake.
+        cel("type(self.training.microBatchSize) == string"
+            " || self.training.batchSize % (self.resources.gpu.count * self.resources.gpu.nodes)"
+            " != 0"
+            " || (self.training.batchSize / (self.resources.gpu.count * self.resources.gpu.nodes))"
+            " % self.training.microBatchSize == 0",
+            MICRO_BATCH_DIVIDES_MESSAGE, field_path=".training.microBatchSize"),
     ))
 
     model: ModelSource
+    """The base model to adapt."""
     dataset: DatasetSpec
+    """The training data."""
     method: Method = "auto"
     """`auto` lets the planner pick lora (bf16 base) or qlora (4-bit base) to fit the budget."""
     # `default: {}` in the CRD makes the API server fill in (and show) the LoRA defaults.
     lora: LoRASpec = Field(default_factory=LoRASpec, json_schema_extra={"default": {}})
     quantization: QuantizationSpec | None = None
     """4-bit settings used when the method is (or resolves to) qlora."""
-    training: TrainingSpec
+    # `default: {}` as for lora: a spec without `training` trains one epoch with the defaults.
+    training: TrainingSpec = Field(default_factory=TrainingSpec,
+                                   json_schema_extra={"default": {}})
+    """How to optimise: how long (epochs or maxSteps; neither: one epoch), batch, learning
+    rate, checkpoints."""
     resources: ResourcesSpec
+    """GPUs, host resources and scheduling of the worker pods."""
     output: OutputSpec
+    """Where the trained adapter goes."""
     hf_token_secret_ref: SecretKeySelector | None = None
     """Hugging Face token for gated models, private datasets and Hub pushes."""
     storage_secret_ref: LocalSecretReference | None = None
     """Object storage credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...)."""
     follow_up: FollowUpSpec | None = None
+    """What to create once training has succeeded: a merge and/or a deployment."""
     image: Annotated[str, Field(min_length=1, max_length=1024)] | None = None
     """Worker image override."""
     suspend: bool = False
     """Stop running pods (checkpoints are kept) and resume when set back to false."""
     active_deadline_seconds: Annotated[int, Field(ge=1)] | None = None
+    """Seconds the training Job may run before it is failed (DeadlineExceeded); unset: no limit."""
     backoff_limit: Annotated[int, Field(ge=0, le=100)] = 2
     """Retries after a retryable pod failure (out-of-memory and bad data are not retried)."""
     ttl_seconds_after_finished: Annotated[int, Field(ge=0)] | None = None
+    """Seconds after it finishes that the training Job (and its pods) is deleted; unset: kept."""
 
     @model_validator(mode="after")
     def _quantization_needs_qlora(self) -> FineTuneJobSpec:
@@ -424,6 +496,12 @@ class FineTuneJobSpec(SpecModel):
         if self.training.batch_size % (gpu.count * gpu.nodes):
             raise ValueError(f"{BATCH_PER_PROCESS_MESSAGE} (batchSize {self.training.batch_size}, "
                              f"{gpu.count} x {gpu.nodes} GPUs)")
+        micro = self.training.micro_batch_size
+        per_process = self.training.batch_size // (gpu.count * gpu.nodes)
+        if micro != "auto" and per_process % micro:
+            raise ValueError(f"{MICRO_BATCH_DIVIDES_MESSAGE} (batchSize "
+                             f"{self.training.batch_size}, {gpu.count} x {gpu.nodes} GPUs, "
+                             f"microBatchSize {micro})")
         return self
 
     @property
@@ -440,9 +518,11 @@ class MemoryBreakdown(StatusModel):
     base_weights: int = 0
     """Frozen base weights (bf16, or 4-bit plus quantization constants for qlora)."""
     adapter_weights: int = 0
+    """The trainable LoRA matrices."""
     gradients: int = 0
     """Gradients of the trainable (adapter) parameters."""
     optimizer_state: int = 0
+    """Optimizer moments of the adapter weights."""
     activations: int = 0
     """Activations kept for the backward pass at the chosen micro-batch."""
     overhead: int = 0
@@ -453,14 +533,21 @@ class TrainingPlan(StatusModel):
     """What the planner decided and why; also handed to the worker in its config."""
 
     method: ResolvedMethod
+    """The resolved method: `lora` (bf16 base) or `qlora` (4-bit base)."""
     reason: Annotated[str, Field(max_length=4096)] = ""
     """Why this method and these settings, for people."""
     estimated_peak_bytes: int
+    """Predicted peak GPU memory per GPU, in bytes."""
     budget_bytes: int | None = None
+    """spec.resources.gpu.memory in bytes: what the plan had to fit in."""
     breakdown: MemoryBreakdown = Field(default_factory=MemoryBreakdown)
+    """The predicted peak, term by term."""
     micro_batch_size: Annotated[int, Field(ge=1)]
+    """Sequences per forward pass, per process."""
     gradient_accumulation: Annotated[int, Field(ge=1)]
+    """Micro-batches accumulated per optimizer step, per process."""
     gradient_checkpointing: bool
+    """Whether activations are recomputed in the backward pass to save memory."""
     fused_kernels: bool = True
     """The prediction assumes liger's fused Triton kernels on the GPU; the worker refuses to
     start without them (exit code 16) rather than run a plan made for other kernels."""
@@ -477,20 +564,30 @@ class TrainingPlan(StatusModel):
     """nodes x processesPerNode. microBatchSize and gradientAccumulation are per process:
     the effective batch is microBatchSize x gradientAccumulation x worldSize."""
     trainable_params: int
+    """Parameters trained (the adapter's)."""
     total_params: int | None = None
+    """Parameters of the base model plus the adapter."""
 
 
 class Progress(StatusModel):
     """Training progress as last reported by the worker."""
 
     step: int = 0
+    """Optimizer steps done."""
     total_steps: int | None = None
+    """Optimizer steps the run will take."""
     epoch: float | None = None
+    """Passes over the training data so far (fractional)."""
     percent: float | None = None
+    """step / totalSteps, in percent."""
     loss: float | None = None
+    """Training loss of the latest logged step."""
     learning_rate: float | None = None
+    """Learning rate at the latest logged step."""
     eta_seconds: int | None = None
+    """Estimated seconds until training ends."""
     updated_at: Timestamp | None = None
+    """When the worker last reported."""
 
 
 class TrainingMetrics(StatusModel):
@@ -501,8 +598,11 @@ class TrainingMetrics(StatusModel):
     peak_vram: str | None = Field(None, alias="peakVRAM")
     """The same, formatted for people (`17.2Gi`); shown by `kubectl get ftj`."""
     tokens_per_second: float | None = None
+    """Real (non-padding) tokens trained per second, whole job."""
     samples_per_second: float | None = None
+    """Training examples per second, whole job."""
     steps_per_second: float | None = None
+    """Optimizer steps per second."""
     gpu_seconds: float | None = None
     """GPU time used: wall time x GPUs."""
     peak_vram_per_rank_bytes: list[int] | None = Field(None, alias="peakVRAMPerRankBytes")
@@ -519,11 +619,16 @@ class TrainingMetrics(StatusModel):
     trained_tokens: int | None = None
     """Real (non-padding) tokens the optimizer saw."""
     train_runtime_seconds: float | None = None
+    """Wall time of the training loop, in seconds."""
     train_loss: float | None = None
+    """Mean training loss over the run."""
     eval_loss: float | None = None
+    """Loss on the evaluation split at the end, when one is set."""
 
 
 class FollowUpStatus(StatusModel):
+    """The follow-up objects created after training."""
+
     merge: ObjectReference | None = None
     """The AdapterMerge created for this job."""
     deployment: ObjectReference | None = None
@@ -534,23 +639,33 @@ class FineTuneJobStatus(StatusModel):
     """What the operator and the worker observed."""
 
     observed_generation: int | None = None
+    """The `.metadata.generation` this status was computed from."""
     phase: Phase | None = None
+    """One-word summary: Pending, Planning, Queued, Suspended, Running, Succeeded or Failed."""
     reason: Annotated[str, Field(max_length=128)] | None = None
     """The reason of the condition behind the phase (e.g. `CUDAOutOfMemory`), for
     `kubectl get ftj -o wide`; the condition's message says more."""
     conditions: Annotated[list[Condition], Field(json_schema_extra=conditions_schema_extra())] = (
         Field(default_factory=list))
+    """Planned, Queued, Suspended, Running, Succeeded, Failed: each with a reason and message."""
     plan: TrainingPlan | None = None
+    """What the planner decided and why."""
     progress: Progress | None = None
+    """Training progress, written by the worker."""
     metrics: TrainingMetrics | None = None
+    """Measured throughput and memory, written by the worker."""
     adapter: Artifact | None = None
+    """The trained adapter."""
     job_name: str | None = None
     """The batch Job running the worker."""
     spec_hash: str | None = None
     """`api.spec_hash` of the spec the plan and the Job were built from."""
     follow_up: FollowUpStatus | None = None
+    """The AdapterMerge and AdapterDeployment created after success."""
     start_time: Timestamp | None = None
+    """When the worker first ran."""
     completion_time: Timestamp | None = None
+    """When the job succeeded or failed."""
 
 
 # --- the resource ---------------------------------------------------------------------------

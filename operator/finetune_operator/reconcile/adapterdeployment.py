@@ -18,8 +18,6 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-import kopf
-
 from .. import k8s
 from ..api.adapterdeployment import AdapterDeployment, AdapterSource
 from ..api.common import API_VERSION
@@ -376,8 +374,8 @@ async def _write_status(me: Desired, deployment: dict | None, pods: list[dict]) 
     now_ready = _is_true(new, C.READY)
     if now_ready != was_ready:
         cond = next(c for c in new["conditions"] if c["type"] == C.READY)
-        kopf.event(me.body, type="Normal" if now_ready else "Warning", reason=cond["reason"],
-                   message=cond["message"] or cond["reason"])
+        await k8s.post_event(me.body, type="Normal" if now_ready else "Warning",
+                             reason=cond["reason"], message=cond["message"] or cond["reason"])
 
 
 def _is_true(status: dict, type_: str) -> bool:

@@ -73,14 +73,15 @@ async def reconcile(namespace: str, name: str, settings: OperatorSettings) -> No
             outcome = Outcome(Phase.SUCCEEDED, Reason.MERGE_COMPLETE,
                               f"merged into {am.spec.output.uri}", outcome.termination)
 
-    status = apply_outcome({**old, "observedGeneration": generation}, outcome, generation)
+    status = {**old, "observedGeneration": generation}
+    if job is not None:
+        status["jobName"] = job["metadata"]["name"]
+    status = apply_outcome(status, outcome, generation)
     # Merges have no queue and no suspend: keep the conditions that mean something here.
     status["conditions"] = [c for c in status["conditions"]
                             if c["type"] in (C.RUNNING, C.SUCCEEDED, C.FAILED)]
-    if job is not None:
-        status["jobName"] = job["metadata"]["name"]
-        if outcome.phase == Phase.RUNNING and not status.get("startTime"):
-            status["startTime"] = now()
+    if job is not None and outcome.phase == Phase.RUNNING and not status.get("startTime"):
+        status["startTime"] = now()
     if outcome.phase.finished:
         status.setdefault("completionTime", now())
     if outcome.phase == Phase.SUCCEEDED:
@@ -93,5 +94,6 @@ async def reconcile(namespace: str, name: str, settings: OperatorSettings) -> No
     if status != old:
         await k8s.patch_status(body, status)
         if status.get("phase") != old.get("phase"):
-            kopf.event(body, type="Warning" if outcome.phase == Phase.FAILED else "Normal",
-                       reason=outcome.reason, message=f"{outcome.phase.value}: {outcome.message}")
+            await k8s.post_event(body, type="Warning" if outcome.phase == Phase.FAILED
+                                 else "Normal", reason=outcome.reason,
+                                 message=f"{outcome.phase.value}: {outcome.message}")

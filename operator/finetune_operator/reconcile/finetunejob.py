@@ -13,14 +13,14 @@ from dataclasses import dataclass
 
 import kopf
 
-from .. import k8s, metrics
+from .. import k8s, metrics, references
 from ..api.common import API_VERSION, format_bytes
 from ..api.constants import ConditionType as C
 from ..api.constants import Phase, Reason
 from ..api.finetunejob import FineTuneJob, TrainingPlan
 from ..api.spec_hash import spec_hash
 from ..builders import followups, training
-from ..conditions import now, set_condition
+from ..conditions import find, now, set_condition
 from ..planning import PlanningFailed, plan_job
 from ..status import Outcome, apply_outcome, metrics_from_termination, observe_training
 from .settings import OperatorSettings
@@ -67,13 +67,17 @@ async def reconcile(namespace: str, name: str, settings: OperatorSettings) -> No
             status.get("conditions") or [], C.PLANNED, True, Reason.PLAN_FITS,
             _plan_summary(plan), generation)
 
-    missing = await _missing_secrets(ftj)
-    if missing:
-        status = _failed(status, "SecretNotFound",
-                         f"{', '.join(missing)} not found in namespace {namespace}; create it, "
-                         "then re-create this FineTuneJob", generation)
-        await _write(body, old, status)
-        return
+    # --- decide: what the spec names exists (until the Job does; then the pod says) -------
+    if await k8s.get("batch/v1", "Job", namespace, training.names(name)["job"]) is None:
+        missing = [m for ref in references.references(ftj)
+                   if (m := references.check(ref, await k8s.get("v1", ref.kind, namespace,
+                                                                ref.name)))]
+        status = references.resolve(status, missing, namespace=namespace,
+                                    generation=generation,
+                                    wait_seconds=settings.reference_wait_seconds)
+        if missing:
+            await _write(body, old, status)
+            return
 
     unshareable = await _claims_not_shareable(ftj, plan)
     if unshareable:
@@ -89,8 +93,8 @@ async def reconcile(namespace: str, name: str, settings: OperatorSettings) -> No
     # --- report ----------------------------------------------------------------------------
     outcome = observe_training(job, pods, user_suspended=ftj.spec.suspend,
                                queued=ftj.spec.resources.queue_name is not None)
-    status = apply_outcome(status, outcome, generation)
     status["jobName"] = job["metadata"]["name"]
+    status = apply_outcome(status, outcome, generation)
     if outcome.phase == Phase.RUNNING and not status.get("startTime"):
         status["startTime"] = now()
     if outcome.phase.finished:
@@ -127,26 +131,12 @@ def _failed(status: dict, reason: str, message: str, generation: int | None) -> 
     return {**failed, "completionTime": status.get("completionTime") or now()}
 
 
-async def _missing_secrets(ftj: FineTuneJob) -> list[str]:
-    """Referenced Secrets that do not exist (by `get`: the operator never lists Secrets)."""
-    refs = []
-    if ftj.spec.hf_token_secret_ref:
-        refs.append(("spec.hfTokenSecretRef", ftj.spec.hf_token_secret_ref.name))
-    if ftj.spec.storage_secret_ref:
-        refs.append(("spec.storageSecretRef", ftj.spec.storage_secret_ref.name))
-    missing = []
-    for field, name in refs:
-        if await k8s.get("v1", "Secret", ftj.metadata.namespace, name) is None:
-            missing.append(f"Secret {name!r} ({field})")
-    return missing
-
-
 async def _claims_not_shareable(ftj: FineTuneJob, plan: TrainingPlan) -> str | None:
     """Why the pods of a multi-node job cannot all mount the spec's PVCs, or None.
 
     A ReadWriteOnce claim attaches to one node: the other pods would wait in
     ContainerCreating (Multi-Attach) forever. Access modes are immutable, so this is final.
-    A claim that does not exist yet is left to the scheduler, as for one pod.
+    Claims that do not exist yet were waited for before (references.py).
     """
     if plan.nodes == 1:
         return None
@@ -259,13 +249,18 @@ async def _write(body: dict, old: dict, status: dict) -> None:
         kind = "Warning" if phase == Phase.FAILED else "Normal"
         reason = (cond or {}).get("reason") or phase
         message = (cond or {}).get("message") or f"phase is now {phase}"
-        kopf.event(body, type=kind, reason=reason, message=f"{phase}: {message}")
+        await k8s.post_event(body, type=kind, reason=reason, message=f"{phase}: {message}")
 
 
 def _phase_condition(status: dict) -> dict | None:
     wanted = {Phase.FAILED: C.FAILED, Phase.SUCCEEDED: C.SUCCEEDED, Phase.RUNNING: C.RUNNING,
               Phase.QUEUED: C.QUEUED, Phase.SUSPENDED: C.SUSPENDED}.get(status.get("phase"),
                                                                         C.PLANNED)
+    waiting = find(status.get("conditions") or [], C.REFERENCES_RESOLVED)
+    if wanted == C.PLANNED and waiting and waiting.get("status") == "False":
+        return waiting  # Pending because a Secret or PVC is missing
+    if wanted == C.PLANNED and status.get("jobName"):
+        wanted = C.RUNNING  # Pending with a Job: why its pod is not running (yet, or again)
     for c in status.get("conditions") or []:
         if c["type"] == wanted:
             return c

@@ -23,6 +23,9 @@ class OperatorSettings:
     """Fetch config.json from the Hugging Face Hub (HF_ENDPOINT) for models without a
     preset; off in air-gapped clusters, where spec.model.architecture is needed instead."""
     metrics_port: int = 8080
+    reference_wait_seconds: float = 900.0
+    """How long a FineTuneJob waits for a Secret or PVC it names (GitOps tools often sync
+    them after the job) before it fails; counted from when it was first found missing."""
     gpu_tolerations: list[dict] = field(default_factory=list)
     """Tolerations added to every worker pod on top of a job's own (GPU node pools are often
     tainted `nvidia.com/gpu:NoSchedule`)."""
@@ -38,6 +41,8 @@ class OperatorSettings:
         s.pvc_root = os.environ.get("FINETUNE_PVC_ROOT") or None
         s.allow_hub = os.environ.get("FINETUNE_ALLOW_HUB", "true").lower() != "false"
         s.metrics_port = int(os.environ.get("FINETUNE_METRICS_PORT", s.metrics_port))
+        s.reference_wait_seconds = float(os.environ.get("FINETUNE_REFERENCE_WAIT_SECONDS",
+                                                        s.reference_wait_seconds))
         s.gpu_tolerations = json.loads(os.environ.get("FINETUNE_GPU_TOLERATIONS") or "[]")
         return s
 
