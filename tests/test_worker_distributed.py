@@ -470,3 +470,21 @@ def test_two_fsdp_processes_train_what_one_process_accumulating_trains(tmp_path,
     assert losses["fsdp"] == pytest.approx(losses["single"], abs=1e-3)
     for name, weight in weights["single"].items():
         assert torch.allclose(weights["fsdp"][name], weight, atol=1e-3), name
+
+
+def test_a_plan_made_for_fsdp_refuses_to_train_an_unsharded_model():
+    """Seen on one H200: QLoRA under strategy fsdp trained exactly like one plain process."""
+    import torch
+    from finetune_worker.errors import WorkerEnvironmentError
+    from finetune_worker.train import require_sharded
+
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(WorkerEnvironmentError, match="plan.strategy is fsdp"):
+        require_sharded(plain)
+
+    class FullyShardedDataParallel(torch.nn.Module):  # the wrapper's name is what is checked
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+    require_sharded(FullyShardedDataParallel(plain))

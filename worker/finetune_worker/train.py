@@ -411,6 +411,23 @@ def measured_memory(kind: str, world: World) -> dict:
     return world_memory_metrics(distributed.gathered(local))
 
 
+def require_sharded(model) -> None:
+    """Fail (exit 16) rather than train an unsharded replica under a plan made for FSDP.
+
+    On one H200, a QLoRA plan with strategy fsdp trained bit for bit like one plain process
+    (the same losses and the same peak memory; the LoRA plan was sharded): whatever skipped the
+    wrapping, a replica the planner did not expect to fit must not run silently."""
+    from .errors import WorkerEnvironmentError
+
+    if not any(type(m).__name__ == "FullyShardedDataParallel" or type(m).__name__.startswith("FSDP")
+               for m in model.modules()):
+        raise WorkerEnvironmentError(
+            "plan.strategy is fsdp but the Trainer did not shard the model (no FSDP module "
+            f"around {type(model).__name__}); this PyTorch/accelerate/bitsandbytes combination "
+            "cannot shard it. Plan the job with more GPU memory per GPU (a replica per GPU, "
+            "DDP) or report the versions")
+
+
 def adapter_to_save(trainer):
     """(peft model, state dict or None) for write_adapter. Under FSDP the adapter weights are
     sharded: accelerate gathers the full state dict to rank 0 (every rank must call it);
@@ -464,6 +481,7 @@ def build_trainer(config: WorkerConfig, model, tokenizer, splits, device: str,
         callbacks=[progress, NonFiniteLossGuard(NON_FINITE_PATIENCE), checkpointing],
     )
     trainer.token_budget_sampler = sampler
+    trainer.expect_sharded = config.plan.strategy == "fsdp"
     if trainer.is_fsdp_enabled:
         from peft.utils.other import fsdp_auto_wrap_policy
 
@@ -526,7 +544,13 @@ def _trainer_class(base):
         reports neither. Same loss (token mean over the optimizer step), measured faster:
         docs/perf-notes.md."""
 
+        expect_sharded = False
+        """plan.strategy is fsdp: the first step checks the model really was sharded."""
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.expect_sharded:
+                self.expect_sharded = False
+                require_sharded(model)
             if not self.model_loss or not model.training:
                 return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                             num_items_in_batch=num_items_in_batch)
