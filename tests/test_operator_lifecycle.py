@@ -424,3 +424,20 @@ def test_a_multi_node_job_on_a_read_write_once_claim_fails_naming_the_field(kube
     assert "spec.output.uri names PVC 'adapters'" in cond["message"]
     assert "ReadWriteMany" in cond["message"]
     assert kube.get_or_none("job", "rwo-nodes-train") is None  # nothing half-started
+
+
+def test_no_secret_value_reaches_the_operator_log(kube: Kube, operator_process):
+    """The operator runs with --verbose here, as the chart's `operator.verbose: true` does:
+    the Secret check reads the Secret, and the API client's debug log must not print it."""
+    import base64
+
+    canary = f"hf_canary_{kube.namespace}_do_not_log"
+    kube.kubectl("create", "secret", "generic", "hf-canary", f"--from-literal=token={canary}")
+    kube.apply(ftj_manifest("canary", hfTokenSecretRef={"name": "hf-canary", "key": "token"}))
+    wait_for(lambda: kube.get_or_none("job", "canary-train"), timeout=60,
+             what="the Job, created once the Secret was read")
+    operator_process.wait_for_resyncs(1)
+    log = operator_process.log_text()
+    assert "hf-canary" in log or "canary" in log  # the operator did work on this job
+    for form in (canary, base64.b64encode(canary.encode()).decode()):
+        assert form not in log, f"the Secret's value appears in the operator log ({form[:12]}...)"

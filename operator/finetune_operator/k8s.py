@@ -20,6 +20,15 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from . import metrics
 
 log = logging.getLogger(__name__)
+# kubernetes_asyncio logs every response body at DEBUG; with `--verbose` that printed each
+# Secret the operator reads (the referenced-Secret check), base64 values included.
+API_CLIENT_LOGGERS = ("kubernetes_asyncio.client.rest",)
+
+
+def quiet_client_logs() -> None:
+    """Keep the API client's response bodies out of the log at every verbosity."""
+    for name in API_CLIENT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO)
 
 FIELD_MANAGER = "finetune-operator"
 

@@ -65,6 +65,7 @@ async def run_reconcile(kind: str, namespace: str, name: str) -> None:
 
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, **_) -> None:
+    k8s.quiet_client_logs()
     # Our own annotation prefix and finalizer name, should kopf ever need them.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
