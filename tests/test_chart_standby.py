@@ -119,6 +119,8 @@ def ftj(name: str) -> dict:
 
 def test_paused_standby_does_no_work(peers, kube):
     active, standby = peers["active"], peers["standby"]
+    for claim in ("data", "adapters"):  # a job whose claims do not exist yet waits for them
+        bound_pvc(kube, claim)
     paused_at = len(standby.log())
     kube.apply(ftj("only-the-active-one"))
     wait_for(lambda: kube.get_or_none("job", "only-the-active-one-train"),
