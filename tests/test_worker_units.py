@@ -330,3 +330,31 @@ def test_a_spec_without_a_length_trains_one_epoch(tmp_path):
     del doc["spec"]["training"]["maxSteps"]
     args = build_sft_config(WorkerConfig.model_validate(rehash(doc)), device="cpu")
     assert args.num_train_epochs == 1.0 and args.max_steps == -1
+
+
+def test_steady_throughput_leaves_out_the_first_steps():
+    """status.metrics.steadyTokensPerSecond: tokens/s after the first 3 optimizer steps,
+    next to the overall rate that includes them."""
+    from types import SimpleNamespace
+
+    from finetune_worker.callbacks import ProgressCallback
+
+    clock = iter([0.0, 10.0, 16.0])  # first step begins, step 3 ends, training ends
+    import finetune_worker.callbacks as callbacks
+
+    real = callbacks.time.perf_counter
+    callbacks.time.perf_counter = lambda: next(clock)
+    try:
+        cb = ProgressCallback(None)
+        state = SimpleNamespace(global_step=0, num_input_tokens_seen=0)
+        cb.on_step_begin(None, state, None)  # t = 0
+        for step in range(1, 9):
+            state.global_step, state.num_input_tokens_seen = step, 1000 * step
+            if step < 8:
+                cb.on_step_end(None, state, None)  # reads the clock once, at step 3 (t = 10)
+            else:
+                cb.on_train_end(None, state, None)  # t = 16
+    finally:
+        callbacks.time.perf_counter = real
+    assert cb.tokens == 8000 and cb.seconds == 16.0
+    assert cb.steady_tokens_per_second() == 5000 / 6.0  # steps 4-8 in the 6 s after step 3

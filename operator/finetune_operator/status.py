@@ -230,11 +230,17 @@ def apply_outcome(status: dict, outcome: Outcome, generation: int | None) -> dic
 
 def metrics_from_termination(summary: dict) -> dict:
     """Map the worker's termination summary onto status.metrics (camelCase, known keys)."""
-    metrics = summary.get("metrics") or {}
-    keep = ("peakVRAMBytes", "peakVRAM", "tokensPerSecond", "samplesPerSecond",
-            "stepsPerSecond", "gpuSeconds", "peakVRAMAllocatedBytes", "peakRSSBytes", "device",
-            "trainedTokens", "trainRuntimeSeconds", "trainLoss", "evalLoss")
-    return {k: metrics[k] for k in keep if metrics.get(k) is not None}
+    from pydantic import ValidationError
+
+    from .api.finetunejob import TrainingMetrics
+
+    # The status model is the list of known keys: anything else the worker sent is dropped,
+    # and a value of the wrong type drops the summary's metrics rather than the status write.
+    try:
+        known = TrainingMetrics.model_validate(summary.get("metrics") or {})
+    except ValidationError:
+        return {}
+    return known.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 def phase_of(status: dict) -> str | None:

@@ -33,8 +33,13 @@ class ProgressCallback(TrainerCallback):
     """One line per logged step, and rate-limited status updates.
 
     Throughput and ETA are measured from this process's first step, so a resumed run
-    reports its own speed rather than an average diluted by the restart.
+    reports its own speed rather than an average diluted by the restart. The steady rate
+    leaves out the first STEADY_AFTER_STEPS steps too (Triton's first compiles, the caching
+    allocator growing, cuBLAS picking kernels): what the job runs at, for comparing with a
+    benchmark, next to the overall rate a user waits through.
     """
+
+    STEADY_AFTER_STEPS = 3
 
     def __init__(self, reporter: StatusReporter | None):
         self.reporter = reporter
@@ -45,6 +50,9 @@ class ProgressCallback(TrainerCallback):
         self.tokens_per_second: float | None = None
         self.seconds = 0.0  # from the first step of this process to the end of training
         self.tokens = 0  # non-padding tokens trained on in that time
+        self._steady0: tuple[float, int] | None = None  # (time, tokens) when warm-up ended
+        self.steady_seconds = 0.0
+        self.steady_tokens = 0
 
     def on_step_begin(self, args, state, control, **kwargs):
         # The first step, not on_train_begin: the Trainer restores a checkpoint's state
@@ -54,10 +62,26 @@ class ProgressCallback(TrainerCallback):
             self._step0 = state.global_step
             self._tokens0 = int(state.num_input_tokens_seen or 0)
 
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._steady0 is None and state.global_step - self._step0 == self.STEADY_AFTER_STEPS:
+            self._steady0 = (time.perf_counter(), int(state.num_input_tokens_seen or 0))
+
     def on_train_end(self, args, state, control, **kwargs):
+        now = time.perf_counter()
         if self._t0 is not None:
-            self.seconds = time.perf_counter() - self._t0
+            self.seconds = now - self._t0
             self.tokens = int(state.num_input_tokens_seen or 0) - self._tokens0
+        if self._steady0 is not None:
+            self.steady_seconds = now - self._steady0[0]
+            self.steady_tokens = int(state.num_input_tokens_seen or 0) - self._steady0[1]
+
+    def steady_tokens_per_second(self) -> float | None:
+        """Tokens/s since warm-up ended, while training runs or after it ended."""
+        if self._steady0 is None:
+            return None
+        if self.steady_seconds:
+            return self.steady_tokens / self.steady_seconds if self.steady_tokens else None
+        return None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
@@ -90,7 +114,13 @@ class ProgressCallback(TrainerCallback):
                  f"{self.tokens_per_second:.0f}" if self.tokens_per_second else "-", eta)
         if self.reporter is not None:
             metrics = ({"tokensPerSecond": round(self.tokens_per_second, 2)}
-                       if self.tokens_per_second else None)
+                       if self.tokens_per_second else {})
+            if self._steady0 is not None:
+                seconds = time.perf_counter() - self._steady0[0]
+                steady = int(state.num_input_tokens_seen or 0) - self._steady0[1]
+                if steady and seconds > 0:
+                    metrics["steadyTokensPerSecond"] = round(steady / seconds, 2)
+            metrics = metrics or None
             self.reporter.update(progress=progress, metrics=metrics)
 
 

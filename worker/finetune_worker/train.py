@@ -293,6 +293,8 @@ def measured_throughput(output, progress, wall_seconds: float, device: str,
     seconds = progress.seconds
     metrics = {
         "tokensPerSecond": round(progress.tokens / seconds, 2) if progress.tokens and seconds else None,
+        "steadyTokensPerSecond": (round(progress.steady_tokens_per_second(), 2)
+                                  if progress.steady_tokens_per_second() else None),
         "samplesPerSecond": output.metrics.get("train_samples_per_second"),
         "stepsPerSecond": output.metrics.get("train_steps_per_second"),
         "trainRuntimeSeconds": round(wall_seconds, 2),

@@ -598,7 +598,11 @@ class TrainingMetrics(StatusModel):
     peak_vram: str | None = Field(None, alias="peakVRAM")
     """The same, formatted for people (`17.2Gi`); shown by `kubectl get ftj`."""
     tokens_per_second: float | None = None
-    """Real (non-padding) tokens trained per second, whole job."""
+    """Real (non-padding) tokens trained per second, whole job, over every training step of the
+    last pod (warm-up included): what the job ran at overall."""
+    steady_tokens_per_second: float | None = None
+    """The same after the first 3 optimizer steps (first kernel compiles, allocator growth):
+    the rate to compare with benchmarks and the planner's prediction."""
     samples_per_second: float | None = None
     """Training examples per second, whole job."""
     steps_per_second: float | None = None
