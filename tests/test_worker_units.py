@@ -340,7 +340,7 @@ def test_steady_throughput_leaves_out_the_first_steps():
     from finetune_worker.callbacks import ProgressCallback
 
     clock = iter([0.0, 10.0, 16.0])  # first step begins, step 3 ends, training ends
-    import finetune_worker.callbacks as callbacks
+    from finetune_worker import callbacks
 
     real = callbacks.time.perf_counter
     callbacks.time.perf_counter = lambda: next(clock)
