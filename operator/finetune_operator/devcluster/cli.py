@@ -18,13 +18,17 @@ def main(argv: list[str]) -> int:
                         help=f"cluster directory (default {controlplane.default_directory()})")
     parser.add_argument("--gpu-nodes", type=int, default=len(controlplane.FAKE_GPU_FLEET),
                         help="kwok fake GPU nodes to create on `up`")
+    parser.add_argument("--no-crds", action="store_true",
+                        help="on `up`, do not install the FineTuneJob, AdapterMerge and "
+                        "AdapterDeployment CRDs (a bare cluster)")
     args = parser.parse_args(argv)
     try:
         if args.action == "build":
             for name, path in binaries.ensure_built().items():
                 print(f"{name:<24} {path}")
         elif args.action == "up":
-            cluster = controlplane.up(args.dir, gpu_nodes=args.gpu_nodes)
+            cluster = controlplane.up(args.dir, gpu_nodes=args.gpu_nodes,
+                                      with_crds=not args.no_crds)
             print(f"export KUBECONFIG={cluster.kubeconfig}")
         elif args.action == "down":
             controlplane.down(args.dir)

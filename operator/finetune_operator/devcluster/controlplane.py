@@ -3,7 +3,9 @@
 ``up`` starts etcd, kube-apiserver (secure port, RBAC, service-account issuer),
 kube-controller-manager, kube-scheduler and kwok as child processes on loopback with
 free ports and a private data directory, and writes an admin kubeconfig. ``down``
-stops every process it started and deletes the directory. The state of a running
+stops every process it started and deletes the directory. With ``with_crds`` it also
+installs the project's CRDs, generated from the API models of this very package, so
+that an example applies on the first try. The state of a running
 cluster lives in ``<dir>/state.json`` so that a separate ``down`` (or a crashed test
 run followed by a new one) can find and stop it.
 
@@ -34,6 +36,8 @@ COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-schedul
 # Nodes with this annotation are driven by kwok (heartbeats, pod lifecycle); any other
 # node (the demo's local node agent, a test acting as a kubelet) is left alone.
 KWOK_NODE_ANNOTATION = ("kwok.x-k8s.io/node", "fake")
+# Server-side apply owner of the CRDs that `dev up` installs.
+CRD_FIELD_MANAGER = "finetune-operator-dev"
 
 
 class ClusterError(RuntimeError):
@@ -219,8 +223,14 @@ def kubectl(cluster: Cluster, *args: str, input: str | None = None,
     return res
 
 
-def up(directory: str | os.PathLike | None = None, *, gpu_nodes: int = 3) -> Cluster:
-    """Start a control plane in `directory` (idempotent: a healthy one is reused)."""
+def up(directory: str | os.PathLike | None = None, *, gpu_nodes: int = 3,
+       with_crds: bool = False) -> Cluster:
+    """Start a control plane in `directory` (idempotent: a healthy one is reused).
+
+    `with_crds` installs (or updates, on a reused cluster) the FineTuneJob, AdapterMerge and
+    AdapterDeployment CRDs. Off by default: the test fixtures and the demo apply the
+    committed `crds/` themselves, and some tests need a cluster without them.
+    """
     directory = Path(directory or default_directory()).resolve()
     existing = Cluster.load(directory)
     if existing is not None:
@@ -229,6 +239,8 @@ def up(directory: str | os.PathLike | None = None, *, gpu_nodes: int = 3) -> Clu
             try:
                 if _https_ok(existing, "/readyz"):
                     _log(f"control plane already running at {existing.server}")
+                    if with_crds:
+                        install_crds(existing)
                     return existing
             except (OSError, urllib.error.URLError, ssl.SSLError):
                 pass
@@ -264,6 +276,8 @@ def up(directory: str | os.PathLike | None = None, *, gpu_nodes: int = 3) -> Clu
         _wait_for_controllers(cluster)
         if gpu_nodes:
             create_fake_gpu_nodes(cluster, gpu_nodes)
+        if with_crds:
+            install_crds(cluster)
     except BaseException:
         down(directory, quiet=True)
         raise
@@ -365,6 +379,30 @@ def _wait_for_controllers(cluster: Cluster) -> None:
     for name in ("kube-scheduler", "kwok"):
         if not _alive(cluster.pids[name]):
             raise ClusterError(_crash_message(cluster, name))
+
+
+def install_crds(cluster: Cluster, timeout: float = 30) -> list[str]:
+    """Apply the CRDs generated from this package's API models; wait until each is Established.
+
+    Generated in-process rather than read from `crds/`, so an installed package needs no
+    checkout (in a checkout they are the same text: a test fails on drift). Server-side
+    apply with `--force-conflicts`: on a dev cluster, the running code's API is the truth,
+    whoever applied an older version of it.
+    """
+    import yaml
+
+    from ..api import crdgen
+
+    documents = list(crdgen.generate().values())
+    names = [yaml.safe_load(doc)["metadata"]["name"] for doc in documents]
+    kubectl(cluster, "apply", "--server-side", f"--field-manager={CRD_FIELD_MANAGER}",
+            "--force-conflicts", "-f", "-", input="---\n".join(documents))
+    _wait(cluster, "kube-apiserver", f"CRDs {', '.join(names)} to be Established",
+          lambda: all(kubectl(cluster, "get", "crd", name, "-o",
+                              "jsonpath={.status.conditions[?(@.type=='Established')].status}",
+                              check=False).stdout == "True" for name in names), timeout)
+    _log(f"installed CRDs {', '.join(names)}")
+    return names
 
 
 def fake_gpu_node(name: str, *, product: str = "NVIDIA-H100-80GB-HBM3",
