@@ -92,60 +92,38 @@ def _kubernetes_component() -> GoComponent:
     )
 
 
+def _module_component(name: str, version: str, module: str, package: str,
+                      first_build_estimate: str, **extra) -> GoComponent:
+    """A component built from one published Go module at `version`."""
+    return GoComponent(
+        name=name,
+        version=version,
+        go_mod=(f"module finetune-operator.local/{name}\n\ngo 1.26.0\n\n"
+                f"require {module} {version}\n"),
+        packages=(package,),
+        binaries=(name,),
+        first_build_estimate=first_build_estimate,
+        **extra,
+    )
+
+
 def components() -> list[GoComponent]:
     return [
-        GoComponent(
-            name="etcd",
-            version=ETCD_VERSION,
-            go_mod=(
-                "module finetune-operator.local/etcd\n\ngo 1.26.0\n\n"
-                f"require go.etcd.io/etcd/server/v3 {ETCD_VERSION}\n"
-            ),
-            packages=(".",),
-            binaries=("etcd",),
-            first_build_estimate="2-4 minutes",
-            main_go=ETCD_MAIN,
-        ),
+        _module_component("etcd", ETCD_VERSION, "go.etcd.io/etcd/server/v3", ".",
+                          "2-4 minutes", main_go=ETCD_MAIN),
         _kubernetes_component(),
-        GoComponent(
-            name="kwok",
-            version=KWOK_VERSION,
-            go_mod=(
-                "module finetune-operator.local/kwok\n\ngo 1.26.0\n\n"
-                f"require sigs.k8s.io/kwok {KWOK_VERSION}\n"
-            ),
-            packages=("sigs.k8s.io/kwok/cmd/kwok",),
-            binaries=("kwok",),
-            first_build_estimate="3-6 minutes",
-        ),
-        GoComponent(
-            name="helm",
-            version=HELM_VERSION,
-            go_mod=(
-                "module finetune-operator.local/helm\n\ngo 1.26.0\n\n"
-                f"require helm.sh/helm/v3 {HELM_VERSION}\n"
-            ),
-            packages=("helm.sh/helm/v3/cmd/helm",),
-            binaries=("helm",),
-            first_build_estimate="3-6 minutes",
-        ),
+        _module_component("kwok", KWOK_VERSION, "sigs.k8s.io/kwok", "sigs.k8s.io/kwok/cmd/kwok",
+                          "3-6 minutes"),
+        _module_component("helm", HELM_VERSION, "helm.sh/helm/v3", "helm.sh/helm/v3/cmd/helm",
+                          "3-6 minutes"),
     ]
 
 
 def tools() -> list[GoComponent]:
     """Linters the tests run: built on first use by name, never by `dev build` or `dev up`."""
     return [
-        GoComponent(
-            name="actionlint",
-            version=ACTIONLINT_VERSION,
-            go_mod=(
-                "module finetune-operator.local/actionlint\n\ngo 1.26.0\n\n"
-                f"require github.com/rhysd/actionlint {ACTIONLINT_VERSION}\n"
-            ),
-            packages=("github.com/rhysd/actionlint/cmd/actionlint",),
-            binaries=("actionlint",),
-            first_build_estimate="under a minute",
-        ),
+        _module_component("actionlint", ACTIONLINT_VERSION, "github.com/rhysd/actionlint",
+                          "github.com/rhysd/actionlint/cmd/actionlint", "under a minute"),
     ]
 
 
