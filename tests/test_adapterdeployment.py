@@ -278,3 +278,65 @@ def test_adapter_failing_its_checks_in_the_pod_degrades_the_deployment(
     assert "verify-adapters" in c["message"] and message in c["message"]
     assert condition(obj, "Ready")["status"] == "False"
     assert obj["status"]["loadedAdapters"] == []
+
+
+# --- issue 21: isolation, reasons, checks, rolls, ownership of names ---------------------------
+
+
+def _set_quantity_rules(kube: Kube, crd: str, field: str, rules: list | None) -> list | None:
+    """Replace the CEL rules of `spec.resources.<field>` in a CRD; returns the old ones."""
+    import json
+
+    doc = json.loads(kube.kubectl("get", "crd", crd, "-o", "json", namespaced=False).stdout)
+    for key in ("managedFields", "resourceVersion", "uid", "creationTimestamp", "generation"):
+        doc["metadata"].pop(key, None)
+    doc.pop("status", None)
+    node = doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"][
+        "properties"]["resources"]["properties"][field]
+    old = node.pop("x-kubernetes-validations", None)
+    if rules:
+        node["x-kubernetes-validations"] = rules
+    kube.kubectl("replace", "-f", "-", input=json.dumps(doc), namespaced=False)
+    return old
+
+
+def test_one_invalid_adapterdeployment_does_not_stop_the_others(kube: Kube, operator_process):
+    """An object the models refuse (here: stored while the CRD lacked today's quantity rule)
+    is told which field is wrong, and every other AdapterDeployment goes on."""
+    kube.apply(adapter_deployment("before", [{"name": "one", "uri": "hf://acme/one"}]))
+    wait_ready(kube, "before")
+    crd = "adapterdeployments.finetune.dev"
+    bad = adapter_deployment("bad", [{"name": "two", "uri": "hf://acme/two"}],
+                             resources={**RESOURCES, "cpu": "-2"})
+    # Today's CRD refuses it, naming the field.
+    refused = kube.create(bad, check=False)
+    assert refused.returncode != 0 and "spec.resources.cpu" in refused.stderr, refused.stderr
+    rules = _set_quantity_rules(kube, crd, "cpu", None)
+    try:
+        wait_for(lambda: kube.create(bad, check=False).returncode == 0, timeout=30,
+                 what="the relaxed CRD to take the old object")
+    finally:
+        _set_quantity_rules(kube, crd, "cpu", rules)
+    wait_for(lambda: kube.create({**bad, "metadata": {"name": "bad-again"}}, check=False)
+             .returncode != 0, timeout=30, what="the CRD's quantity rule back in force")
+
+    def invalid():
+        obj = kube.get("adapterdeployment", "bad")
+        c = condition(obj, "Ready")
+        return c and c["reason"] == "InvalidSpec" and obj
+    obj = wait_for(invalid, timeout=60, what="the invalid AdapterDeployment's condition")
+    ready = condition(obj, "Ready")
+    assert ready["status"] == "False"
+    assert "spec.resources.cpu" in ready["message"] and "'-2'" in ready["message"]
+    assert condition(obj, "Degraded")["reason"] == "InvalidSpec"
+    wait_for(lambda: any(e.get("reason") == "InvalidSpec" and e["type"] == "Warning"
+                         and e["involvedObject"]["name"] == "bad"
+                         for e in kube.items("events")), timeout=30,
+             what="a Warning Event on the invalid object")
+
+    # The others go on: a new one is served, an existing one still reconciles.
+    kube.apply(adapter_deployment("after", [{"name": "three", "uri": "hf://acme/three"}]))
+    wait_ready(kube, "after")
+    server = kube.get("deployment", ad_status(kube, "after")["deploymentName"])
+    assert lora_modules(server) == ["one=acme/one", "three=acme/three"]
+    assert all("two=acme/two" not in lora_modules(s) for s in servers(kube))

@@ -18,12 +18,15 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+from pydantic import ValidationError
+
 from .. import k8s
 from ..api.adapterdeployment import AdapterDeployment, AdapterSource
 from ..api.common import API_VERSION
 from ..api.constants import ADAPTER_MANIFEST_FILENAME, LABEL_COMPONENT, Phase, Reason
 from ..api.constants import ConditionType as C
 from ..api.finetunejob import FineTuneJob
+from ..api.worker_config import describe_errors
 from ..builders import serving
 from ..builders.serving import Member, ServedAdapter, ServingDefaults
 from ..conditions import set_condition
@@ -119,9 +122,16 @@ def decide_adapter(source: AdapterSource, ad: AdapterDeployment, config: dict,
                 source.name, "Pending", Reason.FINE_TUNE_JOB_NOT_FOUND,
                 f"adapter {source.name!r}: FineTuneJob {job_name!r} not found in namespace "
                 f"{ad.metadata.namespace}; create it or fix adapters[].fineTuneJobRef")
-        ftj = FineTuneJob.model_validate(body)
         job_ref = {"name": job_name, "namespace": ad.metadata.namespace,
-                   "uid": ftj.metadata.uid}
+                   "uid": body["metadata"].get("uid")}
+        try:
+            ftj = FineTuneJob.model_validate(body)
+        except ValidationError as exc:
+            return AdapterDecision(
+                source.name, "Refused", Reason.INVALID_SPEC,
+                f"adapter {source.name!r}: FineTuneJob {job_name!r} has an invalid spec "
+                f"({_one_line(exc)}); fix it or point adapters[].fineTuneJobRef elsewhere",
+                fine_tune_job=job_ref)
         status = body.get("status") or {}
         phase = status.get("phase") or Phase.PENDING
         if phase == Phase.FAILED:
@@ -199,11 +209,16 @@ async def reconcile(namespace: str, name: str, settings: OperatorSettings) -> No
               if not b["metadata"].get("deletionTimestamp")]
     servers = {d["metadata"]["name"]: d for d in await k8s.list_objects(
         "apps/v1", "Deployment", namespace, SERVER_SELECTOR)}
-    desired = {}
+    desired: dict[str, Desired] = {}
+    invalid: dict[str, tuple[dict, str]] = {}
     for body in bodies:
-        ad = AdapterDeployment.model_validate(body)
-        config = serving.server_config(ad, defaults)
-        desired[ad.metadata.name] = Desired(body, ad, config, serving.server_name(config))
+        # One object the API let through but the models refuse (stored before a CRD rule
+        # existed, say) must not stop its neighbours: it is left out of every server and
+        # told why, and the pass goes on with the others.
+        try:
+            desired[body["metadata"]["name"]] = _desired(body, defaults)
+        except ValidationError as exc:
+            invalid[body["metadata"]["name"]] = (body, _one_line(exc))
     me = desired.get(name)
 
     # The groups this object touches: where it belongs now, and where it was served before.
@@ -212,6 +227,8 @@ async def reconcile(namespace: str, name: str, settings: OperatorSettings) -> No
                  if any(ref.get("kind") == KIND and ref.get("name") == name
                         for ref in dep["metadata"].get("ownerReferences") or [])}
     if not affected:
+        if name in invalid:
+            await _write_invalid(*invalid[name])
         return
     jobs = {j["metadata"]["name"]: j
             for j in await k8s.list_objects(API_VERSION, "FineTuneJob", namespace)}
@@ -229,6 +246,8 @@ async def reconcile(namespace: str, name: str, settings: OperatorSettings) -> No
                                               servers.get(server))
 
     # --- report -------------------------------------------------------------------------------
+    if name in invalid:
+        await _write_invalid(*invalid[name])
     if me is not None:
         deployment = applied.get(me.server)
         pods = []
@@ -236,6 +255,16 @@ async def reconcile(namespace: str, name: str, settings: OperatorSettings) -> No
             pods = await k8s.list_objects("v1", "Pod", namespace,
                                           f"{serving.LABEL_SERVER}={me.server}")
         await _write_status(me, deployment, pods)
+
+
+def _one_line(exc: ValidationError) -> str:
+    return "; ".join(line.strip() for line in describe_errors(exc).splitlines())
+
+
+def _desired(body: dict, defaults: ServingDefaults) -> Desired:
+    ad = AdapterDeployment.model_validate(body)
+    config = serving.server_config(ad, defaults)
+    return Desired(body, ad, config, serving.server_name(config))
 
 
 async def _apply_server(namespace: str, server: str, group: list[Desired],
@@ -363,18 +392,45 @@ def desired_status(me: Desired, deployment: dict | None, pods: list[dict],
     return status
 
 
+def invalid_status(body: dict, errors: str, old: dict) -> dict:
+    """The status of an AdapterDeployment the models refuse: not served, and which field."""
+    generation = body["metadata"].get("generation")
+    message = (f"the spec is invalid, so nothing of it is served: {errors}; fix the "
+               "field(s) named (the other AdapterDeployments are not affected)")
+    conds = list(old.get("conditions") or [])
+    conds = set_condition(conds, C.READY, False, Reason.INVALID_SPEC, message, generation)
+    conds = set_condition(conds, C.DEGRADED, True, Reason.INVALID_SPEC, message, generation)
+    return {"observedGeneration": generation, "conditions": conds, "replicas": 0,
+            "readyReplicas": 0, "loadedAdapters": [], "adapters": [],
+            "deploymentName": None, "serviceName": None, "endpoint": None}
+
+
+async def _write_invalid(body: dict, errors: str) -> None:
+    log.warning("AdapterDeployment %s/%s is invalid and left out of its server: %s",
+                body["metadata"]["namespace"], body["metadata"]["name"], errors)
+    old = dict(body.get("status") or {})
+    await _patch_if_changed(body, old, invalid_status(body, errors, old))
+
+
 async def _write_status(me: Desired, deployment: dict | None, pods: list[dict]) -> None:
     old = dict(me.body.get("status") or {})
-    new = desired_status(me, deployment, pods, old)
+    await _patch_if_changed(me.body, old, desired_status(me, deployment, pods, old))
+
+
+async def _patch_if_changed(body: dict, old: dict, new: dict) -> None:
     if all(old.get(k) == v for k, v in new.items() if v is not None) and all(
             old.get(k) is None for k, v in new.items() if v is None):
         return
-    await k8s.patch_status(me.body, new)
+    await k8s.patch_status(body, new)
     was_ready = _is_true(old, C.READY)
     now_ready = _is_true(new, C.READY)
-    if now_ready != was_ready:
-        cond = next(c for c in new["conditions"] if c["type"] == C.READY)
-        await k8s.post_event(me.body, type="Normal" if now_ready else "Warning",
+    cond = next(c for c in new["conditions"] if c["type"] == C.READY)
+    old_cond = next((c for c in old.get("conditions") or [] if c.get("type") == C.READY), {})
+    # An Event per Ready flip, and one when it turns False for a new reason (an invalid
+    # spec is news even to an object that was never ready).
+    if now_ready != was_ready or (not now_ready and old_cond.get("reason") != cond["reason"]
+                                  and cond["reason"] == Reason.INVALID_SPEC):
+        await k8s.post_event(body, type="Normal" if now_ready else "Warning",
                              reason=cond["reason"], message=cond["message"] or cond["reason"])
 
 
