@@ -7,8 +7,13 @@ rendered arguments are checked against vLLM's CLI in test_serving.py).
 
 from __future__ import annotations
 
+import json
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+
 import pytest
-from kubetest import Kube, condition, wait_for
+from kubetest import Kube, bound_pvc, condition, wait_for
 
 pytestmark = pytest.mark.cluster
 BASE = "meta-llama/Meta-Llama-3-8B"
@@ -340,3 +345,72 @@ def test_one_invalid_adapterdeployment_does_not_stop_the_others(kube: Kube, oper
     server = kube.get("deployment", ad_status(kube, "after")["deploymentName"])
     assert lora_modules(server) == ["one=acme/one", "three=acme/three"]
     assert all("two=acme/two" not in lora_modules(s) for s in servers(kube))
+
+
+@pytest.fixture
+def files_operator(cluster, crds, kube: Kube, tmp_path):
+    """An operator of its own that reads adapter files (`FINETUNE_PVC_ROOT`: the claim
+    `c` is the directory `<root>/c`), watching only this test's namespace, which the
+    session's operator does not watch. Yields the root."""
+    from operator_harness import OperatorProcess
+
+    root = tmp_path / "volumes"
+    root.mkdir()
+    proc = OperatorProcess(cluster, tmp_path, namespaces=kube.namespace,
+                           extra_env={"FINETUNE_PVC_ROOT": str(root),
+                                      "FINETUNE_RESYNC_SECONDS": "1"})
+    proc.start()
+    bound_pvc(kube, "adapters")
+    try:
+        yield root
+    finally:
+        proc.stop()
+
+
+def write_adapter(directory: Path, *, base: str | None = BASE, r: int = 16,
+                  manifest: bool = True) -> str | None:
+    """An adapter directory as the worker (manifest) or plain PEFT (no manifest) leaves
+    it; returns the manifest's digest."""
+    from finetune_operator.api.adapter_manifest import (
+        AdapterManifest,
+        BaseModelRef,
+        describe_files,
+    )
+
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {"r": r, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj"]}
+    if base:
+        config["base_model_name_or_path"] = base
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    (directory / "adapter_model.safetensors").write_bytes(os.urandom(2048))
+    if not manifest:
+        return None
+    m = AdapterManifest(spec_hash="e" * 64, base_model=BaseModelRef(name=base), method="lora",
+                        r=r, alpha=32, target_modules=["q_proj", "v_proj"],
+                        files=describe_files(directory), created_at=datetime.now(UTC))
+    m.write(directory)
+    return m.digest
+
+
+def adapter_state(kube: Kube, deployment: str, adapter: str) -> dict:
+    return next(a for a in ad_status(kube, deployment).get("adapters") or []
+                if a["name"] == adapter)
+
+
+def test_messages_name_the_users_uri_not_the_operators_path(kube: Kube, files_operator):
+    root = files_operator
+    write_adapter(root / "adapters" / "good")
+    kube.apply(adapter_deployment("paths", [
+        {"name": "good", "uri": "pvc://adapters/good"},
+        {"name": "absent", "uri": "pvc://adapters/absent"}]))
+
+    def refused():
+        obj = kube.get("adapterdeployment", "paths")
+        c = condition(obj, "Degraded")
+        return c and c["reason"] == "AdapterFilesMissing" and obj
+    obj = wait_for(refused, timeout=60, what="the missing adapter refused")
+    message = condition(obj, "Degraded")["message"]
+    assert "pvc://adapters/absent does not exist" in message, message
+    assert str(root) not in message
+    absent = adapter_state(kube, "paths", "absent")
+    assert "pvc://adapters/absent" in absent["message"] and str(root) not in absent["message"]

@@ -136,6 +136,10 @@ def test_pvc_root_runs_file_and_checksum_checks_in_the_operator(tmp_path):
     assert decisions["good"].rank == 16 and decisions["good"].served.max_rank == 16
     assert (decisions["corrupt"].reason, decisions["absent"].reason) == (
         "AdapterChecksumMismatch", "AdapterFilesMissing")
+    # Messages name the URI people wrote, not where the operator sees the volume.
+    assert "pvc://adapters/absent does not exist" in decisions["absent"].message
+    assert "pvc://adapters/corrupt" in decisions["corrupt"].message
+    assert all(str(tmp_path) not in x.message for x in decisions.values())
     assert decisions["mistral"].reason == "BaseModelMismatch"
     assert decisions["r128"].reason == "RankAboveLimit"
     assert decisions["from-job"].reason == "AdapterChecksumMismatch"

@@ -455,4 +455,6 @@ def test_init_container_verifies_files_and_compatibility_before_vllm_starts(tmp_
     assert bad.returncode == 1
     message = (tmp_path / "termination-log").read_text()
     assert "AdapterChecksumMismatch: adapter 'good'" in message
+    # The pod's message names the URI people wrote, not the pod's mount path.
+    assert "pvc://claim/good" in message and str(tmp_path) not in message
     assert "RankAboveLimit: adapter 'big' has rank 600" in message

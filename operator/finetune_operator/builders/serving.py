@@ -280,16 +280,19 @@ def verify_adapter_dir(directory: str, expected: dict) -> tuple[list[list[str]],
     """Check an adapter's files against its manifest, and read what it says about itself.
 
     -> (problems as [reason, message], facts for `adapter_problems`). `expected`: name,
-    sha256 (the digest a FineTuneJob recorded, if any), manifest (file name).
+    sha256 (the digest a FineTuneJob recorded, if any), manifest (file name), uri (what
+    the user wrote, e.g. `pvc://claim/path`: messages name it rather than `directory`,
+    which is only where this process happens to see the files).
     """
     import hashlib
     import json
     import os
 
     name = expected.get("name", "adapter")
+    where = expected.get("uri") or directory
     manifest_path = os.path.join(directory, expected.get("manifest", "finetune-manifest.json"))
     if not os.path.isdir(directory):
-        return [["AdapterFilesMissing", (f"adapter {name!r}: {directory} does not exist; check "
+        return [["AdapterFilesMissing", (f"adapter {name!r}: {where} does not exist; check "
                  "the adapter's URI (the training job may have written elsewhere)")]], {}
 
     def sha256_of(path):
@@ -316,11 +319,11 @@ def verify_adapter_dir(directory: str, expected: dict) -> tuple[list[list[str]],
             [] if weights else ["adapter_model.safetensors"])
         if missing:
             problems.append(["AdapterFilesMissing",
-                             f"adapter {name!r}: {missing} not found in {directory}"])
+                             f"adapter {name!r}: {missing} not found in {where}"])
         if expected.get("sha256"):
             problems.append(["AdapterChecksumMismatch",
                              (f"adapter {name!r}: no {os.path.basename(manifest_path)} in "
-                             f"{directory} to check the recorded sha256 against")])
+                             f"{where} to check the recorded sha256 against")])
         return problems, facts
     with open(manifest_path) as fh:
         manifest = json.load(fh)
@@ -338,17 +341,17 @@ def verify_adapter_dir(directory: str, expected: dict) -> tuple[list[list[str]],
     if missing:
         problems.append(["AdapterFilesMissing",
                          (f"adapter {name!r}: files listed in its manifest are missing from "
-                         f"{directory}: {missing}; copy the whole adapter directory again")])
+                         f"{where}: {missing}; copy the whole adapter directory again")])
     if changed:
         problems.append(["AdapterChecksumMismatch",
                          (f"adapter {name!r}: files differ from their manifest checksums in "
-                         f"{directory}: {changed}; the copy is corrupt or was modified")])
+                         f"{where}: {changed}; the copy is corrupt or was modified")])
     h = hashlib.sha256()
     for entry in sorted(manifest.get("files") or [], key=lambda e: e["name"]):
         h.update(f"{entry['name']}\0{entry['sha256']}\n".encode())
     if expected.get("sha256") and h.hexdigest() != expected["sha256"]:
         problems.append(["AdapterChecksumMismatch",
-                         (f"adapter {name!r}: the manifest in {directory} has digest "
+                         (f"adapter {name!r}: the manifest in {where} has digest "
                          f"{h.hexdigest()[:12]}..., but its FineTuneJob recorded "
                          f"{expected['sha256'][:12]}...; the directory holds a different "
                          "adapter")])
@@ -552,8 +555,9 @@ def _verify_container(config: dict, adapters: list[ServedAdapter], image: str,
         # The server's limit for the init check is vLLM's (each deployment's own limit was
         # checked by the operator); the base model is the one this server loads.
         "server": {**server_check_inputs(config, VLLM_LORA_RANKS[-1])},
-        "adapters": [{"name": a.name, "path": adapter_path(a), "sha256": a.sha256,
-                      "manifest": ADAPTER_MANIFEST_FILENAME} for a in local],
+        "adapters": [{"name": a.name, "path": adapter_path(a), "uri": a.uri,
+                      "sha256": a.sha256, "manifest": ADAPTER_MANIFEST_FILENAME}
+                     for a in local],
     }
     return {
         "name": "verify-adapters",

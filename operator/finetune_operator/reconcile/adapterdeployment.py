@@ -155,7 +155,7 @@ def decide_adapter(source: AdapterSource, ad: AdapterDeployment, config: dict,
         # Dev/demo only: the operator can read the volume, so it runs the file checks the
         # init container would run, and refuses before a pod is ever created.
         file_problems, manifest_facts = serving.verify_adapter_dir(
-            local, {"name": source.name, "sha256": sha256,
+            local, {"name": source.name, "sha256": sha256, "uri": uri,
                     "manifest": ADAPTER_MANIFEST_FILENAME})
         problems += file_problems
         if source.fine_tune_job_ref is None:
