@@ -414,3 +414,43 @@ def test_messages_name_the_users_uri_not_the_operators_path(kube: Kube, files_op
     assert str(root) not in message
     absent = adapter_state(kube, "paths", "absent")
     assert "pvc://adapters/absent" in absent["message"] and str(root) not in absent["message"]
+
+
+def test_a_missing_claim_is_named_and_its_adapter_waits_while_the_others_serve(
+        kube: Kube, operator_process):
+    kube.apply(adapter_deployment("claims", [
+        {"name": "hub", "uri": "hf://acme/hub"},
+        {"name": "local", "uri": "pvc://late-claim/local"}]))
+    obj = wait_ready(kube, "claims")  # the adapter that needs nothing missing is served
+    rr = condition(obj, "ReferencesResolved")
+    assert (rr["status"], rr["reason"]) == ("False", "VolumeClaimNotFound")
+    assert "PVC 'late-claim' (spec.adapters[1].uri)" in rr["message"]
+    local = adapter_state(kube, "claims", "local")
+    assert (local["state"], local["reason"]) == ("Pending", "VolumeClaimNotFound")
+    assert "PVC 'late-claim'" in local["message"]
+    assert "still waiting for local" in condition(obj, "Ready")["message"]
+    # No pod waits on the missing claim: the server holds only what can start.
+    name = obj["status"]["deploymentName"]
+    assert lora_modules(kube.get("deployment", name)) == ["hub=acme/hub"]
+
+    bound_pvc(kube, "late-claim")  # the resync notices it (claims are not watched)
+    wait_for(lambda: lora_modules(kube.get("deployment", name)) == [
+        "hub=acme/hub", "local=/mnt/late-claim/local"], timeout=60,
+        what="the adapter served once its claim exists")
+    wait_for(lambda: condition(kube.get("adapterdeployment", "claims"),
+                               "ReferencesResolved")["status"] == "True", timeout=60,
+             what="ReferencesResolved True")
+
+
+def test_a_pod_that_cannot_be_scheduled_says_why(kube: Kube, operator_process):
+    kube.apply(adapter_deployment("nowhere", [{"name": "x", "uri": "hf://acme/x"}],
+                                  resources={**RESOURCES,
+                                             "gpu": {"product": "NVIDIA-NO-SUCH-GPU"}}))
+
+    def unschedulable():
+        c = condition(kube.get("adapterdeployment", "nowhere"), "Ready")
+        return c and "cannot be scheduled" in c["message"] and c
+    ready = wait_for(unschedulable, timeout=60, what="the scheduler's reason in Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "ReplicasNotReady")
+    assert "node(s) didn't match" in ready["message"] or "nodes are available" in (
+        ready["message"]), ready["message"]

@@ -234,3 +234,35 @@ def test_nothing_servable_says_why():
     assert (ready["status"], ready["reason"]) == ("False", "AdapterNotReady")
     assert "waiting for FineTuneJob 'j'" in ready["message"]
     assert status["endpoint"] is None and cond(status, "Degraded")["status"] == "False"
+
+
+def test_an_adapter_on_a_missing_claim_waits_and_the_claim_is_named():
+    from finetune_operator import references
+
+    d = desired(ad_body("a", [{"name": "hub", "uri": "hf://acme/hub"},
+                              {"name": "local", "uri": "pvc://late/x"}]))
+    ref = rec.adapter_reference(1, d.ad.spec.adapters[1], {})
+    assert (ref.name, ref.field) == ("late", "spec.adapters[1].uri")
+    d.missing = [references.check(ref, None)]
+    d.decisions = [rec.decide_adapter(src, d.ad, d.config, {}, OperatorSettings(), d.missing)
+                   for src in d.ad.spec.adapters]
+    hub, local = d.decisions
+    assert hub.state == "Accepted"
+    assert (local.state, local.reason) == ("Pending", "VolumeClaimNotFound")
+    assert "PVC 'late' (spec.adapters[1].uri)" in local.message
+    status = rec.desired_status(d, deployment(d.server), [], {})
+    rr = cond(status, "ReferencesResolved")
+    assert (rr["status"], rr["reason"]) == ("False", "VolumeClaimNotFound")
+
+
+def test_unschedulable_server_pods_are_reported_with_the_schedulers_reason():
+    d = desired(ad_body("a", [{"name": "one", "uri": "pvc://adapters/one"}]))
+    d.decisions = decide(d)
+    pod = {"metadata": {"name": "vllm-x-1"}, "status": {"phase": "Pending", "conditions": [{
+        "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+        "message": '0/3 nodes are available: persistentvolumeclaim "adapters" not found.'}]}}
+    status = rec.desired_status(d, deployment(d.server, ready=0), [pod], {})
+    ready = cond(status, "Ready")
+    assert ready["reason"] == "ReplicasNotReady"
+    assert 'pod vllm-x-1 cannot be scheduled (Unschedulable): 0/3 nodes are available: ' \
+           'persistentvolumeclaim "adapters" not found' in ready["message"]

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from .. import k8s
+from .. import k8s, references
 from ..api.adapterdeployment import AdapterDeployment, AdapterSource
 from ..api.common import API_VERSION
 from ..api.constants import ADAPTER_MANIFEST_FILENAME, LABEL_COMPONENT, Phase, Reason
@@ -29,6 +29,7 @@ from ..api.finetunejob import FineTuneJob
 from ..api.worker_config import describe_errors
 from ..builders import serving
 from ..builders.serving import Member, ServedAdapter, ServingDefaults
+from ..builders.storage import locate
 from ..conditions import set_condition
 from .settings import OperatorSettings
 
@@ -70,6 +71,8 @@ class Desired:
     config: dict
     server: str
     decisions: list[AdapterDecision] = field(default_factory=list)
+    missing: list[references.Missing] = field(default_factory=list)
+    """Secrets and PVCs it names that do not exist (this pass)."""
 
     @property
     def name(self) -> str:
@@ -106,9 +109,49 @@ def _facts_from_job(ftj: FineTuneJob, name: str) -> dict:
     }
 
 
+def _claim(uri: str | None) -> str | None:
+    return locate(uri).claim if uri else None
+
+
+def server_references(ad: AdapterDeployment) -> list[references.Reference]:
+    """What the whole server needs: without one of these no pod of it starts."""
+    spec = ad.spec
+    refs = []
+    if spec.hf_token_secret_ref:
+        refs.append(references.Reference("Secret", spec.hf_token_secret_ref.name,
+                                         "spec.hfTokenSecretRef", spec.hf_token_secret_ref.key))
+    if spec.storage_secret_ref:
+        refs.append(references.Reference("Secret", spec.storage_secret_ref.name,
+                                         "spec.storageSecretRef"))
+    for field_name, uri in (("spec.baseModel.uri", spec.base_model.uri),
+                            ("spec.baseModel.tokenizer", spec.base_model.tokenizer)):
+        if uri and (claim := _claim(uri)):
+            refs.append(references.Reference("PersistentVolumeClaim", claim, field_name))
+    return refs
+
+
+def adapter_reference(index: int, source: AdapterSource,
+                      jobs: dict[str, dict]) -> references.Reference | None:
+    """The PVC one adapter is read from, with the field that names it."""
+    if source.uri is not None:
+        claim, where = _claim(source.uri), f"spec.adapters[{index}].uri"
+    else:
+        job = jobs.get(source.fine_tune_job_ref.name) or {}
+        uri = (((job.get("status") or {}).get("adapter") or {}).get("uri")
+               or ((job.get("spec") or {}).get("output") or {}).get("uri"))
+        claim = _claim(uri)
+        where = f"the adapter URI of FineTuneJob {source.fine_tune_job_ref.name!r}"
+    return references.Reference("PersistentVolumeClaim", claim, where) if claim else None
+
+
 def decide_adapter(source: AdapterSource, ad: AdapterDeployment, config: dict,
-                   jobs: dict[str, dict], settings: OperatorSettings) -> AdapterDecision:
-    """Accept, wait for, or refuse one adapter, with the reason people will read."""
+                   jobs: dict[str, dict], settings: OperatorSettings,
+                   missing: list[references.Missing] = ()) -> AdapterDecision:
+    """Accept, wait for, or refuse one adapter, with the reason people will read.
+
+    `missing`: the Secrets and PVCs of the deployment that do not exist; an adapter that
+    needs one waits for it (a pod mounting a missing claim never schedules, and one pod
+    held back holds back the whole shared server)."""
     spec_limit = ad.spec.max_lora_rank
     facts: dict = {"name": source.name}
     sha256 = None
@@ -148,6 +191,19 @@ def decide_adapter(source: AdapterSource, ad: AdapterDeployment, config: dict,
         uri = artifact.get("uri") or ftj.spec.output.uri
         sha256 = artifact.get("sha256")
         facts = _facts_from_job(ftj, source.name)
+
+    claim = _claim(uri)
+    blocking = [m for m in missing if m.reference.kind == "Secret"
+                or m.reference.field.startswith("spec.baseModel")
+                or (m.reference.name == claim and claim is not None)]
+    if blocking:
+        what = " and ".join(m.describe() for m in blocking)
+        return AdapterDecision(
+            source.name, "Pending", blocking[0].reason,
+            f"adapter {source.name!r}: waiting for {what} in namespace "
+            f"{ad.metadata.namespace}; it is served as soon as "
+            f"{'it exists' if len(blocking) == 1 else 'they exist'}",
+            uri=uri, sha256=sha256, fine_tune_job=job_ref)
 
     problems: list[list[str]] = []
     local = _local_dir(uri, settings)
@@ -232,13 +288,27 @@ async def reconcile(namespace: str, name: str, settings: OperatorSettings) -> No
         return
     jobs = {j["metadata"]["name"]: j
             for j in await k8s.list_objects(API_VERSION, "FineTuneJob", namespace)}
+    found: dict[tuple[str, str], dict | None] = {}
+
+    async def missing_of(d: Desired) -> list[references.Missing]:
+        refs = server_references(d.ad) + [
+            r for i, src in enumerate(d.ad.spec.adapters)
+            if (r := adapter_reference(i, src, jobs)) is not None]
+        out = []
+        for ref in refs:
+            if (ref.kind, ref.name) not in found:
+                found[ref.kind, ref.name] = await k8s.get("v1", ref.kind, namespace, ref.name)
+            if (m := references.check(ref, found[ref.kind, ref.name])) is not None:
+                out.append(m)
+        return out
 
     # --- decide + apply, per server group ------------------------------------------------------
     applied: dict[str, dict | None] = {}
     for server in sorted(affected):
         group = [d for d in desired.values() if d.server == server]
         for d in group:
-            d.decisions = [decide_adapter(src, d.ad, d.config, jobs, settings)
+            d.missing = await missing_of(d)
+            d.decisions = [decide_adapter(src, d.ad, d.config, jobs, settings, d.missing)
                            for src in d.ad.spec.adapters]
         _refuse_name_conflicts(group)
         members = [m for m in (d.member() for d in group) if m is not None]
@@ -317,6 +387,19 @@ def pod_failures(pods: list[dict]) -> list[str]:
     return failures
 
 
+def pod_scheduling_problems(pods: list[dict]) -> list[str]:
+    """Why server pods wait for a node: the scheduler's own words (a claim not found, no
+    node with the GPUs asked for, a taint not tolerated)."""
+    problems = []
+    for pod in pods:
+        for c in (pod.get("status") or {}).get("conditions") or []:
+            if c.get("type") == "PodScheduled" and c.get("status") == "False":
+                problems.append(f"pod {pod['metadata']['name']} cannot be scheduled "
+                                f"({c.get('reason') or 'Unschedulable'}): "
+                                f"{(c.get('message') or '').strip()}")
+    return problems
+
+
 def _adapter_states(me: Desired, loaded: bool) -> list[dict]:
     out = []
     for d in me.decisions:
@@ -360,12 +443,23 @@ def desired_status(me: Desired, deployment: dict | None, pods: list[dict],
                  + (f"; still waiting for {', '.join(d.name for d in pending)}"
                     if pending else ""))
     else:
+        unscheduled = pod_scheduling_problems(pods) if deployment is not None else []
         ready = (False, Reason.ROLLING_OUT if dep_status.get("readyReplicas")
                  else Reason.REPLICAS_NOT_READY,
-                 f"{dep_status.get('readyReplicas') or 0}/{deployment['spec']['replicas']} "
-                 f"replicas of {deployment['metadata']['name']} ready with the current "
-                 "adapters" if deployment else "creating the server")
+                 (f"{dep_status.get('readyReplicas') or 0}/{deployment['spec']['replicas']} "
+                  f"replicas of {deployment['metadata']['name']} ready with the current "
+                  "adapters" + (f"; {'; '.join(unscheduled[:3])}" if unscheduled else ""))
+                 if deployment else "creating the server")
     conds = set_condition(conds, C.READY, *ready, generation)
+    if me.missing:
+        what = " and ".join(m.describe() for m in me.missing)
+        resolved = (False, me.missing[0].reason,
+                    (f"waiting for {what} in namespace {me.ad.metadata.namespace}; what "
+                     f"needs {'it' if len(me.missing) == 1 else 'them'} is served as soon as "
+                     f"{'it exists' if len(me.missing) == 1 else 'they exist'}"))
+    else:
+        resolved = (True, Reason.REFERENCES_FOUND, "every Secret and PVC the spec names exists")
+    conds = set_condition(conds, C.REFERENCES_RESOLVED, *resolved, generation)
 
     if refused:
         degraded = (True, refused[0].reason, "; ".join(d.message for d in refused))
