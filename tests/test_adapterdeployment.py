@@ -454,3 +454,25 @@ def test_a_pod_that_cannot_be_scheduled_says_why(kube: Kube, operator_process):
     assert (ready["status"], ready["reason"]) == ("False", "ReplicasNotReady")
     assert "node(s) didn't match" in ready["message"] or "nodes are available" in (
         ready["message"]), ready["message"]
+
+
+def test_a_plain_peft_adapter_is_checked_against_its_own_base(kube: Kube, files_operator):
+    root = files_operator
+    write_adapter(root / "adapters" / "mistral", base="mistralai/Mistral-7B-v0.3",
+                  manifest=False)
+    write_adapter(root / "adapters" / "llama", manifest=False)
+    kube.apply(adapter_deployment("peft", [
+        {"name": "mistral", "uri": "pvc://adapters/mistral"},
+        {"name": "llama", "uri": "pvc://adapters/llama"}]))
+
+    def refused():
+        obj = kube.get("adapterdeployment", "peft")
+        c = condition(obj, "Degraded")
+        return c and c["status"] == "True" and obj
+    obj = wait_for(refused, timeout=60, what="the Mistral adapter refused")
+    degraded = condition(obj, "Degraded")
+    assert degraded["reason"] == "BaseModelMismatch"
+    assert "'mistralai/Mistral-7B-v0.3' (base_model_name_or_path in its adapter_config.json)" \
+        in degraded["message"]
+    server = wait_for(lambda: (s := servers(kube)) and s[0], timeout=60, what="the server")
+    assert lora_modules(server) == ["llama=/mnt/adapters/llama"]

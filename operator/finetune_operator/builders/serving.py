@@ -217,11 +217,19 @@ def adapter_problems(facts: dict, server: dict) -> list[list[str]]:
         return uri[len("hf://"):] if uri and uri.startswith("hf://") else uri
 
     want, have = server.get("baseModel") or {}, facts.get("baseModel") or {}
-    if identity(have) and identity(want) and identity(have) != identity(want):
+    source = facts.get("baseModelFrom")
+    if source and not (want.get("name") or (want.get("uri") or "").startswith("hf://")):
+        # A PEFT config names a Hub id: comparable with a Hub base only, not with a base
+        # served from a volume or a bucket.
+        have = {}
+    # Hub ids are case-insensitive; a PEFT config holds the id as its user typed it.
+    fold = (lambda x: x.lower()) if source else (lambda x: x)
+    if identity(have) and identity(want) and fold(identity(have)) != fold(identity(want)):
         problems.append(["BaseModelMismatch",
-                         (f"adapter {name!r} was trained on {identity(have)!r}, but this "
-                         f"deployment serves {identity(want)!r}; serve it on its own base "
-                         "model or retrain it on this one")])
+                         (f"adapter {name!r} was trained on {identity(have)!r}"
+                          + (f" ({source})" if source else "")
+                          + f", but this deployment serves {identity(want)!r}; serve it on "
+                          "its own base model or retrain it on this one")])
     elif identity(have):
         a, b = have.get("revision"), want.get("revision")
         if facts.get("revisionDeclared"):
@@ -287,6 +295,7 @@ def verify_adapter_dir(directory: str, expected: dict) -> tuple[list[list[str]],
     import hashlib
     import json
     import os
+    import re
 
     name = expected.get("name", "adapter")
     where = expected.get("uri") or directory
@@ -311,6 +320,16 @@ def verify_adapter_dir(directory: str, expected: dict) -> tuple[list[list[str]],
         facts.update({"r": peft.get("r"), "targetModules": peft.get("target_modules"),
                       "useDoRA": bool(peft.get("use_dora")),
                       "modulesToSave": peft.get("modules_to_save") or None})
+        # PEFT records the base it was trained on; a Hub id (`owner/name` or `name`) is
+        # comparable, a local path of the training machine (`/models/x`, `./x`) is not.
+        base_id = peft.get("base_model_name_or_path")
+        if isinstance(base_id, str) and re.match(
+                r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$", base_id):
+            facts["baseModel"] = {"name": base_id, **(
+                {"revision": peft["revision"]} if isinstance(peft.get("revision"), str)
+                else {})}
+            facts["revisionDeclared"] = False
+            facts["baseModelFrom"] = "base_model_name_or_path in its adapter_config.json"
     if not os.path.isfile(manifest_path):
         # Not written by our worker: check what vLLM itself needs to load it.
         weights = [w for w in ("adapter_model.safetensors", "adapter_model.bin")
@@ -328,6 +347,7 @@ def verify_adapter_dir(directory: str, expected: dict) -> tuple[list[list[str]],
     with open(manifest_path) as fh:
         manifest = json.load(fh)
     base = manifest.get("baseModel") or {}
+    facts.pop("baseModelFrom", None)  # the manifest says what the worker resolved
     facts.update({"baseModel": base, "revisionDeclared": False, "r": manifest.get("r"),
                   "targetModules": manifest.get("targetModules"),
                   "useDoRA": bool(manifest.get("useDoRA") or facts.get("useDoRA"))})
