@@ -476,3 +476,37 @@ def test_a_plain_peft_adapter_is_checked_against_its_own_base(kube: Kube, files_
         in degraded["message"]
     server = wait_for(lambda: (s := servers(kube)) and s[0], timeout=60, what="the server")
     assert lora_modules(server) == ["llama=/mnt/adapters/llama"]
+
+
+def adapters_annotation(kube: Kube) -> str:
+    server = wait_for(lambda: (s := servers(kube)) and s[0], timeout=60, what="the server")
+    return server["spec"]["template"]["metadata"]["annotations"]["finetune.dev/adapters"]
+
+
+def test_replacing_an_adapters_files_rolls_the_server(kube: Kube, files_operator):
+    import shutil
+
+    root = files_operator
+    digest = write_adapter(root / "adapters" / "worker")
+    write_adapter(root / "adapters" / "peft", manifest=False)
+    kube.apply(adapter_deployment("files", [
+        {"name": "worker", "uri": "pvc://adapters/worker"},
+        {"name": "peft", "uri": "pvc://adapters/peft"}]))
+    wait_ready(kube, "files")
+    states = {a["name"]: a for a in ad_status(kube, "files")["adapters"]}
+    assert states["worker"]["sha256"] == digest
+    peft_digest = states["peft"]["sha256"]
+    assert peft_digest and len(peft_digest) == 64
+    assert adapters_annotation(kube) == f"peft={peft_digest[:16]},worker={digest[:16]}"
+
+    # A new training run writes the directory again (files and manifest): the server rolls.
+    shutil.rmtree(root / "adapters" / "worker")
+    new_digest = write_adapter(root / "adapters" / "worker")
+    wait_for(lambda: f"worker={new_digest[:16]}" in adapters_annotation(kube), timeout=60,
+             what="the pod template to carry the new digest")
+    # Plain PEFT weights rewritten in place: the same.
+    (root / "adapters" / "peft" / "adapter_model.safetensors").write_bytes(os.urandom(2048))
+    wait_for(lambda: f"peft={peft_digest[:16]}" not in adapters_annotation(kube), timeout=60,
+             what="the pod template to follow the rewritten weights")
+    wait_for(lambda: (a := adapter_state(kube, "files", "worker")).get("sha256") == new_digest
+             and a, timeout=60, what="status.adapters[].sha256 to follow")

@@ -507,3 +507,22 @@ def test_init_container_refuses_a_plain_peft_adapter_of_another_base(tmp_path):
     assert result.returncode == 1
     assert "BaseModelMismatch: adapter 'mistral' was trained on 'mistralai/Mistral-7B-v0.3'" in (
         (tmp_path / "termination-log").read_text())
+
+
+def test_an_adapters_digest_is_known_with_or_without_a_manifest(tmp_path):
+    manifest = write_adapter(tmp_path / "worker")
+    _, facts = serving.verify_adapter_dir(str(tmp_path / "worker"), {"name": "w"})
+    assert facts["sha256"] == manifest.digest
+    # A plain PEFT adapter: the digest of its files, by the same formula.
+    d = write_peft_adapter(tmp_path / "peft", BASE)
+    problems, facts = serving.verify_adapter_dir(str(d), {"name": "p"})
+    assert problems == []
+    assert facts["sha256"] == serving.adapter_files_digest(
+        [f.model_dump(by_alias=True) for f in describe_files(d)])
+    # What the operator checked is what the pod must see: same files pass, new ones not.
+    assert serving.verify_adapter_dir(str(d), {"name": "p", "sha256": facts["sha256"]})[0] == []
+    (d / "adapter_model.safetensors").write_bytes(os.urandom(1024))
+    problems, newer = serving.verify_adapter_dir(str(d), {"name": "p",
+                                                          "sha256": facts["sha256"]})
+    assert newer["sha256"] != facts["sha256"]
+    assert reasons(problems) == ["AdapterChecksumMismatch"]

@@ -339,10 +339,22 @@ def verify_adapter_dir(directory: str, expected: dict) -> tuple[list[list[str]],
         if missing:
             problems.append(["AdapterFilesMissing",
                              f"adapter {name!r}: {missing} not found in {where}"])
-        if expected.get("sha256"):
+        # Its identity is the digest of its files, by the manifest's formula: new files,
+        # new digest, and the server rolls to them.
+        h = hashlib.sha256()
+        for root, dirs, files in os.walk(directory):
+            dirs.sort()
+            for f in sorted(files):
+                rel = os.path.relpath(os.path.join(root, f), directory).replace(os.sep, "/")
+                h.update(f"{rel}\0{sha256_of(os.path.join(root, f))}\n".encode())
+        facts["sha256"] = h.hexdigest()
+        if expected.get("sha256") and expected["sha256"] != facts["sha256"]:
             problems.append(["AdapterChecksumMismatch",
                              (f"adapter {name!r}: no {os.path.basename(manifest_path)} in "
-                             f"{where} to check the recorded sha256 against")])
+                             f"{where}, and its files' digest {facts['sha256'][:12]}... is not "
+                             f"the expected {expected['sha256'][:12]}...; the files changed "
+                             "since they were checked, or they are not the adapter its "
+                             "FineTuneJob recorded")])
         return problems, facts
     with open(manifest_path) as fh:
         manifest = json.load(fh)
@@ -369,6 +381,7 @@ def verify_adapter_dir(directory: str, expected: dict) -> tuple[list[list[str]],
     h = hashlib.sha256()
     for entry in sorted(manifest.get("files") or [], key=lambda e: e["name"]):
         h.update(f"{entry['name']}\0{entry['sha256']}\n".encode())
+    facts["sha256"] = h.hexdigest()
     if expected.get("sha256") and h.hexdigest() != expected["sha256"]:
         problems.append(["AdapterChecksumMismatch",
                          (f"adapter {name!r}: the manifest in {where} has digest "

@@ -216,6 +216,9 @@ def decide_adapter(source: AdapterSource, ad: AdapterDeployment, config: dict,
         problems += file_problems
         if source.fine_tune_job_ref is None:
             facts = {**facts, **manifest_facts}
+            # The digest of what was checked: it goes into the pod template, so new files
+            # roll the server, and the init container checks the pod sees these files.
+            sha256 = manifest_facts.get("sha256")
         else:  # the spec says what was asked; the manifest what was resolved
             for key in ("r", "targetModules", "useDoRA", "modulesToSave"):
                 if manifest_facts.get(key) is not None:
