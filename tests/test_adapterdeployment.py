@@ -393,8 +393,8 @@ def write_adapter(directory: Path, *, base: str | None = BASE, r: int = 16,
 
 
 def adapter_state(kube: Kube, deployment: str, adapter: str) -> dict:
-    return next(a for a in ad_status(kube, deployment).get("adapters") or []
-                if a["name"] == adapter)
+    return next((a for a in ad_status(kube, deployment).get("adapters") or []
+                 if a["name"] == adapter), {})
 
 
 def test_messages_name_the_users_uri_not_the_operators_path(kube: Kube, files_operator):
@@ -510,3 +510,38 @@ def test_replacing_an_adapters_files_rolls_the_server(kube: Kube, files_operator
              what="the pod template to follow the rewritten weights")
     wait_for(lambda: (a := adapter_state(kube, "files", "worker")).get("sha256") == new_digest
              and a, timeout=60, what="status.adapters[].sha256 to follow")
+
+
+def test_a_served_name_never_moves_to_another_adapter(kube: Kube, files_operator):
+    root = files_operator
+    write_adapter(root / "adapters" / "one")
+    write_adapter(root / "adapters" / "two")
+    kube.apply(adapter_deployment("first", [{"name": "shared", "uri": "pvc://adapters/one"},
+                                            {"name": "keep1", "uri": "hf://acme/keep1"}]))
+    wait_ready(kube, "first")
+    kube.apply(adapter_deployment("second", [{"name": "shared", "uri": "pvc://adapters/two"},
+                                             {"name": "keep2", "uri": "hf://acme/keep2"}]))
+    wait_for(lambda: (a := adapter_state(kube, "second", "shared")).get("reason")
+             == "AdapterNameConflict" and a, timeout=60, what="the newer one refused")
+    name = ad_status(kube, "first")["deploymentName"]
+    wait_for(lambda: lora_modules(kube.get("deployment", name)) == [
+        "keep1=acme/keep1", "keep2=acme/keep2", "shared=/mnt/adapters/one"], timeout=60,
+        what="the server with both deployments")
+
+    # The owner's directory disappears for a while: its adapter leaves the server, the
+    # name does not go to the other adapter.
+    (root / "adapters" / "one").rename(root / "adapters" / "one-away")
+    wait_for(lambda: adapter_state(kube, "first", "shared").get("reason")
+             == "AdapterFilesMissing", timeout=60, what="the owner's adapter refused")
+    wait_for(lambda: lora_modules(kube.get("deployment", name)) == [
+        "keep1=acme/keep1", "keep2=acme/keep2"], timeout=60,
+        what="the server without the unreadable adapter")
+    assert adapter_state(kube, "second", "shared")["reason"] == "AdapterNameConflict"
+    (root / "adapters" / "one-away").rename(root / "adapters" / "one")
+    wait_for(lambda: "shared=/mnt/adapters/one" in lora_modules(kube.get("deployment", name)),
+             timeout=60, what="the owner's adapter back")
+    # No revision of the server ever bound the name to the other adapter's files.
+    revisions = kube.items("replicasets", f"finetune.dev/server={name}")
+    assert revisions
+    for rs in revisions:
+        assert "shared=/mnt/adapters/two" not in lora_modules(rs), lora_modules(rs)

@@ -266,3 +266,20 @@ def test_unschedulable_server_pods_are_reported_with_the_schedulers_reason():
     assert ready["reason"] == "ReplicasNotReady"
     assert 'pod vllm-x-1 cannot be scheduled (Unschedulable): 0/3 nodes are available: ' \
            'persistentvolumeclaim "adapters" not found' in ready["message"]
+
+
+def test_a_name_stays_with_its_owner_while_the_owners_adapter_is_not_servable():
+    older = desired(ad_body("older", [{"name": "shared", "uri": "hf://acme/s1"}],
+                            created="2026-01-01T00:00:00Z"))
+    newer = desired(ad_body("newer", [{"name": "shared", "uri": "hf://acme/s2"}],
+                            created="2026-01-02T00:00:00Z"))
+    for d in (older, newer):
+        d.decisions = decide(d)
+    # The owner's files are unreadable this pass: refused, but the name is still its own.
+    owner = older.decisions[0]
+    owner.state, owner.reason, owner.served = "Refused", "AdapterFilesMissing", None
+    rec._refuse_name_conflicts([newer, older])
+    assert older.decisions[0].reason == "AdapterFilesMissing"
+    assert (newer.decisions[0].state, newer.decisions[0].reason) == (
+        "Refused", "AdapterNameConflict")
+    assert newer.member() is None

@@ -239,23 +239,24 @@ def decide_adapter(source: AdapterSource, ad: AdapterDeployment, config: dict,
 
 
 def _refuse_name_conflicts(group: list[Desired]) -> None:
-    """Model names are unique per server: the oldest AdapterDeployment keeps a name."""
+    """Model names are unique per server, and bound: the oldest AdapterDeployment that lists
+    a name owns it, whatever its adapter's state this pass. An owner whose adapter waits
+    (its job runs) or is refused (its files are unreadable for a moment) keeps the name,
+    so a client asking for it never gets another AdapterDeployment's adapter."""
     group.sort(key=lambda d: (d.body["metadata"].get("creationTimestamp") or "", d.name))
-    taken: dict[str, str] = {}
+    owners: dict[str, str] = {}
     for d in group:
         base_name = serving.served_base_name(d.config)
         for dec in d.decisions:
-            if dec.served is None:
+            owner = owners.setdefault(dec.name, d.name)
+            if dec.name != base_name and owner == d.name:
                 continue
-            owner = taken.get(dec.name)
-            if dec.name == base_name or (owner and owner != d.name):
-                what = ("the base model's name" if dec.name == base_name
-                        else f"an adapter of AdapterDeployment {owner!r}")
-                dec.state, dec.reason, dec.served = "Refused", Reason.ADAPTER_NAME_CONFLICT, None
-                dec.message = (f"adapter {dec.name!r}: the shared server already serves "
-                               f"{what} under this name; rename adapters[].name")
-            else:
-                taken[dec.name] = d.name
+            what = ("the base model's name" if dec.name == base_name
+                    else f"an adapter of AdapterDeployment {owner!r}, the oldest that lists "
+                    "it (it keeps the name while it lists it, served or not)")
+            dec.state, dec.reason, dec.served = "Refused", Reason.ADAPTER_NAME_CONFLICT, None
+            dec.message = (f"adapter {dec.name!r}: on the shared server this name belongs to "
+                           f"{what}; rename adapters[].name")
 
 
 # --- the pass ---------------------------------------------------------------------------------
