@@ -243,6 +243,8 @@ def test_finetunejob_follow_up_deploys_and_deleting_the_job_removes_the_server(
 
 def test_adapter_failing_its_checks_in_the_pod_degrades_the_deployment(
         kube: Kube, operator_process, manual_node):
+    # The storage Secret must exist: a missing one holds every adapter back (it is named).
+    kube.kubectl("create", "secret", "generic", "s3", "--from-literal=AWS_ACCESS_KEY_ID=x")
     kube.apply(adapter_deployment(
         "checked", [{"name": "support", "uri": "s3://adapters/support"}],
         storageSecretRef={"name": "s3"},
@@ -288,21 +290,19 @@ def test_adapter_failing_its_checks_in_the_pod_degrades_the_deployment(
 # --- issue 21: isolation, reasons, checks, rolls, ownership of names ---------------------------
 
 
-def _set_quantity_rules(kube: Kube, crd: str, field: str, rules: list | None) -> list | None:
-    """Replace the CEL rules of `spec.resources.<field>` in a CRD; returns the old ones."""
-    import json
+def _set_quantity_rules(kube: Kube, kind: str, field: str, *, relaxed: bool) -> None:
+    """Apply the generated CRD of `kind` as the `crds` fixture does (server-side, manager
+    `tests`), without the rules of `spec.resources.<field>` when `relaxed`: applying it
+    again unrelaxed leaves the CRD exactly as the session's other tests expect."""
+    import yaml
 
-    doc = json.loads(kube.kubectl("get", "crd", crd, "-o", "json", namespaced=False).stdout)
-    for key in ("managedFields", "resourceVersion", "uid", "creationTimestamp", "generation"):
-        doc["metadata"].pop(key, None)
-    doc.pop("status", None)
-    node = doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"][
-        "properties"]["resources"]["properties"][field]
-    old = node.pop("x-kubernetes-validations", None)
-    if rules:
-        node["x-kubernetes-validations"] = rules
-    kube.kubectl("replace", "-f", "-", input=json.dumps(doc), namespaced=False)
-    return old
+    path = Path(__file__).resolve().parent.parent / "crds" / f"finetune.dev_{kind}.yaml"
+    doc = yaml.safe_load(path.read_text())
+    if relaxed:
+        doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"][
+            "properties"]["resources"]["properties"][field].pop("x-kubernetes-validations")
+    kube.kubectl("apply", "--server-side", "--field-manager=tests", "-f", "-",
+                 input=yaml.safe_dump(doc), namespaced=False)
 
 
 def test_one_invalid_adapterdeployment_does_not_stop_the_others(kube: Kube, operator_process):
@@ -310,18 +310,18 @@ def test_one_invalid_adapterdeployment_does_not_stop_the_others(kube: Kube, oper
     is told which field is wrong, and every other AdapterDeployment goes on."""
     kube.apply(adapter_deployment("before", [{"name": "one", "uri": "hf://acme/one"}]))
     wait_ready(kube, "before")
-    crd = "adapterdeployments.finetune.dev"
+    crd = "adapterdeployments"
     bad = adapter_deployment("bad", [{"name": "two", "uri": "hf://acme/two"}],
                              resources={**RESOURCES, "cpu": "-2"})
     # Today's CRD refuses it, naming the field.
     refused = kube.create(bad, check=False)
     assert refused.returncode != 0 and "spec.resources.cpu" in refused.stderr, refused.stderr
-    rules = _set_quantity_rules(kube, crd, "cpu", None)
+    _set_quantity_rules(kube, crd, "cpu", relaxed=True)
     try:
         wait_for(lambda: kube.create(bad, check=False).returncode == 0, timeout=30,
                  what="the relaxed CRD to take the old object")
     finally:
-        _set_quantity_rules(kube, crd, "cpu", rules)
+        _set_quantity_rules(kube, crd, "cpu", relaxed=False)
     wait_for(lambda: kube.create({**bad, "metadata": {"name": "bad-again"}}, check=False)
              .returncode != 0, timeout=30, what="the CRD's quantity rule back in force")
 
