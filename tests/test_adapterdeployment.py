@@ -7,8 +7,13 @@ rendered arguments are checked against vLLM's CLI in test_serving.py).
 
 from __future__ import annotations
 
+import json
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+
 import pytest
-from kubetest import Kube, condition, wait_for
+from kubetest import Kube, bound_pvc, condition, wait_for
 
 pytestmark = pytest.mark.cluster
 BASE = "meta-llama/Meta-Llama-3-8B"
@@ -238,6 +243,8 @@ def test_finetunejob_follow_up_deploys_and_deleting_the_job_removes_the_server(
 
 def test_adapter_failing_its_checks_in_the_pod_degrades_the_deployment(
         kube: Kube, operator_process, manual_node):
+    # The storage Secret must exist: a missing one holds every adapter back (it is named).
+    kube.kubectl("create", "secret", "generic", "s3", "--from-literal=AWS_ACCESS_KEY_ID=x")
     kube.apply(adapter_deployment(
         "checked", [{"name": "support", "uri": "s3://adapters/support"}],
         storageSecretRef={"name": "s3"},
@@ -278,3 +285,263 @@ def test_adapter_failing_its_checks_in_the_pod_degrades_the_deployment(
     assert "verify-adapters" in c["message"] and message in c["message"]
     assert condition(obj, "Ready")["status"] == "False"
     assert obj["status"]["loadedAdapters"] == []
+
+
+# --- issue 21: isolation, reasons, checks, rolls, ownership of names ---------------------------
+
+
+def _set_quantity_rules(kube: Kube, kind: str, field: str, *, relaxed: bool) -> None:
+    """Apply the generated CRD of `kind` as the `crds` fixture does (server-side, manager
+    `tests`), without the rules of `spec.resources.<field>` when `relaxed`: applying it
+    again unrelaxed leaves the CRD exactly as the session's other tests expect."""
+    import yaml
+
+    path = Path(__file__).resolve().parent.parent / "crds" / f"finetune.dev_{kind}.yaml"
+    doc = yaml.safe_load(path.read_text())
+    if relaxed:
+        doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"][
+            "properties"]["resources"]["properties"][field].pop("x-kubernetes-validations")
+    kube.kubectl("apply", "--server-side", "--field-manager=tests", "-f", "-",
+                 input=yaml.safe_dump(doc), namespaced=False)
+
+
+def test_one_invalid_adapterdeployment_does_not_stop_the_others(kube: Kube, operator_process):
+    """An object the models refuse (here: stored while the CRD lacked today's quantity rule)
+    is told which field is wrong, and every other AdapterDeployment goes on."""
+    kube.apply(adapter_deployment("before", [{"name": "one", "uri": "hf://acme/one"}]))
+    wait_ready(kube, "before")
+    crd = "adapterdeployments"
+    bad = adapter_deployment("bad", [{"name": "two", "uri": "hf://acme/two"}],
+                             resources={**RESOURCES, "cpu": "-2"})
+    # Today's CRD refuses it, naming the field.
+    refused = kube.create(bad, check=False)
+    assert refused.returncode != 0 and "spec.resources.cpu" in refused.stderr, refused.stderr
+    _set_quantity_rules(kube, crd, "cpu", relaxed=True)
+    try:
+        wait_for(lambda: kube.create(bad, check=False).returncode == 0, timeout=30,
+                 what="the relaxed CRD to take the old object")
+    finally:
+        _set_quantity_rules(kube, crd, "cpu", relaxed=False)
+    wait_for(lambda: kube.create({**bad, "metadata": {"name": "bad-again"}}, check=False)
+             .returncode != 0, timeout=30, what="the CRD's quantity rule back in force")
+
+    def invalid():
+        obj = kube.get("adapterdeployment", "bad")
+        c = condition(obj, "Ready")
+        return c and c["reason"] == "InvalidSpec" and obj
+    obj = wait_for(invalid, timeout=60, what="the invalid AdapterDeployment's condition")
+    ready = condition(obj, "Ready")
+    assert ready["status"] == "False"
+    assert "spec.resources.cpu" in ready["message"] and "'-2'" in ready["message"]
+    assert condition(obj, "Degraded")["reason"] == "InvalidSpec"
+    wait_for(lambda: any(e.get("reason") == "InvalidSpec" and e["type"] == "Warning"
+                         and e["involvedObject"]["name"] == "bad"
+                         for e in kube.items("events")), timeout=30,
+             what="a Warning Event on the invalid object")
+
+    # The others go on: a new one is served, an existing one still reconciles.
+    kube.apply(adapter_deployment("after", [{"name": "three", "uri": "hf://acme/three"}]))
+    wait_ready(kube, "after")
+    server = kube.get("deployment", ad_status(kube, "after")["deploymentName"])
+    assert lora_modules(server) == ["one=acme/one", "three=acme/three"]
+    assert all("two=acme/two" not in lora_modules(s) for s in servers(kube))
+
+
+@pytest.fixture
+def files_operator(cluster, crds, kube: Kube, tmp_path):
+    """An operator of its own that reads adapter files (`FINETUNE_PVC_ROOT`: the claim
+    `c` is the directory `<root>/c`), watching only this test's namespace, which the
+    session's operator does not watch. Yields the root."""
+    from operator_harness import OperatorProcess
+
+    root = tmp_path / "volumes"
+    root.mkdir()
+    proc = OperatorProcess(cluster, tmp_path, namespaces=kube.namespace,
+                           extra_env={"FINETUNE_PVC_ROOT": str(root),
+                                      "FINETUNE_RESYNC_SECONDS": "1"})
+    proc.start()
+    bound_pvc(kube, "adapters")
+    try:
+        yield root
+    finally:
+        proc.stop()
+
+
+def write_adapter(directory: Path, *, base: str | None = BASE, r: int = 16,
+                  manifest: bool = True) -> str | None:
+    """An adapter directory as the worker (manifest) or plain PEFT (no manifest) leaves
+    it; returns the manifest's digest."""
+    from finetune_operator.api.adapter_manifest import (
+        AdapterManifest,
+        BaseModelRef,
+        describe_files,
+    )
+
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {"r": r, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj"]}
+    if base:
+        config["base_model_name_or_path"] = base
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    (directory / "adapter_model.safetensors").write_bytes(os.urandom(2048))
+    if not manifest:
+        return None
+    m = AdapterManifest(spec_hash="e" * 64, base_model=BaseModelRef(name=base), method="lora",
+                        r=r, alpha=32, target_modules=["q_proj", "v_proj"],
+                        files=describe_files(directory), created_at=datetime.now(UTC))
+    m.write(directory)
+    return m.digest
+
+
+def adapter_state(kube: Kube, deployment: str, adapter: str) -> dict:
+    return next((a for a in ad_status(kube, deployment).get("adapters") or []
+                 if a["name"] == adapter), {})
+
+
+def test_messages_name_the_users_uri_not_the_operators_path(kube: Kube, files_operator):
+    root = files_operator
+    write_adapter(root / "adapters" / "good")
+    kube.apply(adapter_deployment("paths", [
+        {"name": "good", "uri": "pvc://adapters/good"},
+        {"name": "absent", "uri": "pvc://adapters/absent"}]))
+
+    def refused():
+        obj = kube.get("adapterdeployment", "paths")
+        c = condition(obj, "Degraded")
+        return c and c["reason"] == "AdapterFilesMissing" and obj
+    obj = wait_for(refused, timeout=60, what="the missing adapter refused")
+    message = condition(obj, "Degraded")["message"]
+    assert "pvc://adapters/absent does not exist" in message, message
+    assert str(root) not in message
+    absent = adapter_state(kube, "paths", "absent")
+    assert "pvc://adapters/absent" in absent["message"] and str(root) not in absent["message"]
+
+
+def test_a_missing_claim_is_named_and_its_adapter_waits_while_the_others_serve(
+        kube: Kube, operator_process):
+    kube.apply(adapter_deployment("claims", [
+        {"name": "hub", "uri": "hf://acme/hub"},
+        {"name": "local", "uri": "pvc://late-claim/local"}]))
+    obj = wait_ready(kube, "claims")  # the adapter that needs nothing missing is served
+    rr = condition(obj, "ReferencesResolved")
+    assert (rr["status"], rr["reason"]) == ("False", "VolumeClaimNotFound")
+    assert "PVC 'late-claim' (spec.adapters[1].uri)" in rr["message"]
+    local = adapter_state(kube, "claims", "local")
+    assert (local["state"], local["reason"]) == ("Pending", "VolumeClaimNotFound")
+    assert "PVC 'late-claim'" in local["message"]
+    assert "still waiting for local" in condition(obj, "Ready")["message"]
+    # No pod waits on the missing claim: the server holds only what can start.
+    name = obj["status"]["deploymentName"]
+    assert lora_modules(kube.get("deployment", name)) == ["hub=acme/hub"]
+
+    bound_pvc(kube, "late-claim")  # the resync notices it (claims are not watched)
+    wait_for(lambda: lora_modules(kube.get("deployment", name)) == [
+        "hub=acme/hub", "local=/mnt/late-claim/local"], timeout=60,
+        what="the adapter served once its claim exists")
+    wait_for(lambda: condition(kube.get("adapterdeployment", "claims"),
+                               "ReferencesResolved")["status"] == "True", timeout=60,
+             what="ReferencesResolved True")
+
+
+def test_a_pod_that_cannot_be_scheduled_says_why(kube: Kube, operator_process):
+    kube.apply(adapter_deployment("nowhere", [{"name": "x", "uri": "hf://acme/x"}],
+                                  resources={**RESOURCES,
+                                             "gpu": {"product": "NVIDIA-NO-SUCH-GPU"}}))
+
+    def unschedulable():
+        c = condition(kube.get("adapterdeployment", "nowhere"), "Ready")
+        return c and "cannot be scheduled" in c["message"] and c
+    ready = wait_for(unschedulable, timeout=60, what="the scheduler's reason in Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "ReplicasNotReady")
+    assert "node(s) didn't match" in ready["message"] or "nodes are available" in (
+        ready["message"]), ready["message"]
+
+
+def test_a_plain_peft_adapter_is_checked_against_its_own_base(kube: Kube, files_operator):
+    root = files_operator
+    write_adapter(root / "adapters" / "mistral", base="mistralai/Mistral-7B-v0.3",
+                  manifest=False)
+    write_adapter(root / "adapters" / "llama", manifest=False)
+    kube.apply(adapter_deployment("peft", [
+        {"name": "mistral", "uri": "pvc://adapters/mistral"},
+        {"name": "llama", "uri": "pvc://adapters/llama"}]))
+
+    def refused():
+        obj = kube.get("adapterdeployment", "peft")
+        c = condition(obj, "Degraded")
+        return c and c["status"] == "True" and obj
+    obj = wait_for(refused, timeout=60, what="the Mistral adapter refused")
+    degraded = condition(obj, "Degraded")
+    assert degraded["reason"] == "BaseModelMismatch"
+    assert "'mistralai/Mistral-7B-v0.3' (base_model_name_or_path in its adapter_config.json)" \
+        in degraded["message"]
+    server = wait_for(lambda: (s := servers(kube)) and s[0], timeout=60, what="the server")
+    assert lora_modules(server) == ["llama=/mnt/adapters/llama"]
+
+
+def adapters_annotation(kube: Kube) -> str:
+    server = wait_for(lambda: (s := servers(kube)) and s[0], timeout=60, what="the server")
+    return server["spec"]["template"]["metadata"]["annotations"]["finetune.dev/adapters"]
+
+
+def test_replacing_an_adapters_files_rolls_the_server(kube: Kube, files_operator):
+    import shutil
+
+    root = files_operator
+    digest = write_adapter(root / "adapters" / "worker")
+    write_adapter(root / "adapters" / "peft", manifest=False)
+    kube.apply(adapter_deployment("files", [
+        {"name": "worker", "uri": "pvc://adapters/worker"},
+        {"name": "peft", "uri": "pvc://adapters/peft"}]))
+    wait_ready(kube, "files")
+    states = {a["name"]: a for a in ad_status(kube, "files")["adapters"]}
+    assert states["worker"]["sha256"] == digest
+    peft_digest = states["peft"]["sha256"]
+    assert peft_digest and len(peft_digest) == 64
+    assert adapters_annotation(kube) == f"peft={peft_digest[:16]},worker={digest[:16]}"
+
+    # A new training run writes the directory again (files and manifest): the server rolls.
+    shutil.rmtree(root / "adapters" / "worker")
+    new_digest = write_adapter(root / "adapters" / "worker")
+    wait_for(lambda: f"worker={new_digest[:16]}" in adapters_annotation(kube), timeout=60,
+             what="the pod template to carry the new digest")
+    # Plain PEFT weights rewritten in place: the same.
+    (root / "adapters" / "peft" / "adapter_model.safetensors").write_bytes(os.urandom(2048))
+    wait_for(lambda: f"peft={peft_digest[:16]}" not in adapters_annotation(kube), timeout=60,
+             what="the pod template to follow the rewritten weights")
+    wait_for(lambda: (a := adapter_state(kube, "files", "worker")).get("sha256") == new_digest
+             and a, timeout=60, what="status.adapters[].sha256 to follow")
+
+
+def test_a_served_name_never_moves_to_another_adapter(kube: Kube, files_operator):
+    root = files_operator
+    write_adapter(root / "adapters" / "one")
+    write_adapter(root / "adapters" / "two")
+    kube.apply(adapter_deployment("first", [{"name": "shared", "uri": "pvc://adapters/one"},
+                                            {"name": "keep1", "uri": "hf://acme/keep1"}]))
+    wait_ready(kube, "first")
+    kube.apply(adapter_deployment("second", [{"name": "shared", "uri": "pvc://adapters/two"},
+                                             {"name": "keep2", "uri": "hf://acme/keep2"}]))
+    wait_for(lambda: (a := adapter_state(kube, "second", "shared")).get("reason")
+             == "AdapterNameConflict" and a, timeout=60, what="the newer one refused")
+    name = ad_status(kube, "first")["deploymentName"]
+    wait_for(lambda: lora_modules(kube.get("deployment", name)) == [
+        "keep1=acme/keep1", "keep2=acme/keep2", "shared=/mnt/adapters/one"], timeout=60,
+        what="the server with both deployments")
+
+    # The owner's directory disappears for a while: its adapter leaves the server, the
+    # name does not go to the other adapter.
+    (root / "adapters" / "one").rename(root / "adapters" / "one-away")
+    wait_for(lambda: adapter_state(kube, "first", "shared").get("reason")
+             == "AdapterFilesMissing", timeout=60, what="the owner's adapter refused")
+    wait_for(lambda: lora_modules(kube.get("deployment", name)) == [
+        "keep1=acme/keep1", "keep2=acme/keep2"], timeout=60,
+        what="the server without the unreadable adapter")
+    assert adapter_state(kube, "second", "shared")["reason"] == "AdapterNameConflict"
+    (root / "adapters" / "one-away").rename(root / "adapters" / "one")
+    wait_for(lambda: "shared=/mnt/adapters/one" in lora_modules(kube.get("deployment", name)),
+             timeout=60, what="the owner's adapter back")
+    # No revision of the server ever bound the name to the other adapter's files.
+    revisions = kube.items("replicasets", f"finetune.dev/server={name}")
+    assert revisions
+    for rs in revisions:
+        assert "shared=/mnt/adapters/two" not in lora_modules(rs), lora_modules(rs)

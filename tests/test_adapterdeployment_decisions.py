@@ -136,6 +136,10 @@ def test_pvc_root_runs_file_and_checksum_checks_in_the_operator(tmp_path):
     assert decisions["good"].rank == 16 and decisions["good"].served.max_rank == 16
     assert (decisions["corrupt"].reason, decisions["absent"].reason) == (
         "AdapterChecksumMismatch", "AdapterFilesMissing")
+    # Messages name the URI people wrote, not where the operator sees the volume.
+    assert "pvc://adapters/absent does not exist" in decisions["absent"].message
+    assert "pvc://adapters/corrupt" in decisions["corrupt"].message
+    assert all(str(tmp_path) not in x.message for x in decisions.values())
     assert decisions["mistral"].reason == "BaseModelMismatch"
     assert decisions["r128"].reason == "RankAboveLimit"
     assert decisions["from-job"].reason == "AdapterChecksumMismatch"
@@ -230,3 +234,52 @@ def test_nothing_servable_says_why():
     assert (ready["status"], ready["reason"]) == ("False", "AdapterNotReady")
     assert "waiting for FineTuneJob 'j'" in ready["message"]
     assert status["endpoint"] is None and cond(status, "Degraded")["status"] == "False"
+
+
+def test_an_adapter_on_a_missing_claim_waits_and_the_claim_is_named():
+    from finetune_operator import references
+
+    d = desired(ad_body("a", [{"name": "hub", "uri": "hf://acme/hub"},
+                              {"name": "local", "uri": "pvc://late/x"}]))
+    ref = rec.adapter_reference(1, d.ad.spec.adapters[1], {})
+    assert (ref.name, ref.field) == ("late", "spec.adapters[1].uri")
+    d.missing = [references.check(ref, None)]
+    d.decisions = [rec.decide_adapter(src, d.ad, d.config, {}, OperatorSettings(), d.missing)
+                   for src in d.ad.spec.adapters]
+    hub, local = d.decisions
+    assert hub.state == "Accepted"
+    assert (local.state, local.reason) == ("Pending", "VolumeClaimNotFound")
+    assert "PVC 'late' (spec.adapters[1].uri)" in local.message
+    status = rec.desired_status(d, deployment(d.server), [], {})
+    rr = cond(status, "ReferencesResolved")
+    assert (rr["status"], rr["reason"]) == ("False", "VolumeClaimNotFound")
+
+
+def test_unschedulable_server_pods_are_reported_with_the_schedulers_reason():
+    d = desired(ad_body("a", [{"name": "one", "uri": "pvc://adapters/one"}]))
+    d.decisions = decide(d)
+    pod = {"metadata": {"name": "vllm-x-1"}, "status": {"phase": "Pending", "conditions": [{
+        "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+        "message": '0/3 nodes are available: persistentvolumeclaim "adapters" not found.'}]}}
+    status = rec.desired_status(d, deployment(d.server, ready=0), [pod], {})
+    ready = cond(status, "Ready")
+    assert ready["reason"] == "ReplicasNotReady"
+    assert 'pod vllm-x-1 cannot be scheduled (Unschedulable): 0/3 nodes are available: ' \
+           'persistentvolumeclaim "adapters" not found' in ready["message"]
+
+
+def test_a_name_stays_with_its_owner_while_the_owners_adapter_is_not_servable():
+    older = desired(ad_body("older", [{"name": "shared", "uri": "hf://acme/s1"}],
+                            created="2026-01-01T00:00:00Z"))
+    newer = desired(ad_body("newer", [{"name": "shared", "uri": "hf://acme/s2"}],
+                            created="2026-01-02T00:00:00Z"))
+    for d in (older, newer):
+        d.decisions = decide(d)
+    # The owner's files are unreadable this pass: refused, but the name is still its own.
+    owner = older.decisions[0]
+    owner.state, owner.reason, owner.served = "Refused", "AdapterFilesMissing", None
+    rec._refuse_name_conflicts([newer, older])
+    assert older.decisions[0].reason == "AdapterFilesMissing"
+    assert (newer.decisions[0].state, newer.decisions[0].reason) == (
+        "Refused", "AdapterNameConflict")
+    assert newer.member() is None

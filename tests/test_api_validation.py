@@ -159,6 +159,27 @@ INVALID = [
     ("deploy-runtime-tgi", "deploy", [("spec.runtime", "tgi")], "spec.runtime"),
     ("deploy-name-starts-with-digit", "deploy", [("metadata.name", "8b-llama")], "metadata.name"),
     ("merge-name-not-dns-label", "merge", [("metadata.name", "merge.v1")], "metadata.name"),
+    # Kubernetes quantities may carry a sign (`isQuantity('-2')` is true): ours may not.
+    ("ftj-cpu-negative", "ftj", [("spec.resources.cpu", "-2")], "spec.resources.cpu"),
+    ("ftj-memory-negative", "ftj", [("spec.resources.memory", "-64Gi")],
+     "spec.resources.memory"),
+    ("ftj-gpu-memory-plus-sign", "ftj", [("spec.resources.gpu.memory", "+24Gi")],
+     "spec.resources.gpu.memory"),
+    ("ftj-deploy-cpu-negative", "ftj",
+     [("spec.followUp", {"deploy": {"enabled": True, "resources": {"cpu": "-2"}}})],
+     "spec.followUp.deploy.resources.cpu"),
+    ("ftj-deploy-memory-negative", "ftj",
+     [("spec.followUp", {"deploy": {"enabled": True, "resources": {"memory": "-1Gi"}}})],
+     "spec.followUp.deploy.resources.memory"),
+    ("merge-cpu-negative", "merge", [("spec.resources", {"cpu": "-2"})], "spec.resources.cpu"),
+    ("merge-memory-negative", "merge", [("spec.resources", {"memory": "-16Gi"})],
+     "spec.resources.memory"),
+    ("deploy-cpu-negative", "deploy", [("spec.resources", {"cpu": "-2"})],
+     "spec.resources.cpu"),
+    ("deploy-memory-negative", "deploy", [("spec.resources", {"memory": "-32Gi"})],
+     "spec.resources.memory"),
+    ("deploy-memory-not-quantity", "deploy", [("spec.resources", {"memory": "lots"})],
+     "spec.resources.memory"),
 ]
 
 # Rules only the API server can check (they need metadata or the previous object).

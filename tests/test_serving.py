@@ -455,4 +455,74 @@ def test_init_container_verifies_files_and_compatibility_before_vllm_starts(tmp_
     assert bad.returncode == 1
     message = (tmp_path / "termination-log").read_text()
     assert "AdapterChecksumMismatch: adapter 'good'" in message
+    # The pod's message names the URI people wrote, not the pod's mount path.
+    assert "pvc://claim/good" in message and str(tmp_path) not in message
     assert "RankAboveLimit: adapter 'big' has rank 600" in message
+
+
+def write_peft_adapter(directory: Path, base: str | None, **config) -> Path:
+    """A plain PEFT adapter (no finetune-manifest.json), as `save_pretrained` leaves it."""
+    directory.mkdir(parents=True)
+    (directory / "adapter_config.json").write_text(json.dumps({
+        "r": 8, "target_modules": ["q_proj", "v_proj"], "base_model_name_or_path": base,
+        **config}))
+    (directory / "adapter_model.safetensors").write_bytes(os.urandom(1024))
+    return directory
+
+
+def test_plain_peft_adapter_is_checked_against_the_base_in_its_own_config(tmp_path):
+    def problems_for(base, server_base=None, **config):
+        d = write_peft_adapter(tmp_path / f"p{len(list(tmp_path.iterdir()))}", base, **config)
+        problems, facts = serving.verify_adapter_dir(str(d), {"name": "p"})
+        assert problems == []
+        server = server_inputs(**(server_base or {"name": BASE}))
+        return serving.adapter_problems(facts, server)
+
+    mistral = problems_for("mistralai/Mistral-7B-v0.3")
+    assert reasons(mistral) == ["BaseModelMismatch"]
+    assert "'mistralai/Mistral-7B-v0.3' (base_model_name_or_path in its " \
+           "adapter_config.json)" in mistral[0][1]
+    assert problems_for(BASE) == [] and problems_for(BASE.lower()) == []
+    assert problems_for("mistralai/Mistral-7B-v0.3", {"uri": f"hf://{BASE}"}) != []
+    # What cannot be compared is not: a training machine's path, a base on a volume.
+    assert problems_for("/data/models/mistral") == []
+    assert problems_for("./mistral") == []
+    assert problems_for(None) == []
+    assert problems_for("mistralai/Mistral-7B-v0.3", {"uri": "pvc://models/llama3"}) == []
+    # A PEFT revision is compared only with a pinned server revision.
+    assert reasons(problems_for(BASE, {"name": BASE, "revision": "b"}, revision="a")) == [
+        "BaseModelMismatch"]
+
+
+def test_init_container_refuses_a_plain_peft_adapter_of_another_base(tmp_path):
+    write_peft_adapter(tmp_path / "claim" / "mistral", "mistralai/Mistral-7B-v0.3")
+    cfg = config_of(ad("a", []))
+    dep, _ = serving.build_server(cfg, [member("a", served("mistral", "pvc://claim/mistral"))],
+                                  DEFAULTS)
+    verify = dep["spec"]["template"]["spec"]["initContainers"][0]
+    plan = json.loads(verify["command"][3])
+    plan["adapters"][0]["path"] = str(tmp_path / "claim" / "mistral")
+    result = run_verify_init_container(
+        {**verify, "command": verify["command"][:3] + [json.dumps(plan)]}, tmp_path)
+    assert result.returncode == 1
+    assert "BaseModelMismatch: adapter 'mistral' was trained on 'mistralai/Mistral-7B-v0.3'" in (
+        (tmp_path / "termination-log").read_text())
+
+
+def test_an_adapters_digest_is_known_with_or_without_a_manifest(tmp_path):
+    manifest = write_adapter(tmp_path / "worker")
+    _, facts = serving.verify_adapter_dir(str(tmp_path / "worker"), {"name": "w"})
+    assert facts["sha256"] == manifest.digest
+    # A plain PEFT adapter: the digest of its files, by the same formula.
+    d = write_peft_adapter(tmp_path / "peft", BASE)
+    problems, facts = serving.verify_adapter_dir(str(d), {"name": "p"})
+    assert problems == []
+    assert facts["sha256"] == serving.adapter_files_digest(
+        [f.model_dump(by_alias=True) for f in describe_files(d)])
+    # What the operator checked is what the pod must see: same files pass, new ones not.
+    assert serving.verify_adapter_dir(str(d), {"name": "p", "sha256": facts["sha256"]})[0] == []
+    (d / "adapter_model.safetensors").write_bytes(os.urandom(1024))
+    problems, newer = serving.verify_adapter_dir(str(d), {"name": "p",
+                                                          "sha256": facts["sha256"]})
+    assert newer["sha256"] != facts["sha256"]
+    assert reasons(problems) == ["AdapterChecksumMismatch"]

@@ -99,7 +99,12 @@ def at_most_one_cel(a: str, b: str, where: str) -> dict[str, str]:
 
 # --- Quantities ---------------------------------------------------------------------------
 
-_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+|Ki|Mi|Gi|Ti|Pi|Ei|m|k|M|G|T|P|E)?$")
+# Non-negative quantities only: Kubernetes' own syntax (and CEL's `isQuantity`) admits a
+# sign, so `-2` CPUs would pass `isQuantity` and break the operator later. The CRDs carry
+# this same pattern, so the API server and the models accept exactly the same strings.
+QUANTITY_PATTERN = (r"^([0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
+                    r"([eE][-+]?[0-9]+|Ki|Mi|Gi|Ti|Pi|Ei|m|k|M|G|T|P|E)?$")
+_QUANTITY = re.compile(QUANTITY_PATTERN)
 _SUFFIX = {
     None: Decimal(1), "m": Decimal("0.001"),
     "k": Decimal(10) ** 3, "M": Decimal(10) ** 6, "G": Decimal(10) ** 9,
@@ -167,15 +172,18 @@ Quantity = Annotated[
     BeforeValidator(_stringify),
     AfterValidator(_check_quantity),
     Field(max_length=64, json_schema_extra=validations(
-        cel("isQuantity(self)", "must be a Kubernetes quantity such as 24Gi, 512Mi or 500m"))),
+        cel(f"self.matches(r'{QUANTITY_PATTERN}') && isQuantity(self)",
+            "must be a non-negative Kubernetes quantity such as 24Gi, 512Mi, 4 or 500m "
+            "(no sign)"))),
 ]
 PositiveQuantity = Annotated[
     str,
     BeforeValidator(_stringify),
     AfterValidator(_check_positive_quantity),
     Field(max_length=64, json_schema_extra=validations(
-        cel("isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))",
-            "must be a positive quantity such as 24Gi"))),
+        cel(f"self.matches(r'{QUANTITY_PATTERN}') && isQuantity(self) && "
+            "quantity(self).isGreaterThan(quantity('0'))",
+            "must be a positive quantity such as 24Gi (no sign)"))),
 ]
 
 

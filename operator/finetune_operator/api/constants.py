@@ -103,6 +103,7 @@ class Reason:
     ADAPTER_FILES_MISSING = "AdapterFilesMissing"
     ADAPTER_CHECKSUM_MISMATCH = "AdapterChecksumMismatch"
     ADAPTER_NAME_CONFLICT = "AdapterNameConflict"
+    INVALID_SPEC = "InvalidSpec"
 
 
 # Labels and annotations put on children so they can be found and traced back.

@@ -217,11 +217,19 @@ def adapter_problems(facts: dict, server: dict) -> list[list[str]]:
         return uri[len("hf://"):] if uri and uri.startswith("hf://") else uri
 
     want, have = server.get("baseModel") or {}, facts.get("baseModel") or {}
-    if identity(have) and identity(want) and identity(have) != identity(want):
+    source = facts.get("baseModelFrom")
+    if source and not (want.get("name") or (want.get("uri") or "").startswith("hf://")):
+        # A PEFT config names a Hub id: comparable with a Hub base only, not with a base
+        # served from a volume or a bucket.
+        have = {}
+    # Hub ids are case-insensitive; a PEFT config holds the id as its user typed it.
+    fold = (lambda x: x.lower()) if source else (lambda x: x)
+    if identity(have) and identity(want) and fold(identity(have)) != fold(identity(want)):
         problems.append(["BaseModelMismatch",
-                         (f"adapter {name!r} was trained on {identity(have)!r}, but this "
-                         f"deployment serves {identity(want)!r}; serve it on its own base "
-                         "model or retrain it on this one")])
+                         (f"adapter {name!r} was trained on {identity(have)!r}"
+                          + (f" ({source})" if source else "")
+                          + f", but this deployment serves {identity(want)!r}; serve it on "
+                          "its own base model or retrain it on this one")])
     elif identity(have):
         a, b = have.get("revision"), want.get("revision")
         if facts.get("revisionDeclared"):
@@ -280,16 +288,20 @@ def verify_adapter_dir(directory: str, expected: dict) -> tuple[list[list[str]],
     """Check an adapter's files against its manifest, and read what it says about itself.
 
     -> (problems as [reason, message], facts for `adapter_problems`). `expected`: name,
-    sha256 (the digest a FineTuneJob recorded, if any), manifest (file name).
+    sha256 (the digest a FineTuneJob recorded, if any), manifest (file name), uri (what
+    the user wrote, e.g. `pvc://claim/path`: messages name it rather than `directory`,
+    which is only where this process happens to see the files).
     """
     import hashlib
     import json
     import os
+    import re
 
     name = expected.get("name", "adapter")
+    where = expected.get("uri") or directory
     manifest_path = os.path.join(directory, expected.get("manifest", "finetune-manifest.json"))
     if not os.path.isdir(directory):
-        return [["AdapterFilesMissing", (f"adapter {name!r}: {directory} does not exist; check "
+        return [["AdapterFilesMissing", (f"adapter {name!r}: {where} does not exist; check "
                  "the adapter's URI (the training job may have written elsewhere)")]], {}
 
     def sha256_of(path):
@@ -308,6 +320,16 @@ def verify_adapter_dir(directory: str, expected: dict) -> tuple[list[list[str]],
         facts.update({"r": peft.get("r"), "targetModules": peft.get("target_modules"),
                       "useDoRA": bool(peft.get("use_dora")),
                       "modulesToSave": peft.get("modules_to_save") or None})
+        # PEFT records the base it was trained on; a Hub id (`owner/name` or `name`) is
+        # comparable, a local path of the training machine (`/models/x`, `./x`) is not.
+        base_id = peft.get("base_model_name_or_path")
+        if isinstance(base_id, str) and re.match(
+                r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$", base_id):
+            facts["baseModel"] = {"name": base_id, **(
+                {"revision": peft["revision"]} if isinstance(peft.get("revision"), str)
+                else {})}
+            facts["revisionDeclared"] = False
+            facts["baseModelFrom"] = "base_model_name_or_path in its adapter_config.json"
     if not os.path.isfile(manifest_path):
         # Not written by our worker: check what vLLM itself needs to load it.
         weights = [w for w in ("adapter_model.safetensors", "adapter_model.bin")
@@ -316,15 +338,28 @@ def verify_adapter_dir(directory: str, expected: dict) -> tuple[list[list[str]],
             [] if weights else ["adapter_model.safetensors"])
         if missing:
             problems.append(["AdapterFilesMissing",
-                             f"adapter {name!r}: {missing} not found in {directory}"])
-        if expected.get("sha256"):
+                             f"adapter {name!r}: {missing} not found in {where}"])
+        # Its identity is the digest of its files, by the manifest's formula: new files,
+        # new digest, and the server rolls to them.
+        h = hashlib.sha256()
+        for root, dirs, files in os.walk(directory):
+            dirs.sort()
+            for f in sorted(files):
+                rel = os.path.relpath(os.path.join(root, f), directory).replace(os.sep, "/")
+                h.update(f"{rel}\0{sha256_of(os.path.join(root, f))}\n".encode())
+        facts["sha256"] = h.hexdigest()
+        if expected.get("sha256") and expected["sha256"] != facts["sha256"]:
             problems.append(["AdapterChecksumMismatch",
                              (f"adapter {name!r}: no {os.path.basename(manifest_path)} in "
-                             f"{directory} to check the recorded sha256 against")])
+                             f"{where}, and its files' digest {facts['sha256'][:12]}... is not "
+                             f"the expected {expected['sha256'][:12]}...; the files changed "
+                             "since they were checked, or they are not the adapter its "
+                             "FineTuneJob recorded")])
         return problems, facts
     with open(manifest_path) as fh:
         manifest = json.load(fh)
     base = manifest.get("baseModel") or {}
+    facts.pop("baseModelFrom", None)  # the manifest says what the worker resolved
     facts.update({"baseModel": base, "revisionDeclared": False, "r": manifest.get("r"),
                   "targetModules": manifest.get("targetModules"),
                   "useDoRA": bool(manifest.get("useDoRA") or facts.get("useDoRA"))})
@@ -338,17 +373,18 @@ def verify_adapter_dir(directory: str, expected: dict) -> tuple[list[list[str]],
     if missing:
         problems.append(["AdapterFilesMissing",
                          (f"adapter {name!r}: files listed in its manifest are missing from "
-                         f"{directory}: {missing}; copy the whole adapter directory again")])
+                         f"{where}: {missing}; copy the whole adapter directory again")])
     if changed:
         problems.append(["AdapterChecksumMismatch",
                          (f"adapter {name!r}: files differ from their manifest checksums in "
-                         f"{directory}: {changed}; the copy is corrupt or was modified")])
+                         f"{where}: {changed}; the copy is corrupt or was modified")])
     h = hashlib.sha256()
     for entry in sorted(manifest.get("files") or [], key=lambda e: e["name"]):
         h.update(f"{entry['name']}\0{entry['sha256']}\n".encode())
+    facts["sha256"] = h.hexdigest()
     if expected.get("sha256") and h.hexdigest() != expected["sha256"]:
         problems.append(["AdapterChecksumMismatch",
-                         (f"adapter {name!r}: the manifest in {directory} has digest "
+                         (f"adapter {name!r}: the manifest in {where} has digest "
                          f"{h.hexdigest()[:12]}..., but its FineTuneJob recorded "
                          f"{expected['sha256'][:12]}...; the directory holds a different "
                          "adapter")])
@@ -552,8 +588,9 @@ def _verify_container(config: dict, adapters: list[ServedAdapter], image: str,
         # The server's limit for the init check is vLLM's (each deployment's own limit was
         # checked by the operator); the base model is the one this server loads.
         "server": {**server_check_inputs(config, VLLM_LORA_RANKS[-1])},
-        "adapters": [{"name": a.name, "path": adapter_path(a), "sha256": a.sha256,
-                      "manifest": ADAPTER_MANIFEST_FILENAME} for a in local],
+        "adapters": [{"name": a.name, "path": adapter_path(a), "uri": a.uri,
+                      "sha256": a.sha256, "manifest": ADAPTER_MANIFEST_FILENAME}
+                     for a in local],
     }
     return {
         "name": "verify-adapters",

@@ -18,14 +18,18 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-from .. import k8s
+from pydantic import ValidationError
+
+from .. import k8s, references
 from ..api.adapterdeployment import AdapterDeployment, AdapterSource
 from ..api.common import API_VERSION
 from ..api.constants import ADAPTER_MANIFEST_FILENAME, LABEL_COMPONENT, Phase, Reason
 from ..api.constants import ConditionType as C
 from ..api.finetunejob import FineTuneJob
+from ..api.worker_config import describe_errors
 from ..builders import serving
 from ..builders.serving import Member, ServedAdapter, ServingDefaults
+from ..builders.storage import locate
 from ..conditions import set_condition
 from .settings import OperatorSettings
 
@@ -67,6 +71,8 @@ class Desired:
     config: dict
     server: str
     decisions: list[AdapterDecision] = field(default_factory=list)
+    missing: list[references.Missing] = field(default_factory=list)
+    """Secrets and PVCs it names that do not exist (this pass)."""
 
     @property
     def name(self) -> str:
@@ -103,9 +109,49 @@ def _facts_from_job(ftj: FineTuneJob, name: str) -> dict:
     }
 
 
+def _claim(uri: str | None) -> str | None:
+    return locate(uri).claim if uri else None
+
+
+def server_references(ad: AdapterDeployment) -> list[references.Reference]:
+    """What the whole server needs: without one of these no pod of it starts."""
+    spec = ad.spec
+    refs = []
+    if spec.hf_token_secret_ref:
+        refs.append(references.Reference("Secret", spec.hf_token_secret_ref.name,
+                                         "spec.hfTokenSecretRef", spec.hf_token_secret_ref.key))
+    if spec.storage_secret_ref:
+        refs.append(references.Reference("Secret", spec.storage_secret_ref.name,
+                                         "spec.storageSecretRef"))
+    for field_name, uri in (("spec.baseModel.uri", spec.base_model.uri),
+                            ("spec.baseModel.tokenizer", spec.base_model.tokenizer)):
+        if uri and (claim := _claim(uri)):
+            refs.append(references.Reference("PersistentVolumeClaim", claim, field_name))
+    return refs
+
+
+def adapter_reference(index: int, source: AdapterSource,
+                      jobs: dict[str, dict]) -> references.Reference | None:
+    """The PVC one adapter is read from, with the field that names it."""
+    if source.uri is not None:
+        claim, where = _claim(source.uri), f"spec.adapters[{index}].uri"
+    else:
+        job = jobs.get(source.fine_tune_job_ref.name) or {}
+        uri = (((job.get("status") or {}).get("adapter") or {}).get("uri")
+               or ((job.get("spec") or {}).get("output") or {}).get("uri"))
+        claim = _claim(uri)
+        where = f"the adapter URI of FineTuneJob {source.fine_tune_job_ref.name!r}"
+    return references.Reference("PersistentVolumeClaim", claim, where) if claim else None
+
+
 def decide_adapter(source: AdapterSource, ad: AdapterDeployment, config: dict,
-                   jobs: dict[str, dict], settings: OperatorSettings) -> AdapterDecision:
-    """Accept, wait for, or refuse one adapter, with the reason people will read."""
+                   jobs: dict[str, dict], settings: OperatorSettings,
+                   missing: list[references.Missing] = ()) -> AdapterDecision:
+    """Accept, wait for, or refuse one adapter, with the reason people will read.
+
+    `missing`: the Secrets and PVCs of the deployment that do not exist; an adapter that
+    needs one waits for it (a pod mounting a missing claim never schedules, and one pod
+    held back holds back the whole shared server)."""
     spec_limit = ad.spec.max_lora_rank
     facts: dict = {"name": source.name}
     sha256 = None
@@ -119,9 +165,16 @@ def decide_adapter(source: AdapterSource, ad: AdapterDeployment, config: dict,
                 source.name, "Pending", Reason.FINE_TUNE_JOB_NOT_FOUND,
                 f"adapter {source.name!r}: FineTuneJob {job_name!r} not found in namespace "
                 f"{ad.metadata.namespace}; create it or fix adapters[].fineTuneJobRef")
-        ftj = FineTuneJob.model_validate(body)
         job_ref = {"name": job_name, "namespace": ad.metadata.namespace,
-                   "uid": ftj.metadata.uid}
+                   "uid": body["metadata"].get("uid")}
+        try:
+            ftj = FineTuneJob.model_validate(body)
+        except ValidationError as exc:
+            return AdapterDecision(
+                source.name, "Refused", Reason.INVALID_SPEC,
+                f"adapter {source.name!r}: FineTuneJob {job_name!r} has an invalid spec "
+                f"({_one_line(exc)}); fix it or point adapters[].fineTuneJobRef elsewhere",
+                fine_tune_job=job_ref)
         status = body.get("status") or {}
         phase = status.get("phase") or Phase.PENDING
         if phase == Phase.FAILED:
@@ -139,17 +192,33 @@ def decide_adapter(source: AdapterSource, ad: AdapterDeployment, config: dict,
         sha256 = artifact.get("sha256")
         facts = _facts_from_job(ftj, source.name)
 
+    claim = _claim(uri)
+    blocking = [m for m in missing if m.reference.kind == "Secret"
+                or m.reference.field.startswith("spec.baseModel")
+                or (m.reference.name == claim and claim is not None)]
+    if blocking:
+        what = " and ".join(m.describe() for m in blocking)
+        return AdapterDecision(
+            source.name, "Pending", blocking[0].reason,
+            f"adapter {source.name!r}: waiting for {what} in namespace "
+            f"{ad.metadata.namespace}; it is served as soon as "
+            f"{'it exists' if len(blocking) == 1 else 'they exist'}",
+            uri=uri, sha256=sha256, fine_tune_job=job_ref)
+
     problems: list[list[str]] = []
     local = _local_dir(uri, settings)
     if local is not None:
         # Dev/demo only: the operator can read the volume, so it runs the file checks the
         # init container would run, and refuses before a pod is ever created.
         file_problems, manifest_facts = serving.verify_adapter_dir(
-            local, {"name": source.name, "sha256": sha256,
+            local, {"name": source.name, "sha256": sha256, "uri": uri,
                     "manifest": ADAPTER_MANIFEST_FILENAME})
         problems += file_problems
         if source.fine_tune_job_ref is None:
             facts = {**facts, **manifest_facts}
+            # The digest of what was checked: it goes into the pod template, so new files
+            # roll the server, and the init container checks the pod sees these files.
+            sha256 = manifest_facts.get("sha256")
         else:  # the spec says what was asked; the manifest what was resolved
             for key in ("r", "targetModules", "useDoRA", "modulesToSave"):
                 if manifest_facts.get(key) is not None:
@@ -170,23 +239,24 @@ def decide_adapter(source: AdapterSource, ad: AdapterDeployment, config: dict,
 
 
 def _refuse_name_conflicts(group: list[Desired]) -> None:
-    """Model names are unique per server: the oldest AdapterDeployment keeps a name."""
+    """Model names are unique per server, and bound: the oldest AdapterDeployment that lists
+    a name owns it, whatever its adapter's state this pass. An owner whose adapter waits
+    (its job runs) or is refused (its files are unreadable for a moment) keeps the name,
+    so a client asking for it never gets another AdapterDeployment's adapter."""
     group.sort(key=lambda d: (d.body["metadata"].get("creationTimestamp") or "", d.name))
-    taken: dict[str, str] = {}
+    owners: dict[str, str] = {}
     for d in group:
         base_name = serving.served_base_name(d.config)
         for dec in d.decisions:
-            if dec.served is None:
+            owner = owners.setdefault(dec.name, d.name)
+            if dec.name != base_name and owner == d.name:
                 continue
-            owner = taken.get(dec.name)
-            if dec.name == base_name or (owner and owner != d.name):
-                what = ("the base model's name" if dec.name == base_name
-                        else f"an adapter of AdapterDeployment {owner!r}")
-                dec.state, dec.reason, dec.served = "Refused", Reason.ADAPTER_NAME_CONFLICT, None
-                dec.message = (f"adapter {dec.name!r}: the shared server already serves "
-                               f"{what} under this name; rename adapters[].name")
-            else:
-                taken[dec.name] = d.name
+            what = ("the base model's name" if dec.name == base_name
+                    else f"an adapter of AdapterDeployment {owner!r}, the oldest that lists "
+                    "it (it keeps the name while it lists it, served or not)")
+            dec.state, dec.reason, dec.served = "Refused", Reason.ADAPTER_NAME_CONFLICT, None
+            dec.message = (f"adapter {dec.name!r}: on the shared server this name belongs to "
+                           f"{what}; rename adapters[].name")
 
 
 # --- the pass ---------------------------------------------------------------------------------
@@ -199,11 +269,16 @@ async def reconcile(namespace: str, name: str, settings: OperatorSettings) -> No
               if not b["metadata"].get("deletionTimestamp")]
     servers = {d["metadata"]["name"]: d for d in await k8s.list_objects(
         "apps/v1", "Deployment", namespace, SERVER_SELECTOR)}
-    desired = {}
+    desired: dict[str, Desired] = {}
+    invalid: dict[str, tuple[dict, str]] = {}
     for body in bodies:
-        ad = AdapterDeployment.model_validate(body)
-        config = serving.server_config(ad, defaults)
-        desired[ad.metadata.name] = Desired(body, ad, config, serving.server_name(config))
+        # One object the API let through but the models refuse (stored before a CRD rule
+        # existed, say) must not stop its neighbours: it is left out of every server and
+        # told why, and the pass goes on with the others.
+        try:
+            desired[body["metadata"]["name"]] = _desired(body, defaults)
+        except ValidationError as exc:
+            invalid[body["metadata"]["name"]] = (body, _one_line(exc))
     me = desired.get(name)
 
     # The groups this object touches: where it belongs now, and where it was served before.
@@ -212,16 +287,32 @@ async def reconcile(namespace: str, name: str, settings: OperatorSettings) -> No
                  if any(ref.get("kind") == KIND and ref.get("name") == name
                         for ref in dep["metadata"].get("ownerReferences") or [])}
     if not affected:
+        if name in invalid:
+            await _write_invalid(*invalid[name])
         return
     jobs = {j["metadata"]["name"]: j
             for j in await k8s.list_objects(API_VERSION, "FineTuneJob", namespace)}
+    found: dict[tuple[str, str], dict | None] = {}
+
+    async def missing_of(d: Desired) -> list[references.Missing]:
+        refs = server_references(d.ad) + [
+            r for i, src in enumerate(d.ad.spec.adapters)
+            if (r := adapter_reference(i, src, jobs)) is not None]
+        out = []
+        for ref in refs:
+            if (ref.kind, ref.name) not in found:
+                found[ref.kind, ref.name] = await k8s.get("v1", ref.kind, namespace, ref.name)
+            if (m := references.check(ref, found[ref.kind, ref.name])) is not None:
+                out.append(m)
+        return out
 
     # --- decide + apply, per server group ------------------------------------------------------
     applied: dict[str, dict | None] = {}
     for server in sorted(affected):
         group = [d for d in desired.values() if d.server == server]
         for d in group:
-            d.decisions = [decide_adapter(src, d.ad, d.config, jobs, settings)
+            d.missing = await missing_of(d)
+            d.decisions = [decide_adapter(src, d.ad, d.config, jobs, settings, d.missing)
                            for src in d.ad.spec.adapters]
         _refuse_name_conflicts(group)
         members = [m for m in (d.member() for d in group) if m is not None]
@@ -229,6 +320,8 @@ async def reconcile(namespace: str, name: str, settings: OperatorSettings) -> No
                                               servers.get(server))
 
     # --- report -------------------------------------------------------------------------------
+    if name in invalid:
+        await _write_invalid(*invalid[name])
     if me is not None:
         deployment = applied.get(me.server)
         pods = []
@@ -236,6 +329,16 @@ async def reconcile(namespace: str, name: str, settings: OperatorSettings) -> No
             pods = await k8s.list_objects("v1", "Pod", namespace,
                                           f"{serving.LABEL_SERVER}={me.server}")
         await _write_status(me, deployment, pods)
+
+
+def _one_line(exc: ValidationError) -> str:
+    return "; ".join(line.strip() for line in describe_errors(exc).splitlines())
+
+
+def _desired(body: dict, defaults: ServingDefaults) -> Desired:
+    ad = AdapterDeployment.model_validate(body)
+    config = serving.server_config(ad, defaults)
+    return Desired(body, ad, config, serving.server_name(config))
 
 
 async def _apply_server(namespace: str, server: str, group: list[Desired],
@@ -288,6 +391,19 @@ def pod_failures(pods: list[dict]) -> list[str]:
     return failures
 
 
+def pod_scheduling_problems(pods: list[dict]) -> list[str]:
+    """Why server pods wait for a node: the scheduler's own words (a claim not found, no
+    node with the GPUs asked for, a taint not tolerated)."""
+    problems = []
+    for pod in pods:
+        for c in (pod.get("status") or {}).get("conditions") or []:
+            if c.get("type") == "PodScheduled" and c.get("status") == "False":
+                problems.append(f"pod {pod['metadata']['name']} cannot be scheduled "
+                                f"({c.get('reason') or 'Unschedulable'}): "
+                                f"{(c.get('message') or '').strip()}")
+    return problems
+
+
 def _adapter_states(me: Desired, loaded: bool) -> list[dict]:
     out = []
     for d in me.decisions:
@@ -331,12 +447,23 @@ def desired_status(me: Desired, deployment: dict | None, pods: list[dict],
                  + (f"; still waiting for {', '.join(d.name for d in pending)}"
                     if pending else ""))
     else:
+        unscheduled = pod_scheduling_problems(pods) if deployment is not None else []
         ready = (False, Reason.ROLLING_OUT if dep_status.get("readyReplicas")
                  else Reason.REPLICAS_NOT_READY,
-                 f"{dep_status.get('readyReplicas') or 0}/{deployment['spec']['replicas']} "
-                 f"replicas of {deployment['metadata']['name']} ready with the current "
-                 "adapters" if deployment else "creating the server")
+                 (f"{dep_status.get('readyReplicas') or 0}/{deployment['spec']['replicas']} "
+                  f"replicas of {deployment['metadata']['name']} ready with the current "
+                  "adapters" + (f"; {'; '.join(unscheduled[:3])}" if unscheduled else ""))
+                 if deployment else "creating the server")
     conds = set_condition(conds, C.READY, *ready, generation)
+    if me.missing:
+        what = " and ".join(m.describe() for m in me.missing)
+        resolved = (False, me.missing[0].reason,
+                    (f"waiting for {what} in namespace {me.ad.metadata.namespace}; what "
+                     f"needs {'it' if len(me.missing) == 1 else 'them'} is served as soon as "
+                     f"{'it exists' if len(me.missing) == 1 else 'they exist'}"))
+    else:
+        resolved = (True, Reason.REFERENCES_FOUND, "every Secret and PVC the spec names exists")
+    conds = set_condition(conds, C.REFERENCES_RESOLVED, *resolved, generation)
 
     if refused:
         degraded = (True, refused[0].reason, "; ".join(d.message for d in refused))
@@ -363,18 +490,45 @@ def desired_status(me: Desired, deployment: dict | None, pods: list[dict],
     return status
 
 
+def invalid_status(body: dict, errors: str, old: dict) -> dict:
+    """The status of an AdapterDeployment the models refuse: not served, and which field."""
+    generation = body["metadata"].get("generation")
+    message = (f"the spec is invalid, so nothing of it is served: {errors}; fix the "
+               "field(s) named (the other AdapterDeployments are not affected)")
+    conds = list(old.get("conditions") or [])
+    conds = set_condition(conds, C.READY, False, Reason.INVALID_SPEC, message, generation)
+    conds = set_condition(conds, C.DEGRADED, True, Reason.INVALID_SPEC, message, generation)
+    return {"observedGeneration": generation, "conditions": conds, "replicas": 0,
+            "readyReplicas": 0, "loadedAdapters": [], "adapters": [],
+            "deploymentName": None, "serviceName": None, "endpoint": None}
+
+
+async def _write_invalid(body: dict, errors: str) -> None:
+    log.warning("AdapterDeployment %s/%s is invalid and left out of its server: %s",
+                body["metadata"]["namespace"], body["metadata"]["name"], errors)
+    old = dict(body.get("status") or {})
+    await _patch_if_changed(body, old, invalid_status(body, errors, old))
+
+
 async def _write_status(me: Desired, deployment: dict | None, pods: list[dict]) -> None:
     old = dict(me.body.get("status") or {})
-    new = desired_status(me, deployment, pods, old)
+    await _patch_if_changed(me.body, old, desired_status(me, deployment, pods, old))
+
+
+async def _patch_if_changed(body: dict, old: dict, new: dict) -> None:
     if all(old.get(k) == v for k, v in new.items() if v is not None) and all(
             old.get(k) is None for k, v in new.items() if v is None):
         return
-    await k8s.patch_status(me.body, new)
+    await k8s.patch_status(body, new)
     was_ready = _is_true(old, C.READY)
     now_ready = _is_true(new, C.READY)
-    if now_ready != was_ready:
-        cond = next(c for c in new["conditions"] if c["type"] == C.READY)
-        await k8s.post_event(me.body, type="Normal" if now_ready else "Warning",
+    cond = next(c for c in new["conditions"] if c["type"] == C.READY)
+    old_cond = next((c for c in old.get("conditions") or [] if c.get("type") == C.READY), {})
+    # An Event per Ready flip, and one when it turns False for a new reason (an invalid
+    # spec is news even to an object that was never ready).
+    if now_ready != was_ready or (not now_ready and old_cond.get("reason") != cond["reason"]
+                                  and cond["reason"] == Reason.INVALID_SPEC):
+        await k8s.post_event(body, type="Normal" if now_ready else "Warning",
                              reason=cond["reason"], message=cond["message"] or cond["reason"])
 
 
