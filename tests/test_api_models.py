@@ -360,3 +360,31 @@ def test_worker_exit_codes_are_the_contract():
 
 def test_finished_phases():
     assert {p for p in Phase if p.finished} == {Phase.SUCCEEDED, Phase.FAILED}
+
+
+def test_the_worker_report_is_one_contract_for_both_sides():
+    """The termination message the worker writes is what the operator reads, by one model:
+    unknown keys are dropped, the adapter's digest has one name, metrics are status metrics."""
+    import json
+
+    from finetune_operator.api import WorkerReport
+    from finetune_operator.status import termination_summary
+    from finetune_worker.termination import report_document
+
+    written = report_document({
+        "result": "Succeeded", "exitCode": 0, "reason": "TrainingComplete", "message": "done",
+        "metrics": {"tokensPerSecond": 12.5, "steadyTokensPerSecond": 14.0, "worldSize": 2,
+                    "peakVRAMPerRankBytes": [1, 2], "notAMetric": 1},
+        "adapter": {"uri": "pvc://out/a", "path": "/mnt/out/a", "sha256": "ab", "sizeBytes": 3},
+    })
+    assert "notAMetric" not in written["metrics"]
+    pod = {"status": {"containerStatuses": [{"name": "worker", "state": {"terminated": {
+        "exitCode": 0, "message": json.dumps(written)}}}]}}
+    read = termination_summary(pod)
+    assert read == written and read["adapter"]["sha256"] == "ab"
+    assert WorkerReport.model_validate(read).metrics.steady_tokens_per_second == 14.0
+    # a log tail (FallbackToLogsOnError) or a report of another shape is not a report
+    pod["status"]["containerStatuses"][0]["state"]["terminated"]["message"] = "Traceback ..."
+    assert termination_summary(pod) is None
+    assert report_document({"result": "Exploded", "exitCode": 1, "message": "m"}) == {
+        "result": "Exploded", "exitCode": 1, "message": "m"}  # outcome kept, model refused

@@ -168,7 +168,7 @@ def _pod(phase, *, exit_code=None, reason=None, message=None, created="2026-01-0
 
 @pytest.mark.parametrize("code", [c for c in WorkerExitCode if c != WorkerExitCode.SUCCESS])
 def test_worker_exit_codes_map_to_reasons(code):
-    summary = json.dumps({"result": "failed", "exitCode": int(code), "message": "details here"})
+    summary = json.dumps({"result": "Failed", "exitCode": int(code), "message": "details here"})
     out = observe_training(_job([("Failed", "PodFailurePolicy")]),
                            [_pod("Failed", exit_code=int(code), message=summary)],
                            user_suspended=False, queued=False)
@@ -211,7 +211,8 @@ def test_queued_suspended_unschedulable_and_complete():
     assert pend.phase == Phase.QUEUED and "Insufficient gpu" in pend.message
     done = observe_training(_job([("Complete", "")]),
                             [_pod("Succeeded", exit_code=0,
-                                  message=json.dumps({"metrics": {"tokensPerSecond": 5.0}}))],
+                                  message=json.dumps({"result": "Succeeded", "exitCode": 0,
+                                                      "metrics": {"tokensPerSecond": 5.0}}))],
                             user_suspended=False, queued=False)
     assert done.phase == Phase.SUCCEEDED
     assert done.termination["metrics"]["tokensPerSecond"] == 5.0
@@ -219,7 +220,7 @@ def test_queued_suspended_unschedulable_and_complete():
 
 def test_a_retry_whose_new_pod_has_not_started_says_so():
     pods = [_pod("Failed", exit_code=14, created="2026-01-01T00:00:00Z",
-                 message=json.dumps({"exitCode": 14, "message": "disk full"})),
+                 message=json.dumps({"result": "Failed", "exitCode": 14, "message": "disk full"})),
             _pod("Pending", created="2026-01-01T00:05:00Z")]
     out = observe_training(_job(), pods, user_suspended=False, queued=False)
     assert (out.phase, out.reason) == (Phase.PENDING, Reason.RETRYING_AFTER_FAILURE)

@@ -195,7 +195,7 @@ def test_worker_token_may_patch_only_its_own_status(kube: Kube, operator_process
 def test_termination_message_alone_fills_metrics(kube: Kube, operator_process, manual_node):
     kube.apply(ftj_manifest("term-only", manual=True))
     wait_for(lambda: kube.get_or_none("job", "term-only-train"), what="the Job")
-    summary = {"result": "succeeded", "exitCode": 0,
+    summary = {"result": "Succeeded", "exitCode": 0,
                "metrics": {"peakVRAMBytes": 17179869184, "peakVRAM": "16Gi",
                            "tokensPerSecond": 12345.6, "samplesPerSecond": 24.1},
                "adapter": {"uri": "pvc://adapters/term-only", "sizeBytes": 1000,
@@ -213,7 +213,7 @@ def test_worker_exit_code_maps_to_reason(kube: Kube, operator_process, manual_no
                                          reason):
     name = f"exit-{code}"
     kube.apply(ftj_manifest(name, manual=True, backoffLimit=3))
-    summary = {"result": "failed", "exitCode": code, "message": f"failure {code} details"}
+    summary = {"result": "Failed", "exitCode": code, "message": f"failure {code} details"}
     act_as_kubelet(kube, f"{name}-train", exit_code=code, message=json.dumps(summary))
     failed = wait_phase(kube, name, "Failed")
     cond = condition(failed, "Failed")
@@ -301,7 +301,7 @@ def test_budget_too_small_says_what_would_fit(kube: Kube, operator_process):
 def test_a_retry_whose_new_pod_is_pending_names_the_failure(kube: Kube, operator_process,
                                                             manual_node):
     kube.apply(ftj_manifest("retrying", manual=True, backoffLimit=2))
-    summary = {"result": "failed", "exitCode": 14, "message": "checkpoint write failed"}
+    summary = {"result": "Failed", "exitCode": 14, "message": "checkpoint write failed"}
     first = act_as_kubelet(kube, "retrying-train", exit_code=14, message=json.dumps(summary))
     # The Job controller starts a new pod on the manual node, where nothing runs it.
     wait_for(lambda: [p for p in kube.items("pods", "job-name=retrying-train")

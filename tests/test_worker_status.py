@@ -132,7 +132,7 @@ def test_training_run_reports_progress_and_final_metrics(worker_identity, kube, 
     assert summary["result"] == "Succeeded" and summary["exitCode"] == 0
     manifest = AdapterManifest.read(raw["paths"]["outputDir"])
     assert summary["adapter"] == {"uri": "pvc://out/adapter", "path": raw["paths"]["outputDir"],
-                                  "digest": manifest.digest, "sizeBytes": manifest.size_bytes}
+                                  "sha256": manifest.digest, "sizeBytes": manifest.size_bytes}
     assert metrics["tokensPerSecond"] == summary["metrics"]["tokensPerSecond"] > 0
     assert metrics["samplesPerSecond"] > 0
     assert _without_worker_fields(after) == _without_worker_fields(before)

@@ -105,21 +105,23 @@ def test_wrong_format_names_the_missing_columns(tokenizer):
 
 def test_termination_message_fits_4k_dropping_details_first(tmp_path):
     summary = {"result": "Succeeded", "exitCode": 0, "reason": "TrainingComplete",
-               "message": "m" * 3000,
+               "message": "m" * 3800,
                "metrics": {"peakVRAMBytes": 123, "tokensPerSecond": 4567.8, "trainLoss": 1.0,
                            "evalLoss": 2.0},
-               "progress": {"step": 10, "totalSteps": 10, "loss": 0.5},
-               "adapter": {"path": "/out", "files": [{"name": f"f{i}", "sha256": "a" * 64}
-                                                     for i in range(40)]}}
+               "progress": {"step": 10, "totalSteps": 10, "loss": 0.5, "epoch": 1.0,
+                            "percent": 100.0, "learningRate": 0.0002,
+                            "updatedAt": "2026-12-01T00:00:00Z"},
+               "adapter": {"uri": "pvc://out/adapter", "path": "/mnt/out/adapter",
+                           "sha256": "a" * 64, "sizeBytes": 12345}}
     path = termination.write_termination_message(summary, tmp_path / "termination-log")
     raw = path.read_bytes()
     assert len(raw) <= 4096
     parsed = json.loads(raw)
     assert parsed["exitCode"] == 0 and parsed["metrics"]["peakVRAMBytes"] == 123
     assert parsed["metrics"]["tokensPerSecond"] == 4567.8
-    # the file list went first; once it fit, nothing more was dropped
-    assert "files" not in parsed["adapter"] and parsed["progress"]["step"] == 10
-    assert parsed["message"] == "m" * 3000
+    # progress went first; once it fit, nothing more was dropped
+    assert "progress" not in parsed and parsed["adapter"]["sha256"] == "a" * 64
+    assert parsed["message"] == "m" * 3800
     small = termination.fit_summary({"result": "Failed", "exitCode": 11, "message": "x" * 9000})
     assert len(small) <= 4096 and json.loads(small)["message"].endswith("...")
     unchanged = {"result": "Succeeded", "exitCode": 0, "message": "ok", "progress": {"step": 1}}

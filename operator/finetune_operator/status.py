@@ -8,7 +8,6 @@ two except from the termination message, when the worker could not reach the API
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 from .api.constants import ConditionType as C
@@ -45,15 +44,20 @@ def _terminated(pod: dict) -> dict | None:
 
 
 def termination_summary(pod: dict) -> dict | None:
-    """The worker's final JSON summary, from `/dev/termination-log`."""
+    """The worker's final report (api.WorkerReport), from `/dev/termination-log`; None when
+    there is none or it is not one (FallbackToLogsOnError puts a log tail there)."""
+    from pydantic import ValidationError
+
+    from .api.worker_report import WorkerReport
+
     term = _terminated(pod)
     if not term or not term.get("message"):
         return None
     try:
-        data = json.loads(term["message"])
-    except ValueError:
+        report = WorkerReport.model_validate_json(term["message"])
+    except (ValidationError, ValueError):
         return None
-    return data if isinstance(data, dict) else None
+    return report.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 def _newest(pods: list[dict]) -> list[dict]:

@@ -217,7 +217,7 @@ def report_success(config, result, reporter) -> int:
                                    "progress": result.progress})
         log.warning(message)
         return PREEMPTED_EXIT_CODE
-    adapter = {"path": str(result.adapter_dir), "digest": result.adapter_digest,
+    adapter = {"path": str(result.adapter_dir), "sha256": result.adapter_digest,
                "sizeBytes": result.adapter_size_bytes, "uri": config.spec.output.uri}
     write_termination_message(_summary(
         "Succeeded", 0, f"trained {result.global_step} steps"

@@ -25,7 +25,6 @@ LIMIT_BYTES = 4096
 # Dropped in this order until the summary fits; outcome, exit code, peak memory and
 # throughput are what the operator needs most, so they are never in this list.
 DROP_FIRST = (
-    ("adapter", "files"),
     ("progress",),
     ("metrics", "evalLoss"),
     ("metrics", "trainLoss"),
@@ -94,13 +93,30 @@ def fit_summary(summary: dict, limit: int = LIMIT_BYTES) -> bytes:
     return data
 
 
+def report_document(summary: dict) -> dict:
+    """The summary as the operator will read it: validated by api.WorkerReport, the one
+    contract between the two. A summary the model refuses is a bug here; the essentials are
+    still written, so the pod never exits without saying how it ended."""
+    from finetune_operator.api import WorkerReport
+    from pydantic import ValidationError
+
+    try:
+        return WorkerReport.model_validate(summary).model_dump(mode="json", by_alias=True,
+                                                                exclude_none=True)
+    except ValidationError as exc:
+        log.error("the run's summary does not match api.WorkerReport (%s); writing its "
+                  "outcome only", exc.errors()[0].get("msg"))
+        return {k: summary[k] for k in ("result", "exitCode", "reason", "message")
+                if k in summary}
+
+
 def write_termination_message(summary: dict, path: Path | None = None) -> Path | None:
     """Write the summary; a failure to write is logged, never raised (we are exiting)."""
     path = path or termination_log_path()
     if path is None:
         return None
     try:
-        path.write_bytes(fit_summary(summary))
+        path.write_bytes(fit_summary(report_document(summary)))
     except OSError as exc:
         log.warning("cannot write the termination message to %s: %s", path, exc)
         return None

@@ -195,8 +195,7 @@ def _merge_termination(status: dict, summary: dict) -> dict:
         status["metrics"] = {**from_term, **(status.get("metrics") or {})}
     adapter = summary.get("adapter")
     if adapter and adapter.get("uri") and not status.get("adapter"):
-        # The worker calls the digest over all adapter files `digest`.
-        sha = adapter.get("sha256") or adapter.get("digest")
+        sha = adapter.get("sha256")
         status["adapter"] = {"uri": adapter["uri"],
                              **({"sizeBytes": adapter["sizeBytes"]} if "sizeBytes" in adapter
                                 else {}),
