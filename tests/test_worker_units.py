@@ -360,3 +360,34 @@ def test_steady_throughput_leaves_out_the_first_steps():
         callbacks.time.perf_counter = real
     assert cb.tokens == 8000 and cb.seconds == 16.0
     assert cb.steady_tokens_per_second() == 5000 / 6.0  # steps 4-8 in the 6 s after step 3
+
+
+def test_fused_kernels_follow_the_training_device_not_where_the_weights_are(tiny_model_root):
+    """Under FSDP the base is still on the CPU when it is prepared: deciding by the weights'
+    device silently dropped liger's kernels and the lean LoRA layers the plan assumes.
+    In a subprocess: liger also patches transformers' classes, which must not leak into the
+    other CPU tests of this process."""
+    pytest.importorskip("liger_kernel")
+    import subprocess
+    import sys
+
+    probe = f"""
+from liger_kernel.transformers import LigerRMSNorm
+from transformers import AutoModelForCausalLM
+from finetune_worker import modeling
+
+def prepared(device):
+    base = AutoModelForCausalLM.from_pretrained({str(tiny_model_root / "tiny")!r})
+    spec = {{"lora": {{"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj"]}}}}
+    model = modeling.prepare_for_training(base, spec, {{"method": "lora"}}, device=device)
+    assert next(model.parameters()).device.type == "cpu"  # nothing was moved
+    norm = model.get_base_model().model.norm
+    return getattr(norm.forward, "__func__", None) is LigerRMSNorm.forward, model.fused_kernels_applied
+
+print(prepared("cpu"), prepared("cuda"))
+"""
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    # the CPU run keeps the stock norm; a CUDA run gets liger's even with CPU-resident weights
+    assert out.stdout.strip() == "(False, False) (True, True)", out.stdout

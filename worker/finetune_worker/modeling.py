@@ -272,15 +272,17 @@ def liger_available() -> bool:
     return True
 
 
-def apply_fused_kernels(model) -> bool:
+def apply_fused_kernels(model, device: str | None = None) -> bool:
     """Patch in liger-kernel's Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy).
 
     Each replaces several memory-bound PyTorch ops by one kernel; the fused linear cross-entropy
     never materialises the (tokens x 128,256) logits, the largest activation of a Llama-3 step.
     Only on CUDA (Triton) and only when the package imports; returns whether it was applied.
+    `device` is where training runs; the weights may still be on the CPU (FSDP loads the base
+    there and shards it onto the GPUs later), and the patch is a module swap either way.
     """
-    device = next(model.parameters()).device
-    if device.type != "cuda" or not liger_available():
+    kind = device or next(model.parameters()).device.type
+    if not str(kind).startswith("cuda") or not liger_available():
         return False
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
@@ -332,7 +334,8 @@ def enable_checkpointing(model, fraction: float = 1.0) -> list[int]:
     return sorted(keep)
 
 
-def prepare_for_training(model, spec: Any, plan: Any, *, fused_kernels: bool | None = None):
+def prepare_for_training(model, spec: Any, plan: Any, *, fused_kernels: bool | None = None,
+                         device: str | None = None):
     """Freeze the base, apply fused kernels, checkpointing per plan, and wrap with LoRA adapters.
 
     Deliberately not peft's prepare_model_for_kbit_training: that upcasts every non-quantised
@@ -347,7 +350,7 @@ def prepare_for_training(model, spec: Any, plan: Any, *, fused_kernels: bool | N
     model.config.use_cache = False
     if fused_kernels is None:
         fused_kernels = bool(field(plan, "fused_kernels", True))
-    applied = apply_fused_kernels(model) if fused_kernels else False
+    applied = apply_fused_kernels(model, device) if fused_kernels else False
     ckpt = field(plan, "gradient_checkpointing", False)
     if ckpt:
         fraction = 1.0 if ckpt is True else float(ckpt)
@@ -362,7 +365,10 @@ def prepare_for_training(model, spec: Any, plan: Any, *, fused_kernels: bool | N
     for name, p in peft_model.named_parameters():
         if p.requires_grad and p.dtype != _fp32():
             p.data = p.data.float()
-    on_cuda = next(model.parameters()).device.type == "cuda"
+    # The training device, not where the weights are now: under FSDP the base is still on the
+    # CPU here, and deciding by it silently dropped the fused kernels and lean LoRA layers
+    # that the plan's memory and speed assume.
+    on_cuda = str(device or next(model.parameters()).device.type).startswith("cuda")
     if on_cuda:
         configure_cuda_backends(bool(field(plan, "cudnn_attention", False)))
     if field(plan, "lean_lora", on_cuda):

@@ -254,7 +254,8 @@ def load_model(config: WorkerConfig, token: str | None, device: str):
     revision = getattr(base.config, "_commit_hash", None) or source.revision
     targets = resolve_target_modules(base, list(spec.lora.target_modules))
     try:
-        model = modeling.prepare_for_training(base, with_target_modules(spec, targets), plan)
+        model = modeling.prepare_for_training(base, with_target_modules(spec, targets), plan,
+                                              device=device)
     except ValueError as exc:  # peft: target modules not found and the like
         raise InvalidConfigError(f"cannot apply LoRA with spec.lora {spec.lora.model_dump()}: "
                                  f"{exc}") from exc
@@ -416,9 +417,9 @@ def measured_memory(kind: str, world: World) -> dict:
 def require_sharded(model) -> None:
     """Fail (exit 16) rather than train an unsharded replica under a plan made for FSDP.
 
-    On one H200, a QLoRA plan with strategy fsdp trained bit for bit like one plain process
-    (the same losses and the same peak memory; the LoRA plan was sharded): whatever skipped the
-    wrapping, a replica the planner did not expect to fit must not run silently."""
+    The planner chooses FSDP when a whole replica does not fit one GPU; if the Trainer did not
+    wrap the model (an accelerate, bitsandbytes or peft combination that skips it), the run
+    would go out of memory minutes later or, worse, fit by luck with the wrong arithmetic."""
     from .errors import WorkerEnvironmentError
 
     if not any(type(m).__name__ == "FullyShardedDataParallel" or type(m).__name__.startswith("FSDP")
