@@ -44,6 +44,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "lean_lora": ("lean_lora",),
     "attention_mask": ("attention_mask",),
     "varlen": ("varlen",),
+    "varlen_grouped_kv": ("varlen_grouped_kv",),
     "double_quant": ("double_quant",),
     "peak_reserved_bytes": ("peak_reserved_bytes",),
     "peak_allocated_bytes": ("peak_allocated_bytes", "peak_alloc_bytes"),
@@ -119,6 +120,8 @@ def point_from_record(record: Mapping[str, Any], source: str = "") -> Calibratio
         lean_lora=bool(_get(record, "lean_lora", False)),
         # Records that do not say were packed rows with block-diagonal masks (before varlen).
         varlen=bool(_get(record, "varlen", False)),
+        # Records that do not say were measured while varlen rows still repeated K/V.
+        varlen_grouped_kv=bool(_get(record, "varlen_grouped_kv", False)),
         # Calibration runs train on full-length samples: without packing there is no padding,
         # so transformers drops the all-ones mask; masked packed rows always carry one.
         attention_mask=bool(_get(record, "attention_mask",

@@ -127,6 +127,10 @@ class TrainingShape:
     flash attention (finetune_worker.attention; torch >= 2.10): no mask and no per-row
     overhead. False: the older packed rows with block-diagonal masks (some calibration
     records) or a worker on a PyTorch without the kernel."""
+    varlen_grouped_kv: bool = True
+    """Varlen rows pass the grouped K/V heads to the kernel as they are (torch >= 2.11, the
+    worker image's): no repeated K/V kept for backward. Records without the field were
+    measured when the worker still repeated them (4.5 GiB on the 8B shape at 12,288 tokens)."""
     attention_mask: bool | None = None
     """Whether attention runs with an explicit mask (padding or packed-sequence boundaries),
     which makes transformers repeat the K/V heads and keep a tokens x tokens boolean mask.
@@ -343,9 +347,10 @@ def layer_activation_bytes(arch: ModelArch, shape: TrainingShape) -> dict[str, f
         adapters += (2 + mask) * fan_in
 
     # K/V heads are repeated to the query heads (and the copies saved for backward) under a
-    # mask, and for varlen rows too: PyTorch 2.11's varlen kernel takes no GQA flag, so the
-    # worker repeats them (measured on the H200: 4.5 GiB at 12,288 tokens on the 8B shape).
-    kv_width = arch.q_dim if (shape.masked_attention or shape.varlen_rows) else arch.kv_dim
+    # mask; varlen rows keep them grouped where the kernel takes them so (torch >= 2.11),
+    # older varlen rows repeated them (measured on the H200: 4.5 GiB at 12,288 tokens, 8B).
+    repeated = shape.masked_attention or (shape.varlen_rows and not shape.varlen_grouped_kv)
+    kv_width = arch.q_dim if repeated else arch.kv_dim
     attention = 2 * arch.q_dim + 2 * 2 * kv_width + 2 * arch.q_dim + 4 * arch.num_heads
 
     mlp = (2 if shape.fused_kernels else 3) * act * i
