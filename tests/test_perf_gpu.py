@@ -1,6 +1,8 @@
-"""The GPU half of the varlen attention tests: PyTorch's flash varlen kernel against the
-per-example reference the CPU tests use. Skipped without CUDA (CI has none); run on the H200
-by the benchmark's device script (worker/finetune_worker/bench/scripts/)."""
+"""The GPU half of the varlen attention tests: PyTorch's flash varlen kernel (grouped K/V heads
+passed as they are, on torch >= 2.11) against the per-example reference the CPU tests use.
+Skipped without CUDA (CI has none); on a GPU machine:
+    python -m pytest tests/test_perf_gpu.py --noconftest -o addopts=""
+"""
 
 from __future__ import annotations
 
