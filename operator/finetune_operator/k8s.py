@@ -9,11 +9,14 @@ concurrent change makes the write fail instead of overwriting newer state.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import random
 import time
 from typing import Any
 
+import aiohttp
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
@@ -106,27 +109,71 @@ def path(api_version: str, kind: str, namespace: str | None, name: str | None = 
     return "/".join(parts)
 
 
+# Answers that say "not now" rather than "no": throttled (429, honouring Retry-After), an API
+# server restarting or overloaded (5xx), or a connection that dropped. A call is repeated with
+# capped exponential backoff and jitter, as client-go's and controller-runtime's clients do; a
+# POST repeated after a lost answer meets 409 AlreadyExists, which create_if_absent expects.
+TRANSIENT_STATUS = {429, 500, 502, 503, 504}
+RETRY_ATTEMPTS = 6
+RETRY_BASE_S = 0.2
+RETRY_CAP_S = 10.0
+RETRY_AFTER_CAP_S = 60.0
+
+
+def retry_delay(attempt: int, retry_after: str | None = None) -> float:
+    """Seconds before repeat number `attempt` (0-based): the server's Retry-After when it sent
+    one (capped), else capped exponential backoff with jitter (half to all of it)."""
+    if retry_after:
+        try:
+            return min(max(float(retry_after), 0.0), RETRY_AFTER_CAP_S)
+        except ValueError:
+            pass  # an HTTP date: fall back to our own backoff
+    return min(RETRY_CAP_S, RETRY_BASE_S * 2**attempt) * random.uniform(0.5, 1.0)
+
+
+def _transient(exc: BaseException) -> tuple[str, str | None] | None:
+    """(code label, Retry-After) when `exc` is worth repeating the call for, else None."""
+    if isinstance(exc, ApiException):
+        if exc.status in TRANSIENT_STATUS:
+            return str(exc.status), (exc.headers or {}).get("Retry-After")
+        return None
+    if isinstance(exc, aiohttp.ClientConnectionError | TimeoutError):
+        return "connection", None
+    return None
+
+
 async def _call(method: str, resource_path: str, *, body: Any = None,
                 content_type: str = "application/json", query: list | None = None) -> Any:
     api = await connect()
-    started = time.monotonic()
-    try:
-        return await api.call_api(
-            resource_path, method,
-            query_params=query or [],
-            header_params={"Accept": "application/json", "Content-Type": content_type},
-            body=body,
-            response_types_map={200: "object", 201: "object", 202: "object"},
-            auth_settings=["BearerToken"],
-            _return_http_data_only=True,
-        )
-    except ApiException as exc:
-        metrics.API_ERRORS.labels(method=method, code=str(exc.status)).inc()
-        if _gone(exc) and method != "GET":
-            raise Gone(f"{method} {resource_path}: {exc.status} {exc.reason}") from exc
-        raise
-    finally:
-        metrics.API_LATENCY.labels(method=method).observe(time.monotonic() - started)
+    for attempt in range(RETRY_ATTEMPTS):
+        started = time.monotonic()
+        try:
+            return await api.call_api(
+                resource_path, method,
+                query_params=query or [],
+                header_params={"Accept": "application/json", "Content-Type": content_type},
+                body=body,
+                response_types_map={200: "object", 201: "object", 202: "object"},
+                auth_settings=["BearerToken"],
+                _return_http_data_only=True,
+            )
+        except (TimeoutError, ApiException, aiohttp.ClientError) as exc:
+            if isinstance(exc, ApiException):
+                metrics.API_ERRORS.labels(method=method, code=str(exc.status)).inc()
+            transient = _transient(exc)
+            if transient is not None and attempt + 1 < RETRY_ATTEMPTS:
+                code, retry_after = transient
+                delay = retry_delay(attempt, retry_after)
+                metrics.API_TRANSIENT_RETRIES.labels(method=method, code=code).inc()
+                log.info("%s %s: %s; trying again in %.2fs", method, resource_path, code, delay)
+                await asyncio.sleep(delay)
+                continue
+            if isinstance(exc, ApiException) and _gone(exc) and method != "GET":
+                raise Gone(f"{method} {resource_path}: {exc.status} {exc.reason}") from exc
+            raise
+        finally:
+            metrics.API_LATENCY.labels(method=method).observe(time.monotonic() - started)
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def _ident(obj: dict) -> tuple[str, str, str | None, str]:

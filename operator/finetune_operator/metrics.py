@@ -19,5 +19,8 @@ API_LATENCY = Histogram(
     "finetune_operator_api_request_seconds", "Kubernetes API request latency", ["method"])
 API_RETRIES = Counter(
     "finetune_operator_api_retries_total", "Reconciles retried after a write conflict", ["kind"])
+API_TRANSIENT_RETRIES = Counter(
+    "finetune_operator_api_transient_retries_total",
+    "Kubernetes API calls repeated after a 429, a 5xx or a lost connection", ["method", "code"])
 TRANSITIONS = Counter(
     "finetune_operator_phase_transitions_total", "FineTuneJob phase transitions", ["phase"])
