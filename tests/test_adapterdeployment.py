@@ -172,11 +172,7 @@ def test_incompatible_adapters_are_refused_with_their_reason(kube: Kube, operato
         {"name": "fits", "fineTuneJobRef": {"name": "fits"}},
     ], maxLoraRank=64))
 
-    def refused():
-        obj = kube.get("adapterdeployment", "mixed")
-        c = condition(obj, "Degraded")
-        return c and c["status"] == "True" and obj
-    obj = wait_for(refused, timeout=60, what="Degraded with the refusals")
+    obj = wait_degraded(kube, "mixed", what="Degraded with the refusals")
     degraded = condition(obj, "Degraded")
     assert degraded["reason"] == "BaseModelMismatch"
     assert "'mistral-tuned' was trained on 'mistralai/Mistral-7B-v0.3'" in degraded["message"]
@@ -392,6 +388,16 @@ def write_adapter(directory: Path, *, base: str | None = BASE, r: int = 16,
     return m.digest
 
 
+def wait_degraded(kube: Kube, name: str, *, reason: str | None = None, what: str) -> dict:
+    """The AdapterDeployment once Degraded is True (with `reason`, if given)."""
+    def degraded():
+        obj = kube.get("adapterdeployment", name)
+        c = condition(obj, "Degraded")
+        return (c and c["status"] == "True" and (reason is None or c["reason"] == reason)
+                and obj)
+    return wait_for(degraded, timeout=60, what=what)
+
+
 def adapter_state(kube: Kube, deployment: str, adapter: str) -> dict:
     return next((a for a in ad_status(kube, deployment).get("adapters") or []
                  if a["name"] == adapter), {})
@@ -404,11 +410,8 @@ def test_messages_name_the_users_uri_not_the_operators_path(kube: Kube, files_op
         {"name": "good", "uri": "pvc://adapters/good"},
         {"name": "absent", "uri": "pvc://adapters/absent"}]))
 
-    def refused():
-        obj = kube.get("adapterdeployment", "paths")
-        c = condition(obj, "Degraded")
-        return c and c["reason"] == "AdapterFilesMissing" and obj
-    obj = wait_for(refused, timeout=60, what="the missing adapter refused")
+    obj = wait_degraded(kube, "paths", reason="AdapterFilesMissing",
+                        what="the missing adapter refused")
     message = condition(obj, "Degraded")["message"]
     assert "pvc://adapters/absent does not exist" in message, message
     assert str(root) not in message
@@ -465,11 +468,7 @@ def test_a_plain_peft_adapter_is_checked_against_its_own_base(kube: Kube, files_
         {"name": "mistral", "uri": "pvc://adapters/mistral"},
         {"name": "llama", "uri": "pvc://adapters/llama"}]))
 
-    def refused():
-        obj = kube.get("adapterdeployment", "peft")
-        c = condition(obj, "Degraded")
-        return c and c["status"] == "True" and obj
-    obj = wait_for(refused, timeout=60, what="the Mistral adapter refused")
+    obj = wait_degraded(kube, "peft", what="the Mistral adapter refused")
     degraded = condition(obj, "Degraded")
     assert degraded["reason"] == "BaseModelMismatch"
     assert "'mistralai/Mistral-7B-v0.3' (base_model_name_or_path in its adapter_config.json)" \
