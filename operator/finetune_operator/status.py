@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .api.constants import ConditionType as C
 from .api.constants import Phase, Reason
-from .api.exit_codes import WorkerExitCode
+from .api.exit_codes import FAILURE_CODES, WorkerExitCode
 from .builders.training import PERMANENT_EXIT_CODES, WORKER_CONTAINER
 from .conditions import find, set_condition
 
@@ -74,7 +74,7 @@ def _disrupted(pod: dict) -> bool:
 def _worker_verdict(pod: dict) -> bool:
     """Whether the pod's worker exited with one of its documented failure codes."""
     code = (_terminated(pod) or {}).get("exitCode")
-    return code in {int(c) for c in WorkerExitCode if c is not WorkerExitCode.SUCCESS}
+    return code in FAILURE_CODES
 
 
 def explain_pod_failure(pod: dict) -> tuple[str, str]:

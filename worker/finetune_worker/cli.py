@@ -27,10 +27,11 @@ import os
 import sys
 from pathlib import Path
 
+from finetune_operator.api.exit_codes import PREEMPTED_EXIT_CODE
+
 log = logging.getLogger("finetune_worker")
 
 DEFAULT_CONFIG = "/etc/finetune-worker/worker-config.yaml"
-PREEMPTED_EXIT_CODE = 128 + 15  # what a SIGTERM-killed process reports; the Job retries it
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -40,7 +40,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune_operator.api.exit_codes import WorkerExitCode
+from finetune_operator.api.constants import RENDEZVOUS_PORT
+from finetune_operator.api.exit_codes import FAILURE_CODES as WORKER_CODES
+from finetune_operator.api.exit_codes import PREEMPTED_EXIT_CODE, WorkerExitCode
 
 from .errors import InvalidConfigError
 from .termination import (
@@ -52,13 +54,10 @@ from .termination import (
 
 log = logging.getLogger(__name__)
 
-RENDEZVOUS_PORT = 29500
 NODE_RANK_ENV = "JOB_COMPLETION_INDEX"  # set by an Indexed Job in each pod
 SHUTDOWN_TIMEOUT_ENV = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
 SHUTDOWN_TIMEOUT_S = 150
-PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
 CRASHED_EXIT_CODE = 1  # retryable: the operator's podFailurePolicy counts it against backoff
-WORKER_CODES = {int(c) for c in WorkerExitCode if c is not WorkerExitCode.SUCCESS}
 DISTRIBUTED_COMMANDS = ("train",)
 
 

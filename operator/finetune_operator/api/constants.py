@@ -119,3 +119,6 @@ WORKER_CONFIG_FILENAME = "worker-config.yaml"
 ADAPTER_MANIFEST_FILENAME = "finetune-manifest.json"
 
 DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
+# torchrun's master port on pod 0 of a multi-node job: the operator's Service and container
+# port, and the worker launcher's default.
+RENDEZVOUS_PORT = 29500

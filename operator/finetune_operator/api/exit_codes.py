@@ -66,3 +66,8 @@ _MEANINGS = {
         "the worker image or node cannot run what the plan assumes (a C compiler for Triton's "
         "fused kernels, bitsandbytes' CUDA library, a GPU kernel); fix the image",
 }
+
+# A worker's own verdict on a run that failed: any documented code but success.
+FAILURE_CODES = frozenset(int(c) for c in WorkerExitCode if c is not WorkerExitCode.SUCCESS)
+# What a process stopped by SIGTERM after its checkpoint exits with (128 + 15); the Job retries.
+PREEMPTED_EXIT_CODE = 143

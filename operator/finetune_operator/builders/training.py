@@ -15,6 +15,7 @@ from ..api.constants import (
     ANNOTATION_SPEC_HASH,
     LABEL_COMPONENT,
     LABEL_FINETUNEJOB,
+    RENDEZVOUS_PORT,
     WORKER_CONFIG_FILENAME,
 )
 from ..api.exit_codes import WorkerExitCode
@@ -29,7 +30,6 @@ STORAGE_CREDENTIALS_DIR = f"{SECRETS_DIR}/storage"
 SCRATCH_DIR = "/scratch"
 WORKER_CONTAINER = "worker"
 WORKER_UID = 65532  # the worker image's USER, the uid its run-time environment is checked with
-RENDEZVOUS_PORT = 29500  # torchrun's default master port
 DEFAULT_WORKER_IMAGE = "ghcr.io/finetune-dev/finetune-worker:0.1.0"
 
 # Exit codes that no retry can fix: fail the Job at once instead of burning backoffLimit
