@@ -232,21 +232,6 @@ def apply_outcome(status: dict, outcome: Outcome, generation: int | None) -> dic
     return {**status, "phase": phase.value, "conditions": conds}
 
 
-def metrics_from_termination(summary: dict) -> dict:
-    """Map the worker's termination summary onto status.metrics (camelCase, known keys)."""
-    from pydantic import ValidationError
-
-    from .api.finetunejob import TrainingMetrics
-
-    # The status model is the list of known keys: anything else the worker sent is dropped,
-    # and a value of the wrong type drops the summary's metrics rather than the status write.
-    try:
-        known = TrainingMetrics.model_validate(summary.get("metrics") or {})
-    except ValidationError:
-        return {}
-    return known.model_dump(mode="json", by_alias=True, exclude_none=True)
-
-
 def phase_of(status: dict) -> str | None:
     return status.get("phase")
 

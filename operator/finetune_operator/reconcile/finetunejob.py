@@ -22,7 +22,7 @@ from ..api.spec_hash import spec_hash
 from ..builders import followups, training
 from ..conditions import find, now, set_condition
 from ..planning import PlanningFailed, plan_job
-from ..status import Outcome, apply_outcome, metrics_from_termination, observe_training
+from ..status import Outcome, apply_outcome, observe_training
 from .settings import OperatorSettings
 
 log = logging.getLogger(__name__)
@@ -188,18 +188,16 @@ async def _sync_suspend(ftj: FineTuneJob, job: dict) -> dict:
 
 
 def _merge_termination(status: dict, summary: dict) -> dict:
-    """Fill what the worker could not patch itself from its termination message."""
+    """Fill what the worker could not patch itself from its termination message (an
+    api.WorkerReport, validated when read: its metrics are status metrics already)."""
     status = dict(status)
-    from_term = metrics_from_termination(summary)
+    from_term = summary.get("metrics") or {}
     if from_term:
         status["metrics"] = {**from_term, **(status.get("metrics") or {})}
     adapter = summary.get("adapter")
     if adapter and adapter.get("uri") and not status.get("adapter"):
-        sha = adapter.get("sha256")
-        status["adapter"] = {"uri": adapter["uri"],
-                             **({"sizeBytes": adapter["sizeBytes"]} if "sizeBytes" in adapter
-                                else {}),
-                             **({"sha256": sha} if sha else {})}
+        # status.adapter is the report's Artifact without the pod-local path
+        status["adapter"] = {k: v for k, v in adapter.items() if k != "path"}
     return status
 
 
