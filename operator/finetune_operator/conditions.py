@@ -9,9 +9,19 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # metav1.Time as the API server writes it
+
+
+def format_time(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime(TIME_FORMAT)
+
+
+def parse_time(text: str) -> datetime:
+    return datetime.strptime(text, TIME_FORMAT).replace(tzinfo=UTC)
+
 
 def now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return format_time(datetime.now(UTC))
 
 
 def find(conditions: list[dict], type_: str) -> dict | None:

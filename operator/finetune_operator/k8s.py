@@ -261,8 +261,10 @@ async def post_event(obj: dict, *, type: str, reason: str, message: str) -> None
     is a courtesy: failing to post one is logged and never fails the reconcile that
     already wrote the status.
     """
+    from .conditions import now
+
     md = obj["metadata"]
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    stamp = now()
     event = {
         "apiVersion": "v1", "kind": "Event",
         "metadata": {"generateName": f"{md['name']}.", "namespace": md["namespace"]},

@@ -21,7 +21,7 @@ from .api.constants import ConditionType as C
 from .api.constants import Phase, Reason
 from .api.finetunejob import FineTuneJob
 from .builders import training
-from .conditions import find, set_condition
+from .conditions import find, format_time, parse_time, set_condition
 from .status import Outcome, apply_outcome
 
 
@@ -81,14 +81,6 @@ def check(ref: Reference, obj: dict | None) -> Missing | None:
     return None
 
 
-def _parse(ts: str) -> datetime:
-    return datetime.strptime(ts, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-
-
-def _format(dt: datetime) -> str:
-    return dt.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def resolve(status: dict, missing: list[Missing], *, namespace: str, generation: int | None,
             wait_seconds: float, now: datetime | None = None) -> dict:
     """The status for this pass: references resolved, waiting for them, or failed for good.
@@ -103,7 +95,7 @@ def resolve(status: dict, missing: list[Missing], *, namespace: str, generation:
         return {**status, "conditions": conds}
     now = now or datetime.now(UTC)
     previous = find(conds, C.REFERENCES_RESOLVED)
-    since = (_parse(previous["lastTransitionTime"])
+    since = (parse_time(previous["lastTransitionTime"])
              if previous and previous.get("status") == "False" else now)
     deadline = since + timedelta(seconds=wait_seconds)
     what = " and ".join(m.describe() for m in missing)
@@ -114,15 +106,15 @@ def resolve(status: dict, missing: list[Missing], *, namespace: str, generation:
                    f"{'it' if len(missing) == 1 else 'them'}, then delete and re-create this "
                    "FineTuneJob (its spec is immutable)")
         conds = set_condition(conds, C.REFERENCES_RESOLVED, False, reason, message, generation,
-                              at=_format(now))
+                              at=format_time(now))
         failed = apply_outcome({**status, "conditions": conds},
                                Outcome(Phase.FAILED, reason, message), generation)
-        return {**failed, "completionTime": status.get("completionTime") or _format(now)}
+        return {**failed, "completionTime": status.get("completionTime") or format_time(now)}
     message = (f"waiting for {what} in namespace {namespace}: the job starts as soon as "
                f"{'it exists' if len(missing) == 1 else 'they exist'}, and fails if still "
-               f"missing at {_format(deadline)} (FINETUNE_REFERENCE_WAIT_SECONDS, "
+               f"missing at {format_time(deadline)} (FINETUNE_REFERENCE_WAIT_SECONDS, "
                f"{wait_seconds:g}s)")
     conds = set_condition(conds, C.REFERENCES_RESOLVED, False, reason, message, generation,
-                          at=_format(now))
+                          at=format_time(now))
     return apply_outcome({**status, "conditions": conds},
                          Outcome(Phase.PENDING, reason, message), generation)
