@@ -279,7 +279,7 @@ async def post_event(obj: dict, *, type: str, reason: str, message: str) -> None
     }
     try:
         await _call("POST", path("v1", "Event", md["namespace"]), body=event)
-    except (ApiException, Gone) as exc:
+    except (ApiException, Gone, aiohttp.ClientError, TimeoutError) as exc:
         log.warning("could not post the %s Event on %s %s/%s: %s", reason, obj["kind"],
                     md["namespace"], md["name"], exc)
 
