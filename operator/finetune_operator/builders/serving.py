@@ -277,7 +277,11 @@ def adapter_problems(facts: dict, server: dict) -> list[list[str]]:
 
 
 def adapter_files_digest(files: list) -> str:
-    """The adapter manifest's digest: one sha256 over sorted (name, sha256) pairs."""
+    """The adapter manifest's digest: one sha256 over sorted (name, sha256) pairs
+    (api.AdapterManifest.digest; repeated here because the verify init container runs these
+    functions without the package)."""
+    import hashlib
+
     h = hashlib.sha256()
     for f in sorted(files, key=lambda f: f["name"]):
         h.update(f"{f['name']}\0{f['sha256']}\n".encode())
@@ -341,13 +345,12 @@ def verify_adapter_dir(directory: str, expected: dict) -> tuple[list[list[str]],
                              f"adapter {name!r}: {missing} not found in {where}"])
         # Its identity is the digest of its files, by the manifest's formula: new files,
         # new digest, and the server rolls to them.
-        h = hashlib.sha256()
-        for root, dirs, files in os.walk(directory):
-            dirs.sort()
-            for f in sorted(files):
+        listed = []
+        for root, _dirs, files in os.walk(directory):
+            for f in files:
                 rel = os.path.relpath(os.path.join(root, f), directory).replace(os.sep, "/")
-                h.update(f"{rel}\0{sha256_of(os.path.join(root, f))}\n".encode())
-        facts["sha256"] = h.hexdigest()
+                listed.append({"name": rel, "sha256": sha256_of(os.path.join(root, f))})
+        facts["sha256"] = adapter_files_digest(listed)
         if expected.get("sha256") and expected["sha256"] != facts["sha256"]:
             problems.append(["AdapterChecksumMismatch",
                              (f"adapter {name!r}: no {os.path.basename(manifest_path)} in "
@@ -378,14 +381,11 @@ def verify_adapter_dir(directory: str, expected: dict) -> tuple[list[list[str]],
         problems.append(["AdapterChecksumMismatch",
                          (f"adapter {name!r}: files differ from their manifest checksums in "
                          f"{where}: {changed}; the copy is corrupt or was modified")])
-    h = hashlib.sha256()
-    for entry in sorted(manifest.get("files") or [], key=lambda e: e["name"]):
-        h.update(f"{entry['name']}\0{entry['sha256']}\n".encode())
-    facts["sha256"] = h.hexdigest()
-    if expected.get("sha256") and h.hexdigest() != expected["sha256"]:
+    facts["sha256"] = adapter_files_digest(manifest.get("files") or [])
+    if expected.get("sha256") and facts["sha256"] != expected["sha256"]:
         problems.append(["AdapterChecksumMismatch",
                          (f"adapter {name!r}: the manifest in {where} has digest "
-                         f"{h.hexdigest()[:12]}..., but its FineTuneJob recorded "
+                         f"{facts['sha256'][:12]}..., but its FineTuneJob recorded "
                          f"{expected['sha256'][:12]}...; the directory holds a different "
                          "adapter")])
     return problems, facts
@@ -421,7 +421,8 @@ def _verify_main(argv: list[str]) -> int:
 
 def verify_script() -> str:
     """The Python program the verify init container runs: the functions above, verbatim."""
-    parts = [inspect.getsource(f) for f in (adapter_problems, verify_adapter_dir, _verify_main)]
+    parts = [inspect.getsource(f) for f in (adapter_files_digest, adapter_problems,
+                                            verify_adapter_dir, _verify_main)]
     return "\n\n".join(parts) + "\n\nimport sys\nsys.exit(_verify_main(sys.argv))\n"
 
 
