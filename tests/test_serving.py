@@ -526,3 +526,32 @@ def test_an_adapters_digest_is_known_with_or_without_a_manifest(tmp_path):
                                                           "sha256": facts["sha256"]})
     assert newer["sha256"] != facts["sha256"]
     assert reasons(problems) == ["AdapterChecksumMismatch"]
+
+
+def test_the_verify_script_runs_on_its_own_as_the_init_container_runs_it(tmp_path):
+    """The init container runs verify_script() with a bare `python3 -c`, without this package:
+    every function it calls must be in it. A manifest adapter and a plain PEFT one pass, a
+    changed file fails with exit 1."""
+    import subprocess
+    import sys
+
+    manifest = write_adapter(tmp_path / "ours")
+    write_adapter(tmp_path / "plain")
+    (tmp_path / "plain" / "finetune-manifest.json").unlink()
+    server = serving.server_check_inputs({"baseModel": {"name": BASE}}, 64)
+    plan = {"server": server, "adapters": [
+        {"name": "ours", "path": str(tmp_path / "ours"), "sha256": manifest.digest,
+         "manifest": "finetune-manifest.json"},
+        {"name": "plain", "path": str(tmp_path / "plain"), "manifest": "finetune-manifest.json"}]}
+
+    def run():
+        return subprocess.run([sys.executable, "-I", "-c", serving.verify_script(),
+                               json.dumps(plan)], capture_output=True, text=True, timeout=60,
+                              env={"TERMINATION_LOG": str(tmp_path / "term")}, check=False)
+
+    ok = run()
+    assert ok.returncode == 0, ok.stderr
+    assert "'ours'" in ok.stdout and "'plain'" in ok.stdout
+    (tmp_path / "ours" / "adapter_model.safetensors").write_bytes(b"changed")
+    bad = run()
+    assert bad.returncode == 1 and "AdapterChecksumMismatch" in bad.stderr
