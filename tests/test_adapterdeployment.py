@@ -271,11 +271,7 @@ def test_adapter_failing_its_checks_in_the_pod_degrades_the_deployment(
                                           "finishedAt": "2026-01-01T00:00:03Z"}}},
         ]}})
 
-    def degraded():
-        obj = kube.get("adapterdeployment", "checked")
-        c = condition(obj, "Degraded")
-        return c and c["status"] == "True" and obj
-    obj = wait_for(degraded, timeout=60, what="Degraded from the pod's failed adapter check")
+    obj = wait_degraded(kube, "checked", what="Degraded from the pod's failed adapter check")
     c = condition(obj, "Degraded")
     assert c["reason"] == "AdapterLoadFailed"
     assert "verify-adapters" in c["message"] and message in c["message"]

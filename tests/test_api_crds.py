@@ -66,15 +66,11 @@ def test_schemas_are_structural(plural):
             assert "maxItems" in node, f"{path} is an unbounded list"
 
 
-def _fields(node, path="$"):
+def _fields(node):
     """Every field (a named property) of a schema; list items and map values are not
     fields of their own and `kubectl explain` shows them under their parent."""
-    for key, value in node.get("properties", {}).items():
-        yield f"{path}.{key}", value
-        yield from _fields(value, f"{path}.{key}")
-    for key in ("items", "additionalProperties"):
-        if isinstance(node.get(key), dict):
-            yield from _fields(node[key], f"{path}[]")
+    return ((path, value) for path, value in _walk(node)
+            if path != "$" and not path.endswith("[]"))
 
 
 @pytest.mark.parametrize("plural", ["finetunejobs", "adaptermerges", "adapterdeployments"])
