@@ -67,20 +67,15 @@ def claim_fields(ftj: FineTuneJob) -> dict[str, tuple[str, bool]]:
                                    ("spec.dataset.uri", spec.dataset.uri, False)):
         claim = locate(uri).claim if uri else None
         if claim is not None:
-            field_name = found.get(claim, (field_name, False))[0]
-            found[claim] = (field_name, write or found.get(claim, ("", False))[1])
+            first, writes = found.get(claim, (field_name, False))
+            found[claim] = (first, writes or write)
     return found
 
 
 def _claims(ftj: FineTuneJob) -> VolumePlan:
     """Every PVC the spec names, writable where the worker writes."""
-    spec = ftj.spec
-    pvcs = VolumePlan()
-    pvcs.use(locate(spec.output.uri), write=True)
-    if spec.model.uri:
-        pvcs.use(locate(spec.model.uri), write=False)
-    pvcs.use(locate(spec.dataset.uri), write=False)
-    return pvcs
+    return VolumePlan(writable={claim: writes
+                                for claim, (_, writes) in claim_fields(ftj).items()})
 
 
 def worker_paths(ftj: FineTuneJob) -> dict:
