@@ -47,7 +47,9 @@ def shape_of(row: dict) -> TrainingShape:
 
 
 def constants_from(v: torch.Tensor) -> SpeedConstants:
-    e = [float(x) for x in torch.exp(v)]
+    """SpeedConstants from the log-parameters; with tensors in it, speed.py's own formula is
+    differentiable, so the fit optimises exactly what the planner computes."""
+    e = torch.exp(v)
     return replace(DEFAULT_SPEED, tflops={"lora": e[0], "qlora": e[1]},
                    dequant_seconds_per_gparam=e[2],
                    host_seconds_per_layer={k: e[3 + i] for i, k in enumerate(KEYS)},
@@ -55,20 +57,7 @@ def constants_from(v: torch.Tensor) -> SpeedConstants:
 
 
 def predict(v: torch.Tensor, row: dict) -> torch.Tensor:
-    """The same formula as speed.step_seconds, differentiable in the log-parameters."""
-    arch, shape = ARCH[row["shape"]], shape_of(row)
-    e = torch.exp(v)
-    ckpt = shape.gradient_checkpointing
-    params = arch.num_layers * arch.layer_linear_params() + arch.vocab_size * arch.hidden_size
-    flops = shape.tokens_per_micro_batch * params * (6.0 if ckpt else 4.0)
-    gpu = flops / ((e[0] if shape.method == "lora" else e[1]) * 1e12)
-    if shape.lora_dropout > 0:
-        gpu = gpu * DEFAULT_SPEED.dropout_gpu_factor
-    if shape.method == "qlora":
-        gpu = gpu + (3 if ckpt else 2) * e[2] * arch.quantizable_params() / 1e9
-    host = arch.num_layers * e[3 + KEYS.index((shape.method, ckpt))] + e[7]
-    p = 1 + e[8]
-    return shape.tokens_per_micro_batch / (gpu ** p + host ** p) ** (1 / p)
+    return predicted_tokens_per_second(ARCH[row["shape"]], shape_of(row), constants_from(v))
 
 
 def main() -> int:
@@ -86,6 +75,10 @@ def main() -> int:
         loss.backward()
         opt.step()
     c = constants_from(v.detach())
+    c = replace(c, tflops={k: float(x) for k, x in c.tflops.items()},
+                dequant_seconds_per_gparam=float(c.dequant_seconds_per_gparam),
+                host_seconds_per_layer={k: float(x) for k, x in c.host_seconds_per_layer.items()},
+                host_seconds_fixed=float(c.host_seconds_fixed), overlap=float(c.overlap))
     print(f"tflops={ {k: round(x, 1) for k, x in c.tflops.items()} }")
     print(f"dequant_seconds_per_gparam={c.dequant_seconds_per_gparam:.5f}")
     print(f"host_seconds_per_layer={ {k: round(x, 5) for k, x in c.host_seconds_per_layer.items()} }")
