@@ -126,6 +126,12 @@ def test_the_root_failure_is_a_verdict_or_a_signal_before_a_peer_that_crashed_wi
     assert rank == 1
     rank, _ = root_failure(_child_failed({2: _failure(-9), 1: _failure(-9)}))
     assert rank == 1
+    # a rank that checkpointed and stopped (143) before torchrun killed its slower peer
+    rank, _ = root_failure(_child_failed({0: _failure(-15), 1: _failure(143, local_rank=1)}))
+    assert rank == 1
+    # ... but a crash that made the others stop explains more than their 143
+    rank, _ = root_failure(_child_failed({0: _failure(143), 1: _failure(1, local_rank=1)}))
+    assert rank == 1
 
 
 def test_a_ranks_exit_code_becomes_the_pods_and_its_summary_is_kept(tmp_path):

@@ -187,16 +187,23 @@ def root_failure(error):
     the agent looked, so the ranks of one poll tie. Among them the cause comes before its
     consequences: a worker verdict (one of our exit codes), then a rank that died of a signal
     of its own (SIGKILL, SIGSEGV, ...), then a crash (exit 1, often a collective broken by
-    the dead peer), and last the ranks torchrun itself stopped with SIGTERM.
+    the dead peer), then a rank that checkpointed and exited 143, and last the ranks torchrun
+    itself stopped with SIGTERM.
     """
     return min(error.failures.items(),
                key=lambda item: (_explains(item[1].exitcode), item[1].timestamp, item[0]))
 
 
 def _explains(exitcode: int) -> int:
+    """How well an exit explains the run's end (lower first; see root_failure)."""
     if exitcode in WORKER_CODES:
         return 0
-    if exitcode in (-signal.SIGTERM, PREEMPTED_EXIT_CODE):
+    if exitcode == -signal.SIGTERM:  # killed by torchrun stopping the others
+        return 4
+    if exitcode == PREEMPTED_EXIT_CODE:
+        # A rank that checkpointed and stopped: the run's end when the ranks agreed to stop
+        # (torchrun may kill the slower ones before their own 143), a consequence when
+        # another rank crashed first.
         return 3
     return 1 if exitcode < 0 else 2
 
