@@ -8,7 +8,10 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+# The four distributions of this repository (see pyproject.toml): a change to any of
+# them reinstalls.
+PYPROJECTS := pyproject.toml api/pyproject.toml operator/pyproject.toml worker/pyproject.toml
+STAMP := $(VENV)/.installed-$(shell cat $(PYPROJECTS) | sha256sum | cut -c1-12)
 PYTEST_ARGS ?=
 
 # The images the chart runs by default: values.yaml's image.repository (tag: the chart's
@@ -33,16 +36,16 @@ help:
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): $(PYPROJECTS)
 	@echo "==> [1/3] Python environment in $(VENV) (first time: ~4 min, ~6 GB: torch, transformers, kopf, ...)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install --progress-bar off --upgrade pip >/dev/null
-	$(PY) -m pip install --progress-bar off -e '.[dev]'
+	$(PY) -m pip install --progress-bar off -e ./api -e ./operator -e ./worker -e .
 	@rm -f $(VENV)/.installed-* && touch $@
 
 binaries: venv
 	@echo "==> [2/3] control-plane binaries (built from Go modules once, then cached in ~/.cache/finetune-operator)"
-	@$(VENV)/bin/finetune-operator dev build >/dev/null
+	@$(VENV)/bin/finetune-dev cluster build >/dev/null
 
 test: binaries
 	@echo "==> [3/3] tests"
@@ -50,10 +53,10 @@ test: binaries
 
 demo: binaries
 	@echo "==> [3/3] demo"
-	$(VENV)/bin/finetune-operator demo
+	$(VENV)/bin/finetune-dev demo
 
 demo-down: venv
-	$(VENV)/bin/finetune-operator demo down
+	$(VENV)/bin/finetune-dev demo down
 
 crds: venv
 	$(VENV)/bin/finetune-operator crds
@@ -64,7 +67,7 @@ chart-crds: venv
 	$(PY) charts/finetune-operator/hack/sync_crds.py
 
 lint: venv
-	$(VENV)/bin/ruff check operator worker tests
+	$(VENV)/bin/ruff check api operator worker dev bench tests
 
 # Not part of `make test`: building the worker image downloads several GB (PyTorch, CUDA).
 container-engine:

@@ -6,7 +6,7 @@
 #   bash bench/shipped-examples.sh OUT_DIR
 set -u
 OUT=${1:?usage: shipped-examples.sh OUT_DIR}/shipped-examples.jsonl
-B="python3 -m finetune_worker.bench.cli job"
+B="python3 -m finetune_bench.cli job"
 L=examples/finetunejob-llama3-8b.yaml
 SEED='"method":"qlora","lora.r":64,"lora.alpha":16,"lora.dropout":0.1,"training.seqLength":512,"training.batchSize":16,"resources.gpu.memory":"12Gi"'
 timeout 420 $B --shape llama-3-8b --out "$OUT" \

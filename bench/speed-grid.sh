@@ -9,7 +9,7 @@
 set -u
 OUT_DIR=${1:?usage: speed-grid.sh OUT_DIR [SHAPES]}
 SHAPES=${2:-llama-3.2-1b llama-3-8b}
-B="python3 -m finetune_worker.bench.cli"
+B="python3 -m finetune_bench.cli"
 V='"varlen":true,"grad_accum":1,"dropout":0.05'
 for shape in $SHAPES; do
   for method in lora qlora; do

@@ -15,8 +15,8 @@ import subprocess
 from pathlib import Path
 
 import yaml
-from finetune_operator.devcluster import binaries
-from finetune_operator.devcluster.controlplane import Cluster
+from finetune_dev.devcluster import binaries
+from finetune_dev.devcluster.controlplane import Cluster
 from kubetest import Kube
 
 ROOT = Path(__file__).resolve().parent.parent

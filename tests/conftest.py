@@ -19,7 +19,7 @@ def cluster(tmp_path_factory):
     Built from Go modules on first use (cached); if that is impossible the session
     fails with the reason: there is no silent skip.
     """
-    from finetune_operator.devcluster import controlplane
+    from finetune_dev.devcluster import controlplane
 
     directory = tmp_path_factory.mktemp("cluster")
     c = controlplane.up(directory)
@@ -107,7 +107,7 @@ def manual_node(cluster) -> str:
     pods meant for it (tolerating `finetune.dev/test-node`) land there."""
     import json
 
-    from finetune_operator.devcluster.controlplane import fake_gpu_node
+    from finetune_dev.devcluster.controlplane import fake_gpu_node
     from kubetest import Kube
 
     node = fake_gpu_node(MANUAL_NODE, product="NVIDIA-H100-80GB-HBM3", memory_mib=81559)

@@ -40,7 +40,7 @@ def worker_config_dict(tmp_path: Path, model_root: Path, *, fmt: str = "chat",
         "resources": {"gpu": {"memory": "24Gi"}},
         "output": {"uri": "pvc://out/adapter"},
     }
-    from finetune_operator.api import FineTuneJobSpec, spec_hash
+    from finetune_api import FineTuneJobSpec, spec_hash
 
     return {
         "apiVersion": "finetune.dev/v1alpha1",
@@ -61,7 +61,7 @@ def worker_config_dict(tmp_path: Path, model_root: Path, *, fmt: str = "chat",
 
 def rehash(config: dict) -> dict:
     """The same config with specHash recomputed after editing the spec."""
-    from finetune_operator.api import FineTuneJobSpec, spec_hash
+    from finetune_api import FineTuneJobSpec, spec_hash
 
     config = copy.deepcopy(config)
     config["specHash"] = spec_hash(FineTuneJobSpec.model_validate(config["spec"]))
@@ -71,7 +71,7 @@ def rehash(config: dict) -> dict:
 @pytest.fixture
 def worker_config(tmp_path, tiny_model_root):
     """Factory: `worker_config(fmt="alpaca", method="qlora", ...)` -> WorkerConfig."""
-    from finetune_operator.api import WorkerConfig
+    from finetune_api import WorkerConfig
 
     def make(**kwargs) -> WorkerConfig:
         return WorkerConfig.model_validate(worker_config_dict(tmp_path, tiny_model_root, **kwargs))

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
-from finetune_operator.devcluster import binaries
-from finetune_operator.devcluster.controlplane import Cluster
+from finetune_dev.devcluster import binaries
+from finetune_dev.devcluster.controlplane import Cluster
 
 
 class KubectlError(AssertionError):

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from finetune_operator.devcluster.controlplane import Cluster
+from finetune_dev.devcluster.controlplane import Cluster
 from kubetest import wait_for
 
 RESYNC_MARKER = "resync complete"

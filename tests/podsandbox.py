@@ -47,10 +47,11 @@ def unavailable_reason() -> str | None:
 def python_paths() -> list[Path]:
     """What a process of this environment must read: the interpreter, the venv, the sources."""
     paths = {Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve()}
+    import finetune_api
     import finetune_operator
     import finetune_worker
 
-    for package in (finetune_operator, finetune_worker):
+    for package in (finetune_api, finetune_operator, finetune_worker):
         paths.add(Path(package.__file__).resolve().parent.parent)
     return sorted(paths)
 

@@ -144,7 +144,7 @@ def test_removing_adapters_updates_the_server_and_deleting_the_last_removes_it(
 def finished_job(kube: Kube, name: str, *, model: str = BASE, r: int = 16,
                  output: str | None = None) -> dict:
     """A FineTuneJob marked Succeeded by the test (no training here), as the worker would."""
-    from finetune_operator.api import FineTuneJob, spec_hash
+    from finetune_api import FineTuneJob, spec_hash
 
     doc = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
            "metadata": {"name": name},
@@ -208,7 +208,7 @@ def test_adapter_waits_for_its_finetunejob_then_is_served(kube: Kube, operator_p
 def test_finetunejob_follow_up_deploys_and_deleting_the_job_removes_the_server(
         kube: Kube, operator_process):
     # The FineTuneJob's follow-up creates an AdapterDeployment owned by the job.
-    from finetune_operator.api import FineTuneJob, spec_hash
+    from finetune_api import FineTuneJob, spec_hash
 
     doc = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
            "metadata": {"name": "tuned"},
@@ -363,7 +363,7 @@ def write_adapter(directory: Path, *, base: str | None = BASE, r: int = 16,
                   manifest: bool = True) -> str | None:
     """An adapter directory as the worker (manifest) or plain PEFT (no manifest) leaves
     it; returns the manifest's digest."""
-    from finetune_operator.api.adapter_manifest import (
+    from finetune_api.adapter_manifest import (
         AdapterManifest,
         BaseModelRef,
         describe_files,

@@ -13,8 +13,8 @@ import os
 from datetime import UTC, datetime
 from pathlib import Path
 
-from finetune_operator.api.adapter_manifest import AdapterManifest, BaseModelRef, describe_files
-from finetune_operator.api.adapterdeployment import AdapterDeployment
+from finetune_api.adapter_manifest import AdapterManifest, BaseModelRef, describe_files
+from finetune_api.adapterdeployment import AdapterDeployment
 from finetune_operator.builders import serving
 from finetune_operator.builders.serving import ServingDefaults
 from finetune_operator.reconcile import adapterdeployment as rec

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from finetune_operator.api import FineTuneJobSpec, FineTuneJobStatus, crdgen, to_k8s
+from finetune_api import FineTuneJobSpec, FineTuneJobStatus, crdgen, to_k8s
 from kubetest import condition, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent

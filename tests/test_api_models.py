@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from finetune_operator.api import (
+from finetune_api import (
     AdapterDeployment,
     AdapterManifest,
     AdapterMerge,
@@ -30,7 +30,7 @@ from finetune_operator.api import (
     spec_hash,
     to_k8s,
 )
-from finetune_operator.api.common import parse_quantity_decimal
+from finetune_api.common import parse_quantity_decimal
 from pydantic import ValidationError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -367,7 +367,7 @@ def test_the_worker_report_is_one_contract_for_both_sides():
     unknown keys are dropped, the adapter's digest has one name, metrics are status metrics."""
     import json
 
-    from finetune_operator.api import WorkerReport
+    from finetune_api import WorkerReport
     from finetune_operator.status import termination_summary
     from finetune_worker.termination import report_document
 

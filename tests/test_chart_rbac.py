@@ -88,7 +88,7 @@ def test_can_i_snapshot_has_no_wildcards_and_no_secret_listing(admin, baseline, 
 
 
 def _worker_rbac(name: str, namespace: str) -> list[dict]:
-    from finetune_operator.api.finetunejob import FineTuneJob
+    from finetune_api.finetunejob import FineTuneJob
     from finetune_operator.builders.training import build_rbac
 
     doc = yaml.safe_load((ROOT / "examples" / "finetunejob-demo.yaml").read_text())

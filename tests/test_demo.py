@@ -1,4 +1,4 @@
-"""`finetune-operator demo`, the README's main command, run the way `make demo` runs it.
+"""`finetune-dev demo`, the README's main command, run the way `make demo` runs it.
 
 The same flow as the demo with shorter training: its own control plane, the local node
 agent, the operator as a process, examples/finetunejob-demo.yaml applied with kubectl.
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DEMO = [sys.executable, "-m", "finetune_operator.cli", "demo"]
+DEMO = [sys.executable, "-m", "finetune_dev.cli", "demo"]
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from finetune_operator.demo import cli
+from finetune_dev.demo import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from finetune_operator.devcluster import controlplane
+from finetune_dev.devcluster import controlplane
 from kubetest import Kube, condition, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -172,8 +172,8 @@ def test_a_foreign_directory_is_not_overwritten(tmp_path):
 
 
 def dev(*args: str) -> subprocess.CompletedProcess:
-    """`finetune-operator dev ...` as people run it."""
-    return subprocess.run([sys.executable, "-m", "finetune_operator.cli", "dev", *args],
+    """`finetune-dev cluster ...` as people run it."""
+    return subprocess.run([sys.executable, "-m", "finetune_dev.cli", "cluster", *args],
                           capture_output=True, text=True, timeout=300, check=False)
 
 
@@ -191,7 +191,7 @@ def test_dev_up_installs_the_crds_so_an_example_applies_at_once(tmp_path):
             assert condition(crd, "Established")["status"] == "True", name
             managers = {m["manager"] for m in crd["metadata"]["managedFields"]}
             assert controlplane.CRD_FIELD_MANAGER in managers, managers
-        # No polling: `dev up` returns only once the CRDs are served.
+        # No polling: `finetune-dev cluster up` returns only once the CRDs are served.
         applied = kube.kubectl("apply", "-f", str(ROOT / "examples" / "finetunejob-minimal.yaml"))
         assert "finetunejob.finetune.dev/minimal created" in applied.stdout
         assert kube.get("ftj", "minimal")["spec"]["resources"]["gpu"]["memory"] == "24Gi"
@@ -205,7 +205,7 @@ def test_dev_up_installs_the_crds_so_an_example_applies_at_once(tmp_path):
 
 
 def test_dev_up_no_crds_asks_for_a_bare_cluster(monkeypatch, tmp_path, capsys):
-    from finetune_operator.devcluster import cli
+    from finetune_dev.devcluster import cli
 
     asked = []
 

@@ -14,8 +14,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from finetune_operator.demo import pods as podlib
-from finetune_operator.demo.pods import ImageMapping, MountTable, Refusal
+from finetune_dev.demo import pods as podlib
+from finetune_dev.demo.pods import ImageMapping, MountTable, Refusal
 from kubetest import condition, wait_for
 
 PY_IMAGE = "example.test/python:3.11"
@@ -97,7 +97,7 @@ def test_only_local_persistent_volumes_are_mounted():
 
 @pytest.fixture
 def agent(cluster, tmp_path):
-    from finetune_operator.demo.nodeagent import NodeAgent
+    from finetune_dev.demo.nodeagent import NodeAgent
 
     name = f"agent-{uuid.uuid4().hex[:6]}"
     a = NodeAgent(cluster.kubeconfig, tmp_path / "agent", node_name=name, mappings=MAPPINGS,

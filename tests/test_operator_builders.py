@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from finetune_operator.api.constants import Phase, Reason
-from finetune_operator.api.exit_codes import WorkerExitCode
-from finetune_operator.api.finetunejob import FineTuneJob, TrainingPlan
-from finetune_operator.api.worker_config import WorkerConfig
+from finetune_api.constants import Phase, Reason
+from finetune_api.exit_codes import WorkerExitCode
+from finetune_api.finetunejob import FineTuneJob, TrainingPlan
+from finetune_api.worker_config import WorkerConfig
 from finetune_operator.builders import followups, training
 from finetune_operator.conditions import set_condition
 from finetune_operator.status import Outcome, apply_outcome, observe_training
@@ -281,7 +281,7 @@ def test_a_finished_pod_before_the_job_completes_is_still_running_not_pending():
 
 
 def test_merge_job_asks_for_host_memory_by_model_size():
-    from finetune_operator.api.adaptermerge import AdapterMerge
+    from finetune_api.adaptermerge import AdapterMerge
     from finetune_operator.builders import merge
 
     # Llama-3-8B: the bf16 base twice (loaded + merged copy) plus 1 GiB headroom.

@@ -113,7 +113,7 @@ def test_examples_become_jobs_that_kwok_completes(kube: Kube, operator_process):
 def test_a_minimal_finetunejob_trains_one_epoch(kube: Kube, operator_process):
     """Model, dataset, GPU memory and output: the API server fills in `training` and the
     worker is told to train one epoch."""
-    from finetune_operator.api import WorkerConfig
+    from finetune_api import WorkerConfig
 
     doc = yaml.safe_load((ROOT / "examples" / "finetunejob-minimal.yaml").read_text())
     assert "training" not in doc["spec"]

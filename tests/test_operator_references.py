@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from finetune_operator import references
-from finetune_operator.api import FineTuneJob
+from finetune_api import FineTuneJob
 from kubetest import Kube, bound_pvc, condition, finetunejob_manifest, wait_for
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)

@@ -1,4 +1,4 @@
-"""CPU checks of the benchmark harness (finetune_worker.bench): its data, its token counting,
+"""CPU checks of the benchmark harness (finetune_bench): its data, its token counting,
 the committed calibration file, and that the worker's optimised loop trains the same
 mathematics as the common recipe (peft + trl SFTTrainer) on the same data and seed."""
 
@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from finetune_worker.bench import cli, data, harness
+from finetune_bench import cli, data, harness
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,7 +55,7 @@ def test_worker_loop_follows_the_common_recipe_loss_curve():
     micro-batch, lean LoRA layers, token-weighted loss) give the same per-step losses."""
     pytest.importorskip("trl")
     pytest.importorskip("datasets")
-    from finetune_worker.bench import recipe
+    from finetune_bench import recipe
 
     examples = cli.bench_examples(40, 512)
     ref = recipe.run("lora", examples, 5, shape="tiny", dropout=0.0, optim="adamw_torch",
@@ -93,22 +93,26 @@ def test_committed_calibration_points_carry_the_fields_the_planner_reads():
                         assert (shape, method, seq, mb, ckpt) in grid
 
 
-def test_bench_is_a_worker_subcommand():
-    from finetune_worker.cli import main
+def test_bench_is_its_own_command_not_the_workers():
+    from finetune_bench.cli import main as bench_main
+    from finetune_worker.cli import main as worker_main
 
     with pytest.raises(SystemExit) as exc:
-        main(["bench", "--help"])
+        bench_main(["--help"])
     assert exc.value.code == 0
+    with pytest.raises(SystemExit) as exc:  # the shipped worker has no benchmark code
+        worker_main(["bench", "--help"])
+    assert exc.value.code == 2
 
 
 @pytest.mark.slow
 def test_trainer_bench_runs_the_planners_choice_through_the_workers_trainer():
-    """`finetune-worker bench trainer`: the operator's planner picks the configuration for the
+    """`finetune-bench trainer`: the operator's planner picks the configuration for the
     budget, the worker's trainer runs it (varlen packed rows) and every step is timed and
     counted in real tokens."""
     pytest.importorskip("trl")
     pytest.importorskip("datasets")
-    from finetune_worker.bench import trainer
+    from finetune_bench import trainer
 
     spec = trainer.job_spec("2Gi", shape="tiny", steps=3, batch_size=8)
     chosen = trainer.plan(spec, "tiny")

@@ -119,7 +119,7 @@ def test_safety_margin_is_five_percent_or_half_a_gib():
 # --- the API adapter ---------------------------------------------------------------------
 
 def load_spec(name: str, **overrides):
-    from finetune_operator.api import FineTuneJob
+    from finetune_api import FineTuneJob
 
     manifest = yaml.safe_load((EXAMPLES / name).read_text())
     for dotted, value in overrides.items():
@@ -132,7 +132,7 @@ def load_spec(name: str, **overrides):
 
 
 def test_plan_for_spec_fills_status_plan():
-    from finetune_operator.api import TrainingPlan, to_k8s
+    from finetune_api import TrainingPlan, to_k8s
 
     spec = load_spec("finetunejob-llama3-8b.yaml")
     request, budget = request_from_spec(spec)
@@ -234,7 +234,7 @@ def test_a_batch_that_does_not_split_over_the_gpus_is_refused_naming_the_fields(
 
 
 def _llama_spec(**overrides):
-    from finetune_operator.api import FineTuneJobSpec
+    from finetune_api import FineTuneJobSpec
 
     doc = yaml.safe_load((EXAMPLES / "finetunejob-llama3-8b.yaml").read_text())["spec"]
     for dotted, value in overrides.items():

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 from charttest import CHART, by_kind, render
-from finetune_operator.devcluster import binaries
+from finetune_dev.devcluster import binaries
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOW = ROOT / ".github" / "workflows" / "release.yml"

@@ -16,8 +16,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from finetune_operator.api.adapter_manifest import AdapterManifest, BaseModelRef, describe_files
-from finetune_operator.api.adapterdeployment import AdapterDeployment
+from finetune_api.adapter_manifest import AdapterManifest, BaseModelRef, describe_files
+from finetune_api.adapterdeployment import AdapterDeployment
 from finetune_operator.builders import serving
 from finetune_operator.builders.serving import Member, ServedAdapter, ServingDefaults
 from finetune_operator.builders.training import RESTRICTED_CONTAINER_SECURITY

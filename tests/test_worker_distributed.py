@@ -163,7 +163,7 @@ def test_world_memory_is_the_largest_peak_and_every_ranks():
     assert metrics["peakVRAMBytes"] == 31 * gib and metrics["peakVRAM"] == "31.0Gi"
     assert metrics["peakVRAMAllocatedBytes"] == 28 * gib
     assert metrics["peakRSSBytes"] == 6 * gib and metrics["worldSize"] == 2
-    from finetune_operator.api.finetunejob import TrainingMetrics
+    from finetune_api.finetunejob import TrainingMetrics
 
     TrainingMetrics.model_validate(metrics)  # the status accepts it as it is
 

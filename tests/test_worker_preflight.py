@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest_worker import worker_config_dict
-from finetune_operator.api import WorkerExitCode
-from finetune_operator.api.constants import Reason
+from finetune_api import WorkerExitCode
+from finetune_api.constants import Reason
 from podsandbox import POD_UID, image_env, run_as_pod, unavailable_reason
 from test_worker_image import final_stage, instructions
 from tinymodel import DATA_DIR
@@ -108,7 +108,7 @@ def test_qlora_plans_need_bitsandbytes_and_gpu_launches_need_a_gpu():
 
 
 def test_the_planner_records_that_its_prediction_assumes_fused_kernels():
-    from finetune_operator.api import FineTuneJobSpec
+    from finetune_api import FineTuneJobSpec
     from finetune_operator.planner import preset
     from finetune_operator.planner.api_adapter import plan_for_spec
 

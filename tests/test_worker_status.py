@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest_worker import worker_config_dict
-from finetune_operator.api import AdapterManifest
+from finetune_api import AdapterManifest
 from finetune_worker.status import KubeStatusClient, StatusPatchError, StatusReporter
 
 # tiny_model_root and worker_config fixtures

@@ -21,7 +21,7 @@ from kubetest import wait_for
 
 torch = pytest.importorskip("torch")
 
-from finetune_operator.api import AdapterManifest, WorkerConfig
+from finetune_api import AdapterManifest, WorkerConfig
 
 # tiny_model_root and worker_config fixtures
 pytest_plugins = ["conftest_worker"]

@@ -63,7 +63,7 @@ def test_chat_masks_every_assistant_turn_in_a_multi_turn_conversation(tokenizer)
 
 
 def test_eval_fraction_holds_out_rows_and_field_mapping_renames(tokenizer):
-    from finetune_operator.api.finetunejob import FieldMapping
+    from finetune_api.finetunejob import FieldMapping
 
     records = data.load_records(str(DATA_DIR / "completion.jsonl"))
     renamed = records.rename_columns({"prompt": "question", "completion": "answer"})
@@ -302,7 +302,7 @@ def test_corrupt_rows_exit_11_naming_the_row(tmp_path, tiny_model_root):
 
 
 def test_eval_split_and_max_samples_from_a_dataset_directory(tmp_path, tokenizer):
-    from finetune_operator.api import WorkerConfig
+    from finetune_api import WorkerConfig
     from finetune_worker.train import load_training_data
 
     data_dir = tmp_path / "data" / "qa"
@@ -325,7 +325,7 @@ def test_eval_split_and_max_samples_from_a_dataset_directory(tmp_path, tokenizer
 
 def test_a_spec_without_a_length_trains_one_epoch(tmp_path):
     from conftest_worker import rehash, worker_config_dict
-    from finetune_operator.api import WorkerConfig
+    from finetune_api import WorkerConfig
     from finetune_worker.train import build_sft_config
 
     doc = worker_config_dict(tmp_path, tmp_path)

@@ -1,6 +1,6 @@
 """The tiny Llama-architecture model and tokenizer of the CPU tests.
 
-The same maker as the demo's (finetune_operator.demo.tinymodel: random seeded weights from
+The same maker as the demo's (finetune_dev.tinymodel: random seeded weights from
 a transformers config, a byte-level BPE trained in about a second, a role-token chat
 template; nothing downloaded), trained on the committed test data and smaller still so
 every worker test stays fast on two cores.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune_operator.demo import tinymodel as maker
+from finetune_dev import tinymodel as maker
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 CHAT_TEMPLATE = maker.CHAT_TEMPLATE

@@ -1,7 +1,7 @@
 """`finetune-operator` command line: one entry point, subcommands loaded lazily.
 
-Each subcommand lives with the code it drives (`dev` with the dev cluster, `plan` with the
-planner, `crds` with the API models); this module only dispatches, so `--help` stays fast
+Each subcommand lives with the code it drives (`plan` with the planner, `crds` with the API
+models); this module only dispatches, so `--help` stays fast
 and the operator's image never imports what it does not run.
 """
 
@@ -11,11 +11,9 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "dev": ("finetune_operator.devcluster.cli", "start, stop or inspect the local control plane"),
-    "crds": ("finetune_operator.api.crdgen", "write the CRD YAML generated from the API models"),
+    "crds": ("finetune_api.crdgen", "write the CRD YAML generated from the API models"),
     "plan": ("finetune_operator.planner.cli", "predict peak GPU memory and choose a plan"),
     "run": ("finetune_operator.main", "run the operator (kopf) against the current cluster"),
-    "demo": ("finetune_operator.demo.cli", "a real fine-tune through the operator, locally"),
 }
 
 

@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 import kopf
 
 from . import k8s, metrics
-from .api.constants import LABEL_ADAPTERMERGE, LABEL_COMPONENT, LABEL_FINETUNEJOB
+from finetune_api.constants import LABEL_ADAPTERMERGE, LABEL_COMPONENT, LABEL_FINETUNEJOB
 from .builders.serving import LABEL_SERVER
 from .reconcile import adapterdeployment, adaptermerge, finetunejob
 from .reconcile.settings import SETTINGS

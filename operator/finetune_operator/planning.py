@@ -12,8 +12,8 @@ import asyncio
 import base64
 
 from . import k8s
-from .api.constants import Reason
-from .api.finetunejob import FineTuneJob, TrainingPlan
+from finetune_api.constants import Reason
+from finetune_api.finetunejob import FineTuneJob, TrainingPlan
 from .planner import UnknownArchitecture
 from .planner.api_adapter import NoFittingPlan, plan_for_spec
 from .planner.configsource import arch_for_model

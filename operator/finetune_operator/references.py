@@ -17,9 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from .api.constants import ConditionType as C
-from .api.constants import Phase, Reason
-from .api.finetunejob import FineTuneJob
+from finetune_api.constants import ConditionType as C
+from finetune_api.constants import Phase, Reason
+from finetune_api.finetunejob import FineTuneJob
 from .builders import training
 from .conditions import find, format_time, parse_time, set_condition
 from .status import Outcome, apply_outcome

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .api.constants import ConditionType as C
-from .api.constants import Phase, Reason
-from .api.exit_codes import FAILURE_CODES, WorkerExitCode
+from finetune_api.constants import ConditionType as C
+from finetune_api.constants import Phase, Reason
+from finetune_api.exit_codes import FAILURE_CODES, WorkerExitCode
 from .builders.training import PERMANENT_EXIT_CODES, WORKER_CONTAINER
 from .conditions import find, set_condition
 
@@ -48,7 +48,7 @@ def termination_summary(pod: dict) -> dict | None:
     there is none or it is not one (FallbackToLogsOnError puts a log tail there)."""
     from pydantic import ValidationError
 
-    from .api.worker_report import WorkerReport
+    from finetune_api.worker_report import WorkerReport
 
     term = _terminated(pod)
     if not term or not term.get("message"):

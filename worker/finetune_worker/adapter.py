@@ -15,10 +15,10 @@ import shutil
 import uuid
 from pathlib import Path
 
-from finetune_operator.api import AdapterManifest, describe_files, now
-from finetune_operator.api.adapter_manifest import BaseModelRef, FineTuneJobRef
-from finetune_operator.api.constants import ADAPTER_MANIFEST_FILENAME
-from finetune_operator.api.finetunejob import TrainingMetrics
+from finetune_api import AdapterManifest, describe_files, now
+from finetune_api.adapter_manifest import BaseModelRef, FineTuneJobRef
+from finetune_api.constants import ADAPTER_MANIFEST_FILENAME
+from finetune_api.finetunejob import TrainingMetrics
 
 from .errors import StorageError
 
@@ -98,7 +98,7 @@ def write_adapter(config, peft_model, destination: Path, *, base_revision: str |
 
 def verify_adapter(directory: Path) -> AdapterManifest:
     """The manifest of a complete adapter; StorageError when files are missing or changed."""
-    from finetune_operator.api.adapter_manifest import file_sha256
+    from finetune_api.adapter_manifest import file_sha256
 
     directory = Path(directory)
     try:

@@ -2,7 +2,7 @@
 
 Only argument parsing, logging and the mapping from failures to exit codes live here;
 heavy imports happen inside the commands so `--help` is instant. Exit codes are the
-contract with the operator's pod failure policy (finetune_operator.api.exit_codes):
+contract with the operator's pod failure policy (finetune_api.exit_codes):
 0 success, 10 invalid config, 11 data error, 12 CUDA out of memory, 13 non-finite loss,
 14 storage error, 15 model load error, 16 worker environment error (preflight.py); 143 when
 SIGTERM stopped training after a checkpoint (the pod was preempted and the Job may retry).
@@ -27,7 +27,7 @@ import os
 import sys
 from pathlib import Path
 
-from finetune_operator.api.exit_codes import PREEMPTED_EXIT_CODE
+from finetune_api.exit_codes import PREEMPTED_EXIT_CODE
 
 log = logging.getLogger("finetune_worker")
 
@@ -85,10 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:  # benchmark and memory calibration: its own parser (bench/cli.py)
-        from .bench.cli import main as bench_main
-
-        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s {rank_prefix()}%(levelname)s %(name)s: %(message)s")
@@ -105,7 +101,7 @@ def rank_prefix() -> str:
 
 
 def _summary(result: str, code: int, message: str, *, reason: str | None = None, **extra) -> dict:
-    from finetune_operator.api import WorkerExitCode
+    from finetune_api import WorkerExitCode
 
     if reason is None:
         reason = WorkerExitCode(code).reason if code in iter(WorkerExitCode) else result
@@ -138,7 +134,7 @@ def launch_command(args) -> int:
 
 
 def train_command(args) -> int:
-    from finetune_operator.api import WorkerConfigError, load_worker_config
+    from finetune_api import WorkerConfigError, load_worker_config
 
     from .distributed import World
     from .errors import InvalidConfigError, WorkerError
@@ -165,7 +161,7 @@ def train_command(args) -> int:
 
 
 def preflight_command(args) -> int:
-    from finetune_operator.api import WorkerConfigError, load_worker_config
+    from finetune_api import WorkerConfigError, load_worker_config
 
     from .errors import InvalidConfigError, WorkerEnvironmentError
     from .preflight import run_preflight
@@ -267,7 +263,7 @@ def merge_command(args) -> int:
             return _fail(OutOfMemoryError(f"out of memory while merging: {exc}; merging needs "
                                           "the whole base model in memory at --dtype"))
         raise
-    from finetune_operator.api import Reason
+    from finetune_api import Reason
 
     from .termination import write_termination_message
 
@@ -279,9 +275,9 @@ def merge_command(args) -> int:
 
 def _merge_args_from_config(args):
     """`--config`: the operator's MergeConfig fills what the options would say."""
-    from finetune_operator.api import WorkerConfigError
-    from finetune_operator.api.merge_config import load_merge_config
-    from finetune_operator.api.worker_config import WorkerPaths
+    from finetune_api import WorkerConfigError
+    from finetune_api.merge_config import load_merge_config
+    from finetune_api.worker_config import WorkerPaths
 
     from .errors import InvalidConfigError
     from .sources import model_source

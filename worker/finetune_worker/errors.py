@@ -6,7 +6,7 @@ bug must become one of these exceptions; the CLI turns them into the process sta
 
 from __future__ import annotations
 
-from finetune_operator.api.exit_codes import WorkerExitCode
+from finetune_api.exit_codes import WorkerExitCode
 
 
 class WorkerError(Exception):

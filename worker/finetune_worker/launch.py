@@ -40,9 +40,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune_operator.api.constants import RENDEZVOUS_PORT
-from finetune_operator.api.exit_codes import FAILURE_CODES as WORKER_CODES
-from finetune_operator.api.exit_codes import PREEMPTED_EXIT_CODE, WorkerExitCode
+from finetune_api.constants import RENDEZVOUS_PORT
+from finetune_api.exit_codes import FAILURE_CODES as WORKER_CODES
+from finetune_api.exit_codes import PREEMPTED_EXIT_CODE, WorkerExitCode
 
 from .errors import InvalidConfigError
 from .termination import (

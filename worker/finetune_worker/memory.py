@@ -9,7 +9,7 @@ from __future__ import annotations
 import resource
 import sys
 
-from finetune_operator.api import format_bytes
+from finetune_api import format_bytes
 
 
 def peak_rss_bytes() -> int:

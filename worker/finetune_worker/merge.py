@@ -16,8 +16,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune_operator.api import AdapterManifest
-from finetune_operator.api.constants import ADAPTER_MANIFEST_FILENAME
+from finetune_api import AdapterManifest
+from finetune_api.constants import ADAPTER_MANIFEST_FILENAME
 
 from .adapter import verify_adapter
 from .errors import InvalidConfigError, ModelLoadError, StorageError

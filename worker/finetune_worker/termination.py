@@ -97,7 +97,7 @@ def report_document(summary: dict) -> dict:
     """The summary as the operator will read it: validated by api.WorkerReport, the one
     contract between the two. A summary the model refuses is a bug here; the essentials are
     still written, so the pod never exits without saying how it ended."""
-    from finetune_operator.api import WorkerReport
+    from finetune_api import WorkerReport
     from pydantic import ValidationError
 
     try:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finetune_operator.api import WorkerConfig, spec_hash, uri_scheme
+from finetune_api import WorkerConfig, spec_hash, uri_scheme
 
 from . import distributed, preflight, sources
 from .checkpoints import find_resumable_checkpoint

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..api.common import API_VERSION
-from ..api.finetunejob import FineTuneJob
+from finetune_api.common import API_VERSION
+from finetune_api.finetunejob import FineTuneJob
 from .training import labels
 
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import yaml
 
-from ..api.adaptermerge import AdapterMerge
-from ..api.common import API_VERSION
-from ..api.constants import LABEL_ADAPTERMERGE, LABEL_COMPONENT
-from ..api.finetunejob import ModelSource
-from ..api.merge_config import MergeConfig
+from finetune_api.adaptermerge import AdapterMerge
+from finetune_api.common import API_VERSION
+from finetune_api.constants import LABEL_ADAPTERMERGE, LABEL_COMPONENT
+from finetune_api.finetunejob import ModelSource
+from finetune_api.merge_config import MergeConfig
 from .storage import VolumePlan, locate
 from .training import (
     CONFIG_DIR,

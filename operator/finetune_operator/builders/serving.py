@@ -27,9 +27,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..api.adapterdeployment import AdapterDeployment
-from ..api.common import uri_scheme
-from ..api.constants import (
+from finetune_api.adapterdeployment import AdapterDeployment
+from finetune_api.common import uri_scheme
+from finetune_api.constants import (
     ADAPTER_MANIFEST_FILENAME,
     DEFAULT_GPU_RESOURCE,
     LABEL_COMPONENT,

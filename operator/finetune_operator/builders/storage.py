@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..api.common import uri_scheme
+from finetune_api.common import uri_scheme
 
 PVC_MOUNT_ROOT = "/mnt"
 

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import yaml
 
-from ..api.common import API_VERSION, parse_quantity
-from ..api.constants import (
+from finetune_api.common import API_VERSION, parse_quantity
+from finetune_api.constants import (
     ANNOTATION_SPEC_HASH,
     LABEL_COMPONENT,
     LABEL_FINETUNEJOB,
     RENDEZVOUS_PORT,
     WORKER_CONFIG_FILENAME,
 )
-from ..api.exit_codes import WorkerExitCode
-from ..api.finetunejob import FineTuneJob, TrainingPlan
+from finetune_api.exit_codes import WorkerExitCode
+from finetune_api.finetunejob import FineTuneJob, TrainingPlan
 from .storage import VolumePlan, locate
 
 MANAGED_BY = {"app.kubernetes.io/managed-by": "finetune-operator"}
@@ -96,7 +96,7 @@ def worker_paths(ftj: FineTuneJob) -> dict:
 def worker_config(ftj: FineTuneJob, plan: TrainingPlan, spec_hash: str,
                   *, report_interval_seconds: int = 10) -> dict:
     """The WorkerConfig document the worker parses with the same API models."""
-    from ..api.worker_config import WorkerConfig
+    from finetune_api.worker_config import WorkerConfig
 
     doc = {
         "apiVersion": API_VERSION,

@@ -15,7 +15,7 @@ from .decide import Budget, PlanDecision, PlanRequest, plan_training
 from .memory import DEFAULT_CONSTANTS, MemoryConstants
 
 if TYPE_CHECKING:  # the api package imports pydantic; the core must not need it
-    from finetune_operator.api import FineTuneJobSpec, TrainingPlan
+    from finetune_api import FineTuneJobSpec, TrainingPlan
 
 
 class NoFittingPlan(Exception):
@@ -28,7 +28,7 @@ class NoFittingPlan(Exception):
 
 
 def request_from_spec(spec: FineTuneJobSpec) -> tuple[PlanRequest, Budget]:
-    from finetune_operator.api import parse_quantity
+    from finetune_api import parse_quantity
 
     training, lora = spec.training, spec.lora
     micro = None if training.micro_batch_size == "auto" else int(training.micro_batch_size)
@@ -60,7 +60,7 @@ def decide_for_spec(spec: FineTuneJobSpec, arch: ModelArch,
 
 def training_plan(decision: PlanDecision) -> TrainingPlan:
     """The API's `status.plan` for a decision that fits."""
-    from finetune_operator.api import MemoryBreakdown, TrainingPlan
+    from finetune_api import MemoryBreakdown, TrainingPlan
 
     if decision.chosen is None:
         raise NoFittingPlan(decision)

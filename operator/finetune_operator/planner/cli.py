@@ -72,8 +72,8 @@ def _load_manifest(path: str):
     import yaml
     from pydantic import ValidationError
 
-    from finetune_operator.api import FineTuneJob
-    from finetune_operator.api.worker_config import describe_errors
+    from finetune_api import FineTuneJob
+    from finetune_api.worker_config import describe_errors
 
     try:
         text = Path(path).read_text()
@@ -93,7 +93,7 @@ def _load_manifest(path: str):
 
 
 def _request_from_flags(args: argparse.Namespace) -> tuple[PlanRequest, Budget]:
-    from finetune_operator.api import parse_quantity
+    from finetune_api import parse_quantity
 
     if not args.memory:
         raise BadInput("--memory is required without -f (the GPU memory per GPU, e.g. 24Gi)")
@@ -146,7 +146,7 @@ def decide(args: argparse.Namespace) -> PlanDecision:
 
 
 def as_json(decision: PlanDecision) -> dict[str, Any]:
-    from finetune_operator.api import to_k8s
+    from finetune_api import to_k8s
 
     from .api_adapter import training_plan
 

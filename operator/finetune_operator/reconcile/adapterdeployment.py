@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 from pydantic import ValidationError
 
 from .. import k8s, references
-from ..api.adapterdeployment import AdapterDeployment, AdapterSource
-from ..api.common import API_VERSION
-from ..api.constants import ADAPTER_MANIFEST_FILENAME, LABEL_COMPONENT, Phase, Reason
-from ..api.constants import ConditionType as C
-from ..api.finetunejob import FineTuneJob
-from ..api.worker_config import describe_errors
+from finetune_api.adapterdeployment import AdapterDeployment, AdapterSource
+from finetune_api.common import API_VERSION
+from finetune_api.constants import ADAPTER_MANIFEST_FILENAME, LABEL_COMPONENT, Phase, Reason
+from finetune_api.constants import ConditionType as C
+from finetune_api.finetunejob import FineTuneJob
+from finetune_api.worker_config import describe_errors
 from ..builders import serving
 from ..builders.serving import Member, ServedAdapter, ServingDefaults
 from ..builders.storage import locate

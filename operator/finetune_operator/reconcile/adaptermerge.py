@@ -5,11 +5,11 @@ from __future__ import annotations
 import kopf
 
 from .. import k8s
-from ..api.adaptermerge import AdapterMerge
-from ..api.common import API_VERSION
-from ..api.constants import ConditionType as C
-from ..api.constants import Phase, Reason
-from ..api.finetunejob import ModelSource
+from finetune_api.adaptermerge import AdapterMerge
+from finetune_api.common import API_VERSION
+from finetune_api.constants import ConditionType as C
+from finetune_api.constants import Phase, Reason
+from finetune_api.finetunejob import ModelSource
 from ..builders import merge
 from ..conditions import now, set_condition
 from ..status import Outcome, apply_outcome, observe_training

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import kopf
 
 from .. import k8s, metrics, references
-from ..api.common import API_VERSION, format_bytes
-from ..api.constants import ConditionType as C
-from ..api.constants import Phase, Reason
-from ..api.finetunejob import FineTuneJob, TrainingPlan
-from ..api.spec_hash import spec_hash
+from finetune_api.common import API_VERSION, format_bytes
+from finetune_api.constants import ConditionType as C
+from finetune_api.constants import Phase, Reason
+from finetune_api.finetunejob import FineTuneJob, TrainingPlan
+from finetune_api.spec_hash import spec_hash
 from ..builders import followups, training
 from ..conditions import find, now, set_condition
 from ..planning import PlanningFailed, plan_job
