@@ -1,7 +1,7 @@
 """Fit the planner's speed model (operator/finetune_operator/planner/speed.py) to measured
 throughput, and check it on the points the fit never saw.
 
-    python bench/fit_speed_model.py [docs/bench-data/speed-grid-h200.jsonl]
+    python bench/fit_speed_model.py [bench/data/speed-grid-h200.jsonl]
 
 Fits on 1,024 / 4,096 / 16,384 tokens per micro-batch (dropout 0.05, both shapes, both
 methods, checkpointing off and on); holds out 2,048 and 8,192 tokens and the dropout-0
@@ -61,7 +61,7 @@ def predict(v: torch.Tensor, row: dict) -> torch.Tensor:
 
 
 def main() -> int:
-    path = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "docs/bench-data/speed-grid-h200.jsonl"
+    path = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "bench/data/speed-grid-h200.jsonl"
     rows = load(path)
     fit = [r for r in rows if r["tokens_per_micro_batch"] in FIT_TOKENS and r["dropout"] > 0]
     d = DEFAULT_SPEED

@@ -1,6 +1,6 @@
 """The planner's regret: its choice against the fastest configuration that fits, measured.
 
-    python bench/planner_regret.py [docs/bench-data/speed-grid-h200.jsonl] [--previous]
+    python bench/planner_regret.py [bench/data/speed-grid-h200.jsonl] [--previous]
 
 For a grid of jobs (Llama-3.2-1B and Llama-3-8B, 8-80 GiB, seq 512-4096, the API's default
 dropout), every candidate the planner enumerates whose micro-batch was measured (the grid has
@@ -96,7 +96,7 @@ def previous_speed_score(arch, shape) -> float:
 
 def main() -> int:
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    path = Path(args[0]) if args else ROOT / "docs/bench-data/speed-grid-h200.jsonl"
+    path = Path(args[0]) if args else ROOT / "bench/data/speed-grid-h200.jsonl"
     if "--previous" in sys.argv:  # the same jobs under the old score, for comparison
         from finetune_operator.planner import decide
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# What users of the shipped examples get: each manifest as written (and the seed article's
-# QLoRA job), planned by the operator's planner and trained by the worker's own preparation and
-# trainer on one GPU, random weights of the model's shape, the benchmark's realistic-length data.
+# What users of the shipped examples get: each manifest as written (and the common recipe's
+# QLoRA job, bench/reference/, labelled "seed"), planned by the operator's planner and trained
+# by the worker's own preparation and trainer on one GPU, random weights of the model's shape,
+# the benchmark's realistic-length data.
 # 14 optimizer steps, the first 4 not timed. Run from the repository root on the GPU machine:
 #   bash bench/shipped-examples.sh OUT_DIR
 set -u

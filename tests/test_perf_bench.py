@@ -72,7 +72,8 @@ def test_worker_loop_follows_the_common_recipe_loss_curve():
 
 
 def test_committed_calibration_points_carry_the_fields_the_planner_reads():
-    files = sorted((ROOT / "tests" / "data" / "calibration").glob("h200-*.jsonl"))
+    files = [ROOT / "tests" / "data" / "calibration" / name
+             for name in ("worker-grid-h200.jsonl", "trainer-budgets-h200.jsonl")]
     assert files
     rows = [json.loads(line) for f in files for line in f.read_text().splitlines() if line.strip()]
     need = {"shape", "hidden", "intermediate", "layers", "heads", "kv_heads", "vocab", "tied",

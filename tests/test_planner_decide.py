@@ -37,7 +37,7 @@ def test_24gi_prefers_lora_with_checkpointing_over_any_qlora():
 
 
 def test_a_large_micro_batch_with_checkpointing_beats_a_small_one_without():
-    # Measured on the H200 (docs/bench-data/speed-grid-h200.jsonl, dropout 0.05): Llama-3-8B
+    # Measured on the H200 (bench/data/speed-grid-h200.jsonl, dropout 0.05): Llama-3-8B
     # at 2,048 tokens without checkpointing 8,094 tokens/s, at 8,192 with it 10,700; the
     # product path at 40 GiB, seq 1024, batch 64 had picked the former (7,566 vs 9,867).
     request = PlanRequest(seq_len=1024, batch_size=64, packing=True, lora_dropout=0.05,

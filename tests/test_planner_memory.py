@@ -56,7 +56,8 @@ def test_preset_parameter_counts_match_published(hub_id, published):
 
 
 def test_llama3_8b_parameter_count_is_exact():
-    # print_trainable_parameters() of the bf16 model in ../shared/seed: 8,030,261,248.
+    # Embeddings and lm_head 2 x 128,256 x 4,096, 32 layers of 218,112,000 (attention
+    # 2 x 4,096^2 + 2 x 4,096 x 1,024, MLP 3 x 4,096 x 14,336, two norms) and the final norm.
     assert LLAMA3_8B.total_params() == 8_030_261_248
 
 
@@ -114,7 +115,8 @@ def test_arch_for_model_prefers_local_config_then_preset_then_hints(tmp_path):
 # --- weights -----------------------------------------------------------------------------
 
 def test_bf16_weights_match_measured_after_load():
-    # after_load_GiB of the bf16 model on the H200 (../shared/bench): 14.96.
+    # after_load_GiB of the bf16 model on the H200, measured by the common recipe:
+    # 14.96 (bench/reference/common-recipe-h200.jsonl).
     assert weight_bytes(LLAMA3_8B, TrainingShape(method="lora")) / GiB == pytest.approx(
         14.96, abs=0.01)
 
@@ -124,7 +126,8 @@ def test_nf4_double_quant_weights_of_8b():
     # ~5.7 GB (= 5.31 GiB): 3.49 GB of 4-bit projections, 0.11 GB of constants and
     # 2.1 GB of bf16 embeddings + lm_head.
     assert nf4 == pytest.approx(5.70e9, rel=0.02)
-    # The common recipe upcasts embeddings, lm_head and norms to fp32: measured 7.27 GiB.
+    # The common recipe upcasts embeddings, lm_head and norms to fp32: measured 7.27 GiB
+    # (bench/reference/common-recipe-h200.jsonl).
     upcast = weight_bytes(LLAMA3_8B, TrainingShape(method="qlora", upcast_non_quantized=True))
     assert upcast / GiB == pytest.approx(7.27, abs=0.02)
 
@@ -138,7 +141,8 @@ def test_quantization_constants_bits_per_parameter():
 # --- adapters, gradients, optimizer -------------------------------------------------------
 
 def test_lora_trainable_params_match_peft():
-    # peft's print_trainable_parameters() in ../shared/bench for all seven projections.
+    # peft's trainable parameters for all seven projections, as measured by the common recipe
+    # (bench/reference/common-recipe-h200.jsonl: 41,943,040 at r=16, 167,772,160 at r=64).
     assert trainable_params(LLAMA3_8B, TrainingShape(lora_r=16, target_modules=ALL7)) == 41_943_040
     assert trainable_params(LLAMA3_8B, TrainingShape(lora_r=64)) == 167_772_160  # all-linear
     # q and v only: 8 * (4096 + 4096) + 8 * (4096 + 1024) per layer.

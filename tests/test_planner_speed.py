@@ -1,6 +1,6 @@
 """The planner's speed model against measured throughput, and its regret on a grid of jobs.
 
-The data are the worker's own training step on an H200 (docs/bench-data/speed-grid-h200.jsonl,
+The data are the worker's own training step on an H200 (bench/data/speed-grid-h200.jsonl,
 bench/speed-grid.sh). The constants in planner/speed.py were fitted on 1,024 / 4,096 / 16,384
 tokens per micro-batch (bench/fit_speed_model.py); 2,048 and 8,192 tokens, dropout 0, and the
 earlier product-path runs were never seen by the fit. The tolerances are the ones
@@ -18,7 +18,7 @@ from finetune_operator.planner import TrainingShape, preset
 from finetune_operator.planner.speed import predicted_tokens_per_second
 
 ROOT = Path(__file__).resolve().parent.parent
-GRID = ROOT / "docs" / "bench-data" / "speed-grid-h200.jsonl"
+GRID = ROOT / "bench" / "data" / "speed-grid-h200.jsonl"
 ARCH = {"llama-3-8b": preset("meta-llama/Meta-Llama-3-8B"),
         "llama-3.2-1b": preset("meta-llama/Llama-3.2-1B")}
 FIT_TOKENS = {1024, 4096, 16384}
@@ -58,7 +58,8 @@ def test_predictions_are_within_15_percent_of_the_measurements(held_out):
 
 def test_earlier_product_path_runs_the_fit_never_saw():
     # The worker's Trainer on varlen rows, dropout 0, Llama-3-8B, seq 512 (earlier H200 runs:
-    # docs/bench-data/call5-6-trainer and call9-speed): (method, ckpt, micro-batch) -> tokens/s.
+    # bench/data/trainer-budgets-h200.jsonl and speed-microbatch-varlen-h200.jsonl):
+    # (method, ckpt, micro-batch) -> tokens/s.
     measured = {("lora", False, 2): 4_724, ("lora", False, 4): 10_784,
                 ("lora", False, 8): 15_159, ("lora", False, 24): 15_582,
                 ("lora", True, 4): 5_264, ("lora", True, 16): 11_123,

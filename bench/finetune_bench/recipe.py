@@ -1,13 +1,13 @@
 """The common recipe (peft + trl SFTTrainer, micro-batch 1, accumulation 4, seq 512) on the
 benchmark's data: the baseline the worker is compared against.
 
-A faithful copy of ../shared/bench/seed_recipe.py's training setup (same optimizer, learning
-rate, clipping, dropout, LoRA ranks, prepare_model_for_kbit_training for QLoRA), with two
-changes so it can run on the same data as the worker in the same call: the random-weight model
-is built in memory instead of saved and reloaded (QLoRA: quantised in memory by
-modeling.quantize_in_place, the same NF4 layers from_pretrained would make), and the dataset is
-the benchmark's examples in a fixed order (a sequential sampler) instead of fixed-length random
-tokens. Knobs exist only for the loss-curve check (dropout, optimizer).
+The training setup of the recipe's reference measurements (bench/reference/README.md: same
+optimizer, learning rate, clipping, dropout, LoRA ranks, prepare_model_for_kbit_training for
+QLoRA), with two changes so that it runs on exactly the worker's benchmark data: the
+random-weight model is built in memory instead of saved and reloaded (QLoRA: quantised in
+memory by modeling.quantize_in_place, the same NF4 layers from_pretrained would make), and the
+dataset is the benchmark's examples in a fixed order (a sequential sampler) instead of
+fixed-length random tokens. Knobs exist only for the loss-curve check (dropout, optimizer).
 """
 
 from __future__ import annotations

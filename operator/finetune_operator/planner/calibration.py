@@ -1,9 +1,10 @@
 """Measured calibration points: one JSON object per run, turned into planner inputs.
 
-The records under tests/data/calibration/*.jsonl come from two sources (the H200 grid of the
-worker's configuration and the shared reference runs of the common recipe), written by
-different scripts; this module accepts the spellings both use so that a replay compares the
-prediction for exactly the configuration that was measured. Pure: parsing only, no file I/O.
+The records under tests/data/calibration/*.jsonl come from two kinds of script (the
+benchmark's runs of the worker's configuration on an H200, and the reference runs of the
+common recipe, bench/reference/), which spell their fields differently; this module accepts
+the spellings both use so that a replay compares the prediction for exactly the
+configuration that was measured. Pure: parsing only, no file I/O.
 """
 
 from __future__ import annotations

@@ -69,7 +69,8 @@ class MemoryConstants:
     """Measured, not understood: with padding-free packed rows (position ids restarting inside
     a row, block-diagonal masks) every layer whose activations are kept holds about 90 MiB
     more than the terms above, whatever the micro-batch (4k, 8k and 16k tokens on the 8B shape:
-    +2.8 to +3.0 GiB without checkpointing, +0.5 GiB with it; docs/perf-notes.md, call 1)."""
+    +2.8 to +3.0 GiB without checkpointing, +0.5 GiB with it; the L runs of
+    docs/perf-notes.md, bench/data/levers-packed-rows-h200.jsonl)."""
     cublas_workspace_bytes: int = 64 * MiB
     """cuBLAS workspaces, allocated through PyTorch's allocator: 32 MiB per handle on Hopper,
     one handle for the forward thread and one for autograd's backward thread (also seen in the

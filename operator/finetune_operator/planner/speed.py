@@ -17,7 +17,7 @@ a small model, whose kernels finish sooner (Llama-3.2-1B: 18,928 tokens/s at 2,0
 64,938 at 8,192).
 
 The constants were fitted (bench/fit_speed_model.py) on the worker's own training step on
-one H200 (docs/bench-data/speed-grid-h200.jsonl: Llama-3.2-1B and Llama-3-8B shapes, LoRA and
+one H200 (bench/data/speed-grid-h200.jsonl: Llama-3.2-1B and Llama-3-8B shapes, LoRA and
 QLoRA, checkpointing off and on, 1,024 / 4,096 / 16,384 tokens per micro-batch) and checked
 on the points the fit never saw (2,048 and 8,192 tokens, and earlier product-path runs):
 docs/memory-model.md has the table. Other GPUs change the constants, not the ranking logic.

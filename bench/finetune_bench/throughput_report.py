@@ -1,6 +1,8 @@
-"""Draw docs/img/bench.png from the committed benchmark results (docs/bench-data/).
+"""Draw docs/img/bench.png from the committed benchmark results (bench/data/) and the
+reference figures of the common recipe (bench/reference/): tokens/s at each memory budget
+against the recipe, and the loss-curve check.
 
-    python -m finetune_bench.report docs/bench-data docs/img/bench.png
+    python -m finetune_bench.throughput_report bench/data docs/img/bench.png
 """
 
 from __future__ import annotations
@@ -9,16 +11,17 @@ import json
 import sys
 from pathlib import Path
 
-# budget label -> (result file, run label, target tokens/s, plain transformers+peft+liger probe)
+# budget label -> (result file, run label, target tokens/s, plain transformers+peft+liger
+# figure of the common recipe's headroom probe, bench/reference/common-recipe-h200.jsonl)
 BUDGETS = [
-    ("80 GiB", "call5-6-trainer.jsonl", "trainer-80Gi", 15000, 11762),
-    ("48 GiB", "call5-6-trainer.jsonl", "trainer-48Gi", 13000, 10484),
-    ("24 GiB", "call5-6-trainer.jsonl", "trainer-24Gi", 10000, 8185),
-    ("12 GiB", "call5-6-trainer.jsonl", "trainer-12Gi", 6000, 4618),
+    ("80 GiB", "trainer-budgets-h200.jsonl", "trainer-80Gi", 15000, 11762),
+    ("48 GiB", "trainer-budgets-h200.jsonl", "trainer-48Gi", 13000, 10484),
+    ("24 GiB", "trainer-budgets-h200.jsonl", "trainer-24Gi", 10000, 8185),
+    ("12 GiB", "trainer-budgets-h200.jsonl", "trainer-12Gi", 6000, 4618),
 ]
-RECIPE = ("call6-7-recipe.jsonl", "recipe-lora")
-QLORA_RECIPE = ("call8-recipe-qlora.jsonl", "recipe-qlora-28")
-LOSS_CHECK = ("call8-check.jsonl", "check-recipe", "check-worker-varlen")
+RECIPE = ("common-recipe-same-data-h200.jsonl", "recipe-lora")
+QLORA_RECIPE = ("common-recipe-same-data-h200.jsonl", "recipe-qlora-28")
+LOSS_CHECK = ("loss-check-varlen-h200.jsonl", "check-recipe", "check-worker-varlen")
 
 
 def _rows(path: Path) -> dict[str, dict]:

@@ -1,10 +1,10 @@
 """Predicted against measured: the table and the plot in docs/memory-model.md.
 
-    python -m finetune_operator.planner.calibration_report [tests/data/calibration] [docs/img]
+    python -m finetune_bench.calibration_report [tests/data/calibration] [docs/img]
 
-Prints a Markdown table of every calibration point and writes
-`memory-model-calibration.png` (predicted vs measured peak, one marker per source). A tool
-for the docs, not part of the operator: matplotlib is imported only here (dev extra).
+Replays every calibration point through the operator's memory model, prints a Markdown table
+of them and writes `memory-model-calibration.png` (predicted vs measured peak, one marker per
+source). A tool for the docs, so it lives with the benchmarks and never ships in an image.
 """
 
 from __future__ import annotations
@@ -13,8 +13,12 @@ import json
 import sys
 from pathlib import Path
 
-from .calibration import CalibrationPoint, is_measurement, point_from_record
-from .memory import GiB, estimate_memory
+from finetune_operator.planner.calibration import (
+    CalibrationPoint,
+    is_measurement,
+    point_from_record,
+)
+from finetune_operator.planner.memory import GiB, estimate_memory
 
 
 def load_points(directory: Path) -> list[CalibrationPoint]:
