@@ -18,16 +18,22 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import kopf
+from finetune_api.common import API_VERSION, GROUP, VERSION
+from finetune_api.constants import (
+    LABEL_ADAPTERMERGE,
+    LABEL_COMPONENT,
+    LABEL_FINETUNEJOB,
+    LABEL_SERVER,
+    MANAGED_BY,
+    OPERATOR_NAME,
+)
 
 from . import k8s, metrics
-from finetune_api.constants import LABEL_ADAPTERMERGE, LABEL_COMPONENT, LABEL_FINETUNEJOB
-from .builders.serving import LABEL_SERVER
+from .constants import SERVER_COMPONENT
 from .reconcile import adapterdeployment, adaptermerge, finetunejob
 from .reconcile.settings import SETTINGS
 
 log = logging.getLogger("finetune_operator")
-GROUP, VERSION = "finetune.dev", "v1alpha1"
-MANAGED = {"app.kubernetes.io/managed-by": "finetune-operator"}
 
 RECONCILERS = {
     "FineTuneJob": finetunejob.reconcile,
@@ -78,7 +84,7 @@ async def configure(settings: kopf.OperatorSettings, **_) -> None:
     settings.networking.request_timeout = 60
     # Only warnings of kopf's own go to Kubernetes Events; ours are posted explicitly.
     settings.posting.level = logging.WARNING
-    settings.peering.name = os.environ.get("FINETUNE_PEERING_NAME", "finetune-operator")
+    settings.peering.name = os.environ.get("FINETUNE_PEERING_NAME", OPERATOR_NAME)
     settings.peering.stealth = True
     if os.environ.get("FINETUNE_PEERING", "false").lower() == "true":
         # An active/standby pair: without its peering object an operator must wait, not
@@ -108,7 +114,7 @@ async def shutdown(**_) -> None:
 
 @kopf.on.probe(id="apiserver")
 async def apiserver_reachable(**_) -> str:
-    await k8s.list_objects("finetune.dev/v1alpha1", "FineTuneJob", None)
+    await k8s.list_objects(API_VERSION, "FineTuneJob", None)
     return "ok"
 
 
@@ -130,7 +136,7 @@ async def adapterdeployment_event(name: str, namespace: str, **_) -> None:
     await run_reconcile("AdapterDeployment", namespace, name)
 
 
-@kopf.on.event("apps", "v1", "deployments", labels=MANAGED)
+@kopf.on.event("apps", "v1", "deployments", labels=MANAGED_BY)
 async def server_event(meta: dict, namespace: str, **_) -> None:
     # A vLLM server is owned by every AdapterDeployment it serves.
     for ref in meta.get("ownerReferences") or []:
@@ -138,7 +144,7 @@ async def server_event(meta: dict, namespace: str, **_) -> None:
             await run_reconcile("AdapterDeployment", namespace, ref["name"])
 
 
-@kopf.on.event("", "v1", "pods", labels={**MANAGED, LABEL_COMPONENT: "adapter-server"})
+@kopf.on.event("", "v1", "pods", labels={**MANAGED_BY, LABEL_COMPONENT: SERVER_COMPONENT})
 async def server_pod_event(labels: dict, namespace: str, **_) -> None:
     # A server pod that cannot start (a failed adapter check) degrades its deployments now,
     # not at the next resync.
@@ -161,14 +167,14 @@ def _owner_kind(labels: dict) -> tuple[str, str] | None:
     return None
 
 
-@kopf.on.event("batch", "v1", "jobs", labels=MANAGED)
+@kopf.on.event("batch", "v1", "jobs", labels=MANAGED_BY)
 async def job_event(labels: dict, namespace: str, **_) -> None:
     owner = _owner_kind(labels)
     if owner:
         await run_reconcile(owner[0], namespace, owner[1])
 
 
-@kopf.on.event("", "v1", "pods", labels=MANAGED)
+@kopf.on.event("", "v1", "pods", labels=MANAGED_BY)
 async def pod_event(labels: dict, namespace: str, **_) -> None:
     owner = _owner_kind(labels)
     if owner:
@@ -235,7 +241,7 @@ async def resync_once() -> None:
     counts: dict[tuple[str, str], int] = {}
     for ns in scopes:
         for kind in RECONCILERS:
-            for obj in await k8s.list_objects("finetune.dev/v1alpha1", kind, ns):
+            for obj in await k8s.list_objects(API_VERSION, kind, ns):
                 md = obj["metadata"]
                 if not _watched(md["namespace"]):
                     continue

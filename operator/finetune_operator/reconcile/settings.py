@@ -6,12 +6,14 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from ..constants import DEFAULT_SERVING_IMAGE, DEFAULT_WORKER_IMAGE
+
 
 @dataclass
 class OperatorSettings:
-    worker_image: str = "ghcr.io/finetune-dev/finetune-worker:0.1.0"
+    worker_image: str = DEFAULT_WORKER_IMAGE
     """Default worker image (a FineTuneJob's spec.image overrides it)."""
-    serving_image: str = "vllm/vllm-openai:v0.11.0"
+    serving_image: str = DEFAULT_SERVING_IMAGE
     namespaces: list[str] = field(default_factory=list)
     """Namespaces to watch; empty means the whole cluster."""
     resync_seconds: float = 60.0
