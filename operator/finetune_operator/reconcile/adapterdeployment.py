@@ -47,15 +47,6 @@ log = logging.getLogger(__name__)
 KIND = "AdapterDeployment"
 SERVER_SELECTOR = f"{LABEL_COMPONENT}={SERVER_COMPONENT}"
 
-_defaults: ServingDefaults | None = None
-
-
-def serving_defaults(settings: OperatorSettings) -> ServingDefaults:
-    global _defaults
-    if _defaults is None:
-        _defaults = ServingDefaults.from_env(image=settings.serving_image)
-    return _defaults
-
 
 @dataclass
 class AdapterDecision:
@@ -274,7 +265,7 @@ def _refuse_name_conflicts(group: list[Desired]) -> None:
 
 
 async def reconcile(namespace: str, name: str, settings: OperatorSettings) -> None:
-    defaults = serving_defaults(settings)
+    defaults = settings.serving
     # --- observe ------------------------------------------------------------------------------
     bodies = [b for b in await k8s.list_objects(API_VERSION, KIND, namespace)
               if not b["metadata"].get("deletionTimestamp")]
