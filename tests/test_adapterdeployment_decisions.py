@@ -15,8 +15,7 @@ from pathlib import Path
 
 from finetune_api.adapter_manifest import AdapterManifest, BaseModelRef, describe_files
 from finetune_api.adapterdeployment import AdapterDeployment
-from finetune_operator.builders import serving
-from finetune_operator.builders.serving import ServingDefaults
+from finetune_operator.builders.server_group import ServingDefaults, server_config, server_name
 from finetune_operator.reconcile import adapterdeployment as rec
 from finetune_operator.reconcile.settings import OperatorSettings
 
@@ -33,8 +32,8 @@ def ad_body(name: str, adapters: list[dict], *, created: str = "2026-01-01T00:00
 
 def desired(body: dict) -> rec.Desired:
     ad = AdapterDeployment.model_validate(body)
-    config = serving.server_config(ad, ServingDefaults())
-    return rec.Desired(body, ad, config, serving.server_name(config))
+    config = server_config(ad, ServingDefaults())
+    return rec.Desired(body, ad, config, server_name(config))
 
 
 def ftj_body(name: str, phase: str | None, *, r: int = 16, model: str = BASE,

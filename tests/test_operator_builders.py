@@ -13,6 +13,7 @@ from finetune_api.finetunejob import FineTuneJob, TrainingPlan
 from finetune_api.worker_config import WorkerConfig
 from finetune_operator.builders import followups, training
 from finetune_operator.conditions import set_condition
+from finetune_operator.constants import HF_TOKEN_PATH, WORKER_CONTAINER
 from finetune_operator.status import Outcome, apply_outcome, observe_training
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,7 +76,7 @@ def test_secrets_are_mounted_as_files_never_env(llama):
     assert "envFrom" not in container
     cfg = yaml.safe_load(training.build_config_map(llama, PLAN, "h")["data"][
         "worker-config.yaml"])
-    assert cfg["paths"]["hfTokenFile"] == training.HF_TOKEN_PATH
+    assert cfg["paths"]["hfTokenFile"] == HF_TOKEN_PATH
 
 
 def test_restricted_security_context_and_shm(llama):
@@ -413,7 +414,7 @@ def test_a_multi_node_success_reads_the_summary_of_the_pod_that_wrote_one():
         term = {"exitCode": 0, **({"message": json.dumps(message)} if message else {})}
         return {"metadata": {"name": name, "creationTimestamp": created},
                 "status": {"phase": "Succeeded", "containerStatuses": [
-                    {"name": training.WORKER_CONTAINER, "state": {"terminated": term}}]}}
+                    {"name": WORKER_CONTAINER, "state": {"terminated": term}}]}}
 
     # pod 1 is newer but only pod 0 (global rank 0) wrote the summary
     pods = [pod("j-train-0-a", "2026-01-01T00:00:00Z", summary),
@@ -432,7 +433,7 @@ def test_a_multi_node_failure_names_the_pod_whose_worker_gave_a_verdict():
             {"result": "Failed", "exitCode": code, "message": message})}
         return {"metadata": {"name": name, "creationTimestamp": created},
                 "status": {"phase": "Failed", "containerStatuses": [
-                    {"name": training.WORKER_CONTAINER, "state": {"terminated": term}}]}}
+                    {"name": WORKER_CONTAINER, "state": {"terminated": term}}]}}
 
     pods = [pod("j-train-0", "2026-01-01T00:00:00Z", 11, "row 7 has no 'output'"),
             pod("j-train-1", "2026-01-01T00:00:09Z", 1, "rank 3 lost its peers")]

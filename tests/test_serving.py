@@ -8,6 +8,7 @@ a second `--lora-modules` flag that would silently drop the adapters before it, 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import subprocess
@@ -16,11 +17,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from finetune_api import adapter_checks
 from finetune_api.adapter_manifest import AdapterManifest, BaseModelRef, describe_files
 from finetune_api.adapterdeployment import AdapterDeployment
-from finetune_operator.builders import serving
-from finetune_operator.builders.serving import Member, ServedAdapter, ServingDefaults
+from finetune_api.constants import ADAPTER_MANIFEST_FILENAME, ANNOTATION_ADAPTERS, Reason
+from finetune_operator.builders import server_group, serving, vllm
+from finetune_operator.builders.server_group import ServingDefaults
+from finetune_operator.builders.serving import Member
 from finetune_operator.builders.training import RESTRICTED_CONTAINER_SECURITY
+from finetune_operator.builders.vllm import ServedAdapter
+from finetune_operator.constants import HF_TOKEN_PATH, STORAGE_CREDENTIALS_DIR
 
 BASE = "meta-llama/Meta-Llama-3-8B"
 
@@ -106,7 +112,7 @@ DEFAULTS = ServingDefaults()
 
 
 def config_of(obj: AdapterDeployment, defaults: ServingDefaults = DEFAULTS) -> dict:
-    return serving.server_config(obj, defaults)
+    return server_group.server_config(obj, defaults)
 
 
 def vllm_container(deployment: dict) -> dict:
@@ -137,14 +143,14 @@ def test_three_adapters_on_one_base_render_one_deployment_listing_all_three():
     ]
     assert ns.max_lora_rank == 64  # the largest adapter's
     assert ns.max_loras == 3 and ns.max_cpu_loras == 3
-    assert ns.port == serving.PORT and ns.host == "0.0.0.0"
+    assert ns.port == vllm.PORT and ns.host == "0.0.0.0"
     # Owned by all three, controlled by none: the GC removes it after the last one.
     refs = dep["metadata"]["ownerReferences"]
     assert [r["name"] for r in refs] == ["a", "b", "c"]
     assert all(r["kind"] == "AdapterDeployment" and r["controller"] is False for r in refs)
     assert svc["metadata"]["ownerReferences"] == refs
     assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
-    assert svc["spec"]["ports"][0]["port"] == serving.PORT
+    assert svc["spec"]["ports"][0]["port"] == vllm.PORT
     assert serving.endpoint(cfg) == f"http://{dep['metadata']['name']}.team.svc:8000/v1"
 
 
@@ -161,13 +167,13 @@ def test_members_order_does_not_matter_and_removal_rolls_the_template():
     assert [r["name"] for r in without_b["metadata"]["ownerReferences"]] == ["a", "c"]
     annotations = lambda d: d["spec"]["template"]["metadata"]["annotations"]
     assert annotations(first) != annotations(without_b)
-    assert annotations(without_b)[serving.ANNOTATION_ADAPTERS] == (
+    assert annotations(without_b)[ANNOTATION_ADAPTERS] == (
         "one=unverified,three=unverified")
 
 
 def test_server_identity_follows_base_model_and_runtime_settings_only():
-    one = serving.server_name(config_of(ad("a", [], maxLoraRank=16)))
-    assert one == serving.server_name(config_of(ad("b", [], replicas=3, maxLoraRank=128)))
+    one = server_group.server_name(config_of(ad("a", [], maxLoraRank=16)))
+    assert one == server_group.server_name(config_of(ad("b", [], replicas=3, maxLoraRank=128)))
     assert one.startswith("vllm-") and len(one) <= 63
     others = [
         ad("c", [], baseModel={"name": "mistralai/Mistral-7B-v0.3"}),
@@ -178,11 +184,11 @@ def test_server_identity_follows_base_model_and_runtime_settings_only():
         ad("h", [], namespace="other"),
         ad("i", [], hfTokenSecretRef={"name": "hf"}),
     ]
-    names = {serving.server_name(config_of(o)) for o in others}
+    names = {server_group.server_name(config_of(o)) for o in others}
     assert one not in names and len(names) == len(others)
     # `hf://name` and `name` are the same base model, but different servers would be fine
     # too: what matters is that the adapters' base check treats them as equal.
-    assert serving.base_model_identity({"uri": f"hf://{BASE}"}) == BASE
+    assert adapter_checks.base_model_identity({"uri": f"hf://{BASE}"}) == BASE
 
 
 def test_replicas_are_the_largest_any_member_asks_for():
@@ -199,13 +205,13 @@ def test_replicas_are_the_largest_any_member_asks_for():
 @pytest.mark.parametrize("need,rank", [(1, 1), (2, 8), (8, 8), (16, 16), (17, 32), (64, 64),
                                        (65, 128), (300, 320), (512, 512)])
 def test_server_rank_rounds_up_to_a_rank_vllm_accepts(need, rank):
-    assert serving.server_rank([1, need]) == rank
-    assert serving.server_rank([need]) in VLLM_MAX_LORA_RANKS
+    assert vllm.server_rank([1, need]) == rank
+    assert vllm.server_rank([need]) in VLLM_MAX_LORA_RANKS
 
 
 def test_rank_above_vllms_maximum_is_an_error():
     with pytest.raises(ValueError, match="above vLLM's maximum 512"):
-        serving.server_rank([600])
+        vllm.server_rank([600])
 
 
 # --- the rest of the pod --------------------------------------------------------------------
@@ -235,7 +241,7 @@ def test_pod_is_restricted_probes_health_and_keeps_secrets_in_files():
     assert parse_vllm(c["args"]).tensor_parallel_size == 2
     # Secrets are mounted files; nothing secret-valued in any env.
     env = {e["name"]: e for e in c["env"]}
-    assert env["HF_TOKEN_PATH"]["value"] == serving.HF_TOKEN_PATH
+    assert env["HF_TOKEN_PATH"]["value"] == HF_TOKEN_PATH
     assert all("valueFrom" not in e for ct in pod["containers"] + pod["initContainers"]
                for e in ct.get("env", []))
     secrets = {v["name"]: v["secret"] for v in pod["volumes"] if "secret" in v}
@@ -246,7 +252,7 @@ def test_pod_is_restricted_probes_health_and_keeps_secrets_in_files():
     fetch, verify = pod["initContainers"]
     assert fetch["name"] == "fetch" and fetch["args"] == ["s3://bucket/x", "/adapters/x"]
     assert fetch["image"] == DEFAULTS.fetch_image
-    assert any(m["mountPath"] == serving.STORAGE_CREDENTIALS_DIR for m in fetch["volumeMounts"])
+    assert any(m["mountPath"] == STORAGE_CREDENTIALS_DIR for m in fetch["volumeMounts"])
     assert verify["name"] == "verify-adapters" and verify["image"] == cfg["image"]
 
 
@@ -269,7 +275,7 @@ def test_defaults_apply_unless_the_deployment_sets_its_own():
         "nodeSelector": {"pool": "serving"}, "cpu": "4", "memory": "32Gi",
         "extraArgs": ["--gpu-memory-utilization", "0.85"],
         "maxSurge": 0, "maxUnavailable": 1})}, image="registry/vllm:1")
-    cfg = serving.server_config(ad("a", []), defaults)
+    cfg = server_group.server_config(ad("a", []), defaults)
     dep, _ = serving.build_server(cfg, [member("a", served("x", "hf://acme/x"))], defaults)
     pod = dep["spec"]["template"]["spec"]
     assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
@@ -279,7 +285,7 @@ def test_defaults_apply_unless_the_deployment_sets_its_own():
     assert c["image"] == "registry/vllm:1"
     assert c["resources"]["limits"]["memory"] == "32Gi"
     assert parse_vllm(c["args"]).gpu_memory_utilization == 0.85
-    own = serving.server_config(ad("a", [], image="mine:2", resources={
+    own = server_group.server_config(ad("a", [], image="mine:2", resources={
         "tolerations": [], "nodeSelector": {"pool": "mine"}, "cpu": "2"}), defaults)
     dep, _ = serving.build_server(own, [member("a", served("x", "hf://acme/x"))], defaults)
     pod = dep["spec"]["template"]["spec"]
@@ -296,7 +302,7 @@ def test_bad_defaults_are_reported_with_what_is_expected():
 
 
 def test_paths_vllm_would_misparse_use_the_json_form():
-    arg = serving.lora_module_arg(served("x", "pvc://claim/a=b,c"), BASE)
+    arg = vllm.lora_module_arg(served("x", "pvc://claim/a=b,c"), BASE)
     ns = parse_vllm([BASE, "--lora-modules", arg])
     assert ns.lora_modules == [{"name": "x", "path": "/mnt/claim/a=b,c",
                                 "base_model_name": BASE}]
@@ -316,7 +322,7 @@ def test_base_model_revision_tokenizer_and_volume_paths():
 
 
 def server_inputs(max_rank: int = 64, **base) -> dict:
-    return serving.server_check_inputs({"baseModel": base or {"name": BASE}}, max_rank)
+    return vllm.server_check_inputs({"baseModel": base or {"name": BASE}}, max_rank)
 
 
 def reasons(problems) -> list[str]:
@@ -326,7 +332,7 @@ def reasons(problems) -> list[str]:
 def test_compatible_adapter_has_no_problems():
     facts = {"name": "x", "baseModel": {"name": BASE}, "revisionDeclared": True, "r": 16,
              "targetModules": ["q_proj", "v_proj"], "useDoRA": False}
-    assert serving.adapter_problems(facts, server_inputs()) == []
+    assert adapter_checks.adapter_problems(facts, server_inputs()) == []
 
 
 @pytest.mark.parametrize("facts,server,reason,words", [
@@ -346,7 +352,7 @@ def test_compatible_adapter_has_no_problems():
 def test_incompatible_adapters_are_refused_with_the_reason(facts, server, reason, words):
     inputs = server_inputs(max_rank=server.pop("maxRank", 64),
                            **({"name": BASE, **server}))
-    problems = serving.adapter_problems({"name": "x", **facts}, inputs)
+    problems = adapter_checks.adapter_problems({"name": "x", **facts}, inputs)
     assert reasons(problems) == [reason]
     assert words in problems[0][1] and "'x'" in problems[0][1]
 
@@ -354,12 +360,12 @@ def test_incompatible_adapters_are_refused_with_the_reason(facts, server, reason
 def test_resolved_revision_is_not_compared_with_an_unpinned_server():
     facts = {"name": "x", "baseModel": {"name": f"hf://{BASE}".removeprefix("hf://"),
                                         "revision": "0123abc"}, "revisionDeclared": False}
-    assert serving.adapter_problems(facts, server_inputs()) == []
+    assert adapter_checks.adapter_problems(facts, server_inputs()) == []
 
 
 def test_hub_uri_and_name_are_the_same_base_model():
     facts = {"name": "x", "baseModel": {"uri": f"hf://{BASE}"}, "revisionDeclared": True}
-    assert serving.adapter_problems(facts, server_inputs()) == []
+    assert adapter_checks.adapter_problems(facts, server_inputs()) == []
 
 
 # --- adapter files: the operator (pvc_root) and the init container run the same code -------
@@ -382,30 +388,30 @@ def write_adapter(directory: Path, *, r: int = 16, base: str = BASE,
 
 def test_verified_adapter_reports_its_manifest_facts(tmp_path):
     manifest = write_adapter(tmp_path / "a", revision="0123abc")
-    problems, facts = serving.verify_adapter_dir(str(tmp_path / "a"),
-                                                 {"name": "a", "sha256": manifest.digest})
+    problems, facts = adapter_checks.verify_adapter_dir(
+        str(tmp_path / "a"), {"name": "a", "sha256": manifest.digest})
     assert problems == []
     assert facts["r"] == 16 and facts["baseModel"]["revision"] == "0123abc"
-    assert serving.adapter_files_digest(
-        [f.model_dump(by_alias=True) for f in manifest.files]) == manifest.digest
+    assert adapter_checks.files_digest(
+        (f.name, f.sha256) for f in manifest.files) == manifest.digest
 
 
 def test_missing_corrupt_and_substituted_files_are_refused(tmp_path):
     manifest = write_adapter(tmp_path / "a")
     (tmp_path / "a" / "adapter_model.safetensors").write_bytes(b"tampered")
-    problems, _ = serving.verify_adapter_dir(str(tmp_path / "a"), {"name": "a"})
+    problems, _ = adapter_checks.verify_adapter_dir(str(tmp_path / "a"), {"name": "a"})
     assert reasons(problems) == ["AdapterChecksumMismatch"]
     assert "adapter_model.safetensors" in problems[0][1]
     (tmp_path / "a" / "adapter_model.safetensors").unlink()
-    problems, _ = serving.verify_adapter_dir(str(tmp_path / "a"), {"name": "a"})
+    problems, _ = adapter_checks.verify_adapter_dir(str(tmp_path / "a"), {"name": "a"})
     assert reasons(problems) == ["AdapterFilesMissing"]
     other = write_adapter(tmp_path / "b")
-    problems, _ = serving.verify_adapter_dir(str(tmp_path / "b"),
-                                             {"name": "b", "sha256": manifest.digest})
+    problems, _ = adapter_checks.verify_adapter_dir(str(tmp_path / "b"),
+                                                    {"name": "b", "sha256": manifest.digest})
     assert other.digest != manifest.digest
     assert reasons(problems) == ["AdapterChecksumMismatch"]
     assert "different adapter" in problems[0][1]
-    problems, _ = serving.verify_adapter_dir(str(tmp_path / "nowhere"), {"name": "c"})
+    problems, _ = adapter_checks.verify_adapter_dir(str(tmp_path / "nowhere"), {"name": "c"})
     assert reasons(problems) == ["AdapterFilesMissing"]
 
 
@@ -414,20 +420,21 @@ def test_plain_peft_adapter_without_manifest_is_checked_for_what_vllm_loads(tmp_
     d.mkdir()
     (d / "adapter_config.json").write_text(json.dumps({"r": 8, "target_modules": "all-linear",
                                                        "use_dora": True}))
-    problems, facts = serving.verify_adapter_dir(str(d), {"name": "p"})
+    problems, facts = adapter_checks.verify_adapter_dir(str(d), {"name": "p"})
     assert reasons(problems) == ["AdapterFilesMissing"]
-    assert reasons(serving.adapter_problems(facts, server_inputs())) == [
+    assert reasons(adapter_checks.adapter_problems(facts, server_inputs())) == [
         "UnsupportedAdapterFeature"]
 
 
 def run_verify_init_container(container: dict, tmp_path: Path) -> subprocess.CompletedProcess:
-    """Run the init container's command here (python3 -c <script> <plan>)."""
+    """Run the init container's command here (python3 -c <script> <plan>), as the serving
+    image runs it: `-I -S` leaves out our packages (and every other installed one)."""
     command = container["command"]
     assert command[:2] == ["python3", "-c"]
     log = tmp_path / "termination-log"
-    return subprocess.run([sys.executable, "-c", *command[2:]], check=False, capture_output=True,
-                          text=True, env={**os.environ, "TERMINATION_LOG": str(log)},
-                          timeout=60)
+    return subprocess.run([sys.executable, "-I", "-S", "-c", *command[2:]], check=False,
+                          capture_output=True, text=True,
+                          env={**os.environ, "TERMINATION_LOG": str(log)}, timeout=60)
 
 
 def test_init_container_verifies_files_and_compatibility_before_vllm_starts(tmp_path,
@@ -473,10 +480,10 @@ def write_peft_adapter(directory: Path, base: str | None, **config) -> Path:
 def test_plain_peft_adapter_is_checked_against_the_base_in_its_own_config(tmp_path):
     def problems_for(base, server_base=None, **config):
         d = write_peft_adapter(tmp_path / f"p{len(list(tmp_path.iterdir()))}", base, **config)
-        problems, facts = serving.verify_adapter_dir(str(d), {"name": "p"})
+        problems, facts = adapter_checks.verify_adapter_dir(str(d), {"name": "p"})
         assert problems == []
         server = server_inputs(**(server_base or {"name": BASE}))
-        return serving.adapter_problems(facts, server)
+        return adapter_checks.adapter_problems(facts, server)
 
     mistral = problems_for("mistralai/Mistral-7B-v0.3")
     assert reasons(mistral) == ["BaseModelMismatch"]
@@ -511,41 +518,38 @@ def test_init_container_refuses_a_plain_peft_adapter_of_another_base(tmp_path):
 
 def test_an_adapters_digest_is_known_with_or_without_a_manifest(tmp_path):
     manifest = write_adapter(tmp_path / "worker")
-    _, facts = serving.verify_adapter_dir(str(tmp_path / "worker"), {"name": "w"})
+    _, facts = adapter_checks.verify_adapter_dir(str(tmp_path / "worker"), {"name": "w"})
     assert facts["sha256"] == manifest.digest
     # A plain PEFT adapter: the digest of its files, by the same formula.
     d = write_peft_adapter(tmp_path / "peft", BASE)
-    problems, facts = serving.verify_adapter_dir(str(d), {"name": "p"})
+    problems, facts = adapter_checks.verify_adapter_dir(str(d), {"name": "p"})
     assert problems == []
-    assert facts["sha256"] == serving.adapter_files_digest(
-        [f.model_dump(by_alias=True) for f in describe_files(d)])
+    assert facts["sha256"] == adapter_checks.files_digest(
+        (f.name, f.sha256) for f in describe_files(d))
     # What the operator checked is what the pod must see: same files pass, new ones not.
-    assert serving.verify_adapter_dir(str(d), {"name": "p", "sha256": facts["sha256"]})[0] == []
+    expected = {"name": "p", "sha256": facts["sha256"]}
+    assert adapter_checks.verify_adapter_dir(str(d), expected)[0] == []
     (d / "adapter_model.safetensors").write_bytes(os.urandom(1024))
-    problems, newer = serving.verify_adapter_dir(str(d), {"name": "p",
-                                                          "sha256": facts["sha256"]})
+    problems, newer = adapter_checks.verify_adapter_dir(str(d), expected)
     assert newer["sha256"] != facts["sha256"]
     assert reasons(problems) == ["AdapterChecksumMismatch"]
 
 
 def test_the_verify_script_runs_on_its_own_as_the_init_container_runs_it(tmp_path):
-    """The init container runs verify_script() with a bare `python3 -c`, without this package:
-    every function it calls must be in it. A manifest adapter and a plain PEFT one pass, a
-    changed file fails with exit 1."""
-    import subprocess
-    import sys
-
+    """The init container runs verify_script() with a bare `python3 -c`, without this package
+    (`-I -S`: no site-packages): it must be standard library only. A manifest adapter and a
+    plain PEFT one pass, a changed file fails with exit 1."""
     manifest = write_adapter(tmp_path / "ours")
     write_adapter(tmp_path / "plain")
-    (tmp_path / "plain" / "finetune-manifest.json").unlink()
-    server = serving.server_check_inputs({"baseModel": {"name": BASE}}, 64)
+    (tmp_path / "plain" / ADAPTER_MANIFEST_FILENAME).unlink()
+    server = vllm.server_check_inputs({"baseModel": {"name": BASE}}, 64)
     plan = {"server": server, "adapters": [
         {"name": "ours", "path": str(tmp_path / "ours"), "sha256": manifest.digest,
-         "manifest": "finetune-manifest.json"},
-        {"name": "plain", "path": str(tmp_path / "plain"), "manifest": "finetune-manifest.json"}]}
+         "manifest": ADAPTER_MANIFEST_FILENAME},
+        {"name": "plain", "path": str(tmp_path / "plain"), "manifest": ADAPTER_MANIFEST_FILENAME}]}
 
     def run():
-        return subprocess.run([sys.executable, "-I", "-c", serving.verify_script(),
+        return subprocess.run([sys.executable, "-I", "-S", "-c", serving.verify_script(),
                                json.dumps(plan)], capture_output=True, text=True, timeout=60,
                               env={"TERMINATION_LOG": str(tmp_path / "term")}, check=False)
 
@@ -555,3 +559,46 @@ def test_the_verify_script_runs_on_its_own_as_the_init_container_runs_it(tmp_pat
     (tmp_path / "ours" / "adapter_model.safetensors").write_bytes(b"changed")
     bad = run()
     assert bad.returncode == 1 and "AdapterChecksumMismatch" in bad.stderr
+
+
+def test_the_init_container_runs_the_adapter_checks_module_the_operator_imports():
+    """One source: the init container's program is adapter_checks.py, the whole file, the
+    module the operator and `AdapterManifest.digest` import; nothing is assembled."""
+    cfg = config_of(ad("a", []))
+    dep, _ = serving.build_server(cfg, [member("a", served("x", "pvc://claim/x"))], DEFAULTS)
+    verify = dep["spec"]["template"]["spec"]["initContainers"][0]
+    assert verify["command"][2] == Path(adapter_checks.__file__).read_text(encoding="utf-8")
+    assert verify["command"][2] == serving.verify_script()
+    assert adapter_checks.MANIFEST_FILENAME == ADAPTER_MANIFEST_FILENAME
+
+
+def test_the_init_container_and_the_api_model_compute_the_same_digest(tmp_path):
+    """The pod's script, run on its own, accepts a plain adapter exactly when the digest the
+    API model computes for its files is the one expected, and refuses any other."""
+    d = write_peft_adapter(tmp_path / "claim" / "p", BASE)
+    api_digest = AdapterManifest(
+        spec_hash="f" * 64, base_model=BaseModelRef(name=BASE), method="lora", r=8, alpha=16,
+        target_modules=["q_proj", "v_proj"], files=describe_files(d),
+        created_at=datetime.now(UTC)).digest
+    server = vllm.server_check_inputs({"baseModel": {"name": BASE}}, 64)
+
+    def run(sha256: str) -> subprocess.CompletedProcess:
+        plan = {"server": server, "adapters": [{"name": "p", "path": str(d), "sha256": sha256,
+                                                "manifest": ADAPTER_MANIFEST_FILENAME}]}
+        return run_verify_init_container(
+            {"command": ["python3", "-c", serving.verify_script(), json.dumps(plan)]}, tmp_path)
+
+    assert run(api_digest).returncode == 0
+    refused = run("0" * 64)
+    assert refused.returncode == 1 and "AdapterChecksumMismatch" in refused.stderr
+
+
+def test_the_reasons_the_checks_give_are_the_apis():
+    """The checks cannot import `Reason` in the pod: every reason they write is one of its
+    values all the same."""
+    tree = ast.parse(Path(adapter_checks.__file__).read_text(encoding="utf-8"))
+    given = {node.elts[0].value for node in ast.walk(tree)
+             if isinstance(node, ast.List) and len(node.elts) == 2
+             and isinstance(node.elts[0], ast.Constant) and isinstance(node.elts[0].value, str)}
+    known = {v for k, v in vars(Reason).items() if k.isupper()}
+    assert given and given <= known, given - known

@@ -8,12 +8,12 @@ deployment read it to find the base model.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
+from .adapter_checks import file_sha256, files_digest
 from .common import API_VERSION, StatusModel, Timestamp
 from .constants import ADAPTER_MANIFEST_FILENAME
 from .finetunejob import ResolvedMethod, TrainingMetrics
@@ -65,11 +65,9 @@ class AdapterManifest(StatusModel):
 
     @property
     def digest(self) -> str:
-        """One sha256 over the sorted (name, sha256) pairs: the whole adapter's identity."""
-        h = hashlib.sha256()
-        for f in sorted(self.files, key=lambda f: f.name):
-            h.update(f"{f.name}\0{f.sha256}\n".encode())
-        return h.hexdigest()
+        """One sha256 over the sorted (name, sha256) pairs: the whole adapter's identity.
+        The formula is `adapter_checks.files_digest`, which the server pods run too."""
+        return files_digest((f.name, f.sha256) for f in self.files)
 
     def write(self, directory: str | Path) -> Path:
         path = Path(directory) / ADAPTER_MANIFEST_FILENAME
@@ -79,14 +77,6 @@ class AdapterManifest(StatusModel):
     @classmethod
     def read(cls, directory: str | Path) -> AdapterManifest:
         return cls.model_validate_json((Path(directory) / ADAPTER_MANIFEST_FILENAME).read_text())
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def describe_files(directory: str | Path) -> list[ArtifactFile]:

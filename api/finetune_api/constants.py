@@ -106,17 +106,34 @@ class Reason:
     INVALID_SPEC = "InvalidSpec"
 
 
+OPERATOR_NAME = "finetune-operator"
+"""Who manages the children: the managed-by label's value and the server-side apply field
+manager."""
+
 # Labels and annotations put on children so they can be found and traced back.
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGED_BY = {LABEL_MANAGED_BY: OPERATOR_NAME}
+"""On every child: the operator watches Jobs, pods and Deployments with it."""
 LABEL_PREFIX = "finetune.dev"
 LABEL_FINETUNEJOB = f"{LABEL_PREFIX}/finetunejob"
 LABEL_ADAPTERMERGE = f"{LABEL_PREFIX}/adaptermerge"
 LABEL_ADAPTERDEPLOYMENT = f"{LABEL_PREFIX}/adapterdeployment"
 LABEL_COMPONENT = f"{LABEL_PREFIX}/component"
+LABEL_SERVER = f"{LABEL_PREFIX}/server"
+"""On a vLLM server's Deployment, Service and pods: the server's name."""
 ANNOTATION_SPEC_HASH = f"{LABEL_PREFIX}/spec-hash"
+ANNOTATION_ADAPTERS = f"{LABEL_PREFIX}/adapters"
+"""On a server's pod template: `name=digest` per served adapter, so a changed checksum rolls
+the pods too."""
 
 # Files the worker and the operator agree on.
 WORKER_CONFIG_FILENAME = "worker-config.yaml"
 ADAPTER_MANIFEST_FILENAME = "finetune-manifest.json"
+TERMINATION_LOG_PATH = "/dev/termination-log"
+"""The kubelet's default terminationMessagePath: the worker writes its report there, the
+operator reads it back from the pod status."""
+TERMINATION_LOG_ENV = "FINETUNE_WORKER_TERMINATION_LOG"
+"""Set by the operator on the worker container: where the worker writes its report."""
 
 DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
 # torchrun's master port on pod 0 of a multi-node job: the operator's Service and container

@@ -1,5 +1,3 @@
 """finetune-operator: plans and runs LoRA / QLoRA fine-tuning on Kubernetes."""
 
 __version__ = "0.1.0"
-API_GROUP = "finetune.dev"
-API_VERSION = "v1alpha1"

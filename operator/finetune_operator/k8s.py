@@ -17,6 +17,8 @@ import time
 from typing import Any
 
 import aiohttp
+from finetune_api.common import API_VERSION
+from finetune_api.constants import OPERATOR_NAME
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
@@ -33,7 +35,7 @@ def quiet_client_logs() -> None:
     for name in API_CLIENT_LOGGERS:
         logging.getLogger(name).setLevel(logging.INFO)
 
-FIELD_MANAGER = "finetune-operator"
+FIELD_MANAGER = OPERATOR_NAME
 
 # apiVersion, kind -> plural. Only the kinds the operator reads or writes.
 PLURALS: dict[tuple[str, str], str] = {
@@ -48,9 +50,9 @@ PLURALS: dict[tuple[str, str], str] = {
     ("apps/v1", "Deployment"): "deployments",
     ("rbac.authorization.k8s.io/v1", "Role"): "roles",
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): "rolebindings",
-    ("finetune.dev/v1alpha1", "FineTuneJob"): "finetunejobs",
-    ("finetune.dev/v1alpha1", "AdapterMerge"): "adaptermerges",
-    ("finetune.dev/v1alpha1", "AdapterDeployment"): "adapterdeployments",
+    (API_VERSION, "FineTuneJob"): "finetunejobs",
+    (API_VERSION, "AdapterMerge"): "adaptermerges",
+    (API_VERSION, "AdapterDeployment"): "adapterdeployments",
     ("kopf.dev/v1", "ClusterKopfPeering"): "clusterkopfpeerings",
     ("kopf.dev/v1", "KopfPeering"): "kopfpeerings",
 }

@@ -1,7 +1,9 @@
 """kopf entry point: registers handlers and start-up settings, nothing else.
 
 Run with `kopf run -m finetune_operator.main` (or `finetune-operator run`). Every
-handler hands off to one reconcile function per kind. Handlers are `on.event`:
+handler hands off to one reconcile function per kind, with the operator's settings, which
+the start-up handler reads from the environment once (`memo.operator_settings`); importing
+this module reads nothing. Handlers are `on.event`:
 level-triggered, no per-object progress annotations and no finalizers, so the operator
 never writes to a user's object except its status subresource (GitOps tools see no
 drift) and deletion is left to owner references and the garbage collector.
@@ -18,16 +20,21 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import kopf
+from finetune_api.common import API_VERSION, GROUP, VERSION
+from finetune_api.constants import (
+    LABEL_ADAPTERMERGE,
+    LABEL_COMPONENT,
+    LABEL_FINETUNEJOB,
+    LABEL_SERVER,
+    MANAGED_BY,
+)
 
 from . import k8s, metrics
-from finetune_api.constants import LABEL_ADAPTERMERGE, LABEL_COMPONENT, LABEL_FINETUNEJOB
-from .builders.serving import LABEL_SERVER
+from .constants import SERVER_COMPONENT
 from .reconcile import adapterdeployment, adaptermerge, finetunejob
-from .reconcile.settings import SETTINGS
+from .reconcile.settings import OperatorSettings
 
 log = logging.getLogger("finetune_operator")
-GROUP, VERSION = "finetune.dev", "v1alpha1"
-MANAGED = {"app.kubernetes.io/managed-by": "finetune-operator"}
 
 RECONCILERS = {
     "FineTuneJob": finetunejob.reconcile,
@@ -40,13 +47,14 @@ RECONCILERS = {
 _locks: dict[tuple[str, str, str], asyncio.Lock] = {}
 
 
-async def run_reconcile(kind: str, namespace: str, name: str) -> None:
+async def run_reconcile(settings: OperatorSettings, kind: str, namespace: str,
+                        name: str) -> None:
     lock = _locks.setdefault((kind, namespace, name), asyncio.Lock())
     async with lock:
         started = time.monotonic()
         for attempt in range(4):
             try:
-                await RECONCILERS[kind](namespace, name, SETTINGS)
+                await RECONCILERS[kind](namespace, name, settings)
                 break
             except k8s.Conflict:
                 metrics.API_RETRIES.labels(kind=kind).inc()
@@ -64,7 +72,15 @@ async def run_reconcile(kind: str, namespace: str, name: str) -> None:
 
 
 @kopf.on.startup()
-async def configure(settings: kopf.OperatorSettings, **_) -> None:
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
+    """Everything the operator does once, in order: its own settings first (a bad value
+    stops it here, as kopf never retries a permanent error), then kopf's, the API client,
+    the metrics endpoint and the periodic resync."""
+    try:
+        ours = OperatorSettings.from_env()
+    except ValueError as exc:
+        raise kopf.PermanentError(f"invalid operator environment: {exc}") from exc
+    memo.operator_settings = ours
     k8s.quiet_client_logs()
     # Our own annotation prefix and finalizer name, should kopf ever need them.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
@@ -78,9 +94,9 @@ async def configure(settings: kopf.OperatorSettings, **_) -> None:
     settings.networking.request_timeout = 60
     # Only warnings of kopf's own go to Kubernetes Events; ours are posted explicitly.
     settings.posting.level = logging.WARNING
-    settings.peering.name = os.environ.get("FINETUNE_PEERING_NAME", "finetune-operator")
+    settings.peering.name = ours.peering_name
     settings.peering.stealth = True
-    if os.environ.get("FINETUNE_PEERING", "false").lower() == "true":
+    if ours.peering:
         # An active/standby pair: without its peering object an operator must wait, not
         # run unpaired next to the other one.
         settings.peering.mandatory = True
@@ -88,17 +104,18 @@ async def configure(settings: kopf.OperatorSettings, **_) -> None:
         settings.peering.standalone = True
     _kopf_settings.append(settings)
     await k8s.connect()
-    _start_metrics_server()
+    _start_metrics_server(ours.metrics_port)
+    memo.resync = asyncio.get_running_loop().create_task(_resync_forever(ours))
 
 
-def _start_metrics_server() -> None:
+def _start_metrics_server(port: int) -> None:
     from prometheus_client import start_http_server
 
-    if SETTINGS.metrics_port:
+    if port:
         try:
-            start_http_server(SETTINGS.metrics_port)
+            start_http_server(port)
         except OSError as exc:  # a second operator in the same pod network (tests)
-            log.warning("metrics endpoint not started on :%s: %s", SETTINGS.metrics_port, exc)
+            log.warning("metrics endpoint not started on :%s: %s", port, exc)
 
 
 @kopf.on.cleanup()
@@ -108,49 +125,53 @@ async def shutdown(**_) -> None:
 
 @kopf.on.probe(id="apiserver")
 async def apiserver_reachable(**_) -> str:
-    await k8s.list_objects("finetune.dev/v1alpha1", "FineTuneJob", None)
+    await k8s.list_objects(API_VERSION, "FineTuneJob", None)
     return "ok"
 
 
 @kopf.on.event(GROUP, VERSION, "finetunejobs")
-async def finetunejob_event(type: str, name: str, namespace: str, **_) -> None:
+async def finetunejob_event(type: str, name: str, namespace: str, memo: kopf.Memo,
+                            **_) -> None:
     if type != "DELETED":
-        await run_reconcile("FineTuneJob", namespace, name)
+        await run_reconcile(memo.operator_settings, "FineTuneJob", namespace, name)
 
 
 @kopf.on.event(GROUP, VERSION, "adaptermerges")
-async def adaptermerge_event(type: str, name: str, namespace: str, **_) -> None:
+async def adaptermerge_event(type: str, name: str, namespace: str, memo: kopf.Memo,
+                             **_) -> None:
     if type != "DELETED":
-        await run_reconcile("AdapterMerge", namespace, name)
+        await run_reconcile(memo.operator_settings, "AdapterMerge", namespace, name)
 
 
 @kopf.on.event(GROUP, VERSION, "adapterdeployments")
-async def adapterdeployment_event(name: str, namespace: str, **_) -> None:
+async def adapterdeployment_event(name: str, namespace: str, memo: kopf.Memo, **_) -> None:
     # DELETED too: the shared server drops the adapters (or goes) with the deployment.
-    await run_reconcile("AdapterDeployment", namespace, name)
+    await run_reconcile(memo.operator_settings, "AdapterDeployment", namespace, name)
 
 
-@kopf.on.event("apps", "v1", "deployments", labels=MANAGED)
-async def server_event(meta: dict, namespace: str, **_) -> None:
+@kopf.on.event("apps", "v1", "deployments", labels=MANAGED_BY)
+async def server_event(meta: dict, namespace: str, memo: kopf.Memo, **_) -> None:
     # A vLLM server is owned by every AdapterDeployment it serves.
     for ref in meta.get("ownerReferences") or []:
         if ref.get("kind") == "AdapterDeployment":
-            await run_reconcile("AdapterDeployment", namespace, ref["name"])
+            await run_reconcile(memo.operator_settings, "AdapterDeployment", namespace,
+                                ref["name"])
 
 
-@kopf.on.event("", "v1", "pods", labels={**MANAGED, LABEL_COMPONENT: "adapter-server"})
-async def server_pod_event(labels: dict, namespace: str, **_) -> None:
+@kopf.on.event("", "v1", "pods", labels={**MANAGED_BY, LABEL_COMPONENT: SERVER_COMPONENT})
+async def server_pod_event(labels: dict, namespace: str, memo: kopf.Memo, **_) -> None:
     # A server pod that cannot start (a failed adapter check) degrades its deployments now,
     # not at the next resync.
     for ad_name in await adapterdeployment.served_by(namespace, labels.get(LABEL_SERVER, "")):
-        await run_reconcile("AdapterDeployment", namespace, ad_name)
+        await run_reconcile(memo.operator_settings, "AdapterDeployment", namespace, ad_name)
 
 
 @kopf.on.event(GROUP, VERSION, "finetunejobs")
-async def finetunejob_adapters_event(name: str, namespace: str, **_) -> None:
+async def finetunejob_adapters_event(name: str, namespace: str, memo: kopf.Memo,
+                                     **_) -> None:
     # An adapter waiting for this job is served as soon as the job succeeds.
     for ad_name in await adapterdeployment.referencing(namespace, name):
-        await run_reconcile("AdapterDeployment", namespace, ad_name)
+        await run_reconcile(memo.operator_settings, "AdapterDeployment", namespace, ad_name)
 
 
 def _owner_kind(labels: dict) -> tuple[str, str] | None:
@@ -161,44 +182,39 @@ def _owner_kind(labels: dict) -> tuple[str, str] | None:
     return None
 
 
-@kopf.on.event("batch", "v1", "jobs", labels=MANAGED)
-async def job_event(labels: dict, namespace: str, **_) -> None:
+@kopf.on.event("batch", "v1", "jobs", labels=MANAGED_BY)
+async def job_event(labels: dict, namespace: str, memo: kopf.Memo, **_) -> None:
     owner = _owner_kind(labels)
     if owner:
-        await run_reconcile(owner[0], namespace, owner[1])
+        await run_reconcile(memo.operator_settings, owner[0], namespace, owner[1])
 
 
-@kopf.on.event("", "v1", "pods", labels=MANAGED)
-async def pod_event(labels: dict, namespace: str, **_) -> None:
+@kopf.on.event("", "v1", "pods", labels=MANAGED_BY)
+async def pod_event(labels: dict, namespace: str, memo: kopf.Memo, **_) -> None:
     owner = _owner_kind(labels)
     if owner:
-        await run_reconcile(owner[0], namespace, owner[1])
+        await run_reconcile(memo.operator_settings, owner[0], namespace, owner[1])
 
 
-@kopf.on.startup()
-async def start_resync(memo: kopf.Memo, **_) -> None:
-    memo.resync = asyncio.get_running_loop().create_task(_resync_forever())
-
-
-async def _resync_forever() -> None:
+async def _resync_forever(settings: OperatorSettings) -> None:
     """Level-based safety net: reconcile everything periodically, events or not."""
     while True:
-        await asyncio.sleep(SETTINGS.resync_seconds)
+        await asyncio.sleep(settings.resync_seconds)
         try:
-            await resync_once()
+            await resync_once(settings)
         except Exception:
-            log.exception("periodic resync failed; trying again in %ss", SETTINGS.resync_seconds)
+            log.exception("periodic resync failed; trying again in %ss", settings.resync_seconds)
 
 
-def _watched(namespace: str) -> bool:
-    return not SETTINGS.namespaces or any(fnmatch.fnmatchcase(namespace, pattern)
-                                          for pattern in SETTINGS.namespaces)
+def _watched(namespace: str, settings: OperatorSettings) -> bool:
+    return not settings.namespaces or any(fnmatch.fnmatchcase(namespace, pattern)
+                                          for pattern in settings.namespaces)
 
 
 _kopf_settings: list[kopf.OperatorSettings] = []
 
 
-async def outranked() -> bool:
+async def outranked(settings: OperatorSettings) -> bool:
     """Whether a live peer of higher priority holds the lead (we are the paused standby).
 
     kopf pauses its own watchers then, but not this resync task; the rule is kopf's: a
@@ -210,7 +226,7 @@ async def outranked() -> bool:
     if peering.clusterwide:
         obj = await k8s.get("kopf.dev/v1", "ClusterKopfPeering", None, peering.name)
     else:
-        first = next((n for n in SETTINGS.namespaces if not any(c in n for c in "*?[")), None)
+        first = next((n for n in settings.namespaces if not any(c in n for c in "*?[")), None)
         obj = await k8s.get("kopf.dev/v1", "KopfPeering", first, peering.name) if first else None
     now = datetime.now(UTC)
     for info in ((obj or {}).get("status") or {}).values():
@@ -224,22 +240,22 @@ async def outranked() -> bool:
     return False
 
 
-async def resync_once() -> None:
-    if await outranked():
+async def resync_once(settings: OperatorSettings) -> None:
+    if await outranked(settings):
         log.debug("a higher-priority operator is active; standby skips the resync")
         return
     # Exact names are listed one by one (a namespaced install may not list cluster-wide);
     # patterns, like kopf's own `--namespace 'team-*'`, need a cluster-wide list.
-    exact = [n for n in SETTINGS.namespaces if not any(c in n for c in "*?[")]
-    scopes = exact if exact and len(exact) == len(SETTINGS.namespaces) else [None]
+    exact = [n for n in settings.namespaces if not any(c in n for c in "*?[")]
+    scopes = exact if exact and len(exact) == len(settings.namespaces) else [None]
     counts: dict[tuple[str, str], int] = {}
     for ns in scopes:
         for kind in RECONCILERS:
-            for obj in await k8s.list_objects("finetune.dev/v1alpha1", kind, ns):
+            for obj in await k8s.list_objects(API_VERSION, kind, ns):
                 md = obj["metadata"]
-                if not _watched(md["namespace"]):
+                if not _watched(md["namespace"], settings):
                     continue
-                await run_reconcile(kind, md["namespace"], md["name"])
+                await run_reconcile(settings, kind, md["namespace"], md["name"])
                 if kind == "FineTuneJob":
                     key = (md["namespace"], (obj.get("status") or {}).get("phase") or "Pending")
                     counts[key] = counts.get(key, 0) + 1

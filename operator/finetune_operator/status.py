@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from finetune_api.constants import ConditionType as C
 from finetune_api.constants import Phase, Reason
 from finetune_api.exit_codes import FAILURE_CODES, WorkerExitCode
-from .builders.training import PERMANENT_EXIT_CODES, WORKER_CONTAINER
+
+from .builders.training import PERMANENT_EXIT_CODES
 from .conditions import find, set_condition
+from .constants import WORKER_CONTAINER
 
 
 @dataclass(frozen=True)
@@ -46,9 +48,8 @@ def _terminated(pod: dict) -> dict | None:
 def termination_summary(pod: dict) -> dict | None:
     """The worker's final report (api.WorkerReport), from `/dev/termination-log`; None when
     there is none or it is not one (FallbackToLogsOnError puts a log tail there)."""
-    from pydantic import ValidationError
-
     from finetune_api.worker_report import WorkerReport
+    from pydantic import ValidationError
 
     term = _terminated(pod)
     if not term or not term.get("message"):

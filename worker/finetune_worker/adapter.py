@@ -98,7 +98,7 @@ def write_adapter(config, peft_model, destination: Path, *, base_revision: str |
 
 def verify_adapter(directory: Path) -> AdapterManifest:
     """The manifest of a complete adapter; StorageError when files are missing or changed."""
-    from finetune_api.adapter_manifest import file_sha256
+    from finetune_api.adapter_checks import file_sha256
 
     directory = Path(directory)
     try:

@@ -18,9 +18,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from finetune_api.constants import TERMINATION_LOG_ENV, TERMINATION_LOG_PATH
+
 log = logging.getLogger(__name__)
 
-DEFAULT_PATH = "/dev/termination-log"
 LIMIT_BYTES = 4096
 # Dropped in this order until the summary fits; outcome, exit code, peak memory and
 # throughput are what the operator needs most, so they are never in this list.
@@ -51,10 +52,10 @@ def termination_log_path() -> Path | None:
         return rank_summary_path(Path(rank_dir), rank)
     if rank not in (None, "0"):
         return None
-    override = os.environ.get("FINETUNE_WORKER_TERMINATION_LOG")
+    override = os.environ.get(TERMINATION_LOG_ENV)
     if override:
         return Path(override)
-    default = Path(DEFAULT_PATH)
+    default = Path(TERMINATION_LOG_PATH)
     return default if default.exists() else None
 
 

@@ -8,18 +8,16 @@ worker's exit codes in the pod failure policy.
 from __future__ import annotations
 
 import yaml
-
 from finetune_api.adaptermerge import AdapterMerge
 from finetune_api.common import API_VERSION
-from finetune_api.constants import LABEL_ADAPTERMERGE, LABEL_COMPONENT
+from finetune_api.constants import LABEL_ADAPTERMERGE, LABEL_COMPONENT, MANAGED_BY
 from finetune_api.finetunejob import ModelSource
 from finetune_api.merge_config import MergeConfig
+
+from ..constants import DEFAULT_WORKER_IMAGE, HF_TOKEN_PATH
 from .storage import VolumePlan, locate
 from .training import (
     CONFIG_DIR,
-    DEFAULT_WORKER_IMAGE,
-    HF_TOKEN_PATH,
-    MANAGED_BY,
     SCRATCH_DIR,
     failure_policy,
     worker_container,

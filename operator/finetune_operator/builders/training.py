@@ -9,28 +9,36 @@ in the middle of one, create nothing twice.
 from __future__ import annotations
 
 import yaml
-
-from finetune_api.common import API_VERSION, parse_quantity
+from finetune_api.common import API_VERSION, GROUP, parse_quantity
 from finetune_api.constants import (
     ANNOTATION_SPEC_HASH,
     LABEL_COMPONENT,
     LABEL_FINETUNEJOB,
+    MANAGED_BY,
     RENDEZVOUS_PORT,
+    TERMINATION_LOG_ENV,
+    TERMINATION_LOG_PATH,
     WORKER_CONFIG_FILENAME,
 )
 from finetune_api.exit_codes import WorkerExitCode
 from finetune_api.finetunejob import FineTuneJob, TrainingPlan
+
+from ..constants import (
+    DEFAULT_WORKER_IMAGE,
+    GPU_MEMORY_LABEL,
+    GPU_PRODUCT_LABEL,
+    HF_TOKEN_DIR,
+    HF_TOKEN_PATH,
+    HF_TOKEN_VOLUME,
+    STORAGE_CREDENTIALS_DIR,
+    STORAGE_CREDENTIALS_VOLUME,
+    WORKER_CONTAINER,
+)
 from .storage import VolumePlan, locate
 
-MANAGED_BY = {"app.kubernetes.io/managed-by": "finetune-operator"}
 CONFIG_DIR = "/etc/finetune"
-SECRETS_DIR = "/var/run/secrets/finetune.dev"
-HF_TOKEN_PATH = f"{SECRETS_DIR}/hf-token/token"
-STORAGE_CREDENTIALS_DIR = f"{SECRETS_DIR}/storage"
 SCRATCH_DIR = "/scratch"
-WORKER_CONTAINER = "worker"
 WORKER_UID = 65532  # the worker image's USER, the uid its run-time environment is checked with
-DEFAULT_WORKER_IMAGE = "ghcr.io/finetune-dev/finetune-worker:0.1.0"
 
 # Exit codes that no retry can fix: fail the Job at once instead of burning backoffLimit
 # on the same bad config, data, plan or learning rate. Storage errors stay retryable.
@@ -133,7 +141,7 @@ def build_rbac(ftj: FineTuneJob) -> list[dict]:
          "metadata": _meta(ftj, n["service_account"], "worker")},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
          "metadata": _meta(ftj, n["role"], "worker"),
-         "rules": [{"apiGroups": ["finetune.dev"], "resources": ["finetunejobs/status"],
+         "rules": [{"apiGroups": [GROUP], "resources": ["finetunejobs/status"],
                     "verbs": ["patch"], "resourceNames": [ftj.metadata.name]}]},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
          "metadata": _meta(ftj, n["role_binding"], "worker"),
@@ -150,9 +158,9 @@ def gpu_node_affinity(memory_bytes: int, product: str | None) -> dict:
     `nvidia.com/gpu.memory` is in MiB. `Gt` is strict, so compare with one MiB less.
     """
     mib = memory_bytes // (1024 * 1024)
-    exprs = [{"key": "nvidia.com/gpu.memory", "operator": "Gt", "values": [str(mib - 1)]}]
+    exprs = [{"key": GPU_MEMORY_LABEL, "operator": "Gt", "values": [str(mib - 1)]}]
     if product:
-        exprs.append({"key": "nvidia.com/gpu.product", "operator": "In", "values": [product]})
+        exprs.append({"key": GPU_PRODUCT_LABEL, "operator": "In", "values": [product]})
     return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
         "nodeSelectorTerms": [{"matchExpressions": exprs}]}}}
 
@@ -171,15 +179,14 @@ def secret_volumes(hf_token_ref, storage_ref) -> tuple[list[dict], list[dict]]:
     `kubectl describe`, crash dumps or child processes' environments."""
     volumes, mounts = [], []
     if hf_token_ref:
-        volumes.append({"name": "hf-token", "secret": {
+        volumes.append({"name": HF_TOKEN_VOLUME, "secret": {
             "secretName": hf_token_ref.name, "items": [{"key": hf_token_ref.key, "path": "token"}],
             "defaultMode": 0o440}})
-        mounts.append({"name": "hf-token", "mountPath": f"{SECRETS_DIR}/hf-token",
-                       "readOnly": True})
+        mounts.append({"name": HF_TOKEN_VOLUME, "mountPath": HF_TOKEN_DIR, "readOnly": True})
     if storage_ref:
-        volumes.append({"name": "storage-credentials", "secret": {
+        volumes.append({"name": STORAGE_CREDENTIALS_VOLUME, "secret": {
             "secretName": storage_ref.name, "defaultMode": 0o440}})
-        mounts.append({"name": "storage-credentials", "mountPath": STORAGE_CREDENTIALS_DIR,
+        mounts.append({"name": STORAGE_CREDENTIALS_VOLUME, "mountPath": STORAGE_CREDENTIALS_DIR,
                        "readOnly": True})
     return volumes, mounts
 
@@ -229,7 +236,7 @@ def worker_container(image: str, command: list[str], mounts: list[dict],
         "env": [
             *scratch_environment(scratch_dir),
             {"name": "PYTHONUNBUFFERED", "value": "1"},
-            {"name": "FINETUNE_WORKER_TERMINATION_LOG", "value": "/dev/termination-log"},
+            {"name": TERMINATION_LOG_ENV, "value": TERMINATION_LOG_PATH},
             # Batches of varying shape fragment the caching allocator; the planner's memory
             # model was calibrated with expandable segments on.
             {"name": "PYTORCH_CUDA_ALLOC_CONF", "value": "expandable_segments:True"},
@@ -237,7 +244,7 @@ def worker_container(image: str, command: list[str], mounts: list[dict],
         # GPUs are requested as limits (extended resources must have request == limit).
         "resources": {"requests": dict(resources), "limits": dict(resources)},
         "volumeMounts": mounts,
-        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePath": TERMINATION_LOG_PATH,
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": RESTRICTED_CONTAINER_SECURITY,
     }

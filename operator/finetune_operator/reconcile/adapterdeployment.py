@@ -1,6 +1,6 @@
 """One level-based reconcile pass for an AdapterDeployment: observe, decide, apply, report.
 
-AdapterDeployments share vLLM servers (see builders/serving.py), so a pass is about the
+AdapterDeployments share vLLM servers (see builders/server_group.py), so a pass is about the
 server groups this object touches, not only the object: the group it belongs to now, and
 any group whose server still lists it as an owner (it moved, or it was deleted). Each
 group's Deployment and Service are rebuilt from the group's current members and applied
@@ -18,33 +18,34 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-from pydantic import ValidationError
-
-from .. import k8s, references
+from finetune_api import adapter_checks
 from finetune_api.adapterdeployment import AdapterDeployment, AdapterSource
 from finetune_api.common import API_VERSION
-from finetune_api.constants import ADAPTER_MANIFEST_FILENAME, LABEL_COMPONENT, Phase, Reason
+from finetune_api.constants import (
+    ADAPTER_MANIFEST_FILENAME,
+    LABEL_COMPONENT,
+    LABEL_SERVER,
+    Phase,
+    Reason,
+)
 from finetune_api.constants import ConditionType as C
 from finetune_api.finetunejob import FineTuneJob
 from finetune_api.worker_config import describe_errors
-from ..builders import serving
-from ..builders.serving import Member, ServedAdapter, ServingDefaults
+from pydantic import ValidationError
+
+from .. import k8s, references
+from ..builders import serving, vllm
+from ..builders.server_group import ServingDefaults, served_base_name, server_config, server_name
+from ..builders.serving import Member
 from ..builders.storage import locate
+from ..builders.vllm import ServedAdapter
 from ..conditions import set_condition
+from ..constants import SERVER_COMPONENT
 from .settings import OperatorSettings
 
 log = logging.getLogger(__name__)
 KIND = "AdapterDeployment"
-SERVER_SELECTOR = f"{LABEL_COMPONENT}={serving.SERVER_COMPONENT}"
-
-_defaults: ServingDefaults | None = None
-
-
-def serving_defaults(settings: OperatorSettings) -> ServingDefaults:
-    global _defaults
-    if _defaults is None:
-        _defaults = ServingDefaults.from_env(image=settings.serving_image)
-    return _defaults
+SERVER_SELECTOR = f"{LABEL_COMPONENT}={SERVER_COMPONENT}"
 
 
 @dataclass
@@ -210,7 +211,7 @@ def decide_adapter(source: AdapterSource, ad: AdapterDeployment, config: dict,
     if local is not None:
         # Dev/demo only: the operator can read the volume, so it runs the file checks the
         # init container would run, and refuses before a pod is ever created.
-        file_problems, manifest_facts = serving.verify_adapter_dir(
+        file_problems, manifest_facts = adapter_checks.verify_adapter_dir(
             local, {"name": source.name, "sha256": sha256, "uri": uri,
                     "manifest": ADAPTER_MANIFEST_FILENAME})
         problems += file_problems
@@ -223,7 +224,8 @@ def decide_adapter(source: AdapterSource, ad: AdapterDeployment, config: dict,
             for key in ("r", "targetModules", "useDoRA", "modulesToSave"):
                 if manifest_facts.get(key) is not None:
                     facts[key] = manifest_facts[key]
-    problems += serving.adapter_problems(facts, serving.server_check_inputs(config, spec_limit))
+    problems += adapter_checks.adapter_problems(facts,
+                                                vllm.server_check_inputs(config, spec_limit))
     rank = facts.get("r")
     if problems:
         return AdapterDecision(
@@ -231,7 +233,7 @@ def decide_adapter(source: AdapterSource, ad: AdapterDeployment, config: dict,
             uri=uri, sha256=sha256, rank=rank, fine_tune_job=job_ref)
     served = ServedAdapter(
         name=source.name, uri=uri, deployment=ad.metadata.name,
-        max_rank=rank if rank is not None else min(spec_limit, serving.VLLM_LORA_RANKS[-1]),
+        max_rank=rank if rank is not None else min(spec_limit, vllm.VLLM_LORA_RANKS[-1]),
         sha256=sha256, fine_tune_job=job_ref["name"] if job_ref else None)
     return AdapterDecision(source.name, "Accepted", Reason.ADAPTERS_COMPATIBLE, "",
                            uri=uri, sha256=sha256, rank=rank, fine_tune_job=job_ref,
@@ -246,7 +248,7 @@ def _refuse_name_conflicts(group: list[Desired]) -> None:
     group.sort(key=lambda d: (d.body["metadata"].get("creationTimestamp") or "", d.name))
     owners: dict[str, str] = {}
     for d in group:
-        base_name = serving.served_base_name(d.config)
+        base_name = served_base_name(d.config)
         for dec in d.decisions:
             owner = owners.setdefault(dec.name, d.name)
             if dec.name != base_name and owner == d.name:
@@ -263,7 +265,7 @@ def _refuse_name_conflicts(group: list[Desired]) -> None:
 
 
 async def reconcile(namespace: str, name: str, settings: OperatorSettings) -> None:
-    defaults = serving_defaults(settings)
+    defaults = settings.serving
     # --- observe ------------------------------------------------------------------------------
     bodies = [b for b in await k8s.list_objects(API_VERSION, KIND, namespace)
               if not b["metadata"].get("deletionTimestamp")]
@@ -327,7 +329,7 @@ async def reconcile(namespace: str, name: str, settings: OperatorSettings) -> No
         pods = []
         if deployment is not None:
             pods = await k8s.list_objects("v1", "Pod", namespace,
-                                          f"{serving.LABEL_SERVER}={me.server}")
+                                          f"{LABEL_SERVER}={me.server}")
         await _write_status(me, deployment, pods)
 
 
@@ -337,8 +339,8 @@ def _one_line(exc: ValidationError) -> str:
 
 def _desired(body: dict, defaults: ServingDefaults) -> Desired:
     ad = AdapterDeployment.model_validate(body)
-    config = serving.server_config(ad, defaults)
-    return Desired(body, ad, config, serving.server_name(config))
+    config = server_config(ad, defaults)
+    return Desired(body, ad, config, server_name(config))
 
 
 async def _apply_server(namespace: str, server: str, group: list[Desired],
@@ -480,7 +482,7 @@ def desired_status(me: Desired, deployment: dict | None, pods: list[dict],
         "readyReplicas": dep_status.get("readyReplicas", 0),
         "loadedAdapters": [d.name for d in served] if loaded else [],
         "adapters": _adapter_states(me, loaded),
-        "baseModelName": serving.served_base_name(me.config),
+        "baseModelName": served_base_name(me.config),
     }
     if deployment is not None:
         status.update({"deploymentName": me.server, "serviceName": me.server,

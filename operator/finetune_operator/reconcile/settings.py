@@ -1,17 +1,29 @@
-"""Operator settings: command-line flags and environment, parsed once at start-up."""
+"""Operator settings: the operator's environment, parsed once when it starts.
+
+Nothing is read at import: `main.py`'s start-up handler calls `OperatorSettings.from_env()`
+and every reconcile gets the result as an argument, so importing any module of the
+operator (tests, `finetune-operator plan`) has no effect from the environment.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+from finetune_api.constants import OPERATOR_NAME
+
+from ..builders.server_group import ServingDefaults
+from ..constants import DEFAULT_WORKER_IMAGE
 
 
 @dataclass
 class OperatorSettings:
-    worker_image: str = "ghcr.io/finetune-dev/finetune-worker:0.1.0"
+    worker_image: str = DEFAULT_WORKER_IMAGE
     """Default worker image (a FineTuneJob's spec.image overrides it)."""
-    serving_image: str = "vllm/vllm-openai:v0.11.0"
+    serving: ServingDefaults = field(default_factory=ServingDefaults)
+    """Defaults of the vLLM server pods (an AdapterDeployment's own fields win)."""
     namespaces: list[str] = field(default_factory=list)
     """Namespaces to watch; empty means the whole cluster."""
     resync_seconds: float = 60.0
@@ -29,22 +41,40 @@ class OperatorSettings:
     gpu_tolerations: list[dict] = field(default_factory=list)
     """Tolerations added to every worker pod on top of a job's own (GPU node pools are often
     tainted `nvidia.com/gpu:NoSchedule`)."""
+    peering: bool = False
+    """An active/standby pair: kopf's peering is mandatory, not standalone."""
+    peering_name: str = OPERATOR_NAME
+    """The kopf peering object the pair shares."""
 
     @classmethod
-    def from_env(cls) -> OperatorSettings:
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorSettings:
+        """From FINETUNE_* variables (the chart sets them); ValueError names a bad one."""
+        env = os.environ if environ is None else environ
+
+        def parsed(name: str, parse, default):
+            raw = env.get(name)
+            if raw is None:
+                return default
+            try:
+                return parse(raw)
+            except ValueError as exc:
+                raise ValueError(f"{name}={raw!r}: {exc}") from exc
+
         s = cls()
-        s.worker_image = os.environ.get("FINETUNE_WORKER_IMAGE", s.worker_image)
-        s.serving_image = os.environ.get("FINETUNE_SERVING_IMAGE", s.serving_image)
-        ns = os.environ.get("FINETUNE_NAMESPACES", "")
+        s.worker_image = env.get("FINETUNE_WORKER_IMAGE", s.worker_image)
+        # FINETUNE_SERVING_IMAGE is the chart's `serving.image`; an `image` in
+        # FINETUNE_SERVING_DEFAULTS wins over it.
+        s.serving = ServingDefaults.from_env(env, image=env.get("FINETUNE_SERVING_IMAGE"))
+        ns = env.get("FINETUNE_NAMESPACES", "")
         s.namespaces = [n for n in ns.split(",") if n]
-        s.resync_seconds = float(os.environ.get("FINETUNE_RESYNC_SECONDS", s.resync_seconds))
-        s.pvc_root = os.environ.get("FINETUNE_PVC_ROOT") or None
-        s.allow_hub = os.environ.get("FINETUNE_ALLOW_HUB", "true").lower() != "false"
-        s.metrics_port = int(os.environ.get("FINETUNE_METRICS_PORT", s.metrics_port))
-        s.reference_wait_seconds = float(os.environ.get("FINETUNE_REFERENCE_WAIT_SECONDS",
-                                                        s.reference_wait_seconds))
-        s.gpu_tolerations = json.loads(os.environ.get("FINETUNE_GPU_TOLERATIONS") or "[]")
+        s.resync_seconds = parsed("FINETUNE_RESYNC_SECONDS", float, s.resync_seconds)
+        s.pvc_root = env.get("FINETUNE_PVC_ROOT") or None
+        s.allow_hub = env.get("FINETUNE_ALLOW_HUB", "true").lower() != "false"
+        s.metrics_port = parsed("FINETUNE_METRICS_PORT", int, s.metrics_port)
+        s.reference_wait_seconds = parsed("FINETUNE_REFERENCE_WAIT_SECONDS", float,
+                                          s.reference_wait_seconds)
+        s.gpu_tolerations = parsed("FINETUNE_GPU_TOLERATIONS", lambda v: json.loads(v or "[]"),
+                                   s.gpu_tolerations)
+        s.peering = env.get("FINETUNE_PEERING", "false").lower() == "true"
+        s.peering_name = env.get("FINETUNE_PEERING_NAME", s.peering_name)
         return s
-
-
-SETTINGS = OperatorSettings.from_env()
