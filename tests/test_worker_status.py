@@ -9,6 +9,7 @@ other job.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -85,7 +86,9 @@ def _without_worker_fields(obj: dict) -> dict:
     return {"spec": obj["spec"], "status": status, "labels": obj["metadata"].get("labels")}
 
 
-def test_reporter_patches_only_progress_and_metrics_of_its_own_job(worker_identity, kube):
+def test_reporter_patches_only_progress_and_metrics_of_its_own_job(worker_identity, kube,
+                                                                   caplog):
+    caplog.set_level("DEBUG")  # `--log-level DEBUG`: still no token and no response body
     before = {name: kube.get("finetunejob", name) for name in ("tiny", "other")}
     client = KubeStatusClient.from_environment()
     assert client is not None
@@ -107,7 +110,21 @@ def test_reporter_patches_only_progress_and_metrics_of_its_own_job(worker_identi
     with pytest.raises(StatusPatchError) as refused:
         client.patch_status(worker_identity, "other", {"progress": {"step": 99}})
     assert refused.value.code == 403
+    assert "the pod's service account may not patch it" in str(refused.value)
     assert kube.get("finetunejob", "other")["status"] == before["other"]["status"]
+
+    # A reporter without the RBAC grant warns once, clearly, and never raises: training
+    # goes on and the termination message carries the numbers.
+    caplog.clear()
+    denied = StatusReporter(worker_identity, "other", client, min_interval_s=0)
+    assert not denied.update(progress={"step": 1})
+    assert not denied.update(progress={"step": 2})
+    assert not denied.final(metrics={"tokensPerSecond": 1.0})
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "HTTP 403 Forbidden" in warnings[0], warnings
+    token = (Path(os.environ["FINETUNE_WORKER_SA_DIR"]) / "token").read_text()
+    assert token not in caplog.text and '"kind":"Status"' not in caplog.text
+    assert "response body" not in caplog.text
 
 
 def test_training_run_reports_progress_and_final_metrics(worker_identity, kube, tmp_path,

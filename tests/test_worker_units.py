@@ -220,12 +220,93 @@ def test_unreachable_api_warns_once_and_never_raises(caplog):
     assert caplog.text.count("cannot report status") == 1
 
 
-def test_client_refuses_to_patch_fields_other_than_progress_and_metrics(tmp_path):
-    from finetune_worker.status import KubeStatusClient
+def _service_account(tmp_path, *, token=True, ca=True):
+    """A service-account directory and the pod environment naming it; port 1 refuses."""
+    sa_dir = tmp_path / "serviceaccount"
+    sa_dir.mkdir(exist_ok=True)
+    if token:
+        (sa_dir / "token").write_text("secret-token-value\n")
+    if ca:
+        (sa_dir / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\n")
+    return {"KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": "1",
+            "FINETUNE_WORKER_SA_DIR": str(sa_dir)}
 
-    client = KubeStatusClient("https://127.0.0.1:1", tmp_path / "token", None)
+
+def test_client_refuses_to_patch_fields_other_than_progress_and_metrics():
+    from finetune_worker.status import KubeStatusClient
+    from kubernetes.client import Configuration
+
+    client = KubeStatusClient(Configuration(host="https://127.0.0.1:1"))
     with pytest.raises(ValueError, match="only patch"):
         client.patch_status("ns", "job", {"phase": "Succeeded"})
+
+
+@pytest.mark.parametrize("missing", ["host", "port", "token", "ca"])
+def test_no_client_outside_a_cluster(tmp_path, missing):
+    from finetune_worker.status import KubeStatusClient
+
+    environ = _service_account(tmp_path, token=missing != "token", ca=missing != "ca")
+    environ.pop({"host": "KUBERNETES_SERVICE_HOST", "port": "KUBERNETES_SERVICE_PORT"}.get(
+        missing, "unset"), None)
+    assert KubeStatusClient.from_environment(environ) is None
+
+
+def test_in_cluster_client_reads_the_service_account_directory(tmp_path):
+    from finetune_worker.status import KubeStatusClient, in_cluster_configuration
+
+    environ = _service_account(tmp_path)
+    environ["KUBERNETES_SERVICE_HOST"] = "fd00::1"  # an IPv6 literal gets brackets
+    configuration = in_cluster_configuration(environ=environ)
+    assert configuration.host == "https://[fd00::1]:1"
+    assert configuration.ssl_ca_cert == f"{environ['FINETUNE_WORKER_SA_DIR']}/ca.crt"
+    assert configuration.retries == 0
+    # the token goes into the Authorization header, re-read as it rotates
+    auth = configuration.auth_settings()["BearerToken"]
+    assert auth["key"] == "authorization" and auth["value"].split() == ["bearer",
+                                                                        "secret-token-value"]
+    assert KubeStatusClient.from_environment(environ).server == "https://[fd00::1]:1"
+
+
+def test_unreachable_api_server_is_one_quick_status_patch_error(tmp_path):
+    import time
+
+    from finetune_worker.status import KubeStatusClient, StatusPatchError, in_cluster_configuration
+
+    configuration = in_cluster_configuration(environ=_service_account(tmp_path))
+    configuration.host = "https://127.0.0.1:1"  # nothing listens on port 1
+    start = time.monotonic()
+    with pytest.raises(StatusPatchError, match="cannot reach the API server at https://127.0.0.1:1") \
+            as failed:
+        KubeStatusClient(configuration).patch_status("ns", "job", {"progress": {"step": 1}})
+    assert failed.value.code is None
+    assert time.monotonic() - start < 5
+    assert "secret-token-value" not in str(failed.value)
+
+
+def test_refusals_say_what_they_mean_from_the_status_line_only():
+    from finetune_worker.status import refusal_message
+
+    forbidden = refusal_message(403, "Forbidden", "ns", "job")
+    assert forbidden.startswith("HTTP 403 Forbidden patching finetunejobs/status of ns/job: "
+                                "the pod's service account may not patch it")
+    assert "token" in refusal_message(401, "Unauthorized", "ns", "job")
+    assert refusal_message(500, None, "ns", "job") == "HTTP 500 patching finetunejobs/status of ns/job"
+
+
+def test_the_api_client_never_logs_response_bodies(tmp_path):
+    import logging
+
+    from finetune_worker.status import API_CLIENT_LOGGERS, KubeStatusClient
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.DEBUG)  # `--log-level DEBUG`
+    try:
+        assert KubeStatusClient.from_environment(_service_account(tmp_path)) is not None
+        for name in API_CLIENT_LOGGERS:
+            assert not logging.getLogger(name).isEnabledFor(logging.DEBUG), name
+    finally:
+        root.setLevel(level)
 
 
 # --- CLI: invalid configs ------------------------------------------------------------------

@@ -14,6 +14,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from finetune_api import AdapterManifest, describe_files, now
 from finetune_api.adapter_manifest import BaseModelRef, FineTuneJobRef
@@ -21,6 +22,10 @@ from finetune_api.constants import ADAPTER_MANIFEST_FILENAME
 from finetune_api.finetunejob import TrainingMetrics
 
 from .errors import StorageError
+
+if TYPE_CHECKING:
+    from finetune_api import WorkerConfig
+    from peft import PeftModel
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +37,7 @@ def _fsync_tree(directory: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def adapted_modules(peft_model) -> list[str]:
+def adapted_modules(peft_model: PeftModel) -> list[str]:
     """Module names peft actually wrapped (`all-linear` resolved to real names)."""
     config = peft_model.peft_config["default"]
     targets = config.target_modules
@@ -41,8 +46,8 @@ def adapted_modules(peft_model) -> list[str]:
     return sorted(targets or [])
 
 
-def build_manifest(config, peft_model, *, base_revision: str | None, metrics: dict,
-                   directory: Path) -> AdapterManifest:
+def build_manifest(config: WorkerConfig, peft_model: PeftModel, *, base_revision: str | None,
+                   metrics: dict, directory: Path) -> AdapterManifest:
     spec = config.spec
     lora = peft_model.peft_config["default"]
     return AdapterManifest(
@@ -63,8 +68,9 @@ def build_manifest(config, peft_model, *, base_revision: str | None, metrics: di
     )
 
 
-def write_adapter(config, peft_model, destination: Path, *, base_revision: str | None,
-                  metrics: dict, state_dict: dict | None = None) -> AdapterManifest:
+def write_adapter(config: WorkerConfig, peft_model: PeftModel, destination: Path, *,
+                  base_revision: str | None, metrics: dict,
+                  state_dict: dict | None = None) -> AdapterManifest:
     """Save adapter weights, adapter_config.json and the manifest into `destination`.
 
     `state_dict`: the model's full state when its weights are sharded (FSDP; gathered by

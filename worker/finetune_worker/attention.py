@@ -22,7 +22,13 @@ from __future__ import annotations
 import functools
 import inspect
 import itertools
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftModel
+    from torch import nn
+    from transformers import PreTrainedModel
 
 VARLEN = "finetune_varlen"
 
@@ -67,7 +73,7 @@ def register() -> str:
     return VARLEN
 
 
-def use_varlen(model) -> None:
+def use_varlen(model: PreTrainedModel | PeftModel) -> None:
     """Switch a loaded (or peft-wrapped) model to varlen attention."""
     register()
     model.config._attn_implementation = VARLEN
@@ -91,9 +97,11 @@ def boundaries(lengths: list[int]) -> dict[str, Any]:
             "max_length_k": longest}
 
 
-def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
-                             scaling: float | None = None, is_causal: bool | None = None,
-                             **kwargs):
+def varlen_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                             value: torch.Tensor, attention_mask: torch.Tensor | None,
+                             dropout: float = 0.0, scaling: float | None = None,
+                             is_causal: bool | None = None,
+                             **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers attention interface: (B, H, T, D) in, (B, T, H, D) and no weights out.
 
     Without segment boundaries (an eval or generate call on ordinary padded batches) this is

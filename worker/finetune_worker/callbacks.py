@@ -14,6 +14,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
@@ -21,6 +22,11 @@ from . import distributed
 from .checkpoints import mark_complete
 from .errors import NonFiniteLossError
 from .status import StatusReporter
+
+if TYPE_CHECKING:
+    from types import FrameType
+
+    from transformers import TrainerControl, TrainerState, TrainingArguments
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +60,8 @@ class ProgressCallback(TrainerCallback):
         self.steady_seconds = 0.0
         self.steady_tokens = 0
 
-    def on_step_begin(self, args, state, control, **kwargs):
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState,
+                      control: TrainerControl, **kwargs: Any) -> None:
         # The first step, not on_train_begin: the Trainer restores a checkpoint's state
         # after on_train_begin, and the clock should not include loading.
         if self._t0 is None:
@@ -62,11 +69,13 @@ class ProgressCallback(TrainerCallback):
             self._step0 = state.global_step
             self._tokens0 = int(state.num_input_tokens_seen or 0)
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(self, args: TrainingArguments, state: TrainerState,
+                    control: TrainerControl, **kwargs: Any) -> None:
         if self._steady0 is None and state.global_step - self._step0 == self.STEADY_AFTER_STEPS:
             self._steady0 = (time.perf_counter(), int(state.num_input_tokens_seen or 0))
 
-    def on_train_end(self, args, state, control, **kwargs):
+    def on_train_end(self, args: TrainingArguments, state: TrainerState,
+                     control: TrainerControl, **kwargs: Any) -> None:
         now = time.perf_counter()
         if self._t0 is not None:
             self.seconds = now - self._t0
@@ -83,7 +92,8 @@ class ProgressCallback(TrainerCallback):
             return self.steady_tokens / self.steady_seconds if self.steady_tokens else None
         return None
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+               logs: dict[str, float] | None = None, **kwargs: Any) -> None:
         logs = logs or {}
         if "loss" not in logs or self._t0 is None:
             return  # eval and end-of-training summaries are reported by run_training
@@ -143,7 +153,8 @@ class NonFiniteLossGuard(TrainerCallback):
         self.patience = patience
         self.consecutive = 0
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+               logs: dict[str, float] | None = None, **kwargs: Any) -> None:
         # The logged loss is already the mean over all ranks (the Trainer gathers it), so
         # every rank counts the same steps and stops at the same one.
         if not logs or "loss" not in logs:
@@ -179,13 +190,14 @@ class CheckpointCallback(TrainerCallback):
         self._last_save = time.monotonic()
         self.saved_steps: list[int] = []
 
-    def request_stop(self, signum=None, frame=None) -> None:
+    def request_stop(self, signum: int | None = None, frame: FrameType | None = None) -> None:
         if not self.preempted.is_set():
             log.warning("received %s: saving a checkpoint at the end of this step, then "
                         "stopping", signal.Signals(signum).name if signum else "a stop request")
         self.preempted.set()
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(self, args: TrainingArguments, state: TrainerState,
+                    control: TrainerControl, **kwargs: Any) -> TrainerControl:
         due = bool(self.interval_s) and time.monotonic() - self._last_save >= self.interval_s
         stop, due = distributed.any_rank(self.preempted.is_set(), due)
         if stop:
@@ -199,7 +211,8 @@ class CheckpointCallback(TrainerCallback):
             control.should_save = True
         return control
 
-    def on_save(self, args, state, control, **kwargs):
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                **kwargs: Any) -> TrainerControl:
         # Every rank writes part of a checkpoint (its RNG state; FSDP shards): the marker,
         # which vouches for all the files, comes after the last rank has finished.
         distributed.barrier()

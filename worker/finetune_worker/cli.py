@@ -26,8 +26,16 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from finetune_api.exit_codes import PREEMPTED_EXIT_CODE
+
+if TYPE_CHECKING:  # none of these is imported for `--help`
+    from finetune_api import WorkerConfig
+
+    from .distributed import World
+    from .status import StatusReporter
+    from .train import TrainResult
 
 log = logging.getLogger("finetune_worker")
 
@@ -121,7 +129,7 @@ def _fail(exc, reporter=None, **extra) -> int:
     return int(exc.exit_code)
 
 
-def launch_command(args) -> int:
+def launch_command(args: argparse.Namespace) -> int:
     from .errors import InvalidConfigError
     from .launch import launch, options_from_args, torchrun_args
 
@@ -133,7 +141,7 @@ def launch_command(args) -> int:
     return launch(options)
 
 
-def train_command(args) -> int:
+def train_command(args: argparse.Namespace) -> int:
     from finetune_api import WorkerConfigError, load_worker_config
 
     from .distributed import World
@@ -160,7 +168,7 @@ def train_command(args) -> int:
     return report_success(config, result, reporter)
 
 
-def preflight_command(args) -> int:
+def preflight_command(args: argparse.Namespace) -> int:
     from finetune_api import WorkerConfigError, load_worker_config
 
     from .errors import InvalidConfigError, WorkerEnvironmentError
@@ -186,7 +194,7 @@ def preflight_command(args) -> int:
     return 0
 
 
-def make_reporter(config, world):
+def make_reporter(config: WorkerConfig, world: World) -> StatusReporter:
     """The status reporter; one per run, on global rank 0 (the other ranks' sends nothing)."""
     from .status import KubeStatusClient, StatusReporter
 
@@ -199,7 +207,7 @@ def make_reporter(config, world):
                           min_interval_s=config.report.min_interval_seconds)
 
 
-def report_success(config, result, reporter) -> int:
+def report_success(config: WorkerConfig, result: TrainResult, reporter: StatusReporter) -> int:
     from .termination import write_termination_message
 
     if not result.reports:  # a rank other than 0: rank 0 reports for the world
@@ -225,7 +233,7 @@ def report_success(config, result, reporter) -> int:
     return 0
 
 
-def merge_command(args) -> int:
+def merge_command(args: argparse.Namespace) -> int:
     from .errors import InvalidConfigError, WorkerError
 
     try:

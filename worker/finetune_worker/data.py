@@ -14,9 +14,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import DataError
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from finetune_api.finetunejob import FieldMapping
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +58,7 @@ class TokenizedSplits:
 
 
 def load_records(source: str, *, split: str = "train", token: str | None = None,
-                 revision: str | None = None, subset: str | None = None):
+                 revision: str | None = None, subset: str | None = None) -> Dataset:
     """A `datasets.Dataset` from a local file/directory or a Hub dataset id."""
     import datasets
 
@@ -80,7 +85,8 @@ def load_records(source: str, *, split: str = "train", token: str | None = None,
                         f"{type(cause).__name__}: {cause}") from exc
 
 
-def rename_fields(records, fmt: str, mapping, source: str):
+def rename_fields(records: Dataset, fmt: str, mapping: FieldMapping | None,
+                  source: str) -> Dataset:
     """Apply spec.dataset.fields: the user's column names -> the format's standard names."""
     if mapping is None:
         return records
@@ -98,7 +104,7 @@ def rename_fields(records, fmt: str, mapping, source: str):
     return records
 
 
-def check_fields(records, fmt: str, source: str) -> None:
+def check_fields(records: Dataset, fmt: str, source: str) -> None:
     """Every required field exists and holds the right type, or DataError names the row."""
     if fmt not in FORMATS:
         raise DataError(f"dataset format {fmt!r} is not supported; expected one of {FORMATS}")
@@ -178,8 +184,8 @@ def _chat_ids(tokenizer, messages: list[dict], completion_only: bool) -> tuple[l
     return full, labels
 
 
-def tokenize_example(record: dict, fmt: str, tokenizer, *, max_length: int,
-                     completion_only: bool = True) -> dict[str, list[int]]:
+def tokenize_example(record: dict, fmt: str, tokenizer: PreTrainedTokenizerBase, *,
+                     max_length: int, completion_only: bool = True) -> dict[str, list[int]]:
     eos = tokenizer.eos_token_id
     if fmt == "chat":
         input_ids, labels = _chat_ids(tokenizer, record["messages"], completion_only)
@@ -198,8 +204,8 @@ def tokenize_example(record: dict, fmt: str, tokenizer, *, max_length: int,
     return {"input_ids": input_ids[:max_length], "labels": labels[:max_length]}
 
 
-def tokenize_records(records, fmt: str, tokenizer, *, max_length: int, source: str,
-                     completion_only: bool = True):
+def tokenize_records(records: Dataset, fmt: str, tokenizer: PreTrainedTokenizerBase, *,
+                     max_length: int, source: str, completion_only: bool = True) -> Dataset:
     """Tokenized dataset (input_ids, labels); rows left without loss tokens are dropped."""
     check_fields(records, fmt, source)
 
@@ -213,8 +219,9 @@ def tokenize_records(records, fmt: str, tokenizer, *, max_length: int, source: s
                             load_from_cache_file=False)
 
 
-def prepare_splits(records, fmt: str, tokenizer, *, max_length: int, source: str,
-                   completion_only: bool = True, eval_records=None, eval_fraction: float = 0.0,
+def prepare_splits(records: Dataset, fmt: str, tokenizer: PreTrainedTokenizerBase, *,
+                   max_length: int, source: str, completion_only: bool = True,
+                   eval_records: Dataset | None = None, eval_fraction: float = 0.0,
                    seed: int = 0) -> TokenizedSplits:
     """Tokenize the training data and produce the eval split.
 

@@ -16,9 +16,12 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import InvalidConfigError
+
+if TYPE_CHECKING:
+    from finetune_api import TrainingPlan
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +68,7 @@ class World:
                 f"of {self.world_size}")
 
 
-def check_world(plan, world: World) -> None:
+def check_world(plan: TrainingPlan, world: World) -> None:
     """Refuse to train when the processes that started are not the ones the plan is for.
 
     A plan for several processes run as one would train with a fraction of the planned batch

@@ -37,8 +37,10 @@ import os
 import shutil
 import signal
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from finetune_api.constants import RENDEZVOUS_PORT
 from finetune_api.exit_codes import FAILURE_CODES as WORKER_CODES
@@ -51,6 +53,9 @@ from .termination import (
     termination_log_path,
     write_termination_message,
 )
+
+if TYPE_CHECKING:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +119,7 @@ def torchrun_args(options: LaunchOptions, environ: dict[str, str] | None = None)
     return [*args, "--module", "finetune_worker.cli", *options.command]
 
 
-def node_rank(options: LaunchOptions, env) -> int:
+def node_rank(options: LaunchOptions, env: Mapping[str, str]) -> int:
     if options.node_rank is not None:
         rank = options.node_rank
     else:
@@ -178,7 +183,7 @@ def launch(options: LaunchOptions) -> int:
     return code
 
 
-def root_failure(error):
+def root_failure(error: ChildFailedError) -> tuple[int, ProcessFailure]:
     """(global rank, ProcessFailure) that explains the run's failure.
 
     torchrun reports every rank it found dead in the poll that noticed the first one, and its
@@ -208,7 +213,8 @@ def _explains(exitcode: int) -> int:
     return 1 if exitcode < 0 else 2
 
 
-def failure_outcome(rank: int, node: int, failure, summaries: Path) -> tuple[int, dict]:
+def failure_outcome(rank: int, node: int, failure: ProcessFailure,
+                    summaries: Path) -> tuple[int, dict]:
     """(exit code, summary) of the pod when global rank `rank` failed first."""
     own = read_summary(rank_summary_path(summaries, rank))
     where = f"rank {rank} (node {node}, local rank {failure.local_rank})"
@@ -234,7 +240,7 @@ def failure_outcome(rank: int, node: int, failure, summaries: Path) -> tuple[int
                                "reason": "WorkerCrashed", "message": message}
 
 
-def stopped_outcome(sigval, summaries: Path, local_ranks: int) -> tuple[int, dict]:
+def stopped_outcome(sigval: int, summaries: Path, local_ranks: int) -> tuple[int, dict]:
     """SIGTERM/SIGINT reached the launcher: torchrun forwarded it and waited for the ranks."""
     name = signal_name(int(sigval))
     summary = first_summary(summaries)

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import resource
 import sys
+from typing import TYPE_CHECKING
 
 from finetune_api import format_bytes
+
+if TYPE_CHECKING:
+    from finetune_api import TrainingPlan
 
 
 def peak_rss_bytes() -> int:
@@ -52,7 +56,7 @@ def world_memory_metrics(per_rank: list[dict]) -> dict:
     return metrics
 
 
-def describe_plan(plan) -> str:
+def describe_plan(plan: TrainingPlan) -> str:
     return (f"method={plan.method}, micro-batch={plan.micro_batch_size}, "
             f"gradient accumulation={plan.gradient_accumulation}, "
             f"gradient checkpointing={'on' if plan.gradient_checkpointing else 'off'}, "
@@ -60,7 +64,7 @@ def describe_plan(plan) -> str:
             + (f" of a {format_bytes(plan.budget_bytes)} budget" if plan.budget_bytes else ""))
 
 
-def out_of_memory_message(plan, step: int | None, error: BaseException) -> str:
+def out_of_memory_message(plan: TrainingPlan, step: int | None, error: BaseException) -> str:
     metrics = peak_memory_metrics()
     peak = metrics.get("peakVRAMBytes")
     allocated = metrics.get("peakVRAMAllocatedBytes")

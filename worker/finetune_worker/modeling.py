@@ -16,7 +16,11 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from peft import LoraConfig, PeftModel
+    from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +101,8 @@ def model_source(spec: Any, local_path: str | None = None) -> tuple[str, str | N
     )
 
 
-def load_tokenizer(spec: Any, token: str | None, *, local_path: str | None = None):
+def load_tokenizer(spec: Any, token: str | None, *,
+                   local_path: str | None = None) -> PreTrainedTokenizerBase:
     """Load the tokenizer that belongs to the base model.
 
     A tokenizer without a pad token (Llama 3 ships none) gets its EOS as pad token: padding
@@ -117,7 +122,7 @@ def load_tokenizer(spec: Any, token: str | None, *, local_path: str | None = Non
     return tok
 
 
-def bnb_config(spec: Any = None):
+def bnb_config(spec: Any = None) -> BitsAndBytesConfig:
     """The QLoRA quantisation: NF4 weights, double-quantised scales, bf16 compute.
 
     bf16 compute keeps the dequantised matmuls on the tensor cores at the same precision as
@@ -147,7 +152,7 @@ def load_base_model(
     local_path: str | None = None,
     attn_implementation: str | None = None,
     device_map: Any = "device",
-):
+) -> PreTrainedModel:
     """Load the frozen base model: bf16 for LoRA, NF4 + double quant + bf16 compute for QLoRA.
 
     `device_map` defaults to everything on `device`; None under FSDP, where the base loads on
@@ -190,7 +195,7 @@ def load_base_model(
     return model
 
 
-def quantize_in_place(model, spec: Any = None):
+def quantize_in_place(model: PreTrainedModel, spec: Any = None) -> PreTrainedModel:
     """Swap a bf16 model's decoder Linear layers for bitsandbytes NF4 Linear4bit, in memory.
 
     The same result as load_base_model(..., method 'qlora') on a checkpoint (transformers
@@ -244,7 +249,7 @@ def quantize_in_place(model, spec: Any = None):
     return model
 
 
-def lora_config(spec: Any):
+def lora_config(spec: Any) -> LoraConfig:
     """Translate spec.lora into a peft LoraConfig (all linear projections unless told otherwise)."""
     from peft import LoraConfig
 
@@ -272,7 +277,7 @@ def liger_available() -> bool:
     return True
 
 
-def apply_fused_kernels(model, device: str | None = None) -> bool:
+def apply_fused_kernels(model: PreTrainedModel, device: str | None = None) -> bool:
     """Patch in liger-kernel's Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy).
 
     Each replaces several memory-bound PyTorch ops by one kernel; the fused linear cross-entropy
@@ -317,7 +322,7 @@ def checkpointed_layers(num_layers: int, fraction: float) -> list[int]:
     return sorted({int(i * step) for i in range(count)})
 
 
-def enable_checkpointing(model, fraction: float = 1.0) -> list[int]:
+def enable_checkpointing(model: PreTrainedModel, fraction: float = 1.0) -> list[int]:
     """Recompute the chosen decoder layers in backward (non-reentrant), keep the rest's activations.
 
     use_reentrant=False works with frozen inputs and with peft; selective (fraction < 1)
@@ -334,8 +339,9 @@ def enable_checkpointing(model, fraction: float = 1.0) -> list[int]:
     return sorted(keep)
 
 
-def prepare_for_training(model, spec: Any, plan: Any, *, fused_kernels: bool | None = None,
-                         device: str | None = None):
+def prepare_for_training(model: PreTrainedModel, spec: Any, plan: Any, *,
+                         fused_kernels: bool | None = None,
+                         device: str | None = None) -> PeftModel:
     """Freeze the base, apply fused kernels, checkpointing per plan, and wrap with LoRA adapters.
 
     Deliberately not peft's prepare_model_for_kbit_training: that upcasts every non-quantised
@@ -377,7 +383,7 @@ def prepare_for_training(model, spec: Any, plan: Any, *, fused_kernels: bool | N
     return peft_model
 
 
-def lean_lora_layers(peft_model) -> int:
+def lean_lora_layers(peft_model: PeftModel) -> int:
     """Make the LoRA layers skip two memory-bound detours of peft's generic forward.
 
     1. peft casts each adapter's input to the adapter weights' dtype (fp32): under bf16 autocast

@@ -9,8 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import InvalidConfigError
+
+if TYPE_CHECKING:
+    from finetune_api.finetunejob import DatasetSpec, ModelSource
+    from finetune_api.worker_config import WorkerPaths
 
 
 @dataclass(frozen=True)
@@ -26,7 +31,7 @@ class Source:
         return str(self.local_path) if self.local_path is not None else str(self.hub_id)
 
 
-def resolve_uri(value: str, paths, *, field: str, revision: str | None = None) -> Source:
+def resolve_uri(value: str, paths: WorkerPaths, *, field: str, revision: str | None = None) -> Source:
     """Turn a spec URI (or a bare Hub id / absolute path) into a Source."""
     if value.startswith("hf://"):
         return Source(hub_id=value[len("hf://"):].strip("/"), revision=revision)
@@ -44,21 +49,21 @@ def resolve_uri(value: str, paths, *, field: str, revision: str | None = None) -
     return Source(hub_id=value, revision=revision)
 
 
-def model_source(model, paths) -> Source:
+def model_source(model: ModelSource, paths: WorkerPaths) -> Source:
     """spec.model: a Hub id in `name`, or a URI in `uri`."""
     if model.name:
         return resolve_uri(model.name, paths, field="spec.model.name", revision=model.revision)
     return resolve_uri(model.uri, paths, field="spec.model.uri", revision=model.revision)
 
 
-def tokenizer_source(model, paths) -> Source:
+def tokenizer_source(model: ModelSource, paths: WorkerPaths) -> Source:
     """spec.model.tokenizer when set, else the model's own tokenizer."""
     if model.tokenizer:
         return resolve_uri(model.tokenizer, paths, field="spec.model.tokenizer")
     return model_source(model, paths)
 
 
-def dataset_source(dataset, paths) -> Source:
+def dataset_source(dataset: DatasetSpec, paths: WorkerPaths) -> Source:
     return resolve_uri(dataset.uri, paths, field="spec.dataset.uri")
 
 

@@ -17,9 +17,10 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from finetune_api import WorkerConfig, spec_hash, uri_scheme
 
@@ -29,6 +30,19 @@ from .distributed import World
 from .errors import DataError, InvalidConfigError, ModelLoadError, StorageError, WorkerError
 from .memory import out_of_memory_message, peak_memory_metrics, world_memory_metrics
 from .status import StatusReporter
+
+if TYPE_CHECKING:  # the heavy libraries load inside the steps of a run, not at import
+    import torch
+    from finetune_api import AdapterManifest, FineTuneJobSpec, TrainingPlan
+    from finetune_api.finetunejob import TrainingSpec
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
+    from transformers.trainer_utils import TrainOutput
+    from trl import SFTConfig, SFTTrainer
+
+    from .callbacks import CheckpointCallback, ProgressCallback
+    from .data import TokenizedSplits
+    from .packing import PackedBatchSampler, TokenBudgetBatchSampler
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +95,12 @@ def local_path(source: sources.Source) -> str | None:
     return str(source.local_path) if source.local_path is not None else None
 
 
-def with_target_modules(spec, targets: list[str]):
+def with_target_modules(spec: FineTuneJobSpec, targets: list[str]) -> FineTuneJobSpec:
     """The spec with `all-linear` replaced by the module names it resolved to."""
     return spec.model_copy(update={"lora": spec.lora.model_copy(update={"target_modules": targets})})
 
 
-def resolve_target_modules(model, requested: list[str]) -> list[str]:
+def resolve_target_modules(model: PreTrainedModel, requested: list[str]) -> list[str]:
     """`all-linear` -> the names of every linear projection except the output head."""
     if requested != ["all-linear"]:
         return list(requested)
@@ -105,7 +119,7 @@ def resolve_target_modules(model, requested: list[str]) -> list[str]:
     return sorted(names)
 
 
-def checkpoint_interval_seconds(training) -> float | None:
+def checkpoint_interval_seconds(training: TrainingSpec) -> float | None:
     """Time-based checkpoints on top of every `checkpointSteps` steps.
 
     A preemptible GPU can disappear between step-based saves that are hours apart; a save
@@ -115,7 +129,8 @@ def checkpoint_interval_seconds(training) -> float | None:
     return minutes * 60 if minutes > 0 else None
 
 
-def build_sft_config(config: WorkerConfig, *, device: str, world: World | None = None):
+def build_sft_config(config: WorkerConfig, *, device: str,
+                     world: World | None = None) -> SFTConfig:
     """spec.training + plan -> trl SFTConfig. Packing and checkpointing are handled by our
     collator and modeling.py, so the trainer's own versions stay off. Under torchrun, creating
     it joins the process group (accelerate reads the ranks from the environment)."""
@@ -163,7 +178,7 @@ def build_sft_config(config: WorkerConfig, *, device: str, world: World | None =
     )
 
 
-def distributed_arguments(plan, world: World) -> dict:
+def distributed_arguments(plan: TrainingPlan, world: World) -> dict:
     """TrainingArguments for plan.strategy; nothing for one process.
 
     The loss is the token mean over the whole optimizer step, all ranks' tokens together
@@ -199,7 +214,7 @@ def distributed_arguments(plan, world: World) -> dict:
 # --- steps of a run --------------------------------------------------------------------
 
 
-def load_tokenizer(config: WorkerConfig, token: str | None):
+def load_tokenizer(config: WorkerConfig, token: str | None) -> PreTrainedTokenizerBase:
     from . import modeling
 
     source = sources.tokenizer_source(config.spec.model, config.paths)
@@ -211,7 +226,8 @@ def load_tokenizer(config: WorkerConfig, token: str | None):
                              f"{type(exc).__name__}: {exc}") from exc
 
 
-def load_training_data(config: WorkerConfig, tokenizer, token: str | None):
+def load_training_data(config: WorkerConfig, tokenizer: PreTrainedTokenizerBase,
+                       token: str | None) -> TokenizedSplits:
     from .data import load_records, prepare_splits, rename_fields
 
     dataset = config.spec.dataset
@@ -234,7 +250,8 @@ def load_training_data(config: WorkerConfig, tokenizer, token: str | None):
                           seed=seed)
 
 
-def load_model(config: WorkerConfig, token: str | None, device: str):
+def load_model(config: WorkerConfig, token: str | None,
+               device: str) -> tuple[PeftModel, str | None]:
     """Base model per plan (bf16 or NF4), then LoRA and checkpointing per plan.
 
     `device` is this process's own (cuda:LOCAL_RANK under torchrun). Under FSDP the base is
@@ -262,7 +279,8 @@ def load_model(config: WorkerConfig, token: str | None, device: str):
     return model, revision
 
 
-def load_base_model(spec, plan, token: str | None, device: str, path: str | None):
+def load_base_model(spec: FineTuneJobSpec, plan: TrainingPlan, token: str | None, device: str,
+                    path: str | None) -> PreTrainedModel:
     from . import modeling
 
     if plan.strategy == "fsdp":
@@ -285,8 +303,8 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError)
 
 
-def measured_throughput(output, progress, wall_seconds: float, device: str,
-                        world_size: int = 1) -> dict:
+def measured_throughput(output: TrainOutput, progress: ProgressCallback, wall_seconds: float,
+                        device: str, world_size: int = 1) -> dict:
     """Throughput over the training steps (loading and checkpoint restore excluded).
 
     The Trainer sums the tokens of all ranks (`num_input_tokens_seen` is gathered), so
@@ -414,7 +432,7 @@ def measured_memory(kind: str, world: World) -> dict:
     return world_memory_metrics(distributed.gathered(local))
 
 
-def require_sharded(model) -> None:
+def require_sharded(model: torch.nn.Module) -> None:
     """Fail (exit 16) rather than train an unsharded replica under a plan made for FSDP.
 
     The planner chooses FSDP when a whole replica does not fit one GPU; if the Trainer did not
@@ -431,7 +449,7 @@ def require_sharded(model) -> None:
             "DDP) or report the versions")
 
 
-def adapter_to_save(trainer):
+def adapter_to_save(trainer: Trainer) -> tuple[PeftModel, dict | None]:
     """(peft model, state dict or None) for write_adapter. Under FSDP the adapter weights are
     sharded: accelerate gathers the full state dict to rank 0 (every rank must call it);
     otherwise peft reads the weights from the model itself."""
@@ -448,7 +466,7 @@ def _finite(value) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def plan_record(plan) -> dict:
+def plan_record(plan: TrainingPlan) -> dict:
     """The plan fields that shape a step, as recorded in each checkpoint."""
     return plan.model_dump(by_alias=True, include={"method", "micro_batch_size",
                                                    "gradient_accumulation",
@@ -456,8 +474,10 @@ def plan_record(plan) -> dict:
                                                    "world_size"})
 
 
-def build_trainer(config: WorkerConfig, model, tokenizer, splits, device: str,
-                  reporter: StatusReporter | None, *, args=None):
+def build_trainer(config: WorkerConfig, model: PeftModel, tokenizer: PreTrainedTokenizerBase,
+                  splits: TokenizedSplits, device: str, reporter: StatusReporter | None, *,
+                  args: SFTConfig | None = None,
+                  ) -> tuple[SFTTrainer, CheckpointCallback, ProgressCallback]:
     from trl import SFTTrainer
 
     from .callbacks import CheckpointCallback, NonFiniteLossGuard, ProgressCallback
@@ -498,7 +518,10 @@ def build_trainer(config: WorkerConfig, model, tokenizer, splits, device: str,
 DENSE_BATCH_MULTIPLE = 64
 
 
-def training_batches(config: WorkerConfig, model, tokenizer, splits, device: str):
+def training_batches(
+    config: WorkerConfig, model: PeftModel, tokenizer: PreTrainedTokenizerBase,
+    splits: TokenizedSplits, device: str,
+) -> tuple[PackedBatchSampler | TokenBudgetBatchSampler | None, Callable[[list[dict]], dict]]:
     """(batch sampler or None, collator) for the training data, per spec.training.packing.
 
     Packing: micro-batches of micro-batch x seqLength tokens (the plan's memory bound), each
@@ -581,8 +604,8 @@ def _trainer_class(base):
     return FineTuneTrainer
 
 
-def write_outputs(config: WorkerConfig, model, revision: str | None, metrics: dict,
-                  token: str | None, *, state_dict: dict | None = None):
+def write_outputs(config: WorkerConfig, model: PeftModel, revision: str | None, metrics: dict,
+                  token: str | None, *, state_dict: dict | None = None) -> AdapterManifest:
     from .adapter import push_to_hub, write_adapter
 
     manifest = write_adapter(config, model, Path(config.paths.output_dir),
