@@ -159,3 +159,42 @@ def test_lean_lora_forward_matches_peft_under_bf16_autocast():
     pm.eval()
     with torch.no_grad():
         assert torch.isfinite(pm(input_ids=ids).logits).all()
+
+
+def test_lean_lora_calls_a_wrapped_lora_b_so_fsdp_can_gather_it():
+    """Under FSDP each LoRA matrix is its own unit: only calling the module gathers its weight.
+    Found on one GPU with several gloo ranks (bench/fsdp_ranks_on_one_gpu.py): reading
+    `lora_B.weight` directly crashed every FSDP run with world size > 1."""
+
+    class Unit(torch.nn.Module):
+        """Stands in for an FSDP wrapper: forwards attributes, and counts forward calls (the
+        pre-forward hook where FSDP all-gathers the weight)."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.calls = inner, 0
+
+        def forward(self, h):
+            self.calls += 1
+            return self.inner(h)
+
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(3))
+    outputs = []
+    for wrap in (False, True):
+        pm = modeling.prepare_for_training(tiny_model(), {"lora": {"r": 4, "alpha": 8,
+                                                                   "dropout": 0.0}},
+                                           {"method": "lora", "leanLora": True})
+        units = []
+        for module in pm.modules():
+            if hasattr(module, "_peft_forward"):
+                with torch.no_grad():
+                    module.lora_B["default"].weight.normal_(
+                        std=0.05, generator=torch.Generator().manual_seed(1))
+                if wrap:
+                    module.lora_B["default"] = Unit(module.lora_B["default"])
+                    units.append(module.lora_B["default"])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs.append(pm(input_ids=ids).logits.float())
+        if wrap:
+            assert units and all(u.calls == 1 for u in units)
+    assert torch.allclose(outputs[0], outputs[1], rtol=2e-2, atol=2e-2)

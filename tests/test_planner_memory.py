@@ -289,3 +289,48 @@ def test_hub_config_is_fetched_with_the_token_and_errors_say_what_to_do(monkeypa
         assert hinted.hidden_size == 64
     finally:
         server.shutdown()
+
+
+# --- FSDP and DDP per-rank memory, measured with real ranks ----------------------------------
+
+FSDP_RUNS = ["fsdp-ranks-on-one-gpu-h200.json", "fsdp-ranks-on-one-gpu-w4-memory-h200.json"]
+
+
+def _ranks_model_arch():
+    """The 16-layer, 2048-wide Llama of bench/fsdp_ranks_on_one_gpu.py (SIZES), its tiny
+    tokenizer's vocabulary at most 512 tokens."""
+    from transformers import LlamaConfig
+
+    from finetune_operator.planner.arch import arch_from_config_json
+
+    config = LlamaConfig(vocab_size=512, hidden_size=2048, intermediate_size=5632,
+                         num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=8,
+                         max_position_embeddings=1024, tie_word_embeddings=False)
+    return arch_from_config_json(config.to_dict())
+
+
+@pytest.mark.parametrize("data_file", FSDP_RUNS)
+def test_per_rank_memory_of_fsdp_and_ddp_matches_real_ranks(data_file):
+    """Each rank's measured peak (reserved) against the planner's per-GPU prediction.
+    `fsdp_gathered_layers` was fitted on the 2-rank FSDP runs; the 4-rank runs, the DDP run
+    and the single-process runs are points the fit never saw."""
+    from pathlib import Path
+
+    from finetune_operator.planner.memory import TrainingShape, estimate_memory
+
+    runs = json.loads((Path(__file__).resolve().parents[1] / "bench" / "data" / data_file)
+                      .read_text())
+    arch = _ranks_model_arch()
+    checked = 0
+    for run in runs:
+        peaks = [p for p in run["peakVRAMPerRankBytes"] if p]
+        if any(run["exitCodes"]) or not peaks:
+            continue
+        world = run["world"]
+        shape = TrainingShape(method=run["method"], lora_r=8, lora_dropout=0.0, seq_len=512,
+                              micro_batch=2, packing=True, gpu_count=world,
+                              strategy=run["strategy"], gradient_accumulation=8 // 2 // world)
+        predicted = estimate_memory(arch, shape).total
+        assert predicted == pytest.approx(max(peaks), rel=0.05), run["run"]
+        checked += 1
+    assert checked >= 5

@@ -494,3 +494,26 @@ def test_a_plan_made_for_fsdp_refuses_to_train_an_unsharded_model():
             self.inner = inner
 
     require_sharded(FullyShardedDataParallel(plain))
+
+
+def test_fsdp_units_wrap_each_lora_matrix_and_keep_every_parameter_dtype():
+    """The worker's FSDP configuration (measured on one GPU with 2 gloo ranks,
+    bench/fsdp_ranks_on_one_gpu.py): no mixed-precision policy, so the first steps are
+    identical to one process; each LoRA matrix its own unit, apart from the frozen layers."""
+    from types import SimpleNamespace
+
+    from peft import LoraConfig, get_peft_model
+    from torch.distributed.fsdp import MixedPrecision
+
+    from finetune_worker.train import configure_fsdp
+
+    base = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["0", "1"]))
+    plugin = SimpleNamespace(auto_wrap_policy=None, mixed_precision_policy=MixedPrecision(
+        param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16, buffer_dtype=torch.bfloat16))
+    configure_fsdp(plugin, model)
+    assert plugin.mixed_precision_policy is None
+    lora_a = model.base_model.model[0].lora_A["default"]
+    assert plugin.auto_wrap_policy(module=lora_a, recurse=False, nonwrapped_numel=16)
+    assert not plugin.auto_wrap_policy(module=model.base_model.model[0].base_layer,
+                                       recurse=False, nonwrapped_numel=72)

@@ -9,8 +9,10 @@ may be a volume mount point, which cannot be replaced by a rename.)
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -21,13 +23,16 @@ from finetune_api.adapter_manifest import BaseModelRef, FineTuneJobRef
 from finetune_api.constants import ADAPTER_MANIFEST_FILENAME
 from finetune_api.finetunejob import TrainingMetrics
 
-from .errors import StorageError
+from .errors import StorageError, WorkerEnvironmentError
 
 if TYPE_CHECKING:
     from finetune_api import WorkerConfig
     from peft import PeftModel
 
 log = logging.getLogger(__name__)
+
+ADAPTER_WEIGHTS_FILENAME = "adapter_model.safetensors"
+"""peft's file name for the adapter's weights (what vLLM and peft load)."""
 
 
 def _fsync_tree(directory: Path) -> None:
@@ -80,7 +85,11 @@ def write_adapter(config: WorkerConfig, peft_model: PeftModel, destination: Path
     try:
         destination.mkdir(parents=True, exist_ok=True)
         staging.mkdir(parents=True)
-        peft_model.save_pretrained(str(staging), safe_serialization=True, state_dict=state_dict)
+        if state_dict is None:
+            peft_model.save_pretrained(str(staging), safe_serialization=True)
+        else:
+            save_gathered_adapter(peft_model, state_dict, staging)
+        require_weights(staging)
         manifest = build_manifest(config, peft_model, base_revision=base_revision,
                                   metrics=metrics, directory=staging)
         manifest.write(staging)
@@ -100,6 +109,58 @@ def write_adapter(config: WorkerConfig, peft_model: PeftModel, destination: Path
     log.info("adapter written to %s (%d files, digest %s)", destination, len(manifest.files),
              manifest.digest[:12])
     return manifest
+
+
+# A LoRA parameter of the model: `<module>.lora_A.<adapter>.weight`; on disk peft drops the
+# adapter's name (`<module>.lora_A.weight`). The embedding variants are plain parameters
+# (`...lora_embedding_A.<adapter>`); DoRA's magnitude drops `.weight` too.
+_LORA_PARAMETER = r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)\.{}(\.weight)?$"
+
+
+def adapter_tensors(state_dict: dict, adapter_name: str = "default") -> dict:
+    """The adapter's entries of a full model state dict, named as peft writes them to disk."""
+    pattern = re.compile(_LORA_PARAMETER.format(re.escape(adapter_name)))
+    selected = {}
+    for key, tensor in state_dict.items():
+        match = pattern.search(key)
+        if match is None:
+            continue
+        keep_weight = match.group(1) in ("lora_A", "lora_B") and match.group(2)
+        selected[key[:match.start()] + f".{match.group(1)}" + (".weight" if keep_weight
+                                                                 else "")] = tensor
+    return selected
+
+
+def save_gathered_adapter(peft_model: PeftModel, state_dict: dict, directory: Path) -> None:
+    """Write the adapter from the full state dict that accelerate gathers under FSDP.
+
+    peft's own save cannot be used there: it picks the adapter's entries by walking the
+    model's modules, whose names under FSDP contain `_fsdp_wrapped_module` segments that the
+    gathered state dict's keys do not, so it selected nothing and wrote an adapter without
+    weights (found with 2 FSDP ranks, peft 0.21, accelerate 1.15). The files are peft's: the
+    weights under peft's names and the adapter's config in inference mode."""
+    from safetensors.torch import save_file
+
+    tensors = adapter_tensors(state_dict)
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+              str(directory / ADAPTER_WEIGHTS_FILENAME), metadata={"format": "pt"})
+    config = copy.copy(peft_model.peft_config["default"])
+    config.inference_mode = True
+    config.save_pretrained(str(directory))
+
+
+def require_weights(directory: Path) -> None:
+    """Never publish an adapter without weights: it would load and serve the bare base model
+    under the adapter's name, with nothing to say that training was lost."""
+    from safetensors import safe_open
+
+    path = directory / ADAPTER_WEIGHTS_FILENAME
+    with safe_open(str(path), framework="pt") as weights:
+        if not list(weights.keys()):
+            raise WorkerEnvironmentError(
+                f"the trained adapter has no weights ({ADAPTER_WEIGHTS_FILENAME} is empty): "
+                "peft found none of the LoRA parameters in the model's state dict; this is a "
+                "worker defect with these library versions, not a problem of the job")
 
 
 def verify_adapter(directory: Path) -> AdapterManifest:

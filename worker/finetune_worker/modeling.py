@@ -425,6 +425,12 @@ def _lean_lora_forward(self, x, *args, **kwargs):
     result = self.base_layer(x)
     lora_a, lora_b = self.lora_A[name], self.lora_B[name]
     h = lora_a(self.lora_dropout[name](x))
+    if type(lora_b) is not torch.nn.Linear:
+        # Under FSDP each LoRA matrix is a unit of its own, and only calling the module runs
+        # the hook that gathers its weight; `lora_b.weight` read directly is a stale view of
+        # the flat parameter (autograd refuses it once FSDP reshards in place). The add is
+        # then a pass of its own instead of the GEMM epilogue.
+        return torch.add(result, lora_b(h), alpha=self.scaling[name]).to(result.dtype)
     out_features = result.shape[-1]
     fused = torch.addmm(
         result.reshape(-1, out_features), h.reshape(-1, h.shape[-1]), lora_b.weight.t(),

@@ -506,13 +506,24 @@ def build_trainer(config: WorkerConfig, model: PeftModel, tokenizer: PreTrainedT
     trainer.token_budget_sampler = sampler
     trainer.expect_sharded = config.plan.strategy == "fsdp"
     if trainer.is_fsdp_enabled:
-        from peft.utils.other import fsdp_auto_wrap_policy
-
-        # Decoder layers as FSDP units, and each LoRA module a unit of its own, so no unit
-        # mixes trainable and frozen weights (use_orig_params=False needs that).
-        trainer.accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(
-            trainer.model)
+        configure_fsdp(trainer.accelerator.state.fsdp_plugin, trainer.model)
     return trainer, checkpointing, progress
+
+
+def configure_fsdp(plugin: Any, model: PeftModel) -> None:
+    """The FSDP units and precision the worker trains with.
+
+    Units: decoder layers, and each LoRA matrix a unit of its own, so no unit mixes trainable
+    and frozen weights (use_orig_params=False needs that). Precision: no FSDP mixed-precision
+    policy, so every flat parameter keeps its own dtype (the bf16 or 4-bit base, fp32
+    adapters) and autocast does the bf16 compute exactly as on one GPU. accelerate's bf16
+    policy instead trains bf16 copies of the adapters: measured with 2 ranks, the first
+    step's gradient norm 20 % off one process's (47.2 against 39.2), and the losses off from
+    the second step; without it the first three steps are identical to one process."""
+    from peft.utils.other import fsdp_auto_wrap_policy
+
+    plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
+    plugin.mixed_precision_policy = None
 
 
 DENSE_BATCH_MULTIPLE = 64

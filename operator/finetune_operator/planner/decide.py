@@ -300,8 +300,8 @@ def _notes(chosen: Candidate, candidates: list[Candidate], budget: Budget) -> li
                 + " per GPU")
     return [(f"{world} processes ({where}) run fully sharded (FSDP FULL_SHARD) because {why}: "
             "the frozen base, adapters, gradients and optimizer state are split over all "
-            "processes and each layer is gathered while it runs. The FSDP memory terms are a "
-            "prediction, not yet calibrated on multi-GPU measurements.")]
+            "processes and each layer is gathered while it runs. The FSDP memory terms are "
+            "calibrated on ranks sharing one GPU, not yet measured across GPUs.")]
 
 
 def _reason(chosen: Candidate, candidates: list[Candidate], budget: Budget,

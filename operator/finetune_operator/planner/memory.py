@@ -81,6 +81,14 @@ class MemoryConstants:
     runs; this constant and the fraction below were fitted on both."""
     allocator_slack_fraction: float = 0.02
     """Additional slack proportional to the step's activation memory."""
+    fsdp_gathered_layers: float = 5.0
+    """Decoder layers whose full (unsharded) weights one FSDP rank holds at its peak, on top
+    of the root unit: 2 if only the running and the next layer were gathered; 5 measured.
+    Fitted on 2 ranks (LoRA +0.24 GiB, QLoRA +0.09 GiB over a 2-layer prediction on a
+    16-layer, 2048-wide model) and checked on 4 ranks, which the fit never saw (predicted
+    1.94 / 1.37 GiB, measured 1.93 / 1.37): bench/fsdp_ranks_on_one_gpu.py, gloo ranks
+    sharing one H200 (bench/data/fsdp-ranks-on-one-gpu-*.json). Not yet measured with
+    NCCL across GPUs, whose buffers may differ."""
     cuda_context_bytes: int = 768 * MiB
     """Device memory outside PyTorch's allocator: the CUDA context (0.60 GiB right after
     initialisation on an H200 with torch 2.11) plus cuBLAS workspaces and lazily loaded
@@ -359,19 +367,20 @@ def layer_activation_bytes(arch: ModelArch, shape: TrainingShape) -> dict[str, f
 
 
 def fsdp_shards(arch: ModelArch, shape: TrainingShape, weights: float, adapters: float,
-                gradients: float, optimizer: float, paged: float):
+                gradients: float, optimizer: float, paged: float,
+                constants: MemoryConstants = DEFAULT_CONSTANTS):
     """Per-process bytes under FULL_SHARD FSDP: every persistent term divided by the world
     size, plus what is all-gathered while it is used.
 
     Gathered: the root unit (embeddings, final norm, lm_head), which FSDP keeps unsharded
-    through the forward and backward passes, and two decoder layers (the one computing and
-    the one prefetched). 4-bit QLoRA weights shard the same way once they are stored in the
-    compute dtype (`bnb_4bit_quant_storage`), so their packed size is what moves.
-    A prediction: not yet calibrated against multi-GPU measurements."""
+    through the forward and backward passes, and the decoder layers gathered at the peak (the
+    one computing and those FSDP still holds or prefetched: `constants.fsdp_gathered_layers`).
+    4-bit QLoRA weights shard the same way once they are stored in the compute dtype
+    (`bnb_4bit_quant_storage`), so their packed size is what moves."""
     world = shape.gpu_count
     root = 2 * (arch.embedding_params() + arch.lm_head_params())
     layer = max(0.0, (weights - root) / arch.num_layers)
-    gathered = root + 2 * layer
+    gathered = root + constants.fsdp_gathered_layers * layer
     return (weights / world, adapters / world, gradients / world, optimizer / world,
             paged / world, gathered)
 
@@ -395,7 +404,7 @@ def estimate_memory(arch: ModelArch, shape: TrainingShape,
     gathered = 0
     if shape.strategy == "fsdp":
         weights, adapters, gradients, optimizer, paged, gathered = fsdp_shards(
-            arch, shape, weights, adapters, gradients, optimizer, paged)
+            arch, shape, weights, adapters, gradients, optimizer, paged, constants)
 
     per_layer = layer_activation_bytes(arch, shape)
     layer_bytes = sum(per_layer.values())
