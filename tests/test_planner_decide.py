@@ -183,7 +183,7 @@ def test_70b_qlora_on_two_40gi_gpus_is_sharded_because_no_replica_fits():
     assert decision.fits and decision.chosen.strategy == "fsdp"
     assert not any(c.fits for c in decision.candidates if c.shape.strategy == "ddp")
     assert "no data-parallel configuration fits" in decision.reason
-    assert "prediction" in decision.reason  # uncalibrated terms are said to be so
+    assert "not yet measured across GPUs" in decision.reason  # what is uncalibrated is said
     # Sharding divides the persistent terms by the world size; what is gathered stays whole.
     chosen = decision.chosen.estimate
     replica = next(c for c in decision.candidates if c.shape.strategy == "ddp"
