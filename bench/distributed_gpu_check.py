@@ -12,8 +12,9 @@ ways, same data and seed:
    bf16) against one process.
 
 Prints exit codes, the largest per-step loss difference against the one-process run of the
-same method (`single`, `single-qlora`: the same mathematics, so precision differences only), peaks against the planner's per-GPU prediction for the same
-shape, and tokens/s. Usage (repository root, the worker's packages importable):
+same method (`single`, `single-qlora`: the same mathematics, so precision differences only),
+peaks against the planner's per-GPU prediction for the same shape, and tokens/s. Usage
+(repository root, the worker's packages importable):
     python bench/distributed_gpu_check.py --out results.json
 """
 
@@ -33,8 +34,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests")]
 
-from conftest_worker import worker_config_dict  # noqa: E402
-from tinymodel import make_tiny_model  # noqa: E402
+from conftest_worker import worker_config_dict
+from tinymodel import make_tiny_model
 
 SIZES = {
     "hidden": 2048,

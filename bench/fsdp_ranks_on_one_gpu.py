@@ -39,8 +39,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests")]
 
-from conftest_worker import worker_config_dict  # noqa: E402
-from tinymodel import make_tiny_model  # noqa: E402
+from conftest_worker import worker_config_dict
+from tinymodel import make_tiny_model
 
 # Big enough that the frozen base dominates a rank's memory (about 1.0B parameters), small
 # enough to write and load in seconds.

@@ -195,7 +195,8 @@ def main() -> int:
             print(f"{name}: exit {results[-1]['exitCode']}", flush=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(
-        f"\n{'run':16} {'exit':>4} {'s':>6} {'steps':>5} {'tok/s':>9} {'peak MiB':>9}  reason / message"
+        f"\n{'run':16} {'exit':>4} {'s':>6} {'steps':>5} {'tok/s':>9} {'peak MiB':>9}"
+        "  reason / message"
     )
     for r in results:
         peak = f"{r['peakVRAMBytes'] / 2**20:.0f}" if r.get("peakVRAMBytes") else "-"

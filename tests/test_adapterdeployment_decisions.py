@@ -365,7 +365,9 @@ def test_unschedulable_server_pods_are_reported_with_the_schedulers_reason():
                     "type": "PodScheduled",
                     "status": "False",
                     "reason": "Unschedulable",
-                    "message": '0/3 nodes are available: persistentvolumeclaim "adapters" not found.',
+                    "message": (
+                        '0/3 nodes are available: persistentvolumeclaim "adapters" not found.'
+                    ),
                 }
             ],
         },

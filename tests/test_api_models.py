@@ -199,7 +199,7 @@ def _is_subset(small, big) -> bool:
         return (
             isinstance(big, list)
             and len(small) == len(big)
-            and all(_is_subset(a, b) for a, b in zip(small, big))
+            and all(_is_subset(a, b) for a, b in zip(small, big, strict=True))
         )
     return small == big or (isinstance(small, int | float) and float(small) == float(big))
 

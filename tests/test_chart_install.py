@@ -307,4 +307,4 @@ def test_crds_without_keep_would_be_removed_by_helm(admin):
             "apply", "--dry-run=server", "-f", "-", input=yaml.safe_dump_all(crds), namespaced=False
         )
     except KubectlError as exc:  # pragma: no cover - reported with the server's reason
-        raise AssertionError(f"the chart's CRDs are not valid for the API server: {exc}")
+        raise AssertionError(f"the chart's CRDs are not valid for the API server: {exc}") from exc

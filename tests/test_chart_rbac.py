@@ -83,7 +83,7 @@ def test_can_i_snapshot_has_no_wildcards_and_no_secret_listing(
     )
     for row in rows:
         assert "*" not in row, f"wildcard granted: {row}"
-    for res, url, names, verbs in granted:
+    for res, _url, _names, verbs in granted:
         assert not {"escalate", "bind", "impersonate"} & set(verbs.strip("[]").split()), res
     (secrets,) = [r for r in rows if r.startswith("secrets ")]
     assert secrets == "secrets [] [get]", f"Secrets beyond get-by-name: {secrets}"

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import MANUAL_NODE
 from kubetest import Kube, bound_pvc, condition, finetunejob_manifest, wait_for
 
 pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).resolve().parent.parent
-from conftest import MANUAL_NODE
 
 
 def ftj_manifest(name: str, *, memory: str = "24Gi", manual: bool = False, **spec) -> dict:

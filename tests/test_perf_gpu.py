@@ -54,7 +54,7 @@ def test_flash_varlen_kernel_is_as_accurate_as_per_example_attention_with_gqa():
     exact = _attend(per_example, *(t.float() for t in (q, k, v)), grad.float())
     fast = _attend(varlen, q, k, v, grad)
     ref = _attend(per_example, q, k, v, grad)
-    for name, e, a, b in zip(("out", "dq", "dk", "dv"), exact, fast, ref):
+    for name, e, a, b in zip(("out", "dq", "dk", "dv"), exact, fast, ref, strict=True):
         assert a.shape == e.shape, name
         err_fast, err_ref = (a - e).abs().max().item(), (b - e).abs().max().item()
         print(

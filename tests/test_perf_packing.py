@@ -271,7 +271,7 @@ def test_varlen_loss_and_gradients_equal_per_sequence_training():
     (total / count).backward()
     assert count == packing.trained_tokens(batch)
     assert torch.allclose(loss, total / count, rtol=1e-5)
-    for a, b in zip(varlen.parameters(), reference.parameters()):
+    for a, b in zip(varlen.parameters(), reference.parameters(), strict=True):
         assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6)
 
 
@@ -326,7 +326,7 @@ def test_packed_batch_sampler_reshuffles_per_epoch_and_feeds_a_dataloader():
         collate_fn=packing.make_varlen_collator(Tok(), 256, row_tokens=512),
     )
     seen = 0
-    for group, batch in zip(list(sampler), loader):
+    for group, batch in zip(list(sampler), loader, strict=True):
         assert batch["input_ids"].shape == (1, 512)
         real = sum(min(lengths[i], 256) for i in group)
         assert batch["cu_seq_lens_q"][len(group)] == real  # the group's examples, then padding

@@ -168,7 +168,10 @@ def test_members_order_does_not_matter_and_removal_rolls_the_template():
     without_b, _ = serving.build_server(cfg, [a, c], DEFAULTS)
     assert "two=/mnt/adapters/two" not in vllm_container(without_b)["args"]
     assert [r["name"] for r in without_b["metadata"]["ownerReferences"]] == ["a", "c"]
-    annotations = lambda d: d["spec"]["template"]["metadata"]["annotations"]
+
+    def annotations(d):
+        return d["spec"]["template"]["metadata"]["annotations"]
+
     assert annotations(first) != annotations(without_b)
     assert annotations(without_b)[ANNOTATION_ADAPTERS] == ("one=unverified,three=unverified")
 

@@ -18,11 +18,10 @@ from pathlib import Path
 import pytest
 
 from conftest_worker import worker_config_dict
+from finetune_api import AdapterManifest, WorkerConfig
 from kubetest import wait_for
 
 torch = pytest.importorskip("torch")
-
-from finetune_api import AdapterManifest, WorkerConfig
 
 # tiny_model_root and worker_config fixtures
 pytest_plugins = ["conftest_worker"]

@@ -28,7 +28,9 @@ def tokenizer(tmp_path_factory):
 
 
 def _decode_loss_tokens(tokenizer, example) -> str:
-    ids = [i for i, label in zip(example["input_ids"], example["labels"]) if label != -100]
+    ids = [
+        i for i, label in zip(example["input_ids"], example["labels"], strict=True) if label != -100
+    ]
     return tokenizer.decode(ids)
 
 
@@ -40,7 +42,7 @@ def test_each_format_takes_loss_only_on_the_completion(tokenizer, fmt, answer_fi
     records = data.load_records(str(DATA_DIR / f"{fmt}.jsonl"))
     splits = data.prepare_splits(records, fmt, tokenizer, max_length=256, source=fmt)
     assert len(splits.train) == len(records)
-    for record, example in zip(records, splits.train):
+    for record, example in zip(records, splits.train, strict=True):
         assert len(example["input_ids"]) == len(example["labels"])
         trained = _decode_loss_tokens(tokenizer, example)
         if fmt == "chat":
@@ -523,7 +525,8 @@ def prepared(device):
     model = modeling.prepare_for_training(base, spec, {{"method": "lora"}}, device=device)
     assert next(model.parameters()).device.type == "cpu"  # nothing was moved
     norm = model.get_base_model().model.norm
-    return getattr(norm.forward, "__func__", None) is LigerRMSNorm.forward, model.fused_kernels_applied
+    fused_norm = getattr(norm.forward, "__func__", None) is LigerRMSNorm.forward
+    return fused_norm, model.fused_kernels_applied
 
 print(prepared("cpu"), prepared("cuda"))
 """

@@ -9,9 +9,9 @@ send nulls), `const` becomes a one-value `enum`, exclusive bounds become OpenAPI
 booleans, `"auto" | int` becomes `x-kubernetes-int-or-string`, titles and
 `additionalProperties: false` are dropped (a CRD may not set it next to `properties`; the
 API server prunes unknown fields itself, and rejects them only when the client asks for
-strict field validation: docs/operations.md, "Unknown fields"). CEL rules come from the models through
-`json_schema_extra`; the FineTuneJob immutability rules are generated here from its fields,
-so a new spec field is immutable without anyone remembering to say so.
+strict field validation: docs/operations.md, "Unknown fields"). CEL rules come from the
+models through `json_schema_extra`; the FineTuneJob immutability rules are generated here
+from its fields, so a new spec field is immutable without anyone remembering to say so.
 """
 
 from __future__ import annotations

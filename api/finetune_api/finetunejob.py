@@ -73,7 +73,8 @@ class ArchitectureHints(SpecModel):
     num_attention_heads: Annotated[int, Field(ge=1)] | None = None
     """Query heads per layer (`num_attention_heads`)."""
     num_key_value_heads: Annotated[int, Field(ge=1)] | None = None
-    """Key/value heads per layer (`num_key_value_heads`; fewer than the query heads with grouped-query attention)."""
+    """Key/value heads per layer (`num_key_value_heads`; fewer than the query heads with
+    grouped-query attention)."""
     vocab_size: Annotated[int, Field(ge=1)] | None = None
     """Tokens in the vocabulary (`vocab_size`)."""
     tie_word_embeddings: bool | None = None
@@ -98,7 +99,8 @@ class ModelSource(SpecModel):
     tokenizer: Annotated[str, Field(min_length=1, max_length=1024)] | None = None
     """Tokenizer to use instead of the model's own (a Hugging Face id or a URI)."""
     architecture: ArchitectureHints | None = None
-    """The model's shape, for planning when its config.json cannot be read (a private repository, an air-gapped cluster)."""
+    """The model's shape, for planning when its config.json cannot be read (a private
+    repository, an air-gapped cluster)."""
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> ModelSource:
@@ -150,7 +152,8 @@ class DatasetSpec(SpecModel):
     uri: SourceURI
     """`hf://owner/name`, `pvc://claim/file.jsonl` or `s3://bucket/key`."""
     format: DatasetFormat
-    """alpaca (instruction/input/output), chat (messages), text, or completion (prompt/completion)."""
+    """alpaca (instruction/input/output), chat (messages), text, or completion
+    (prompt/completion)."""
     subset: ShortString | None = None
     """Configuration name of a Hugging Face dataset."""
     split: ShortString = "train"
@@ -262,7 +265,8 @@ class TrainingSpec(SpecModel):
         "adafactor",
         "sgd",
     ] = "adamw_torch"
-    """Optimizer (transformers' `optim` names); `adamw_8bit` and `paged_*` keep optimizer state in 8 bits or page it to host memory."""
+    """Optimizer (transformers' `optim` names); `adamw_8bit` and `paged_*` keep optimizer
+    state in 8 bits or page it to host memory."""
     scheduler: Literal[
         "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
     ] = "cosine"
@@ -276,7 +280,8 @@ class TrainingSpec(SpecModel):
     max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
     """Gradients are clipped to this global L2 norm."""
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 42
-    """Random seed for shuffling, dropout and adapter initialisation; the same seed and data give the same run."""
+    """Random seed for shuffling, dropout and adapter initialisation; the same seed and data
+    give the same run."""
     checkpoint_steps: Annotated[int, Field(ge=1)] = 200
     """Save a checkpoint every this many steps (the job resumes from the latest)."""
     checkpoint_minutes: Annotated[float, Field(ge=0, le=1440)] = 30
@@ -345,7 +350,8 @@ class Toleration(SpecModel):
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
     """Taint effect to match; empty matches all effects."""
     toleration_seconds: int | None = None
-    """With effect NoExecute: seconds the pod stays bound after the taint appears (unset: forever)."""
+    """With effect NoExecute: seconds the pod stays bound after the taint appears (unset:
+    forever)."""
 
 
 LabelMap = Annotated[dict[str, Annotated[str, Field(max_length=63)]], Field(max_length=64)]
@@ -477,9 +483,11 @@ class FineTuneJobSpec(SpecModel):
             # Silent on a batch the rule above rejects already: one message per mistake.
             cel(
                 "type(self.training.microBatchSize) == string"
-                " || self.training.batchSize % (self.resources.gpu.count * self.resources.gpu.nodes)"
+                " || self.training.batchSize"
+                " % (self.resources.gpu.count * self.resources.gpu.nodes)"
                 " != 0"
-                " || (self.training.batchSize / (self.resources.gpu.count * self.resources.gpu.nodes))"
+                " || (self.training.batchSize"
+                " / (self.resources.gpu.count * self.resources.gpu.nodes))"
                 " % self.training.microBatchSize == 0",
                 MICRO_BATCH_DIVIDES_MESSAGE,
                 field_path=".training.microBatchSize",

@@ -79,7 +79,11 @@ def plot(points: list[CalibrationPoint], out: Path) -> Path:
     markers = {"lora": "o", "qlora": "s"}
     sources = sorted({p.source for p in points})
     colors = dict(
-        zip(sources, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"))
+        zip(
+            sources,
+            ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"),
+            strict=False,  # usually fewer sources than colours: the rest go unused
+        )
     )
     top = 0.0
     for p in points:

@@ -284,7 +284,10 @@ def main(argv: list[str] | None = None) -> int:
         "--job",
         action="append",
         default=[],
-        help='JSON: {"label": ..., "manifest": "examples/x.yaml", "set": {"training.packing": false}}',
+        help=(
+            'JSON: {"label": ..., "manifest": "examples/x.yaml",'
+            ' "set": {"training.packing": false}}'
+        ),
     )
     j.add_argument("--shape", default="llama-3-8b")
     j.add_argument("--steps", type=int, default=14)

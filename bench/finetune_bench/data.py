@@ -34,7 +34,7 @@ def sample_lengths(n: int, seed: int = 0) -> list[tuple[int, int]]:
     response = np.exp(rng.normal(math.log(RESPONSE_MEDIAN), RESPONSE_SIGMA, n))
     prompt = np.clip(np.rint(prompt), 4, MAX_TOKENS // 2).astype(int)
     response = np.clip(np.rint(response), 4, MAX_TOKENS // 2).astype(int)
-    return list(zip(prompt.tolist(), response.tolist()))
+    return list(zip(prompt.tolist(), response.tolist(), strict=True))
 
 
 def make_examples(n: int, vocab_size: int, seed: int = 0, *, zipf_s: float = 1.1) -> list[dict]:

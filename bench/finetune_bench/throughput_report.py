@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     ax.bar([i - w for i in x], base, w, label="common recipe, same data (trl, mb 1 x 4)")
     ax.bar(list(x), probe, w, label="plain transformers+peft+liger, fixed 512 (reference)")
     ax.bar([i + w for i in x], ours, w, label="this operator's plan + worker, realistic lengths")
-    for i, (tps, peak) in enumerate(zip(ours, peaks)):
+    for i, (tps, peak) in enumerate(zip(ours, peaks, strict=True)):
         ax.annotate(
             f"{tps:,.0f}\n{peak:.1f} GiB", (i + w, tps), ha="center", va="bottom", fontsize=7
         )

@@ -261,8 +261,10 @@ def run(
             del trainer
         gc.collect()
     log(
-        f"trainer {memory}: {row.get('tokens_per_s')} tokens/s, peak {row.get('peak_total_GiB')} GiB, "
-        f"plan {method} mb {training_plan.micro_batch_size} x {training_plan.gradient_accumulation} "
+        f"trainer {memory}: {row.get('tokens_per_s')} tokens/s, "
+        f"peak {row.get('peak_total_GiB')} GiB, "
+        f"plan {method} mb {training_plan.micro_batch_size} "
+        f"x {training_plan.gradient_accumulation} "
         f"ckpt {training_plan.gradient_checkpointing}"
     )
     return harness.release(model), row

@@ -220,7 +220,7 @@ def quantize_in_place(model: PreTrainedModel, spec: Any = None) -> PreTrainedMod
     cfg = bnb_config(spec)
     skip = {"lm_head"}
     device = next(model.parameters()).device
-    for parent_name, parent in list(model.named_modules()):
+    for _parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             if not isinstance(child, torch.nn.Linear) or child_name in skip:
                 continue
@@ -388,7 +388,7 @@ def prepare_for_training(
     peft_model = get_peft_model(model, lora_config(spec))
     # Adapters in fp32 (peft's default) keep the optimizer update precise; cast them only if a
     # bf16 base made peft create them in bf16.
-    for name, p in peft_model.named_parameters():
+    for _name, p in peft_model.named_parameters():
         if p.requires_grad and p.dtype != _fp32():
             p.data = p.data.float()
     # The training device, not where the weights are now: under FSDP the base is still on the

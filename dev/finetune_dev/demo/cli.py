@@ -499,7 +499,10 @@ class Demo:
             log = ""
             if status.get("phase") == "Running":
                 c = pod["spec"]["containers"][0]["name"]
-                log = f" (log: kubectl logs {name}, or {self.paths.node}/logs/{NAMESPACE}/{name}/{c}.log)"
+                log = (
+                    f" (log: kubectl logs {name},"
+                    f" or {self.paths.node}/logs/{NAMESPACE}/{name}/{c}.log)"
+                )
             info(
                 f"pod {name}: {status.get('phase', 'Pending')} on {where}"
                 f"{' - ' + detail if detail else ''}{log}"
@@ -594,7 +597,8 @@ class Demo:
             self.worker_lines(self.log_offsets)
             merge_phase = ((merge or {}).get("status") or {}).get("phase")
             line = (
-                f"AdapterMerge {merge_name}: {merge_phase or ('absent' if merge is None else 'Pending')}"
+                f"AdapterMerge {merge_name}: "
+                f"{merge_phase or ('absent' if merge is None else 'Pending')}"
                 f"; AdapterDeployment {deploy_name}: "
                 f"{'created' if deploy else 'absent'}"
             )

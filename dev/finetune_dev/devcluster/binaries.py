@@ -157,7 +157,8 @@ def components() -> list[GoComponent]:
 
 
 def tools() -> list[GoComponent]:
-    """Linters the tests run: built on first use by name, never by `finetune-dev cluster build` or `finetune-dev cluster up`."""
+    """Linters the tests run: built on first use by name, never by `finetune-dev cluster
+    build` or `finetune-dev cluster up`."""
     return [
         _module_component(
             "actionlint",

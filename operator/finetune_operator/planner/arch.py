@@ -228,7 +228,9 @@ def arch_from_hints(hints: Mapping[str, Any] | Any, name: str) -> ModelArch:
         "num_heads": get("num_attention_heads", "numAttentionHeads"),
         "vocab_size": get("vocab_size", "vocabSize"),
     }
-    missing = [camel for camel, value in zip(HINT_FIELDS, values.values()) if value is None]
+    missing = [
+        camel for camel, value in zip(HINT_FIELDS, values.values(), strict=True) if value is None
+    ]
     if missing:
         raise UnknownArchitecture(
             f"spec.model.architecture for {name!r} is missing {', '.join(missing)}; the planner "

@@ -239,7 +239,8 @@ def explain(decision: PlanDecision) -> str:
     for c in order:
         mark = "->" if c is decision.chosen else "  "
         lines.append(
-            f"{mark}{c.shape.strategy:<8} {c.shape.method:<6} {'on' if c.shape.gradient_checkpointing else 'off':<4} "
+            f"{mark}{c.shape.strategy:<8} {c.shape.method:<6} "
+            f"{'on' if c.shape.gradient_checkpointing else 'off':<4} "
             f"{c.shape.micro_batch:>5} {c.gradient_accumulation:>5} "
             f"{c.shape.tokens_per_micro_batch:>7} {format_gib(c.estimate.total):>8} "
             f"{format_gib(c.need_bytes):>9} {'yes' if c.fits else 'no':<4} {c.speed:>5.2f}"
