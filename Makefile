@@ -13,6 +13,8 @@ PY := $(VENV)/bin/python
 PYPROJECTS := pyproject.toml api/pyproject.toml operator/pyproject.toml worker/pyproject.toml
 STAMP := $(VENV)/.installed-$(shell cat $(PYPROJECTS) | sha256sum | cut -c1-12)
 PYTEST_ARGS ?=
+# What `make lint` (and so `make test`) checks with ruff; settings in pyproject.toml.
+LINT_PATHS := api operator worker dev bench tests charts
 
 # The images the chart runs by default: values.yaml's image.repository (tag: the chart's
 # appVersion) and worker.image.repository:worker.image.tag. REGISTRY=... builds them under
@@ -23,14 +25,15 @@ OPERATOR_IMAGE ?= $(REGISTRY)/finetune-operator:$(VERSION)
 WORKER_IMAGE ?= $(REGISTRY)/finetune-worker:$(VERSION)
 CONTAINER_ENGINE ?= $(shell command -v docker || command -v podman)
 
-.PHONY: all venv binaries test demo demo-down crds chart-crds lint clean help images push-images \
-	container-engine
+.PHONY: all venv binaries test demo demo-down crds chart-crds lint format clean help images \
+	push-images container-engine
 
 help:
 	@echo "make demo    run a real fine-tune through the operator on a local control plane"
-	@echo "make test    run every test (builds the control plane from Go modules on first use)"
+	@echo "make test    lint, then run every test (builds the control plane from Go modules on first use)"
 	@echo "make crds    regenerate crds/ and the chart's copies from the API models"
-	@echo "make lint    ruff"
+	@echo "make lint    ruff check and ruff format --check (the first step of make test)"
+	@echo "make format  ruff format and ruff check --fix: repairs most of what make lint reports"
 	@echo "make images  build the operator and worker images with docker or podman (REGISTRY=...)"
 	@echo "make push-images  build them, then push them to REGISTRY"
 
@@ -47,7 +50,8 @@ binaries: venv
 	@echo "==> [2/3] control-plane binaries (built from Go modules once, then cached in ~/.cache/finetune-operator)"
 	@$(VENV)/bin/finetune-dev cluster build >/dev/null
 
-test: binaries
+# Lint first: a style error fails in seconds, before the control plane is built.
+test: lint binaries
 	@echo "==> [3/3] tests"
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -67,7 +71,13 @@ chart-crds: venv
 	$(PY) charts/finetune-operator/hack/sync_crds.py
 
 lint: venv
-	$(VENV)/bin/ruff check api operator worker dev bench tests
+	@echo "==> lint (ruff check, ruff format --check)"
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+
+format: venv
+	$(VENV)/bin/ruff format $(LINT_PATHS)
+	$(VENV)/bin/ruff check --fix $(LINT_PATHS)
 
 # Not part of `make test`: building the worker image downloads several GB (PyTorch, CUDA).
 container-engine:

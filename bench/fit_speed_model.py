@@ -29,8 +29,10 @@ from finetune_operator.planner.speed import (
     predicted_tokens_per_second,
 )
 
-ARCH = {"llama-3-8b": preset("meta-llama/Meta-Llama-3-8B"),
-        "llama-3.2-1b": preset("meta-llama/Llama-3.2-1B")}
+ARCH = {
+    "llama-3-8b": preset("meta-llama/Meta-Llama-3-8B"),
+    "llama-3.2-1b": preset("meta-llama/Llama-3.2-1B"),
+}
 FIT_TOKENS = {1024, 4096, 16384}
 KEYS = [("lora", False), ("lora", True), ("qlora", False), ("qlora", True)]
 
@@ -41,19 +43,28 @@ def load(path: Path) -> list[dict]:
 
 
 def shape_of(row: dict) -> TrainingShape:
-    return TrainingShape(method=row["method"], gradient_checkpointing=row["grad_ckpt"] > 0,
-                         micro_batch=1, seq_len=row["tokens_per_micro_batch"], packing=True,
-                         lora_dropout=row["dropout"])
+    return TrainingShape(
+        method=row["method"],
+        gradient_checkpointing=row["grad_ckpt"] > 0,
+        micro_batch=1,
+        seq_len=row["tokens_per_micro_batch"],
+        packing=True,
+        lora_dropout=row["dropout"],
+    )
 
 
 def constants_from(v: torch.Tensor) -> SpeedConstants:
     """SpeedConstants from the log-parameters; with tensors in it, speed.py's own formula is
     differentiable, so the fit optimises exactly what the planner computes."""
     e = torch.exp(v)
-    return replace(DEFAULT_SPEED, tflops={"lora": e[0], "qlora": e[1]},
-                   dequant_seconds_per_gparam=e[2],
-                   host_seconds_per_layer={k: e[3 + i] for i, k in enumerate(KEYS)},
-                   host_seconds_fixed=e[7], overlap=1 + e[8])
+    return replace(
+        DEFAULT_SPEED,
+        tflops={"lora": e[0], "qlora": e[1]},
+        dequant_seconds_per_gparam=e[2],
+        host_seconds_per_layer={k: e[3 + i] for i, k in enumerate(KEYS)},
+        host_seconds_fixed=e[7],
+        overlap=1 + e[8],
+    )
 
 
 def predict(v: torch.Tensor, row: dict) -> torch.Tensor:
@@ -65,8 +76,14 @@ def main() -> int:
     rows = load(path)
     fit = [r for r in rows if r["tokens_per_micro_batch"] in FIT_TOKENS and r["dropout"] > 0]
     d = DEFAULT_SPEED
-    start = [d.tflops["lora"], d.tflops["qlora"], d.dequant_seconds_per_gparam,
-             *[d.host_seconds_per_layer[k] for k in KEYS], d.host_seconds_fixed, d.overlap - 1]
+    start = [
+        d.tflops["lora"],
+        d.tflops["qlora"],
+        d.dequant_seconds_per_gparam,
+        *[d.host_seconds_per_layer[k] for k in KEYS],
+        d.host_seconds_fixed,
+        d.overlap - 1,
+    ]
     v = torch.tensor([math.log(x) for x in start], dtype=torch.float64, requires_grad=True)
     opt = torch.optim.Adam([v], lr=0.02)
     for _ in range(4000):
@@ -75,20 +92,28 @@ def main() -> int:
         loss.backward()
         opt.step()
     c = constants_from(v.detach())
-    c = replace(c, tflops={k: float(x) for k, x in c.tflops.items()},
-                dequant_seconds_per_gparam=float(c.dequant_seconds_per_gparam),
-                host_seconds_per_layer={k: float(x) for k, x in c.host_seconds_per_layer.items()},
-                host_seconds_fixed=float(c.host_seconds_fixed), overlap=float(c.overlap))
+    c = replace(
+        c,
+        tflops={k: float(x) for k, x in c.tflops.items()},
+        dequant_seconds_per_gparam=float(c.dequant_seconds_per_gparam),
+        host_seconds_per_layer={k: float(x) for k, x in c.host_seconds_per_layer.items()},
+        host_seconds_fixed=float(c.host_seconds_fixed),
+        overlap=float(c.overlap),
+    )
     print(f"tflops={ {k: round(x, 1) for k, x in c.tflops.items()} }")
     print(f"dequant_seconds_per_gparam={c.dequant_seconds_per_gparam:.5f}")
-    print(f"host_seconds_per_layer={ {k: round(x, 5) for k, x in c.host_seconds_per_layer.items()} }")
+    print(
+        f"host_seconds_per_layer={ {k: round(x, 5) for k, x in c.host_seconds_per_layer.items()} }"
+    )
     print(f"host_seconds_fixed={c.host_seconds_fixed:.5f} overlap={c.overlap:.2f}")
     print(f"\n{'point':42} {'measured':>9} {'predicted':>9} {'error':>7}  set")
     for r in rows:
         got = predicted_tokens_per_second(ARCH[r["shape"]], shape_of(r), c)
         held = "fit" if r in fit else "held out"
-        print(f"{r['label']:42} {r['tokens_per_s']:>9.0f} {got:>9.0f} "
-              f"{got / r['tokens_per_s'] - 1:>+7.1%}  {held}")
+        print(
+            f"{r['label']:42} {r['tokens_per_s']:>9.0f} {got:>9.0f} "
+            f"{got / r['tokens_per_s'] - 1:>+7.1%}  {held}"
+        )
     return 0
 
 

@@ -39,13 +39,19 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests")]
 
-from conftest_worker import worker_config_dict  # noqa: E402
-from tinymodel import make_tiny_model  # noqa: E402
+from conftest_worker import worker_config_dict
+from tinymodel import make_tiny_model
 
 # Big enough that the frozen base dominates a rank's memory (about 1.0B parameters), small
 # enough to write and load in seconds.
-SIZES = {"hidden": 2048, "layers": 16, "intermediate": 5632, "heads": 16, "kv_heads": 8,
-         "max_positions": 1024}
+SIZES = {
+    "hidden": 2048,
+    "layers": 16,
+    "intermediate": 5632,
+    "heads": 16,
+    "kv_heads": 8,
+    "max_positions": 1024,
+}
 STEPS, SEQ, MICRO, BATCH = 10, 512, 2, 8
 
 # What a rank runs: join the gloo group on this one GPU, then the worker's own entrypoint.
@@ -72,12 +78,28 @@ def free_port() -> int:
 
 
 def config_for(work: Path, name: str, method: str, strategy: str, world: int) -> Path:
-    config = worker_config_dict(work / name, work, method=method, max_steps=STEPS,
-                                seq_length=SEQ, micro_batch=MICRO, packing=True, fmt="chat",
-                                learningRate=1e-3, batchSize=BATCH)
-    config["plan"].update({"strategy": strategy, "nodes": 1, "processesPerNode": world,
-                           "worldSize": world, "gradientAccumulation": BATCH // MICRO // world,
-                           "fusedKernels": True})
+    config = worker_config_dict(
+        work / name,
+        work,
+        method=method,
+        max_steps=STEPS,
+        seq_length=SEQ,
+        micro_batch=MICRO,
+        packing=True,
+        fmt="chat",
+        learningRate=1e-3,
+        batchSize=BATCH,
+    )
+    config["plan"].update(
+        {
+            "strategy": strategy,
+            "nodes": 1,
+            "processesPerNode": world,
+            "worldSize": world,
+            "gradientAccumulation": BATCH // MICRO // world,
+            "fusedKernels": True,
+        }
+    )
     from conftest_worker import rehash
 
     config = rehash(config)
@@ -95,27 +117,41 @@ def launch(name: str, config: Path, world: int, work: Path) -> dict:
         logs.append(log)
         env = {**os.environ, "FINETUNE_WORKER_TERMINATION_LOG": str(log), **variant}
         if world > 1:
-            env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0",
-                       LOCAL_WORLD_SIZE=str(world), GROUP_RANK="0", MASTER_ADDR="127.0.0.1",
-                       MASTER_PORT=str(port))
+            env.update(
+                RANK=str(rank),
+                WORLD_SIZE=str(world),
+                LOCAL_RANK="0",
+                LOCAL_WORLD_SIZE=str(world),
+                GROUP_RANK="0",
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+            )
             argv = [sys.executable, "-c", RANK_PROGRAM, "train", "--config", str(config)]
         else:
-            argv = [sys.executable, "-m", "finetune_worker.cli", "train", "--config",
-                    str(config)]
-        procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
+            argv = [sys.executable, "-m", "finetune_worker.cli", "train", "--config", str(config)]
+        procs.append(
+            subprocess.Popen(
+                argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
     outputs = [p.communicate(timeout=900)[0] for p in procs]
     summary = json.loads(logs[0].read_text()) if logs[0].exists() else {}
     metrics = summary.get("metrics") or {}
-    return {"run": name, "world": world, "exitCodes": [p.returncode for p in procs],
-            "seconds": round(time.perf_counter() - started, 1),
-            "reason": summary.get("reason"), "message": (summary.get("message") or "")[:300],
-            "peakVRAMBytes": metrics.get("peakVRAMBytes"),
-            "peakVRAMPerRankBytes": metrics.get("peakVRAMPerRankBytes")
-            or [metrics.get("peakVRAMBytes")],
-            "peakVRAMAllocatedBytes": metrics.get("peakVRAMAllocatedBytes"),
-            "tokensPerSecond": metrics.get("tokensPerSecond"),
-            "losses": losses_of(work / name), "outputTail": [o[-2500:] for o in outputs]}
+    return {
+        "run": name,
+        "world": world,
+        "exitCodes": [p.returncode for p in procs],
+        "seconds": round(time.perf_counter() - started, 1),
+        "reason": summary.get("reason"),
+        "message": (summary.get("message") or "")[:300],
+        "peakVRAMBytes": metrics.get("peakVRAMBytes"),
+        "peakVRAMPerRankBytes": metrics.get("peakVRAMPerRankBytes")
+        or [metrics.get("peakVRAMBytes")],
+        "peakVRAMAllocatedBytes": metrics.get("peakVRAMAllocatedBytes"),
+        "tokensPerSecond": metrics.get("tokensPerSecond"),
+        "losses": losses_of(work / name),
+        "outputTail": [o[-2500:] for o in outputs],
+    }
 
 
 def history_of(run: Path, key: str) -> list[float]:
@@ -144,9 +180,17 @@ def predicted_bytes(model_dir: Path, method: str, strategy: str, world: int) -> 
     from finetune_operator.planner.memory import TrainingShape, estimate_memory
 
     arch = arch_from_config_json(json.loads((model_dir / "config.json").read_text()))
-    shape = TrainingShape(method=method, lora_r=8, lora_dropout=0.0, seq_len=SEQ,
-                          micro_batch=MICRO, packing=True, gpu_count=world,
-                          strategy=strategy, gradient_accumulation=BATCH // MICRO // world)
+    shape = TrainingShape(
+        method=method,
+        lora_r=8,
+        lora_dropout=0.0,
+        seq_len=SEQ,
+        micro_batch=MICRO,
+        packing=True,
+        gpu_count=world,
+        strategy=strategy,
+        gradient_accumulation=BATCH // MICRO // world,
+    )
     return estimate_memory(arch, shape).total
 
 
@@ -155,11 +199,17 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--worlds", default="2,4", help="FSDP world sizes to run")
     parser.add_argument("--methods", default="lora,qlora")
-    parser.add_argument("--no-mixed-precision-variant", action="store_true",
-                        help="also FSDP over 2 ranks without FSDP's mixed-precision policy")
-    parser.add_argument("--cpu-smoke", action="store_true",
-                        help="the tiny test model, the single and DDP runs only (checks the "
-                        "script where there is no GPU)")
+    parser.add_argument(
+        "--no-mixed-precision-variant",
+        action="store_true",
+        help="also FSDP over 2 ranks without FSDP's mixed-precision policy",
+    )
+    parser.add_argument(
+        "--cpu-smoke",
+        action="store_true",
+        help="the tiny test model, the single and DDP runs only (checks the "
+        "script where there is no GPU)",
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fsdp-one-gpu-"))
     print(f"making the model in {work}", flush=True)
@@ -178,8 +228,11 @@ def main() -> int:
     for name, method, strategy, world in runs:
         print(f"{name}: {world} process(es) ...", flush=True)
         result = launch(name, config_for(work, name, method, strategy, world), world, work)
-        result.update(method=method, strategy=strategy,
-                      predictedBytes=predicted_bytes(work / "tiny", method, strategy, world))
+        result.update(
+            method=method,
+            strategy=strategy,
+            predictedBytes=predicted_bytes(work / "tiny", method, strategy, world),
+        )
         results.append(result)
         print(f"{name}: exit {result['exitCodes']} in {result['seconds']} s", flush=True)
     adapters = {r["run"]: adapter_of(work / r["run"]) for r in results}
@@ -195,18 +248,24 @@ def main() -> int:
         mine, theirs = adapters[r["run"]], adapters[reference["run"]]
         r["maxAdapterDifference"] = (
             max(float((mine[k].float() - theirs[k].float()).abs().max()) for k in theirs)
-            if mine and theirs and set(mine) == set(theirs) else None)
+            if mine and theirs and set(mine) == set(theirs)
+            else None
+        )
     args.out.write_text(json.dumps(results, indent=2))
     gib = 2**30
-    print(f"\n{'run':14} {'exit':>9} {'steps':>5} {'max|dloss|':>10} {'max|dW|':>8} "
-          f"{'peak GiB per rank (reserved)':>30} {'predicted':>9} {'tok/s':>7}")
+    print(
+        f"\n{'run':14} {'exit':>9} {'steps':>5} {'max|dloss|':>10} {'max|dW|':>8} "
+        f"{'peak GiB per rank (reserved)':>30} {'predicted':>9} {'tok/s':>7}"
+    )
     for r in results:
         peaks = ",".join(f"{p / gib:.2f}" for p in r["peakVRAMPerRankBytes"] if p)
         diff = f"{r['maxLossDifference']:.2e}" if r["maxLossDifference"] is not None else "-"
         dw = f"{r['maxAdapterDifference']:.1e}" if r["maxAdapterDifference"] is not None else "-"
         tps = f"{r['tokensPerSecond']:.0f}" if r.get("tokensPerSecond") else "-"
-        print(f"{r['run']:14} {str(r['exitCodes']):>9} {r['steps']:>5} {diff:>10} {dw:>8} "
-              f"{peaks:>30} {r['predictedBytes'] / gib:>9.2f} {tps:>7}")
+        print(
+            f"{r['run']:14} {str(r['exitCodes']):>9} {r['steps']:>5} {diff:>10} {dw:>8} "
+            f"{peaks:>30} {r['predictedBytes'] / gib:>9.2f} {tps:>7}"
+        )
     for r in results:
         if any(r["exitCodes"]):
             print(f"--- {r['run']}: {r['reason']}: {r['message']}")

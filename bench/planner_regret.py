@@ -25,11 +25,21 @@ from finetune_operator.planner.memory import GiB
 
 SHAPES = {"llama-3-8b": "meta-llama/Meta-Llama-3-8B", "llama-3.2-1b": "meta-llama/Llama-3.2-1B"}
 JOBS = [  # (shape, budget GiB, seq, batch)
-    ("llama-3-8b", 80, 512, 64), ("llama-3-8b", 48, 512, 64), ("llama-3-8b", 40, 1024, 64),
-    ("llama-3-8b", 24, 1024, 32), ("llama-3-8b", 24, 2048, 16), ("llama-3-8b", 16, 2048, 16),
-    ("llama-3-8b", 12, 512, 64), ("llama-3-8b", 80, 4096, 16), ("llama-3-8b", 40, 4096, 8),
-    ("llama-3.2-1b", 8, 2048, 32), ("llama-3.2-1b", 16, 1024, 64), ("llama-3.2-1b", 24, 512, 128),
-    ("llama-3.2-1b", 40, 4096, 16), ("llama-3.2-1b", 6, 1024, 32), ("llama-3.2-1b", 80, 2048, 64),
+    ("llama-3-8b", 80, 512, 64),
+    ("llama-3-8b", 48, 512, 64),
+    ("llama-3-8b", 40, 1024, 64),
+    ("llama-3-8b", 24, 1024, 32),
+    ("llama-3-8b", 24, 2048, 16),
+    ("llama-3-8b", 16, 2048, 16),
+    ("llama-3-8b", 12, 512, 64),
+    ("llama-3-8b", 80, 4096, 16),
+    ("llama-3-8b", 40, 4096, 8),
+    ("llama-3.2-1b", 8, 2048, 32),
+    ("llama-3.2-1b", 16, 1024, 64),
+    ("llama-3.2-1b", 24, 512, 128),
+    ("llama-3.2-1b", 40, 4096, 16),
+    ("llama-3.2-1b", 6, 1024, 32),
+    ("llama-3.2-1b", 80, 2048, 64),
 ]
 
 
@@ -57,8 +67,10 @@ def measured_table(path: Path) -> dict[tuple, float]:
 
 
 def describe(c) -> str:
-    return (f"{c.shape.method} {'ckpt' if c.shape.gradient_checkpointing else 'no-ckpt'} "
-            f"{c.shape.tokens_per_micro_batch} tok")
+    return (
+        f"{c.shape.method} {'ckpt' if c.shape.gradient_checkpointing else 'no-ckpt'} "
+        f"{c.shape.tokens_per_micro_batch} tok"
+    )
 
 
 def regrets(measured: dict[tuple, float], jobs=JOBS) -> list[JobRegret]:
@@ -69,29 +81,48 @@ def regrets(measured: dict[tuple, float], jobs=JOBS) -> list[JobRegret]:
         decision = plan_training(arch, request, Budget(gib * GiB))
         truth = {}
         for c in decision.candidates:
-            key = (shape, c.shape.method, c.shape.gradient_checkpointing,
-                   c.shape.tokens_per_micro_batch)
+            key = (
+                shape,
+                c.shape.method,
+                c.shape.gradient_checkpointing,
+                c.shape.tokens_per_micro_batch,
+            )
             if c.fits and key in measured:
                 truth[id(c)] = (c, measured[key])
         if not truth or decision.chosen is None:
             continue
         best, best_tps = max(truth.values(), key=lambda item: item[1])
         chosen_tps = truth.get(id(decision.chosen), (None, None))[1]
-        out.append(JobRegret((shape, gib, seq, batch), describe(decision.chosen), chosen_tps,
-                             describe(best), best_tps))
+        out.append(
+            JobRegret(
+                (shape, gib, seq, batch),
+                describe(decision.chosen),
+                chosen_tps,
+                describe(best),
+                best_tps,
+            )
+        )
     return out
 
 
 def previous_speed_score(arch, shape) -> float:
     """The score the planner used before speed.py: fixed rates per method and checkpointing,
     one saturation curve and one host-bound threshold for every model size."""
-    rates = {("lora", False): 1.00, ("lora", True): 0.70, ("qlora", False): 0.87,
-             ("qlora", True): 0.57}
+    rates = {
+        ("lora", False): 1.00,
+        ("lora", True): 0.70,
+        ("qlora", False): 0.87,
+        ("qlora", True): 0.57,
+    }
     tokens = shape.tokens_per_micro_batch
     host = 2048 * (1.4 if shape.gradient_checkpointing else 1.0)
     half = {"lora": 512, "qlora": 1536}[shape.method]
-    return rates[(shape.method, shape.gradient_checkpointing)] * tokens / (tokens + half) * min(
-        1.0, tokens / host)
+    return (
+        rates[(shape.method, shape.gradient_checkpointing)]
+        * tokens
+        / (tokens + half)
+        * min(1.0, tokens / host)
+    )
 
 
 def main() -> int:
@@ -103,15 +134,19 @@ def main() -> int:
         decide.speed_score = previous_speed_score
         decide.QLORA_MIN_SPEEDUP = 1.0
     rows = regrets(measured_table(path))
-    print(f"{'job (shape, GiB, seq, batch)':36} {'planner':24} {'tok/s':>7} "
-          f"{'fastest fitting':24} {'tok/s':>7} {'regret':>7}")
+    print(
+        f"{'job (shape, GiB, seq, batch)':36} {'planner':24} {'tok/s':>7} "
+        f"{'fastest fitting':24} {'tok/s':>7} {'regret':>7}"
+    )
     for r in rows:
         tps = f"{r.chosen_tps:.0f}" if r.chosen_tps else "-"
         regret = f"{r.regret:.1%}" if r.regret is not None else "unmeasured"
         print(f"{r.job!s:36} {r.chosen:24} {tps:>7} {r.best:24} {r.best_tps:>7.0f} {regret:>7}")
     scored = [r.regret for r in rows if r.regret is not None]
-    print(f"\n{len(scored)} jobs scored: mean regret {sum(scored) / len(scored):.1%}, "
-          f"max {max(scored):.1%}")
+    print(
+        f"\n{len(scored)} jobs scored: mean regret {sum(scored) / len(scored):.1%}, "
+        f"max {max(scored):.1%}"
+    )
     return 0
 
 

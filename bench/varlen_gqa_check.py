@@ -25,8 +25,9 @@ def main() -> None:
     torch.manual_seed(0)
     lengths = [512, 1700, 300, 2048, 900, 3000, 1200, 2700]
     tokens, heads, kv_heads, dim = sum(lengths), 32, 8, 128
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32,
-                      device="cuda")
+    cu = torch.tensor(
+        [0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda"
+    )
     q = torch.randn(tokens, heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(tokens, kv_heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn(tokens, kv_heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -43,11 +44,19 @@ def main() -> None:
         print(f"GQA call refused: {type(exc).__name__}: {str(exc).splitlines()[0]}")
         return
     gqa.backward(grad)
-    print(f"output rel diff {rel(gqa, rep):.2e}; grads q {rel(q.grad, ref_grads[0]):.2e} "
-          f"k {rel(k.grad, ref_grads[1]):.2e} v {rel(v.grad, ref_grads[2]):.2e}")
-    for name, fn in (("repeated", lambda: run(q, k.repeat_interleave(groups, 1),
-                                              v.repeat_interleave(groups, 1), cu, max(lengths))),
-                     ("grouped", lambda: run(q, k, v, cu, max(lengths)))):
+    print(
+        f"output rel diff {rel(gqa, rep):.2e}; grads q {rel(q.grad, ref_grads[0]):.2e} "
+        f"k {rel(k.grad, ref_grads[1]):.2e} v {rel(v.grad, ref_grads[2]):.2e}"
+    )
+    for name, fn in (
+        (
+            "repeated",
+            lambda: run(
+                q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), cu, max(lengths)
+            ),
+        ),
+        ("grouped", lambda: run(q, k, v, cu, max(lengths))),
+    ):
         for _ in range(3):
             fn().backward(grad)
         torch.cuda.synchronize()
@@ -57,8 +66,9 @@ def main() -> None:
             fn().backward(grad)
         end.record()
         torch.cuda.synchronize()
-        print(f"{name}: {start.elapsed_time(end) / 20:.3f} ms per forward+backward "
-              f"({tokens} tokens)")
+        print(
+            f"{name}: {start.elapsed_time(end) / 20:.3f} ms per forward+backward ({tokens} tokens)"
+        )
 
 
 if __name__ == "__main__":

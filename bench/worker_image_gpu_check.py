@@ -41,15 +41,26 @@ PYTHON = sys.executable
 ENTRYPOINT = [PYTHON, "-m", "finetune_worker.cli", "train", "--config"]
 
 
-def write_config(directory: Path, *, method: str, packing: bool, mount: Path | None = None,
-                 tag: str = "run"):
+def write_config(
+    directory: Path, *, method: str, packing: bool, mount: Path | None = None, tag: str = "run"
+):
     """A worker config for the small model; paths as seen from `mount` (the sandbox) if given."""
     seen = mount or directory
-    config = worker_config_dict(seen, seen / "models", data_dir=seen / "data", method=method,
-                                packing=packing, max_steps=20, seq_length=256, micro_batch=8)
+    config = worker_config_dict(
+        seen,
+        seen / "models",
+        data_dir=seen / "data",
+        method=method,
+        packing=packing,
+        max_steps=20,
+        seq_length=256,
+        micro_batch=8,
+    )
     config["plan"]["fusedKernels"] = True
-    config["paths"] |= {"outputDir": str(seen / "out" / tag / "adapter"),
-                        "checkpointDir": str(seen / "out" / tag / "checkpoints")}
+    config["paths"] |= {
+        "outputDir": str(seen / "out" / tag / "adapter"),
+        "checkpointDir": str(seen / "out" / tag / "checkpoints"),
+    }
     config["paths"]["claimMounts"]["out"] = str(seen / "out")
     path = directory / "config" / f"{tag}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,8 +71,9 @@ def write_config(directory: Path, *, method: str, packing: bool, mount: Path | N
 
 
 def prepare(directory: Path) -> None:
-    make_tiny_model(directory / "models" / "tiny", hidden=512, layers=4, intermediate=1024,
-                    max_positions=512)
+    make_tiny_model(
+        directory / "models" / "tiny", hidden=512, layers=4, intermediate=1024, max_positions=512
+    )
     (directory / "data").mkdir()
     shutil.copy(DATA_DIR / "chat.jsonl", directory / "data" / "chat.jsonl")
     (directory / "out").mkdir()
@@ -79,11 +91,21 @@ def run_direct(name: str, directory: Path, env: dict) -> dict:
     log = directory / f"{name}.termination-log"
     env = {**env, "FINETUNE_WORKER_TERMINATION_LOG": str(log)}
     started = time.perf_counter()
-    result = subprocess.run([*ENTRYPOINT, str(config)], env=env, capture_output=True, text=True,
-                            timeout=600, check=False)
-    return {"run": name, "exitCode": result.returncode,
-            "seconds": round(time.perf_counter() - started, 1), **pick(summary_of(log)),
-            "stderrTail": result.stderr[-1500:]}
+    result = subprocess.run(
+        [*ENTRYPOINT, str(config)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    return {
+        "run": name,
+        "exitCode": result.returncode,
+        "seconds": round(time.perf_counter() - started, 1),
+        **pick(summary_of(log)),
+        "stderrTail": result.stderr[-1500:],
+    }
 
 
 def run_in_pod(name: str, directory: Path, method: str, packing: bool) -> dict:
@@ -91,18 +113,20 @@ def run_in_pod(name: str, directory: Path, method: str, packing: bool) -> dict:
 
     for sub in ("config", "models", "data", "out"):
         (directory / sub).mkdir(exist_ok=True)
-    _, config_in_pod = write_config(directory, method=method, packing=packing,
-                                    mount=Path("/mnt"))
+    _, config_in_pod = write_config(directory, method=method, packing=packing, mount=Path("/mnt"))
     out = directory / "out"
     shutil.rmtree(out)
     out.mkdir()
     for path in [directory, *directory.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
     os.chown(out, POD_UID, POD_UID)
-    env = image_env(ROOT / "Dockerfile.worker",
-                    prefix_replacements={"/opt/worker/bin": str(Path(PYTHON).parent)})
-    container = worker_container("image", ["finetune-worker", "train"], [], {},
-                                 scratch_dir="/mnt/scratch")
+    env = image_env(
+        ROOT / "Dockerfile.worker",
+        prefix_replacements={"/opt/worker/bin": str(Path(PYTHON).parent)},
+    )
+    container = worker_container(
+        "image", ["finetune-worker", "train"], [], {}, scratch_dir="/mnt/scratch"
+    )
     env.update({e["name"]: e["value"] for e in container["env"]})
     env.pop("HOME", None)
     env["FINETUNE_WORKER_TERMINATION_LOG"] = "/mnt/out/termination-log"
@@ -113,19 +137,27 @@ def run_in_pod(name: str, directory: Path, method: str, packing: bool) -> dict:
             env[key] = os.environ[key]
     binds = {f"/mnt/{sub}": directory / sub for sub in ("config", "models", "data", "out")}
     started = time.perf_counter()
-    result = run_as_pod([*ENTRYPOINT, str(config_in_pod)], env, binds=binds,
-                        writable=["/mnt/out", "/mnt/scratch"])
-    return {"run": name, "exitCode": result.returncode,
-            "seconds": round(time.perf_counter() - started, 1),
-            **pick(summary_of(out / "termination-log")), "stderrTail": result.stderr[-1500:]}
+    result = run_as_pod(
+        [*ENTRYPOINT, str(config_in_pod)], env, binds=binds, writable=["/mnt/out", "/mnt/scratch"]
+    )
+    return {
+        "run": name,
+        "exitCode": result.returncode,
+        "seconds": round(time.perf_counter() - started, 1),
+        **pick(summary_of(out / "termination-log")),
+        "stderrTail": result.stderr[-1500:],
+    }
 
 
 def pick(summary: dict) -> dict:
     metrics = summary.get("metrics") or {}
-    return {"reason": summary.get("reason"), "message": summary.get("message"),
-            "tokensPerSecond": metrics.get("tokensPerSecond"),
-            "peakVRAMBytes": metrics.get("peakVRAMBytes"),
-            "steps": (summary.get("progress") or {}).get("step")}
+    return {
+        "reason": summary.get("reason"),
+        "message": summary.get("message"),
+        "tokensPerSecond": metrics.get("tokensPerSecond"),
+        "peakVRAMBytes": metrics.get("peakVRAMBytes"),
+        "steps": (summary.get("progress") or {}).get("step"),
+    }
 
 
 def main() -> int:
@@ -139,10 +171,18 @@ def main() -> int:
         prepare(work)
         print("model and data ready", flush=True)
         for name, env in (
-            ("no-compiler", {**base_env, "PATH": str(Path(PYTHON).parent),
-                             "TRITON_CACHE_DIR": str(work / "triton-a")}),
-            ("broken-compiler", {**base_env, "CC": "/bin/false",
-                                 "TRITON_CACHE_DIR": str(work / "triton-b")}),
+            (
+                "no-compiler",
+                {
+                    **base_env,
+                    "PATH": str(Path(PYTHON).parent),
+                    "TRITON_CACHE_DIR": str(work / "triton-a"),
+                },
+            ),
+            (
+                "broken-compiler",
+                {**base_env, "CC": "/bin/false", "TRITON_CACHE_DIR": str(work / "triton-b")},
+            ),
         ):
             results.append(run_direct(name, work, env))
             print(f"{name}: exit {results[-1]['exitCode']}", flush=True)
@@ -154,12 +194,17 @@ def main() -> int:
             results.append(run_in_pod(name, pod_dir, method, packing))
             print(f"{name}: exit {results[-1]['exitCode']}", flush=True)
     args.out.write_text(json.dumps(results, indent=2))
-    print(f"\n{'run':16} {'exit':>4} {'s':>6} {'steps':>5} {'tok/s':>9} {'peak MiB':>9}  reason / message")
+    print(
+        f"\n{'run':16} {'exit':>4} {'s':>6} {'steps':>5} {'tok/s':>9} {'peak MiB':>9}"
+        "  reason / message"
+    )
     for r in results:
         peak = f"{r['peakVRAMBytes'] / 2**20:.0f}" if r.get("peakVRAMBytes") else "-"
         tps = f"{r['tokensPerSecond']:.0f}" if r.get("tokensPerSecond") else "-"
-        print(f"{r['run']:16} {r['exitCode']:>4} {r['seconds']:>6} {r.get('steps') or '-':>5} "
-              f"{tps:>9} {peak:>9}  {r.get('reason')}: {(r.get('message') or '')[:300]}")
+        print(
+            f"{r['run']:16} {r['exitCode']:>4} {r['seconds']:>6} {r.get('steps') or '-':>5} "
+            f"{tps:>9} {peak:>9}  {r.get('reason')}: {(r.get('message') or '')[:300]}"
+        )
     return 0
 
 

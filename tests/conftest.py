@@ -7,6 +7,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+
 from kubetest import Kube
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,13 +32,22 @@ def cluster(tmp_path_factory):
 def namespace(cluster, request) -> str:
     # Tests that run the operator get "op-" namespaces, the only ones it watches.
     prefix = "op" if "operator_process" in request.fixturenames else "t"
-    name = (f"{prefix}-{request.node.name[:30].lower().replace('_', '-').strip('-')}-"
-            f"{uuid.uuid4().hex[:5]}")
+    name = (
+        f"{prefix}-{request.node.name[:30].lower().replace('_', '-').strip('-')}-"
+        f"{uuid.uuid4().hex[:5]}"
+    )
     name = "".join(ch if ch.isalnum() or ch == "-" else "-" for ch in name)
     Kube(cluster).kubectl("create", "namespace", name, namespaced=False)
     yield name
-    Kube(cluster).kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found",
-                          namespaced=False, check=False)
+    Kube(cluster).kubectl(
+        "delete",
+        "namespace",
+        name,
+        "--wait=false",
+        "--ignore-not-found",
+        namespaced=False,
+        check=False,
+    )
 
 
 @pytest.fixture
@@ -61,13 +71,29 @@ def crds(cluster):
     from kubetest import Kube, wait_for
 
     admin = Kube(cluster)
-    admin.kubectl("apply", "--server-side", "--field-manager=tests", "-f", str(ROOT / "crds"),
-                  namespaced=False)
+    admin.kubectl(
+        "apply",
+        "--server-side",
+        "--field-manager=tests",
+        "-f",
+        str(ROOT / "crds"),
+        namespaced=False,
+    )
     for crd in ("finetunejobs", "adaptermerges", "adapterdeployments"):
-        wait_for(lambda crd=crd: admin.kubectl(
-            "get", "crd", f"{crd}.finetune.dev", "-o",
-            "jsonpath={.status.conditions[?(@.type=='Established')].status}",
-            namespaced=False).stdout == "True", what=f"CRD {crd} Established")
+        wait_for(
+            lambda crd=crd: (
+                admin.kubectl(
+                    "get",
+                    "crd",
+                    f"{crd}.finetune.dev",
+                    "-o",
+                    "jsonpath={.status.conditions[?(@.type=='Established')].status}",
+                    namespaced=False,
+                ).stdout
+                == "True"
+            ),
+            what=f"CRD {crd} Established",
+        )
     return True
 
 
@@ -113,13 +139,32 @@ def manual_node(cluster) -> str:
     node = fake_gpu_node(MANUAL_NODE, product="NVIDIA-H100-80GB-HBM3", memory_mib=81559)
     node["metadata"]["annotations"] = {}
     node["metadata"]["labels"]["finetune.dev/test-node"] = "manual"
-    node["spec"]["taints"] = [{"key": "finetune.dev/test-node", "value": "manual",
-                               "effect": "NoSchedule"}]
+    node["spec"]["taints"] = [
+        {"key": "finetune.dev/test-node", "value": "manual", "effect": "NoSchedule"}
+    ]
     admin = Kube(cluster)
     admin.apply(node)
-    admin.kubectl("patch", "node", MANUAL_NODE, "--subresource=status", "--type=merge", "-p",
-                  json.dumps({"status": {"conditions": [{
-                      "type": "Ready", "status": "True", "reason": "TestKubelet",
-                      "message": "the test acts as this node's kubelet"}]}}),
-                  namespaced=False)
+    admin.kubectl(
+        "patch",
+        "node",
+        MANUAL_NODE,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps(
+            {
+                "status": {
+                    "conditions": [
+                        {
+                            "type": "Ready",
+                            "status": "True",
+                            "reason": "TestKubelet",
+                            "message": "the test acts as this node's kubelet",
+                        }
+                    ]
+                }
+            }
+        ),
+        namespaced=False,
+    )
     return MANUAL_NODE

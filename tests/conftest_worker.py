@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from tinymodel import DATA_DIR, make_tiny_model
 
 
@@ -21,19 +22,41 @@ def tiny_model_root(tmp_path_factory) -> Path:
     return root
 
 
-def worker_config_dict(tmp_path: Path, model_root: Path, *, fmt: str = "chat",
-                       method: str = "lora", max_steps: int = 6, seq_length: int = 128,
-                       micro_batch: int = 4, packing: bool = False, checkpointing: bool = False,
-                       data_dir: Path = DATA_DIR, dataset_file: str | None = None,
-                       eval_fraction: float | None = None, **training) -> dict:
+def worker_config_dict(
+    tmp_path: Path,
+    model_root: Path,
+    *,
+    fmt: str = "chat",
+    method: str = "lora",
+    max_steps: int = 6,
+    seq_length: int = 128,
+    micro_batch: int = 4,
+    packing: bool = False,
+    checkpointing: bool = False,
+    data_dir: Path = DATA_DIR,
+    dataset_file: str | None = None,
+    eval_fraction: float | None = None,
+    **training,
+) -> dict:
     """A valid WorkerConfig as the operator would write it (camelCase, as YAML)."""
-    spec_training = {"maxSteps": max_steps, "learningRate": 1e-2, "seqLength": seq_length,
-                     "packing": packing, "checkpointSteps": 1000, "warmupSteps": 0,
-                     "scheduler": "constant", "seed": 7, **training}
+    spec_training = {
+        "maxSteps": max_steps,
+        "learningRate": 1e-2,
+        "seqLength": seq_length,
+        "packing": packing,
+        "checkpointSteps": 1000,
+        "warmupSteps": 0,
+        "scheduler": "constant",
+        "seed": 7,
+        **training,
+    }
     spec = {
         "model": {"uri": "pvc://models/tiny"},
-        "dataset": {"uri": f"pvc://data/{dataset_file or fmt + '.jsonl'}", "format": fmt,
-                    **({"evalFraction": eval_fraction} if eval_fraction else {})},
+        "dataset": {
+            "uri": f"pvc://data/{dataset_file or fmt + '.jsonl'}",
+            "format": fmt,
+            **({"evalFraction": eval_fraction} if eval_fraction else {}),
+        },
         "method": method,
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
         "training": spec_training,
@@ -47,13 +70,24 @@ def worker_config_dict(tmp_path: Path, model_root: Path, *, fmt: str = "chat",
         "kind": "WorkerConfig",
         "job": {"namespace": "default", "name": "tiny", "uid": "0000-tiny"},
         "spec": spec,
-        "plan": {"method": method, "estimatedPeakBytes": 1 << 30, "budgetBytes": 24 << 30,
-                 "microBatchSize": micro_batch, "gradientAccumulation": 1,
-                 "gradientCheckpointing": checkpointing, "trainableParams": 1},
-        "paths": {"outputDir": str(tmp_path / "out" / "adapter"),
-                  "checkpointDir": str(tmp_path / "checkpoints"),
-                  "claimMounts": {"models": str(model_root), "data": str(data_dir),
-                                  "out": str(tmp_path / "out")}},
+        "plan": {
+            "method": method,
+            "estimatedPeakBytes": 1 << 30,
+            "budgetBytes": 24 << 30,
+            "microBatchSize": micro_batch,
+            "gradientAccumulation": 1,
+            "gradientCheckpointing": checkpointing,
+            "trainableParams": 1,
+        },
+        "paths": {
+            "outputDir": str(tmp_path / "out" / "adapter"),
+            "checkpointDir": str(tmp_path / "checkpoints"),
+            "claimMounts": {
+                "models": str(model_root),
+                "data": str(data_dir),
+                "out": str(tmp_path / "out"),
+            },
+        },
         "report": {"statusPatch": False, "minIntervalSeconds": 0},
         "specHash": spec_hash(FineTuneJobSpec.model_validate(spec)),
     }

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
+
 from finetune_dev.devcluster import binaries
 from finetune_dev.devcluster.controlplane import Cluster
 
@@ -33,20 +34,33 @@ class Kube:
     def kubeconfig(self) -> str:
         return self.cluster.kubeconfig
 
-    def kubectl(self, *args: str, input: str | None = None, check: bool = True,
-                namespaced: bool = True, kubeconfig: str | None = None,
-                timeout: float = 60) -> subprocess.CompletedProcess:
+    def kubectl(
+        self,
+        *args: str,
+        input: str | None = None,
+        check: bool = True,
+        namespaced: bool = True,
+        kubeconfig: str | None = None,
+        timeout: float = 60,
+    ) -> subprocess.CompletedProcess:
         argv = [str(binaries.kubectl_path()), "--kubeconfig", kubeconfig or self.kubeconfig]
         if namespaced:
             argv += ["-n", self.namespace]
-        res = subprocess.run([*argv, *args], input=input, capture_output=True, text=True,
-                             timeout=timeout, check=False)
+        res = subprocess.run(
+            [*argv, *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
         if check and res.returncode != 0:
             raise KubectlError(args, res.stderr.strip())
         return res
 
-    def apply(self, manifest: dict | str | list, *, server_side: bool = False,
-              check: bool = True) -> subprocess.CompletedProcess:
+    def apply(
+        self, manifest: dict | str | list, *, server_side: bool = False, check: bool = True
+    ) -> subprocess.CompletedProcess:
         text = manifest if isinstance(manifest, str) else _dump(manifest)
         args = ["apply", "-f", "-"]
         if server_side:
@@ -73,29 +87,58 @@ class Kube:
         args = ["get", kind, "-o", "json"] + (["-l", selector] if selector else [])
         return json.loads(self.kubectl(*args).stdout)["items"]
 
-    def patch_status(self, kind: str, name: str, patch: dict,
-                     kubeconfig: str | None = None, check: bool = True):
-        return self.kubectl("patch", kind, name, "--subresource=status", "--type=merge",
-                            "-p", json.dumps(patch), kubeconfig=kubeconfig, check=check)
+    def patch_status(
+        self, kind: str, name: str, patch: dict, kubeconfig: str | None = None, check: bool = True
+    ):
+        return self.kubectl(
+            "patch",
+            kind,
+            name,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            json.dumps(patch),
+            kubeconfig=kubeconfig,
+            check=check,
+        )
 
     def delete(self, kind: str, name: str, *, wait: bool = False) -> None:
         self.kubectl("delete", kind, name, "--ignore-not-found", f"--wait={str(wait).lower()}")
 
 
-def bound_pvc(kube: Kube, claim: str, size: str = "1Gi",
-              access_modes: tuple[str, ...] = ("ReadWriteOnce",)) -> None:
+def bound_pvc(
+    kube: Kube, claim: str, size: str = "1Gi", access_modes: tuple[str, ...] = ("ReadWriteOnce",)
+) -> None:
     """A PersistentVolumeClaim bound to a hostPath PersistentVolume (the PV controller
     binds them), so pods that mount it can be scheduled."""
     pv = f"pv-{kube.namespace}-{claim}"[:63]
-    kube.apply({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv},
-                "spec": {"capacity": {"storage": size}, "accessModes": list(access_modes),
-                         "storageClassName": "manual",
-                         "hostPath": {"path": f"/tmp/finetune-test-pv/{pv}"},
-                         "claimRef": {"namespace": kube.namespace, "name": claim}}})
-    kube.apply({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-                "metadata": {"name": claim},
-                "spec": {"accessModes": list(access_modes), "storageClassName": "manual",
-                         "volumeName": pv, "resources": {"requests": {"storage": size}}}})
+    kube.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": pv},
+            "spec": {
+                "capacity": {"storage": size},
+                "accessModes": list(access_modes),
+                "storageClassName": "manual",
+                "hostPath": {"path": f"/tmp/finetune-test-pv/{pv}"},
+                "claimRef": {"namespace": kube.namespace, "name": claim},
+            },
+        }
+    )
+    kube.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": claim},
+            "spec": {
+                "accessModes": list(access_modes),
+                "storageClassName": "manual",
+                "volumeName": pv,
+                "resources": {"requests": {"storage": size}},
+            },
+        }
+    )
 
 
 def _dump(manifest: dict | list) -> str:
@@ -104,8 +147,13 @@ def _dump(manifest: dict | list) -> str:
     return yaml.safe_dump(manifest)
 
 
-def wait_for(check: Callable[[], Any], *, timeout: float = 30.0, interval: float = 0.2,
-             what: str = "condition") -> Any:
+def wait_for(
+    check: Callable[[], Any],
+    *,
+    timeout: float = 30.0,
+    interval: float = 0.2,
+    what: str = "condition",
+) -> Any:
     """Poll `check` until it returns something truthy; fail with `what` at the deadline.
 
     The last exception or falsy value is reported, so a timeout says what was seen.
@@ -136,7 +184,8 @@ def finetunejob_manifest(name: str, *, memory: str = "24Gi", **spec) -> dict:
     """A small valid FineTuneJob on a preset model (planned without any download), reading
     and writing the `data` and `adapters` claims; `spec` keys override or add fields."""
     doc = {
-        "apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
+        "apiVersion": "finetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
         "metadata": {"name": name},
         "spec": {
             "model": {"name": "meta-llama/Meta-Llama-3-8B"},

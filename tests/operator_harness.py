@@ -18,9 +18,15 @@ OPERATOR_NAMESPACES = "op-*"
 
 
 class OperatorProcess:
-    def __init__(self, cluster: Cluster, workdir: Path, *, kubeconfig: str | None = None,
-                 extra_env: dict[str, str] | None = None,
-                 namespaces: str = OPERATOR_NAMESPACES):
+    def __init__(
+        self,
+        cluster: Cluster,
+        workdir: Path,
+        *,
+        kubeconfig: str | None = None,
+        extra_env: dict[str, str] | None = None,
+        namespaces: str = OPERATOR_NAMESPACES,
+    ):
         self.cluster = cluster
         self.workdir = workdir
         self.kubeconfig = kubeconfig or cluster.kubeconfig
@@ -31,22 +37,47 @@ class OperatorProcess:
         self.starts = 0
 
     def start(self) -> None:
-        env = {**os.environ, "KUBECONFIG": self.kubeconfig,
-               "FINETUNE_RESYNC_SECONDS": "5", "FINETUNE_METRICS_PORT": "0",
-               "FINETUNE_ALLOW_HUB": "false", "FINETUNE_NAMESPACES": self.namespaces,
-               "PYTHONUNBUFFERED": "1", **self.extra_env}
+        env = {
+            **os.environ,
+            "KUBECONFIG": self.kubeconfig,
+            "FINETUNE_RESYNC_SECONDS": "5",
+            "FINETUNE_METRICS_PORT": "0",
+            "FINETUNE_ALLOW_HUB": "false",
+            "FINETUNE_NAMESPACES": self.namespaces,
+            "PYTHONUNBUFFERED": "1",
+            **self.extra_env,
+        }
         self.starts += 1
         offset = len(self.log_text())
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "kopf", "run", "-m", "finetune_operator.main",
-                 f"--namespace={self.namespaces}", "--standalone", "--verbose"],
-                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                [
+                    sys.executable,
+                    "-m",
+                    "kopf",
+                    "run",
+                    "-m",
+                    "finetune_operator.main",
+                    f"--namespace={self.namespaces}",
+                    "--standalone",
+                    "--verbose",
+                ],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         # With --verbose kopf logs each watch-stream it opens. Watching a namespace pattern,
         # it first watches namespaces and then lists and watches each matching one as it
         # appears, so nothing created in a test namespace is missed.
-        wait_for(lambda: "watch-stream for namespaces" in self.log_text()[offset:] or
-                 self.proc.poll() is not None, timeout=60, what="the operator to start")
+        wait_for(
+            lambda: (
+                "watch-stream for namespaces" in self.log_text()[offset:]
+                or self.proc.poll() is not None
+            ),
+            timeout=60,
+            what="the operator to start",
+        )
         if self.proc.poll() is not None:
             raise AssertionError("operator exited at start-up:\n" + self.log_text()[-4000:])
 
@@ -60,8 +91,11 @@ class OperatorProcess:
         """Wait until the operator has finished `count` more periodic resyncs (each one
         reconciles every object), so a test can assert that nothing changed."""
         start = self.log_text().count(RESYNC_MARKER)
-        wait_for(lambda: self.log_text().count(RESYNC_MARKER) >= start + count,
-                 timeout=timeout, what=f"{count} operator resyncs")
+        wait_for(
+            lambda: self.log_text().count(RESYNC_MARKER) >= start + count,
+            timeout=timeout,
+            what=f"{count} operator resyncs",
+        )
 
     def kill(self) -> None:
         """SIGKILL: no clean-up, as when a node dies under the operator."""

@@ -68,8 +68,14 @@ def hidden_ancestors(paths: Iterable[Path]) -> dict[Path, set[str]]:
     return hidden
 
 
-def sandbox_script(argv: list[str], env: Mapping[str, str], *, binds: Mapping[str, Path],
-                   writable: Iterable[str], reach: Iterable[Path]) -> str:
+def sandbox_script(
+    argv: list[str],
+    env: Mapping[str, str],
+    *,
+    binds: Mapping[str, Path],
+    writable: Iterable[str],
+    reach: Iterable[Path],
+) -> str:
     """The shell script run inside `unshare --mount --net`: mounts, then drop to the pod user.
 
     `binds` maps sandbox paths (under /mnt) to host directories; `writable` names the sandbox
@@ -77,9 +83,12 @@ def sandbox_script(argv: list[str], env: Mapping[str, str], *, binds: Mapping[st
     must be able to read.
     """
     q = shlex.quote
-    lines = ["set -eu", "mount --make-rprivate /",
-             f"mount -t tmpfs -o mode=755 tmpfs {SANDBOX_ROOT}",
-             f"mkdir -p {SANDBOX_ROOT}/.hold"]
+    lines = [
+        "set -eu",
+        "mount --make-rprivate /",
+        f"mount -t tmpfs -o mode=755 tmpfs {SANDBOX_ROOT}",
+        f"mkdir -p {SANDBOX_ROOT}/.hold",
+    ]
     # the volumes first: hiding a private directory below must not hide a bind's source
     writable = list(writable)
     for target, source in binds.items():
@@ -87,8 +96,9 @@ def sandbox_script(argv: list[str], env: Mapping[str, str], *, binds: Mapping[st
     for target in writable:
         if target not in binds:
             lines += [f"mkdir -p {q(target)}", f"mount -t tmpfs -o mode=1777 tmpfs {q(target)}"]
-    for i, (ancestor, children) in enumerate(sorted(hidden_ancestors(reach).items(),
-                                                    key=lambda item: len(item[0].parts))):
+    for i, (ancestor, children) in enumerate(
+        sorted(hidden_ancestors(reach).items(), key=lambda item: len(item[0].parts))
+    ):
         held = []
         for j, child in enumerate(sorted(children)):
             hold = f"{SANDBOX_ROOT}/.hold/{i}-{j}"
@@ -98,28 +108,48 @@ def sandbox_script(argv: list[str], env: Mapping[str, str], *, binds: Mapping[st
         for child, hold in held:
             target = q(str(ancestor / child))
             lines += [f"mkdir -p {target}", f"mount --bind {hold} {target}"]
-    keep = "|".join(["/proc", "/proc/*", "/sys", "/sys/*", "/dev", "/dev/*",
-                     *[shlex.quote(w) for w in writable]])
+    keep = "|".join(
+        [
+            "/proc",
+            "/proc/*",
+            "/sys",
+            "/sys/*",
+            "/dev",
+            "/dev/*",
+            *[shlex.quote(w) for w in writable],
+        ]
+    )
     lines += [
         "awk '{print $5}' /proc/self/mountinfo | sort -u | while read -r m; do",
-        f"  case \"$m\" in {keep}) continue;; esac",
-        "  [ -e \"$m\" ] || continue  # shadowed by a mount above",
-        "  mount -o remount,bind,ro \"$m\"",
+        f'  case "$m" in {keep}) continue;; esac',
+        '  [ -e "$m" ] || continue  # shadowed by a mount above',
+        '  mount -o remount,bind,ro "$m"',
         "done",
     ]
     env_args = " ".join(q(f"{k}={v}") for k, v in env.items())
-    lines.append(f"exec setpriv --reuid={POD_UID} --regid={POD_UID} --clear-groups "
-                 f"--inh-caps=-all --bounding-set=-all env -i {env_args} "
-                 + " ".join(q(a) for a in argv))
+    lines.append(
+        f"exec setpriv --reuid={POD_UID} --regid={POD_UID} --clear-groups "
+        f"--inh-caps=-all --bounding-set=-all env -i {env_args} " + " ".join(q(a) for a in argv)
+    )
     return "\n".join(lines)
 
 
-def run_as_pod(argv: list[str], env: Mapping[str, str], *, binds: Mapping[str, Path],
-               writable: Iterable[str] = (), timeout: float = 600) -> subprocess.CompletedProcess:
-    script = sandbox_script(argv, env, binds=binds, writable=writable,
-                            reach=python_paths())
-    return subprocess.run(["unshare", "--mount", "--net", "--fork", "bash", "-c", script],
-                          capture_output=True, text=True, timeout=timeout, check=False)
+def run_as_pod(
+    argv: list[str],
+    env: Mapping[str, str],
+    *,
+    binds: Mapping[str, Path],
+    writable: Iterable[str] = (),
+    timeout: float = 600,
+) -> subprocess.CompletedProcess:
+    script = sandbox_script(argv, env, binds=binds, writable=writable, reach=python_paths())
+    return subprocess.run(
+        ["unshare", "--mount", "--net", "--fork", "bash", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def image_env(dockerfile: Path, *, prefix_replacements: Mapping[str, str]) -> dict[str, str]:

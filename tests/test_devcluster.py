@@ -15,13 +15,17 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from finetune_dev.devcluster import controlplane
 from kubetest import Kube, condition, wait_for
 
 pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).resolve().parent.parent
-FINETUNE_CRDS = ("finetunejobs.finetune.dev", "adaptermerges.finetune.dev",
-                 "adapterdeployments.finetune.dev")
+FINETUNE_CRDS = (
+    "finetunejobs.finetune.dev",
+    "adaptermerges.finetune.dev",
+    "adapterdeployments.finetune.dev",
+)
 
 WIDGET_CRD = {
     "apiVersion": "apiextensions.k8s.io/v1",
@@ -31,25 +35,47 @@ WIDGET_CRD = {
         "group": "smoke.finetune.dev",
         "names": {"kind": "Widget", "plural": "widgets", "singular": "widget"},
         "scope": "Namespaced",
-        "versions": [{
-            "name": "v1", "served": True, "storage": True,
-            "subresources": {"status": {}},
-            "schema": {"openAPIV3Schema": {"type": "object", "properties": {
-                "spec": {"type": "object", "properties": {"size": {"type": "integer"}}},
-                "status": {"type": "object", "properties": {"seen": {"type": "boolean"}}},
-            }}},
-        }],
+        "versions": [
+            {
+                "name": "v1",
+                "served": True,
+                "storage": True,
+                "subresources": {"status": {}},
+                "schema": {
+                    "openAPIV3Schema": {
+                        "type": "object",
+                        "properties": {
+                            "spec": {"type": "object", "properties": {"size": {"type": "integer"}}},
+                            "status": {
+                                "type": "object",
+                                "properties": {"seen": {"type": "boolean"}},
+                            },
+                        },
+                    }
+                },
+            }
+        ],
     },
 }
 
 
 def test_crd_with_status_subresource_round_trips(kube: Kube):
     kube.apply(WIDGET_CRD)
-    wait_for(lambda: condition(kube.get("crd", WIDGET_CRD["metadata"]["name"], namespaced=False),
-                               "Established")["status"] == "True",
-             what="the Widget CRD to be Established")
-    widget = {"apiVersion": "smoke.finetune.dev/v1", "kind": "Widget",
-              "metadata": {"name": "w1"}, "spec": {"size": 3}}
+    wait_for(
+        lambda: (
+            condition(
+                kube.get("crd", WIDGET_CRD["metadata"]["name"], namespaced=False), "Established"
+            )["status"]
+            == "True"
+        ),
+        what="the Widget CRD to be Established",
+    )
+    widget = {
+        "apiVersion": "smoke.finetune.dev/v1",
+        "kind": "Widget",
+        "metadata": {"name": "w1"},
+        "spec": {"size": 3},
+    }
     wait_for(lambda: kube.apply(widget, check=False).returncode == 0, what="creating a Widget")
     got = kube.get("widget", "w1")
     assert got["spec"] == {"size": 3}
@@ -65,37 +91,78 @@ def test_crd_with_status_subresource_round_trips(kube: Kube):
 
 def test_gpu_job_is_scheduled_by_gfd_labels_and_completed_by_kwok(kube: Kube):
     job = {
-        "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "gpu-smoke"},
-        "spec": {"backoffLimit": 0, "template": {"spec": {
-            "restartPolicy": "Never",
-            "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
-                "nodeSelectorTerms": [{"matchExpressions": [
-                    {"key": "nvidia.com/gpu.memory", "operator": "Gt", "values": ["80000"]},
-                    {"key": "nvidia.com/gpu.product", "operator": "In",
-                     "values": ["NVIDIA-H100-80GB-HBM3"]},
-                ]}]}}},
-            "containers": [{"name": "worker", "image": "example.invalid/worker:1",
-                            "resources": {"limits": {"nvidia.com/gpu": "1"}}}],
-        }}},
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "gpu-smoke"},
+        "spec": {
+            "backoffLimit": 0,
+            "template": {
+                "spec": {
+                    "restartPolicy": "Never",
+                    "affinity": {
+                        "nodeAffinity": {
+                            "requiredDuringSchedulingIgnoredDuringExecution": {
+                                "nodeSelectorTerms": [
+                                    {
+                                        "matchExpressions": [
+                                            {
+                                                "key": "nvidia.com/gpu.memory",
+                                                "operator": "Gt",
+                                                "values": ["80000"],
+                                            },
+                                            {
+                                                "key": "nvidia.com/gpu.product",
+                                                "operator": "In",
+                                                "values": ["NVIDIA-H100-80GB-HBM3"],
+                                            },
+                                        ]
+                                    }
+                                ]
+                            }
+                        }
+                    },
+                    "containers": [
+                        {
+                            "name": "worker",
+                            "image": "example.invalid/worker:1",
+                            "resources": {"limits": {"nvidia.com/gpu": "1"}},
+                        }
+                    ],
+                }
+            },
+        },
     }
     kube.apply(job)
-    pod = wait_for(lambda: [p for p in kube.items("pods", "job-name=gpu-smoke")
-                            if p["spec"].get("nodeName")],
-                   what="the Job's pod to be created and bound")[0]
+    pod = wait_for(
+        lambda: [p for p in kube.items("pods", "job-name=gpu-smoke") if p["spec"].get("nodeName")],
+        what="the Job's pod to be created and bound",
+    )[0]
     assert pod["spec"]["nodeName"] == "gpu-h100-0"
-    wait_for(lambda: (condition(kube.get("job", "gpu-smoke"), "Complete") or {}).get("status")
-             == "True", timeout=60, what="the Job to complete")
+    wait_for(
+        lambda: (condition(kube.get("job", "gpu-smoke"), "Complete") or {}).get("status") == "True",
+        timeout=60,
+        what="the Job to complete",
+    )
     assert kube.get("job", "gpu-smoke")["status"]["succeeded"] == 1
 
 
 def test_pod_that_fits_no_gpu_node_stays_pending(kube: Kube):
-    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "too-big"},
-           "spec": {"tolerations": [{"operator": "Exists"}],
-                    "containers": [{"name": "c", "image": "x",
-                                    "resources": {"limits": {"nvidia.com/gpu": "9"}}}]}}
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "too-big"},
+        "spec": {
+            "tolerations": [{"operator": "Exists"}],
+            "containers": [
+                {"name": "c", "image": "x", "resources": {"limits": {"nvidia.com/gpu": "9"}}}
+            ],
+        },
+    }
     kube.apply(pod)
-    cond = wait_for(lambda: condition(kube.get("pod", "too-big"), "PodScheduled"),
-                    what="the scheduler to report on the pod")
+    cond = wait_for(
+        lambda: condition(kube.get("pod", "too-big"), "PodScheduled"),
+        what="the scheduler to report on the pod",
+    )
     assert cond["status"] == "False" and cond["reason"] == "Unschedulable"
     assert "nvidia.com/gpu" in cond["message"]
 
@@ -103,14 +170,30 @@ def test_pod_that_fits_no_gpu_node_stays_pending(kube: Kube):
 def test_deleting_the_owner_garbage_collects_children(kube: Kube):
     kube.apply({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "owner"}})
     owner = kube.get("configmap", "owner")
-    kube.apply({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {
-        "name": "child", "ownerReferences": [{
-            "apiVersion": "v1", "kind": "ConfigMap", "name": "owner",
-            "uid": owner["metadata"]["uid"]}]}})
+    kube.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": "child",
+                "ownerReferences": [
+                    {
+                        "apiVersion": "v1",
+                        "kind": "ConfigMap",
+                        "name": "owner",
+                        "uid": owner["metadata"]["uid"],
+                    }
+                ],
+            },
+        }
+    )
     assert kube.get_or_none("configmap", "child") is not None
     kube.delete("configmap", "owner")
-    wait_for(lambda: kube.get_or_none("configmap", "child") is None, timeout=60,
-             what="the garbage collector to delete the child")
+    wait_for(
+        lambda: kube.get_or_none("configmap", "child") is None,
+        timeout=60,
+        what="the garbage collector to delete the child",
+    )
 
 
 def test_rbac_is_enforced_for_service_accounts(kube: Kube):
@@ -153,8 +236,10 @@ def test_a_crashed_component_is_reported_and_replaced(tmp_path, capfd):
     first = controlplane.up(directory, gpu_nodes=0)
     try:
         os.killpg(first.pids["kube-scheduler"], signal.SIGKILL)
-        wait_for(lambda: not controlplane._alive(first.pids["kube-scheduler"]),
-                 what="the scheduler to die")
+        wait_for(
+            lambda: not controlplane._alive(first.pids["kube-scheduler"]),
+            what="the scheduler to die",
+        )
         second = controlplane.up(directory, gpu_nodes=0)
         assert second.server != first.server or second.pids != first.pids
         assert "stale" in capfd.readouterr().err
@@ -173,8 +258,13 @@ def test_a_foreign_directory_is_not_overwritten(tmp_path):
 
 def dev(*args: str) -> subprocess.CompletedProcess:
     """`finetune-dev cluster ...` as people run it."""
-    return subprocess.run([sys.executable, "-m", "finetune_dev.cli", "cluster", *args],
-                          capture_output=True, text=True, timeout=300, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "finetune_dev.cli", "cluster", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
 
 def test_dev_up_installs_the_crds_so_an_example_applies_at_once(tmp_path):
@@ -186,8 +276,11 @@ def test_dev_up_installs_the_crds_so_an_example_applies_at_once(tmp_path):
         assert res.stdout.strip() == f"export KUBECONFIG={cluster.kubeconfig}"
         kube = Kube(cluster)
         for name in FINETUNE_CRDS:
-            crd = json.loads(kube.kubectl("get", "crd", name, "-o", "json",
-                                          "--show-managed-fields", namespaced=False).stdout)
+            crd = json.loads(
+                kube.kubectl(
+                    "get", "crd", name, "-o", "json", "--show-managed-fields", namespaced=False
+                ).stdout
+            )
             assert condition(crd, "Established")["status"] == "True", name
             managers = {m["manager"] for m in crd["metadata"]["managedFields"]}
             assert controlplane.CRD_FIELD_MANAGER in managers, managers

@@ -14,13 +14,16 @@ reconciling every FineTuneJob), and the object and its Jobs are polled throughou
 from __future__ import annotations
 
 import pytest
+
 from kubetest import Kube, bound_pvc, condition, finetunejob_manifest, wait_for
 from operator_harness import RESYNC_MARKER
 
 pytestmark = pytest.mark.cluster
 
-def manifest(name: str, *, suspend: bool | None = None, max_steps: int = 10,
-             unschedulable: bool = False) -> dict:
+
+def manifest(
+    name: str, *, suspend: bool | None = None, max_steps: int = 10, unschedulable: bool = False
+) -> dict:
     doc = finetunejob_manifest(name, training={"maxSteps": max_steps})
     if suspend is not None:
         doc["spec"]["suspend"] = suspend
@@ -58,9 +61,12 @@ def observe_two_resyncs(operator, check, what: str, timeout: float = 60) -> None
 
 
 def training_jobs(kube: Kube, name: str) -> list[str]:
-    return sorted(j["metadata"]["name"] for j in kube.items("jobs")
-                  if j["metadata"].get("labels", {}).get("finetune.dev/finetunejob") == name
-                  or j["metadata"]["name"].startswith(f"{name}-train"))
+    return sorted(
+        j["metadata"]["name"]
+        for j in kube.items("jobs")
+        if j["metadata"].get("labels", {}).get("finetune.dev/finetunejob") == name
+        or j["metadata"]["name"].startswith(f"{name}-train")
+    )
 
 
 def assert_operator_never_wrote_spec(obj: dict) -> None:
@@ -69,12 +75,16 @@ def assert_operator_never_wrote_spec(obj: dict) -> None:
         if entry["manager"].startswith("kubectl"):
             continue
         assert entry.get("subresource") == "status", (
-            f"{entry['manager']} wrote {sorted(entry.get('fieldsV1', {}))} outside status")
+            f"{entry['manager']} wrote {sorted(entry.get('fieldsV1', {}))} outside status"
+        )
 
 
 def wait_phase(kube: Kube, name: str, phase: str, timeout: float = 60) -> dict:
-    return wait_for(lambda: (o := kube.get("finetunejob", name)).get("status", {}).get("phase")
-                    == phase and o, timeout=timeout, what=f"FineTuneJob {name} phase {phase}")
+    return wait_for(
+        lambda: (o := kube.get("finetunejob", name)).get("status", {}).get("phase") == phase and o,
+        timeout=timeout,
+        what=f"FineTuneJob {name} phase {phase}",
+    )
 
 
 def test_reapplying_the_same_manifest_changes_nothing(kube: Kube, volumes, operator_process):
@@ -95,14 +105,17 @@ def test_reapplying_the_same_manifest_changes_nothing(kube: Kube, volumes, opera
 
     out = git_apply(kube, doc).stdout
     assert "unchanged" in out, out
-    observe_two_resyncs(operator_process, unchanged, "two resyncs after re-applying the same manifest")
+    observe_two_resyncs(
+        operator_process, unchanged, "two resyncs after re-applying the same manifest"
+    )
     obj = kube.get("finetunejob", "from-git")
     assert obj["metadata"]["generation"] == 1
     assert obj["status"]["observedGeneration"] == 1
     assert_operator_never_wrote_spec(obj)
     # Nothing of the operator's lands in metadata either (kopf keeps no state there).
-    assert not [k for k in obj["metadata"].get("annotations", {}) if "finetune.dev" in k
-                or "kopf" in k]
+    assert not [
+        k for k in obj["metadata"].get("annotations", {}) if "finetune.dev" in k or "kopf" in k
+    ]
     assert not obj["metadata"].get("finalizers")
 
 
@@ -124,15 +137,28 @@ def test_edited_spec_is_refused_with_a_clear_message(kube: Kube, volumes, operat
 
 def test_suspend_works_from_git(kube: Kube, volumes, operator_process):
     git_apply(kube, manifest("paused-in-git", suspend=True))
-    job = wait_for(lambda: (j := kube.get_or_none("job", "paused-in-git-train"))
-                   and j["spec"].get("suspend") is True and j, what="a suspended Job")
-    wait_for(lambda: (c := condition(kube.get("finetunejob", "paused-in-git"), "Suspended"))
-             and c["status"] == "True", what="the Suspended condition")
+    job = wait_for(
+        lambda: (
+            (j := kube.get_or_none("job", "paused-in-git-train"))
+            and j["spec"].get("suspend") is True
+            and j
+        ),
+        what="a suspended Job",
+    )
+    wait_for(
+        lambda: (
+            (c := condition(kube.get("finetunejob", "paused-in-git"), "Suspended"))
+            and c["status"] == "True"
+        ),
+        what="the Suspended condition",
+    )
     assert kube.items("pods", "job-name=paused-in-git-train") == []
 
     git_apply(kube, manifest("paused-in-git", suspend=False))
-    wait_for(lambda: kube.get("job", "paused-in-git-train")["spec"].get("suspend") is False,
-             what="the Job to be resumed")
+    wait_for(
+        lambda: kube.get("job", "paused-in-git-train")["spec"].get("suspend") is False,
+        what="the Job to be resumed",
+    )
     done = wait_phase(kube, "paused-in-git", "Succeeded")
     assert kube.get("job", "paused-in-git-train")["metadata"]["uid"] == job["metadata"]["uid"]
     assert done["metadata"]["generation"] == 2  # the user's one edit, nothing of the operator
@@ -145,8 +171,10 @@ def test_kubectl_get_ftj_tells_the_story(kube: Kube, volumes, operator_process):
     git_apply(kube, manifest("at-a-glance"))
     done = wait_phase(kube, "at-a-glance", "Succeeded")
     git_apply(kube, manifest("waiting", suspend=True))
-    wait_for(lambda: kube.get("finetunejob", "waiting").get("status", {}).get("plan"),
-             what="the plan of the suspended job")
+    wait_for(
+        lambda: kube.get("finetunejob", "waiting").get("status", {}).get("plan"),
+        what="the plan of the suspended job",
+    )
     lines = kube.kubectl("get", "ftj").stdout.splitlines()
     header = lines[0].split()
     assert header[:4] == ["NAME", "METHOD", "PHASE", "PROGRESS"], lines[0]

@@ -9,8 +9,9 @@ import asyncio
 
 import aiohttp
 import pytest
-from finetune_operator import k8s, metrics
 from kubernetes_asyncio.client.exceptions import ApiException
+
+from finetune_operator import k8s, metrics
 
 
 class FlakyApi:

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from conftest import MANUAL_NODE
 from kubetest import Kube, bound_pvc, condition, finetunejob_manifest, wait_for
 
 pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).resolve().parent.parent
-from conftest import MANUAL_NODE
 
 
 def ftj_manifest(name: str, *, memory: str = "24Gi", manual: bool = False, **spec) -> dict:
@@ -28,30 +29,59 @@ def ftj_manifest(name: str, *, memory: str = "24Gi", manual: bool = False, **spe
         doc["spec"]["resources"]["nodeSelector"] = {"finetune.dev/test-node": "manual"}
         # The manual node is tainted so that only the pods meant for it land there.
         doc["spec"]["resources"]["tolerations"] = [
-            {"key": "finetune.dev/test-node", "operator": "Equal", "value": "manual",
-             "effect": "NoSchedule"}]
+            {
+                "key": "finetune.dev/test-node",
+                "operator": "Equal",
+                "value": "manual",
+                "effect": "NoSchedule",
+            }
+        ]
     return doc
 
 
-def act_as_kubelet(kube: Kube, job: str, *, exit_code: int, message: str = "",
-                   reason: str | None = None) -> str:
+def act_as_kubelet(
+    kube: Kube, job: str, *, exit_code: int, message: str = "", reason: str | None = None
+) -> str:
     """Wait for the Job's pod on the manual node, then finish it like a kubelet would."""
-    pod = wait_for(lambda: [p for p in kube.items("pods", f"job-name={job}")
-                            if p["spec"].get("nodeName") == MANUAL_NODE
-                            and p["status"].get("phase") in (None, "Pending")],
-                   timeout=60, what=f"a pod of {job} bound to {MANUAL_NODE}")[0]
+    pod = wait_for(
+        lambda: [
+            p
+            for p in kube.items("pods", f"job-name={job}")
+            if p["spec"].get("nodeName") == MANUAL_NODE
+            and p["status"].get("phase") in (None, "Pending")
+        ],
+        timeout=60,
+        what=f"a pod of {job} bound to {MANUAL_NODE}",
+    )[0]
     name = pod["metadata"]["name"]
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    terminated = {"exitCode": exit_code, "reason": reason or ("Completed" if exit_code == 0
-                                                               else "Error"),
-                  "startedAt": now, "finishedAt": now}
+    terminated = {
+        "exitCode": exit_code,
+        "reason": reason or ("Completed" if exit_code == 0 else "Error"),
+        "startedAt": now,
+        "finishedAt": now,
+    }
     if message:
         terminated["message"] = message
-    kube.patch_status("pod", name, {"status": {
-        "phase": "Succeeded" if exit_code == 0 else "Failed",
-        "containerStatuses": [{"name": "worker", "image": pod["spec"]["containers"][0]["image"],
-                               "imageID": "", "ready": False, "restartCount": 0,
-                               "state": {"terminated": terminated}}]}})
+    kube.patch_status(
+        "pod",
+        name,
+        {
+            "status": {
+                "phase": "Succeeded" if exit_code == 0 else "Failed",
+                "containerStatuses": [
+                    {
+                        "name": "worker",
+                        "image": pod["spec"]["containers"][0]["image"],
+                        "imageID": "",
+                        "ready": False,
+                        "restartCount": 0,
+                        "state": {"terminated": terminated},
+                    }
+                ],
+            }
+        },
+    )
     return name
 
 
@@ -68,8 +98,11 @@ def ftj(kube: Kube, name: str) -> dict:
 
 
 def wait_phase(kube: Kube, name: str, phase: str, timeout: float = 60) -> dict:
-    return wait_for(lambda: (o := ftj(kube, name)).get("status", {}).get("phase") == phase
-                    and o, timeout=timeout, what=f"FineTuneJob {name} phase {phase}")
+    return wait_for(
+        lambda: (o := ftj(kube, name)).get("status", {}).get("phase") == phase and o,
+        timeout=timeout,
+        what=f"FineTuneJob {name} phase {phase}",
+    )
 
 
 def test_examples_become_jobs_that_kwok_completes(kube: Kube, operator_process):
@@ -77,12 +110,21 @@ def test_examples_become_jobs_that_kwok_completes(kube: Kube, operator_process):
     doc = yaml.safe_load((ROOT / "examples" / "finetunejob-llama3-8b.yaml").read_text())
     ref = doc["spec"].get("hfTokenSecretRef")
     if ref:
-        kube.kubectl("create", "secret", "generic", ref["name"],
-                     f"--from-literal={ref.get('key', 'token')}=hf_not_a_real_token")
+        kube.kubectl(
+            "create",
+            "secret",
+            "generic",
+            ref["name"],
+            f"--from-literal={ref.get('key', 'token')}=hf_not_a_real_token",
+        )
     kube.apply(doc)
     name = doc["metadata"]["name"]
-    job = wait_for(lambda: kube.get_or_none("job", f"{name}-train"), timeout=30,
-                   interval=0.05, what="the training Job")
+    job = wait_for(
+        lambda: kube.get_or_none("job", f"{name}-train"),
+        timeout=30,
+        interval=0.05,
+        what="the training Job",
+    )
     created_after = time.monotonic() - started
     status = ftj(kube, name)["status"]
     plan = status["plan"]
@@ -96,14 +138,26 @@ def test_examples_become_jobs_that_kwok_completes(kube: Kube, operator_process):
     pod_spec = job["spec"]["template"]["spec"]
     gpu = doc["spec"]["resources"]["gpu"]
     assert pod_spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == str(
-        gpu.get("count", 1))
+        gpu.get("count", 1)
+    )
     assert job["metadata"]["ownerReferences"][0]["kind"] == "FineTuneJob"
-    wait_for(lambda: [p for p in kube.items("pods", f"job-name={name}-train")
-                      if p["status"].get("phase") == "Succeeded"], timeout=60, interval=0.05,
-             what="kwok to complete the worker pod")
+    wait_for(
+        lambda: [
+            p
+            for p in kube.items("pods", f"job-name={name}-train")
+            if p["status"].get("phase") == "Succeeded"
+        ],
+        timeout=60,
+        interval=0.05,
+        what="kwok to complete the worker pod",
+    )
     pod_done = time.monotonic()
-    done = wait_for(lambda: (o := ftj(kube, name))["status"].get("phase") == "Succeeded" and o,
-                    timeout=60, interval=0.05, what="status Succeeded")
+    done = wait_for(
+        lambda: (o := ftj(kube, name))["status"].get("phase") == "Succeeded" and o,
+        timeout=60,
+        interval=0.05,
+        what="status Succeeded",
+    )
     succeeded_after_pod = time.monotonic() - pod_done
     assert condition(done, "Succeeded")["status"] == "True"
     assert done["status"]["observedGeneration"] == done["metadata"]["generation"]
@@ -132,18 +186,36 @@ def _record_timing(created_after: float, succeeded_after_pod: float) -> None:
     out = os.environ.get("FINETUNE_TIMING_FILE")
     if out:
         with open(out, "a") as f:
-            f.write(json.dumps({"apply_to_job_s": round(created_after, 2),
-                                "pod_done_to_succeeded_s": round(succeeded_after_pod, 2)})
-                    + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "apply_to_job_s": round(created_after, 2),
+                        "pod_done_to_succeeded_s": round(succeeded_after_pod, 2),
+                    }
+                )
+                + "\n"
+            )
 
 
 def test_followups_are_created_once(kube: Kube, operator_process):
-    doc = ftj_manifest("with-followups", followUp={
-        "merge": {"enabled": True}, "deploy": {"enabled": True, "name": "with-followups"}})
+    doc = ftj_manifest(
+        "with-followups",
+        followUp={
+            "merge": {"enabled": True},
+            "deploy": {"enabled": True, "name": "with-followups"},
+        },
+    )
     kube.apply(doc)
     done = wait_phase(kube, "with-followups", "Succeeded")
-    refs = wait_for(lambda: (f := ftj(kube, "with-followups")["status"].get("followUp"))
-                    and "merge" in f and "deployment" in f and f, what="follow-up references")
+    refs = wait_for(
+        lambda: (
+            (f := ftj(kube, "with-followups")["status"].get("followUp"))
+            and "merge" in f
+            and "deployment" in f
+            and f
+        ),
+        what="follow-up references",
+    )
     merges = kube.items("adaptermerges")
     deployments = kube.items("adapterdeployments")
     assert [m["metadata"]["name"] for m in merges] == [refs["merge"]["name"]]
@@ -163,10 +235,15 @@ def raw_patch(kube: Kube, token: str, path: str, body: dict) -> int:
     import urllib.request
 
     ca = Path(kube.cluster.directory) / "pki" / "ca.crt"
-    req = urllib.request.Request(kube.cluster.server + path, method="PATCH",
-                                 data=json.dumps(body).encode(),
-                                 headers={"Authorization": f"Bearer {token}",
-                                          "Content-Type": "application/merge-patch+json"})
+    req = urllib.request.Request(
+        kube.cluster.server + path,
+        method="PATCH",
+        data=json.dumps(body).encode(),
+        headers={
+            "Authorization": f"Bearer {token}",
+            "Content-Type": "application/merge-patch+json",
+        },
+    )
     try:
         with urllib.request.urlopen(req, context=ssl.create_default_context(cafile=str(ca))):
             return 200
@@ -181,8 +258,10 @@ def test_worker_token_may_patch_only_its_own_status(kube: Kube, operator_process
     token = kube.kubectl("create", "token", "mine-worker").stdout.strip()
     base = f"/apis/finetune.dev/v1alpha1/namespaces/{kube.namespace}/finetunejobs"
     progress = {"status": {"progress": {"step": 3, "totalSteps": 10, "loss": 1.5}}}
-    wait_for(lambda: raw_patch(kube, token, f"{base}/mine/status", progress) == 200,
-             what="the worker's status patch to be allowed")
+    wait_for(
+        lambda: raw_patch(kube, token, f"{base}/mine/status", progress) == 200,
+        what="the worker's status patch to be allowed",
+    )
     assert ftj(kube, "mine")["status"]["progress"]["step"] == 3
     assert raw_patch(kube, token, f"{base}/other/status", progress) == 403
     assert raw_patch(kube, token, f"{base}/mine", {"spec": {"suspend": False}}) == 403
@@ -195,11 +274,17 @@ def test_worker_token_may_patch_only_its_own_status(kube: Kube, operator_process
 def test_termination_message_alone_fills_metrics(kube: Kube, operator_process, manual_node):
     kube.apply(ftj_manifest("term-only", manual=True))
     wait_for(lambda: kube.get_or_none("job", "term-only-train"), what="the Job")
-    summary = {"result": "Succeeded", "exitCode": 0,
-               "metrics": {"peakVRAMBytes": 17179869184, "peakVRAM": "16Gi",
-                           "tokensPerSecond": 12345.6, "samplesPerSecond": 24.1},
-               "adapter": {"uri": "pvc://adapters/term-only", "sizeBytes": 1000,
-                           "sha256": "ab" * 32}}
+    summary = {
+        "result": "Succeeded",
+        "exitCode": 0,
+        "metrics": {
+            "peakVRAMBytes": 17179869184,
+            "peakVRAM": "16Gi",
+            "tokensPerSecond": 12345.6,
+            "samplesPerSecond": 24.1,
+        },
+        "adapter": {"uri": "pvc://adapters/term-only", "sizeBytes": 1000, "sha256": "ab" * 32},
+    }
     act_as_kubelet(kube, "term-only-train", exit_code=0, message=json.dumps(summary))
     done = wait_phase(kube, "term-only", "Succeeded")
     assert done["status"]["metrics"]["tokensPerSecond"] == 12345.6
@@ -207,10 +292,11 @@ def test_termination_message_alone_fills_metrics(kube: Kube, operator_process, m
     assert done["status"]["adapter"]["sha256"] == "ab" * 32
 
 
-@pytest.mark.parametrize("code,reason", [(10, "InvalidConfig"), (11, "DataError"),
-                                         (12, "CUDAOutOfMemory"), (13, "NonFiniteLoss")])
-def test_worker_exit_code_maps_to_reason(kube: Kube, operator_process, manual_node, code,
-                                         reason):
+@pytest.mark.parametrize(
+    "code,reason",
+    [(10, "InvalidConfig"), (11, "DataError"), (12, "CUDAOutOfMemory"), (13, "NonFiniteLoss")],
+)
+def test_worker_exit_code_maps_to_reason(kube: Kube, operator_process, manual_node, code, reason):
     name = f"exit-{code}"
     kube.apply(ftj_manifest(name, manual=True, backoffLimit=3))
     summary = {"result": "Failed", "exitCode": code, "message": f"failure {code} details"}
@@ -225,23 +311,32 @@ def test_worker_exit_code_maps_to_reason(kube: Kube, operator_process, manual_no
     # Permanent failures are not retried: the failure policy failed the Job at once.
     assert len(kube.items("pods", f"job-name={name}-train")) == 1
     # Every transition is an Event on the FineTuneJob (posted asynchronously by kopf).
-    wait_for(lambda: any(e.get("reason") == reason and e["involvedObject"]["name"] == name
-                         for e in kube.items("events")), what=f"a {reason} Event")
+    wait_for(
+        lambda: any(
+            e.get("reason") == reason and e["involvedObject"]["name"] == name
+            for e in kube.items("events")
+        ),
+        what=f"a {reason} Event",
+    )
 
 
 def references_condition(kube: Kube, name: str) -> dict:
     return condition(ftj(kube, name), "ReferencesResolved") or {}
 
 
-def test_missing_secret_and_claim_are_waited_for_then_the_job_starts(kube: Kube,
-                                                                     operator_process):
+def test_missing_secret_and_claim_are_waited_for_then_the_job_starts(kube: Kube, operator_process):
     """Under GitOps a job's Secret and PVC often arrive after it: a wait that names them,
     not a failure, and the job starts once they are there."""
-    doc = ftj_manifest("late-refs", hfTokenSecretRef={"name": "hf-late"},
-                       dataset={"uri": "pvc://late-data/alpaca.jsonl", "format": "alpaca"})
+    doc = ftj_manifest(
+        "late-refs",
+        hfTokenSecretRef={"name": "hf-late"},
+        dataset={"uri": "pvc://late-data/alpaca.jsonl", "format": "alpaca"},
+    )
     kube.apply(doc)
-    waiting = wait_for(lambda: (c := references_condition(kube, "late-refs")).get("status")
-                       == "False" and c, what="ReferencesResolved False")
+    waiting = wait_for(
+        lambda: (c := references_condition(kube, "late-refs")).get("status") == "False" and c,
+        what="ReferencesResolved False",
+    )
     assert waiting["reason"] == "SecretNotFound"
     assert "Secret 'hf-late' with key 'token' (spec.hfTokenSecretRef)" in waiting["message"]
     assert "PVC 'late-data' (spec.dataset.uri)" in waiting["message"]
@@ -252,13 +347,29 @@ def test_missing_secret_and_claim_are_waited_for_then_the_job_starts(kube: Kube,
 
     # The Secret arrives without the key the job reads: the wait says which key.
     kube.kubectl("create", "secret", "generic", "hf-late", "--from-literal=other=x")
-    keyless = wait_for(lambda: (c := references_condition(kube, "late-refs")).get("reason")
-                       == "SecretKeyNotFound" and c, what="SecretKeyNotFound")
+    keyless = wait_for(
+        lambda: (
+            (c := references_condition(kube, "late-refs")).get("reason") == "SecretKeyNotFound"
+            and c
+        ),
+        what="SecretKeyNotFound",
+    )
     assert "key 'token' in Secret 'hf-late'" in keyless["message"]
-    kube.kubectl("patch", "secret", "hf-late", "--type=merge", "-p",
-                 json.dumps({"stringData": {"token": "hf_not_a_real_token"}}))
-    claim = wait_for(lambda: (c := references_condition(kube, "late-refs")).get("reason")
-                     == "VolumeClaimNotFound" and c, what="VolumeClaimNotFound")
+    kube.kubectl(
+        "patch",
+        "secret",
+        "hf-late",
+        "--type=merge",
+        "-p",
+        json.dumps({"stringData": {"token": "hf_not_a_real_token"}}),
+    )
+    claim = wait_for(
+        lambda: (
+            (c := references_condition(kube, "late-refs")).get("reason") == "VolumeClaimNotFound"
+            and c
+        ),
+        what="VolumeClaimNotFound",
+    )
     assert "Secret" not in claim["message"]
     assert kube.get_or_none("job", "late-refs-train") is None
 
@@ -290,24 +401,40 @@ def test_budget_too_small_says_what_would_fit(kube: Kube, operator_process):
     assert condition(failed, "Queued")["reason"] == "NotQueued"
     assert condition(failed, "Running")["reason"] == "NotStarted"
     # One transition, one Event, however many passes follow.
-    wait_for(lambda: any(e.get("reason") == "InsufficientGPUMemory"
-                         and e["involvedObject"]["name"] == "too-small"
-                         for e in kube.items("events")), what="an InsufficientGPUMemory Event")
+    wait_for(
+        lambda: any(
+            e.get("reason") == "InsufficientGPUMemory"
+            and e["involvedObject"]["name"] == "too-small"
+            for e in kube.items("events")
+        ),
+        what="an InsufficientGPUMemory Event",
+    )
     operator_process.wait_for_resyncs(2)
     events = [e for e in kube.items("events") if e["involvedObject"]["name"] == "too-small"]
     assert [(e["reason"], e.get("count", 1)) for e in events] == [("InsufficientGPUMemory", 1)]
 
 
-def test_a_retry_whose_new_pod_is_pending_names_the_failure(kube: Kube, operator_process,
-                                                            manual_node):
+def test_a_retry_whose_new_pod_is_pending_names_the_failure(
+    kube: Kube, operator_process, manual_node
+):
     kube.apply(ftj_manifest("retrying", manual=True, backoffLimit=2))
     summary = {"result": "Failed", "exitCode": 14, "message": "checkpoint write failed"}
     first = act_as_kubelet(kube, "retrying-train", exit_code=14, message=json.dumps(summary))
     # The Job controller starts a new pod on the manual node, where nothing runs it.
-    wait_for(lambda: [p for p in kube.items("pods", "job-name=retrying-train")
-                      if p["metadata"]["name"] != first], what="the replacement pod")
-    pending = wait_for(lambda: (o := ftj(kube, "retrying"))["status"].get("reason")
-                       == "RetryingAfterFailure" and o, what="RetryingAfterFailure")
+    wait_for(
+        lambda: [
+            p
+            for p in kube.items("pods", "job-name=retrying-train")
+            if p["metadata"]["name"] != first
+        ],
+        what="the replacement pod",
+    )
+    pending = wait_for(
+        lambda: (
+            (o := ftj(kube, "retrying"))["status"].get("reason") == "RetryingAfterFailure" and o
+        ),
+        what="RetryingAfterFailure",
+    )
     assert pending["status"]["phase"] == "Pending"
     running = condition(pending, "Running")
     assert (running["status"], running["reason"]) == ("False", "RetryingAfterFailure")
@@ -320,36 +447,53 @@ def test_suspend_and_resume_drive_the_job(kube: Kube, operator_process, manual_n
     wait_for(lambda: kube.get_or_none("job", "pausable-train"), what="the Job")
     doc = ftj_manifest("pausable", manual=True, suspend=True)
     kube.apply(doc)
-    wait_for(lambda: kube.get("job", "pausable-train")["spec"].get("suspend") is True,
-             what="the Job to be suspended")
-    wait_for(lambda: (condition(ftj(kube, "pausable"), "Suspended") or {}).get("status")
-             == "True", what="the Suspended condition")
+    wait_for(
+        lambda: kube.get("job", "pausable-train")["spec"].get("suspend") is True,
+        what="the Job to be suspended",
+    )
+    wait_for(
+        lambda: (condition(ftj(kube, "pausable"), "Suspended") or {}).get("status") == "True",
+        what="the Suspended condition",
+    )
     kube.apply(ftj_manifest("pausable", manual=True, suspend=False))
-    wait_for(lambda: kube.get("job", "pausable-train")["spec"].get("suspend") is False,
-             what="the Job to resume")
+    wait_for(
+        lambda: kube.get("job", "pausable-train")["spec"].get("suspend") is False,
+        what="the Job to resume",
+    )
 
 
 def test_deleting_the_finetunejob_removes_everything_it_owned(kube: Kube, operator_process):
     kube.apply(ftj_manifest("short-lived", suspend=True))
     wait_for(lambda: kube.get_or_none("job", "short-lived-train"), what="the Job")
     kube.delete("finetunejob", "short-lived")
-    for kind, name in (("job", "short-lived-train"), ("configmap", "short-lived-worker-config"),
-                       ("serviceaccount", "short-lived-worker"), ("role", "short-lived-worker"),
-                       ("rolebinding", "short-lived-worker")):
-        wait_for(lambda kind=kind, name=name: kube.get_or_none(kind, name) is None, timeout=60,
-                 what=f"{kind} {name} to be garbage-collected")
+    for kind, name in (
+        ("job", "short-lived-train"),
+        ("configmap", "short-lived-worker-config"),
+        ("serviceaccount", "short-lived-worker"),
+        ("role", "short-lived-worker"),
+        ("rolebinding", "short-lived-worker"),
+    ):
+        wait_for(
+            lambda kind=kind, name=name: kube.get_or_none(kind, name) is None,
+            timeout=60,
+            what=f"{kind} {name} to be garbage-collected",
+        )
 
 
 def test_sigkill_mid_reconcile_leaves_no_duplicates(kube: Kube, operator_process):
     names = [f"burst-{i}" for i in range(4)]
     kube.apply([ftj_manifest(n, suspend=True) for n in names])
     # Kill the operator while it is working through the burst, then start it again.
-    wait_for(lambda: any(kube.get_or_none("configmap", f"{n}-worker-config") for n in names),
-             timeout=30, what="the operator to start reconciling the burst")
+    wait_for(
+        lambda: any(kube.get_or_none("configmap", f"{n}-worker-config") for n in names),
+        timeout=30,
+        what="the operator to start reconciling the burst",
+    )
     operator_process.restart()
     for n in names:
-        wait_for(lambda n=n: kube.get_or_none("job", f"{n}-train"), timeout=60,
-                 what=f"the Job of {n}")
+        wait_for(
+            lambda n=n: kube.get_or_none("job", f"{n}-train"), timeout=60, what=f"the Job of {n}"
+        )
     jobs = kube.items("jobs")
     assert sorted(j["metadata"]["name"] for j in jobs) == sorted(f"{n}-train" for n in names)
     for kind in ("configmaps", "serviceaccounts", "roles", "rolebindings"):
@@ -358,45 +502,59 @@ def test_sigkill_mid_reconcile_leaves_no_duplicates(kube: Kube, operator_process
 
 
 def test_kueue_admission_is_the_queued_to_running_edge(kube: Kube, operator_process):
-    kube.apply(ftj_manifest("queued", resources={"gpu": {"count": 1, "memory": "24Gi"},
-                                                 "queueName": "gpu-queue"}))
+    kube.apply(
+        ftj_manifest(
+            "queued", resources={"gpu": {"count": 1, "memory": "24Gi"}, "queueName": "gpu-queue"}
+        )
+    )
     job = wait_for(lambda: kube.get_or_none("job", "queued-train"), what="the Job")
     assert job["spec"]["suspend"] is True
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
     queued = wait_phase(kube, "queued", "Queued")
     assert condition(queued, "Queued")["reason"] == "WaitingForQuota"
     # What Kueue does when the ClusterQueue admits the workload.
-    kube.kubectl("patch", "job", "queued-train", "--type=merge", "-p",
-                 '{"spec": {"suspend": false}}')
+    kube.kubectl(
+        "patch", "job", "queued-train", "--type=merge", "-p", '{"spec": {"suspend": false}}'
+    )
     done = wait_phase(kube, "queued", "Succeeded")
     assert condition(done, "Queued")["status"] == "False"
     # The operator never suspends a Kueue-admitted Job again.
     assert kube.get("job", "queued-train")["spec"]["suspend"] is False
 
 
-def test_a_multi_node_job_is_an_indexed_job_with_a_rendezvous_service(kube: Kube,
-                                                                        operator_process):
+def test_a_multi_node_job_is_an_indexed_job_with_a_rendezvous_service(kube: Kube, operator_process):
     for claim in ("shared-data", "shared-adapters"):  # every pod mounts them, node by node
         bound_pvc(kube, claim, access_modes=("ReadWriteMany",))
-    doc = ftj_manifest("two-nodes", memory="80Gi",
-                       resources={"gpu": {"count": 2, "nodes": 2, "memory": "80Gi"}},
-                       training={"maxSteps": 10, "batchSize": 16},
-                       dataset={"uri": "pvc://shared-data/alpaca.jsonl", "format": "alpaca"},
-                       output={"uri": "pvc://shared-adapters/two-nodes"})
+    doc = ftj_manifest(
+        "two-nodes",
+        memory="80Gi",
+        resources={"gpu": {"count": 2, "nodes": 2, "memory": "80Gi"}},
+        training={"maxSteps": 10, "batchSize": 16},
+        dataset={"uri": "pvc://shared-data/alpaca.jsonl", "format": "alpaca"},
+        output={"uri": "pvc://shared-adapters/two-nodes"},
+    )
     kube.apply(doc)
-    job = wait_for(lambda: kube.get_or_none("job", "two-nodes-train"), timeout=30,
-                   what="the training Job")
+    job = wait_for(
+        lambda: kube.get_or_none("job", "two-nodes-train"), timeout=30, what="the training Job"
+    )
     plan = ftj(kube, "two-nodes")["status"]["plan"]
     assert (plan["strategy"], plan["nodes"], plan["processesPerNode"], plan["worldSize"]) == (
-        "ddp", 2, 2, 4)
+        "ddp",
+        2,
+        2,
+        4,
+    )
     assert plan["microBatchSize"] * plan["gradientAccumulation"] * 4 == 16
     assert (job["spec"]["completionMode"], job["spec"]["completions"]) == ("Indexed", 2)
     service = kube.get("service", "two-nodes-workers")
     assert service["spec"]["clusterIP"] == "None"
     assert service["metadata"]["ownerReferences"][0]["kind"] == "FineTuneJob"
     # The Job controller gives each pod its index, as env and as hostname under the Service.
-    pods = wait_for(lambda: len(p := kube.items("pods", "job-name=two-nodes-train")) == 2 and p,
-                    timeout=60, what="two worker pods")
+    pods = wait_for(
+        lambda: len(p := kube.items("pods", "job-name=two-nodes-train")) == 2 and p,
+        timeout=60,
+        what="two worker pods",
+    )
     for pod in pods:
         index = pod["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]
         assert pod["spec"]["hostname"] == f"two-nodes-train-{index}"
@@ -408,15 +566,22 @@ def test_a_multi_node_job_is_an_indexed_job_with_a_rendezvous_service(kube: Kube
     wait_phase(kube, "two-nodes", "Succeeded")
     kube.delete("finetunejob", "two-nodes")
     for kind, name in (("job", "two-nodes-train"), ("service", "two-nodes-workers")):
-        wait_for(lambda kind=kind, name=name: kube.get_or_none(kind, name) is None, timeout=60,
-                 what=f"{kind} {name} to be garbage-collected")
+        wait_for(
+            lambda kind=kind, name=name: kube.get_or_none(kind, name) is None,
+            timeout=60,
+            what=f"{kind} {name} to be garbage-collected",
+        )
 
 
-def test_a_multi_node_job_on_a_read_write_once_claim_fails_naming_the_field(kube: Kube,
-                                                                           operator_process):
-    doc = ftj_manifest("rwo-nodes", memory="80Gi",
-                       resources={"gpu": {"count": 1, "nodes": 2, "memory": "80Gi"}},
-                       training={"maxSteps": 10, "batchSize": 16})
+def test_a_multi_node_job_on_a_read_write_once_claim_fails_naming_the_field(
+    kube: Kube, operator_process
+):
+    doc = ftj_manifest(
+        "rwo-nodes",
+        memory="80Gi",
+        resources={"gpu": {"count": 1, "nodes": 2, "memory": "80Gi"}},
+        training={"maxSteps": 10, "batchSize": 16},
+    )
     kube.apply(doc)  # pvc://adapters and pvc://data are ReadWriteOnce here
     failed = wait_phase(kube, "rwo-nodes", "Failed")
     cond = condition(failed, "Failed")
@@ -434,8 +599,11 @@ def test_no_secret_value_reaches_the_operator_log(kube: Kube, operator_process):
     canary = f"hf_canary_{kube.namespace}_do_not_log"
     kube.kubectl("create", "secret", "generic", "hf-canary", f"--from-literal=token={canary}")
     kube.apply(ftj_manifest("canary", hfTokenSecretRef={"name": "hf-canary", "key": "token"}))
-    wait_for(lambda: kube.get_or_none("job", "canary-train"), timeout=60,
-             what="the Job, created once the Secret was read")
+    wait_for(
+        lambda: kube.get_or_none("job", "canary-train"),
+        timeout=60,
+        what="the Job, created once the Secret was read",
+    )
     operator_process.wait_for_resyncs(1)
     log = operator_process.log_text()
     assert "hf-canary" in log or "canary" in log  # the operator did work on this job

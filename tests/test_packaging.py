@@ -30,8 +30,13 @@ MAY_IMPORT = {
     "finetune_dev": {"finetune_api", "finetune_operator", "finetune_worker"},
     "finetune_bench": {"finetune_api", "finetune_operator", "finetune_worker"},
 }
-SOURCE_ROOTS = {"finetune_api": "api", "finetune_operator": "operator",
-                "finetune_worker": "worker", "finetune_dev": "dev", "finetune_bench": "bench"}
+SOURCE_ROOTS = {
+    "finetune_api": "api",
+    "finetune_operator": "operator",
+    "finetune_worker": "worker",
+    "finetune_dev": "dev",
+    "finetune_bench": "bench",
+}
 
 
 @pytest.fixture(scope="module")
@@ -41,14 +46,30 @@ def wheels(tmp_path_factory) -> dict[str, list[str]]:
     for directory in SHIPPED:
         target = out / directory
         # Built from a copy: setuptools writes build/ and *.egg-info next to the sources.
-        source = shutil.copytree(ROOT / directory, out / f"{directory}-src",
-                                 ignore=shutil.ignore_patterns("__pycache__", "build",
-                                                               "*.egg-info"))
+        source = shutil.copytree(
+            ROOT / directory,
+            out / f"{directory}-src",
+            ignore=shutil.ignore_patterns("__pycache__", "build", "*.egg-info"),
+        )
         # --no-build-isolation: the dev environment's setuptools, no download
         result = subprocess.run(
-            [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-             "--quiet", "-w", str(target), str(source)],
-            capture_output=True, text=True, timeout=300, check=False)
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "wheel",
+                "--no-deps",
+                "--no-build-isolation",
+                "--quiet",
+                "-w",
+                str(target),
+                str(source),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         (wheel,) = target.glob("*.whl")
         built[directory] = zipfile.ZipFile(wheel).namelist()
@@ -63,16 +84,24 @@ def test_a_shipped_wheel_holds_its_own_package_and_nothing_else(wheels, director
     # every module of the source tree is in the wheel (a missed subpackage would only show
     # in the image)
     source = ROOT / directory / SHIPPED[directory]
-    modules = {p.relative_to(source.parent).as_posix() for p in source.rglob("*.py")
-               if "__pycache__" not in p.parts}
+    modules = {
+        p.relative_to(source.parent).as_posix()
+        for p in source.rglob("*.py")
+        if "__pycache__" not in p.parts
+    }
     assert modules <= set(names), sorted(modules - set(names))
 
 
 def test_no_dev_demo_or_benchmark_code_ships(wheels):
     for directory, names in wheels.items():
-        offending = [n for n in names if any(
-            part in ("finetune_dev", "finetune_bench", "demo", "devcluster", "bench")
-            for part in n.split("/"))]
+        offending = [
+            n
+            for n in names
+            if any(
+                part in ("finetune_dev", "finetune_bench", "demo", "devcluster", "bench")
+                for part in n.split("/")
+            )
+        ]
         assert offending == [], (directory, offending)
 
 
@@ -99,8 +128,10 @@ def test_imports_point_only_down_the_layers(package):
     assert wrong == {}, wrong
 
 
-@pytest.mark.parametrize(("dockerfile", "shipped"), [("Dockerfile.operator", {"api", "operator"}),
-                                                     ("Dockerfile.worker", {"api", "worker"})])
+@pytest.mark.parametrize(
+    ("dockerfile", "shipped"),
+    [("Dockerfile.operator", {"api", "operator"}), ("Dockerfile.worker", {"api", "worker"})],
+)
 def test_each_image_copies_in_only_its_distributions(dockerfile, shipped):
     copied = set()
     for line in (ROOT / dockerfile).read_text().splitlines():

@@ -37,12 +37,18 @@ def test_bench_data_has_instruction_like_uneven_lengths():
 def test_tokens_per_second_counts_real_tokens_only():
     examples = cli.bench_examples(64, 512)
     base = harness.build_base("tiny", "lora", device="cpu")
-    cfg = harness.RunConfig(shape="tiny", steps=3, warmup_excluded=0, packing=False,
-                            micro_batch=8, fused_kernels=False)
+    cfg = harness.RunConfig(
+        shape="tiny", steps=3, warmup_excluded=0, packing=False, micro_batch=8, fused_kernels=False
+    )
     pm = harness.prepare(base, cfg)
     result = harness.train(pm, examples, cfg)
-    real = [sum(min(len(e["input_ids"]), 512) for e in examples[i * 8:(i + 1) * 8]) for i in range(3)]
-    padded = [8 * max(min(len(e["input_ids"]), 512) for e in examples[i * 8:(i + 1) * 8]) for i in range(3)]
+    real = [
+        sum(min(len(e["input_ids"]), 512) for e in examples[i * 8 : (i + 1) * 8]) for i in range(3)
+    ]
+    padded = [
+        8 * max(min(len(e["input_ids"]), 512) for e in examples[i * 8 : (i + 1) * 8])
+        for i in range(3)
+    ]
     assert result.tokens_per_step == pytest.approx(sum(real) / 3)
     assert sum(padded) > sum(real)  # the padding exists and is not counted
     assert result.tokens_per_s == pytest.approx(sum(real) / result.seconds)
@@ -58,12 +64,21 @@ def test_worker_loop_follows_the_common_recipe_loss_curve():
     from finetune_bench import recipe
 
     examples = cli.bench_examples(40, 512)
-    ref = recipe.run("lora", examples, 5, shape="tiny", dropout=0.0, optim="adamw_torch",
-                     warmup_excluded=1)
+    ref = recipe.run(
+        "lora", examples, 5, shape="tiny", dropout=0.0, optim="adamw_torch", warmup_excluded=1
+    )
     base = harness.build_base("tiny", "lora", device="cpu")
-    cfg = harness.RunConfig(shape="tiny", steps=5, warmup_excluded=1, micro_batch=4,
-                            group_by_tokens=False, packing=True, row_tokens=4096,
-                            fused_kernels=False, fused_adamw=False)
+    cfg = harness.RunConfig(
+        shape="tiny",
+        steps=5,
+        warmup_excluded=1,
+        micro_batch=4,
+        group_by_tokens=False,
+        packing=True,
+        row_tokens=4096,
+        fused_kernels=False,
+        fused_adamw=False,
+    )
     pm = harness.prepare(base, cfg)
     ours = harness.train(pm, examples, cfg).losses
     assert len(ref["losses"]) == len(ours) == 5
@@ -72,14 +87,35 @@ def test_worker_loop_follows_the_common_recipe_loss_curve():
 
 
 def test_committed_calibration_points_carry_the_fields_the_planner_reads():
-    files = [ROOT / "tests" / "data" / "calibration" / name
-             for name in ("worker-grid-h200.jsonl", "trainer-budgets-h200.jsonl")]
+    files = [
+        ROOT / "tests" / "data" / "calibration" / name
+        for name in ("worker-grid-h200.jsonl", "trainer-budgets-h200.jsonl")
+    ]
     assert files
     rows = [json.loads(line) for f in files for line in f.read_text().splitlines() if line.strip()]
-    need = {"shape", "hidden", "intermediate", "layers", "heads", "kv_heads", "vocab", "tied",
-            "method", "r", "target_modules", "seq_len", "micro_batch", "grad_ckpt", "fused_ce",
-            "packing", "peak_reserved_bytes", "peak_allocated_bytes", "cuda_context_bytes",
-            "torch", "transformers"}
+    need = {
+        "shape",
+        "hidden",
+        "intermediate",
+        "layers",
+        "heads",
+        "kv_heads",
+        "vocab",
+        "tied",
+        "method",
+        "r",
+        "target_modules",
+        "seq_len",
+        "micro_batch",
+        "grad_ckpt",
+        "fused_ce",
+        "packing",
+        "peak_reserved_bytes",
+        "peak_allocated_bytes",
+        "cuda_context_bytes",
+        "torch",
+        "transformers",
+    }
     ours = [r for r in rows if "peak_reserved_bytes" in r and "kv_heads" in r]
     assert len(ours) >= 48
     for r in ours:
@@ -120,8 +156,9 @@ def test_trainer_bench_runs_the_planners_choice_through_the_workers_trainer():
     assert chosen.method == "lora" and 8 % chosen.micro_batch_size == 0
     examples = cli.bench_examples(400, 512)
     base = harness.build_base("tiny", "lora", device="cpu")
-    base, row = trainer.run(base, "lora", examples, "2Gi", shape="tiny", steps=3, warmup=1,
-                            batch_size=8)
+    base, row = trainer.run(
+        base, "lora", examples, "2Gi", shape="tiny", steps=3, warmup=1, batch_size=8
+    )
     assert "error" not in row
     assert row["plan"]["microBatchSize"] == chosen.micro_batch_size
     assert row["attn_implementation"] == "finetune_varlen"
@@ -131,6 +168,7 @@ def test_trainer_bench_runs_the_planners_choice_through_the_workers_trainer():
     assert all(0.9 * budget < t <= budget for t in row["real_tokens_per_step"])
     # real tokens of the timed steps over their time (step times are kept to 0.1 ms)
     assert row["tokens_per_s"] == pytest.approx(
-        sum(row["real_tokens_per_step"][1:]) / sum(row["step_seconds"][1:]), rel=2e-3)
+        sum(row["real_tokens_per_step"][1:]) / sum(row["step_seconds"][1:]), rel=2e-3
+    )
     with pytest.raises(ValueError, match="planner chose lora"):
         trainer.run(base, "qlora", examples, "2Gi", shape="tiny", steps=1, batch_size=8)

@@ -12,8 +12,15 @@ from finetune_worker import modeling
 
 
 def tiny_config(**kw):
-    base = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
-                "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 256}
+    base = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 256,
+        "max_position_embeddings": 256,
+    }
     base.update(kw)
     return transformers.LlamaConfig(**base)
 
@@ -38,8 +45,16 @@ def test_lora_targets_every_linear_projection_and_freezes_the_base():
 
 
 def test_lora_settings_are_translated():
-    spec = {"lora": {"r": 4, "alpha": 8, "dropout": 0.05, "targetModules": ["q_proj", "v_proj"],
-                     "useRSLoRA": True, "useDoRA": True}}
+    spec = {
+        "lora": {
+            "r": 4,
+            "alpha": 8,
+            "dropout": 0.05,
+            "targetModules": ["q_proj", "v_proj"],
+            "useRSLoRA": True,
+            "useDoRA": True,
+        }
+    }
     cfg = modeling.lora_config(spec)
     assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout) == (4, 8, 0.05)
     assert set(cfg.target_modules) == {"q_proj", "v_proj"}
@@ -55,7 +70,9 @@ def test_qlora_keeps_embeddings_and_lm_head_bf16_and_quantizes_the_projections()
     with torch.no_grad():
         ref = model(input_ids=reference_ids).logits.float()
     modeling.quantize_in_place(model)
-    pm = modeling.prepare_for_training(model, SPEC, {"method": "qlora", "gradientCheckpointing": True})
+    pm = modeling.prepare_for_training(
+        model, SPEC, {"method": "qlora", "gradientCheckpointing": True}
+    )
     base = pm.base_model.model
     assert base.model.embed_tokens.weight.dtype == torch.bfloat16
     assert base.lm_head.weight.dtype == torch.bfloat16
@@ -84,7 +101,9 @@ def test_selective_checkpointing_recomputes_the_requested_share_of_layers():
     assert len(modeling.checkpointed_layers(32, 0.25)) == 8
 
     pm = modeling.prepare_for_training(
-        tiny_model(), SPEC, {"method": "lora", "gradientCheckpointing": True, "checkpointFraction": 0.5}
+        tiny_model(),
+        SPEC,
+        {"method": "lora", "gradientCheckpointing": True, "checkpointFraction": 0.5},
     )
     flags = [layer.gradient_checkpointing for layer in pm.base_model.model.model.layers]
     assert flags == [True, False, True, False]
@@ -95,12 +114,15 @@ def test_checkpointing_gives_the_same_gradients():
     grads = []
     for ckpt in (False, True):
         pm = modeling.prepare_for_training(
-            tiny_model(torch.float32), {"lora": {"r": 4, "dropout": 0.0}},
+            tiny_model(torch.float32),
+            {"lora": {"r": 4, "dropout": 0.0}},
             {"method": "lora", "gradient_checkpointing": ckpt},
         )
         for n, p in pm.named_parameters():  # lora_B starts at zero: give it a value so A gets grads
             if "lora_B" in n:
-                torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(hash(n) % 1000))
+                torch.nn.init.normal_(
+                    p, std=0.02, generator=torch.Generator().manual_seed(hash(n) % 1000)
+                )
         pm.train()
         pm(input_ids=ids, labels=ids).loss.backward()
         grads.append({n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad})
@@ -112,7 +134,9 @@ def test_checkpointing_gives_the_same_gradients():
 def test_load_base_model_from_a_local_directory(tmp_path):
     tiny_model().save_pretrained(tmp_path / "m")
     spec = {"model": {"uri": "pvc://models/m"}}
-    model = modeling.load_base_model(spec, {"method": "lora"}, None, "cpu", local_path=str(tmp_path / "m"))
+    model = modeling.load_base_model(
+        spec, {"method": "lora"}, None, "cpu", local_path=str(tmp_path / "m")
+    )
     assert model.dtype == torch.bfloat16
     assert model.config.use_cache is False
     assert model.get_input_embeddings().weight.dtype == torch.bfloat16
@@ -125,7 +149,10 @@ def test_errors_name_the_field():
         modeling.model_source({"model": {"name": "a/b"}}, "/does/not/exist")
     with pytest.raises(ValueError, match="spec.model.uri"):
         modeling.model_source({"model": {"uri": "s3://bucket/key"}})
-    assert modeling.model_source({"model": {"uri": "hf://a/b", "revision": "abc"}}) == ("a/b", "abc")
+    assert modeling.model_source({"model": {"uri": "hf://a/b", "revision": "abc"}}) == (
+        "a/b",
+        "abc",
+    )
     with pytest.raises(ValueError, match="spec.model"):
         modeling.model_source({"model": {}})
     with pytest.raises(RuntimeError, match="CUDA"):
@@ -137,8 +164,11 @@ def test_lean_lora_forward_matches_peft_under_bf16_autocast():
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(9))
     results = []
     for lean in (False, True):
-        pm = modeling.prepare_for_training(tiny_model(), {"lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
-                                           {"method": "lora", "leanLora": lean})
+        pm = modeling.prepare_for_training(
+            tiny_model(),
+            {"lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+            {"method": "lora", "leanLora": lean},
+        )
         for n, p in pm.named_parameters():
             if "lora_B" in n:
                 torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(n)))
@@ -148,8 +178,12 @@ def test_lean_lora_forward_matches_peft_under_bf16_autocast():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = pm(input_ids=ids, labels=ids).loss
         loss.backward()
-        results.append((loss.detach().float(),
-                        {n: p.grad.float().clone() for n, p in pm.named_parameters() if p.requires_grad}))
+        results.append(
+            (
+                loss.detach().float(),
+                {n: p.grad.float().clone() for n, p in pm.named_parameters() if p.requires_grad},
+            )
+        )
     (l0, g0), (l1, g1) = results
     assert torch.allclose(l0, l1, rtol=2e-3), (l0, l1)
     for n in g0:
@@ -181,15 +215,18 @@ def test_lean_lora_calls_a_wrapped_lora_b_so_fsdp_can_gather_it():
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(3))
     outputs = []
     for wrap in (False, True):
-        pm = modeling.prepare_for_training(tiny_model(), {"lora": {"r": 4, "alpha": 8,
-                                                                   "dropout": 0.0}},
-                                           {"method": "lora", "leanLora": True})
+        pm = modeling.prepare_for_training(
+            tiny_model(),
+            {"lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+            {"method": "lora", "leanLora": True},
+        )
         units = []
         for module in pm.modules():
             if hasattr(module, "_peft_forward"):
                 with torch.no_grad():
                     module.lora_B["default"].weight.normal_(
-                        std=0.05, generator=torch.Generator().manual_seed(1))
+                        std=0.05, generator=torch.Generator().manual_seed(1)
+                    )
                 if wrap:
                     module.lora_B["default"] = Unit(module.lora_B["default"])
                     units.append(module.lora_B["default"])

@@ -19,8 +19,14 @@ SEQ_LEN = 64
 def tiny_llama(attn: str = "sdpa"):
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=256, max_position_embeddings=256, use_cache=False,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=256,
+        use_cache=False,
     )
     cfg._attn_implementation = attn
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
@@ -49,9 +55,7 @@ def token_loss_sum(model, batch):
     logits = out.logits[:, :-1].float()
     labels = batch["labels"][:, 1:]
     mask = labels != packing.IGNORE_INDEX
-    loss = torch.nn.functional.cross_entropy(
-        logits[mask], labels[mask], reduction="sum"
-    )
+    loss = torch.nn.functional.cross_entropy(logits[mask], labels[mask], reduction="sum")
     return loss, int(mask.sum())
 
 
@@ -100,7 +104,9 @@ def test_packed_loss_differs_without_position_resets():
     """Guard against a vacuous pass: the same row with plain 0..N-1 positions (no resets) lets
     sequences attend to each other and must give a different loss."""
     model = tiny_llama()
-    packed = packing.make_collator(Tok(), SEQ_LEN, packing=True, row_tokens=1000)(examples([30, 30, 30]))
+    packed = packing.make_collator(Tok(), SEQ_LEN, packing=True, row_tokens=1000)(
+        examples([30, 30, 30])
+    )
     broken = dict(packed, position_ids=torch.arange(packed["input_ids"].shape[1])[None])
     with torch.no_grad():
         good = model(**packed).loss
@@ -191,7 +197,9 @@ def test_length_grouped_widths_rounded_to_a_multiple():
     rnd = random.Random(1)
     lengths = [rnd.randint(5, 512) for _ in range(200)]
     batches = packing.length_grouped_batches(lengths, 4096, window=200, multiple=64)
-    collate = packing.make_collator(Tok(), 512, packing=False, attention_mask=False, pad_to_multiple_of=64)
+    collate = packing.make_collator(
+        Tok(), 512, packing=False, attention_mask=False, pad_to_multiple_of=64
+    )
     data = [{"input_ids": [3] * n, "labels": [3] * n} for n in lengths]
     for b in batches:
         batch = collate([data[i] for i in b])
@@ -205,7 +213,9 @@ def test_token_budget_batch_sampler_feeds_a_dataloader():
     data = examples([30, 200, 64, 17, 120, 90, 300, 45] * 4)
     lengths = [len(e["input_ids"]) for e in data]
     sampler = packing.TokenBudgetBatchSampler(lengths, 512, seq_len=256, multiple=64, window=16)
-    collate = packing.make_collator(Tok(), 256, packing=False, attention_mask=False, pad_to_multiple_of=64)
+    collate = packing.make_collator(
+        Tok(), 256, packing=False, attention_mask=False, pad_to_multiple_of=64
+    )
     loader = DataLoader(data, batch_sampler=sampler, collate_fn=collate)
     seen = 0
     for batch in loader:
@@ -261,7 +271,7 @@ def test_varlen_loss_and_gradients_equal_per_sequence_training():
     (total / count).backward()
     assert count == packing.trained_tokens(batch)
     assert torch.allclose(loss, total / count, rtol=1e-5)
-    for a, b in zip(varlen.parameters(), reference.parameters()):
+    for a, b in zip(varlen.parameters(), reference.parameters(), strict=True):
         assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6)
 
 
@@ -295,7 +305,9 @@ def test_packed_batches_fill_the_budget_and_keep_every_example_once():
         batches = packing.packed_batches(lengths, budget)
         assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
         assert all(sum(lengths[i] for i in b) <= budget for b in batches)
-        full = batches[:-1]  # all but the last are filled to ~99% (half an example empty without lookahead)
+        full = batches[
+            :-1
+        ]  # all but the last are filled to ~99% (half an example empty without lookahead)
         fill = sum(lengths[i] for b in full for i in b) / (len(full) * budget)
         assert fill > 0.97, (budget, fill)
     # a single example longer than the budget still gets a micro-batch of its own
@@ -308,10 +320,13 @@ def test_packed_batch_sampler_reshuffles_per_epoch_and_feeds_a_dataloader():
     data = examples([30, 200, 64, 17, 120, 90, 300, 45] * 4)
     lengths = [len(e["input_ids"]) for e in data]
     sampler = packing.PackedBatchSampler(lengths, 512, seq_len=256, seed=3)
-    loader = DataLoader(data, batch_sampler=sampler,
-                        collate_fn=packing.make_varlen_collator(Tok(), 256, row_tokens=512))
+    loader = DataLoader(
+        data,
+        batch_sampler=sampler,
+        collate_fn=packing.make_varlen_collator(Tok(), 256, row_tokens=512),
+    )
     seen = 0
-    for group, batch in zip(list(sampler), loader):
+    for group, batch in zip(list(sampler), loader, strict=True):
         assert batch["input_ids"].shape == (1, 512)
         real = sum(min(lengths[i], 256) for i in group)
         assert batch["cu_seq_lens_q"][len(group)] == real  # the group's examples, then padding

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from finetune_operator.planner import estimate_memory
 from finetune_operator.planner.calibration import is_measurement, point_from_record
 
@@ -41,8 +42,10 @@ def test_measured_peak_is_predicted(source, record):
     predicted = estimate_memory(point.arch, point.shape).total
     measured = point.peak_reserved_bytes
     error = (predicted - measured) / measured
-    where = f"{point.label} ({source}): predicted {predicted / 2**30:.2f} GiB, " \
-            f"measured {measured / 2**30:.2f} GiB, error {error:+.1%}"
+    where = (
+        f"{point.label} ({source}): predicted {predicted / 2**30:.2f} GiB, "
+        f"measured {measured / 2**30:.2f} GiB, error {error:+.1%}"
+    )
     assert abs(error) <= 0.10, where
     assert error >= -0.05, where
 
@@ -61,5 +64,8 @@ def test_measured_base_model_bytes_match_the_weights_term(source, record):
     point = point_from_record(record, source)
     predicted = weight_bytes(point.arch, point.shape)
     extra = record["model_bytes_after_load"] - predicted
-    assert -0.005 * predicted <= extra <= (
-        DEFAULT_CONSTANTS.cublas_workspace_bytes + 0.005 * predicted), point.label
+    assert (
+        -0.005 * predicted
+        <= extra
+        <= (DEFAULT_CONSTANTS.cublas_workspace_bytes + 0.005 * predicted)
+    ), point.label

@@ -20,8 +20,16 @@ def run(capsys, *argv):
 
 
 def test_flags_print_a_plan_as_json(capsys):
-    rc, out, _ = run(capsys, "--model", "meta-llama/Meta-Llama-3-8B", "--memory", "80Gi",
-                     "--seq-len", "2048", "--packing")
+    rc, out, _ = run(
+        capsys,
+        "--model",
+        "meta-llama/Meta-Llama-3-8B",
+        "--memory",
+        "80Gi",
+        "--seq-len",
+        "2048",
+        "--packing",
+    )
     assert rc == 0
     result = json.loads(out)
     assert result["fits"] is True
@@ -34,8 +42,16 @@ def test_flags_print_a_plan_as_json(capsys):
 
 
 def test_explain_prints_every_candidate_and_marks_the_chosen(capsys):
-    rc, out, _ = run(capsys, "--model", "meta-llama/Meta-Llama-3-8B", "--memory", "12Gi",
-                     "--seq-len", "2048", "--explain")
+    rc, out, _ = run(
+        capsys,
+        "--model",
+        "meta-llama/Meta-Llama-3-8B",
+        "--memory",
+        "12Gi",
+        "--seq-len",
+        "2048",
+        "--explain",
+    )
     assert rc == 0
     rows = [line for line in out.splitlines() if line.lstrip("-> ").startswith("single ")]
     # methods x checkpointing x micro-batches 1, 2, 4, 8 (16 x 2048 is past the token cap)
@@ -64,9 +80,15 @@ def test_manifest_file_is_planned_like_the_operator_would(capsys):
 
 
 def test_local_config_json(tmp_path, capsys):
-    config = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 224,
-              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-              "vocab_size": 1024}
+    config = {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 224,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 1024,
+    }
     (tmp_path / "config.json").write_text(json.dumps(config))
     rc, out, _ = run(capsys, "--config", str(tmp_path), "--memory", "2Gi", "--seq-len", "128")
     assert rc == 0
@@ -93,9 +115,12 @@ def test_dispatched_by_the_operator_cli(capsys):
 
 
 def test_plan_command_does_not_import_torch():
-    code = ("import sys; from finetune_operator.planner.cli import main; "
-            "main(['--model', 'meta-llama/Meta-Llama-3-8B', '--memory', '24Gi']); "
-            "sys.exit(1 if 'torch' in sys.modules or 'transformers' in sys.modules else 0)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            check=False, timeout=60)
+    code = (
+        "import sys; from finetune_operator.planner.cli import main; "
+        "main(['--model', 'meta-llama/Meta-Llama-3-8B', '--memory', '24Gi']); "
+        "sys.exit(1 if 'torch' in sys.modules or 'transformers' in sys.modules else 0)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60
+    )
     assert result.returncode == 0, result.stderr

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from finetune_operator.planner import Budget, PlanRequest, plan_training, preset
 from finetune_operator.planner.api_adapter import NoFittingPlan, plan_for_spec, request_from_spec
 from finetune_operator.planner.memory import GiB, MiB
@@ -40,16 +41,19 @@ def test_a_large_micro_batch_with_checkpointing_beats_a_small_one_without():
     # Measured on the H200 (bench/data/speed-grid-h200.jsonl, dropout 0.05): Llama-3-8B
     # at 2,048 tokens without checkpointing 8,094 tokens/s, at 8,192 with it 10,700; the
     # product path at 40 GiB, seq 1024, batch 64 had picked the former (7,566 vs 9,867).
-    request = PlanRequest(seq_len=1024, batch_size=64, packing=True, lora_dropout=0.05,
-                          method="lora")
+    request = PlanRequest(
+        seq_len=1024, batch_size=64, packing=True, lora_dropout=0.05, method="lora"
+    )
     decision = plan(40, request)
     assert decision.gradient_checkpointing is True
     assert decision.micro_batch * 1024 >= 8192
     # Llama-3.2-1B at 8 GiB, seq 2048, batch 32: the small model is host-bound far longer
     # (2,048 tokens without checkpointing 18,928 tokens/s; 16,384 with it 53,596).
-    small = plan_training(preset("meta-llama/Llama-3.2-1B"),
-                          PlanRequest(seq_len=2048, batch_size=32, packing=True),
-                          Budget(8 * GiB))
+    small = plan_training(
+        preset("meta-llama/Llama-3.2-1B"),
+        PlanRequest(seq_len=2048, batch_size=32, packing=True),
+        Budget(8 * GiB),
+    )
     assert (small.method, small.gradient_checkpointing, small.micro_batch) == ("lora", True, 8)
 
 
@@ -89,8 +93,9 @@ def test_forced_qlora_on_a_large_gpu_stays_qlora():
 
 
 def test_fixed_micro_batch_and_checkpointing_are_respected():
-    decision = plan(80, PlanRequest(seq_len=2048, batch_size=16, micro_batch=2,
-                                    gradient_checkpointing=True))
+    decision = plan(
+        80, PlanRequest(seq_len=2048, batch_size=16, micro_batch=2, gradient_checkpointing=True)
+    )
     assert decision.micro_batch == 2 and decision.gradient_checkpointing is True
     assert decision.gradient_accumulation == 8
 
@@ -105,8 +110,9 @@ def test_effective_batch_is_kept_across_gpus_and_rounding_is_reported():
 
 
 def test_micro_batch_is_capped_near_16k_tokens():
-    decision = plan(141, PlanRequest(method="qlora", seq_len=512, batch_size=256,
-                                     gradient_checkpointing=True))
+    decision = plan(
+        141, PlanRequest(method="qlora", seq_len=512, batch_size=256, gradient_checkpointing=True)
+    )
     assert decision.micro_batch * 512 <= 16384
 
 
@@ -117,6 +123,7 @@ def test_safety_margin_is_five_percent_or_half_a_gib():
 
 
 # --- the API adapter ---------------------------------------------------------------------
+
 
 def load_spec(name: str, **overrides):
     from finetune_api import FineTuneJob
@@ -143,8 +150,14 @@ def test_plan_for_spec_fills_status_plan():
     assert plan_.micro_batch_size * plan_.gradient_accumulation == spec.training.batch_size
     assert plan_.trainable_params == 41_943_040
     parts = plan_.breakdown
-    assert (parts.base_weights + parts.adapter_weights + parts.gradients + parts.optimizer_state
-            + parts.activations + parts.overhead) == plan_.estimated_peak_bytes
+    assert (
+        parts.base_weights
+        + parts.adapter_weights
+        + parts.gradients
+        + parts.optimizer_state
+        + parts.activations
+        + parts.overhead
+    ) == plan_.estimated_peak_bytes
     assert plan_.estimated_peak_bytes <= 24 * GiB
     assert to_k8s(plan_)["reason"] == plan_.reason
 
@@ -173,8 +186,10 @@ def test_one_gpu_is_a_single_process_and_several_are_ddp_when_a_replica_fits():
     same_shape = single.chosen.shape.but(gpu_count=4, strategy="ddp")
     from finetune_operator.planner.memory import estimate_memory
 
-    assert (estimate_memory(LLAMA3_8B, same_shape).breakdown["gradients"]
-            == 2 * single.chosen.estimate.breakdown["gradients"])
+    assert (
+        estimate_memory(LLAMA3_8B, same_shape).breakdown["gradients"]
+        == 2 * single.chosen.estimate.breakdown["gradients"]
+    )
 
 
 def test_70b_qlora_on_two_40gi_gpus_is_sharded_because_no_replica_fits():
@@ -186,14 +201,20 @@ def test_70b_qlora_on_two_40gi_gpus_is_sharded_because_no_replica_fits():
     assert "not yet measured across GPUs" in decision.reason  # what is uncalibrated is said
     # Sharding divides the persistent terms by the world size; what is gathered stays whole.
     chosen = decision.chosen.estimate
-    replica = next(c for c in decision.candidates if c.shape.strategy == "ddp"
-               and c.shape.micro_batch == decision.micro_batch
-               and c.shape.gradient_checkpointing == decision.gradient_checkpointing)
+    replica = next(
+        c
+        for c in decision.candidates
+        if c.shape.strategy == "ddp"
+        and c.shape.micro_batch == decision.micro_batch
+        and c.shape.gradient_checkpointing == decision.gradient_checkpointing
+    )
     gathered = chosen.details["fsdp_gathered_bytes"]
     assert chosen.breakdown["weights"] == pytest.approx(
-        replica.estimate.breakdown["weights"] / 2 + gathered, rel=1e-6)
+        replica.estimate.breakdown["weights"] / 2 + gathered, rel=1e-6
+    )
     assert chosen.breakdown["optimizer_state"] == pytest.approx(
-        replica.estimate.breakdown["optimizer_state"] / 2, rel=1e-3)
+        replica.estimate.breakdown["optimizer_state"] / 2, rel=1e-3
+    )
     assert chosen.breakdown["activations"] == replica.estimate.breakdown["activations"]
     # Two 24 GiB cards cannot hold it even sharded (no CPU offload): the answer says what would.
     small = plan_training(LLAMA3_70B, request, Budget(24 * GiB, gpu_count=2))
@@ -217,12 +238,22 @@ def test_nodes_multiply_the_world_and_the_plan_says_so():
 
 
 def test_plan_for_spec_writes_the_strategy_and_world_the_worker_runs():
-    spec = _llama_spec(**{"resources.gpu.count": 4, "resources.gpu.nodes": 2,
-                          "resources.gpu.memory": "80Gi", "training.batchSize": 64})
+    spec = _llama_spec(
+        **{
+            "resources.gpu.count": 4,
+            "resources.gpu.nodes": 2,
+            "resources.gpu.memory": "80Gi",
+            "training.batchSize": 64,
+        }
+    )
     status_plan = plan_for_spec(spec, LLAMA3_8B)
     dumped = status_plan.model_dump(by_alias=True)
-    assert (dumped["strategy"], dumped["nodes"], dumped["processesPerNode"],
-            dumped["worldSize"]) == ("ddp", 2, 4, 8)
+    assert (
+        dumped["strategy"],
+        dumped["nodes"],
+        dumped["processesPerNode"],
+        dumped["worldSize"],
+    ) == ("ddp", 2, 4, 8)
     assert dumped["microBatchSize"] * dumped["gradientAccumulation"] * 8 == 64
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from finetune_operator.planner import (
     ModelArch,
     TrainingShape,
@@ -62,10 +63,17 @@ def test_llama3_8b_parameter_count_is_exact():
 
 
 LLAMA3_CONFIG = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
-    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-    "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False,
-    "rope_theta": 500000.0, "torch_dtype": "bfloat16",
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "tie_word_embeddings": False,
+    "rope_theta": 500000.0,
+    "torch_dtype": "bfloat16",
 }
 
 
@@ -79,30 +87,59 @@ def test_arch_from_config_json_reads_transformers_fields():
 
 def test_config_without_shape_names_missing_fields():
     with pytest.raises(UnknownArchitecture, match="intermediate_size.*spec.model.architecture"):
-        arch_from_config_json({"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 2,
-                               "num_attention_heads": 2, "vocab_size": 10})
+        arch_from_config_json(
+            {
+                "model_type": "llama",
+                "hidden_size": 8,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "vocab_size": 10,
+            }
+        )
 
 
 def test_hints_in_camel_case_and_missing_hint_message():
-    hints = {"hiddenSize": 4096, "intermediateSize": 14336, "numHiddenLayers": 32,
-             "numAttentionHeads": 32, "numKeyValueHeads": 8, "vocabSize": 128256}
+    hints = {
+        "hiddenSize": 4096,
+        "intermediateSize": 14336,
+        "numHiddenLayers": 32,
+        "numAttentionHeads": 32,
+        "numKeyValueHeads": 8,
+        "vocabSize": 128256,
+    }
     assert arch_from_hints(hints, "x").total_params() == LLAMA3_8B.total_params()
     with pytest.raises(UnknownArchitecture, match="vocabSize"):
         arch_from_hints({k: v for k, v in hints.items() if k != "vocabSize"}, "x")
 
 
 def test_arch_for_model_prefers_local_config_then_preset_then_hints(tmp_path):
-    small = {**LLAMA3_CONFIG, "hidden_size": 64, "intermediate_size": 224, "num_hidden_layers": 2,
-             "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1024}
+    small = {
+        **LLAMA3_CONFIG,
+        "hidden_size": 64,
+        "intermediate_size": 224,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 1024,
+    }
     (tmp_path / "claim" / "models" / "tiny").mkdir(parents=True)
     (tmp_path / "claim" / "models" / "tiny" / "config.json").write_text(json.dumps(small))
     from_pvc = arch_for_model({"uri": "pvc://claim/models/tiny"}, claims_root=tmp_path)
     assert from_pvc.hidden_size == 64 and from_pvc.num_layers == 2
     assert arch_from_local(tmp_path / "claim/models/tiny").vocab_size == 1024
     assert arch_for_model({"name": "meta-llama/Meta-Llama-3-8B"}) == LLAMA3_8B
-    hinted = arch_for_model({"name": "acme/private", "architecture": {
-        "hiddenSize": 64, "intermediateSize": 224, "numHiddenLayers": 2,
-        "numAttentionHeads": 4, "vocabSize": 1024}})
+    hinted = arch_for_model(
+        {
+            "name": "acme/private",
+            "architecture": {
+                "hiddenSize": 64,
+                "intermediateSize": 224,
+                "numHiddenLayers": 2,
+                "numAttentionHeads": 4,
+                "vocabSize": 1024,
+            },
+        }
+    )
     assert hinted.num_kv_heads == 4  # defaults to the attention heads
     with pytest.raises(UnknownArchitecture, match="spec.model.architecture"):
         arch_for_model({"name": "acme/private"})
@@ -114,11 +151,13 @@ def test_arch_for_model_prefers_local_config_then_preset_then_hints(tmp_path):
 
 # --- weights -----------------------------------------------------------------------------
 
+
 def test_bf16_weights_match_measured_after_load():
     # after_load_GiB of the bf16 model on the H200, measured by the common recipe:
     # 14.96 (bench/reference/common-recipe-h200.jsonl).
     assert weight_bytes(LLAMA3_8B, TrainingShape(method="lora")) / GiB == pytest.approx(
-        14.96, abs=0.01)
+        14.96, abs=0.01
+    )
 
 
 def test_nf4_double_quant_weights_of_8b():
@@ -140,14 +179,17 @@ def test_quantization_constants_bits_per_parameter():
 
 # --- adapters, gradients, optimizer -------------------------------------------------------
 
+
 def test_lora_trainable_params_match_peft():
     # peft's trainable parameters for all seven projections, as measured by the common recipe
     # (bench/reference/common-recipe-h200.jsonl: 41,943,040 at r=16, 167,772,160 at r=64).
     assert trainable_params(LLAMA3_8B, TrainingShape(lora_r=16, target_modules=ALL7)) == 41_943_040
     assert trainable_params(LLAMA3_8B, TrainingShape(lora_r=64)) == 167_772_160  # all-linear
     # q and v only: 8 * (4096 + 4096) + 8 * (4096 + 1024) per layer.
-    assert trainable_params(LLAMA3_8B, TrainingShape(
-        lora_r=8, target_modules=("q_proj", "v_proj"))) == 3_407_872
+    assert (
+        trainable_params(LLAMA3_8B, TrainingShape(lora_r=8, target_modules=("q_proj", "v_proj")))
+        == 3_407_872
+    )
 
 
 def test_fused_projection_families_count_their_own_modules():
@@ -177,12 +219,20 @@ def test_optimizer_state_bytes():
 
 # --- activations and the peak ------------------------------------------------------------
 
+
 def test_saved_activations_per_layer_from_first_principles():
     h, i = 4096, 14336
     # Plain SDPA rows (varlen=False): K/V stay at their grouped width without a mask.
-    stock = layer_activation_bytes(LLAMA3_8B, TrainingShape(
-        lora_dropout=0.1, fused_kernels=False, attention_mask=False, target_modules=ALL7,
-        varlen=False))
+    stock = layer_activation_bytes(
+        LLAMA3_8B,
+        TrainingShape(
+            lora_dropout=0.1,
+            fused_kernels=False,
+            attention_mask=False,
+            target_modules=ALL7,
+            varlen=False,
+        ),
+    )
     # fp32 norm inputs; bf16 input copy + 1-byte dropout mask per adapted projection;
     # q, k, v, output of SDPA (K/V at the 1024-wide grouped width) plus fp32 log-sum-exp;
     # gate, up and SiLU outputs.
@@ -190,9 +240,16 @@ def test_saved_activations_per_layer_from_first_principles():
     assert stock["adapters"] == 3 * (6 * h + i) + 7 * 2 * 16
     assert stock["attention"] == 2 * h + 2 * 2 * 1024 + 2 * h + 4 * 32
     assert stock["mlp"] == 3 * 2 * i
-    fused = layer_activation_bytes(LLAMA3_8B, TrainingShape(
-        lora_dropout=0.1, fused_kernels=True, attention_mask=False, target_modules=ALL7,
-        varlen=False))
+    fused = layer_activation_bytes(
+        LLAMA3_8B,
+        TrainingShape(
+            lora_dropout=0.1,
+            fused_kernels=True,
+            attention_mask=False,
+            target_modules=ALL7,
+            varlen=False,
+        ),
+    )
     # liger's RMSNorm keeps the bf16 input, its SwiGLU recomputes SiLU in backward.
     assert stock["norms"] - fused["norms"] == 2 * 2 * h
     assert stock["mlp"] - fused["mlp"] == 2 * i
@@ -244,8 +301,15 @@ def test_invalid_shape_names_the_field():
     with pytest.raises(ValueError, match="micro_batch is 0"):
         TrainingShape(micro_batch=0)
     with pytest.raises(UnknownArchitecture, match="hidden_size"):
-        ModelArch(name="x", hidden_size=0, intermediate_size=1, num_layers=1, num_heads=1,
-                  num_kv_heads=1, vocab_size=1)
+        ModelArch(
+            name="x",
+            hidden_size=0,
+            intermediate_size=1,
+            num_layers=1,
+            num_heads=1,
+            num_kv_heads=1,
+            vocab_size=1,
+        )
 
 
 def test_hub_config_is_fetched_with_the_token_and_errors_say_what_to_do(monkeypatch):
@@ -283,9 +347,19 @@ def test_hub_config_is_fetched_with_the_token_and_errors_say_what_to_do(monkeypa
             arch_for_model({"name": "acme/gated"}, allow_hub=True, token="hf_secret")
         assert "hf_secret" not in str(caught.value)
         # Hints still rescue a model the Hub refuses.
-        hinted = arch_for_model({"name": "acme/gated", "architecture": {
-            "hiddenSize": 64, "intermediateSize": 224, "numHiddenLayers": 2,
-            "numAttentionHeads": 4, "vocabSize": 1024}}, allow_hub=True)
+        hinted = arch_for_model(
+            {
+                "name": "acme/gated",
+                "architecture": {
+                    "hiddenSize": 64,
+                    "intermediateSize": 224,
+                    "numHiddenLayers": 2,
+                    "numAttentionHeads": 4,
+                    "vocabSize": 1024,
+                },
+            },
+            allow_hub=True,
+        )
         assert hinted.hidden_size == 64
     finally:
         server.shutdown()
@@ -303,9 +377,16 @@ def _ranks_model_arch():
 
     from finetune_operator.planner.arch import arch_from_config_json
 
-    config = LlamaConfig(vocab_size=512, hidden_size=2048, intermediate_size=5632,
-                         num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=8,
-                         max_position_embeddings=1024, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=512,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+    )
     return arch_from_config_json(config.to_dict())
 
 
@@ -318,8 +399,9 @@ def test_per_rank_memory_of_fsdp_and_ddp_matches_real_ranks(data_file):
 
     from finetune_operator.planner.memory import TrainingShape, estimate_memory
 
-    runs = json.loads((Path(__file__).resolve().parents[1] / "bench" / "data" / data_file)
-                      .read_text())
+    runs = json.loads(
+        (Path(__file__).resolve().parents[1] / "bench" / "data" / data_file).read_text()
+    )
     arch = _ranks_model_arch()
     checked = 0
     for run in runs:
@@ -327,9 +409,17 @@ def test_per_rank_memory_of_fsdp_and_ddp_matches_real_ranks(data_file):
         if any(run["exitCodes"]) or not peaks:
             continue
         world = run["world"]
-        shape = TrainingShape(method=run["method"], lora_r=8, lora_dropout=0.0, seq_len=512,
-                              micro_batch=2, packing=True, gpu_count=world,
-                              strategy=run["strategy"], gradient_accumulation=8 // 2 // world)
+        shape = TrainingShape(
+            method=run["method"],
+            lora_r=8,
+            lora_dropout=0.0,
+            seq_len=512,
+            micro_batch=2,
+            packing=True,
+            gpu_count=world,
+            strategy=run["strategy"],
+            gradient_accumulation=8 // 2 // world,
+        )
         predicted = estimate_memory(arch, shape).total
         assert predicted == pytest.approx(max(peaks), rel=0.05), run["run"]
         checked += 1

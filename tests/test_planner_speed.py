@@ -14,13 +14,16 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from finetune_operator.planner import TrainingShape, preset
 from finetune_operator.planner.speed import predicted_tokens_per_second
 
 ROOT = Path(__file__).resolve().parent.parent
 GRID = ROOT / "bench" / "data" / "speed-grid-h200.jsonl"
-ARCH = {"llama-3-8b": preset("meta-llama/Meta-Llama-3-8B"),
-        "llama-3.2-1b": preset("meta-llama/Llama-3.2-1B")}
+ARCH = {
+    "llama-3-8b": preset("meta-llama/Meta-Llama-3-8B"),
+    "llama-3.2-1b": preset("meta-llama/Llama-3.2-1B"),
+}
 FIT_TOKENS = {1024, 4096, 16384}
 # Two Llama-3.2-1B runs without dropout measured slower than the same runs with it (14,758 vs
 # 18,928 and 44,129 vs 64,938 tokens/s), which no cost model can produce: dropout only adds
@@ -34,23 +37,32 @@ def grid() -> list[dict]:
 
 
 def predicted(row: dict) -> float:
-    shape = TrainingShape(method=row["method"], gradient_checkpointing=row["grad_ckpt"] > 0,
-                          micro_batch=1, seq_len=row["tokens_per_micro_batch"], packing=True,
-                          lora_dropout=row["dropout"])
+    shape = TrainingShape(
+        method=row["method"],
+        gradient_checkpointing=row["grad_ckpt"] > 0,
+        micro_batch=1,
+        seq_len=row["tokens_per_micro_batch"],
+        packing=True,
+        lora_dropout=row["dropout"],
+    )
     return predicted_tokens_per_second(ARCH[row["shape"]], shape)
 
 
 def test_the_grid_covers_both_sizes_methods_and_checkpointing():
     rows = grid()
     assert {(r["shape"], r["method"], r["grad_ckpt"]) for r in rows} == {
-        (s, m, c) for s in ARCH for m in ("lora", "qlora") for c in (0, 1)}
+        (s, m, c) for s in ARCH for m in ("lora", "qlora") for c in (0, 1)
+    }
     assert {r["tokens_per_micro_batch"] for r in rows} == {1024, 2048, 4096, 8192, 16384}
 
 
 @pytest.mark.parametrize("held_out", [False, True], ids=["fit", "held-out"])
 def test_predictions_are_within_15_percent_of_the_measurements(held_out):
-    rows = [r for r in grid()
-            if (r["tokens_per_micro_batch"] not in FIT_TOKENS or r["dropout"] == 0) == held_out]
+    rows = [
+        r
+        for r in grid()
+        if (r["tokens_per_micro_batch"] not in FIT_TOKENS or r["dropout"] == 0) == held_out
+    ]
     assert len(rows) >= 18
     errors = {r["label"]: predicted(r) / r["tokens_per_s"] - 1 for r in rows}
     assert max(abs(e) for e in errors.values()) <= 0.15, errors
@@ -60,13 +72,25 @@ def test_earlier_product_path_runs_the_fit_never_saw():
     # The worker's Trainer on varlen rows, dropout 0, Llama-3-8B, seq 512 (earlier H200 runs:
     # bench/data/trainer-budgets-h200.jsonl and speed-microbatch-varlen-h200.jsonl):
     # (method, ckpt, micro-batch) -> tokens/s.
-    measured = {("lora", False, 2): 4_724, ("lora", False, 4): 10_784,
-                ("lora", False, 8): 15_159, ("lora", False, 24): 15_582,
-                ("lora", True, 4): 5_264, ("lora", True, 16): 11_123,
-                ("lora", True, 24): 10_884, ("qlora", True, 16): 10_226}
+    measured = {
+        ("lora", False, 2): 4_724,
+        ("lora", False, 4): 10_784,
+        ("lora", False, 8): 15_159,
+        ("lora", False, 24): 15_582,
+        ("lora", True, 4): 5_264,
+        ("lora", True, 16): 11_123,
+        ("lora", True, 24): 10_884,
+        ("qlora", True, 16): 10_226,
+    }
     for (method, ckpt, micro), tokens_per_s in measured.items():
-        shape = TrainingShape(method=method, gradient_checkpointing=ckpt, micro_batch=micro,
-                              seq_len=512, packing=True, lora_dropout=0.0)
+        shape = TrainingShape(
+            method=method,
+            gradient_checkpointing=ckpt,
+            micro_batch=micro,
+            seq_len=512,
+            packing=True,
+            lora_dropout=0.0,
+        )
         got = predicted_tokens_per_second(ARCH["llama-3-8b"], shape)
         assert got == pytest.approx(tokens_per_s, rel=0.20), (method, ckpt, micro, got)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from charttest import CHART, by_kind, render
 from finetune_dev.devcluster import binaries
 
@@ -39,11 +40,14 @@ def chart() -> dict:
 def default_images() -> dict[str, str]:
     """The image references the chart runs when no value is set."""
     v = values()
-    return {"operator": f"{v['image']['repository']}:{v['image']['tag'] or chart()['appVersion']}",
-            "worker": f"{v['worker']['image']['repository']}:{v['worker']['image']['tag']}"}
+    return {
+        "operator": f"{v['image']['repository']}:{v['image']['tag'] or chart()['appVersion']}",
+        "worker": f"{v['worker']['image']['repository']}:{v['worker']['image']['tag']}",
+    }
 
 
 # -- make images ---------------------------------------------------------------------------
+
 
 def tool_path(tmp_path: Path, engines: dict[str, str] = {}) -> str:  # noqa: B006
     """A PATH of the Makefile's tools, plus stand-in container engines (name -> script)."""
@@ -61,8 +65,14 @@ def tool_path(tmp_path: Path, engines: dict[str, str] = {}) -> str:  # noqa: B00
 
 def make(target: str, path: str, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("CONTAINER_ENGINE", "MAKEFLAGS")}
-    return subprocess.run(["make", "-C", str(ROOT), target, *args], env={**env, "PATH": path},
-                          capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run(
+        ["make", "-C", str(ROOT), target, *args],
+        env={**env, "PATH": path},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def recording_engine(log: Path) -> str:
@@ -77,7 +87,7 @@ def test_make_images_without_docker_or_podman_fails_and_says_so(tmp_path):
 
 def test_make_images_with_an_engine_that_cannot_run_says_so(tmp_path):
     # docker's CLI without a daemon: `docker info` fails (as on this machine).
-    path = tool_path(tmp_path, {"docker": "[ \"$1\" = info ] && exit 1\nexit 0\n"})
+    path = tool_path(tmp_path, {"docker": '[ "$1" = info ] && exit 1\nexit 0\n'})
     res = make("images", path)
     assert res.returncode != 0
     assert "is installed but" in res.stderr and "info' fails" in res.stderr, res.stderr
@@ -98,21 +108,31 @@ def test_make_images_builds_what_the_chart_pulls_by_default(tmp_path, engine):
 
 def test_make_push_images_pushes_to_your_registry_and_prints_the_chart_values(tmp_path):
     log = tmp_path / "engine.log"
-    res = make("push-images", tool_path(tmp_path, {"docker": recording_engine(log)}),
-               "REGISTRY=registry.example.com/ml")
+    res = make(
+        "push-images",
+        tool_path(tmp_path, {"docker": recording_engine(log)}),
+        "REGISTRY=registry.example.com/ml",
+    )
     assert res.returncode == 0, res.stderr
     version = chart()["appVersion"]
     pushed = [line.split()[-1] for line in log.read_text().splitlines() if " push " in line]
-    assert pushed == [f"registry.example.com/ml/finetune-operator:{version}",
-                      f"registry.example.com/ml/finetune-worker:{version}"]
+    assert pushed == [
+        f"registry.example.com/ml/finetune-operator:{version}",
+        f"registry.example.com/ml/finetune-worker:{version}",
+    ]
     # The --set values it prints point a rendered chart at exactly those images.
     printed = re.findall(r"--set (\S+)", res.stdout)
     assert_chart_runs(printed, operator=pushed[0], worker=pushed[1])
 
 
 def test_make_test_does_not_build_images():
-    res = subprocess.run(["make", "-n", "-C", str(ROOT), "test"], capture_output=True,
-                         text=True, timeout=60, check=False)
+    res = subprocess.run(
+        ["make", "-n", "-C", str(ROOT), "test"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert res.returncode == 0, res.stderr
     assert "Dockerfile" not in res.stdout and "images" not in res.stdout, res.stdout
 
@@ -125,6 +145,7 @@ def test_the_default_worker_tag_is_the_chart_app_version():
 
 # -- the README ----------------------------------------------------------------------------
 
+
 def assert_chart_runs(set_values: list[str], *, operator: str, worker: str) -> None:
     known = values()
     for assignment in set_values:
@@ -132,8 +153,11 @@ def assert_chart_runs(set_values: list[str], *, operator: str, worker: str) -> N
         for key in assignment.split("=", 1)[0].split("."):
             assert isinstance(node, dict) and key in node, f"{assignment}: no such chart value"
             node = node[key]
-    deployment = next(d for d in by_kind(render(set_values=set_values), "Deployment")
-                      if d["metadata"]["name"].endswith("finetune-operator"))
+    deployment = next(
+        d
+        for d in by_kind(render(set_values=set_values), "Deployment")
+        if d["metadata"]["name"].endswith("finetune-operator")
+    )
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert (container["image"], env["FINETUNE_WORKER_IMAGE"]) == (operator, worker)
@@ -146,7 +170,7 @@ def test_readme_builds_the_images_it_points_the_chart_at():
     assert set(built) == {"operator", "worker"}, section
     pushed = re.findall(r"docker push (\S+)", section)
     assert sorted(pushed) == sorted(built.values())
-    helm_install = section[section.index("helm install"):].split("\nkubectl", 1)[0]
+    helm_install = section[section.index("helm install") :].split("\nkubectl", 1)[0]
     set_values = re.findall(r"--set (\S+)", helm_install)
     assert_chart_runs(set_values, operator=built["operator"], worker=built["worker"])
     # and it names the chart's real defaults
@@ -156,11 +180,19 @@ def test_readme_builds_the_images_it_points_the_chart_at():
 
 # -- the release workflow ------------------------------------------------------------------
 
+
 def actionlint(path: Path) -> subprocess.CompletedProcess:
     exe = binaries.ensure_built(["actionlint"])["actionlint"]
     env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    return subprocess.run([str(exe), "-verbose", "-no-color", str(path)], cwd=path.parent,
-                          capture_output=True, text=True, timeout=120, env=env, check=False)
+    return subprocess.run(
+        [str(exe), "-verbose", "-no-color", str(path)],
+        cwd=path.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
 
 
 def test_release_workflow_passes_actionlint_and_shellcheck():
@@ -174,8 +206,9 @@ def test_release_workflow_passes_actionlint_and_shellcheck():
 def test_actionlint_rejects_a_broken_workflow(tmp_path):
     """The lint is not vacuous: an unknown action input and an undefined output fail it."""
     broken = WORKFLOW.read_text().replace("file: Dockerfile.", "dockerfile: Dockerfile.")
-    broken = broken.replace("needs.version.outputs.registry }}/finetune-",
-                            "needs.version.outputs.regstry }}/finetune-")
+    broken = broken.replace(
+        "needs.version.outputs.registry }}/finetune-", "needs.version.outputs.regstry }}/finetune-"
+    )
     target = tmp_path / ".github" / "workflows" / "release.yml"
     target.parent.mkdir(parents=True)
     target.write_text(broken)
@@ -189,13 +222,18 @@ def test_release_workflow_publishes_the_images_and_chart_on_a_tag():
     trigger = flow.get("on", flow.get(True))  # YAML 1.1 reads a bare `on` as true
     assert trigger == {"push": {"tags": ["v*"]}}
     jobs = flow["jobs"]
-    build = next(s for s in jobs["images"]["steps"]
-                 if s.get("uses", "").startswith("docker/build-push-action@"))["with"]
+    build = next(
+        s
+        for s in jobs["images"]["steps"]
+        if s.get("uses", "").startswith("docker/build-push-action@")
+    )["with"]
     assert jobs["images"]["strategy"]["matrix"]["image"] == ["operator", "worker"]
     assert build["file"] == "Dockerfile.${{ matrix.image }}" and build["push"] is True
     assert all((ROOT / f"Dockerfile.{name}").exists() for name in ("operator", "worker"))
-    assert build["tags"] == ("${{ needs.version.outputs.registry }}/finetune-${{ matrix.image }}"
-                             ":${{ needs.version.outputs.version }}")
+    assert build["tags"] == (
+        "${{ needs.version.outputs.registry }}/finetune-${{ matrix.image }}"
+        ":${{ needs.version.outputs.version }}"
+    )
     # The registry is ghcr.io/<owner>: for this project's owner, the chart's defaults.
     owner = chart()["home"].split("github.com/", 1)[1].split("/")[0]
     for name, image in default_images().items():

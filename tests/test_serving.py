@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+
 from finetune_api import adapter_checks
 from finetune_api.adapter_manifest import AdapterManifest, BaseModelRef, describe_files
 from finetune_api.adapterdeployment import AdapterDeployment
@@ -91,10 +92,13 @@ def parse_vllm(args: list[str]) -> argparse.Namespace:
     return ns
 
 
-def ad(name: str, adapters: list[dict], *, namespace: str = "team", uid: str | None = None,
-       **spec) -> AdapterDeployment:
-    doc = {"metadata": {"name": name, "namespace": namespace, "uid": uid or f"uid-{name}"},
-           "spec": {"baseModel": {"name": BASE}, "adapters": adapters, **spec}}
+def ad(
+    name: str, adapters: list[dict], *, namespace: str = "team", uid: str | None = None, **spec
+) -> AdapterDeployment:
+    doc = {
+        "metadata": {"name": name, "namespace": namespace, "uid": uid or f"uid-{name}"},
+        "spec": {"baseModel": {"name": BASE}, "adapters": adapters, **spec},
+    }
     return AdapterDeployment.model_validate(doc)
 
 
@@ -102,10 +106,10 @@ def member(name: str, *adapters: ServedAdapter, replicas: int = 1) -> Member:
     return Member(name=name, uid=f"uid-{name}", replicas=replicas, adapters=tuple(adapters))
 
 
-def served(name: str, uri: str, *, rank: int = 16, deployment: str = "d",
-           sha256: str | None = None) -> ServedAdapter:
-    return ServedAdapter(name=name, uri=uri, deployment=deployment, max_rank=rank,
-                         sha256=sha256)
+def served(
+    name: str, uri: str, *, rank: int = 16, deployment: str = "d", sha256: str | None = None
+) -> ServedAdapter:
+    return ServedAdapter(name=name, uri=uri, deployment=deployment, max_rank=rank, sha256=sha256)
 
 
 DEFAULTS = ServingDefaults()
@@ -127,8 +131,7 @@ def test_three_adapters_on_one_base_render_one_deployment_listing_all_three():
     members = [
         member("a", served("support", "pvc://adapters/support", deployment="a")),
         member("b", served("alpaca", "hf://acme/alpaca-lora", rank=8, deployment="b")),
-        member("c", served("sql", "s3://adapters/sql", rank=64, deployment="c",
-                           sha256="ab" * 32)),
+        member("c", served("sql", "s3://adapters/sql", rank=64, deployment="c", sha256="ab" * 32)),
     ]
     dep, svc = serving.build_server(cfg, members, DEFAULTS)
     args = vllm_container(dep)["args"]
@@ -165,10 +168,12 @@ def test_members_order_does_not_matter_and_removal_rolls_the_template():
     without_b, _ = serving.build_server(cfg, [a, c], DEFAULTS)
     assert "two=/mnt/adapters/two" not in vllm_container(without_b)["args"]
     assert [r["name"] for r in without_b["metadata"]["ownerReferences"]] == ["a", "c"]
-    annotations = lambda d: d["spec"]["template"]["metadata"]["annotations"]
+
+    def annotations(d):
+        return d["spec"]["template"]["metadata"]["annotations"]
+
     assert annotations(first) != annotations(without_b)
-    assert annotations(without_b)[ANNOTATION_ADAPTERS] == (
-        "one=unverified,three=unverified")
+    assert annotations(without_b)[ANNOTATION_ADAPTERS] == ("one=unverified,three=unverified")
 
 
 def test_server_identity_follows_base_model_and_runtime_settings_only():
@@ -193,17 +198,24 @@ def test_server_identity_follows_base_model_and_runtime_settings_only():
 
 def test_replicas_are_the_largest_any_member_asks_for():
     cfg = config_of(ad("a", []))
-    dep, _ = serving.build_server(cfg, [member("a", served("x", "pvc://a/x"), replicas=1),
-                                        member("b", served("y", "pvc://a/y"), replicas=3)],
-                                  DEFAULTS)
+    dep, _ = serving.build_server(
+        cfg,
+        [
+            member("a", served("x", "pvc://a/x"), replicas=1),
+            member("b", served("y", "pvc://a/y"), replicas=3),
+        ],
+        DEFAULTS,
+    )
     assert dep["spec"]["replicas"] == 3
 
 
 # --- rank ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("need,rank", [(1, 1), (2, 8), (8, 8), (16, 16), (17, 32), (64, 64),
-                                       (65, 128), (300, 320), (512, 512)])
+@pytest.mark.parametrize(
+    "need,rank",
+    [(1, 1), (2, 8), (8, 8), (16, 16), (17, 32), (64, 64), (65, 128), (300, 320), (512, 512)],
+)
 def test_server_rank_rounds_up_to_a_rank_vllm_accepts(need, rank):
     assert vllm.server_rank([1, need]) == rank
     assert vllm.server_rank([need]) in VLLM_MAX_LORA_RANKS
@@ -218,10 +230,15 @@ def test_rank_above_vllms_maximum_is_an_error():
 
 
 def test_pod_is_restricted_probes_health_and_keeps_secrets_in_files():
-    cfg = config_of(ad("a", [], hfTokenSecretRef={"name": "hf", "key": "tok"},
-                       storageSecretRef={"name": "s3"},
-                       resources={"gpu": {"count": 2, "product": "NVIDIA-H200"},
-                                  "cpu": "8", "memory": "64Gi"}))
+    cfg = config_of(
+        ad(
+            "a",
+            [],
+            hfTokenSecretRef={"name": "hf", "key": "tok"},
+            storageSecretRef={"name": "s3"},
+            resources={"gpu": {"count": 2, "product": "NVIDIA-H200"}, "cpu": "8", "memory": "64Gi"},
+        )
+    )
     dep, _ = serving.build_server(cfg, [member("a", served("x", "s3://bucket/x"))], DEFAULTS)
     pod = dep["spec"]["template"]["spec"]
     c = vllm_container(dep)
@@ -242,8 +259,11 @@ def test_pod_is_restricted_probes_health_and_keeps_secrets_in_files():
     # Secrets are mounted files; nothing secret-valued in any env.
     env = {e["name"]: e for e in c["env"]}
     assert env["HF_TOKEN_PATH"]["value"] == HF_TOKEN_PATH
-    assert all("valueFrom" not in e for ct in pod["containers"] + pod["initContainers"]
-               for e in ct.get("env", []))
+    assert all(
+        "valueFrom" not in e
+        for ct in pod["containers"] + pod["initContainers"]
+        for e in ct.get("env", [])
+    )
     secrets = {v["name"]: v["secret"] for v in pod["volumes"] if "secret" in v}
     assert secrets["hf-token"]["secretName"] == "hf"
     assert secrets["hf-token"]["items"] == [{"key": "tok", "path": "token"}]
@@ -260,21 +280,34 @@ def test_hub_adapters_need_no_init_containers_and_pvcs_are_mounted_read_only():
     cfg = config_of(ad("a", []))
     dep, _ = serving.build_server(cfg, [member("a", served("x", "hf://acme/x"))], DEFAULTS)
     assert "initContainers" not in dep["spec"]["template"]["spec"]
-    dep, _ = serving.build_server(cfg, [member("a", served("x", "pvc://claim/runs/x"))],
-                                  DEFAULTS)
+    dep, _ = serving.build_server(cfg, [member("a", served("x", "pvc://claim/runs/x"))], DEFAULTS)
     pod = dep["spec"]["template"]["spec"]
-    assert {"name": "pvc-claim", "persistentVolumeClaim": {"claimName": "claim",
-                                                           "readOnly": True}} in pod["volumes"]
+    assert {
+        "name": "pvc-claim",
+        "persistentVolumeClaim": {"claimName": "claim", "readOnly": True},
+    } in pod["volumes"]
     assert [i["name"] for i in pod["initContainers"]] == ["verify-adapters"]
 
 
 def test_defaults_apply_unless_the_deployment_sets_its_own():
-    defaults = ServingDefaults.from_env({"FINETUNE_SERVING_DEFAULTS": json.dumps({
-        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists",
-                         "effect": "NoSchedule"}],
-        "nodeSelector": {"pool": "serving"}, "cpu": "4", "memory": "32Gi",
-        "extraArgs": ["--gpu-memory-utilization", "0.85"],
-        "maxSurge": 0, "maxUnavailable": 1})}, image="registry/vllm:1")
+    defaults = ServingDefaults.from_env(
+        {
+            "FINETUNE_SERVING_DEFAULTS": json.dumps(
+                {
+                    "tolerations": [
+                        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+                    ],
+                    "nodeSelector": {"pool": "serving"},
+                    "cpu": "4",
+                    "memory": "32Gi",
+                    "extraArgs": ["--gpu-memory-utilization", "0.85"],
+                    "maxSurge": 0,
+                    "maxUnavailable": 1,
+                }
+            )
+        },
+        image="registry/vllm:1",
+    )
     cfg = server_group.server_config(ad("a", []), defaults)
     dep, _ = serving.build_server(cfg, [member("a", served("x", "hf://acme/x"))], defaults)
     pod = dep["spec"]["template"]["spec"]
@@ -285,8 +318,15 @@ def test_defaults_apply_unless_the_deployment_sets_its_own():
     assert c["image"] == "registry/vllm:1"
     assert c["resources"]["limits"]["memory"] == "32Gi"
     assert parse_vllm(c["args"]).gpu_memory_utilization == 0.85
-    own = server_group.server_config(ad("a", [], image="mine:2", resources={
-        "tolerations": [], "nodeSelector": {"pool": "mine"}, "cpu": "2"}), defaults)
+    own = server_group.server_config(
+        ad(
+            "a",
+            [],
+            image="mine:2",
+            resources={"tolerations": [], "nodeSelector": {"pool": "mine"}, "cpu": "2"},
+        ),
+        defaults,
+    )
     dep, _ = serving.build_server(own, [member("a", served("x", "hf://acme/x"))], defaults)
     pod = dep["spec"]["template"]["spec"]
     assert "tolerations" not in pod and pod["nodeSelector"] == {"pool": "mine"}
@@ -304,13 +344,21 @@ def test_bad_defaults_are_reported_with_what_is_expected():
 def test_paths_vllm_would_misparse_use_the_json_form():
     arg = vllm.lora_module_arg(served("x", "pvc://claim/a=b,c"), BASE)
     ns = parse_vllm([BASE, "--lora-modules", arg])
-    assert ns.lora_modules == [{"name": "x", "path": "/mnt/claim/a=b,c",
-                                "base_model_name": BASE}]
+    assert ns.lora_modules == [{"name": "x", "path": "/mnt/claim/a=b,c", "base_model_name": BASE}]
 
 
 def test_base_model_revision_tokenizer_and_volume_paths():
-    cfg = config_of(ad("a", [], baseModel={"uri": "pvc://models/llama3", "revision": "v1",
-                                           "tokenizer": "hf://acme/tok"}))
+    cfg = config_of(
+        ad(
+            "a",
+            [],
+            baseModel={
+                "uri": "pvc://models/llama3",
+                "revision": "v1",
+                "tokenizer": "hf://acme/tok",
+            },
+        )
+    )
     dep, _ = serving.build_server(cfg, [member("a", served("x", "hf://acme/x"))], DEFAULTS)
     ns = parse_vllm(vllm_container(dep)["args"])
     assert ns.model_tag == "/mnt/models/llama3"
@@ -330,36 +378,63 @@ def reasons(problems) -> list[str]:
 
 
 def test_compatible_adapter_has_no_problems():
-    facts = {"name": "x", "baseModel": {"name": BASE}, "revisionDeclared": True, "r": 16,
-             "targetModules": ["q_proj", "v_proj"], "useDoRA": False}
+    facts = {
+        "name": "x",
+        "baseModel": {"name": BASE},
+        "revisionDeclared": True,
+        "r": 16,
+        "targetModules": ["q_proj", "v_proj"],
+        "useDoRA": False,
+    }
     assert adapter_checks.adapter_problems(facts, server_inputs()) == []
 
 
-@pytest.mark.parametrize("facts,server,reason,words", [
-    ({"baseModel": {"name": "mistralai/Mistral-7B-v0.3"}}, {}, "BaseModelMismatch",
-     "trained on 'mistralai/Mistral-7B-v0.3'"),
-    ({"baseModel": {"name": BASE, "revision": "abc"}, "revisionDeclared": True}, {},
-     "BaseModelMismatch", "revision 'abc'"),
-    ({"baseModel": {"name": BASE, "revision": "abc"}, "revisionDeclared": False},
-     {"revision": "def"}, "BaseModelMismatch", "spec.baseModel.revision"),
-    ({"r": 128}, {}, "RankAboveLimit", "raise spec.maxLoraRank to at least 128"),
-    ({"r": 1024}, {"maxRank": 2048}, "RankAboveLimit", "vLLM serves ranks up to 512"),
-    ({"targetModules": ["q_proj", "input_layernorm"]}, {}, "UnsupportedTargetModules",
-     "['input_layernorm']"),
-    ({"useDoRA": True}, {}, "UnsupportedAdapterFeature", "DoRA"),
-    ({"modulesToSave": ["lm_head"]}, {}, "UnsupportedAdapterFeature", "modules_to_save"),
-])
+@pytest.mark.parametrize(
+    "facts,server,reason,words",
+    [
+        (
+            {"baseModel": {"name": "mistralai/Mistral-7B-v0.3"}},
+            {},
+            "BaseModelMismatch",
+            "trained on 'mistralai/Mistral-7B-v0.3'",
+        ),
+        (
+            {"baseModel": {"name": BASE, "revision": "abc"}, "revisionDeclared": True},
+            {},
+            "BaseModelMismatch",
+            "revision 'abc'",
+        ),
+        (
+            {"baseModel": {"name": BASE, "revision": "abc"}, "revisionDeclared": False},
+            {"revision": "def"},
+            "BaseModelMismatch",
+            "spec.baseModel.revision",
+        ),
+        ({"r": 128}, {}, "RankAboveLimit", "raise spec.maxLoraRank to at least 128"),
+        ({"r": 1024}, {"maxRank": 2048}, "RankAboveLimit", "vLLM serves ranks up to 512"),
+        (
+            {"targetModules": ["q_proj", "input_layernorm"]},
+            {},
+            "UnsupportedTargetModules",
+            "['input_layernorm']",
+        ),
+        ({"useDoRA": True}, {}, "UnsupportedAdapterFeature", "DoRA"),
+        ({"modulesToSave": ["lm_head"]}, {}, "UnsupportedAdapterFeature", "modules_to_save"),
+    ],
+)
 def test_incompatible_adapters_are_refused_with_the_reason(facts, server, reason, words):
-    inputs = server_inputs(max_rank=server.pop("maxRank", 64),
-                           **({"name": BASE, **server}))
+    inputs = server_inputs(max_rank=server.pop("maxRank", 64), **({"name": BASE, **server}))
     problems = adapter_checks.adapter_problems({"name": "x", **facts}, inputs)
     assert reasons(problems) == [reason]
     assert words in problems[0][1] and "'x'" in problems[0][1]
 
 
 def test_resolved_revision_is_not_compared_with_an_unpinned_server():
-    facts = {"name": "x", "baseModel": {"name": f"hf://{BASE}".removeprefix("hf://"),
-                                        "revision": "0123abc"}, "revisionDeclared": False}
+    facts = {
+        "name": "x",
+        "baseModel": {"name": f"hf://{BASE}".removeprefix("hf://"), "revision": "0123abc"},
+        "revisionDeclared": False,
+    }
     assert adapter_checks.adapter_problems(facts, server_inputs()) == []
 
 
@@ -371,17 +446,32 @@ def test_hub_uri_and_name_are_the_same_base_model():
 # --- adapter files: the operator (pvc_root) and the init container run the same code -------
 
 
-def write_adapter(directory: Path, *, r: int = 16, base: str = BASE,
-                  revision: str | None = None) -> AdapterManifest:
+def write_adapter(
+    directory: Path, *, r: int = 16, base: str = BASE, revision: str | None = None
+) -> AdapterManifest:
     directory.mkdir(parents=True)
-    (directory / "adapter_config.json").write_text(json.dumps({
-        "r": r, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj"], "use_dora": False,
-        "base_model_name_or_path": base}))
+    (directory / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "r": r,
+                "lora_alpha": 32,
+                "target_modules": ["q_proj", "v_proj"],
+                "use_dora": False,
+                "base_model_name_or_path": base,
+            }
+        )
+    )
     (directory / "adapter_model.safetensors").write_bytes(os.urandom(4096))
     manifest = AdapterManifest(
-        spec_hash="f" * 64, base_model=BaseModelRef(name=base, revision=revision),
-        method="lora", r=r, alpha=32, target_modules=["q_proj", "v_proj"],
-        files=describe_files(directory), created_at=datetime.now(UTC))
+        spec_hash="f" * 64,
+        base_model=BaseModelRef(name=base, revision=revision),
+        method="lora",
+        r=r,
+        alpha=32,
+        target_modules=["q_proj", "v_proj"],
+        files=describe_files(directory),
+        created_at=datetime.now(UTC),
+    )
     manifest.write(directory)
     return manifest
 
@@ -389,11 +479,13 @@ def write_adapter(directory: Path, *, r: int = 16, base: str = BASE,
 def test_verified_adapter_reports_its_manifest_facts(tmp_path):
     manifest = write_adapter(tmp_path / "a", revision="0123abc")
     problems, facts = adapter_checks.verify_adapter_dir(
-        str(tmp_path / "a"), {"name": "a", "sha256": manifest.digest})
+        str(tmp_path / "a"), {"name": "a", "sha256": manifest.digest}
+    )
     assert problems == []
     assert facts["r"] == 16 and facts["baseModel"]["revision"] == "0123abc"
-    assert adapter_checks.files_digest(
-        (f.name, f.sha256) for f in manifest.files) == manifest.digest
+    assert (
+        adapter_checks.files_digest((f.name, f.sha256) for f in manifest.files) == manifest.digest
+    )
 
 
 def test_missing_corrupt_and_substituted_files_are_refused(tmp_path):
@@ -406,8 +498,9 @@ def test_missing_corrupt_and_substituted_files_are_refused(tmp_path):
     problems, _ = adapter_checks.verify_adapter_dir(str(tmp_path / "a"), {"name": "a"})
     assert reasons(problems) == ["AdapterFilesMissing"]
     other = write_adapter(tmp_path / "b")
-    problems, _ = adapter_checks.verify_adapter_dir(str(tmp_path / "b"),
-                                                    {"name": "b", "sha256": manifest.digest})
+    problems, _ = adapter_checks.verify_adapter_dir(
+        str(tmp_path / "b"), {"name": "b", "sha256": manifest.digest}
+    )
     assert other.digest != manifest.digest
     assert reasons(problems) == ["AdapterChecksumMismatch"]
     assert "different adapter" in problems[0][1]
@@ -418,12 +511,14 @@ def test_missing_corrupt_and_substituted_files_are_refused(tmp_path):
 def test_plain_peft_adapter_without_manifest_is_checked_for_what_vllm_loads(tmp_path):
     d = tmp_path / "peft"
     d.mkdir()
-    (d / "adapter_config.json").write_text(json.dumps({"r": 8, "target_modules": "all-linear",
-                                                       "use_dora": True}))
+    (d / "adapter_config.json").write_text(
+        json.dumps({"r": 8, "target_modules": "all-linear", "use_dora": True})
+    )
     problems, facts = adapter_checks.verify_adapter_dir(str(d), {"name": "p"})
     assert reasons(problems) == ["AdapterFilesMissing"]
     assert reasons(adapter_checks.adapter_problems(facts, server_inputs())) == [
-        "UnsupportedAdapterFeature"]
+        "UnsupportedAdapterFeature"
+    ]
 
 
 def run_verify_init_container(container: dict, tmp_path: Path) -> subprocess.CompletedProcess:
@@ -432,13 +527,17 @@ def run_verify_init_container(container: dict, tmp_path: Path) -> subprocess.Com
     command = container["command"]
     assert command[:2] == ["python3", "-c"]
     log = tmp_path / "termination-log"
-    return subprocess.run([sys.executable, "-I", "-S", "-c", *command[2:]], check=False,
-                          capture_output=True, text=True,
-                          env={**os.environ, "TERMINATION_LOG": str(log)}, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-I", "-S", "-c", *command[2:]],
+        check=False,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TERMINATION_LOG": str(log)},
+        timeout=60,
+    )
 
 
-def test_init_container_verifies_files_and_compatibility_before_vllm_starts(tmp_path,
-                                                                            monkeypatch):
+def test_init_container_verifies_files_and_compatibility_before_vllm_starts(tmp_path, monkeypatch):
     good = write_adapter(tmp_path / "claim" / "good")
     write_adapter(tmp_path / "claim" / "big", r=600)
     cfg = config_of(ad("a", []))
@@ -458,7 +557,8 @@ def test_init_container_verifies_files_and_compatibility_before_vllm_starts(tmp_
     plan["adapters"].append({"name": "big", "path": str(tmp_path / "claim" / "big")})
     (tmp_path / "claim" / "good" / "adapter_config.json").write_text("{}")
     bad = run_verify_init_container(
-        {**verify, "command": verify["command"][:3] + [json.dumps(plan)]}, tmp_path)
+        {**verify, "command": verify["command"][:3] + [json.dumps(plan)]}, tmp_path
+    )
     assert bad.returncode == 1
     message = (tmp_path / "termination-log").read_text()
     assert "AdapterChecksumMismatch: adapter 'good'" in message
@@ -470,9 +570,16 @@ def test_init_container_verifies_files_and_compatibility_before_vllm_starts(tmp_
 def write_peft_adapter(directory: Path, base: str | None, **config) -> Path:
     """A plain PEFT adapter (no finetune-manifest.json), as `save_pretrained` leaves it."""
     directory.mkdir(parents=True)
-    (directory / "adapter_config.json").write_text(json.dumps({
-        "r": 8, "target_modules": ["q_proj", "v_proj"], "base_model_name_or_path": base,
-        **config}))
+    (directory / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "r": 8,
+                "target_modules": ["q_proj", "v_proj"],
+                "base_model_name_or_path": base,
+                **config,
+            }
+        )
+    )
     (directory / "adapter_model.safetensors").write_bytes(os.urandom(1024))
     return directory
 
@@ -487,8 +594,10 @@ def test_plain_peft_adapter_is_checked_against_the_base_in_its_own_config(tmp_pa
 
     mistral = problems_for("mistralai/Mistral-7B-v0.3")
     assert reasons(mistral) == ["BaseModelMismatch"]
-    assert "'mistralai/Mistral-7B-v0.3' (base_model_name_or_path in its " \
-           "adapter_config.json)" in mistral[0][1]
+    assert (
+        "'mistralai/Mistral-7B-v0.3' (base_model_name_or_path in its "
+        "adapter_config.json)" in mistral[0][1]
+    )
     assert problems_for(BASE) == [] and problems_for(BASE.lower()) == []
     assert problems_for("mistralai/Mistral-7B-v0.3", {"uri": f"hf://{BASE}"}) != []
     # What cannot be compared is not: a training machine's path, a base on a volume.
@@ -498,22 +607,26 @@ def test_plain_peft_adapter_is_checked_against_the_base_in_its_own_config(tmp_pa
     assert problems_for("mistralai/Mistral-7B-v0.3", {"uri": "pvc://models/llama3"}) == []
     # A PEFT revision is compared only with a pinned server revision.
     assert reasons(problems_for(BASE, {"name": BASE, "revision": "b"}, revision="a")) == [
-        "BaseModelMismatch"]
+        "BaseModelMismatch"
+    ]
 
 
 def test_init_container_refuses_a_plain_peft_adapter_of_another_base(tmp_path):
     write_peft_adapter(tmp_path / "claim" / "mistral", "mistralai/Mistral-7B-v0.3")
     cfg = config_of(ad("a", []))
-    dep, _ = serving.build_server(cfg, [member("a", served("mistral", "pvc://claim/mistral"))],
-                                  DEFAULTS)
+    dep, _ = serving.build_server(
+        cfg, [member("a", served("mistral", "pvc://claim/mistral"))], DEFAULTS
+    )
     verify = dep["spec"]["template"]["spec"]["initContainers"][0]
     plan = json.loads(verify["command"][3])
     plan["adapters"][0]["path"] = str(tmp_path / "claim" / "mistral")
     result = run_verify_init_container(
-        {**verify, "command": verify["command"][:3] + [json.dumps(plan)]}, tmp_path)
+        {**verify, "command": verify["command"][:3] + [json.dumps(plan)]}, tmp_path
+    )
     assert result.returncode == 1
     assert "BaseModelMismatch: adapter 'mistral' was trained on 'mistralai/Mistral-7B-v0.3'" in (
-        (tmp_path / "termination-log").read_text())
+        (tmp_path / "termination-log").read_text()
+    )
 
 
 def test_an_adapters_digest_is_known_with_or_without_a_manifest(tmp_path):
@@ -525,7 +638,8 @@ def test_an_adapters_digest_is_known_with_or_without_a_manifest(tmp_path):
     problems, facts = adapter_checks.verify_adapter_dir(str(d), {"name": "p"})
     assert problems == []
     assert facts["sha256"] == adapter_checks.files_digest(
-        (f.name, f.sha256) for f in describe_files(d))
+        (f.name, f.sha256) for f in describe_files(d)
+    )
     # What the operator checked is what the pod must see: same files pass, new ones not.
     expected = {"name": "p", "sha256": facts["sha256"]}
     assert adapter_checks.verify_adapter_dir(str(d), expected)[0] == []
@@ -543,15 +657,32 @@ def test_the_verify_script_runs_on_its_own_as_the_init_container_runs_it(tmp_pat
     write_adapter(tmp_path / "plain")
     (tmp_path / "plain" / ADAPTER_MANIFEST_FILENAME).unlink()
     server = vllm.server_check_inputs({"baseModel": {"name": BASE}}, 64)
-    plan = {"server": server, "adapters": [
-        {"name": "ours", "path": str(tmp_path / "ours"), "sha256": manifest.digest,
-         "manifest": ADAPTER_MANIFEST_FILENAME},
-        {"name": "plain", "path": str(tmp_path / "plain"), "manifest": ADAPTER_MANIFEST_FILENAME}]}
+    plan = {
+        "server": server,
+        "adapters": [
+            {
+                "name": "ours",
+                "path": str(tmp_path / "ours"),
+                "sha256": manifest.digest,
+                "manifest": ADAPTER_MANIFEST_FILENAME,
+            },
+            {
+                "name": "plain",
+                "path": str(tmp_path / "plain"),
+                "manifest": ADAPTER_MANIFEST_FILENAME,
+            },
+        ],
+    }
 
     def run():
-        return subprocess.run([sys.executable, "-I", "-S", "-c", serving.verify_script(),
-                               json.dumps(plan)], capture_output=True, text=True, timeout=60,
-                              env={"TERMINATION_LOG": str(tmp_path / "term")}, check=False)
+        return subprocess.run(
+            [sys.executable, "-I", "-S", "-c", serving.verify_script(), json.dumps(plan)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={"TERMINATION_LOG": str(tmp_path / "term")},
+            check=False,
+        )
 
     ok = run()
     assert ok.returncode == 0, ok.stderr
@@ -577,16 +708,32 @@ def test_the_init_container_and_the_api_model_compute_the_same_digest(tmp_path):
     API model computes for its files is the one expected, and refuses any other."""
     d = write_peft_adapter(tmp_path / "claim" / "p", BASE)
     api_digest = AdapterManifest(
-        spec_hash="f" * 64, base_model=BaseModelRef(name=BASE), method="lora", r=8, alpha=16,
-        target_modules=["q_proj", "v_proj"], files=describe_files(d),
-        created_at=datetime.now(UTC)).digest
+        spec_hash="f" * 64,
+        base_model=BaseModelRef(name=BASE),
+        method="lora",
+        r=8,
+        alpha=16,
+        target_modules=["q_proj", "v_proj"],
+        files=describe_files(d),
+        created_at=datetime.now(UTC),
+    ).digest
     server = vllm.server_check_inputs({"baseModel": {"name": BASE}}, 64)
 
     def run(sha256: str) -> subprocess.CompletedProcess:
-        plan = {"server": server, "adapters": [{"name": "p", "path": str(d), "sha256": sha256,
-                                                "manifest": ADAPTER_MANIFEST_FILENAME}]}
+        plan = {
+            "server": server,
+            "adapters": [
+                {
+                    "name": "p",
+                    "path": str(d),
+                    "sha256": sha256,
+                    "manifest": ADAPTER_MANIFEST_FILENAME,
+                }
+            ],
+        }
         return run_verify_init_container(
-            {"command": ["python3", "-c", serving.verify_script(), json.dumps(plan)]}, tmp_path)
+            {"command": ["python3", "-c", serving.verify_script(), json.dumps(plan)]}, tmp_path
+        )
 
     assert run(api_digest).returncode == 0
     refused = run("0" * 64)
@@ -597,8 +744,13 @@ def test_the_reasons_the_checks_give_are_the_apis():
     """The checks cannot import `Reason` in the pod: every reason they write is one of its
     values all the same."""
     tree = ast.parse(Path(adapter_checks.__file__).read_text(encoding="utf-8"))
-    given = {node.elts[0].value for node in ast.walk(tree)
-             if isinstance(node, ast.List) and len(node.elts) == 2
-             and isinstance(node.elts[0], ast.Constant) and isinstance(node.elts[0].value, str)}
+    given = {
+        node.elts[0].value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.List)
+        and len(node.elts) == 2
+        and isinstance(node.elts[0], ast.Constant)
+        and isinstance(node.elts[0].value, str)
+    }
     known = {v for k, v in vars(Reason).items() if k.isupper()}
     assert given and given <= known, given - known

@@ -29,12 +29,14 @@ def _peft_model(model_dir: Path):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     # as the worker configures it (modeling.py): a causal-LM task, all linear projections
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM",
-                                                  target_modules="all-linear"))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM", target_modules="all-linear")
+    )
     for name, parameter in peft_model.named_parameters():
         if "lora_B" in name:  # non-zero, so a missing or misnamed B matrix shows
-            torch.nn.init.normal_(parameter, std=0.1,
-                                  generator=torch.Generator().manual_seed(len(name)))
+            torch.nn.init.normal_(
+                parameter, std=0.1, generator=torch.Generator().manual_seed(len(name))
+            )
     return peft_model
 
 
@@ -60,8 +62,10 @@ def test_the_adapter_from_a_full_state_dict_is_the_one_peft_writes(model_dir, tm
     peft_model.save_pretrained(str(tmp_path / "peft"), safe_serialization=True)
     (tmp_path / "ours").mkdir()
     save_gathered_adapter(peft_model, peft_model.state_dict(), tmp_path / "ours")
-    (peft_weights, peft_config), (our_weights, our_config) = (_files(tmp_path / "peft"),
-                                                              _files(tmp_path / "ours"))
+    (peft_weights, peft_config), (our_weights, our_config) = (
+        _files(tmp_path / "peft"),
+        _files(tmp_path / "ours"),
+    )
     assert set(our_weights) == set(peft_weights) and len(our_weights) > 0
     for key, tensor in peft_weights.items():
         assert torch.equal(our_weights[key], tensor), key
@@ -110,12 +114,29 @@ RANK_SCRIPT = textwrap.dedent("""
 @pytest.mark.slow
 def test_two_fsdp_ranks_write_every_adapter_weight(model_dir, tmp_path):
     script = tmp_path / "rank.py"
-    script.write_text(RANK_SCRIPT.format(tests=str(ROOT / "tests"), model_dir=str(model_dir),
-                                         peft_dir=str(tmp_path / "peft-fsdp"),
-                                         ours_dir=str(tmp_path / "ours")))
+    script.write_text(
+        RANK_SCRIPT.format(
+            tests=str(ROOT / "tests"),
+            model_dir=str(model_dir),
+            peft_dir=str(tmp_path / "peft-fsdp"),
+            ours_dir=str(tmp_path / "ours"),
+        )
+    )
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(script)], capture_output=True, text=True, timeout=300, check=False)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(script),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     reference = _peft_model(model_dir)  # the same seeded weights, never sharded
     reference.save_pretrained(str(tmp_path / "single"), safe_serialization=True)

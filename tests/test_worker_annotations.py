@@ -36,8 +36,12 @@ def public_functions(tree: ast.Module) -> Iterator[tuple[str, Function]]:
 def missing_annotations(node: Function, *, method: bool) -> list[str]:
     args = node.args
     positional = args.posonlyargs + args.args
-    if method and positional and positional[0].arg in ("self", "cls") and not any(
-            isinstance(d, ast.Name) and d.id == "staticmethod" for d in node.decorator_list):
+    if (
+        method
+        and positional
+        and positional[0].arg in ("self", "cls")
+        and not any(isinstance(d, ast.Name) and d.id == "staticmethod" for d in node.decorator_list)
+    ):
         positional = positional[1:]
     params = positional + args.kwonlyargs + [a for a in (args.vararg, args.kwarg) if a]
     missing = [a.arg for a in params if a.annotation is None]
@@ -58,9 +62,11 @@ def test_the_walk_finds_public_functions_and_methods_only():
         "class _Hidden:\n"
         "    def m(self): pass\n"
         "def outer() -> None:\n"
-        "    def inner(z): pass\n")
-    found = {name: missing_annotations(node, method="." in name)
-             for name, node in public_functions(tree)}
+        "    def inner(z): pass\n"
+    )
+    found = {
+        name: missing_annotations(node, method="." in name) for name, node in public_functions(tree)
+    }
     assert found == {"f": ["a", "return"], "C.m": ["b"], "C.s": ["return"], "outer": []}
 
 

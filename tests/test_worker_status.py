@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from conftest_worker import worker_config_dict
 from finetune_api import AdapterManifest
 from finetune_worker.status import KubeStatusClient, StatusPatchError, StatusReporter
@@ -25,7 +26,8 @@ pytestmark = pytest.mark.cluster
 
 def _job(name: str) -> dict:
     return {
-        "apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
+        "apiVersion": "finetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
         "metadata": {"name": name},
         "spec": {
             "model": {"uri": "pvc://models/tiny"},
@@ -41,9 +43,15 @@ OPERATOR_STATUS = {
     "phase": "Running",
     "specHash": "operator-hash",
     "jobName": "tiny-train",
-    "conditions": [{"type": "Running", "status": "True", "reason": "Training",
-                    "message": "the worker is training",
-                    "lastTransitionTime": "2026-11-29T12:00:00Z"}],
+    "conditions": [
+        {
+            "type": "Running",
+            "status": "True",
+            "reason": "Training",
+            "message": "the worker is training",
+            "lastTransitionTime": "2026-11-29T12:00:00Z",
+        }
+    ],
 }
 
 
@@ -54,19 +62,37 @@ def worker_identity(crds, kube, namespace, tmp_path, monkeypatch):
     for name in ("tiny", "other"):
         kube.apply(_job(name))
         kube.patch_status("finetunejob", name, {"status": OPERATOR_STATUS})
-    kube.apply([
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "tiny-worker"}},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-         "metadata": {"name": "tiny-worker"},
-         "rules": [{"apiGroups": ["finetune.dev"], "resources": ["finetunejobs/status"],
-                    "resourceNames": ["tiny"], "verbs": ["patch"]}]},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-         "metadata": {"name": "tiny-worker"},
-         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                     "name": "tiny-worker"},
-         "subjects": [{"kind": "ServiceAccount", "name": "tiny-worker",
-                       "namespace": namespace}]},
-    ])
+    kube.apply(
+        [
+            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "tiny-worker"}},
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "Role",
+                "metadata": {"name": "tiny-worker"},
+                "rules": [
+                    {
+                        "apiGroups": ["finetune.dev"],
+                        "resources": ["finetunejobs/status"],
+                        "resourceNames": ["tiny"],
+                        "verbs": ["patch"],
+                    }
+                ],
+            },
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "RoleBinding",
+                "metadata": {"name": "tiny-worker"},
+                "roleRef": {
+                    "apiGroup": "rbac.authorization.k8s.io",
+                    "kind": "Role",
+                    "name": "tiny-worker",
+                },
+                "subjects": [
+                    {"kind": "ServiceAccount", "name": "tiny-worker", "namespace": namespace}
+                ],
+            },
+        ]
+    )
     token = kube.kubectl("create", "token", "tiny-worker", "--duration=10m").stdout.strip()
     kubeconfig = yaml.safe_load(Path(kube.kubeconfig).read_text())
     cluster_entry = kubeconfig["clusters"][0]["cluster"]
@@ -86,24 +112,40 @@ def _without_worker_fields(obj: dict) -> dict:
     return {"spec": obj["spec"], "status": status, "labels": obj["metadata"].get("labels")}
 
 
-def test_reporter_patches_only_progress_and_metrics_of_its_own_job(worker_identity, kube,
-                                                                   caplog):
+def test_reporter_patches_only_progress_and_metrics_of_its_own_job(worker_identity, kube, caplog):
     caplog.set_level("DEBUG")  # `--log-level DEBUG`: still no token and no response body
     before = {name: kube.get("finetunejob", name) for name in ("tiny", "other")}
     client = KubeStatusClient.from_environment()
     assert client is not None
     reporter = StatusReporter(worker_identity, "tiny", client, min_interval_s=0)
-    assert reporter.update(progress={"step": 3, "totalSteps": 10, "loss": 1.25,
-                                     "learningRate": 0.0002, "etaSeconds": 70},
-                           metrics={"tokensPerSecond": 812.5})
-    assert reporter.final(metrics={"peakVRAMBytes": 17179869184, "peakVRAM": "16.0Gi",
-                                   "samplesPerSecond": 3.5})
+    assert reporter.update(
+        progress={
+            "step": 3,
+            "totalSteps": 10,
+            "loss": 1.25,
+            "learningRate": 0.0002,
+            "etaSeconds": 70,
+        },
+        metrics={"tokensPerSecond": 812.5},
+    )
+    assert reporter.final(
+        metrics={"peakVRAMBytes": 17179869184, "peakVRAM": "16.0Gi", "samplesPerSecond": 3.5}
+    )
     after = kube.get("finetunejob", "tiny")
-    assert after["status"]["progress"] == {"step": 3, "totalSteps": 10, "loss": 1.25,
-                                           "learningRate": 0.0002, "etaSeconds": 70}
+    assert after["status"]["progress"] == {
+        "step": 3,
+        "totalSteps": 10,
+        "loss": 1.25,
+        "learningRate": 0.0002,
+        "etaSeconds": 70,
+    }
     # a merge patch: the final metrics join the earlier ones
-    assert after["status"]["metrics"] == {"tokensPerSecond": 812.5, "peakVRAMBytes": 17179869184,
-                                          "peakVRAM": "16.0Gi", "samplesPerSecond": 3.5}
+    assert after["status"]["metrics"] == {
+        "tokensPerSecond": 812.5,
+        "peakVRAMBytes": 17179869184,
+        "peakVRAM": "16.0Gi",
+        "samplesPerSecond": 3.5,
+    }
     assert _without_worker_fields(after) == _without_worker_fields(before["tiny"])
     assert after["metadata"]["generation"] == before["tiny"]["metadata"]["generation"]
 
@@ -127,14 +169,14 @@ def test_reporter_patches_only_progress_and_metrics_of_its_own_job(worker_identi
     assert "response body" not in caplog.text
 
 
-def test_training_run_reports_progress_and_final_metrics(worker_identity, kube, tmp_path,
-                                                         tiny_model_root, monkeypatch):
+def test_training_run_reports_progress_and_final_metrics(
+    worker_identity, kube, tmp_path, tiny_model_root, monkeypatch
+):
     from finetune_worker.cli import main
 
     before = kube.get("finetunejob", "tiny")
     raw = worker_config_dict(tmp_path, tiny_model_root, fmt="text", max_steps=4)
-    raw["job"] = {"namespace": worker_identity, "name": "tiny",
-                  "uid": before["metadata"]["uid"]}
+    raw["job"] = {"namespace": worker_identity, "name": "tiny", "uid": before["metadata"]["uid"]}
     raw["report"] = {"statusPatch": True, "minIntervalSeconds": 0}
     path = tmp_path / "worker-config.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -148,8 +190,12 @@ def test_training_run_reports_progress_and_final_metrics(worker_identity, kube, 
     summary = json.loads(log.read_text())
     assert summary["result"] == "Succeeded" and summary["exitCode"] == 0
     manifest = AdapterManifest.read(raw["paths"]["outputDir"])
-    assert summary["adapter"] == {"uri": "pvc://out/adapter", "path": raw["paths"]["outputDir"],
-                                  "sha256": manifest.digest, "sizeBytes": manifest.size_bytes}
+    assert summary["adapter"] == {
+        "uri": "pvc://out/adapter",
+        "path": raw["paths"]["outputDir"],
+        "sha256": manifest.digest,
+        "sizeBytes": manifest.size_bytes,
+    }
     assert metrics["tokensPerSecond"] == summary["metrics"]["tokensPerSecond"] > 0
     assert metrics["samplesPerSecond"] > 0
     assert _without_worker_fields(after) == _without_worker_fields(before)

@@ -16,12 +16,12 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from conftest_worker import worker_config_dict
+from finetune_api import AdapterManifest, WorkerConfig
 from kubetest import wait_for
 
 torch = pytest.importorskip("torch")
-
-from finetune_api import AdapterManifest, WorkerConfig
 
 # tiny_model_root and worker_config fixtures
 pytest_plugins = ["conftest_worker"]
@@ -51,8 +51,16 @@ def _dataset_loss(model, config: WorkerConfig) -> float:
 def _load_base(config: WorkerConfig):
     from finetune_worker import train
 
-    model, _ = train.load_base_model(config.spec, config.plan, None, "cpu",
-                                     str(config.paths.resolve_pvc(config.spec.model.uri))), None
+    model, _ = (
+        train.load_base_model(
+            config.spec,
+            config.plan,
+            None,
+            "cpu",
+            str(config.paths.resolve_pvc(config.spec.model.uri)),
+        ),
+        None,
+    )
     return model
 
 
@@ -107,8 +115,15 @@ def test_adapter_manifest_lists_every_file_with_its_digest(lora_run):
     assert {"adapter_model.safetensors", "adapter_config.json"} <= names
     assert manifest.spec_hash == config.spec_hash and manifest.method == "lora"
     assert manifest.base_model.uri == "pvc://models/tiny" and manifest.r == 8
-    assert set(manifest.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj",
-                                            "gate_proj", "up_proj", "down_proj"}
+    assert set(manifest.target_modules) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     assert manifest.metrics.tokens_per_second == result.metrics["tokensPerSecond"]
     assert manifest.digest == result.adapter_digest
     # nothing temporary is left beside the adapter
@@ -116,20 +131,29 @@ def test_adapter_manifest_lists_every_file_with_its_digest(lora_run):
 
 
 def test_merged_model_matches_base_plus_adapter(lora_run, tmp_path, tiny_model_root):
-    from finetune_worker.cli import main
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
+
+    from finetune_worker.cli import main
 
     _, result = lora_run
     # as the merge Job runs it: a MergeConfig written by the operator
     merged_dir = tmp_path / "merged-fp32"
     merge_config = tmp_path / "merge-config.yaml"
-    merge_config.write_text(json.dumps({
-        "apiVersion": "finetune.dev/v1alpha1", "kind": "MergeConfig",
-        "merge": {"namespace": "default", "name": "tiny-merge", "uid": "0000-merge"},
-        "baseModel": {"uri": "pvc://models/tiny"},
-        "adapterDir": str(result.adapter_dir), "outputDir": str(merged_dir),
-        "dtype": "float32", "claimMounts": {"models": str(tiny_model_root)}}))
+    merge_config.write_text(
+        json.dumps(
+            {
+                "apiVersion": "finetune.dev/v1alpha1",
+                "kind": "MergeConfig",
+                "merge": {"namespace": "default", "name": "tiny-merge", "uid": "0000-merge"},
+                "baseModel": {"uri": "pvc://models/tiny"},
+                "adapterDir": str(result.adapter_dir),
+                "outputDir": str(merged_dir),
+                "dtype": "float32",
+                "claimMounts": {"models": str(tiny_model_root)},
+            }
+        )
+    )
     assert main(["merge", "--config", str(merge_config)]) == 0
     base = AutoModelForCausalLM.from_pretrained(tiny_model_root / "tiny", dtype=torch.float32)
     reference = PeftModel.from_pretrained(base, str(result.adapter_dir)).eval()
@@ -143,14 +167,17 @@ def test_merged_model_matches_base_plus_adapter(lora_run, tmp_path, tiny_model_r
 
 
 def test_qlora_trains_on_nf4_base_with_bf16_embeddings_and_merges_unquantised(
-        tmp_path, tiny_model_root):
+    tmp_path, tiny_model_root
+):
     import bitsandbytes as bnb
-    from finetune_worker.cli import main
-    from finetune_worker.train import run_training
     from transformers import AutoModelForCausalLM
 
-    config = _config(tmp_path, tiny_model_root, fmt="alpaca", method="qlora", max_steps=12,
-                     packing=True)
+    from finetune_worker.cli import main
+    from finetune_worker.train import run_training
+
+    config = _config(
+        tmp_path, tiny_model_root, fmt="alpaca", method="qlora", max_steps=12, packing=True
+    )
     result = run_training(config)
     model = result.model
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
@@ -175,8 +202,20 @@ def test_qlora_trains_on_nf4_base_with_bf16_embeddings_and_merges_unquantised(
     assert AdapterManifest.read(result.adapter_dir).method == "qlora"
 
     merged_dir = tmp_path / "merged"
-    assert main(["merge", "--adapter", str(result.adapter_dir), "--output", str(merged_dir),
-                 "--claim-mount", f"models={tiny_model_root}"]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                "--adapter",
+                str(result.adapter_dir),
+                "--output",
+                str(merged_dir),
+                "--claim-mount",
+                f"models={tiny_model_root}",
+            ]
+        )
+        == 0
+    )
     merged = AutoModelForCausalLM.from_pretrained(merged_dir)
     assert merged.dtype == torch.bfloat16
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules())
@@ -191,16 +230,18 @@ def _write_config(tmp_path: Path, config: dict) -> Path:
     return path
 
 
-def test_sigterm_saves_a_checkpoint_and_the_next_run_resumes_from_it(tmp_path, tiny_model_root,
-                                                                    caplog):
+def test_sigterm_saves_a_checkpoint_and_the_next_run_resumes_from_it(
+    tmp_path, tiny_model_root, caplog
+):
     from finetune_worker.checkpoints import MARKER, find_resumable_checkpoint
     from finetune_worker.train import run_training
 
     # A run far longer than the test: on a fast CPU 200 steps finish in seconds, before the
     # signal could arrive.
     max_steps = 100_000
-    raw = worker_config_dict(tmp_path, tiny_model_root, fmt="completion", max_steps=max_steps,
-                             checkpointSteps=2)
+    raw = worker_config_dict(
+        tmp_path, tiny_model_root, fmt="completion", max_steps=max_steps, checkpointSteps=2
+    )
     path = _write_config(tmp_path, raw)
     log = tmp_path / "termination-log"
     env = {**os.environ, "FINETUNE_WORKER_TERMINATION_LOG": str(log)}
@@ -208,15 +249,22 @@ def test_sigterm_saves_a_checkpoint_and_the_next_run_resumes_from_it(tmp_path, t
     # block the worker mid-log and the checkpoint would never come.
     out_path = tmp_path / "worker.out"
     with open(out_path, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "finetune_worker.cli", "train",
-                                 "--config", str(path)], stdout=out, stderr=subprocess.STDOUT,
-                                text=True, env=env)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "finetune_worker.cli", "train", "--config", str(path)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
     checkpoints = Path(raw["paths"]["checkpointDir"])
     try:
         # Any complete checkpoint: older ones are rotated away, so checkpoint-2 itself may be
         # gone again between two polls.
-        wait_for(lambda: any(checkpoints.glob(f"checkpoint-*/{MARKER}"))
-                 or proc.poll() is not None, timeout=120, what="the first checkpoint")
+        wait_for(
+            lambda: any(checkpoints.glob(f"checkpoint-*/{MARKER}")) or proc.poll() is not None,
+            timeout=120,
+            what="the first checkpoint",
+        )
         assert proc.poll() is None, "the worker exited early:\n" + out_path.read_text()
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)
@@ -238,7 +286,8 @@ def test_sigterm_saves_a_checkpoint_and_the_next_run_resumes_from_it(tmp_path, t
     partial.mkdir()
     (partial / "adapter_model.safetensors").write_bytes(b"half")
     resumed_config = WorkerConfig.model_validate(
-        {**raw, "spec": {**raw["spec"], "training": {**raw["spec"]["training"]}}})
+        {**raw, "spec": {**raw["spec"], "training": {**raw["spec"]["training"]}}}
+    )
     resumed_config.spec.training.max_steps = stopped_at + 2  # not in the spec hash's way
     caplog.set_level("INFO")
     result = run_training(resumed_config)
@@ -248,8 +297,9 @@ def test_sigterm_saves_a_checkpoint_and_the_next_run_resumes_from_it(tmp_path, t
 
 
 def test_diverging_loss_exits_13_after_three_non_finite_steps(tmp_path, tiny_model_root):
-    from finetune_worker.cli import main
     from safetensors.torch import load_file, save_file
+
+    from finetune_worker.cli import main
 
     broken_root = tmp_path / "models"
     broken = broken_root / "tiny"
@@ -272,8 +322,7 @@ def test_diverging_loss_exits_13_after_three_non_finite_steps(tmp_path, tiny_mod
     assert "for 3 consecutive steps (up to step 3)" in summary["message"]
 
 
-def test_cuda_out_of_memory_exits_12_naming_peak_and_plan(tmp_path, tiny_model_root,
-                                                         monkeypatch):
+def test_cuda_out_of_memory_exits_12_naming_peak_and_plan(tmp_path, tiny_model_root, monkeypatch):
     from finetune_worker import train
     from finetune_worker.cli import main
 
@@ -282,15 +331,18 @@ def test_cuda_out_of_memory_exits_12_naming_peak_and_plan(tmp_path, tiny_model_r
 
     # The first allocation that fails is the trainer's; everything before it is real.
     monkeypatch.setattr(train, "build_trainer", exhausted)
-    raw = worker_config_dict(tmp_path, tiny_model_root, fmt="text", micro_batch=8,
-                             checkpointing=True)
+    raw = worker_config_dict(
+        tmp_path, tiny_model_root, fmt="text", micro_batch=8, checkpointing=True
+    )
     log = tmp_path / "termination-log"
     monkeypatch.setenv("FINETUNE_WORKER_TERMINATION_LOG", str(log))
     assert main(["train", "--config", str(_write_config(tmp_path, raw))]) == 12
     message = json.loads(log.read_text())["message"]
     assert "CUDA out of memory before the first training step" in message
-    assert ("method=lora, micro-batch=8, gradient accumulation=1, gradient checkpointing=on, "
-            "predicted peak=1.0Gi of a 24.0Gi budget") in message
+    assert (
+        "method=lora, micro-batch=8, gradient accumulation=1, gradient checkpointing=on, "
+        "predicted peak=1.0Gi of a 24.0Gi budget"
+    ) in message
     assert "Tried to allocate 2.00 GiB" in message
 
 
@@ -311,8 +363,9 @@ def test_checkpoints_are_also_saved_on_time(tmp_path, tiny_model_root, monkeypat
         assert checkpoint_problem(root / f"checkpoint-{step}", config.spec_hash) is None
 
 
-def test_merge_refuses_a_corrupt_adapter_and_an_invalid_config(lora_run, tmp_path,
-                                                               tiny_model_root, monkeypatch):
+def test_merge_refuses_a_corrupt_adapter_and_an_invalid_config(
+    lora_run, tmp_path, tiny_model_root, monkeypatch
+):
     import shutil
 
     from finetune_worker.cli import main
@@ -324,8 +377,17 @@ def test_merge_refuses_a_corrupt_adapter_and_an_invalid_config(lora_run, tmp_pat
     shutil.copytree(result.adapter_dir, corrupt)
     weights = corrupt / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
-    code = main(["merge", "--adapter", str(corrupt), "--output", str(tmp_path / "merged"),
-                 "--claim-mount", f"models={tiny_model_root}"])
+    code = main(
+        [
+            "merge",
+            "--adapter",
+            str(corrupt),
+            "--output",
+            str(tmp_path / "merged"),
+            "--claim-mount",
+            f"models={tiny_model_root}",
+        ]
+    )
     assert code == 14
     summary = json.loads(log.read_text())
     assert summary["reason"] == "StorageError"
@@ -333,8 +395,16 @@ def test_merge_refuses_a_corrupt_adapter_and_an_invalid_config(lora_run, tmp_pat
     assert not (tmp_path / "merged" / "model.safetensors").exists()
 
     bad = tmp_path / "merge-config.yaml"
-    bad.write_text(json.dumps({"apiVersion": "finetune.dev/v1alpha1", "kind": "MergeConfig",
-                               "adapterDir": str(result.adapter_dir), "dtype": "float8"}))
+    bad.write_text(
+        json.dumps(
+            {
+                "apiVersion": "finetune.dev/v1alpha1",
+                "kind": "MergeConfig",
+                "adapterDir": str(result.adapter_dir),
+                "dtype": "float8",
+            }
+        )
+    )
     assert main(["merge", "--config", str(bad)]) == 10
     message = json.loads(log.read_text())["message"]
     assert "outputDir: Field required" in message and "dtype" in message
@@ -365,15 +435,17 @@ def test_packing_trains_on_varlen_rows_of_the_token_budget(tmp_path, tiny_model_
         assert tuple(batch["input_ids"].shape) == (1, budget)
         cu = batch["cu_seq_lens_q"].tolist()
         assert cu[0] == 0 and cu[-1] == budget
-        seen += int((batch["position_ids"][0] == 0).sum()) - (1 if cu[-2] < budget and
-                                                               batch["labels"][0, cu[-2]:].eq(-100).all() else 0)
+        seen += int((batch["position_ids"][0] == 0).sum()) - (
+            1 if cu[-2] < budget and batch["labels"][0, cu[-2] :].eq(-100).all() else 0
+        )
     assert seen == len(splits.train)  # every example exactly once per epoch
     output = trainer.train()
     assert trainer.state.global_step == 2 and output.training_loss > 0
 
 
-def test_packing_falls_back_to_dense_batches_without_a_varlen_kernel(tmp_path, tiny_model_root,
-                                                                      monkeypatch):
+def test_packing_falls_back_to_dense_batches_without_a_varlen_kernel(
+    tmp_path, tiny_model_root, monkeypatch
+):
     """torch < 2.10 on a GPU: length-grouped batches padded to a multiple of 64, no mask."""
     from finetune_worker import attention, train
 
@@ -391,8 +463,9 @@ def test_packing_falls_back_to_dense_batches_without_a_varlen_kernel(tmp_path, t
     assert seen == len(splits.train)
 
 
-def test_without_packing_each_micro_batch_is_its_examples_in_one_varlen_row(tmp_path,
-                                                                          tiny_model_root):
+def test_without_packing_each_micro_batch_is_its_examples_in_one_varlen_row(
+    tmp_path, tiny_model_root
+):
     """packing: false: the micro-batch keeps its number of whole examples, padding-free."""
     from finetune_worker import attention, train
 
@@ -406,8 +479,10 @@ def test_without_packing_each_micro_batch_is_its_examples_in_one_varlen_row(tmp_
     batch = next(iter(trainer.get_train_dataloader()))
     assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
     starts = int((batch["position_ids"][0] == 0).sum())
-    padding_tail = int(batch["cu_seq_lens_q"][-2] < batch["input_ids"].shape[1]
-                       and batch["labels"][0, int(batch["cu_seq_lens_q"][-2]):].eq(-100).all())
+    padding_tail = int(
+        batch["cu_seq_lens_q"][-2] < batch["input_ids"].shape[1]
+        and batch["labels"][0, int(batch["cu_seq_lens_q"][-2]) :].eq(-100).all()
+    )
     assert starts - padding_tail == micro  # whole examples, as many as the plan says
     assert batch["input_ids"].shape[1] % train.DENSE_BATCH_MULTIPLE == 0
     assert batch["input_ids"].shape[1] < micro * config.spec.training.seq_length or micro == 1

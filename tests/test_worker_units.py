@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from conftest_worker import worker_config_dict
 from finetune_worker import checkpoints, data, termination
 from finetune_worker.errors import DataError
@@ -27,17 +28,21 @@ def tokenizer(tmp_path_factory):
 
 
 def _decode_loss_tokens(tokenizer, example) -> str:
-    ids = [i for i, label in zip(example["input_ids"], example["labels"]) if label != -100]
+    ids = [
+        i for i, label in zip(example["input_ids"], example["labels"], strict=True) if label != -100
+    ]
     return tokenizer.decode(ids)
 
 
-@pytest.mark.parametrize("fmt, answer_field", [
-    ("alpaca", "output"), ("completion", "completion"), ("chat", None), ("text", "text")])
+@pytest.mark.parametrize(
+    "fmt, answer_field",
+    [("alpaca", "output"), ("completion", "completion"), ("chat", None), ("text", "text")],
+)
 def test_each_format_takes_loss_only_on_the_completion(tokenizer, fmt, answer_field):
     records = data.load_records(str(DATA_DIR / f"{fmt}.jsonl"))
     splits = data.prepare_splits(records, fmt, tokenizer, max_length=256, source=fmt)
     assert len(splits.train) == len(records)
-    for record, example in zip(records, splits.train):
+    for record, example in zip(records, splits.train, strict=True):
         assert len(example["input_ids"]) == len(example["labels"])
         trained = _decode_loss_tokens(tokenizer, example)
         if fmt == "chat":
@@ -54,10 +59,12 @@ def test_each_format_takes_loss_only_on_the_completion(tokenizer, fmt, answer_fi
 
 
 def test_chat_masks_every_assistant_turn_in_a_multi_turn_conversation(tokenizer):
-    messages = [{"role": "user", "content": "What is two plus three?"},
-                {"role": "assistant", "content": "Five."},
-                {"role": "user", "content": "And ten minus four?"},
-                {"role": "assistant", "content": "Six."}]
+    messages = [
+        {"role": "user", "content": "What is two plus three?"},
+        {"role": "assistant", "content": "Five."},
+        {"role": "user", "content": "And ten minus four?"},
+        {"role": "assistant", "content": "Six."},
+    ]
     example = data.tokenize_example({"messages": messages}, "chat", tokenizer, max_length=256)
     assert _decode_loss_tokens(tokenizer, example) == "Five.<|end|>Six.<|end|>"
 
@@ -67,10 +74,12 @@ def test_eval_fraction_holds_out_rows_and_field_mapping_renames(tokenizer):
 
     records = data.load_records(str(DATA_DIR / "completion.jsonl"))
     renamed = records.rename_columns({"prompt": "question", "completion": "answer"})
-    mapped = data.rename_fields(renamed, "completion",
-                                FieldMapping(prompt="question", completion="answer"), "x")
-    splits = data.prepare_splits(mapped, "completion", tokenizer, max_length=256, source="x",
-                                 eval_fraction=0.25, seed=1)
+    mapped = data.rename_fields(
+        renamed, "completion", FieldMapping(prompt="question", completion="answer"), "x"
+    )
+    splits = data.prepare_splits(
+        mapped, "completion", tokenizer, max_length=256, source="x", eval_fraction=0.25, seed=1
+    )
     assert len(splits.eval) == 6 and len(splits.train) == 18
     with pytest.raises(DataError, match="fields.prompt names column 'nope'"):
         data.rename_fields(renamed, "completion", FieldMapping(prompt="nope"), "x")
@@ -82,11 +91,14 @@ def test_rows_without_completion_tokens_after_truncation_are_dropped(tokenizer):
         data.prepare_splits(records, "alpaca", tokenizer, max_length=24, source="alpaca")
 
 
-@pytest.mark.parametrize("name, fmt, message", [
-    ("alpaca-bad-json", "alpaca", r"cannot read dataset .*alpaca-bad-json.jsonl"),
-    ("alpaca-missing-output", "alpaca", r"row 1: field 'output' is missing or null"),
-    ("chat-bad-role", "chat", r"row 1: field 'messages' message 1 has role 'robot'"),
-])
+@pytest.mark.parametrize(
+    "name, fmt, message",
+    [
+        ("alpaca-bad-json", "alpaca", r"cannot read dataset .*alpaca-bad-json.jsonl"),
+        ("alpaca-missing-output", "alpaca", r"row 1: field 'output' is missing or null"),
+        ("chat-bad-role", "chat", r"row 1: field 'messages' message 1 has role 'robot'"),
+    ],
+)
 def test_corrupt_data_is_a_data_error_naming_row_and_field(tokenizer, name, fmt, message):
     with pytest.raises(DataError, match=message):
         records = data.load_records(str(DATA_DIR / "corrupt" / f"{name}.jsonl"))
@@ -95,8 +107,11 @@ def test_corrupt_data_is_a_data_error_naming_row_and_field(tokenizer, name, fmt,
 
 def test_wrong_format_names_the_missing_columns(tokenizer):
     records = data.load_records(str(DATA_DIR / "text.jsonl"))
-    with pytest.raises(DataError, match=r"format 'alpaca' but has no column\(s\) "
-                                        r"\['instruction', 'output'\]"):
+    with pytest.raises(
+        DataError,
+        match=r"format 'alpaca' but has no column\(s\) "
+        r"\['instruction', 'output'\]",
+    ):
         data.prepare_splits(records, "alpaca", tokenizer, max_length=256, source="text.jsonl")
 
 
@@ -104,15 +119,33 @@ def test_wrong_format_names_the_missing_columns(tokenizer):
 
 
 def test_termination_message_fits_4k_dropping_details_first(tmp_path):
-    summary = {"result": "Succeeded", "exitCode": 0, "reason": "TrainingComplete",
-               "message": "m" * 3800,
-               "metrics": {"peakVRAMBytes": 123, "tokensPerSecond": 4567.8, "trainLoss": 1.0,
-                           "evalLoss": 2.0},
-               "progress": {"step": 10, "totalSteps": 10, "loss": 0.5, "epoch": 1.0,
-                            "percent": 100.0, "learningRate": 0.0002,
-                            "updatedAt": "2026-12-01T00:00:00Z"},
-               "adapter": {"uri": "pvc://out/adapter", "path": "/mnt/out/adapter",
-                           "sha256": "a" * 64, "sizeBytes": 12345}}
+    summary = {
+        "result": "Succeeded",
+        "exitCode": 0,
+        "reason": "TrainingComplete",
+        "message": "m" * 3800,
+        "metrics": {
+            "peakVRAMBytes": 123,
+            "tokensPerSecond": 4567.8,
+            "trainLoss": 1.0,
+            "evalLoss": 2.0,
+        },
+        "progress": {
+            "step": 10,
+            "totalSteps": 10,
+            "loss": 0.5,
+            "epoch": 1.0,
+            "percent": 100.0,
+            "learningRate": 0.0002,
+            "updatedAt": "2026-12-01T00:00:00Z",
+        },
+        "adapter": {
+            "uri": "pvc://out/adapter",
+            "path": "/mnt/out/adapter",
+            "sha256": "a" * 64,
+            "sizeBytes": 12345,
+        },
+    }
     path = termination.write_termination_message(summary, tmp_path / "termination-log")
     raw = path.read_bytes()
     assert len(raw) <= 4096
@@ -164,13 +197,16 @@ def test_resume_under_a_different_plan_says_what_changed(tmp_path, caplog):
     directory = tmp_path / "checkpoint-7"
     directory.mkdir()
     (directory / "adapter_model.safetensors").write_bytes(b"w")
-    checkpoints.mark_complete(directory, "hash-a", 7, {"method": "lora", "microBatchSize": 8,
-                                                       "gradientAccumulation": 1})
+    checkpoints.mark_complete(
+        directory, "hash-a", 7, {"method": "lora", "microBatchSize": 8, "gradientAccumulation": 1}
+    )
     caplog.set_level("WARNING")
     now = {"method": "lora", "microBatchSize": 4, "gradientAccumulation": 2}
     assert checkpoints.find_resumable_checkpoint(tmp_path, "hash-a", now) == directory
-    assert ("resuming checkpoint-7 under a different plan (gradientAccumulation: 1 -> 2; "
-            "microBatchSize: 8 -> 4)") in caplog.text
+    assert (
+        "resuming checkpoint-7 under a different plan (gradientAccumulation: 1 -> 2; "
+        "microBatchSize: 8 -> 4)"
+    ) in caplog.text
     assert checkpoints.find_resumable_checkpoint(tmp_path / "absent", "hash-a") is None
 
 
@@ -228,13 +264,17 @@ def _service_account(tmp_path, *, token=True, ca=True):
         (sa_dir / "token").write_text("secret-token-value\n")
     if ca:
         (sa_dir / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\n")
-    return {"KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": "1",
-            "FINETUNE_WORKER_SA_DIR": str(sa_dir)}
+    return {
+        "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+        "KUBERNETES_SERVICE_PORT": "1",
+        "FINETUNE_WORKER_SA_DIR": str(sa_dir),
+    }
 
 
 def test_client_refuses_to_patch_fields_other_than_progress_and_metrics():
-    from finetune_worker.status import KubeStatusClient
     from kubernetes.client import Configuration
+
+    from finetune_worker.status import KubeStatusClient
 
     client = KubeStatusClient(Configuration(host="https://127.0.0.1:1"))
     with pytest.raises(ValueError, match="only patch"):
@@ -246,8 +286,12 @@ def test_no_client_outside_a_cluster(tmp_path, missing):
     from finetune_worker.status import KubeStatusClient
 
     environ = _service_account(tmp_path, token=missing != "token", ca=missing != "ca")
-    environ.pop({"host": "KUBERNETES_SERVICE_HOST", "port": "KUBERNETES_SERVICE_PORT"}.get(
-        missing, "unset"), None)
+    environ.pop(
+        {"host": "KUBERNETES_SERVICE_HOST", "port": "KUBERNETES_SERVICE_PORT"}.get(
+            missing, "unset"
+        ),
+        None,
+    )
     assert KubeStatusClient.from_environment(environ) is None
 
 
@@ -262,8 +306,10 @@ def test_in_cluster_client_reads_the_service_account_directory(tmp_path):
     assert configuration.retries == 0
     # the token goes into the Authorization header, re-read as it rotates
     auth = configuration.auth_settings()["BearerToken"]
-    assert auth["key"] == "authorization" and auth["value"].split() == ["bearer",
-                                                                        "secret-token-value"]
+    assert auth["key"] == "authorization" and auth["value"].split() == [
+        "bearer",
+        "secret-token-value",
+    ]
     assert KubeStatusClient.from_environment(environ).server == "https://[fd00::1]:1"
 
 
@@ -275,8 +321,9 @@ def test_unreachable_api_server_is_one_quick_status_patch_error(tmp_path):
     configuration = in_cluster_configuration(environ=_service_account(tmp_path))
     configuration.host = "https://127.0.0.1:1"  # nothing listens on port 1
     start = time.monotonic()
-    with pytest.raises(StatusPatchError, match="cannot reach the API server at https://127.0.0.1:1") \
-            as failed:
+    with pytest.raises(
+        StatusPatchError, match="cannot reach the API server at https://127.0.0.1:1"
+    ) as failed:
         KubeStatusClient(configuration).patch_status("ns", "job", {"progress": {"step": 1}})
     assert failed.value.code is None
     assert time.monotonic() - start < 5
@@ -287,10 +334,14 @@ def test_refusals_say_what_they_mean_from_the_status_line_only():
     from finetune_worker.status import refusal_message
 
     forbidden = refusal_message(403, "Forbidden", "ns", "job")
-    assert forbidden.startswith("HTTP 403 Forbidden patching finetunejobs/status of ns/job: "
-                                "the pod's service account may not patch it")
+    assert forbidden.startswith(
+        "HTTP 403 Forbidden patching finetunejobs/status of ns/job: "
+        "the pod's service account may not patch it"
+    )
     assert "token" in refusal_message(401, "Unauthorized", "ns", "job")
-    assert refusal_message(500, None, "ns", "job") == "HTTP 500 patching finetunejobs/status of ns/job"
+    assert (
+        refusal_message(500, None, "ns", "job") == "HTTP 500 patching finetunejobs/status of ns/job"
+    )
 
 
 def test_the_api_client_never_logs_response_bodies(tmp_path):
@@ -317,8 +368,14 @@ def _run_cli(*args, env_extra=None, tmp_path):
 
     log = tmp_path / "termination-log"
     env = {**os.environ, "FINETUNE_WORKER_TERMINATION_LOG": str(log), **(env_extra or {})}
-    proc = subprocess.run([sys.executable, "-m", "finetune_worker.cli", *args],
-                          capture_output=True, text=True, env=env, timeout=120, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "finetune_worker.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
     summary = json.loads(log.read_text()) if log.exists() else None
     return proc, summary
 
@@ -372,8 +429,9 @@ def test_missing_model_on_the_volume_is_a_model_load_error(tmp_path, tiny_model_
 def test_corrupt_rows_exit_11_naming_the_row(tmp_path, tiny_model_root):
     import yaml
 
-    config = worker_config_dict(tmp_path, tiny_model_root, fmt="alpaca",
-                                dataset_file="corrupt/alpaca-missing-output.jsonl")
+    config = worker_config_dict(
+        tmp_path, tiny_model_root, fmt="alpaca", dataset_file="corrupt/alpaca-missing-output.jsonl"
+    )
     path = tmp_path / "worker-config.yaml"
     path.write_text(yaml.safe_dump(config))
     proc, summary = _run_cli("train", "--config", str(path), tmp_path=tmp_path)
@@ -392,8 +450,12 @@ def test_eval_split_and_max_samples_from_a_dataset_directory(tmp_path, tokenizer
     (data_dir / "train.jsonl").write_text("\n".join(lines[:20]) + "\n")
     (data_dir / "test.jsonl").write_text("\n".join(lines[20:]) + "\n")
     raw = worker_config_dict(tmp_path, tmp_path, fmt="completion", data_dir=tmp_path / "data")
-    raw["spec"]["dataset"] = {"uri": "pvc://data/qa", "format": "completion",
-                              "evalSplit": "test", "maxSamples": 8}
+    raw["spec"]["dataset"] = {
+        "uri": "pvc://data/qa",
+        "format": "completion",
+        "evalSplit": "test",
+        "maxSamples": 8,
+    }
     splits = load_training_data(WorkerConfig.model_validate(raw), tokenizer, None)
     assert len(splits.train) == 8 and len(splits.eval) == 4
     train_prompts = {json.loads(line)["prompt"] for line in lines[:20]}
@@ -463,12 +525,14 @@ def prepared(device):
     model = modeling.prepare_for_training(base, spec, {{"method": "lora"}}, device=device)
     assert next(model.parameters()).device.type == "cpu"  # nothing was moved
     norm = model.get_base_model().model.norm
-    return getattr(norm.forward, "__func__", None) is LigerRMSNorm.forward, model.fused_kernels_applied
+    fused_norm = getattr(norm.forward, "__func__", None) is LigerRMSNorm.forward
+    return fused_norm, model.fused_kernels_applied
 
 print(prepared("cpu"), prepared("cuda"))
 """
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                         timeout=300, check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=False
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     # the CPU run keeps the stock norm; a CUDA run gets liger's even with CPU-resident weights
     assert out.stdout.strip() == "(False, False) (True, True)", out.stdout

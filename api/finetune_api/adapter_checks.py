@@ -50,7 +50,7 @@ def base_model_identity(model: dict | None) -> str | None:
     if model.get("name"):
         return model["name"]
     uri = model.get("uri")
-    return uri[len("hf://"):] if uri and uri.startswith("hf://") else uri
+    return uri[len("hf://") :] if uri and uri.startswith("hf://") else uri
 
 
 def adapter_problems(facts: dict, server: dict) -> list[list[str]]:
@@ -74,11 +74,17 @@ def adapter_problems(facts: dict, server: dict) -> list[list[str]]:
     fold = (lambda x: x.lower()) if source else (lambda x: x)
     have_id, want_id = base_model_identity(have), base_model_identity(want)
     if have_id and want_id and fold(have_id) != fold(want_id):
-        problems.append(["BaseModelMismatch",
-                         (f"adapter {name!r} was trained on {have_id!r}"
-                          + (f" ({source})" if source else "")
-                          + f", but this deployment serves {want_id!r}; serve it on "
-                          "its own base model or retrain it on this one")])
+        problems.append(
+            [
+                "BaseModelMismatch",
+                (
+                    f"adapter {name!r} was trained on {have_id!r}"
+                    + (f" ({source})" if source else "")
+                    + f", but this deployment serves {want_id!r}; serve it on "
+                    "its own base model or retrain it on this one"
+                ),
+            ]
+        )
     elif have_id:
         a, b = have.get("revision"), want.get("revision")
         if facts.get("revisionDeclared"):
@@ -86,22 +92,40 @@ def adapter_problems(facts: dict, server: dict) -> list[list[str]]:
         else:  # a resolved commit: comparable only with a pinned revision
             differ = bool(a and b and a != b)
         if differ:
-            problems.append(["BaseModelMismatch",
-                             (f"adapter {name!r} was trained on revision "
-                             f"{a or 'default branch'!r} of {have_id!r}, but this "
-                             f"deployment serves revision {b or 'default branch'!r}; set "
-                             "spec.baseModel.revision to the adapter's")])
+            problems.append(
+                [
+                    "BaseModelMismatch",
+                    (
+                        f"adapter {name!r} was trained on revision "
+                        f"{a or 'default branch'!r} of {have_id!r}, but this "
+                        f"deployment serves revision {b or 'default branch'!r}; set "
+                        "spec.baseModel.revision to the adapter's"
+                    ),
+                ]
+            )
     r = facts.get("r")
     if r is not None:
         limit, vllm_max = server.get("maxRank"), server.get("vllmMaxRank")
         if vllm_max and r > vllm_max:
-            problems.append(["RankAboveLimit",
-                             (f"adapter {name!r} has rank {r}; vLLM serves ranks up to "
-                             f"{vllm_max}; retrain it with a lower lora.r")])
+            problems.append(
+                [
+                    "RankAboveLimit",
+                    (
+                        f"adapter {name!r} has rank {r}; vLLM serves ranks up to "
+                        f"{vllm_max}; retrain it with a lower lora.r"
+                    ),
+                ]
+            )
         elif limit and r > limit:
-            problems.append(["RankAboveLimit",
-                             (f"adapter {name!r} has rank {r}, above spec.maxLoraRank "
-                             f"({limit}); raise spec.maxLoraRank to at least {r}")])
+            problems.append(
+                [
+                    "RankAboveLimit",
+                    (
+                        f"adapter {name!r} has rank {r}, above spec.maxLoraRank "
+                        f"({limit}); raise spec.maxLoraRank to at least {r}"
+                    ),
+                ]
+            )
     servable = set(server.get("servableModules") or [])
     targets = facts.get("targetModules")
     if isinstance(targets, str):
@@ -110,18 +134,36 @@ def adapter_problems(facts: dict, server: dict) -> list[list[str]]:
     if servable and targets:
         bad = sorted(t for t in targets if t not in servable)
         if bad:
-            problems.append(["UnsupportedTargetModules",
-                             (f"adapter {name!r} adapts {bad}, which vLLM cannot serve LoRA "
-                             f"on; servable modules: {sorted(servable)}; retrain with "
-                             "lora.targetModules from that list")])
+            problems.append(
+                [
+                    "UnsupportedTargetModules",
+                    (
+                        f"adapter {name!r} adapts {bad}, which vLLM cannot serve LoRA "
+                        f"on; servable modules: {sorted(servable)}; retrain with "
+                        "lora.targetModules from that list"
+                    ),
+                ]
+            )
     if facts.get("useDoRA"):
-        problems.append(["UnsupportedAdapterFeature",
-                         (f"adapter {name!r} is a DoRA adapter, which vLLM does not serve; "
-                         "merge it into the base (AdapterMerge) or retrain without useDoRA")])
+        problems.append(
+            [
+                "UnsupportedAdapterFeature",
+                (
+                    f"adapter {name!r} is a DoRA adapter, which vLLM does not serve; "
+                    "merge it into the base (AdapterMerge) or retrain without useDoRA"
+                ),
+            ]
+        )
     if facts.get("modulesToSave"):
-        problems.append(["UnsupportedAdapterFeature",
-                         (f"adapter {name!r} saves full modules {facts['modulesToSave']}, "
-                         "which vLLM does not load; retrain without modules_to_save")])
+        problems.append(
+            [
+                "UnsupportedAdapterFeature",
+                (
+                    f"adapter {name!r} saves full modules {facts['modulesToSave']}, "
+                    "which vLLM does not load; retrain without modules_to_save"
+                ),
+            ]
+        )
     return problems
 
 
@@ -137,8 +179,15 @@ def verify_adapter_dir(directory: str, expected: dict) -> tuple[list[list[str]],
     where = expected.get("uri") or directory
     manifest_path = os.path.join(directory, expected.get("manifest", MANIFEST_FILENAME))
     if not os.path.isdir(directory):
-        return [["AdapterFilesMissing", (f"adapter {name!r}: {where} does not exist; check "
-                 "the adapter's URI (the training job may have written elsewhere)")]], {}
+        return [
+            [
+                "AdapterFilesMissing",
+                (
+                    f"adapter {name!r}: {where} does not exist; check "
+                    "the adapter's URI (the training job may have written elsewhere)"
+                ),
+            ]
+        ], {}
 
     facts = {"name": name}
     problems = []
@@ -146,28 +195,40 @@ def verify_adapter_dir(directory: str, expected: dict) -> tuple[list[list[str]],
     if os.path.isfile(config_path):
         with open(config_path) as fh:
             peft = json.load(fh)
-        facts.update({"r": peft.get("r"), "targetModules": peft.get("target_modules"),
-                      "useDoRA": bool(peft.get("use_dora")),
-                      "modulesToSave": peft.get("modules_to_save") or None})
+        facts.update(
+            {
+                "r": peft.get("r"),
+                "targetModules": peft.get("target_modules"),
+                "useDoRA": bool(peft.get("use_dora")),
+                "modulesToSave": peft.get("modules_to_save") or None,
+            }
+        )
         # PEFT records the base it was trained on; a Hub id (`owner/name` or `name`) is
         # comparable, a local path of the training machine (`/models/x`, `./x`) is not.
         base_id = peft.get("base_model_name_or_path")
         if isinstance(base_id, str) and re.match(
-                r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$", base_id):
-            facts["baseModel"] = {"name": base_id, **(
-                {"revision": peft["revision"]} if isinstance(peft.get("revision"), str)
-                else {})}
+            r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$", base_id
+        ):
+            facts["baseModel"] = {
+                "name": base_id,
+                **({"revision": peft["revision"]} if isinstance(peft.get("revision"), str) else {}),
+            }
             facts["revisionDeclared"] = False
             facts["baseModelFrom"] = "base_model_name_or_path in its adapter_config.json"
     if not os.path.isfile(manifest_path):
         # Not written by our worker: check what vLLM itself needs to load it.
-        weights = [w for w in ("adapter_model.safetensors", "adapter_model.bin")
-                   if os.path.isfile(os.path.join(directory, w))]
+        weights = [
+            w
+            for w in ("adapter_model.safetensors", "adapter_model.bin")
+            if os.path.isfile(os.path.join(directory, w))
+        ]
         missing = ([] if os.path.isfile(config_path) else ["adapter_config.json"]) + (
-            [] if weights else ["adapter_model.safetensors"])
+            [] if weights else ["adapter_model.safetensors"]
+        )
         if missing:
-            problems.append(["AdapterFilesMissing",
-                             f"adapter {name!r}: {missing} not found in {where}"])
+            problems.append(
+                ["AdapterFilesMissing", f"adapter {name!r}: {missing} not found in {where}"]
+            )
         # Its identity is the digest of its files, by the manifest's formula: new files,
         # new digest, and the server rolls to them.
         listed = []
@@ -177,44 +238,74 @@ def verify_adapter_dir(directory: str, expected: dict) -> tuple[list[list[str]],
                 listed.append((rel, file_sha256(os.path.join(root, f))))
         facts["sha256"] = files_digest(listed)
         if expected.get("sha256") and expected["sha256"] != facts["sha256"]:
-            problems.append(["AdapterChecksumMismatch",
-                             (f"adapter {name!r}: no {os.path.basename(manifest_path)} in "
-                             f"{where}, and its files' digest {facts['sha256'][:12]}... is not "
-                             f"the expected {expected['sha256'][:12]}...; the files changed "
-                             "since they were checked, or they are not the adapter its "
-                             "FineTuneJob recorded")])
+            problems.append(
+                [
+                    "AdapterChecksumMismatch",
+                    (
+                        f"adapter {name!r}: no {os.path.basename(manifest_path)} in "
+                        f"{where}, and its files' digest {facts['sha256'][:12]}... is not "
+                        f"the expected {expected['sha256'][:12]}...; the files changed "
+                        "since they were checked, or they are not the adapter its "
+                        "FineTuneJob recorded"
+                    ),
+                ]
+            )
         return problems, facts
     with open(manifest_path) as fh:
         manifest = json.load(fh)
     base = manifest.get("baseModel") or {}
     facts.pop("baseModelFrom", None)  # the manifest says what the worker resolved
-    facts.update({"baseModel": base, "revisionDeclared": False, "r": manifest.get("r"),
-                  "targetModules": manifest.get("targetModules"),
-                  "useDoRA": bool(manifest.get("useDoRA") or facts.get("useDoRA"))})
+    facts.update(
+        {
+            "baseModel": base,
+            "revisionDeclared": False,
+            "r": manifest.get("r"),
+            "targetModules": manifest.get("targetModules"),
+            "useDoRA": bool(manifest.get("useDoRA") or facts.get("useDoRA")),
+        }
+    )
     missing, changed = [], []
     for entry in manifest.get("files") or []:
         path = os.path.join(directory, entry["name"])
         if not os.path.isfile(path):
             missing.append(entry["name"])
-        elif (os.path.getsize(path) != entry.get("sizeBytes")
-              or file_sha256(path) != entry["sha256"]):
+        elif (
+            os.path.getsize(path) != entry.get("sizeBytes") or file_sha256(path) != entry["sha256"]
+        ):
             changed.append(entry["name"])
     if missing:
-        problems.append(["AdapterFilesMissing",
-                         (f"adapter {name!r}: files listed in its manifest are missing from "
-                         f"{where}: {missing}; copy the whole adapter directory again")])
+        problems.append(
+            [
+                "AdapterFilesMissing",
+                (
+                    f"adapter {name!r}: files listed in its manifest are missing from "
+                    f"{where}: {missing}; copy the whole adapter directory again"
+                ),
+            ]
+        )
     if changed:
-        problems.append(["AdapterChecksumMismatch",
-                         (f"adapter {name!r}: files differ from their manifest checksums in "
-                         f"{where}: {changed}; the copy is corrupt or was modified")])
-    facts["sha256"] = files_digest((f["name"], f["sha256"])
-                                   for f in manifest.get("files") or [])
+        problems.append(
+            [
+                "AdapterChecksumMismatch",
+                (
+                    f"adapter {name!r}: files differ from their manifest checksums in "
+                    f"{where}: {changed}; the copy is corrupt or was modified"
+                ),
+            ]
+        )
+    facts["sha256"] = files_digest((f["name"], f["sha256"]) for f in manifest.get("files") or [])
     if expected.get("sha256") and facts["sha256"] != expected["sha256"]:
-        problems.append(["AdapterChecksumMismatch",
-                         (f"adapter {name!r}: the manifest in {where} has digest "
-                         f"{facts['sha256'][:12]}..., but its FineTuneJob recorded "
-                         f"{expected['sha256'][:12]}...; the directory holds a different "
-                         "adapter")])
+        problems.append(
+            [
+                "AdapterChecksumMismatch",
+                (
+                    f"adapter {name!r}: the manifest in {where} has digest "
+                    f"{facts['sha256'][:12]}..., but its FineTuneJob recorded "
+                    f"{expected['sha256'][:12]}...; the directory holds a different "
+                    "adapter"
+                ),
+            ]
+        )
     return problems, facts
 
 

@@ -83,8 +83,9 @@ def describe_files(directory: str | Path) -> list[ArtifactFile]:
     """Every file under `directory` (except the manifest itself), with size and digest."""
     root = Path(directory)
     return [
-        ArtifactFile(name=p.relative_to(root).as_posix(), size_bytes=p.stat().st_size,
-                     sha256=file_sha256(p))
+        ArtifactFile(
+            name=p.relative_to(root).as_posix(), size_bytes=p.stat().st_size, sha256=file_sha256(p)
+        )
         for p in sorted(root.rglob("*"))
         if p.is_file() and p.name != ADAPTER_MANIFEST_FILENAME
     ]

@@ -37,10 +37,14 @@ PLURAL = "adapterdeployments"
 class AdapterSource(SpecModel):
     """One adapter to serve: from a URI or from a FineTuneJob."""
 
-    model_config = ConfigDict(json_schema_extra=validations(
-        cel("has(self.uri) != has(self.fineTuneJobRef)",
-            "exactly one of adapters[].uri and adapters[].fineTuneJobRef must be set"),
-    ))
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "has(self.uri) != has(self.fineTuneJobRef)",
+                "exactly one of adapters[].uri and adapters[].fineTuneJobRef must be set",
+            ),
+        )
+    )
 
     name: DNSLabel
     """Name clients pass as `model` in requests to select this adapter."""
@@ -54,7 +58,8 @@ class AdapterSource(SpecModel):
         if (self.uri is None) == (self.fine_tune_job_ref is None):
             raise ValueError(
                 f"adapter {self.name!r}: exactly one of adapters[].uri and "
-                f"adapters[].fineTuneJobRef must be set")
+                f"adapters[].fineTuneJobRef must be set"
+            )
         return self
 
 
@@ -63,9 +68,16 @@ class AdapterDeploymentSpec(SpecModel):
 
     base_model: ModelSource
     """The base model every adapter was trained on."""
-    adapters: Annotated[list[AdapterSource], Field(max_length=64, json_schema_extra={
-        "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]})] = Field(
-        default_factory=list)
+    adapters: Annotated[
+        list[AdapterSource],
+        Field(
+            max_length=64,
+            json_schema_extra={
+                "x-kubernetes-list-type": "map",
+                "x-kubernetes-list-map-keys": ["name"],
+            },
+        ),
+    ] = Field(default_factory=list)
     """The adapters to serve, by unique name (at most 64)."""
     runtime: Literal["vllm"] = "vllm"
     """Serving runtime; only vLLM."""
@@ -120,7 +132,8 @@ class AdapterDeploymentStatus(StatusModel):
     observed_generation: int | None = None
     """The `.metadata.generation` this status was computed from."""
     conditions: Annotated[list[Condition], Field(json_schema_extra=conditions_schema_extra())] = (
-        Field(default_factory=list))
+        Field(default_factory=list)
+    )
     """Ready, Available, Progressing, Degraded: each with a reason and message."""
     replicas: int | None = None
     """Serving pods that exist."""
@@ -144,9 +157,12 @@ class AdapterDeployment(SpecModel):
     """Serve a base model with LoRA adapters."""
 
     # Service names must start with a letter (DNS-1035), hence letter_first.
-    model_config = ConfigDict(extra="ignore", json_schema_extra=validations(
-        object_name_rule(KIND, "Deployment, Service and pods", letter_first=True),
-    ))
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra=validations(
+            object_name_rule(KIND, "Deployment, Service and pods", letter_first=True),
+        ),
+    )
 
     api_version: Literal["finetune.dev/v1alpha1"] = API_VERSION
     kind: Literal["AdapterDeployment"] = KIND

@@ -60,13 +60,20 @@ class MergeResources(SpecModel):
 class AdapterMergeSpec(SpecModel):
     """Which adapter to merge into which base, and where the result goes. Immutable."""
 
-    model_config = ConfigDict(json_schema_extra=validations(
-        cel("has(self.fineTuneJobRef) != has(self.adapterURI)",
-            "exactly one of spec.fineTuneJobRef and spec.adapterURI must be set"),
-        cel("!has(self.adapterURI) || has(self.baseModel)",
-            "spec.baseModel is required when spec.adapterURI is set", field_path=".baseModel"),
-        cel("self == oldSelf", "spec is immutable; create a new AdapterMerge to merge again"),
-    ))
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "has(self.fineTuneJobRef) != has(self.adapterURI)",
+                "exactly one of spec.fineTuneJobRef and spec.adapterURI must be set",
+            ),
+            cel(
+                "!has(self.adapterURI) || has(self.baseModel)",
+                "spec.baseModel is required when spec.adapterURI is set",
+                field_path=".baseModel",
+            ),
+            cel("self == oldSelf", "spec is immutable; create a new AdapterMerge to merge again"),
+        )
+    )
 
     fine_tune_job_ref: LocalObjectReference | None = None
     """The FineTuneJob whose adapter to merge; it must have succeeded."""
@@ -104,7 +111,8 @@ class AdapterMergeStatus(StatusModel):
     phase: Phase | None = None
     """One-word summary: Pending, Running, Succeeded or Failed."""
     conditions: Annotated[list[Condition], Field(json_schema_extra=conditions_schema_extra())] = (
-        Field(default_factory=list))
+        Field(default_factory=list)
+    )
     """Running, Succeeded, Failed: each with a reason and message."""
     job_name: str | None = None
     """The batch Job running the merge."""
@@ -119,9 +127,12 @@ class AdapterMergeStatus(StatusModel):
 class AdapterMerge(SpecModel):
     """Merge a LoRA adapter into its base model's weights."""
 
-    model_config = ConfigDict(extra="ignore", json_schema_extra=validations(
-        object_name_rule(KIND, "Job and pods"),
-    ))
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra=validations(
+            object_name_rule(KIND, "Job and pods"),
+        ),
+    )
 
     api_version: Literal["finetune.dev/v1alpha1"] = API_VERSION
     kind: Literal["AdapterMerge"] = KIND

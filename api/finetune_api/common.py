@@ -70,8 +70,9 @@ def to_k8s(model: BaseModel) -> dict[str, Any]:
 # --- CEL ----------------------------------------------------------------------------------
 
 
-def cel(rule: str, message: str, *, field_path: str | None = None,
-        reason: str | None = None) -> dict[str, str]:
+def cel(
+    rule: str, message: str, *, field_path: str | None = None, reason: str | None = None
+) -> dict[str, str]:
     """One `x-kubernetes-validations` entry. `field_path` makes the API server report the
     error on that child field (e.g. `.maxSteps`) instead of on the enclosing object."""
     entry = {"rule": rule, "message": message}
@@ -88,13 +89,16 @@ def validations(*rules: dict[str, str]) -> dict[str, Any]:
 
 
 def exactly_one_cel(a: str, b: str, where: str) -> dict[str, str]:
-    return cel(f"has(self.{a}) != has(self.{b})",
-               f"exactly one of {where}.{a} and {where}.{b} must be set")
+    return cel(
+        f"has(self.{a}) != has(self.{b})", f"exactly one of {where}.{a} and {where}.{b} must be set"
+    )
 
 
 def at_most_one_cel(a: str, b: str, where: str) -> dict[str, str]:
-    return cel(f"!(has(self.{a}) && has(self.{b}))",
-               f"at most one of {where}.{a} and {where}.{b} may be set")
+    return cel(
+        f"!(has(self.{a}) && has(self.{b}))",
+        f"at most one of {where}.{a} and {where}.{b} may be set",
+    )
 
 
 # --- Quantities ---------------------------------------------------------------------------
@@ -102,15 +106,26 @@ def at_most_one_cel(a: str, b: str, where: str) -> dict[str, str]:
 # Non-negative quantities only: Kubernetes' own syntax (and CEL's `isQuantity`) admits a
 # sign, so `-2` CPUs would pass `isQuantity` and break the operator later. The CRDs carry
 # this same pattern, so the API server and the models accept exactly the same strings.
-QUANTITY_PATTERN = (r"^([0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
-                    r"([eE][-+]?[0-9]+|Ki|Mi|Gi|Ti|Pi|Ei|m|k|M|G|T|P|E)?$")
+QUANTITY_PATTERN = (
+    r"^([0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
+    r"([eE][-+]?[0-9]+|Ki|Mi|Gi|Ti|Pi|Ei|m|k|M|G|T|P|E)?$"
+)
 _QUANTITY = re.compile(QUANTITY_PATTERN)
 _SUFFIX = {
-    None: Decimal(1), "m": Decimal("0.001"),
-    "k": Decimal(10) ** 3, "M": Decimal(10) ** 6, "G": Decimal(10) ** 9,
-    "T": Decimal(10) ** 12, "P": Decimal(10) ** 15, "E": Decimal(10) ** 18,
-    "Ki": Decimal(2) ** 10, "Mi": Decimal(2) ** 20, "Gi": Decimal(2) ** 30,
-    "Ti": Decimal(2) ** 40, "Pi": Decimal(2) ** 50, "Ei": Decimal(2) ** 60,
+    None: Decimal(1),
+    "m": Decimal("0.001"),
+    "k": Decimal(10) ** 3,
+    "M": Decimal(10) ** 6,
+    "G": Decimal(10) ** 9,
+    "T": Decimal(10) ** 12,
+    "P": Decimal(10) ** 15,
+    "E": Decimal(10) ** 18,
+    "Ki": Decimal(2) ** 10,
+    "Mi": Decimal(2) ** 20,
+    "Gi": Decimal(2) ** 30,
+    "Ti": Decimal(2) ** 40,
+    "Pi": Decimal(2) ** 50,
+    "Ei": Decimal(2) ** 60,
 }
 
 
@@ -123,7 +138,8 @@ def parse_quantity_decimal(value: str | float) -> Decimal:
     if not match:
         raise ValueError(
             f"{value!r} is not a Kubernetes quantity; expected a non-negative number with an "
-            f"optional suffix such as 24Gi, 40G, 512Mi or 500m")
+            f"optional suffix such as 24Gi, 40G, 512Mi or 500m"
+        )
     number, suffix = match.groups()
     try:
         base = Decimal(number)
@@ -171,19 +187,31 @@ Quantity = Annotated[
     str,
     BeforeValidator(_stringify),
     AfterValidator(_check_quantity),
-    Field(max_length=64, json_schema_extra=validations(
-        cel(f"self.matches(r'{QUANTITY_PATTERN}') && isQuantity(self)",
-            "must be a non-negative Kubernetes quantity such as 24Gi, 512Mi, 4 or 500m "
-            "(no sign)"))),
+    Field(
+        max_length=64,
+        json_schema_extra=validations(
+            cel(
+                f"self.matches(r'{QUANTITY_PATTERN}') && isQuantity(self)",
+                "must be a non-negative Kubernetes quantity such as 24Gi, 512Mi, 4 or 500m "
+                "(no sign)",
+            )
+        ),
+    ),
 ]
 PositiveQuantity = Annotated[
     str,
     BeforeValidator(_stringify),
     AfterValidator(_check_positive_quantity),
-    Field(max_length=64, json_schema_extra=validations(
-        cel(f"self.matches(r'{QUANTITY_PATTERN}') && isQuantity(self) && "
-            "quantity(self).isGreaterThan(quantity('0'))",
-            "must be a positive quantity such as 24Gi (no sign)"))),
+    Field(
+        max_length=64,
+        json_schema_extra=validations(
+            cel(
+                f"self.matches(r'{QUANTITY_PATTERN}') && isQuantity(self) && "
+                "quantity(self).isGreaterThan(quantity('0'))",
+                "must be a positive quantity such as 24Gi (no sign)",
+            )
+        ),
+    ),
 ]
 
 
@@ -196,17 +224,24 @@ def _check_dns_label(value: str) -> str:
     if len(value) > 63 or not re.match(DNS_LABEL_PATTERN, value):
         raise ValueError(
             f"{value!r} is not a valid DNS label: use at most 63 lower-case letters, digits "
-            f"and '-', starting and ending with a letter or digit")
+            f"and '-', starting and ending with a letter or digit"
+        )
     return value
 
 
 DNSLabel = Annotated[
     str,
     AfterValidator(_check_dns_label),
-    Field(max_length=63, json_schema_extra=validations(cel(
-        f"self.matches('{DNS_LABEL_PATTERN}')",
-        "must be a DNS label: lower-case letters, digits and '-', "
-        "starting and ending with a letter or digit"))),
+    Field(
+        max_length=63,
+        json_schema_extra=validations(
+            cel(
+                f"self.matches('{DNS_LABEL_PATTERN}')",
+                "must be a DNS label: lower-case letters, digits and '-', "
+                "starting and ending with a letter or digit",
+            )
+        ),
+    ),
 ]
 
 # Children are named `<object>-<suffix>` and pods add a hash; names must leave room for both
@@ -233,7 +268,8 @@ def object_name_rule(kind: str, uses: str, *, letter_first: bool = False) -> dic
         f"({name}.size() <= {MAX_NAME_LENGTH} && {name}.matches('^{first}([-a-z0-9]*[a-z0-9])?$'))",
         f"must be a DNS label of at most {MAX_NAME_LENGTH} characters (lower-case letters, digits "
         f"and '-', no '.', starting with {start}) because it names the {kind}'s {uses}",
-        field_path=".metadata.name")
+        field_path=".metadata.name",
+    )
 
 
 # Hugging Face repository ids: `gpt2` or `owner/name`.
@@ -250,7 +286,9 @@ URI_EXAMPLES = {"hf": "hf://owner/name", "pvc": "pvc://claim/path", "s3": "s3://
 def _uri_type(*schemes: str) -> Any:
     pattern = "|".join(f"({URI_PATTERNS[s]})" for s in schemes)
     examples = ", ".join(URI_EXAMPLES[s] for s in schemes[:-1])
-    examples = f"{examples} or {URI_EXAMPLES[schemes[-1]]}" if examples else URI_EXAMPLES[schemes[0]]
+    examples = (
+        f"{examples} or {URI_EXAMPLES[schemes[-1]]}" if examples else URI_EXAMPLES[schemes[0]]
+    )
     message = f"must be a URI of the form {examples}"
 
     def check(value: str) -> str:
@@ -261,9 +299,13 @@ def _uri_type(*schemes: str) -> Any:
     return Annotated[
         str,
         AfterValidator(check),
-        Field(max_length=1024, json_schema_extra=validations(
-            # A raw CEL string: the pattern's backslashes (`\s`) are regex, not CEL escapes.
-            cel(f"self.matches(r'{pattern}')", message))),
+        Field(
+            max_length=1024,
+            json_schema_extra=validations(
+                # A raw CEL string: the pattern's backslashes (`\s`) are regex, not CEL escapes.
+                cel(f"self.matches(r'{pattern}')", message)
+            ),
+        ),
     ]
 
 
@@ -295,8 +337,9 @@ def _utc(value: datetime) -> datetime:
 Timestamp = Annotated[
     datetime,
     AfterValidator(_utc),
-    PlainSerializer(lambda v: _utc(v).strftime("%Y-%m-%dT%H:%M:%SZ"), return_type=str,
-                    when_used="json"),
+    PlainSerializer(
+        lambda v: _utc(v).strftime("%Y-%m-%dT%H:%M:%SZ"), return_type=str, when_used="json"
+    ),
     WithJsonSchema({"type": "string", "format": "date-time"}),
 ]
 

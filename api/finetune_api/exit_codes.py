@@ -53,18 +53,23 @@ _REASONS = {
 _MEANINGS = {
     WorkerExitCode.SUCCESS: "training finished; the adapter and its manifest were written",
     WorkerExitCode.INVALID_CONFIG: "the worker config is missing, unreadable or invalid",
-    WorkerExitCode.DATA_ERROR:
-        "the dataset cannot be read, or its rows do not match the declared format or fields",
-    WorkerExitCode.CUDA_OOM:
-        "the GPU ran out of memory: the plan under-estimated or the budget is too small",
+    WorkerExitCode.DATA_ERROR: (
+        "the dataset cannot be read, or its rows do not match the declared format or fields"
+    ),
+    WorkerExitCode.CUDA_OOM: (
+        "the GPU ran out of memory: the plan under-estimated or the budget is too small"
+    ),
     WorkerExitCode.NON_FINITE_LOSS: "the loss became NaN or infinite; lower the learning rate",
-    WorkerExitCode.STORAGE_ERROR:
-        "reading or writing a checkpoint or the adapter failed (volume, bucket or Hub push)",
-    WorkerExitCode.MODEL_LOAD_ERROR:
-        "the base model or tokenizer cannot be loaded (not found, gated, wrong revision)",
-    WorkerExitCode.ENVIRONMENT_ERROR:
+    WorkerExitCode.STORAGE_ERROR: (
+        "reading or writing a checkpoint or the adapter failed (volume, bucket or Hub push)"
+    ),
+    WorkerExitCode.MODEL_LOAD_ERROR: (
+        "the base model or tokenizer cannot be loaded (not found, gated, wrong revision)"
+    ),
+    WorkerExitCode.ENVIRONMENT_ERROR: (
         "the worker image or node cannot run what the plan assumes (a C compiler for Triton's "
-        "fused kernels, bitsandbytes' CUDA library, a GPU kernel); fix the image",
+        "fused kernels, bitsandbytes' CUDA library, a GPU kernel); fix the image"
+    ),
 }
 
 # A worker's own verdict on a run that failed: any documented code but success.

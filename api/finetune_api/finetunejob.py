@@ -73,7 +73,8 @@ class ArchitectureHints(SpecModel):
     num_attention_heads: Annotated[int, Field(ge=1)] | None = None
     """Query heads per layer (`num_attention_heads`)."""
     num_key_value_heads: Annotated[int, Field(ge=1)] | None = None
-    """Key/value heads per layer (`num_key_value_heads`; fewer than the query heads with grouped-query attention)."""
+    """Key/value heads per layer (`num_key_value_heads`; fewer than the query heads with
+    grouped-query attention)."""
     vocab_size: Annotated[int, Field(ge=1)] | None = None
     """Tokens in the vocabulary (`vocab_size`)."""
     tie_word_embeddings: bool | None = None
@@ -83,9 +84,11 @@ class ArchitectureHints(SpecModel):
 class ModelSource(SpecModel):
     """A base model: a Hugging Face id (plus revision) or a URI."""
 
-    model_config = ConfigDict(json_schema_extra=validations(
-        exactly_one_cel("name", "uri", "model"),
-    ))
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            exactly_one_cel("name", "uri", "model"),
+        )
+    )
 
     name: HFRepoId | None = None
     """Hugging Face repository id, e.g. `meta-llama/Meta-Llama-3-8B`."""
@@ -96,7 +99,8 @@ class ModelSource(SpecModel):
     tokenizer: Annotated[str, Field(min_length=1, max_length=1024)] | None = None
     """Tokenizer to use instead of the model's own (a Hugging Face id or a URI)."""
     architecture: ArchitectureHints | None = None
-    """The model's shape, for planning when its config.json cannot be read (a private repository, an air-gapped cluster)."""
+    """The model's shape, for planning when its config.json cannot be read (a private
+    repository, an air-gapped cluster)."""
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> ModelSource:
@@ -139,14 +143,17 @@ DatasetFormat = Literal["alpaca", "chat", "text", "completion"]
 class DatasetSpec(SpecModel):
     """Training data: where it is, how rows are shaped, and what to hold out."""
 
-    model_config = ConfigDict(json_schema_extra=validations(
-        at_most_one_cel("evalSplit", "evalFraction", "dataset"),
-    ))
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            at_most_one_cel("evalSplit", "evalFraction", "dataset"),
+        )
+    )
 
     uri: SourceURI
     """`hf://owner/name`, `pvc://claim/file.jsonl` or `s3://bucket/key`."""
     format: DatasetFormat
-    """alpaca (instruction/input/output), chat (messages), text, or completion (prompt/completion)."""
+    """alpaca (instruction/input/output), chat (messages), text, or completion
+    (prompt/completion)."""
     subset: ShortString | None = None
     """Configuration name of a Hugging Face dataset."""
     split: ShortString = "train"
@@ -183,7 +190,8 @@ class LoRASpec(SpecModel):
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
     """Dropout probability on the adapter's input, 0 to <1."""
     target_modules: Annotated[list[ModuleName], Field(min_length=1, max_length=64)] = Field(
-        default_factory=lambda: ["all-linear"], json_schema_extra={"default": ["all-linear"]})
+        default_factory=lambda: ["all-linear"], json_schema_extra={"default": ["all-linear"]}
+    )
     """Module names to adapt; `all-linear` means every linear projection except the output head."""
     use_rs_lora: bool = Field(False, alias="useRSLoRA")
     """Rank-stabilised scaling (alpha/sqrt(r)); helps at high ranks."""
@@ -208,10 +216,12 @@ class QuantizationSpec(SpecModel):
 class TrainingSpec(SpecModel):
     """Optimisation settings. At most one of epochs and maxSteps; neither means one epoch."""
 
-    model_config = ConfigDict(json_schema_extra=validations(
-        at_most_one_cel("epochs", "maxSteps", "spec.training"),
-        at_most_one_cel("warmupRatio", "warmupSteps", "spec.training"),
-    ))
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            at_most_one_cel("epochs", "maxSteps", "spec.training"),
+            at_most_one_cel("warmupRatio", "warmupSteps", "spec.training"),
+        )
+    )
 
     epochs: Annotated[float, Field(gt=0, le=1000)] | None = None
     """Passes over the training data (may be fractional); 1 when neither this nor maxSteps is
@@ -225,9 +235,17 @@ class TrainingSpec(SpecModel):
     multiple of the GPUs, and of microBatchSize x GPUs when microBatchSize is a number."""
     micro_batch_size: Annotated[
         Literal["auto"] | Annotated[int, Field(ge=1, le=4096)],
-        Field(json_schema_extra={"x-kubernetes-int-or-string": True, **validations(cel(
-            "type(self) == string ? self == 'auto' : self >= 1",
-            "must be 'auto' or an integer of at least 1"))}),
+        Field(
+            json_schema_extra={
+                "x-kubernetes-int-or-string": True,
+                **validations(
+                    cel(
+                        "type(self) == string ? self == 'auto' : self >= 1",
+                        "must be 'auto' or an integer of at least 1",
+                    )
+                ),
+            }
+        ),
     ] = "auto"
     """Sequences per forward pass; `auto` lets the planner choose the fastest that fits."""
     seq_length: Annotated[int, Field(ge=16, le=131072)] = 2048
@@ -239,12 +257,19 @@ class TrainingSpec(SpecModel):
     gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
     """Trade compute for activation memory; `auto` lets the planner decide."""
     optimizer: Literal[
-        "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit",
-        "paged_adamw_32bit", "adafactor", "sgd"] = "adamw_torch"
-    """Optimizer (transformers' `optim` names); `adamw_8bit` and `paged_*` keep optimizer state in 8 bits or page it to host memory."""
+        "adamw_torch",
+        "adamw_torch_fused",
+        "adamw_8bit",
+        "paged_adamw_8bit",
+        "paged_adamw_32bit",
+        "adafactor",
+        "sgd",
+    ] = "adamw_torch"
+    """Optimizer (transformers' `optim` names); `adamw_8bit` and `paged_*` keep optimizer
+    state in 8 bits or page it to host memory."""
     scheduler: Literal[
-        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
-        "constant_with_warmup"] = "cosine"
+        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
+    ] = "cosine"
     """Learning-rate schedule after warm-up (transformers' `lr_scheduler_type`)."""
     warmup_ratio: Annotated[float, Field(ge=0, lt=1)] | None = None
     """Fraction of steps spent warming up (0.03 when neither this nor warmupSteps is set)."""
@@ -255,7 +280,8 @@ class TrainingSpec(SpecModel):
     max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
     """Gradients are clipped to this global L2 norm."""
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 42
-    """Random seed for shuffling, dropout and adapter initialisation; the same seed and data give the same run."""
+    """Random seed for shuffling, dropout and adapter initialisation; the same seed and data
+    give the same run."""
     checkpoint_steps: Annotated[int, Field(ge=1)] = 200
     """Save a checkpoint every this many steps (the job resumes from the latest)."""
     checkpoint_minutes: Annotated[float, Field(ge=0, le=1440)] = 30
@@ -271,10 +297,12 @@ class TrainingSpec(SpecModel):
         if self.epochs is not None and self.max_steps is not None:
             raise ValueError(
                 "at most one of spec.training.epochs and spec.training.maxSteps may be set "
-                "(neither means one epoch)")
+                "(neither means one epoch)"
+            )
         if self.warmup_ratio is not None and self.warmup_steps is not None:
-            raise ValueError("at most one of spec.training.warmupRatio and "
-                             "spec.training.warmupSteps may be set")
+            raise ValueError(
+                "at most one of spec.training.warmupRatio and spec.training.warmupSteps may be set"
+            )
         return self
 
     @property
@@ -284,8 +312,11 @@ class TrainingSpec(SpecModel):
 
     @property
     def effective_warmup_ratio(self) -> float:
-        return 0.03 if self.warmup_ratio is None and self.warmup_steps is None else (
-            self.warmup_ratio or 0.0)
+        return (
+            0.03
+            if self.warmup_ratio is None and self.warmup_steps is None
+            else (self.warmup_ratio or 0.0)
+        )
 
 
 # --- resources ------------------------------------------------------------------------------
@@ -319,7 +350,8 @@ class Toleration(SpecModel):
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
     """Taint effect to match; empty matches all effects."""
     toleration_seconds: int | None = None
-    """With effect NoExecute: seconds the pod stays bound after the taint appears (unset: forever)."""
+    """With effect NoExecute: seconds the pod stays bound after the taint appears (unset:
+    forever)."""
 
 
 LabelMap = Annotated[dict[str, Annotated[str, Field(max_length=63)]], Field(max_length=64)]
@@ -421,32 +453,47 @@ MUTABLE_SPEC_FIELDS = ("suspend",)
 BATCH_PER_PROCESS_MESSAGE = (
     "spec.training.batchSize must be a multiple of the GPUs in the job "
     "(spec.resources.gpu.count x spec.resources.gpu.nodes): every training process takes the "
-    "same number of examples per optimizer step")
+    "same number of examples per optimizer step"
+)
 MICRO_BATCH_DIVIDES_MESSAGE = (
     "spec.training.microBatchSize must divide the per-process batch, spec.training.batchSize / "
     "(spec.resources.gpu.count x spec.resources.gpu.nodes): the batch is exactly microBatchSize "
     "x gradient accumulation x GPUs. Raise spec.training.batchSize to a multiple of "
-    "microBatchSize x GPUs, lower microBatchSize, or set it to auto")
+    "microBatchSize x GPUs, lower microBatchSize, or set it to auto"
+)
 
 
 class FineTuneJobSpec(SpecModel):
     """What to fine-tune, on what data, how, within which GPU budget, and where the adapter
     goes. Immutable after creation except `suspend`."""
 
-    model_config = ConfigDict(json_schema_extra=validations(
-        cel("self.method != 'lora' || !has(self.quantization)",
-            "spec.quantization may only be set when spec.method is qlora or auto",
-            field_path=".quantization"),
-        cel("self.training.batchSize % (self.resources.gpu.count * self.resources.gpu.nodes)"
-            " == 0", BATCH_PER_PROCESS_MESSAGE, field_path=".training.batchSize"),
-        # Silent on a batch the rule above rejects already: one message per mistake.
-        cel("type(self.training.microBatchSize) == string"
-            " || self.training.batchSize % (self.resources.gpu.count * self.resources.gpu.nodes)"
-            " != 0"
-            " || (self.training.batchSize / (self.resources.gpu.count * self.resources.gpu.nodes))"
-            " % self.training.microBatchSize == 0",
-            MICRO_BATCH_DIVIDES_MESSAGE, field_path=".training.microBatchSize"),
-    ))
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "self.method != 'lora' || !has(self.quantization)",
+                "spec.quantization may only be set when spec.method is qlora or auto",
+                field_path=".quantization",
+            ),
+            cel(
+                "self.training.batchSize % (self.resources.gpu.count * self.resources.gpu.nodes)"
+                " == 0",
+                BATCH_PER_PROCESS_MESSAGE,
+                field_path=".training.batchSize",
+            ),
+            # Silent on a batch the rule above rejects already: one message per mistake.
+            cel(
+                "type(self.training.microBatchSize) == string"
+                " || self.training.batchSize"
+                " % (self.resources.gpu.count * self.resources.gpu.nodes)"
+                " != 0"
+                " || (self.training.batchSize"
+                " / (self.resources.gpu.count * self.resources.gpu.nodes))"
+                " % self.training.microBatchSize == 0",
+                MICRO_BATCH_DIVIDES_MESSAGE,
+                field_path=".training.microBatchSize",
+            ),
+        )
+    )
 
     model: ModelSource
     """The base model to adapt."""
@@ -459,8 +506,7 @@ class FineTuneJobSpec(SpecModel):
     quantization: QuantizationSpec | None = None
     """4-bit settings used when the method is (or resolves to) qlora."""
     # `default: {}` as for lora: a spec without `training` trains one epoch with the defaults.
-    training: TrainingSpec = Field(default_factory=TrainingSpec,
-                                   json_schema_extra={"default": {}})
+    training: TrainingSpec = Field(default_factory=TrainingSpec, json_schema_extra={"default": {}})
     """How to optimise: how long (epochs or maxSteps; neither: one epoch), batch, learning
     rate, checkpoints."""
     resources: ResourcesSpec
@@ -494,14 +540,18 @@ class FineTuneJobSpec(SpecModel):
     def _batch_splits_over_processes(self) -> FineTuneJobSpec:
         gpu = self.resources.gpu
         if self.training.batch_size % (gpu.count * gpu.nodes):
-            raise ValueError(f"{BATCH_PER_PROCESS_MESSAGE} (batchSize {self.training.batch_size}, "
-                             f"{gpu.count} x {gpu.nodes} GPUs)")
+            raise ValueError(
+                f"{BATCH_PER_PROCESS_MESSAGE} (batchSize {self.training.batch_size}, "
+                f"{gpu.count} x {gpu.nodes} GPUs)"
+            )
         micro = self.training.micro_batch_size
         per_process = self.training.batch_size // (gpu.count * gpu.nodes)
         if micro != "auto" and per_process % micro:
-            raise ValueError(f"{MICRO_BATCH_DIVIDES_MESSAGE} (batchSize "
-                             f"{self.training.batch_size}, {gpu.count} x {gpu.nodes} GPUs, "
-                             f"microBatchSize {micro})")
+            raise ValueError(
+                f"{MICRO_BATCH_DIVIDES_MESSAGE} (batchSize "
+                f"{self.training.batch_size}, {gpu.count} x {gpu.nodes} GPUs, "
+                f"microBatchSize {micro})"
+            )
         return self
 
     @property
@@ -650,7 +700,8 @@ class FineTuneJobStatus(StatusModel):
     """The reason of the condition behind the phase (e.g. `CUDAOutOfMemory`), for
     `kubectl get ftj -o wide`; the condition's message says more."""
     conditions: Annotated[list[Condition], Field(json_schema_extra=conditions_schema_extra())] = (
-        Field(default_factory=list))
+        Field(default_factory=list)
+    )
     """Planned, Queued, Suspended, Running, Succeeded, Failed: each with a reason and message."""
     plan: TrainingPlan | None = None
     """What the planner decided and why."""
@@ -678,9 +729,12 @@ class FineTuneJobStatus(StatusModel):
 class FineTuneJob(SpecModel):
     """A LoRA or QLoRA fine-tuning run, planned to fit a GPU memory budget."""
 
-    model_config = ConfigDict(extra="ignore", json_schema_extra=validations(
-        object_name_rule(KIND, "Job and pods"),
-    ))
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra=validations(
+            object_name_rule(KIND, "Job and pods"),
+        ),
+    )
 
     api_version: Literal["finetune.dev/v1alpha1"] = API_VERSION
     kind: Literal["FineTuneJob"] = KIND
@@ -701,12 +755,25 @@ def crd_extras() -> dict[str, Any]:
         "printer_columns": [
             {"name": "Method", "type": "string", "jsonPath": ".status.plan.method"},
             {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
-            {"name": "Reason", "type": "string", "jsonPath": ".status.reason", "priority": 1,
-             "description": "Why the job is in this phase"},
-            {"name": "Progress", "type": "number", "jsonPath": ".status.progress.percent",
-             "description": "Percent of training steps done"},
-            {"name": "Peak VRAM", "type": "string", "jsonPath": ".status.metrics.peakVRAM",
-             "description": "Measured peak GPU memory"},
+            {
+                "name": "Reason",
+                "type": "string",
+                "jsonPath": ".status.reason",
+                "priority": 1,
+                "description": "Why the job is in this phase",
+            },
+            {
+                "name": "Progress",
+                "type": "number",
+                "jsonPath": ".status.progress.percent",
+                "description": "Percent of training steps done",
+            },
+            {
+                "name": "Peak VRAM",
+                "type": "string",
+                "jsonPath": ".status.metrics.peakVRAM",
+                "description": "Measured peak GPU memory",
+            },
             {"name": "Tokens/s", "type": "number", "jsonPath": ".status.metrics.tokensPerSecond"},
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         ],

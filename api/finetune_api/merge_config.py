@@ -48,4 +48,6 @@ def load_merge_config(path: str | Path) -> MergeConfig:
     try:
         return MergeConfig.model_validate(data)
     except ValidationError as exc:
-        raise WorkerConfigError(f"merge config {path} is invalid:\n{describe_errors(exc)}") from None
+        raise WorkerConfigError(
+            f"merge config {path} is invalid:\n{describe_errors(exc)}"
+        ) from None

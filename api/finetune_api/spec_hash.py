@@ -24,8 +24,9 @@ def spec_hash(spec: FineTuneJobSpec) -> str:
     Defaults are filled in so that `r: 16` written out and `r` left to its default hash the
     same; keys are sorted and separators fixed so the hash is stable across processes.
     """
-    data = spec.model_dump(by_alias=True, exclude_none=True, mode="json",
-                           include=set(TRAINING_FIELDS))
+    data = spec.model_dump(
+        by_alias=True, exclude_none=True, mode="json", include=set(TRAINING_FIELDS)
+    )
     # The GPU budget shapes the plan (micro-batch, checkpointing, method under `auto`);
     # in bytes, so `24Gi` and `24576Mi` are the same budget.
     gpu = spec.resources.gpu

@@ -43,12 +43,13 @@ class WorkerPaths(SpecModel):
         """`pvc://claim/some/path` -> the local path inside the pod."""
         if not uri.startswith("pvc://"):
             raise ValueError(f"{uri!r} is not a pvc:// URI")
-        claim, _, rest = uri[len("pvc://"):].partition("/")
+        claim, _, rest = uri[len("pvc://") :].partition("/")
         if claim not in self.claim_mounts:
             raise ValueError(
                 f"{uri!r}: claim {claim!r} is not mounted in this pod (mounted: "
                 f"{sorted(self.claim_mounts) or 'none'}); the operator must mount every "
-                f"claim the spec names")
+                f"claim the spec names"
+            )
         return Path(self.claim_mounts[claim]) / rest
 
 
@@ -83,7 +84,8 @@ def load_worker_config(path: str | Path) -> WorkerConfig:
     except FileNotFoundError:
         raise WorkerConfigError(
             f"worker config {path} does not exist; the operator mounts it from a ConfigMap, "
-            f"so check the pod's volumes") from None
+            f"so check the pod's volumes"
+        ) from None
     except OSError as exc:
         raise WorkerConfigError(f"worker config {path} cannot be read: {exc}") from None
     try:
@@ -93,11 +95,14 @@ def load_worker_config(path: str | Path) -> WorkerConfig:
     if not isinstance(data, dict):
         raise WorkerConfigError(
             f"worker config {path} must be a mapping with apiVersion, kind, job, spec, plan, "
-            f"paths and specHash; found {type(data).__name__}")
+            f"paths and specHash; found {type(data).__name__}"
+        )
     try:
         return WorkerConfig.model_validate(data)
     except ValidationError as exc:
-        raise WorkerConfigError(f"worker config {path} is invalid:\n{describe_errors(exc)}") from None
+        raise WorkerConfigError(
+            f"worker config {path} is invalid:\n{describe_errors(exc)}"
+        ) from None
 
 
 def describe_errors(exc: ValidationError) -> str:

@@ -21,8 +21,12 @@ def versions() -> dict:
     import torch
     import transformers
 
-    out = {"torch": torch.__version__, "transformers": transformers.__version__,
-           "peft": peft.__version__, "python": platform.python_version()}
+    out = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "python": platform.python_version(),
+    }
     for name in ("bitsandbytes", "liger_kernel", "trl"):
         try:
             module = __import__(name)
@@ -35,8 +39,19 @@ def versions() -> dict:
     return out
 
 
-def grid(shape: str, method: str, seq_lens, micro_batches, ckpts, *, r: int = 16, steps: int = 3,
-         dropout: float = 0.0, out=None, log=print) -> list[dict]:
+def grid(
+    shape: str,
+    method: str,
+    seq_lens,
+    micro_batches,
+    ckpts,
+    *,
+    r: int = 16,
+    steps: int = 3,
+    dropout: float = 0.0,
+    out=None,
+    log=print,
+) -> list[dict]:
     import torch
 
     harness.cuda_context_bytes()  # measured before any model memory exists
@@ -47,29 +62,59 @@ def grid(shape: str, method: str, seq_lens, micro_batches, ckpts, *, r: int = 16
     for seq in seq_lens:
         for mb in micro_batches:
             for ckpt in ckpts:
-                cfg = harness.RunConfig(shape=shape, method=method, r=r, alpha=2 * r, dropout=dropout,
-                                        seq_len=seq, packing=False, micro_batch=mb, grad_ckpt=float(ckpt),
-                                        steps=steps, warmup_excluded=1, fused_kernels=True)
-                examples = data.fixed_examples(mb * steps, seq, shapes.SHAPES[shape]["vocab_size"], seed=seq + mb)
+                cfg = harness.RunConfig(
+                    shape=shape,
+                    method=method,
+                    r=r,
+                    alpha=2 * r,
+                    dropout=dropout,
+                    seq_len=seq,
+                    packing=False,
+                    micro_batch=mb,
+                    grad_ckpt=float(ckpt),
+                    steps=steps,
+                    warmup_excluded=1,
+                    fused_kernels=True,
+                )
+                examples = data.fixed_examples(
+                    mb * steps, seq, shapes.SHAPES[shape]["vocab_size"], seed=seq + mb
+                )
                 base, res = harness.measure(base, examples, cfg)
-                row = {**shapes.describe(shape), "method": method, "r": r, "lora_alpha": 2 * r,
-                       "lora_dropout": dropout, "target_modules": list(cfg.targets),
-                       "seq_len": seq, "micro_batch": mb, "grad_ckpt": bool(ckpt), "fused_ce": True,
-                       "liger": True, "packing": False, "optimizer": "adamw_torch_fused",
-                       "peak_reserved_bytes": res.peak_reserved_bytes,
-                       "peak_allocated_bytes": res.peak_allocated_bytes,
-                       "cuda_context_bytes": res.cuda_context_bytes or harness.cuda_context_bytes(),
-                       "non_torch_bytes_end": res.non_torch_bytes,
-                       "model_bytes_after_load": base_bytes,
-                       "oom": bool(res.error), "tokens_per_s": round(res.tokens_per_s, 1),
-                       "measured_at": datetime.date.today().isoformat(),
-                       "torch": vers["torch"], "transformers": vers["transformers"],
-                       "peft": vers["peft"], "bitsandbytes": vers.get("bitsandbytes"),
-                       "liger_kernel": vers.get("liger_kernel"), "gpu": vers.get("gpu")}
+                row = {
+                    **shapes.describe(shape),
+                    "method": method,
+                    "r": r,
+                    "lora_alpha": 2 * r,
+                    "lora_dropout": dropout,
+                    "target_modules": list(cfg.targets),
+                    "seq_len": seq,
+                    "micro_batch": mb,
+                    "grad_ckpt": bool(ckpt),
+                    "fused_ce": True,
+                    "liger": True,
+                    "packing": False,
+                    "optimizer": "adamw_torch_fused",
+                    "peak_reserved_bytes": res.peak_reserved_bytes,
+                    "peak_allocated_bytes": res.peak_allocated_bytes,
+                    "cuda_context_bytes": res.cuda_context_bytes or harness.cuda_context_bytes(),
+                    "non_torch_bytes_end": res.non_torch_bytes,
+                    "model_bytes_after_load": base_bytes,
+                    "oom": bool(res.error),
+                    "tokens_per_s": round(res.tokens_per_s, 1),
+                    "measured_at": datetime.date.today().isoformat(),
+                    "torch": vers["torch"],
+                    "transformers": vers["transformers"],
+                    "peft": vers["peft"],
+                    "bitsandbytes": vers.get("bitsandbytes"),
+                    "liger_kernel": vers.get("liger_kernel"),
+                    "gpu": vers.get("gpu"),
+                }
                 rows.append(row)
-                log(f"calib {shape} {method} seq={seq} mb={mb} ckpt={ckpt}: "
+                log(
+                    f"calib {shape} {method} seq={seq} mb={mb} ckpt={ckpt}: "
                     f"reserved={res.peak_reserved_bytes / 2**30:.2f} GiB oom={row['oom']} "
-                    f"tok/s={row['tokens_per_s']}")
+                    f"tok/s={row['tokens_per_s']}"
+                )
                 if out is not None:
                     out.write(json.dumps(row) + "\n")
                     out.flush()

@@ -42,22 +42,30 @@ def _batches(shape) -> str:
 
 def markdown_table(points: list[CalibrationPoint]) -> str:
     lines = [
-        ("| source | model | method | r | seq | micro-batch | ckpt | kernels | adapter input "
-         "| batches | dropout | measured GiB | predicted GiB | error |"),
+        (
+            "| source | model | method | r | seq | micro-batch | ckpt | kernels | adapter input "
+            "| batches | dropout | measured GiB | predicted GiB | error |"
+        ),
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in points:
         predicted = estimate_memory(p.arch, p.shape).total
         error = (predicted - p.peak_reserved_bytes) / p.peak_reserved_bytes
         s = p.shape
-        adapter_input = ("fp32 residual" if s.upcast_non_quantized else
-                         "shared" if (s.method == "qlora" or s.lean_lora) else "peft copy")
+        adapter_input = (
+            "fp32 residual"
+            if s.upcast_non_quantized
+            else "shared"
+            if (s.method == "qlora" or s.lean_lora)
+            else "peft copy"
+        )
         lines.append(
             f"| {p.source.removesuffix('.jsonl')} | {p.arch.name} | {s.method} | {s.lora_r} "
             f"| {s.seq_len} | {s.micro_batch} | {'on' if s.gradient_checkpointing else 'off'} "
             f"| {'liger' if s.fused_kernels else 'stock'} | {adapter_input} | {_batches(s)} "
             f"| {s.lora_dropout:g} | {p.peak_reserved_bytes / GiB:.2f} | {predicted / GiB:.2f} "
-            f"| {error:+.1%} |")
+            f"| {error:+.1%} |"
+        )
     return "\n".join(lines)
 
 
@@ -70,23 +78,45 @@ def plot(points: list[CalibrationPoint], out: Path) -> Path:
     fig, (ax, ax_err) = plt.subplots(1, 2, figsize=(12, 5.2))
     markers = {"lora": "o", "qlora": "s"}
     sources = sorted({p.source for p in points})
-    colors = dict(zip(sources, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple",
-                                "tab:brown")))
+    colors = dict(
+        zip(
+            sources,
+            ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"),
+            strict=False,  # usually fewer sources than colours: the rest go unused
+        )
+    )
     top = 0.0
     for p in points:
         measured = p.peak_reserved_bytes / GiB
         predicted = estimate_memory(p.arch, p.shape).total / GiB
         top = max(top, measured, predicted)
         filled = colors[p.source] if not p.shape.gradient_checkpointing else "none"
-        ax.scatter(measured, predicted, marker=markers[p.shape.method], s=40,
-                   edgecolors=colors[p.source], facecolors=filled)
-        ax_err.scatter(measured, 100 * (predicted - measured) / measured,
-                       marker=markers[p.shape.method], s=40, edgecolors=colors[p.source],
-                       facecolors=filled)
+        ax.scatter(
+            measured,
+            predicted,
+            marker=markers[p.shape.method],
+            s=40,
+            edgecolors=colors[p.source],
+            facecolors=filled,
+        )
+        ax_err.scatter(
+            measured,
+            100 * (predicted - measured) / measured,
+            marker=markers[p.shape.method],
+            s=40,
+            edgecolors=colors[p.source],
+            facecolors=filled,
+        )
     top *= 1.05
     ax.plot([0, top], [0, top], color="black", linewidth=0.8)
-    ax.fill_between([0, top], [0, 0.95 * top], [0, 1.10 * top], color="tab:green", alpha=0.12,
-                    label="accepted: -5 % .. +10 %")
+    ax.fill_between(
+        [0, top],
+        [0, 0.95 * top],
+        [0, 1.10 * top],
+        color="tab:green",
+        alpha=0.12,
+        label="accepted: -5 % .. +10 %",
+    )
     ax.set_xlim(0, top)
     ax.set_ylim(0, top)
     ax.set_xlabel("measured peak reserved (GiB)")
@@ -97,12 +127,23 @@ def plot(points: list[CalibrationPoint], out: Path) -> Path:
     ax_err.set_xlabel("measured peak reserved (GiB)")
     ax_err.set_ylabel("prediction error (%)")
     ax_err.set_title("Error per point")
-    handles = [plt.Line2D([], [], marker="o", linestyle="", color="gray", label="LoRA"),
-               plt.Line2D([], [], marker="s", linestyle="", color="gray", label="QLoRA"),
-               plt.Line2D([], [], marker="o", linestyle="", markerfacecolor="none",
-                          color="gray", label="checkpointing on (hollow)")]
-    handles += [plt.Line2D([], [], marker="o", linestyle="", color=c,
-                           label=s.removesuffix(".jsonl")) for s, c in colors.items()]
+    handles = [
+        plt.Line2D([], [], marker="o", linestyle="", color="gray", label="LoRA"),
+        plt.Line2D([], [], marker="s", linestyle="", color="gray", label="QLoRA"),
+        plt.Line2D(
+            [],
+            [],
+            marker="o",
+            linestyle="",
+            markerfacecolor="none",
+            color="gray",
+            label="checkpointing on (hollow)",
+        ),
+    ]
+    handles += [
+        plt.Line2D([], [], marker="o", linestyle="", color=c, label=s.removesuffix(".jsonl"))
+        for s, c in colors.items()
+    ]
     ax.legend(handles=handles, loc="upper left", fontsize=8)
     fig.tight_layout()
     out.mkdir(parents=True, exist_ok=True)

@@ -26,8 +26,10 @@ def bench_examples(n: int, vocab: int, seed: int = 0) -> list[dict]:
     trains), so both sides of a comparison compute the same loss over the same tokens."""
     from . import data
 
-    return [{"input_ids": e["input_ids"], "labels": e["input_ids"]}
-            for e in data.make_examples(n, vocab, seed)]
+    return [
+        {"input_ids": e["input_ids"], "labels": e["input_ids"]}
+        for e in data.make_examples(n, vocab, seed)
+    ]
 
 
 def _emit(row: dict, out) -> None:
@@ -43,7 +45,11 @@ def cmd_env(args) -> None:
 
     from . import calibrate, harness
 
-    row = {"kind": "env", **calibrate.versions(), "cuda_context_bytes": harness.cuda_context_bytes()}
+    row = {
+        "kind": "env",
+        **calibrate.versions(),
+        "cuda_context_bytes": harness.cuda_context_bytes(),
+    }
     # the two ceilings (METHOD.md): a big bf16 matmul on random data, a device-to-device copy
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
@@ -75,8 +81,17 @@ def cmd_calibrate(args) -> None:
 
     with open(args.out, "a") if args.out else contextlib.nullcontext() as out:
         for method in args.method.split(","):
-            calibrate.grid(args.shape, method, _ints(args.seq), _ints(args.mb), _ints(args.ckpt),
-                           r=args.r, steps=args.steps, dropout=args.dropout, out=out)
+            calibrate.grid(
+                args.shape,
+                method,
+                _ints(args.seq),
+                _ints(args.mb),
+                _ints(args.ckpt),
+                r=args.r,
+                steps=args.steps,
+                dropout=args.dropout,
+                out=out,
+            )
 
 
 def cmd_run(args) -> None:
@@ -88,18 +103,33 @@ def cmd_run(args) -> None:
     base = harness.build_base(args.shape, args.method)
     for text in args.config:
         overrides = json.loads(text)
-        cfg = harness.RunConfig(shape=args.shape, method=args.method, steps=args.steps,
-                                warmup_excluded=args.warmup)
+        cfg = harness.RunConfig(
+            shape=args.shape, method=args.method, steps=args.steps, warmup_excluded=args.warmup
+        )
         for k, v in overrides.items():
             if not hasattr(cfg, k):
-                raise SystemExit(f"--config: unknown field {k!r}; RunConfig has {sorted(vars(cfg))}")
+                raise SystemExit(
+                    f"--config: unknown field {k!r}; RunConfig has {sorted(vars(cfg))}"
+                )
             setattr(cfg, k, v)
-        base, res = harness.measure(base, examples, cfg, profile_steps=args.profile_steps if cfg.label in args.profile else 0,
-                                    profile_out=args.profile_table)
+        base, res = harness.measure(
+            base,
+            examples,
+            cfg,
+            profile_steps=args.profile_steps if cfg.label in args.profile else 0,
+            profile_out=args.profile_table,
+        )
         row = res.as_dict()
         row.pop("config")
-        _emit({"kind": "run", "label": cfg.label, **{k: v for k, v in vars(cfg).items() if k != "targets"},
-               **row}, args.out)
+        _emit(
+            {
+                "kind": "run",
+                "label": cfg.label,
+                **{k: v for k, v in vars(cfg).items() if k != "targets"},
+                **row,
+            },
+            args.out,
+        )
 
 
 def cmd_trainer(args) -> None:
@@ -110,20 +140,32 @@ def cmd_trainer(args) -> None:
     vocab = shapes.SHAPES[args.shape]["vocab_size"]
     examples = bench_examples(args.examples, vocab, args.seed)
     memories = [m for m in args.memory.split(",") if m]
-    methods = {m: trainer.plan(trainer.job_spec(m, shape=args.shape, batch_size=args.batch_size),
-                               args.shape).method for m in memories}
+    methods = {
+        m: trainer.plan(
+            trainer.job_spec(m, shape=args.shape, batch_size=args.batch_size), args.shape
+        ).method
+        for m in memories
+    }
     for method in ("lora", "qlora"):
         todo = [m for m in memories if methods[m] == method]
         if not todo:
             continue
         base = harness.build_base(args.shape, method)
         for memory in todo:
-            for model_loss in ([True, False] if memory in args.trl_loss.split(",") else [True]):
+            for model_loss in [True, False] if memory in args.trl_loss.split(",") else [True]:
                 label = f"trainer-{memory}" + ("" if model_loss else "-trl-loss")
-                base, row = trainer.run(base, method, examples, memory, shape=args.shape,
-                                        steps=args.steps, warmup=args.warmup,
-                                        batch_size=args.batch_size, model_loss=model_loss,
-                                        label=label)
+                base, row = trainer.run(
+                    base,
+                    method,
+                    examples,
+                    memory,
+                    shape=args.shape,
+                    steps=args.steps,
+                    warmup=args.warmup,
+                    batch_size=args.batch_size,
+                    model_loss=model_loss,
+                    label=label,
+                )
                 _emit(row, args.out)
         del base
 
@@ -151,8 +193,9 @@ def cmd_job(args) -> None:
             continue
         base = harness.build_base(args.shape, method)
         for label, spec in todo:
-            base, row = trainer.run_user_job(base, spec, args.shape, examples, steps=args.steps,
-                                             warmup=args.warmup, label=label)
+            base, row = trainer.run_user_job(
+                base, spec, args.shape, examples, steps=args.steps, warmup=args.warmup, label=label
+            )
             _emit(row, args.out)
         del base
 
@@ -162,15 +205,27 @@ def cmd_recipe(args) -> None:
 
     vocab = shapes.SHAPES[args.shape]["vocab_size"]
     examples = bench_examples(args.examples, vocab, args.seed)
-    res = recipe.run(args.mode, examples, args.steps, shape=args.shape, dropout=args.dropout,
-                     optim=args.optim, liger=args.liger, mb=args.mb, ga=args.ga,
-                     warmup_excluded=args.warmup)
+    res = recipe.run(
+        args.mode,
+        examples,
+        args.steps,
+        shape=args.shape,
+        dropout=args.dropout,
+        optim=args.optim,
+        liger=args.liger,
+        mb=args.mb,
+        ga=args.ga,
+        warmup_excluded=args.warmup,
+    )
     _emit({"kind": "recipe", "label": args.label, **res}, args.out)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="finetune-bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="finetune-bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("env", help="versions, CUDA context size, matmul and copy ceilings")
     e.add_argument("--out")
@@ -196,13 +251,17 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--profile-steps", type=int, default=2)
     r.add_argument("--profile-table", help="write the profiler's kernel table here")
     r.add_argument("--out")
-    t = sub.add_parser("trainer", help="the product path: planner's choice per budget, worker's trainer")
+    t = sub.add_parser(
+        "trainer", help="the product path: planner's choice per budget, worker's trainer"
+    )
     t.add_argument("--memory", default="80Gi,48Gi,24Gi,12Gi", help="GPU memory budgets")
     t.add_argument("--shape", default="llama-3-8b")
     t.add_argument("--steps", type=int, default=23, help="optimizer steps, warm-up included")
     t.add_argument("--warmup", type=int, default=3)
     t.add_argument("--batch-size", type=int, default=96)
-    t.add_argument("--trl-loss", default="", help="budgets to also run with trl's fused LM head loss")
+    t.add_argument(
+        "--trl-loss", default="", help="budgets to also run with trl's fused LM head loss"
+    )
     t.add_argument("--examples", type=int, default=8000)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out")
@@ -221,8 +280,15 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--label", default="")
     s.add_argument("--out")
     j = sub.add_parser("job", help="FineTuneJob manifests as written, through planner and trainer")
-    j.add_argument("--job", action="append", default=[],
-                   help='JSON: {"label": ..., "manifest": "examples/x.yaml", "set": {"training.packing": false}}')
+    j.add_argument(
+        "--job",
+        action="append",
+        default=[],
+        help=(
+            'JSON: {"label": ..., "manifest": "examples/x.yaml",'
+            ' "set": {"training.packing": false}}'
+        ),
+    )
     j.add_argument("--shape", default="llama-3-8b")
     j.add_argument("--steps", type=int, default=14)
     j.add_argument("--warmup", type=int, default=4)
@@ -230,8 +296,14 @@ def main(argv: list[str] | None = None) -> int:
     j.add_argument("--seed", type=int, default=0)
     j.add_argument("--out")
     args = p.parse_args(argv)
-    {"env": cmd_env, "calibrate": cmd_calibrate, "run": cmd_run, "recipe": cmd_recipe,
-     "trainer": cmd_trainer, "job": cmd_job}[args.cmd](args)
+    {
+        "env": cmd_env,
+        "calibrate": cmd_calibrate,
+        "run": cmd_run,
+        "recipe": cmd_recipe,
+        "trainer": cmd_trainer,
+        "job": cmd_job,
+    }[args.cmd](args)
     return 0
 
 

@@ -34,7 +34,7 @@ def sample_lengths(n: int, seed: int = 0) -> list[tuple[int, int]]:
     response = np.exp(rng.normal(math.log(RESPONSE_MEDIAN), RESPONSE_SIGMA, n))
     prompt = np.clip(np.rint(prompt), 4, MAX_TOKENS // 2).astype(int)
     response = np.clip(np.rint(response), 4, MAX_TOKENS // 2).astype(int)
-    return list(zip(prompt.tolist(), response.tolist()))
+    return list(zip(prompt.tolist(), response.tolist(), strict=True))
 
 
 def make_examples(n: int, vocab_size: int, seed: int = 0, *, zipf_s: float = 1.1) -> list[dict]:
@@ -44,7 +44,7 @@ def make_examples(n: int, vocab_size: int, seed: int = 0, *, zipf_s: float = 1.1
     rng = np.random.default_rng(seed + 1)
     special = 3  # ids 0..2: pad / eos / unk in the benchmark's tokenizer
     ranks = np.arange(1, vocab_size - special + 1, dtype=np.float64)
-    p = ranks ** -zipf_s
+    p = ranks**-zipf_s
     p /= p.sum()
     perm = rng.permutation(vocab_size - special) + special
     out = []
@@ -72,8 +72,13 @@ def length_summary(examples: list[dict], seq_len: int | None = None) -> dict:
     if seq_len:
         n = np.minimum(n, seq_len)
     return {
-        "examples": len(n), "mean": round(float(n.mean()), 1),
-        "median": float(np.median(n)), "p90": float(np.percentile(n, 90)),
-        "p99": float(np.percentile(n, 99)), "max": int(n.max()),
-        "share_over_512": round(float((np.array([len(e["input_ids"]) for e in examples]) > 512).mean()), 3),
+        "examples": len(n),
+        "mean": round(float(n.mean()), 1),
+        "median": float(np.median(n)),
+        "p90": float(np.percentile(n, 90)),
+        "p99": float(np.percentile(n, 99)),
+        "max": int(n.max()),
+        "share_over_512": round(
+            float((np.array([len(e["input_ids"]) for e in examples]) > 512).mean()), 3
+        ),
     }

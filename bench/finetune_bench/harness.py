@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from finetune_worker import modeling, packing
+
 from . import shapes
 
 PEAK_BF16_FLOPS = 989e12  # H100/H200 SXM dense bf16 datasheet rate, the usual MFU denominator
@@ -37,7 +38,9 @@ class RunConfig:
     micro_batch: int = 16  # examples per micro-batch (no packing, or packing by count)
     group_by_tokens: bool = True  # packing: fill micro-batches to a token budget, not a count
     length_grouped: bool = False  # no packing: similar lengths together, no attention mask (flash)
-    varlen: bool = False  # one padding-free row of exactly tokens_per_micro_batch, varlen flash attention
+    varlen: bool = (
+        False  # one padding-free row of exactly tokens_per_micro_batch, varlen flash attention
+    )
     lean_lora: bool = True  # modeling.lean_lora_layers (no fp32 input round trip, addmm epilogue)
     cudnn_sdpa: bool = False  # let SDPA pick cuDNN attention (per-shape plans) or not
     pad_multiple: int = 1  # length-grouped: pad widths to a multiple (fewer distinct shapes)
@@ -46,7 +49,9 @@ class RunConfig:
     fused_kernels: bool = True
     fused_adamw: bool = True
     compile_layers: bool = False
-    kbit_fp32_upcast: bool = False  # QLoRA: peft's prepare_model_for_kbit_training upcast (the recipe's)
+    kbit_fp32_upcast: bool = (
+        False  # QLoRA: peft's prepare_model_for_kbit_training upcast (the recipe's)
+    )
     lr: float = 2e-4
     weight_decay: float = 0.001
     max_grad_norm: float = 0.3
@@ -57,13 +62,23 @@ class RunConfig:
     label: str = ""
 
     def spec(self) -> dict:
-        return {"lora": {"r": self.r, "alpha": self.alpha, "dropout": self.dropout,
-                         "targetModules": list(self.targets)}}
+        return {
+            "lora": {
+                "r": self.r,
+                "alpha": self.alpha,
+                "dropout": self.dropout,
+                "targetModules": list(self.targets),
+            }
+        }
 
     def plan(self) -> dict:
-        return {"method": self.method, "gradientCheckpointing": self.grad_ckpt > 0,
-                "checkpointFraction": self.grad_ckpt, "leanLora": self.lean_lora,
-                "cudnnAttention": self.cudnn_sdpa}
+        return {
+            "method": self.method,
+            "gradientCheckpointing": self.grad_ckpt > 0,
+            "checkpointFraction": self.grad_ckpt,
+            "leanLora": self.lean_lora,
+            "cudnnAttention": self.cudnn_sdpa,
+        }
 
 
 @dataclass
@@ -149,15 +164,20 @@ def prepare(base, cfg: RunConfig):
     if cfg.kbit_fp32_upcast:
         from peft import get_peft_model, prepare_model_for_kbit_training
 
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=cfg.grad_ckpt > 0,
-                                               gradient_checkpointing_kwargs={"use_reentrant": False})
+        base = prepare_model_for_kbit_training(
+            base,
+            use_gradient_checkpointing=cfg.grad_ckpt > 0,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
         if cfg.fused_kernels:
             modeling.apply_fused_kernels(base)
         modeling.configure_cuda_backends(cfg.cudnn_sdpa)
         torch.manual_seed(cfg.seed + 1)
         return get_peft_model(base, modeling.lora_config(cfg.spec()))
     torch.manual_seed(cfg.seed + 1)  # LoRA A init: the same adapters for the same seed
-    model = modeling.prepare_for_training(base, cfg.spec(), cfg.plan(), fused_kernels=cfg.fused_kernels)
+    model = modeling.prepare_for_training(
+        base, cfg.spec(), cfg.plan(), fused_kernels=cfg.fused_kernels
+    )
     if cfg.varlen:
         from finetune_worker import attention
 
@@ -188,8 +208,9 @@ def micro_batches(examples: list[dict], cfg: RunConfig) -> list[list[dict]]:
         return [[examples[i] for i in g] for g in groups]
     if cfg.length_grouped:
         lengths = [min(len(e["input_ids"]), cfg.seq_len) for e in examples]
-        groups = packing.length_grouped_batches(lengths, cfg.tokens_per_micro_batch, seed=cfg.seed,
-                                                multiple=cfg.pad_multiple)
+        groups = packing.length_grouped_batches(
+            lengths, cfg.tokens_per_micro_batch, seed=cfg.seed, multiple=cfg.pad_multiple
+        )
         return [[examples[i] for i in g] for g in groups]
     if cfg.packing and cfg.group_by_tokens:
         lengths = [min(len(e["input_ids"]), cfg.seq_len) for e in examples]
@@ -215,8 +236,16 @@ def attended_context(examples: list[dict], seq_len: int) -> float:
     return pairs / max(total, 1)
 
 
-def train(model, examples: list[dict], cfg: RunConfig, *, collator=None, log=print,
-          profile_steps: int = 0, profile_out: str | None = None) -> RunResult:
+def train(
+    model,
+    examples: list[dict],
+    cfg: RunConfig,
+    *,
+    collator=None,
+    log=print,
+    profile_steps: int = 0,
+    profile_out: str | None = None,
+) -> RunResult:
     """Run cfg.steps optimizer steps over `examples` (recycled if short) and measure them."""
     import torch
 
@@ -225,11 +254,17 @@ def train(model, examples: list[dict], cfg: RunConfig, *, collator=None, log=pri
     cuda = device.type == "cuda"
     if cfg.varlen:
         collate = collator or packing.make_varlen_collator(
-            None, cfg.seq_len, row_tokens=cfg.row_tokens or cfg.tokens_per_micro_batch)
+            None, cfg.seq_len, row_tokens=cfg.row_tokens or cfg.tokens_per_micro_batch
+        )
     else:
         collate = collator or packing.make_collator(
-            None, cfg.seq_len, cfg.packing and not cfg.length_grouped, row_tokens=cfg.row_tokens,
-            attention_mask=not cfg.length_grouped, pad_to_multiple_of=cfg.pad_multiple)
+            None,
+            cfg.seq_len,
+            cfg.packing and not cfg.length_grouped,
+            row_tokens=cfg.row_tokens,
+            attention_mask=not cfg.length_grouped,
+            pad_to_multiple_of=cfg.pad_multiple,
+        )
     groups = micro_batches(examples, cfg)
     need = cfg.steps * cfg.grad_accum
     if len(groups) < need:
@@ -245,10 +280,12 @@ def train(model, examples: list[dict], cfg: RunConfig, *, collator=None, log=pri
     result.rows_per_micro_batch = sum(b["input_ids"].shape[0] for b, _, _ in batches) / len(batches)
 
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                            fused=cfg.fused_adamw and cuda)
+    opt = torch.optim.AdamW(
+        params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cfg.fused_adamw and cuda
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda step: min(1.0, (step + 1) / max(cfg.warmup_steps, 1)))
+        opt, lambda step: min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+    )
     if cfg.compile_layers:
         for layer in model.base_model.model.model.layers:
             layer.compile()
@@ -263,16 +300,22 @@ def train(model, examples: list[dict], cfg: RunConfig, *, collator=None, log=pri
     try:
         for step in range(cfg.steps):
             if profile_steps and step == cfg.steps - profile_steps:
-                prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                          torch.profiler.ProfilerActivity.CUDA])
+                prof = torch.profiler.profile(
+                    activities=[
+                        torch.profiler.ProfilerActivity.CPU,
+                        torch.profiler.ProfilerActivity.CUDA,
+                    ]
+                )
                 prof.__enter__()
             chunk = batches[i : i + cfg.grad_accum]
             i += cfg.grad_accum
             total_trained = sum(t for _, _, t in chunk)
             step_loss = torch.zeros((), device=device)
             for b, _, trained in chunk:
-                b = {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v
-                     for k, v in b.items()}
+                b = {
+                    k: v.to(device, non_blocking=True) if hasattr(v, "to") else v
+                    for k, v in b.items()
+                }
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
                     out = model(**b)
                 # out.loss is the mean over this micro-batch's trained tokens; reweight so the
@@ -297,13 +340,17 @@ def train(model, examples: list[dict], cfg: RunConfig, *, collator=None, log=pri
         result.error = f"OOM: {str(exc).splitlines()[0][:200]}"
     if prof is not None:
         prof.__exit__(None, None, None)
-        result.notes["profile"] = summarize_profile(prof, profile_steps, step_times[-profile_steps:])
+        result.notes["profile"] = summarize_profile(
+            prof, profile_steps, step_times[-profile_steps:]
+        )
         if profile_out:
             with open(profile_out, "w") as fh:
                 fh.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=60))
     result.losses = [round(float(x), 5) for x in losses]
     result.notes["step_seconds"] = [round(t, 4) for t in step_times]
-    result.notes["step_shapes"] = [list(b["input_ids"].shape) for b, _, _ in batches[: len(step_times) * cfg.grad_accum]]
+    result.notes["step_shapes"] = [
+        list(b["input_ids"].shape) for b, _, _ in batches[: len(step_times) * cfg.grad_accum]
+    ]
     if cuda:
         result.peak_reserved_bytes = torch.cuda.max_memory_reserved()
         result.peak_allocated_bytes = torch.cuda.max_memory_allocated()
@@ -324,15 +371,24 @@ def train(model, examples: list[dict], cfg: RunConfig, *, collator=None, log=pri
     return result
 
 
-def measure(base, examples: list[dict], cfg: RunConfig, *, log=print, profile_steps: int = 0,
-            profile_out: str | None = None) -> tuple[Any, RunResult]:
+def measure(
+    base,
+    examples: list[dict],
+    cfg: RunConfig,
+    *,
+    log=print,
+    profile_steps: int = 0,
+    profile_out: str | None = None,
+) -> tuple[Any, RunResult]:
     """prepare -> train -> release on a reusable base; returns (base, result)."""
     import torch
 
     pm = None
     try:
         pm = prepare(base, cfg)
-        result = train(pm, examples, cfg, log=log, profile_steps=profile_steps, profile_out=profile_out)
+        result = train(
+            pm, examples, cfg, log=log, profile_steps=profile_steps, profile_out=profile_out
+        )
     except torch.OutOfMemoryError as exc:
         result = RunResult(config=asdict(cfg), error=f"OOM: {str(exc).splitlines()[0][:200]}")
         result.peak_reserved_bytes = torch.cuda.max_memory_reserved()
@@ -350,8 +406,22 @@ KERNEL_GROUPS = (
     ("liger/triton", ("triton", "_rms_norm", "swiglu", "rope", "cross_entropy", "liger")),
     ("bnb dequant", ("kDequantize", "dequant")),
     ("optimizer", ("adam", "multi_tensor", "foreach")),
-    ("elementwise/copy", ("elementwise", "vectorized", "copy", "fill", "reduce", "Memcpy", "Memset",
-                          "index", "cat", "where", "masked")),
+    (
+        "elementwise/copy",
+        (
+            "elementwise",
+            "vectorized",
+            "copy",
+            "fill",
+            "reduce",
+            "Memcpy",
+            "Memset",
+            "index",
+            "cat",
+            "where",
+            "masked",
+        ),
+    ),
 )
 
 
@@ -375,7 +445,11 @@ def summarize_profile(prof, steps: int, step_times: list[float]) -> dict:
     busy = sum(groups.values())
     top.sort(key=lambda t: -t[1])
     return {
-        "wall_s": round(wall, 4), "gpu_busy_s": round(busy, 4), "gpu_idle_share": round(1 - busy / wall, 3),
-        "groups_share_of_wall": {k: round(v / wall, 3) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])},
+        "wall_s": round(wall, 4),
+        "gpu_busy_s": round(busy, 4),
+        "gpu_idle_share": round(1 - busy / wall, 3),
+        "groups_share_of_wall": {
+            k: round(v / wall, 3) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])
+        },
         "top_kernels_s": [(n, round(t, 4)) for n, t in top[:25]],
     }

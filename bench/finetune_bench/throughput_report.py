@@ -55,18 +55,28 @@ def main(argv: list[str] | None = None) -> int:
     ax.bar([i - w for i in x], base, w, label="common recipe, same data (trl, mb 1 x 4)")
     ax.bar(list(x), probe, w, label="plain transformers+peft+liger, fixed 512 (reference)")
     ax.bar([i + w for i in x], ours, w, label="this operator's plan + worker, realistic lengths")
-    for i, (tps, peak) in enumerate(zip(ours, peaks)):
-        ax.annotate(f"{tps:,.0f}\n{peak:.1f} GiB", (i + w, tps), ha="center", va="bottom", fontsize=7)
+    for i, (tps, peak) in enumerate(zip(ours, peaks, strict=True)):
+        ax.annotate(
+            f"{tps:,.0f}\n{peak:.1f} GiB", (i + w, tps), ha="center", va="bottom", fontsize=7
+        )
     ax.scatter([i + w for i in x], targets, marker="_", s=600, color="k", zorder=3, label="target")
     ax.set_xticks(list(x), [b[0] for b in BUDGETS])
     ax.set_ylabel("real tokens / s (one H200)")
     ax.set_title("Llama-3-8B-shaped, LoRA r=16 (QLoRA at 12 GiB)")
     ax.set_ylim(0, 24000)
     ax.legend(fontsize=8, loc="upper center", ncol=2)
-    bx.plot(range(1, len(recipe_losses) + 1), recipe_losses, "o",
-            label="common recipe (trl SFTTrainer, mb 1 x 4, padded)")
-    bx.plot(range(1, len(worker) + 1), worker, "-",
-            label="worker (varlen row, liger, lean LoRA, fused AdamW)")
+    bx.plot(
+        range(1, len(recipe_losses) + 1),
+        recipe_losses,
+        "o",
+        label="common recipe (trl SFTTrainer, mb 1 x 4, padded)",
+    )
+    bx.plot(
+        range(1, len(worker) + 1),
+        worker,
+        "-",
+        label="worker (varlen row, liger, lean LoRA, fused AdamW)",
+    )
     bx.set_xlabel("optimizer step")
     bx.set_ylabel("training loss")
     bx.set_title("same data, seed and hyperparameters")

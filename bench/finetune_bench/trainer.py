@@ -18,13 +18,26 @@ from typing import Any
 
 from . import harness, shapes
 
-HUB_IDS = {"llama-3-8b": "meta-llama/Meta-Llama-3-8B", "llama-3.2-1b": "meta-llama/Llama-3.2-1B",
-           "mistral-7b": "mistralai/Mistral-7B-v0.3", "tiny": "bench/tiny"}
+HUB_IDS = {
+    "llama-3-8b": "meta-llama/Meta-Llama-3-8B",
+    "llama-3.2-1b": "meta-llama/Llama-3.2-1B",
+    "mistral-7b": "mistralai/Mistral-7B-v0.3",
+    "tiny": "bench/tiny",
+}
 
 
-def job_spec(memory: str, *, shape: str = "llama-3-8b", method: str = "auto", r: int = 16,
-             seq_len: int = 512, batch_size: int = 96, steps: int = 25, seed: int = 0,
-             lr: float = 2e-4) -> dict:
+def job_spec(
+    memory: str,
+    *,
+    shape: str = "llama-3-8b",
+    method: str = "auto",
+    r: int = 16,
+    seq_len: int = 512,
+    batch_size: int = 96,
+    steps: int = 25,
+    seed: int = 0,
+    lr: float = 2e-4,
+) -> dict:
     """The FineTuneJob spec of the benchmark job (camelCase, as a user writes it).
 
     Hyperparameters follow the common recipe (lr 2e-4, weight decay 0.001, clip 0.3, r 16 /
@@ -37,11 +50,21 @@ def job_spec(memory: str, *, shape: str = "llama-3-8b", method: str = "auto", r:
         "dataset": {"uri": "pvc://data/bench.jsonl", "format": "text"},
         "method": method,
         "lora": {"r": r, "alpha": 2 * r, "dropout": 0.0},
-        "training": {"maxSteps": steps, "learningRate": lr, "batchSize": batch_size,
-                     "seqLength": seq_len, "packing": True, "optimizer": "adamw_torch_fused",
-                     "scheduler": "constant", "warmupSteps": 0, "weightDecay": 0.001,
-                     "maxGradNorm": 0.3, "seed": seed, "checkpointSteps": 100_000,
-                     "checkpointMinutes": 0},
+        "training": {
+            "maxSteps": steps,
+            "learningRate": lr,
+            "batchSize": batch_size,
+            "seqLength": seq_len,
+            "packing": True,
+            "optimizer": "adamw_torch_fused",
+            "scheduler": "constant",
+            "warmupSteps": 0,
+            "weightDecay": 0.001,
+            "maxGradNorm": 0.3,
+            "seed": seed,
+            "checkpointSteps": 100_000,
+            "checkpointMinutes": 0,
+        },
         "resources": {"gpu": {"memory": memory}},
         "output": {"uri": "pvc://out/adapter"},
     }
@@ -60,15 +83,18 @@ def plan(spec: dict, shape: str):
 def worker_config(spec: dict, training_plan, workdir: str):
     from finetune_api import FineTuneJobSpec, WorkerConfig, spec_hash
 
-    return WorkerConfig.model_validate({
-        "apiVersion": "finetune.dev/v1alpha1", "kind": "WorkerConfig",
-        "job": {"namespace": "bench", "name": "bench", "uid": "bench"},
-        "spec": spec,
-        "plan": training_plan.model_dump(by_alias=True, exclude_none=True),
-        "paths": {"outputDir": f"{workdir}/out", "checkpointDir": f"{workdir}/checkpoints"},
-        "report": {"statusPatch": False, "minIntervalSeconds": 0},
-        "specHash": spec_hash(FineTuneJobSpec.model_validate(spec)),
-    })
+    return WorkerConfig.model_validate(
+        {
+            "apiVersion": "finetune.dev/v1alpha1",
+            "kind": "WorkerConfig",
+            "job": {"namespace": "bench", "name": "bench", "uid": "bench"},
+            "spec": spec,
+            "plan": training_plan.model_dump(by_alias=True, exclude_none=True),
+            "paths": {"outputDir": f"{workdir}/out", "checkpointDir": f"{workdir}/checkpoints"},
+            "report": {"statusPatch": False, "minIntervalSeconds": 0},
+            "specHash": spec_hash(FineTuneJobSpec.model_validate(spec)),
+        }
+    )
 
 
 def bench_tokenizer(vocab_size: int):
@@ -78,8 +104,12 @@ def bench_tokenizer(vocab_size: int):
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<unk>")),
-                                  pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<unk>")),
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
     tok.model_max_length = 1 << 20
     return tok
 
@@ -111,9 +141,20 @@ def _step_clock():
     return StepClock()
 
 
-def run(base, method: str, examples: list[dict], memory: str, *, shape: str = "llama-3-8b", steps: int = 25,
-        warmup: int = 3, batch_size: int = 96, model_loss: bool = True, label: str = "",
-        log=print) -> dict[str, Any]:
+def run(
+    base,
+    method: str,
+    examples: list[dict],
+    memory: str,
+    *,
+    shape: str = "llama-3-8b",
+    steps: int = 25,
+    warmup: int = 3,
+    batch_size: int = 96,
+    model_loss: bool = True,
+    label: str = "",
+    log=print,
+) -> dict[str, Any]:
     """Plan for `memory`, train `steps` optimizer steps through the worker's trainer, measure."""
     import datasets
     import torch
@@ -126,22 +167,41 @@ def run(base, method: str, examples: list[dict], memory: str, *, shape: str = "l
     workdir = tempfile.mkdtemp(prefix="bench-trainer-")
     config = worker_config(spec, training_plan, workdir)
     if training_plan.method != method:
-        raise ValueError(f"the planner chose {training_plan.method} for {memory}; "
-                         f"the base was built for {method}")
-    row: dict[str, Any] = {"kind": "trainer", "label": label or f"trainer-{memory}",
-                           "memory": memory, "plan": training_plan.model_dump(by_alias=True),
-                           "model_loss": model_loss}
-    cfg = harness.RunConfig(shape=shape, method=method, r=16, alpha=32,
-                            grad_ckpt=1.0 if training_plan.gradient_checkpointing else 0.0)
+        raise ValueError(
+            f"the planner chose {training_plan.method} for {memory}; "
+            f"the base was built for {method}"
+        )
+    row: dict[str, Any] = {
+        "kind": "trainer",
+        "label": label or f"trainer-{memory}",
+        "memory": memory,
+        "plan": training_plan.model_dump(by_alias=True),
+        "model_loss": model_loss,
+    }
+    cfg = harness.RunConfig(
+        shape=shape,
+        method=method,
+        r=16,
+        alpha=32,
+        grad_ckpt=1.0 if training_plan.gradient_checkpointing else 0.0,
+    )
     model = harness.prepare(base, cfg)
-    splits = TokenizedSplits(train=datasets.Dataset.from_dict(
-        {"input_ids": [e["input_ids"] for e in examples], "labels": [e["labels"] for e in examples]}),
-        eval=None, dropped=0)
+    splits = TokenizedSplits(
+        train=datasets.Dataset.from_dict(
+            {
+                "input_ids": [e["input_ids"] for e in examples],
+                "labels": [e["labels"] for e in examples],
+            }
+        ),
+        eval=None,
+        dropped=0,
+    )
     trainer = None
     try:
         device = next(model.parameters()).device.type
-        trainer, _, _ = train.build_trainer(config, model, bench_tokenizer(shapes.SHAPES[shape]["vocab_size"]),
-                                            splits, device, None)
+        trainer, _, _ = train.build_trainer(
+            config, model, bench_tokenizer(shapes.SHAPES[shape]["vocab_size"]), splits, device, None
+        )
         trainer.model_loss = model_loss
         clock = _step_clock()
         trainer.add_callback(clock)
@@ -149,31 +209,47 @@ def run(base, method: str, examples: list[dict], memory: str, *, shape: str = "l
         groups = list(sampler)  # epoch 0: the order the trainer will draw
         seq = config.spec.training.seq_length
         accum = training_plan.gradient_accumulation
-        per_step = [sum(min(len(examples[i]["input_ids"]), seq) for g in groups[s * accum:(s + 1) * accum]
-                        for i in g) for s in range(steps)]
+        per_step = [
+            sum(
+                min(len(examples[i]["input_ids"]), seq)
+                for g in groups[s * accum : (s + 1) * accum]
+                for i in g
+            )
+            for s in range(steps)
+        ]
         cuda = device == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
         timed = clock.times[warmup:]
-        tokens = sum(per_step[warmup:len(clock.times)])
-        row.update({
-            "steps": len(clock.times), "steps_timed": len(timed), "seconds": round(sum(timed), 3),
-            "tokens_per_s": round(tokens / sum(timed), 1) if timed else None,
-            "tokens_per_micro_batch": training_plan.micro_batch_size * seq,
-            "real_token_share": round(sum(per_step) / (steps * accum * training_plan.micro_batch_size * seq), 4),
-            "step_seconds": [round(t, 4) for t in clock.times],
-            "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
-            "attn_implementation": trainer.model.config._attn_implementation,
-            "peak_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else 0,
-            "peak_allocated_bytes": torch.cuda.max_memory_allocated() if cuda else 0,
-            "non_torch_bytes": harness.non_torch_bytes() if cuda else 0,
-            "predicted_peak_bytes": training_plan.estimated_peak_bytes,
-        })
-        row["peak_total_GiB"] = round((row["peak_reserved_bytes"] + row["non_torch_bytes"]) / 2**30, 2)
+        tokens = sum(per_step[warmup : len(clock.times)])
+        row.update(
+            {
+                "steps": len(clock.times),
+                "steps_timed": len(timed),
+                "seconds": round(sum(timed), 3),
+                "tokens_per_s": round(tokens / sum(timed), 1) if timed else None,
+                "tokens_per_micro_batch": training_plan.micro_batch_size * seq,
+                "real_token_share": round(
+                    sum(per_step) / (steps * accum * training_plan.micro_batch_size * seq), 4
+                ),
+                "step_seconds": [round(t, 4) for t in clock.times],
+                "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+                "attn_implementation": trainer.model.config._attn_implementation,
+                "peak_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else 0,
+                "peak_allocated_bytes": torch.cuda.max_memory_allocated() if cuda else 0,
+                "non_torch_bytes": harness.non_torch_bytes() if cuda else 0,
+                "predicted_peak_bytes": training_plan.estimated_peak_bytes,
+            }
+        )
+        row["peak_total_GiB"] = round(
+            (row["peak_reserved_bytes"] + row["non_torch_bytes"]) / 2**30, 2
+        )
         row["budget_GiB"] = round(training_plan.budget_bytes / 2**30, 2)
         flops = harness.flops_per_token(shape, harness.attended_context(examples, seq))
-        row["mfu"] = round(row["tokens_per_s"] * flops / harness.PEAK_BF16_FLOPS, 4) if timed else None
+        row["mfu"] = (
+            round(row["tokens_per_s"] * flops / harness.PEAK_BF16_FLOPS, 4) if timed else None
+        )
     except torch.OutOfMemoryError as exc:
         row["error"] = f"OOM: {str(exc).splitlines()[0][:200]}"
         row["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
@@ -184,9 +260,13 @@ def run(base, method: str, examples: list[dict], memory: str, *, shape: str = "l
             trainer.model.zero_grad(set_to_none=True)
             del trainer
         gc.collect()
-    log(f"trainer {memory}: {row.get('tokens_per_s')} tokens/s, peak {row.get('peak_total_GiB')} GiB, "
-        f"plan {method} mb {training_plan.micro_batch_size} x {training_plan.gradient_accumulation} "
-        f"ckpt {training_plan.gradient_checkpointing}")
+    log(
+        f"trainer {memory}: {row.get('tokens_per_s')} tokens/s, "
+        f"peak {row.get('peak_total_GiB')} GiB, "
+        f"plan {method} mb {training_plan.micro_batch_size} "
+        f"x {training_plan.gradient_accumulation} "
+        f"ckpt {training_plan.gradient_checkpointing}"
+    )
     return harness.release(model), row
 
 
@@ -218,8 +298,17 @@ def user_job(manifest: dict, shape: str, *, steps: int, overrides: dict | None =
     return spec
 
 
-def run_user_job(base, spec: dict, shape: str, examples: list[dict], *, steps: int, warmup: int,
-                 label: str, log=print):
+def run_user_job(
+    base,
+    spec: dict,
+    shape: str,
+    examples: list[dict],
+    *,
+    steps: int,
+    warmup: int,
+    label: str,
+    log=print,
+):
     """Plan `spec` with the operator's planner and train it through the worker's own
     preparation (modeling.prepare_for_training) and trainer, as a pod would."""
     import datasets
@@ -230,22 +319,36 @@ def run_user_job(base, spec: dict, shape: str, examples: list[dict], *, steps: i
 
     training_plan = plan(spec, shape)
     config = worker_config(spec, training_plan, tempfile.mkdtemp(prefix="bench-job-"))
-    row: dict[str, Any] = {"kind": "job", "label": label, "shape": shape, "spec": spec,
-                           "plan": training_plan.model_dump(by_alias=True)}
+    row: dict[str, Any] = {
+        "kind": "job",
+        "label": label,
+        "shape": shape,
+        "spec": spec,
+        "plan": training_plan.model_dump(by_alias=True),
+    }
     torch.manual_seed(0)
     targets = train.resolve_target_modules(base, list(config.spec.lora.target_modules))
-    model = modeling.prepare_for_training(base, train.with_target_modules(config.spec, targets),
-                                          config.plan)
-    splits = TokenizedSplits(train=datasets.Dataset.from_dict(
-        {"input_ids": [e["input_ids"] for e in examples], "labels": [e["labels"] for e in examples]}),
-        eval=None, dropped=0)
+    model = modeling.prepare_for_training(
+        base, train.with_target_modules(config.spec, targets), config.plan
+    )
+    splits = TokenizedSplits(
+        train=datasets.Dataset.from_dict(
+            {
+                "input_ids": [e["input_ids"] for e in examples],
+                "labels": [e["labels"] for e in examples],
+            }
+        ),
+        eval=None,
+        dropped=0,
+    )
     seq = config.spec.training.seq_length
     trainer = None
     try:
         device = next(model.parameters()).device.type
         cuda = device == "cuda"
-        trainer, _, _ = train.build_trainer(config, model, bench_tokenizer(shapes.SHAPES[shape]["vocab_size"]),
-                                            splits, device, None)
+        trainer, _, _ = train.build_trainer(
+            config, model, bench_tokenizer(shapes.SHAPES[shape]["vocab_size"]), splits, device, None
+        )
         micro_tokens: list[int] = []
         collate = trainer.data_collator
 
@@ -260,20 +363,25 @@ def run_user_job(base, spec: dict, shape: str, examples: list[dict], *, steps: i
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
         accum = training_plan.gradient_accumulation
-        per_step = [sum(micro_tokens[s * accum:(s + 1) * accum]) for s in range(len(clock.times))]
+        per_step = [sum(micro_tokens[s * accum : (s + 1) * accum]) for s in range(len(clock.times))]
         timed = clock.times[warmup:]
-        row.update({
-            "steps": len(clock.times), "steps_timed": len(timed),
-            "tokens_per_s": round(sum(per_step[warmup:]) / sum(timed), 1) if timed else None,
-            "real_tokens_per_step": per_step,
-            "step_seconds": [round(t, 4) for t in clock.times],
-            "attn_implementation": trainer.model.config._attn_implementation,
-            "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
-            "peak_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else 0,
-            "non_torch_bytes": harness.non_torch_bytes() if cuda else 0,
-            "predicted_peak_bytes": training_plan.estimated_peak_bytes,
-        })
-        row["peak_total_GiB"] = round((row["peak_reserved_bytes"] + row["non_torch_bytes"]) / 2**30, 2)
+        row.update(
+            {
+                "steps": len(clock.times),
+                "steps_timed": len(timed),
+                "tokens_per_s": round(sum(per_step[warmup:]) / sum(timed), 1) if timed else None,
+                "real_tokens_per_step": per_step,
+                "step_seconds": [round(t, 4) for t in clock.times],
+                "attn_implementation": trainer.model.config._attn_implementation,
+                "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+                "peak_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else 0,
+                "non_torch_bytes": harness.non_torch_bytes() if cuda else 0,
+                "predicted_peak_bytes": training_plan.estimated_peak_bytes,
+            }
+        )
+        row["peak_total_GiB"] = round(
+            (row["peak_reserved_bytes"] + row["non_torch_bytes"]) / 2**30, 2
+        )
     except torch.OutOfMemoryError as exc:
         row["error"] = f"OOM: {str(exc).splitlines()[0][:200]}"
     finally:
@@ -282,7 +390,9 @@ def run_user_job(base, spec: dict, shape: str, examples: list[dict], *, steps: i
             del trainer
         gc.collect()
     p = training_plan
-    log(f"job {label}: {row.get('tokens_per_s')} tokens/s, peak {row.get('peak_total_GiB')} GiB "
+    log(
+        f"job {label}: {row.get('tokens_per_s')} tokens/s, peak {row.get('peak_total_GiB')} GiB "
         f"(predicted {p.estimated_peak_bytes / 2**30:.1f}), plan {p.method} mb "
-        f"{p.micro_batch_size} x {p.gradient_accumulation} ckpt {p.gradient_checkpointing}")
+        f"{p.micro_batch_size} x {p.gradient_accumulation} ckpt {p.gradient_checkpointing}"
+    )
     return harness.release(model), row

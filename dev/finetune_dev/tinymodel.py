@@ -55,9 +55,19 @@ def corpus(datasets: list[Path]) -> list[str]:
     return lines
 
 
-def make_tiny_model(directory: str | Path, datasets: list[Path], *, vocab_size: int = 512,
-                    hidden: int = 128, layers: int = 4, heads: int = 4, kv_heads: int = 2,
-                    intermediate: int = 256, max_positions: int = 512, seed: int = 0) -> Path:
+def make_tiny_model(
+    directory: str | Path,
+    datasets: list[Path],
+    *,
+    vocab_size: int = 512,
+    hidden: int = 128,
+    layers: int = 4,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 256,
+    max_positions: int = 512,
+    seed: int = 0,
+) -> Path:
     """Write config.json, bf16 safetensors and the tokenizer to `directory`.
 
     Sizes are multiples of 64 so bitsandbytes could NF4-quantise every projection.
@@ -69,10 +79,16 @@ def make_tiny_model(directory: str | Path, datasets: list[Path], *, vocab_size: 
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = make_tiny_tokenizer(directory, datasets, vocab_size=vocab_size)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        max_position_embeddings=max_positions, tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         # Larger than the usual 0.02: with the output head frozen under LoRA, tiny random
         # rows would keep the logits near uniform and the loss would barely move.
@@ -80,9 +96,11 @@ def make_tiny_model(directory: str | Path, datasets: list[Path], *, vocab_size: 
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id,
-                                               eos_token_id=tokenizer.eos_token_id,
-                                               pad_token_id=tokenizer.pad_token_id)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     model.save_pretrained(str(directory), safe_serialization=True)
     return directory
 
@@ -95,13 +113,20 @@ def make_tiny_tokenizer(directory: str | Path, datasets: list[Path], *, vocab_si
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size,
-                                  special_tokens=[PAD, BOS, EOS, *ROLE_TOKENS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, BOS, EOS, *ROLE_TOKENS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(corpus(datasets), trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS,
-                                        pad_token=PAD, additional_special_tokens=ROLE_TOKENS)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        additional_special_tokens=ROLE_TOKENS,
+    )
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(str(directory))
     return tokenizer

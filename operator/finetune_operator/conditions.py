@@ -33,8 +33,16 @@ def is_true(conditions: list[dict], type_: str) -> bool:
     return bool(c and c.get("status") == "True")
 
 
-def set_condition(conditions: list[dict], type_: str, status: bool | str, reason: str,
-                  message: str, generation: int | None, *, at: str | None = None) -> list[dict]:
+def set_condition(
+    conditions: list[dict],
+    type_: str,
+    status: bool | str,
+    reason: str,
+    message: str,
+    generation: int | None,
+    *,
+    at: str | None = None,
+) -> list[dict]:
     """Return a new list with `type_` set; other conditions keep their order. `at` is the
     time of a transition (default: now), for a caller that computes with its own clock."""
     value = status if isinstance(status, str) else ("True" if status else "False")

@@ -17,10 +17,11 @@ import time
 from typing import Any
 
 import aiohttp
-from finetune_api.common import API_VERSION
-from finetune_api.constants import OPERATOR_NAME
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
+
+from finetune_api.common import API_VERSION
+from finetune_api.constants import OPERATOR_NAME
 
 from . import metrics
 
@@ -34,6 +35,7 @@ def quiet_client_logs() -> None:
     """Keep the API client's response bodies out of the log at every verbosity."""
     for name in API_CLIENT_LOGGERS:
         logging.getLogger(name).setLevel(logging.INFO)
+
 
 FIELD_MANAGER = OPERATOR_NAME
 
@@ -96,8 +98,13 @@ async def close() -> None:
         _api = None
 
 
-def path(api_version: str, kind: str, namespace: str | None, name: str | None = None,
-         subresource: str | None = None) -> str:
+def path(
+    api_version: str,
+    kind: str,
+    namespace: str | None,
+    name: str | None = None,
+    subresource: str | None = None,
+) -> str:
     plural = PLURALS[(api_version, kind)]
     prefix = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
     parts = [prefix]
@@ -144,14 +151,21 @@ def _transient(exc: BaseException) -> tuple[str, str | None] | None:
     return None
 
 
-async def _call(method: str, resource_path: str, *, body: Any = None,
-                content_type: str = "application/json", query: list | None = None) -> Any:
+async def _call(
+    method: str,
+    resource_path: str,
+    *,
+    body: Any = None,
+    content_type: str = "application/json",
+    query: list | None = None,
+) -> Any:
     api = await connect()
     for attempt in range(RETRY_ATTEMPTS):
         started = time.monotonic()
         try:
             return await api.call_api(
-                resource_path, method,
+                resource_path,
+                method,
                 query_params=query or [],
                 header_params={"Accept": "application/json", "Content-Type": content_type},
                 body=body,
@@ -192,8 +206,9 @@ async def get(api_version: str, kind: str, namespace: str | None, name: str) -> 
         raise
 
 
-async def list_objects(api_version: str, kind: str, namespace: str | None,
-                       label_selector: str | None = None) -> list[dict]:
+async def list_objects(
+    api_version: str, kind: str, namespace: str | None, label_selector: str | None = None
+) -> list[dict]:
     query = [("labelSelector", label_selector)] if label_selector else None
     result = await _call("GET", path(api_version, kind, namespace), query=query)
     return result.get("items", [])
@@ -203,8 +218,12 @@ async def create_if_absent(obj: dict) -> tuple[dict, bool]:
     """Create `obj`; if it already exists return the existing one. -> (object, created)."""
     api_version, kind, namespace, name = _ident(obj)
     try:
-        created = await _call("POST", path(api_version, kind, namespace), body=obj,
-                              query=[("fieldManager", FIELD_MANAGER)])
+        created = await _call(
+            "POST",
+            path(api_version, kind, namespace),
+            body=obj,
+            query=[("fieldManager", FIELD_MANAGER)],
+        )
         return created, True
     except ApiException as exc:
         if exc.status != 409:
@@ -219,37 +238,51 @@ async def server_side_apply(obj: dict) -> dict:
     """Server-side apply: for children whose desired content changes over time."""
     api_version, kind, namespace, name = _ident(obj)
     return await _call(
-        "PATCH", path(api_version, kind, namespace, name), body=obj,
+        "PATCH",
+        path(api_version, kind, namespace, name),
+        body=obj,
         content_type="application/apply-patch+yaml",
         query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
     )
 
 
-async def merge_patch(api_version: str, kind: str, namespace: str | None, name: str,
-                      patch: dict) -> dict:
-    return await _call("PATCH", path(api_version, kind, namespace, name), body=patch,
-                       content_type="application/merge-patch+json")
+async def merge_patch(
+    api_version: str, kind: str, namespace: str | None, name: str, patch: dict
+) -> dict:
+    return await _call(
+        "PATCH",
+        path(api_version, kind, namespace, name),
+        body=patch,
+        content_type="application/merge-patch+json",
+    )
 
 
 async def patch_status(obj: dict, status: dict) -> dict:
     """Replace-by-merge the status, guarded by the resourceVersion `obj` was read at."""
     api_version, kind, namespace, name = _ident(obj)
-    body = {"metadata": {"resourceVersion": obj["metadata"]["resourceVersion"]},
-            "status": status}
+    body = {"metadata": {"resourceVersion": obj["metadata"]["resourceVersion"]}, "status": status}
     try:
-        return await _call("PATCH", path(api_version, kind, namespace, name, "status"),
-                           body=body, content_type="application/merge-patch+json")
+        return await _call(
+            "PATCH",
+            path(api_version, kind, namespace, name, "status"),
+            body=body,
+            content_type="application/merge-patch+json",
+        )
     except ApiException as exc:
         if exc.status == 409:
             raise Conflict(f"{kind} {namespace}/{name} changed while reconciling") from exc
         raise
 
 
-async def delete(api_version: str, kind: str, namespace: str | None, name: str,
-                 propagation: str = "Background") -> bool:
+async def delete(
+    api_version: str, kind: str, namespace: str | None, name: str, propagation: str = "Background"
+) -> bool:
     try:
-        await _call("DELETE", path(api_version, kind, namespace, name),
-                    body={"propagationPolicy": propagation})
+        await _call(
+            "DELETE",
+            path(api_version, kind, namespace, name),
+            body={"propagationPolicy": propagation},
+        )
         return True
     except Gone:
         return False
@@ -268,29 +301,44 @@ async def post_event(obj: dict, *, type: str, reason: str, message: str) -> None
     md = obj["metadata"]
     stamp = now()
     event = {
-        "apiVersion": "v1", "kind": "Event",
+        "apiVersion": "v1",
+        "kind": "Event",
         "metadata": {"generateName": f"{md['name']}.", "namespace": md["namespace"]},
-        "involvedObject": {"apiVersion": obj["apiVersion"], "kind": obj["kind"],
-                           "name": md["name"], "namespace": md["namespace"],
-                           "uid": md.get("uid"), "resourceVersion": md.get("resourceVersion")},
-        "type": type, "reason": reason, "message": message[:1024],
+        "involvedObject": {
+            "apiVersion": obj["apiVersion"],
+            "kind": obj["kind"],
+            "name": md["name"],
+            "namespace": md["namespace"],
+            "uid": md.get("uid"),
+            "resourceVersion": md.get("resourceVersion"),
+        },
+        "type": type,
+        "reason": reason,
+        "message": message[:1024],
         "source": {"component": FIELD_MANAGER},
         "reportingComponent": FIELD_MANAGER,
         "reportingInstance": os.environ.get("POD_ID") or FIELD_MANAGER,
-        "firstTimestamp": stamp, "lastTimestamp": stamp, "count": 1,
+        "firstTimestamp": stamp,
+        "lastTimestamp": stamp,
+        "count": 1,
     }
     try:
         await _call("POST", path("v1", "Event", md["namespace"]), body=event)
     except (ApiException, Gone, aiohttp.ClientError, TimeoutError) as exc:
-        log.warning("could not post the %s Event on %s %s/%s: %s", reason, obj["kind"],
-                    md["namespace"], md["name"], exc)
+        log.warning(
+            "could not post the %s Event on %s %s/%s: %s",
+            reason,
+            obj["kind"],
+            md["namespace"],
+            md["name"],
+            exc,
+        )
 
 
 async def read_pod_log_tail(namespace: str, pod: str, lines: int = 20) -> str:
     """Last lines of a worker's log, for a failure message people can act on."""
     api = await connect()
     try:
-        return await client.CoreV1Api(api).read_namespaced_pod_log(
-            pod, namespace, tail_lines=lines)
+        return await client.CoreV1Api(api).read_namespaced_pod_log(pod, namespace, tail_lines=lines)
     except ApiException:
         return ""

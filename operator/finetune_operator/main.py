@@ -20,6 +20,7 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import kopf
+
 from finetune_api.common import API_VERSION, GROUP, VERSION
 from finetune_api.constants import (
     LABEL_ADAPTERMERGE,
@@ -47,8 +48,7 @@ RECONCILERS = {
 _locks: dict[tuple[str, str, str], asyncio.Lock] = {}
 
 
-async def run_reconcile(settings: OperatorSettings, kind: str, namespace: str,
-                        name: str) -> None:
+async def run_reconcile(settings: OperatorSettings, kind: str, namespace: str, name: str) -> None:
     lock = _locks.setdefault((kind, namespace, name), asyncio.Lock())
     async with lock:
         started = time.monotonic()
@@ -58,15 +58,24 @@ async def run_reconcile(settings: OperatorSettings, kind: str, namespace: str,
                 break
             except k8s.Conflict:
                 metrics.API_RETRIES.labels(kind=kind).inc()
-                log.debug("conflict on %s %s/%s (attempt %d); reconciling again", kind,
-                          namespace, name, attempt + 1)
+                log.debug(
+                    "conflict on %s %s/%s (attempt %d); reconciling again",
+                    kind,
+                    namespace,
+                    name,
+                    attempt + 1,
+                )
             except k8s.Gone as exc:
                 log.debug("%s %s/%s went away during the pass: %s", kind, namespace, name, exc)
                 break
             except Exception as exc:
                 metrics.RECONCILE_ERRORS.labels(kind=kind, error=type(exc).__name__).inc()
-                log.exception("reconcile of %s %s/%s failed; the next event or resync "
-                              "retries", kind, namespace, name)
+                log.exception(
+                    "reconcile of %s %s/%s failed; the next event or resync retries",
+                    kind,
+                    namespace,
+                    name,
+                )
                 break
         metrics.RECONCILE_SECONDS.labels(kind=kind).observe(time.monotonic() - started)
 
@@ -85,7 +94,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> No
     # Our own annotation prefix and finalizer name, should kopf ever need them.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=GROUP, key="last-handled-configuration")
+        prefix=GROUP, key="last-handled-configuration"
+    )
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     # A watch that goes silent (a dropped connection no one noticed) is restarted.
     settings.watching.server_timeout = 300
@@ -130,15 +140,13 @@ async def apiserver_reachable(**_) -> str:
 
 
 @kopf.on.event(GROUP, VERSION, "finetunejobs")
-async def finetunejob_event(type: str, name: str, namespace: str, memo: kopf.Memo,
-                            **_) -> None:
+async def finetunejob_event(type: str, name: str, namespace: str, memo: kopf.Memo, **_) -> None:
     if type != "DELETED":
         await run_reconcile(memo.operator_settings, "FineTuneJob", namespace, name)
 
 
 @kopf.on.event(GROUP, VERSION, "adaptermerges")
-async def adaptermerge_event(type: str, name: str, namespace: str, memo: kopf.Memo,
-                             **_) -> None:
+async def adaptermerge_event(type: str, name: str, namespace: str, memo: kopf.Memo, **_) -> None:
     if type != "DELETED":
         await run_reconcile(memo.operator_settings, "AdapterMerge", namespace, name)
 
@@ -154,8 +162,7 @@ async def server_event(meta: dict, namespace: str, memo: kopf.Memo, **_) -> None
     # A vLLM server is owned by every AdapterDeployment it serves.
     for ref in meta.get("ownerReferences") or []:
         if ref.get("kind") == "AdapterDeployment":
-            await run_reconcile(memo.operator_settings, "AdapterDeployment", namespace,
-                                ref["name"])
+            await run_reconcile(memo.operator_settings, "AdapterDeployment", namespace, ref["name"])
 
 
 @kopf.on.event("", "v1", "pods", labels={**MANAGED_BY, LABEL_COMPONENT: SERVER_COMPONENT})
@@ -167,8 +174,7 @@ async def server_pod_event(labels: dict, namespace: str, memo: kopf.Memo, **_) -
 
 
 @kopf.on.event(GROUP, VERSION, "finetunejobs")
-async def finetunejob_adapters_event(name: str, namespace: str, memo: kopf.Memo,
-                                     **_) -> None:
+async def finetunejob_adapters_event(name: str, namespace: str, memo: kopf.Memo, **_) -> None:
     # An adapter waiting for this job is served as soon as the job succeeds.
     for ad_name in await adapterdeployment.referencing(namespace, name):
         await run_reconcile(memo.operator_settings, "AdapterDeployment", namespace, ad_name)
@@ -207,8 +213,9 @@ async def _resync_forever(settings: OperatorSettings) -> None:
 
 
 def _watched(namespace: str, settings: OperatorSettings) -> bool:
-    return not settings.namespaces or any(fnmatch.fnmatchcase(namespace, pattern)
-                                          for pattern in settings.namespaces)
+    return not settings.namespaces or any(
+        fnmatch.fnmatchcase(namespace, pattern) for pattern in settings.namespaces
+    )
 
 
 _kopf_settings: list[kopf.OperatorSettings] = []
@@ -272,4 +279,3 @@ def main(argv: list[str]) -> int:
         args.append("--all-namespaces")
     os.execvp(sys.executable, [sys.executable, "-m", "kopf", "run", "-m", __name__, *args])
     return 0  # not reached
-

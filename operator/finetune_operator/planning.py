@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import base64
 
-from . import k8s
 from finetune_api.constants import Reason
 from finetune_api.finetunejob import FineTuneJob, TrainingPlan
+
+from . import k8s
 from .planner import UnknownArchitecture
 from .planner.api_adapter import NoFittingPlan, plan_for_spec
 from .planner.configsource import arch_for_model
@@ -39,8 +40,12 @@ async def plan_job(ftj: FineTuneJob, settings: OperatorSettings) -> TrainingPlan
     token = await _hf_token(ftj)
     try:
         arch = await asyncio.to_thread(
-            arch_for_model, ftj.spec.model, claims_root=settings.pvc_root,
-            allow_hub=settings.allow_hub, token=token)
+            arch_for_model,
+            ftj.spec.model,
+            claims_root=settings.pvc_root,
+            allow_hub=settings.allow_hub,
+            token=token,
+        )
     except UnknownArchitecture as exc:
         raise PlanningFailed(Reason.MODEL_CONFIG_UNAVAILABLE, str(exc)) from exc
     try:

@@ -20,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 from finetune_api.constants import ConditionType as C
 from finetune_api.constants import Phase, Reason
 from finetune_api.finetunejob import FineTuneJob
+
 from .builders import training
 from .conditions import find, format_time, parse_time, set_condition
 from .status import Outcome, apply_outcome
@@ -62,8 +63,14 @@ def references(ftj: FineTuneJob) -> list[Reference]:
     spec = ftj.spec
     refs = []
     if spec.hf_token_secret_ref:
-        refs.append(Reference("Secret", spec.hf_token_secret_ref.name, "spec.hfTokenSecretRef",
-                              spec.hf_token_secret_ref.key))
+        refs.append(
+            Reference(
+                "Secret",
+                spec.hf_token_secret_ref.name,
+                "spec.hfTokenSecretRef",
+                spec.hf_token_secret_ref.key,
+            )
+        )
     if spec.storage_secret_ref:
         refs.append(Reference("Secret", spec.storage_secret_ref.name, "spec.storageSecretRef"))
     for claim, (field_name, _) in training.claim_fields(ftj).items():
@@ -74,15 +81,23 @@ def references(ftj: FineTuneJob) -> list[Reference]:
 def check(ref: Reference, obj: dict | None) -> Missing | None:
     """What is missing of `ref`, given the object a `get` returned (None: not found)."""
     if obj is None:
-        return Missing(ref, Reason.SECRET_NOT_FOUND if ref.kind == "Secret"
-                       else Reason.VOLUME_CLAIM_NOT_FOUND)
+        return Missing(
+            ref, Reason.SECRET_NOT_FOUND if ref.kind == "Secret" else Reason.VOLUME_CLAIM_NOT_FOUND
+        )
     if ref.kind == "Secret" and ref.key and ref.key not in (obj.get("data") or {}):
         return Missing(ref, Reason.SECRET_KEY_NOT_FOUND)
     return None
 
 
-def resolve(status: dict, missing: list[Missing], *, namespace: str, generation: int | None,
-            wait_seconds: float, now: datetime | None = None) -> dict:
+def resolve(
+    status: dict,
+    missing: list[Missing],
+    *,
+    namespace: str,
+    generation: int | None,
+    wait_seconds: float,
+    now: datetime | None = None,
+) -> dict:
     """The status for this pass: references resolved, waiting for them, or failed for good.
 
     Returns a new status; the caller stops the pass (creates nothing) while its phase is
@@ -90,31 +105,48 @@ def resolve(status: dict, missing: list[Missing], *, namespace: str, generation:
     """
     conds = list(status.get("conditions") or [])
     if not missing:
-        conds = set_condition(conds, C.REFERENCES_RESOLVED, True, Reason.REFERENCES_FOUND,
-                              "every Secret and PVC the spec names exists", generation)
+        conds = set_condition(
+            conds,
+            C.REFERENCES_RESOLVED,
+            True,
+            Reason.REFERENCES_FOUND,
+            "every Secret and PVC the spec names exists",
+            generation,
+        )
         return {**status, "conditions": conds}
     now = now or datetime.now(UTC)
     previous = find(conds, C.REFERENCES_RESOLVED)
-    since = (parse_time(previous["lastTransitionTime"])
-             if previous and previous.get("status") == "False" else now)
+    since = (
+        parse_time(previous["lastTransitionTime"])
+        if previous and previous.get("status") == "False"
+        else now
+    )
     deadline = since + timedelta(seconds=wait_seconds)
     what = " and ".join(m.describe() for m in missing)
     reason = missing[0].reason
     if now >= deadline:
-        message = (f"{what} still missing in namespace {namespace} after {wait_seconds:g}s "
-                   "(the operator's FINETUNE_REFERENCE_WAIT_SECONDS); create "
-                   f"{'it' if len(missing) == 1 else 'them'}, then delete and re-create this "
-                   "FineTuneJob (its spec is immutable)")
-        conds = set_condition(conds, C.REFERENCES_RESOLVED, False, reason, message, generation,
-                              at=format_time(now))
-        failed = apply_outcome({**status, "conditions": conds},
-                               Outcome(Phase.FAILED, reason, message), generation)
+        message = (
+            f"{what} still missing in namespace {namespace} after {wait_seconds:g}s "
+            "(the operator's FINETUNE_REFERENCE_WAIT_SECONDS); create "
+            f"{'it' if len(missing) == 1 else 'them'}, then delete and re-create this "
+            "FineTuneJob (its spec is immutable)"
+        )
+        conds = set_condition(
+            conds, C.REFERENCES_RESOLVED, False, reason, message, generation, at=format_time(now)
+        )
+        failed = apply_outcome(
+            {**status, "conditions": conds}, Outcome(Phase.FAILED, reason, message), generation
+        )
         return {**failed, "completionTime": status.get("completionTime") or format_time(now)}
-    message = (f"waiting for {what} in namespace {namespace}: the job starts as soon as "
-               f"{'it exists' if len(missing) == 1 else 'they exist'}, and fails if still "
-               f"missing at {format_time(deadline)} (FINETUNE_REFERENCE_WAIT_SECONDS, "
-               f"{wait_seconds:g}s)")
-    conds = set_condition(conds, C.REFERENCES_RESOLVED, False, reason, message, generation,
-                          at=format_time(now))
-    return apply_outcome({**status, "conditions": conds},
-                         Outcome(Phase.PENDING, reason, message), generation)
+    message = (
+        f"waiting for {what} in namespace {namespace}: the job starts as soon as "
+        f"{'it exists' if len(missing) == 1 else 'they exist'}, and fails if still "
+        f"missing at {format_time(deadline)} (FINETUNE_REFERENCE_WAIT_SECONDS, "
+        f"{wait_seconds:g}s)"
+    )
+    conds = set_condition(
+        conds, C.REFERENCES_RESOLVED, False, reason, message, generation, at=format_time(now)
+    )
+    return apply_outcome(
+        {**status, "conditions": conds}, Outcome(Phase.PENDING, reason, message), generation
+    )

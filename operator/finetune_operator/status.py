@@ -48,8 +48,9 @@ def _terminated(pod: dict) -> dict | None:
 def termination_summary(pod: dict) -> dict | None:
     """The worker's final report (api.WorkerReport), from `/dev/termination-log`; None when
     there is none or it is not one (FallbackToLogsOnError puts a log tail there)."""
-    from finetune_api.worker_report import WorkerReport
     from pydantic import ValidationError
+
+    from finetune_api.worker_report import WorkerReport
 
     term = _terminated(pod)
     if not term or not term.get("message"):
@@ -88,9 +89,13 @@ def explain_pod_failure(pod: dict) -> tuple[str, str]:
     summary = termination_summary(pod) or {}
     detail = summary.get("error") or summary.get("message") or ""
     if term.get("reason") == "OOMKilled":
-        return ("HostOutOfMemory",
-                (f"pod {name} was killed for exceeding its host memory limit (OOMKilled); "
-                 "raise spec.resources.memory (this is host RAM, not GPU memory)"))
+        return (
+            "HostOutOfMemory",
+            (
+                f"pod {name} was killed for exceeding its host memory limit (OOMKilled); "
+                "raise spec.resources.memory (this is host RAM, not GPU memory)"
+            ),
+        )
     if code is not None:
         try:
             known = WorkerExitCode(code)
@@ -106,8 +111,9 @@ def explain_pod_failure(pod: dict) -> tuple[str, str]:
     return Reason.POD_FAILED, f"pod {name} failed: {(pod.get('status') or {}).get('message', '')}"
 
 
-def observe_training(job: dict | None, pods: list[dict], *, user_suspended: bool,
-                     queued: bool) -> Outcome:
+def observe_training(
+    job: dict | None, pods: list[dict], *, user_suspended: bool, queued: bool
+) -> Outcome:
     """Reduce the training Job and its pods to one phase with a reason people can act on."""
     if job is None:
         return Outcome(Phase.PENDING, Reason.NOT_STARTED, "creating the training Job")
@@ -117,8 +123,12 @@ def observe_training(job: dict | None, pods: list[dict], *, user_suspended: bool
         done = [p for p in newest if (p.get("status") or {}).get("phase") == "Succeeded"]
         # In a multi-node job only pod 0 (global rank 0) writes the summary.
         succeeded = next((p for p in done if termination_summary(p)), done[0] if done else None)
-        return Outcome(Phase.SUCCEEDED, Reason.TRAINING_COMPLETE, "training finished",
-                       termination_summary(succeeded) if succeeded else None)
+        return Outcome(
+            Phase.SUCCEEDED,
+            Reason.TRAINING_COMPLETE,
+            "training finished",
+            termination_summary(succeeded) if succeeded else None,
+        )
     failed = _job_condition(job, "Failed") or _job_condition(job, "FailureTarget")
     if failed:
         failed_pods = [p for p in newest if (p.get("status") or {}).get("phase") == "Failed"]
@@ -127,60 +137,90 @@ def observe_training(job: dict | None, pods: list[dict], *, user_suspended: bool
         failed_pods.sort(key=lambda p: not _worker_verdict(p))
         job_reason = failed.get("reason") or ""
         if job_reason == "DeadlineExceeded":
-            return Outcome(Phase.FAILED, Reason.DEADLINE_EXCEEDED,
-                           "the Job ran longer than spec.activeDeadlineSeconds "
-                           f"({job['spec'].get('activeDeadlineSeconds')}s); raise it or "
-                           "reduce spec.training")
+            return Outcome(
+                Phase.FAILED,
+                Reason.DEADLINE_EXCEEDED,
+                "the Job ran longer than spec.activeDeadlineSeconds "
+                f"({job['spec'].get('activeDeadlineSeconds')}s); raise it or "
+                "reduce spec.training",
+            )
         if failed_pods:
             reason, message = explain_pod_failure(failed_pods[0])
             summary = termination_summary(failed_pods[0])
             if job_reason == "BackoffLimitExceeded" and reason == Reason.POD_FAILED:
-                return Outcome(Phase.FAILED, Reason.BACKOFF_LIMIT_EXCEEDED,
-                               f"{len(failed_pods)} pod(s) failed, more than spec.backoffLimit "
-                               f"({job['spec'].get('backoffLimit')}); last: {message}", summary)
+                return Outcome(
+                    Phase.FAILED,
+                    Reason.BACKOFF_LIMIT_EXCEEDED,
+                    f"{len(failed_pods)} pod(s) failed, more than spec.backoffLimit "
+                    f"({job['spec'].get('backoffLimit')}); last: {message}",
+                    summary,
+                )
             return Outcome(Phase.FAILED, reason, message, summary)
-        return Outcome(Phase.FAILED, job_reason or Reason.POD_FAILED,
-                       failed.get("message") or "the training Job failed")
+        return Outcome(
+            Phase.FAILED,
+            job_reason or Reason.POD_FAILED,
+            failed.get("message") or "the training Job failed",
+        )
     if (job.get("spec") or {}).get("suspend"):
         if user_suspended:
-            return Outcome(Phase.SUSPENDED, Reason.SUSPENDED_BY_USER,
-                           "suspended by spec.suspend; checkpoints are kept and training "
-                           "resumes from the latest one when it is set back to false")
+            return Outcome(
+                Phase.SUSPENDED,
+                Reason.SUSPENDED_BY_USER,
+                "suspended by spec.suspend; checkpoints are kept and training "
+                "resumes from the latest one when it is set back to false",
+            )
         if queued:
-            return Outcome(Phase.QUEUED, Reason.WAITING_FOR_QUOTA,
-                           "waiting for Kueue to admit the Job into its ClusterQueue")
+            return Outcome(
+                Phase.QUEUED,
+                Reason.WAITING_FOR_QUOTA,
+                "waiting for Kueue to admit the Job into its ClusterQueue",
+            )
     running = [p for p in newest if (p.get("status") or {}).get("phase") == "Running"]
     evicted = [p for p in newest if _disrupted(p)]
     if running:
         if evicted:
-            return Outcome(Phase.RUNNING, "EvictedAndResumed",
-                           f"{evicted[0]['metadata']['name']} was evicted or preempted; a new "
-                           "pod resumes from the latest checkpoint")
+            return Outcome(
+                Phase.RUNNING,
+                "EvictedAndResumed",
+                f"{evicted[0]['metadata']['name']} was evicted or preempted; a new "
+                "pod resumes from the latest checkpoint",
+            )
         retried = [p for p in newest if (p.get("status") or {}).get("phase") == "Failed"]
         if retried:
             reason, message = explain_pod_failure(retried[0])
-            return Outcome(Phase.RUNNING, Reason.RESUMED_FROM_CHECKPOINT,
-                           f"retrying after a failure ({reason}: {message}); resuming from the "
-                           "latest checkpoint")
-        return Outcome(Phase.RUNNING, Reason.TRAINING, f"pod {running[0]['metadata']['name']} "
-                       "is training")
+            return Outcome(
+                Phase.RUNNING,
+                Reason.RESUMED_FROM_CHECKPOINT,
+                f"retrying after a failure ({reason}: {message}); resuming from the "
+                "latest checkpoint",
+            )
+        return Outcome(
+            Phase.RUNNING, Reason.TRAINING, f"pod {running[0]['metadata']['name']} is training"
+        )
     # The pod is done but the Job controller has not yet marked the Job: still Running,
     # not back to Pending (the next Job event settles it).
     finished = [p for p in newest if (p.get("status") or {}).get("phase") == "Succeeded"]
     if finished and not (job.get("spec") or {}).get("suspend"):
-        return Outcome(Phase.RUNNING, Reason.TRAINING,
-                       f"pod {finished[0]['metadata']['name']} finished; the Job is completing")
+        return Outcome(
+            Phase.RUNNING,
+            Reason.TRAINING,
+            f"pod {finished[0]['metadata']['name']} finished; the Job is completing",
+        )
     pending = [p for p in newest if (p.get("status") or {}).get("phase") == "Pending"]
     for pod in pending:
         for c in (pod.get("status") or {}).get("conditions") or []:
             if c.get("type") == "PodScheduled" and c.get("status") == "False":
-                return Outcome(Phase.QUEUED, c.get("reason") or "Unschedulable",
-                               "no node can run the worker yet: " + (c.get("message") or ""))
+                return Outcome(
+                    Phase.QUEUED,
+                    c.get("reason") or "Unschedulable",
+                    "no node can run the worker yet: " + (c.get("message") or ""),
+                )
     # A failed pod the Job controller has not acted on yet. A permanent exit code fails the
     # Job (podFailurePolicy) and one failure past backoffLimit does too: say Failed now
     # rather than flash a retry that will not happen. Otherwise a new pod is on its way.
-    retried = [p for p in newest if (p.get("status") or {}).get("phase") == "Failed"
-               and not _disrupted(p)]
+    retried = [
+        p for p in newest if (p.get("status") or {}).get("phase") == "Failed" and not _disrupted(p)
+    ]
     if retried:
         reason, message = explain_pod_failure(retried[0])
         code = (_terminated(retried[0]) or {}).get("exitCode")
@@ -188,12 +228,19 @@ def observe_training(job: dict | None, pods: list[dict], *, user_suspended: bool
             return Outcome(Phase.FAILED, reason, message, termination_summary(retried[0]))
         limit = (job.get("spec") or {}).get("backoffLimit")
         if limit is not None and len(retried) > limit:
-            return Outcome(Phase.FAILED, Reason.BACKOFF_LIMIT_EXCEEDED,
-                           f"{len(retried)} pod(s) failed, more than spec.backoffLimit "
-                           f"({limit}); last: {message}", termination_summary(retried[0]))
-        return Outcome(Phase.PENDING, Reason.RETRYING_AFTER_FAILURE,
-                       f"retrying after a failure ({reason}: {message}); a new worker pod is "
-                       "starting and resumes from the latest checkpoint")
+            return Outcome(
+                Phase.FAILED,
+                Reason.BACKOFF_LIMIT_EXCEEDED,
+                f"{len(retried)} pod(s) failed, more than spec.backoffLimit "
+                f"({limit}); last: {message}",
+                termination_summary(retried[0]),
+            )
+        return Outcome(
+            Phase.PENDING,
+            Reason.RETRYING_AFTER_FAILURE,
+            f"retrying after a failure ({reason}: {message}); a new worker pod is "
+            "starting and resumes from the latest checkpoint",
+        )
     return Outcome(Phase.PENDING, Reason.PODS_STARTING, "the worker pod is starting")
 
 
@@ -207,15 +254,27 @@ def apply_outcome(status: dict, outcome: Outcome, generation: int | None) -> dic
     phase = outcome.phase
     has_job = bool(status.get("jobName"))
     suspended = outcome.reason == Reason.SUSPENDED_BY_USER
-    conds = set_condition(conds, C.SUSPENDED, suspended,
-                          Reason.SUSPENDED_BY_USER if suspended else "NotSuspended",
-                          outcome.message if suspended else "", generation)
+    conds = set_condition(
+        conds,
+        C.SUSPENDED,
+        suspended,
+        Reason.SUSPENDED_BY_USER if suspended else "NotSuspended",
+        outcome.message if suspended else "",
+        generation,
+    )
     was_queued = (find(conds, C.QUEUED) or {}).get("status") == "True" or (
-        (find(conds, C.QUEUED) or {}).get("reason") == Reason.ADMITTED)
-    conds = set_condition(conds, C.QUEUED, phase == Phase.QUEUED,
-                          outcome.reason if phase == Phase.QUEUED else
-                          (Reason.ADMITTED if was_queued else Reason.NOT_QUEUED),
-                          outcome.message if phase == Phase.QUEUED else "", generation)
+        (find(conds, C.QUEUED) or {}).get("reason") == Reason.ADMITTED
+    )
+    conds = set_condition(
+        conds,
+        C.QUEUED,
+        phase == Phase.QUEUED,
+        outcome.reason
+        if phase == Phase.QUEUED
+        else (Reason.ADMITTED if was_queued else Reason.NOT_QUEUED),
+        outcome.message if phase == Phase.QUEUED else "",
+        generation,
+    )
     if phase == Phase.RUNNING or (phase == Phase.PENDING and has_job):
         running = (outcome.reason, outcome.message)  # e.g. PodsStarting, RetryingAfterFailure
     elif phase.finished and has_job:
@@ -223,13 +282,26 @@ def apply_outcome(status: dict, outcome: Outcome, generation: int | None) -> dic
     else:
         running = (Reason.NOT_STARTED, "")
     conds = set_condition(conds, C.RUNNING, phase == Phase.RUNNING, *running, generation)
-    conds = set_condition(conds, C.SUCCEEDED, phase == Phase.SUCCEEDED,
-                          outcome.reason if phase == Phase.SUCCEEDED else Reason.IN_PROGRESS
-                          if not phase.finished else outcome.reason,
-                          outcome.message if phase == Phase.SUCCEEDED else "", generation)
-    conds = set_condition(conds, C.FAILED, phase == Phase.FAILED,
-                          outcome.reason if phase == Phase.FAILED else "NoFailure",
-                          outcome.message if phase == Phase.FAILED else "", generation)
+    conds = set_condition(
+        conds,
+        C.SUCCEEDED,
+        phase == Phase.SUCCEEDED,
+        outcome.reason
+        if phase == Phase.SUCCEEDED
+        else Reason.IN_PROGRESS
+        if not phase.finished
+        else outcome.reason,
+        outcome.message if phase == Phase.SUCCEEDED else "",
+        generation,
+    )
+    conds = set_condition(
+        conds,
+        C.FAILED,
+        phase == Phase.FAILED,
+        outcome.reason if phase == Phase.FAILED else "NoFailure",
+        outcome.message if phase == Phase.FAILED else "",
+        generation,
+    )
     return {**status, "phase": phase.value, "conditions": conds}
 
 

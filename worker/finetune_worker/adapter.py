@@ -26,8 +26,9 @@ from finetune_api.finetunejob import TrainingMetrics
 from .errors import StorageError, WorkerEnvironmentError
 
 if TYPE_CHECKING:
-    from finetune_api import WorkerConfig
     from peft import PeftModel
+
+    from finetune_api import WorkerConfig
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +52,21 @@ def adapted_modules(peft_model: PeftModel) -> list[str]:
     return sorted(targets or [])
 
 
-def build_manifest(config: WorkerConfig, peft_model: PeftModel, *, base_revision: str | None,
-                   metrics: dict, directory: Path) -> AdapterManifest:
+def build_manifest(
+    config: WorkerConfig,
+    peft_model: PeftModel,
+    *,
+    base_revision: str | None,
+    metrics: dict,
+    directory: Path,
+) -> AdapterManifest:
     spec = config.spec
     lora = peft_model.peft_config["default"]
     return AdapterManifest(
         spec_hash=config.spec_hash,
-        base_model=BaseModelRef(name=spec.model.name, uri=spec.model.uri,
-                                revision=base_revision or spec.model.revision),
+        base_model=BaseModelRef(
+            name=spec.model.name, uri=spec.model.uri, revision=base_revision or spec.model.revision
+        ),
         method=config.plan.method,
         r=lora.r,
         alpha=float(lora.lora_alpha),
@@ -67,15 +75,22 @@ def build_manifest(config: WorkerConfig, peft_model: PeftModel, *, base_revision
         use_do_ra=bool(lora.use_dora),
         metrics=TrainingMetrics.model_validate(metrics),
         files=describe_files(directory),
-        fine_tune_job=FineTuneJobRef(namespace=config.job.namespace, name=config.job.name,
-                                     uid=config.job.uid),
+        fine_tune_job=FineTuneJobRef(
+            namespace=config.job.namespace, name=config.job.name, uid=config.job.uid
+        ),
         created_at=now(),
     )
 
 
-def write_adapter(config: WorkerConfig, peft_model: PeftModel, destination: Path, *,
-                  base_revision: str | None, metrics: dict,
-                  state_dict: dict | None = None) -> AdapterManifest:
+def write_adapter(
+    config: WorkerConfig,
+    peft_model: PeftModel,
+    destination: Path,
+    *,
+    base_revision: str | None,
+    metrics: dict,
+    state_dict: dict | None = None,
+) -> AdapterManifest:
     """Save adapter weights, adapter_config.json and the manifest into `destination`.
 
     `state_dict`: the model's full state when its weights are sharded (FSDP; gathered by
@@ -90,8 +105,9 @@ def write_adapter(config: WorkerConfig, peft_model: PeftModel, destination: Path
         else:
             save_gathered_adapter(peft_model, state_dict, staging)
         require_weights(staging)
-        manifest = build_manifest(config, peft_model, base_revision=base_revision,
-                                  metrics=metrics, directory=staging)
+        manifest = build_manifest(
+            config, peft_model, base_revision=base_revision, metrics=metrics, directory=staging
+        )
         manifest.write(staging)
         _fsync_tree(staging)
         # A stale manifest would vouch for files that are about to change: remove it first.
@@ -102,19 +118,27 @@ def write_adapter(config: WorkerConfig, peft_model: PeftModel, destination: Path
             os.replace(staging / entry.name, target)
         os.replace(staging / ADAPTER_MANIFEST_FILENAME, destination / ADAPTER_MANIFEST_FILENAME)
     except OSError as exc:
-        raise StorageError(f"cannot write the adapter to {destination}: {exc}; check that the "
-                           "output volume is mounted read-write and has free space") from exc
+        raise StorageError(
+            f"cannot write the adapter to {destination}: {exc}; check that the "
+            "output volume is mounted read-write and has free space"
+        ) from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    log.info("adapter written to %s (%d files, digest %s)", destination, len(manifest.files),
-             manifest.digest[:12])
+    log.info(
+        "adapter written to %s (%d files, digest %s)",
+        destination,
+        len(manifest.files),
+        manifest.digest[:12],
+    )
     return manifest
 
 
 # A LoRA parameter of the model: `<module>.lora_A.<adapter>.weight`; on disk peft drops the
 # adapter's name (`<module>.lora_A.weight`). The embedding variants are plain parameters
 # (`...lora_embedding_A.<adapter>`); DoRA's magnitude drops `.weight` too.
-_LORA_PARAMETER = r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)\.{}(\.weight)?$"
+_LORA_PARAMETER = (
+    r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)\.{}(\.weight)?$"
+)
 
 
 def adapter_tensors(state_dict: dict, adapter_name: str = "default") -> dict:
@@ -126,8 +150,9 @@ def adapter_tensors(state_dict: dict, adapter_name: str = "default") -> dict:
         if match is None:
             continue
         keep_weight = match.group(1) in ("lora_A", "lora_B") and match.group(2)
-        selected[key[:match.start()] + f".{match.group(1)}" + (".weight" if keep_weight
-                                                                 else "")] = tensor
+        selected[
+            key[: match.start()] + f".{match.group(1)}" + (".weight" if keep_weight else "")
+        ] = tensor
     return selected
 
 
@@ -142,8 +167,11 @@ def save_gathered_adapter(peft_model: PeftModel, state_dict: dict, directory: Pa
     from safetensors.torch import save_file
 
     tensors = adapter_tensors(state_dict)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-              str(directory / ADAPTER_WEIGHTS_FILENAME), metadata={"format": "pt"})
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+        str(directory / ADAPTER_WEIGHTS_FILENAME),
+        metadata={"format": "pt"},
+    )
     config = copy.copy(peft_model.peft_config["default"])
     config.inference_mode = True
     config.save_pretrained(str(directory))
@@ -160,7 +188,8 @@ def require_weights(directory: Path) -> None:
             raise WorkerEnvironmentError(
                 f"the trained adapter has no weights ({ADAPTER_WEIGHTS_FILENAME} is empty): "
                 "peft found none of the LoRA parameters in the model's state dict; this is a "
-                "worker defect with these library versions, not a problem of the job")
+                "worker defect with these library versions, not a problem of the job"
+            )
 
 
 def verify_adapter(directory: Path) -> AdapterManifest:
@@ -171,13 +200,17 @@ def verify_adapter(directory: Path) -> AdapterManifest:
     try:
         manifest = AdapterManifest.read(directory)
     except (OSError, ValueError) as exc:
-        raise StorageError(f"{directory} holds no readable {ADAPTER_MANIFEST_FILENAME} ({exc}); "
-                           "it is not a complete adapter written by finetune-worker") from exc
+        raise StorageError(
+            f"{directory} holds no readable {ADAPTER_MANIFEST_FILENAME} ({exc}); "
+            "it is not a complete adapter written by finetune-worker"
+        ) from exc
     for entry in manifest.files:
         path = directory / entry.name
         if not path.is_file() or file_sha256(path) != entry.sha256:
-            raise StorageError(f"adapter file {path} is missing or does not match the sha256 in "
-                               "its manifest; the copy is incomplete or corrupt")
+            raise StorageError(
+                f"adapter file {path} is missing or does not match the sha256 in "
+                "its manifest; the copy is incomplete or corrupt"
+            )
     return manifest
 
 
@@ -188,8 +221,13 @@ def push_to_hub(directory: Path, repo_id: str, token: str | None) -> None:
 
         api = HfApi(token=token)
         api.create_repo(repo_id, private=True, exist_ok=True)
-        api.upload_folder(repo_id=repo_id, folder_path=str(directory),
-                          commit_message="Adapter trained by finetune-operator")
+        api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(directory),
+            commit_message="Adapter trained by finetune-operator",
+        )
     except Exception as exc:
-        raise StorageError(f"cannot push the adapter to hf://{repo_id}: {exc}; check the token "
-                           "in spec.hfTokenSecretRef has write access") from exc
+        raise StorageError(
+            f"cannot push the adapter to hf://{repo_id}: {exc}; check the token "
+            "in spec.hfTokenSecretRef has write access"
+        ) from exc

@@ -93,15 +93,25 @@ def boundaries(lengths: list[int]) -> dict[str, Any]:
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int32), 0)
     longest = max(lengths, default=0)
-    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest,
-            "max_length_k": longest}
+    return {
+        "cu_seq_lens_q": cu,
+        "cu_seq_lens_k": cu,
+        "max_length_q": longest,
+        "max_length_k": longest,
+    }
 
 
-def varlen_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
-                             value: torch.Tensor, attention_mask: torch.Tensor | None,
-                             dropout: float = 0.0, scaling: float | None = None,
-                             is_causal: bool | None = None,
-                             **kwargs: Any) -> tuple[torch.Tensor, None]:
+def varlen_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
     """transformers attention interface: (B, H, T, D) in, (B, T, H, D) and no weights out.
 
     Without segment boundaries (an eval or generate call on ordinary padded batches) this is
@@ -112,11 +122,22 @@ def varlen_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     if cu is None or query.shape[0] != 1:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, is_causal=is_causal, **kwargs)
+        return sdpa_attention_forward(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=is_causal,
+            **kwargs,
+        )
     if dropout:
-        raise ValueError("attention dropout is not supported with packed micro-batches; "
-                         "Llama-style models train with attention_dropout 0")
+        raise ValueError(
+            "attention dropout is not supported with packed micro-batches; "
+            "Llama-style models train with attention_dropout 0"
+        )
     import torch
 
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, H, D)
@@ -133,8 +154,17 @@ def varlen_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
             k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))
         longest = int(kwargs.get("max_length_q") or int((cu[1:] - cu[:-1]).max()))
         cu = cu.to(device=q.device, dtype=torch.int32)
-        out = varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, longest,
-                          longest, scale=scaling, **extra)
+        out = varlen_attn(
+            q.contiguous(),
+            k.contiguous(),
+            v.contiguous(),
+            cu,
+            cu,
+            longest,
+            longest,
+            scale=scaling,
+            **extra,
+        )
     return out.unsqueeze(0), None
 
 
@@ -150,7 +180,9 @@ def _per_segment(q, k, v, cu, scaling):
         qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))  # (H, n, D)
         if groups > 1:
             ks, vs = (t.repeat_interleave(groups, dim=0) for t in (ks, vs))
-        outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True,
-                                                   scale=scaling).transpose(0, 1))
+        outs.append(
+            F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scaling).transpose(
+                0, 1
+            )
+        )
     return torch.cat(outs, dim=0)
-

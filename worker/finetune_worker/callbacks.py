@@ -60,8 +60,9 @@ class ProgressCallback(TrainerCallback):
         self.steady_seconds = 0.0
         self.steady_tokens = 0
 
-    def on_step_begin(self, args: TrainingArguments, state: TrainerState,
-                      control: TrainerControl, **kwargs: Any) -> None:
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         # The first step, not on_train_begin: the Trainer restores a checkpoint's state
         # after on_train_begin, and the clock should not include loading.
         if self._t0 is None:
@@ -69,13 +70,15 @@ class ProgressCallback(TrainerCallback):
             self._step0 = state.global_step
             self._tokens0 = int(state.num_input_tokens_seen or 0)
 
-    def on_step_end(self, args: TrainingArguments, state: TrainerState,
-                    control: TrainerControl, **kwargs: Any) -> None:
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if self._steady0 is None and state.global_step - self._step0 == self.STEADY_AFTER_STEPS:
             self._steady0 = (time.perf_counter(), int(state.num_input_tokens_seen or 0))
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState,
-                     control: TrainerControl, **kwargs: Any) -> None:
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         now = time.perf_counter()
         if self._t0 is not None:
             self.seconds = now - self._t0
@@ -92,8 +95,14 @@ class ProgressCallback(TrainerCallback):
             return self.steady_tokens / self.steady_seconds if self.steady_tokens else None
         return None
 
-    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-               logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
         logs = logs or {}
         if "loss" not in logs or self._t0 is None:
             return  # eval and end-of-training summaries are reported by run_training
@@ -119,12 +128,21 @@ class ProgressCallback(TrainerCallback):
         self.last_progress = progress
         if not state.is_world_process_zero:
             return  # one progress line and one reporter per run, not per rank
-        log.info("step %s/%s loss %s lr %.3g tokens/s %s eta %ss", state.global_step, total,
-                 logs.get("loss"), logs.get("learning_rate") or 0.0,
-                 f"{self.tokens_per_second:.0f}" if self.tokens_per_second else "-", eta)
+        log.info(
+            "step %s/%s loss %s lr %.3g tokens/s %s eta %ss",
+            state.global_step,
+            total,
+            logs.get("loss"),
+            logs.get("learning_rate") or 0.0,
+            f"{self.tokens_per_second:.0f}" if self.tokens_per_second else "-",
+            eta,
+        )
         if self.reporter is not None:
-            metrics = ({"tokensPerSecond": round(self.tokens_per_second, 2)}
-                       if self.tokens_per_second else {})
+            metrics = (
+                {"tokensPerSecond": round(self.tokens_per_second, 2)}
+                if self.tokens_per_second
+                else {}
+            )
             if self._steady0 is not None:
                 seconds = time.perf_counter() - self._steady0[0]
                 steady = int(state.num_input_tokens_seen or 0) - self._steady0[1]
@@ -153,8 +171,14 @@ class NonFiniteLossGuard(TrainerCallback):
         self.patience = patience
         self.consecutive = 0
 
-    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-               logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
         # The logged loss is already the mean over all ranks (the Trainer gathers it), so
         # every rank counts the same steps and stops at the same one.
         if not logs or "loss" not in logs:
@@ -168,7 +192,8 @@ class NonFiniteLossGuard(TrainerCallback):
                 f"the training loss was {logs['loss']} for {self.consecutive} consecutive steps "
                 f"(up to step {state.global_step}); the run has diverged. Lower "
                 f"spec.training.learningRate (now {args.learning_rate}) or raise warm-up, and "
-                "check the data for empty or extreme rows.")
+                "check the data for empty or extreme rows."
+            )
 
 
 class CheckpointCallback(TrainerCallback):
@@ -181,8 +206,9 @@ class CheckpointCallback(TrainerCallback):
     ranks agree (one all_reduce MAX) to save and stop when any of them would.
     """
 
-    def __init__(self, spec_hash: str, *, interval_s: float | None = None,
-                 plan: dict | None = None):
+    def __init__(
+        self, spec_hash: str, *, interval_s: float | None = None, plan: dict | None = None
+    ):
         self.spec_hash = spec_hash
         self.plan = plan or {}
         self.interval_s = interval_s
@@ -192,18 +218,23 @@ class CheckpointCallback(TrainerCallback):
 
     def request_stop(self, signum: int | None = None, frame: FrameType | None = None) -> None:
         if not self.preempted.is_set():
-            log.warning("received %s: saving a checkpoint at the end of this step, then "
-                        "stopping", signal.Signals(signum).name if signum else "a stop request")
+            log.warning(
+                "received %s: saving a checkpoint at the end of this step, then stopping",
+                signal.Signals(signum).name if signum else "a stop request",
+            )
         self.preempted.set()
 
-    def on_step_end(self, args: TrainingArguments, state: TrainerState,
-                    control: TrainerControl, **kwargs: Any) -> TrainerControl:
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
         due = bool(self.interval_s) and time.monotonic() - self._last_save >= self.interval_s
         stop, due = distributed.any_rank(self.preempted.is_set(), due)
         if stop:
             if not self.preempted.is_set():
-                log.warning("another rank received SIGTERM: saving a checkpoint at the end of "
-                            "this step, then stopping")
+                log.warning(
+                    "another rank received SIGTERM: saving a checkpoint at the end of "
+                    "this step, then stopping"
+                )
             self.preempted.set()
             control.should_save = True
             control.should_training_stop = True
@@ -211,8 +242,9 @@ class CheckpointCallback(TrainerCallback):
             control.should_save = True
         return control
 
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                **kwargs: Any) -> TrainerControl:
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
         # Every rank writes part of a checkpoint (its RNG state; FSDP shards): the marker,
         # which vouches for all the files, comes after the last rank has finished.
         distributed.barrier()

@@ -30,12 +30,14 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def _files(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MARKER
-                  and not p.name.startswith(f".{MARKER}"))
+    return sorted(
+        p
+        for p in directory.rglob("*")
+        if p.is_file() and p.name != MARKER and not p.name.startswith(f".{MARKER}")
+    )
 
 
-def mark_complete(checkpoint: Path, spec_hash: str, step: int,
-                  plan: dict | None = None) -> Path:
+def mark_complete(checkpoint: Path, spec_hash: str, step: int, plan: dict | None = None) -> Path:
     """Write the marker last, atomically, so its presence means the checkpoint is whole.
 
     `plan` records how the run was executed (method, micro-batch, ...): not part of the
@@ -66,8 +68,10 @@ def checkpoint_problem(checkpoint: Path, spec_hash: str) -> str | None:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return f"its COMPLETE marker is unreadable ({exc})"
     if recorded_hash != spec_hash:
-        return (f"it was written for spec hash {recorded_hash}, but this job's spec hash is "
-                f"{spec_hash} (the spec changed since)")
+        return (
+            f"it was written for spec hash {recorded_hash}, but this job's spec hash is "
+            f"{spec_hash} (the spec changed since)"
+        )
     if not files:
         return "its COMPLETE marker lists no files"
     for name, digest in files.items():
@@ -94,8 +98,11 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
 def plan_differences(checkpoint: Path, plan: dict) -> list[str]:
     """`field: saved -> now` for every plan field that differs from the checkpoint's."""
     saved = json.loads((checkpoint / MARKER).read_text()).get("plan") or {}
-    return [f"{key}: {saved.get(key)!r} -> {value!r}" for key, value in sorted(plan.items())
-            if key in saved and saved[key] != value]
+    return [
+        f"{key}: {saved.get(key)!r} -> {value!r}"
+        for key, value in sorted(plan.items())
+        if key in saved and saved[key] != value
+    ]
 
 
 def find_resumable_checkpoint(root: Path, spec_hash: str, plan: dict | None = None) -> Path | None:
@@ -108,8 +115,11 @@ def find_resumable_checkpoint(root: Path, spec_hash: str, plan: dict | None = No
             if differences:
                 # Same spec, so the weights are compatible; the run continues, but its
                 # remaining steps see a different batch layout or numerics.
-                log.warning("resuming %s under a different plan (%s)", checkpoint.name,
-                            "; ".join(differences))
+                log.warning(
+                    "resuming %s under a different plan (%s)",
+                    checkpoint.name,
+                    "; ".join(differences),
+                )
             return checkpoint
         log.warning("skipping checkpoint %s: %s", checkpoint, problem)
     return None

@@ -49,10 +49,14 @@ class World:
         if "WORLD_SIZE" not in env or "RANK" not in env:
             return cls()
         world_size = int(env["WORLD_SIZE"])
-        return cls(rank=int(env["RANK"]), local_rank=int(env.get("LOCAL_RANK", 0)),
-                   world_size=world_size,
-                   local_world_size=int(env.get("LOCAL_WORLD_SIZE", world_size)),
-                   node_rank=int(env.get("GROUP_RANK", 0)), under_torchrun=True)
+        return cls(
+            rank=int(env["RANK"]),
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            world_size=world_size,
+            local_world_size=int(env.get("LOCAL_WORLD_SIZE", world_size)),
+            node_rank=int(env.get("GROUP_RANK", 0)),
+            under_torchrun=True,
+        )
 
     @property
     def is_main(self) -> bool:
@@ -64,8 +68,10 @@ class World:
         return self.world_size > 1
 
     def describe(self) -> str:
-        return (f"rank {self.rank} (node {self.node_rank}, local rank {self.local_rank}) "
-                f"of {self.world_size}")
+        return (
+            f"rank {self.rank} (node {self.node_rank}, local rank {self.local_rank}) "
+            f"of {self.world_size}"
+        )
 
 
 def check_world(plan: TrainingPlan, world: World) -> None:
@@ -75,22 +81,30 @@ def check_world(plan: TrainingPlan, world: World) -> None:
     (and, under FSDP, a base that does not fit) while looking successful; the reverse trains
     a batch several times larger. Both are configuration errors, exit code 10.
     """
-    how = ("one process without torchrun" if not world.under_torchrun
-           else f"{world.world_size} processes under torchrun (WORLD_SIZE={world.world_size})")
+    how = (
+        "one process without torchrun"
+        if not world.under_torchrun
+        else f"{world.world_size} processes under torchrun (WORLD_SIZE={world.world_size})"
+    )
     if plan.world_size != plan.nodes * plan.processes_per_node:
         raise InvalidConfigError(
             f"plan.worldSize is {plan.world_size} but plan.nodes x plan.processesPerNode is "
-            f"{plan.nodes} x {plan.processes_per_node}; the operator's plan is inconsistent")
+            f"{plan.nodes} x {plan.processes_per_node}; the operator's plan is inconsistent"
+        )
     if plan.world_size != world.world_size:
-        launch = (f"finetune-worker launch --nnodes {plan.nodes} --nproc-per-node "
-                  f"{plan.processes_per_node} -- train --config ...")
+        launch = (
+            f"finetune-worker launch --nnodes {plan.nodes} --nproc-per-node "
+            f"{plan.processes_per_node} -- train --config ..."
+        )
         raise InvalidConfigError(
             f"plan.worldSize is {plan.world_size} (strategy {plan.strategy!r}) but the worker "
-            f"runs as {how}; start it with `{launch}` as the operator does, or re-plan the job")
+            f"runs as {how}; start it with `{launch}` as the operator does, or re-plan the job"
+        )
     if world.under_torchrun and world.local_world_size != plan.processes_per_node:
         raise InvalidConfigError(
             f"plan.processesPerNode is {plan.processes_per_node} but torchrun started "
-            f"{world.local_world_size} processes on this node (LOCAL_WORLD_SIZE)")
+            f"{world.local_world_size} processes on this node (LOCAL_WORLD_SIZE)"
+        )
 
 
 def collective_timeout_seconds() -> int:
@@ -100,8 +114,9 @@ def collective_timeout_seconds() -> int:
     try:
         seconds = int(raw)
     except ValueError:
-        raise InvalidConfigError(f"{COLLECTIVE_TIMEOUT_ENV} is {raw!r}; expected whole "
-                                 "seconds") from None
+        raise InvalidConfigError(
+            f"{COLLECTIVE_TIMEOUT_ENV} is {raw!r}; expected whole seconds"
+        ) from None
     if seconds < 1:
         raise InvalidConfigError(f"{COLLECTIVE_TIMEOUT_ENV} is {seconds}; expected >= 1")
     return seconds

@@ -78,44 +78,82 @@ class LaunchOptions:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nnodes", type=int, required=True, help="worker pods (torchrun --nnodes)")
-    parser.add_argument("--nproc-per-node", type=int, required=True,
-                        help="training processes in this pod, one per GPU")
-    parser.add_argument("--node-rank", type=int,
-                        help=f"this pod's node rank (default: ${NODE_RANK_ENV}); several pods only")
-    parser.add_argument("--master-addr", help="pod 0's address for the static rendezvous; "
-                                              "several pods only")
-    parser.add_argument("--master-port", type=int, default=RENDEZVOUS_PORT,
-                        help=f"the rendezvous port on pod 0 (default {RENDEZVOUS_PORT})")
-    parser.add_argument("worker_command", nargs=argparse.REMAINDER, metavar="-- train ...",
-                        help="the worker command each rank runs")
+    parser.add_argument(
+        "--nproc-per-node",
+        type=int,
+        required=True,
+        help="training processes in this pod, one per GPU",
+    )
+    parser.add_argument(
+        "--node-rank",
+        type=int,
+        help=f"this pod's node rank (default: ${NODE_RANK_ENV}); several pods only",
+    )
+    parser.add_argument(
+        "--master-addr", help="pod 0's address for the static rendezvous; several pods only"
+    )
+    parser.add_argument(
+        "--master-port",
+        type=int,
+        default=RENDEZVOUS_PORT,
+        help=f"the rendezvous port on pod 0 (default {RENDEZVOUS_PORT})",
+    )
+    parser.add_argument(
+        "worker_command",
+        nargs=argparse.REMAINDER,
+        metavar="-- train ...",
+        help="the worker command each rank runs",
+    )
 
 
 def options_from_args(args: argparse.Namespace) -> LaunchOptions:
     command = list(args.worker_command)
     if command[:1] == ["--"]:
         command = command[1:]
-    return LaunchOptions(nnodes=args.nnodes, nproc_per_node=args.nproc_per_node,
-                         command=command, node_rank=args.node_rank,
-                         master_addr=args.master_addr, master_port=args.master_port)
+    return LaunchOptions(
+        nnodes=args.nnodes,
+        nproc_per_node=args.nproc_per_node,
+        command=command,
+        node_rank=args.node_rank,
+        master_addr=args.master_addr,
+        master_port=args.master_port,
+    )
 
 
 def torchrun_args(options: LaunchOptions, environ: dict[str, str] | None = None) -> list[str]:
     """torchrun's argv for this pod; InvalidConfigError when the options cannot form a world."""
     env = os.environ if environ is None else environ
     if options.nnodes < 1 or options.nproc_per_node < 1:
-        raise InvalidConfigError(f"launch needs --nnodes and --nproc-per-node >= 1, got "
-                                 f"{options.nnodes} and {options.nproc_per_node}")
+        raise InvalidConfigError(
+            f"launch needs --nnodes and --nproc-per-node >= 1, got "
+            f"{options.nnodes} and {options.nproc_per_node}"
+        )
     if options.command[:1] != ["train"]:
-        raise InvalidConfigError(f"launch runs `-- {' '.join(DISTRIBUTED_COMMANDS)} ...` in "
-                                 f"every rank, got {options.command or 'no command'}")
-    args = ["--nnodes", str(options.nnodes), "--nproc-per-node", str(options.nproc_per_node),
-            "--max-restarts", "0"]
+        raise InvalidConfigError(
+            f"launch runs `-- {' '.join(DISTRIBUTED_COMMANDS)} ...` in "
+            f"every rank, got {options.command or 'no command'}"
+        )
+    args = [
+        "--nnodes",
+        str(options.nnodes),
+        "--nproc-per-node",
+        str(options.nproc_per_node),
+        "--max-restarts",
+        "0",
+    ]
     if options.nnodes == 1:
         args.append("--standalone")
     else:
-        args += ["--rdzv-backend", "static", "--node-rank", str(node_rank(options, env)),
-                 "--master-addr", master_addr(options), "--master-port",
-                 str(options.master_port)]
+        args += [
+            "--rdzv-backend",
+            "static",
+            "--node-rank",
+            str(node_rank(options, env)),
+            "--master-addr",
+            master_addr(options),
+            "--master-port",
+            str(options.master_port),
+        ]
     return [*args, "--module", "finetune_worker.cli", *options.command]
 
 
@@ -127,21 +165,25 @@ def node_rank(options: LaunchOptions, env: Mapping[str, str]) -> int:
         if raw is None:
             raise InvalidConfigError(
                 f"launch --nnodes {options.nnodes} needs this pod's node rank: pass --node-rank "
-                f"or run it in an Indexed Job, which sets {NODE_RANK_ENV}")
+                f"or run it in an Indexed Job, which sets {NODE_RANK_ENV}"
+            )
         try:
             rank = int(raw)
         except ValueError:
             raise InvalidConfigError(f"{NODE_RANK_ENV} is {raw!r}; expected an integer") from None
     if not 0 <= rank < options.nnodes:
-        raise InvalidConfigError(f"node rank {rank} is outside 0..{options.nnodes - 1} "
-                                 f"(--nnodes {options.nnodes})")
+        raise InvalidConfigError(
+            f"node rank {rank} is outside 0..{options.nnodes - 1} (--nnodes {options.nnodes})"
+        )
     return rank
 
 
 def master_addr(options: LaunchOptions) -> str:
     if not options.master_addr:
-        raise InvalidConfigError(f"launch --nnodes {options.nnodes} needs --master-addr, the "
-                                 "address of pod 0 (node rank 0)")
+        raise InvalidConfigError(
+            f"launch --nnodes {options.nnodes} needs --master-addr, the "
+            "address of pod 0 (node rank 0)"
+        )
     return options.master_addr
 
 
@@ -170,9 +212,15 @@ def launch(options: LaunchOptions) -> int:
         code, summary = stopped_outcome(exc.sigval, summaries, options.nproc_per_node)
     except Exception as exc:  # the rendezvous or the agent itself failed: retryable
         log.exception("torchrun failed")
-        code, summary = CRASHED_EXIT_CODE, {
-            "result": "Failed", "exitCode": CRASHED_EXIT_CODE, "reason": "WorkerCrashed",
-            "message": f"torchrun failed on node {node} ({type(exc).__name__}: {exc})"}
+        code, summary = (
+            CRASHED_EXIT_CODE,
+            {
+                "result": "Failed",
+                "exitCode": CRASHED_EXIT_CODE,
+                "reason": "WorkerCrashed",
+                "message": f"torchrun failed on node {node} ({type(exc).__name__}: {exc})",
+            },
+        )
     else:
         code, summary = 0, first_summary(summaries)
     if summary is not None:
@@ -195,8 +243,10 @@ def root_failure(error: ChildFailedError) -> tuple[int, ProcessFailure]:
     the dead peer), then a rank that checkpointed and exited 143, and last the ranks torchrun
     itself stopped with SIGTERM.
     """
-    return min(error.failures.items(),
-               key=lambda item: (_explains(item[1].exitcode), item[1].timestamp, item[0]))
+    return min(
+        error.failures.items(),
+        key=lambda item: (_explains(item[1].exitcode), item[1].timestamp, item[0]),
+    )
 
 
 def _explains(exitcode: int) -> int:
@@ -213,8 +263,9 @@ def _explains(exitcode: int) -> int:
     return 1 if exitcode < 0 else 2
 
 
-def failure_outcome(rank: int, node: int, failure: ProcessFailure,
-                    summaries: Path) -> tuple[int, dict]:
+def failure_outcome(
+    rank: int, node: int, failure: ProcessFailure, summaries: Path
+) -> tuple[int, dict]:
     """(exit code, summary) of the pod when global rank `rank` failed first."""
     own = read_summary(rank_summary_path(summaries, rank))
     where = f"rank {rank} (node {node}, local rank {failure.local_rank})"
@@ -223,21 +274,30 @@ def failure_outcome(rank: int, node: int, failure: ProcessFailure,
         if own is not None:
             return code, own
         reason = WorkerExitCode(code).reason if code in WORKER_CODES else "Preempted"
-        return code, {"result": "Failed" if code in WORKER_CODES else "Preempted",
-                      "exitCode": code, "reason": reason,
-                      "message": f"{where} exited with code {code}; the other ranks were "
-                                 "stopped"}
+        return code, {
+            "result": "Failed" if code in WORKER_CODES else "Preempted",
+            "exitCode": code,
+            "reason": reason,
+            "message": f"{where} exited with code {code}; the other ranks were stopped",
+        }
     if code < 0:
         how = f"was killed by {signal_name(-code)}"
     else:
         how = f"exited with code {code}"
     message = f"{where} {how}; the other ranks were stopped"
     if own is not None:  # a crash the rank could still describe (cli.py's WorkerCrashed)
-        own = {**own, "exitCode": CRASHED_EXIT_CODE,
-               "message": f"{message}: {own.get('message', '')}"}
+        own = {
+            **own,
+            "exitCode": CRASHED_EXIT_CODE,
+            "message": f"{message}: {own.get('message', '')}",
+        }
         return CRASHED_EXIT_CODE, own
-    return CRASHED_EXIT_CODE, {"result": "Failed", "exitCode": CRASHED_EXIT_CODE,
-                               "reason": "WorkerCrashed", "message": message}
+    return CRASHED_EXIT_CODE, {
+        "result": "Failed",
+        "exitCode": CRASHED_EXIT_CODE,
+        "reason": "WorkerCrashed",
+        "message": message,
+    }
 
 
 def stopped_outcome(sigval: int, summaries: Path, local_ranks: int) -> tuple[int, dict]:
@@ -247,9 +307,12 @@ def stopped_outcome(sigval: int, summaries: Path, local_ranks: int) -> tuple[int
     if summary is not None and summary.get("result") == "Preempted":
         return PREEMPTED_EXIT_CODE, summary
     return PREEMPTED_EXIT_CODE, {
-        "result": "Preempted", "exitCode": PREEMPTED_EXIT_CODE, "reason": "Preempted",
+        "result": "Preempted",
+        "exitCode": PREEMPTED_EXIT_CODE,
+        "reason": "Preempted",
         "message": f"{name} stopped the {local_ranks} ranks of this pod before they reported a "
-                   "checkpoint; a new pod resumes from the last complete one"}
+        "checkpoint; a new pod resumes from the last complete one",
+    }
 
 
 def first_summary(summaries: Path) -> dict | None:

@@ -35,8 +35,12 @@ def peak_memory_metrics(device_index: int | None = None) -> dict:
         devices = range(torch.cuda.device_count()) if device_index is None else [device_index]
         reserved = max(torch.cuda.max_memory_reserved(d) for d in devices)
         allocated = max(torch.cuda.max_memory_allocated(d) for d in devices)
-        metrics.update(peakVRAMBytes=int(reserved), peakVRAM=format_bytes(reserved),
-                       peakVRAMAllocatedBytes=int(allocated), device="cuda")
+        metrics.update(
+            peakVRAMBytes=int(reserved),
+            peakVRAM=format_bytes(reserved),
+            peakVRAMAllocatedBytes=int(allocated),
+            device="cuda",
+        )
     else:
         metrics["device"] = "cpu"
     return metrics
@@ -50,18 +54,23 @@ def world_memory_metrics(per_rank: list[dict]) -> dict:
     metrics["worldSize"] = len(per_rank)
     if all("peakVRAMBytes" in m for m in per_rank):
         peaks = [m["peakVRAMBytes"] for m in per_rank]
-        metrics.update(peakVRAMPerRankBytes=peaks, peakVRAMBytes=max(peaks),
-                       peakVRAM=format_bytes(max(peaks)),
-                       peakVRAMAllocatedBytes=max(m["peakVRAMAllocatedBytes"] for m in per_rank))
+        metrics.update(
+            peakVRAMPerRankBytes=peaks,
+            peakVRAMBytes=max(peaks),
+            peakVRAM=format_bytes(max(peaks)),
+            peakVRAMAllocatedBytes=max(m["peakVRAMAllocatedBytes"] for m in per_rank),
+        )
     return metrics
 
 
 def describe_plan(plan: TrainingPlan) -> str:
-    return (f"method={plan.method}, micro-batch={plan.micro_batch_size}, "
-            f"gradient accumulation={plan.gradient_accumulation}, "
-            f"gradient checkpointing={'on' if plan.gradient_checkpointing else 'off'}, "
-            f"predicted peak={format_bytes(plan.estimated_peak_bytes)}"
-            + (f" of a {format_bytes(plan.budget_bytes)} budget" if plan.budget_bytes else ""))
+    return (
+        f"method={plan.method}, micro-batch={plan.micro_batch_size}, "
+        f"gradient accumulation={plan.gradient_accumulation}, "
+        f"gradient checkpointing={'on' if plan.gradient_checkpointing else 'off'}, "
+        f"predicted peak={format_bytes(plan.estimated_peak_bytes)}"
+        + (f" of a {format_bytes(plan.budget_bytes)} budget" if plan.budget_bytes else "")
+    )
 
 
 def out_of_memory_message(plan: TrainingPlan, step: int | None, error: BaseException) -> str:
@@ -69,10 +78,15 @@ def out_of_memory_message(plan: TrainingPlan, step: int | None, error: BaseExcep
     peak = metrics.get("peakVRAMBytes")
     allocated = metrics.get("peakVRAMAllocatedBytes")
     where = f"at step {step}" if step is not None else "before the first training step"
-    reached = (f"peak reserved {format_bytes(peak)}, peak allocated {format_bytes(allocated)}"
-               if peak is not None else "peak GPU memory unknown")
+    reached = (
+        f"peak reserved {format_bytes(peak)}, peak allocated {format_bytes(allocated)}"
+        if peak is not None
+        else "peak GPU memory unknown"
+    )
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return (f"CUDA out of memory {where}: {reached}; the plan was {describe_plan(plan)}. "
-            "Set spec.training.microBatchSize lower, spec.training.gradientCheckpointing to "
-            "'on', spec.method to 'qlora', or raise spec.resources.gpu.memory so the planner "
-            f"leaves more headroom. ({first_line})")
+    return (
+        f"CUDA out of memory {where}: {reached}; the plan was {describe_plan(plan)}. "
+        "Set spec.training.microBatchSize lower, spec.training.gradientCheckpointing to "
+        "'on', spec.method to 'qlora', or raise spec.resources.gpu.memory so the planner "
+        f"leaves more headroom. ({first_line})"
+    )

@@ -43,16 +43,18 @@ def base_from_manifest(manifest: AdapterManifest, claim_mounts: dict[str, str]) 
         return Source(hub_id=ref.name, revision=ref.revision)
     uri = ref.uri or ""
     if uri.startswith("hf://"):
-        return Source(hub_id=uri[len("hf://"):], revision=ref.revision)
+        return Source(hub_id=uri[len("hf://") :], revision=ref.revision)
     if uri.startswith("pvc://"):
-        claim, _, rest = uri[len("pvc://"):].partition("/")
+        claim, _, rest = uri[len("pvc://") :].partition("/")
         if claim in claim_mounts:
             return Source(local_path=Path(claim_mounts[claim]) / rest)
         raise InvalidConfigError(
             f"the adapter's base model is {uri!r} but claim {claim!r} is not mounted; pass "
-            f"--claim-mount {claim}=/path or --base-model")
-    raise InvalidConfigError(f"the adapter manifest names no loadable base model ({ref}); "
-                             "pass --base-model")
+            f"--claim-mount {claim}=/path or --base-model"
+        )
+    raise InvalidConfigError(
+        f"the adapter manifest names no loadable base model ({ref}); pass --base-model"
+    )
 
 
 def _torch_dtype(name: str):
@@ -69,12 +71,13 @@ def _load(source: Source, dtype, token: str | None, device: str):
     location = source.location
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, revision=source.revision, token=token)
-        model = AutoModelForCausalLM.from_pretrained(location, revision=source.revision,
-                                                     token=token, dtype=dtype,
-                                                     device_map={"": device})
+        model = AutoModelForCausalLM.from_pretrained(
+            location, revision=source.revision, token=token, dtype=dtype, device_map={"": device}
+        )
     except Exception as exc:
-        raise ModelLoadError(f"cannot load the base model {location} unquantised: "
-                             f"{type(exc).__name__}: {exc}") from exc
+        raise ModelLoadError(
+            f"cannot load the base model {location} unquantised: {type(exc).__name__}: {exc}"
+        ) from exc
     return model, tokenizer
 
 
@@ -87,9 +90,12 @@ def check_generation(directory: Path, device: str, max_new_tokens: int = 8) -> s
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
         model = AutoModelForCausalLM.from_pretrained(str(directory), device_map={"": device})
         if tokenizer.chat_template:
-            encoded = tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}],
-                                                    add_generation_prompt=True,
-                                                    return_dict=True, return_tensors="pt")
+            encoded = tokenizer.apply_chat_template(
+                [{"role": "user", "content": "Hello"}],
+                add_generation_prompt=True,
+                return_dict=True,
+                return_tensors="pt",
+            )
         else:
             encoded = tokenizer("Hello", return_tensors="pt")
         encoded = {k: v.to(device) for k, v in encoded.items()}
@@ -97,18 +103,31 @@ def check_generation(directory: Path, device: str, max_new_tokens: int = 8) -> s
             logits = model(**encoded).logits
             if not torch.isfinite(logits).all():
                 raise ValueError("the merged model produces non-finite logits")
-            out = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+            out = model.generate(
+                **encoded,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+            )
     except Exception as exc:
-        raise ModelLoadError(f"the merged model in {directory} does not run a short generation: "
-                             f"{type(exc).__name__}: {exc}") from exc
+        raise ModelLoadError(
+            f"the merged model in {directory} does not run a short generation: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
     prompt_len = encoded["input_ids"].shape[1]
     return tokenizer.decode(out[0, prompt_len:], skip_special_tokens=False)
 
 
-def merge_adapter(adapter_dir: Path, output_dir: Path, *, base: Source | None = None,
-                  claim_mounts: dict[str, str] | None = None, dtype: str = "bfloat16",
-                  token: str | None = None, device: str | None = None) -> MergeResult:
+def merge_adapter(
+    adapter_dir: Path,
+    output_dir: Path,
+    *,
+    base: Source | None = None,
+    claim_mounts: dict[str, str] | None = None,
+    dtype: str = "bfloat16",
+    token: str | None = None,
+    device: str | None = None,
+) -> MergeResult:
     import torch
     from peft import PeftModel
 
@@ -116,21 +135,27 @@ def merge_adapter(adapter_dir: Path, output_dir: Path, *, base: Source | None = 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = _torch_dtype(dtype)
     if not (adapter_dir / "adapter_config.json").is_file():
-        raise StorageError(f"{adapter_dir} holds no adapter_config.json; it is not a LoRA "
-                           "adapter directory (check the adapter URI and the volume mount)")
+        raise StorageError(
+            f"{adapter_dir} holds no adapter_config.json; it is not a LoRA "
+            "adapter directory (check the adapter URI and the volume mount)"
+        )
     if (adapter_dir / ADAPTER_MANIFEST_FILENAME).is_file():
         manifest = verify_adapter(adapter_dir)
         base = base or base_from_manifest(manifest, claim_mounts or {})
     elif base is None:
-        raise InvalidConfigError(f"{adapter_dir} has no {ADAPTER_MANIFEST_FILENAME}, so its base "
-                                 "model is unknown; pass --base-model")
+        raise InvalidConfigError(
+            f"{adapter_dir} has no {ADAPTER_MANIFEST_FILENAME}, so its base "
+            "model is unknown; pass --base-model"
+        )
 
     model, tokenizer = _load(base, torch_dtype, token, device)
     try:
         model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
     except Exception as exc:
-        raise StorageError(f"cannot apply the adapter in {adapter_dir} to {base.location}: "
-                           f"{type(exc).__name__}: {exc}") from exc
+        raise StorageError(
+            f"cannot apply the adapter in {adapter_dir} to {base.location}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
     merged = model.merge_and_unload()
 
     staging = output_dir.parent / f".{output_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -148,6 +173,11 @@ def merge_adapter(adapter_dir: Path, output_dir: Path, *, base: Source | None = 
         raise StorageError(f"cannot write the merged model to {output_dir}: {exc}") from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    log.info("merged %s + %s into %s; sample generation: %r", base.location, adapter_dir,
-             output_dir, text)
+    log.info(
+        "merged %s + %s into %s; sample generation: %r",
+        base.location,
+        adapter_dir,
+        output_dir,
+        text,
+    )
     return MergeResult(output_dir=output_dir, base=base.location, generated_text=text, files=files)

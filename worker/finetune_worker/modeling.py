@@ -26,7 +26,15 @@ log = logging.getLogger(__name__)
 
 # Every linear projection of a Llama-style block. Adapting all of them (not only q/v) is what
 # lets LoRA match full fine-tuning quality at r=16; the planner assumes this set by default.
-DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_TARGET_MODULES = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
 
 
 def field(obj: Any, name: str, default: Any = None) -> Any:
@@ -82,7 +90,7 @@ def model_source(spec: Any, local_path: str | None = None) -> tuple[str, str | N
     uri = field(model, "uri")
     if not name and isinstance(uri, str):
         if uri.startswith("hf://"):
-            name = uri[len("hf://"):]
+            name = uri[len("hf://") :]
         elif "://" not in uri:
             name = uri
         else:
@@ -101,8 +109,9 @@ def model_source(spec: Any, local_path: str | None = None) -> tuple[str, str | N
     )
 
 
-def load_tokenizer(spec: Any, token: str | None, *,
-                   local_path: str | None = None) -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    spec: Any, token: str | None, *, local_path: str | None = None
+) -> PreTrainedTokenizerBase:
     """Load the tokenizer that belongs to the base model.
 
     A tokenizer without a pad token (Llama 3 ships none) gets its EOS as pad token: padding
@@ -191,7 +200,9 @@ def load_base_model(
     elif device_map is not None:
         kwargs["device_map"] = device_map
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    model.config.use_cache = False  # a KV cache is dead weight in training and disables packing masks
+    model.config.use_cache = (
+        False  # a KV cache is dead weight in training and disables packing masks
+    )
     return model
 
 
@@ -209,7 +220,7 @@ def quantize_in_place(model: PreTrainedModel, spec: Any = None) -> PreTrainedMod
     cfg = bnb_config(spec)
     skip = {"lm_head"}
     device = next(model.parameters()).device
-    for parent_name, parent in list(model.named_modules()):
+    for _parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             if not isinstance(child, torch.nn.Linear) or child_name in skip:
                 continue
@@ -262,8 +273,12 @@ def lora_config(spec: Any) -> LoraConfig:
         lora_dropout=float(field(lora, "dropout", 0.0)),
         target_modules=list(targets),
         # the API spells these useRSLoRA / useDoRA (python: use_rs_lora / use_do_ra)
-        use_rslora=bool(field(lora, "use_rs_lora", field(lora, "use_rslora", field(lora, "useRSLoRA", False)))),
-        use_dora=bool(field(lora, "use_do_ra", field(lora, "use_dora", field(lora, "useDoRA", False)))),
+        use_rslora=bool(
+            field(lora, "use_rs_lora", field(lora, "use_rslora", field(lora, "useRSLoRA", False)))
+        ),
+        use_dora=bool(
+            field(lora, "use_do_ra", field(lora, "use_dora", field(lora, "useDoRA", False)))
+        ),
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -339,9 +354,14 @@ def enable_checkpointing(model: PreTrainedModel, fraction: float = 1.0) -> list[
     return sorted(keep)
 
 
-def prepare_for_training(model: PreTrainedModel, spec: Any, plan: Any, *,
-                         fused_kernels: bool | None = None,
-                         device: str | None = None) -> PeftModel:
+def prepare_for_training(
+    model: PreTrainedModel,
+    spec: Any,
+    plan: Any,
+    *,
+    fused_kernels: bool | None = None,
+    device: str | None = None,
+) -> PeftModel:
     """Freeze the base, apply fused kernels, checkpointing per plan, and wrap with LoRA adapters.
 
     Deliberately not peft's prepare_model_for_kbit_training: that upcasts every non-quantised
@@ -368,7 +388,7 @@ def prepare_for_training(model: PreTrainedModel, spec: Any, plan: Any, *,
     peft_model = get_peft_model(model, lora_config(spec))
     # Adapters in fp32 (peft's default) keep the optimizer update precise; cast them only if a
     # bf16 base made peft create them in bf16.
-    for name, p in peft_model.named_parameters():
+    for _name, p in peft_model.named_parameters():
         if p.requires_grad and p.dtype != _fp32():
             p.data = p.data.float()
     # The training device, not where the weights are now: under FSDP the base is still on the
@@ -416,8 +436,13 @@ def _lean_lora_forward(self, x, *args, **kwargs):
 
     active = self.active_adapters
     if (
-        args or kwargs or self.disable_adapters or self.merged or len(active) != 1
-        or active[0] not in self.lora_A or active[0] in getattr(self, "lora_variant", {})
+        args
+        or kwargs
+        or self.disable_adapters
+        or self.merged
+        or len(active) != 1
+        or active[0] not in self.lora_A
+        or active[0] in getattr(self, "lora_variant", {})
         or not torch.is_autocast_enabled(x.device.type)
     ):
         return self._peft_forward(x, *args, **kwargs)
@@ -433,7 +458,9 @@ def _lean_lora_forward(self, x, *args, **kwargs):
         return torch.add(result, lora_b(h), alpha=self.scaling[name]).to(result.dtype)
     out_features = result.shape[-1]
     fused = torch.addmm(
-        result.reshape(-1, out_features), h.reshape(-1, h.shape[-1]), lora_b.weight.t(),
+        result.reshape(-1, out_features),
+        h.reshape(-1, h.shape[-1]),
+        lora_b.weight.t(),
         alpha=self.scaling[name],
     )
     return fused.view(result.shape).to(result.dtype)

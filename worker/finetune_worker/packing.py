@@ -58,8 +58,13 @@ def pack_rows(lengths: Sequence[int], row_tokens: int) -> list[list[int]]:
 
 
 def make_collator(
-    tokenizer: Any, seq_len: int, packing: bool, *, row_tokens: int | None = None,
-    attention_mask: bool = True, pad_to_multiple_of: int = 1,
+    tokenizer: Any,
+    seq_len: int,
+    packing: bool,
+    *,
+    row_tokens: int | None = None,
+    attention_mask: bool = True,
+    pad_to_multiple_of: int = 1,
 ) -> Callable[[list[dict]], dict]:
     """Build the collate function for a list of {"input_ids", "labels"} examples.
 
@@ -126,8 +131,9 @@ def make_collator(
     return collate_packed if packing else collate_padded
 
 
-def make_varlen_collator(tokenizer: Any, seq_len: int, *, row_tokens: int | None = None,
-                         pad_to_multiple_of: int = 1) -> Callable[[list[dict]], dict]:
+def make_varlen_collator(
+    tokenizer: Any, seq_len: int, *, row_tokens: int | None = None, pad_to_multiple_of: int = 1
+) -> Callable[[list[dict]], dict]:
     """Collate a micro-batch into one padding-free row for varlen attention (attention.py).
 
     The examples go back to back in the order given, each truncated to seq_len, with
@@ -151,8 +157,10 @@ def make_varlen_collator(tokenizer: Any, seq_len: int, *, row_tokens: int | None
         total = sum(len(ids) for ids, _ in items)
         width = row_tokens or -(-max(total, 1) // pad_to_multiple_of) * pad_to_multiple_of
         if total > width:
-            raise ValueError(f"a micro-batch of {total} tokens does not fit a packed row of "
-                             f"{width}; the batch sampler must respect the token budget")
+            raise ValueError(
+                f"a micro-batch of {total} tokens does not fit a packed row of "
+                f"{width}; the batch sampler must respect the token budget"
+            )
         input_ids = torch.full((1, width), pad_id, dtype=torch.long)
         labels = torch.full((1, width), IGNORE_INDEX, dtype=torch.long)
         position_ids = torch.zeros((1, width), dtype=torch.long)
@@ -167,13 +175,19 @@ def make_varlen_collator(tokenizer: Any, seq_len: int, *, row_tokens: int | None
         if at < width:
             position_ids[0, at:] = torch.arange(width - at)
             segments.append(width - at)
-        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-                **boundaries(segments)}
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "position_ids": position_ids,
+            **boundaries(segments),
+        }
 
     return collate
 
 
-def packed_batches(lengths: Sequence[int], max_tokens: int, *, lookahead: int = 64) -> list[list[int]]:
+def packed_batches(
+    lengths: Sequence[int], max_tokens: int, *, lookahead: int = 64
+) -> list[list[int]]:
     """Fill micro-batches of at most `max_tokens` tokens, in the order given, for packed rows.
 
     When the next example does not fit, up to `lookahead` later ones are tried before the
@@ -218,8 +232,15 @@ class PackedBatchSampler:
     changes.
     """
 
-    def __init__(self, lengths: Sequence[int], max_tokens: int, *, seq_len: int | None = None,
-                 seed: int = 0, shuffle: bool = True):
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        max_tokens: int,
+        *,
+        seq_len: int | None = None,
+        seed: int = 0,
+        shuffle: bool = True,
+    ):
         self.lengths = [min(n, seq_len) if seq_len else n for n in lengths]
         self.max_tokens, self.seed, self.shuffle = max_tokens, seed, shuffle
         self.epoch = 0
@@ -317,8 +338,16 @@ class TokenBudgetBatchSampler:
     A new epoch re-shuffles the micro-batches' order with seed + epoch.
     """
 
-    def __init__(self, lengths: Sequence[int], max_tokens: int, *, seq_len: int | None = None,
-                 multiple: int = 64, window: int = 1024, seed: int = 0):
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        max_tokens: int,
+        *,
+        seq_len: int | None = None,
+        multiple: int = 64,
+        window: int = 1024,
+        seed: int = 0,
+    ):
         self.lengths = [min(n, seq_len) if seq_len else n for n in lengths]
         self.max_tokens, self.multiple, self.window, self.seed = max_tokens, multiple, window, seed
         self.epoch = 0
@@ -327,8 +356,13 @@ class TokenBudgetBatchSampler:
         self.epoch = epoch
 
     def _batches(self) -> list[list[int]]:
-        return length_grouped_batches(self.lengths, self.max_tokens, window=self.window,
-                                      seed=self.seed + self.epoch, multiple=self.multiple)
+        return length_grouped_batches(
+            self.lengths,
+            self.max_tokens,
+            window=self.window,
+            seed=self.seed + self.epoch,
+            multiple=self.multiple,
+        )
 
     def __iter__(self):
         return iter(self._batches())

@@ -32,8 +32,10 @@ from .errors import WorkerEnvironmentError
 
 log = logging.getLogger(__name__)
 
-IMAGE_FIX = ("Build the worker image from Dockerfile.worker, whose final stage installs gcc "
-             "and libc6-dev for Triton, or set CC to a C compiler in the image.")
+IMAGE_FIX = (
+    "Build the worker image from Dockerfile.worker, whose final stage installs gcc "
+    "and libc6-dev for Triton, or set CC to a C compiler in the image."
+)
 
 
 def run_preflight(plan: Any, device: str, *, packing: bool = False, launch: bool = True) -> None:
@@ -41,8 +43,8 @@ def run_preflight(plan: Any, device: str, *, packing: bool = False, launch: bool
     found = problems(plan, device, packing=packing, launch=launch)
     if found:
         raise WorkerEnvironmentError(
-            "this worker environment cannot run the plan: " + "; ".join(found)
-            + f". {IMAGE_FIX}")
+            "this worker environment cannot run the plan: " + "; ".join(found) + f". {IMAGE_FIX}"
+        )
     log.info("preflight: the environment can run the plan (%s)", describe(plan, device, packing))
 
 
@@ -65,9 +67,13 @@ def problems(plan: Any, device: str, *, packing: bool = False, launch: bool = Tr
         if str(_plan_field(plan, "strategy", "single")) == "fsdp":
             # accelerate shards only on accelerators: on the CPU it would train whole
             # replicas (plain DDP) while reporting success, with the wrong memory per rank.
-            return [("plan.strategy is 'fsdp', but FSDP through accelerate needs a GPU per "
+            return [
+                (
+                    "plan.strategy is 'fsdp', but FSDP through accelerate needs a GPU per "
                     "process and this worker has none (on the CPU accelerate would silently "
-                    "train unsharded replicas)")]
+                    "train unsharded replicas)"
+                )
+            ]
         return []  # on the CPU nothing is compiled at run time and no fused kernel is used
     found: list[str] = []
     if fused_kernels_planned(plan):
@@ -88,20 +94,29 @@ def problems(plan: Any, device: str, *, packing: bool = False, launch: bool = Tr
 def fused_kernel_problems() -> list[str]:
     """Liger's kernels are Triton kernels: Triton, liger, a C compiler, Python's headers and a
     writable cache directory must all be there before the first launch."""
-    found = [p for p in (_import_problem("triton", "the fused kernels"),
-                         _import_problem("liger_kernel.transformers", "the fused kernels"))
-             if p]
+    found = [
+        p
+        for p in (
+            _import_problem("triton", "the fused kernels"),
+            _import_problem("liger_kernel.transformers", "the fused kernels"),
+        )
+        if p
+    ]
     compiler = c_compiler()
     if compiler is None:
-        found.append("no C compiler: Triton compiles its CUDA launcher with $CC, gcc or clang "
-                     f"at the first kernel launch, and none is on PATH ({os.environ.get('PATH', '')})")
+        found.append(
+            "no C compiler: Triton compiles its CUDA launcher with $CC, gcc or clang "
+            f"at the first kernel launch, and none is on PATH ({os.environ.get('PATH', '')})"
+        )
     headers = python_headers()
     if not (headers / "Python.h").is_file():
         found.append(f"no Python C headers at {headers} (Triton's launcher includes Python.h)")
     cache = triton_cache_dir()
     if not _writable(cache):
-        found.append(f"Triton's cache directory {cache} is not writable (set TRITON_CACHE_DIR "
-                     "to a writable path such as /tmp/triton)")
+        found.append(
+            f"Triton's cache directory {cache} is not writable (set TRITON_CACHE_DIR "
+            "to a writable path such as /tmp/triton)"
+        )
     return found
 
 

@@ -31,10 +31,12 @@ class Source:
         return str(self.local_path) if self.local_path is not None else str(self.hub_id)
 
 
-def resolve_uri(value: str, paths: WorkerPaths, *, field: str, revision: str | None = None) -> Source:
+def resolve_uri(
+    value: str, paths: WorkerPaths, *, field: str, revision: str | None = None
+) -> Source:
     """Turn a spec URI (or a bare Hub id / absolute path) into a Source."""
     if value.startswith("hf://"):
-        return Source(hub_id=value[len("hf://"):].strip("/"), revision=revision)
+        return Source(hub_id=value[len("hf://") :].strip("/"), revision=revision)
     if value.startswith("pvc://"):
         try:
             return Source(local_path=paths.resolve_pvc(value))
@@ -43,7 +45,8 @@ def resolve_uri(value: str, paths: WorkerPaths, *, field: str, revision: str | N
     if value.startswith("s3://"):
         raise InvalidConfigError(
             f"{field} is {value!r}, but this worker image cannot read s3:// sources yet; copy "
-            "the data to a PersistentVolumeClaim (pvc://claim/path) or the Hugging Face Hub")
+            "the data to a PersistentVolumeClaim (pvc://claim/path) or the Hugging Face Hub"
+        )
     if value.startswith("/"):
         return Source(local_path=Path(value))
     return Source(hub_id=value, revision=revision)
@@ -72,4 +75,5 @@ def check_local(source: Source, field: str, error: type[Exception] = InvalidConf
     if source.local_path is not None and not source.local_path.exists():
         raise error(
             f"{field} resolves to {source.local_path} inside the pod, which does not exist; "
-            "check the PersistentVolumeClaim's contents and the path in the spec")
+            "check the PersistentVolumeClaim's contents and the path in the spec"
+        )

@@ -59,8 +59,10 @@ class StatusPatchError(Exception):
         self.code = code
 
 
-def in_cluster_configuration(service_account_dir: str | os.PathLike[str] | None = None,
-                             environ: Mapping[str, str] | None = None) -> Configuration:
+def in_cluster_configuration(
+    service_account_dir: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Configuration:
     """The client configuration of a pod: what `load_incluster_config()` sets, with the
     service-account directory from `service_account_dir`, else $FINETUNE_WORKER_SA_DIR,
     else the in-cluster path.
@@ -76,9 +78,9 @@ def in_cluster_configuration(service_account_dir: str | os.PathLike[str] | None 
     configuration = Configuration()
     # The loader load_incluster_config() uses, given our paths; it installs a hook that
     # re-reads the token file every minute, since projected tokens rotate.
-    InClusterConfigLoader(token_filename=str(sa_dir / "token"),
-                          cert_filename=str(sa_dir / "ca.crt"),
-                          environ=environ).load_and_set(configuration)
+    InClusterConfigLoader(
+        token_filename=str(sa_dir / "token"), cert_filename=str(sa_dir / "ca.crt"), environ=environ
+    ).load_and_set(configuration)
     # One attempt per patch: the reporter's next interval is the retry, and a training
     # step must not wait through urllib3's default three reconnects to a dead API server.
     configuration.retries = 0
@@ -112,25 +114,36 @@ class KubeStatusClient:
         """Merge-patch `status` into the job's status; the object the API server returns."""
         unknown = set(status) - set(WORKER_STATUS_FIELDS)
         if unknown:
-            raise ValueError(f"the worker may only patch {WORKER_STATUS_FIELDS}, not {sorted(unknown)}")
+            raise ValueError(
+                f"the worker may only patch {WORKER_STATUS_FIELDS}, not {sorted(unknown)}"
+            )
         from kubernetes.client.exceptions import ApiException
         from urllib3.exceptions import HTTPError
 
         try:
             return self._api.patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, PLURAL, name, {"status": status},
-                _content_type=MERGE_PATCH, _request_timeout=self.timeout_s)
+                GROUP,
+                VERSION,
+                namespace,
+                PLURAL,
+                name,
+                {"status": status},
+                _content_type=MERGE_PATCH,
+                _request_timeout=self.timeout_s,
+            )
         except ApiException as exc:
             if not exc.status:  # status 0: the client's own failure (TLS), no response
-                raise StatusPatchError(f"cannot reach the API server at {self.server}: "
-                                       f"{' '.join(str(exc.reason).split())}") from None
+                raise StatusPatchError(
+                    f"cannot reach the API server at {self.server}: "
+                    f"{' '.join(str(exc.reason).split())}"
+                ) from None
             # The exception's text holds the response headers and body: build our own, and
             # drop the chain so no traceback carries them either.
-            raise StatusPatchError(refusal_message(exc.status, exc.reason, namespace, name),
-                                   code=exc.status) from None
-        except (HTTPError, OSError) as exc:  # urllib3's connection errors, TLS, timeouts
             raise StatusPatchError(
-                f"cannot reach the API server at {self.server}: {exc}") from exc
+                refusal_message(exc.status, exc.reason, namespace, name), code=exc.status
+            ) from None
+        except (HTTPError, OSError) as exc:  # urllib3's connection errors, TLS, timeouts
+            raise StatusPatchError(f"cannot reach the API server at {self.server}: {exc}") from exc
 
 
 def refusal_message(code: int | None, reason: str | None, namespace: str, name: str) -> str:
@@ -140,9 +153,11 @@ def refusal_message(code: int | None, reason: str | None, namespace: str, name: 
     if code == 401:
         return f"{what} patching {target}: the API server rejected the service-account token"
     if code == 403:
-        return (f"{what} patching {target}: the pod's service account may not patch it "
-                f"(the operator's Role for this job grants `patch` on {PLURAL}/status; "
-                "check the Role and RoleBinding)")
+        return (
+            f"{what} patching {target}: the pod's service account may not patch it "
+            f"(the operator's Role for this job grants `patch` on {PLURAL}/status; "
+            "check the Role and RoleBinding)"
+        )
     if code == 404:
         return f"{what} patching {target}: the FineTuneJob does not exist (deleted?)"
     return f"{what} patching {target}"
@@ -155,9 +170,15 @@ class StatusReporter:
     sent with the next call after the interval, and `final()` always sends.
     """
 
-    def __init__(self, namespace: str, name: str, client: KubeStatusClient | None, *,
-                 min_interval_s: float = 10.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        namespace: str,
+        name: str,
+        client: KubeStatusClient | None,
+        *,
+        min_interval_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.namespace, self.name, self.client = namespace, name, client
         self.min_interval_s = max(float(min_interval_s), 0.0)
         self._clock = clock
@@ -192,8 +213,11 @@ class StatusReporter:
             self.client.patch_status(self.namespace, self.name, self._pending)
         except Exception as exc:  # noqa: BLE001 - reporting must never stop training
             if not self._warned:
-                log.warning("cannot report status to the FineTuneJob (%s); training continues "
-                            "and the final numbers go to the termination message", exc)
+                log.warning(
+                    "cannot report status to the FineTuneJob (%s); training continues "
+                    "and the final numbers go to the termination message",
+                    exc,
+                )
                 self._warned = True
             return False
         self._pending = {}

@@ -98,17 +98,20 @@ def report_document(summary: dict) -> dict:
     """The summary as the operator will read it: validated by api.WorkerReport, the one
     contract between the two. A summary the model refuses is a bug here; the essentials are
     still written, so the pod never exits without saying how it ended."""
-    from finetune_api import WorkerReport
     from pydantic import ValidationError
 
+    from finetune_api import WorkerReport
+
     try:
-        return WorkerReport.model_validate(summary).model_dump(mode="json", by_alias=True,
-                                                                exclude_none=True)
+        return WorkerReport.model_validate(summary).model_dump(
+            mode="json", by_alias=True, exclude_none=True
+        )
     except ValidationError as exc:
-        log.error("the run's summary does not match api.WorkerReport (%s); writing its "
-                  "outcome only", exc.errors()[0].get("msg"))
-        return {k: summary[k] for k in ("result", "exitCode", "reason", "message")
-                if k in summary}
+        log.error(
+            "the run's summary does not match api.WorkerReport (%s); writing its outcome only",
+            exc.errors()[0].get("msg"),
+        )
+        return {k: summary[k] for k in ("result", "exitCode", "reason", "message") if k in summary}
 
 
 def write_termination_message(summary: dict, path: Path | None = None) -> Path | None:

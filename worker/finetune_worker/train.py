@@ -33,12 +33,13 @@ from .status import StatusReporter
 
 if TYPE_CHECKING:  # the heavy libraries load inside the steps of a run, not at import
     import torch
-    from finetune_api import AdapterManifest, FineTuneJobSpec, TrainingPlan
-    from finetune_api.finetunejob import TrainingSpec
     from peft import PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
     from transformers.trainer_utils import TrainOutput
     from trl import SFTConfig, SFTTrainer
+
+    from finetune_api import AdapterManifest, FineTuneJobSpec, TrainingPlan
+    from finetune_api.finetunejob import TrainingSpec
 
     from .callbacks import CheckpointCallback, ProgressCallback
     from .data import TokenizedSplits
@@ -77,8 +78,10 @@ def read_secret_file(path: str | None, what: str) -> str | None:
     try:
         value = Path(path).read_text().strip()
     except OSError as exc:
-        raise InvalidConfigError(f"{what} file {path} cannot be read ({exc}); check that the "
-                                 "Secret exists and is mounted") from None
+        raise InvalidConfigError(
+            f"{what} file {path} cannot be read ({exc}); check that the "
+            "Secret exists and is mounted"
+        ) from None
     return value or None
 
 
@@ -97,7 +100,9 @@ def local_path(source: sources.Source) -> str | None:
 
 def with_target_modules(spec: FineTuneJobSpec, targets: list[str]) -> FineTuneJobSpec:
     """The spec with `all-linear` replaced by the module names it resolved to."""
-    return spec.model_copy(update={"lora": spec.lora.model_copy(update={"target_modules": targets})})
+    return spec.model_copy(
+        update={"lora": spec.lora.model_copy(update={"target_modules": targets})}
+    )
 
 
 def resolve_target_modules(model: PreTrainedModel, requested: list[str]) -> list[str]:
@@ -110,12 +115,16 @@ def resolve_target_modules(model: PreTrainedModel, requested: list[str]) -> list
     output = model.get_output_embeddings()
     for name, module in model.named_modules():
         linear = isinstance(module, torch.nn.Linear) or type(module).__name__ in (
-            "Linear4bit", "Linear8bitLt")
+            "Linear4bit",
+            "Linear8bitLt",
+        )
         if linear and module is not output:
             names.add(name.rsplit(".", 1)[-1])
     if not names:
-        raise ModelLoadError("spec.lora.targetModules is all-linear but the model has no linear "
-                             "layers besides its output head; name the modules explicitly")
+        raise ModelLoadError(
+            "spec.lora.targetModules is all-linear but the model has no linear "
+            "layers besides its output head; name the modules explicitly"
+        )
     return sorted(names)
 
 
@@ -129,16 +138,18 @@ def checkpoint_interval_seconds(training: TrainingSpec) -> float | None:
     return minutes * 60 if minutes > 0 else None
 
 
-def build_sft_config(config: WorkerConfig, *, device: str,
-                     world: World | None = None) -> SFTConfig:
+def build_sft_config(config: WorkerConfig, *, device: str, world: World | None = None) -> SFTConfig:
     """spec.training + plan -> trl SFTConfig. Packing and checkpointing are handled by our
     collator and modeling.py, so the trainer's own versions stay off. Under torchrun, creating
     it joins the process group (accelerate reads the ranks from the environment)."""
     from trl import SFTConfig
 
     training, plan = config.spec.training, config.plan
-    warmup = (training.warmup_steps if training.warmup_steps is not None
-              else training.effective_warmup_ratio)
+    warmup = (
+        training.warmup_steps
+        if training.warmup_steps is not None
+        else training.effective_warmup_ratio
+    )
     return SFTConfig(
         output_dir=config.paths.checkpoint_dir,
         per_device_train_batch_size=plan.micro_batch_size,
@@ -196,18 +207,23 @@ def distributed_arguments(plan: TrainingPlan, world: World) -> dict:
         return {}
     from . import distributed
 
-    arguments = {"ddp_timeout": distributed.collective_timeout_seconds(),
-                 "average_tokens_across_devices": True,
-                 "ddp_find_unused_parameters": False}
+    arguments = {
+        "ddp_timeout": distributed.collective_timeout_seconds(),
+        "average_tokens_across_devices": True,
+        "ddp_find_unused_parameters": False,
+    }
     if plan.strategy == "fsdp":
-        arguments.update(fsdp="full_shard auto_wrap", fsdp_config={
-            "version": 1,
-            "cpu_ram_efficient_loading": True,
-            "sync_module_states": True,
-            "use_orig_params": False,
-            "state_dict_type": "SHARDED_STATE_DICT",
-            "limit_all_gathers": True,
-        })
+        arguments.update(
+            fsdp="full_shard auto_wrap",
+            fsdp_config={
+                "version": 1,
+                "cpu_ram_efficient_loading": True,
+                "sync_module_states": True,
+                "use_orig_params": False,
+                "state_dict_type": "SHARDED_STATE_DICT",
+                "limit_all_gathers": True,
+            },
+        )
     return arguments
 
 
@@ -222,12 +238,14 @@ def load_tokenizer(config: WorkerConfig, token: str | None) -> PreTrainedTokeniz
     try:
         return modeling.load_tokenizer(config.spec, token, local_path=local_path(source))
     except Exception as exc:
-        raise ModelLoadError(f"cannot load the tokenizer from {source.location}: "
-                             f"{type(exc).__name__}: {exc}") from exc
+        raise ModelLoadError(
+            f"cannot load the tokenizer from {source.location}: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
-def load_training_data(config: WorkerConfig, tokenizer: PreTrainedTokenizerBase,
-                       token: str | None) -> TokenizedSplits:
+def load_training_data(
+    config: WorkerConfig, tokenizer: PreTrainedTokenizerBase, token: str | None
+) -> TokenizedSplits:
     from .data import load_records, prepare_splits, rename_fields
 
     dataset = config.spec.dataset
@@ -241,17 +259,25 @@ def load_training_data(config: WorkerConfig, tokenizer: PreTrainedTokenizerBase,
         records = records.shuffle(seed=seed).select(range(dataset.max_samples))
     eval_records = None
     if dataset.eval_split:
-        eval_records = load_records(location, split=dataset.eval_split, token=token,
-                                    subset=dataset.subset)
+        eval_records = load_records(
+            location, split=dataset.eval_split, token=token, subset=dataset.subset
+        )
         eval_records = rename_fields(eval_records, dataset.format, dataset.fields, location)
-    return prepare_splits(records, dataset.format, tokenizer,
-                          max_length=config.spec.training.seq_length, source=location,
-                          eval_records=eval_records, eval_fraction=dataset.eval_fraction or 0.0,
-                          seed=seed)
+    return prepare_splits(
+        records,
+        dataset.format,
+        tokenizer,
+        max_length=config.spec.training.seq_length,
+        source=location,
+        eval_records=eval_records,
+        eval_fraction=dataset.eval_fraction or 0.0,
+        seed=seed,
+    )
 
 
-def load_model(config: WorkerConfig, token: str | None,
-               device: str) -> tuple[PeftModel, str | None]:
+def load_model(
+    config: WorkerConfig, token: str | None, device: str
+) -> tuple[PeftModel, str | None]:
     """Base model per plan (bf16 or NF4), then LoRA and checkpointing per plan.
 
     `device` is this process's own (cuda:LOCAL_RANK under torchrun). Under FSDP the base is
@@ -266,33 +292,38 @@ def load_model(config: WorkerConfig, token: str | None,
     except Exception as exc:
         if _is_out_of_memory(exc):
             raise
-        raise ModelLoadError(f"cannot load the base model from {source.location} "
-                             f"(method {plan.method}): {type(exc).__name__}: {exc}") from exc
+        raise ModelLoadError(
+            f"cannot load the base model from {source.location} "
+            f"(method {plan.method}): {type(exc).__name__}: {exc}"
+        ) from exc
     revision = getattr(base.config, "_commit_hash", None) or source.revision
     targets = resolve_target_modules(base, list(spec.lora.target_modules))
     try:
-        model = modeling.prepare_for_training(base, with_target_modules(spec, targets), plan,
-                                              device=device)
+        model = modeling.prepare_for_training(
+            base, with_target_modules(spec, targets), plan, device=device
+        )
     except ValueError as exc:  # peft: target modules not found and the like
-        raise InvalidConfigError(f"cannot apply LoRA with spec.lora {spec.lora.model_dump()}: "
-                                 f"{exc}") from exc
+        raise InvalidConfigError(
+            f"cannot apply LoRA with spec.lora {spec.lora.model_dump()}: {exc}"
+        ) from exc
     return model, revision
 
 
-def load_base_model(spec: FineTuneJobSpec, plan: TrainingPlan, token: str | None, device: str,
-                    path: str | None) -> PreTrainedModel:
+def load_base_model(
+    spec: FineTuneJobSpec, plan: TrainingPlan, token: str | None, device: str, path: str | None
+) -> PreTrainedModel:
     from . import modeling
 
     if plan.strategy == "fsdp":
-        return modeling.load_base_model(spec, plan, token, device, local_path=path,
-                                        device_map=None)
+        return modeling.load_base_model(spec, plan, token, device, local_path=path, device_map=None)
 
     if plan.method == "qlora" and device == "cpu":
         # bitsandbytes >= 0.48 runs NF4 on the CPU, which the CPU tests rely on; the
         # model is loaded in bf16 and quantised in memory, the same layers and settings
         # transformers quantises at load time.
-        base = modeling.load_base_model(spec, plan.model_copy(update={"method": "lora"}), token,
-                                        device, local_path=path)
+        base = modeling.load_base_model(
+            spec, plan.model_copy(update={"method": "lora"}), token, device, local_path=path
+        )
         return modeling.quantize_in_place(base, spec)
     return modeling.load_base_model(spec, plan, token, device, local_path=path)
 
@@ -303,17 +334,27 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError)
 
 
-def measured_throughput(output: TrainOutput, progress: ProgressCallback, wall_seconds: float,
-                        device: str, world_size: int = 1) -> dict:
+def measured_throughput(
+    output: TrainOutput,
+    progress: ProgressCallback,
+    wall_seconds: float,
+    device: str,
+    world_size: int = 1,
+) -> dict:
     """Throughput over the training steps (loading and checkpoint restore excluded).
 
     The Trainer sums the tokens of all ranks (`num_input_tokens_seen` is gathered), so
     tokens/s is the whole job's."""
     seconds = progress.seconds
     metrics = {
-        "tokensPerSecond": round(progress.tokens / seconds, 2) if progress.tokens and seconds else None,
-        "steadyTokensPerSecond": (round(progress.steady_tokens_per_second(), 2)
-                                  if progress.steady_tokens_per_second() else None),
+        "tokensPerSecond": round(progress.tokens / seconds, 2)
+        if progress.tokens and seconds
+        else None,
+        "steadyTokensPerSecond": (
+            round(progress.steady_tokens_per_second(), 2)
+            if progress.steady_tokens_per_second()
+            else None
+        ),
         "samplesPerSecond": output.metrics.get("train_samples_per_second"),
         "stepsPerSecond": output.metrics.get("train_steps_per_second"),
         "trainRuntimeSeconds": round(wall_seconds, 2),
@@ -346,13 +387,21 @@ def run_training(config: WorkerConfig, *, reporter: StatusReporter | None = None
     # to load the base on rank 0 only.
     args = build_sft_config(config, device=kind, world=world)
     if world.distributed:
-        log.info("%s, strategy %s, backend %s", world.describe(), config.plan.strategy,
-                 args.distributed_state.backend)
+        log.info(
+            "%s, strategy %s, backend %s",
+            world.describe(),
+            config.plan.strategy,
+            args.distributed_state.backend,
+        )
 
     tokenizer = load_tokenizer(config, token)
     splits = load_training_data(config, tokenizer, token)
-    log.info("data: %d training and %d eval examples (%d dropped)", len(splits.train),
-             len(splits.eval) if splits.eval is not None else 0, splits.dropped)
+    log.info(
+        "data: %d training and %d eval examples (%d dropped)",
+        len(splits.train),
+        len(splits.eval) if splits.eval is not None else 0,
+        splits.dropped,
+    )
 
     trainer = None
     try:
@@ -362,31 +411,45 @@ def run_training(config: WorkerConfig, *, reporter: StatusReporter | None = None
         # before: one process and a world of them start from the same weights.
         set_seed(config.spec.training.seed)
         model, revision = load_model(config, token, device)
-        trainer, checkpointing, progress = build_trainer(config, model, tokenizer, splits,
-                                                          kind, reporter, args=args)
+        trainer, checkpointing, progress = build_trainer(
+            config, model, tokenizer, splits, kind, reporter, args=args
+        )
         resume = resumable_checkpoint(config, world) if config.spec.training.resume else None
         from .callbacks import SigtermToCheckpoint
 
         started = time.perf_counter()
         with SigtermToCheckpoint(checkpointing):
             output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        metrics = {**measured_throughput(output, progress, time.perf_counter() - started, kind,
-                                         world.world_size),
-                   **measured_memory(kind, world)}
-        result = TrainResult(metrics=metrics, progress=dict(progress.last_progress),
-                             resumed_from=resume,
-                             # a SIGTERM that lands after the last step stops nothing
-                             preempted=(checkpointing.preempted.is_set()
-                                        and trainer.state.global_step < trainer.state.max_steps),
-                             global_step=trainer.state.global_step,
-                             checkpoints=list(checkpointing.saved_steps),
-                             train_loss=_finite(output.training_loss))
+        metrics = {
+            **measured_throughput(
+                output, progress, time.perf_counter() - started, kind, world.world_size
+            ),
+            **measured_memory(kind, world),
+        }
+        result = TrainResult(
+            metrics=metrics,
+            progress=dict(progress.last_progress),
+            resumed_from=resume,
+            # a SIGTERM that lands after the last step stops nothing
+            preempted=(
+                checkpointing.preempted.is_set()
+                and trainer.state.global_step < trainer.state.max_steps
+            ),
+            global_step=trainer.state.global_step,
+            checkpoints=list(checkpointing.saved_steps),
+            train_loss=_finite(output.training_loss),
+        )
         if result.preempted:
             return result
         if splits.eval is not None:
             result.eval_loss = _finite(trainer.evaluate().get("eval_loss"))
-        result.metrics.update({k: v for k, v in (("trainLoss", result.train_loss),
-                                                 ("evalLoss", result.eval_loss)) if v is not None})
+        result.metrics.update(
+            {
+                k: v
+                for k, v in (("trainLoss", result.train_loss), ("evalLoss", result.eval_loss))
+                if v is not None
+            }
+        )
     except Exception as exc:
         if _is_out_of_memory(exc):
             from .errors import OutOfMemoryError
@@ -400,8 +463,9 @@ def run_training(config: WorkerConfig, *, reporter: StatusReporter | None = None
     if not world.is_main:
         result.reports = False
         return result
-    manifest = write_outputs(config, adapter, revision, result.metrics, token,
-                             state_dict=state_dict)
+    manifest = write_outputs(
+        config, adapter, revision, result.metrics, token, state_dict=state_dict
+    )
     result.adapter_dir = Path(config.paths.output_dir)
     result.adapter_digest = manifest.digest
     result.adapter_size_bytes = manifest.size_bytes
@@ -414,19 +478,19 @@ def resumable_checkpoint(config: WorkerConfig, world: World) -> Path | None:
     checkpoint directory on a volume they all mount)."""
     root = Path(config.paths.checkpoint_dir)
     chosen = distributed.decided_by_main(
-        lambda: find_resumable_checkpoint(root, config.spec_hash, plan_record(config.plan)),
-        world)
+        lambda: find_resumable_checkpoint(root, config.spec_hash, plan_record(config.plan)), world
+    )
     if chosen is not None and not Path(chosen).is_dir():
         raise StorageError(
             f"rank 0 resumes from {chosen}, which {world.describe()} cannot see; the checkpoint "
-            f"directory {root} must be one volume shared by every worker pod (ReadWriteMany)")
+            f"directory {root} must be one volume shared by every worker pod (ReadWriteMany)"
+        )
     return Path(chosen) if chosen is not None else None
 
 
 def measured_memory(kind: str, world: World) -> dict:
     """This process's peak memory; in a distributed run every rank's, gathered (collective)."""
-    local = peak_memory_metrics(world.local_rank if kind == "cuda" and world.distributed
-                                else None)
+    local = peak_memory_metrics(world.local_rank if kind == "cuda" and world.distributed else None)
     if not world.distributed:
         return local
     return world_memory_metrics(distributed.gathered(local))
@@ -440,13 +504,16 @@ def require_sharded(model: torch.nn.Module) -> None:
     would go out of memory minutes later or, worse, fit by luck with the wrong arithmetic."""
     from .errors import WorkerEnvironmentError
 
-    if not any(type(m).__name__ == "FullyShardedDataParallel" or type(m).__name__.startswith("FSDP")
-               for m in model.modules()):
+    if not any(
+        type(m).__name__ == "FullyShardedDataParallel" or type(m).__name__.startswith("FSDP")
+        for m in model.modules()
+    ):
         raise WorkerEnvironmentError(
             "plan.strategy is fsdp but the Trainer did not shard the model (no FSDP module "
             f"around {type(model).__name__}); this PyTorch/accelerate/bitsandbytes combination "
             "cannot shard it. Plan the job with more GPU memory per GPU (a replica per GPU, "
-            "DDP) or report the versions")
+            "DDP) or report the versions"
+        )
 
 
 def adapter_to_save(trainer: Trainer) -> tuple[PeftModel, dict | None]:
@@ -468,30 +535,46 @@ def _finite(value) -> float | None:
 
 def plan_record(plan: TrainingPlan) -> dict:
     """The plan fields that shape a step, as recorded in each checkpoint."""
-    return plan.model_dump(by_alias=True, include={"method", "micro_batch_size",
-                                                   "gradient_accumulation",
-                                                   "gradient_checkpointing", "strategy",
-                                                   "world_size"})
+    return plan.model_dump(
+        by_alias=True,
+        include={
+            "method",
+            "micro_batch_size",
+            "gradient_accumulation",
+            "gradient_checkpointing",
+            "strategy",
+            "world_size",
+        },
+    )
 
 
-def build_trainer(config: WorkerConfig, model: PeftModel, tokenizer: PreTrainedTokenizerBase,
-                  splits: TokenizedSplits, device: str, reporter: StatusReporter | None, *,
-                  args: SFTConfig | None = None,
-                  ) -> tuple[SFTTrainer, CheckpointCallback, ProgressCallback]:
+def build_trainer(
+    config: WorkerConfig,
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    splits: TokenizedSplits,
+    device: str,
+    reporter: StatusReporter | None,
+    *,
+    args: SFTConfig | None = None,
+) -> tuple[SFTTrainer, CheckpointCallback, ProgressCallback]:
     from trl import SFTTrainer
 
     from .callbacks import CheckpointCallback, NonFiniteLossGuard, ProgressCallback
 
     training = config.spec.training
     progress = ProgressCallback(reporter)
-    checkpointing = CheckpointCallback(config.spec_hash,
-                                       interval_s=checkpoint_interval_seconds(training),
-                                       plan=plan_record(config.plan))
+    checkpointing = CheckpointCallback(
+        config.spec_hash,
+        interval_s=checkpoint_interval_seconds(training),
+        plan=plan_record(config.plan),
+    )
     try:
         Path(config.paths.checkpoint_dir).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise StorageError(f"cannot create the checkpoint directory "
-                           f"{config.paths.checkpoint_dir}: {exc}") from exc
+        raise StorageError(
+            f"cannot create the checkpoint directory {config.paths.checkpoint_dir}: {exc}"
+        ) from exc
     args = args if args is not None else build_sft_config(config, device=device)
     sampler, collator = training_batches(config, model, tokenizer, splits, device)
     trainer = _trainer_class(SFTTrainer)(
@@ -530,8 +613,11 @@ DENSE_BATCH_MULTIPLE = 64
 
 
 def training_batches(
-    config: WorkerConfig, model: PeftModel, tokenizer: PreTrainedTokenizerBase,
-    splits: TokenizedSplits, device: str,
+    config: WorkerConfig,
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    splits: TokenizedSplits,
+    device: str,
 ) -> tuple[PackedBatchSampler | TokenBudgetBatchSampler | None, Callable[[list[dict]], dict]]:
     """(batch sampler or None, collator) for the training data, per spec.training.packing.
 
@@ -551,22 +637,40 @@ def training_batches(
     if not training.packing:
         if attention.supported(device):
             attention.use_varlen(model)
-            return None, packing.make_varlen_collator(tokenizer, training.seq_length,
-                                                      pad_to_multiple_of=DENSE_BATCH_MULTIPLE)
+            return None, packing.make_varlen_collator(
+                tokenizer, training.seq_length, pad_to_multiple_of=DENSE_BATCH_MULTIPLE
+            )
         return None, packing.make_collator(tokenizer, training.seq_length, False)
     budget = config.plan.micro_batch_size * training.seq_length
     lengths = [len(ids) for ids in splits.train["input_ids"]]
     if attention.supported(device):
         attention.use_varlen(model)
-        return (packing.PackedBatchSampler(lengths, budget, seq_len=training.seq_length,
-                                           seed=training.seed),
-                packing.make_varlen_collator(tokenizer, training.seq_length, row_tokens=budget))
-    log.warning("this PyTorch has no varlen attention kernel: packing falls back to "
-                "length-grouped padded batches (slower)")
-    return (packing.TokenBudgetBatchSampler(lengths, budget, seq_len=training.seq_length,
-                                            multiple=DENSE_BATCH_MULTIPLE, seed=training.seed),
-            packing.make_collator(tokenizer, training.seq_length, False, attention_mask=False,
-                                  pad_to_multiple_of=DENSE_BATCH_MULTIPLE))
+        return (
+            packing.PackedBatchSampler(
+                lengths, budget, seq_len=training.seq_length, seed=training.seed
+            ),
+            packing.make_varlen_collator(tokenizer, training.seq_length, row_tokens=budget),
+        )
+    log.warning(
+        "this PyTorch has no varlen attention kernel: packing falls back to "
+        "length-grouped padded batches (slower)"
+    )
+    return (
+        packing.TokenBudgetBatchSampler(
+            lengths,
+            budget,
+            seq_len=training.seq_length,
+            multiple=DENSE_BATCH_MULTIPLE,
+            seed=training.seed,
+        ),
+        packing.make_collator(
+            tokenizer,
+            training.seq_length,
+            False,
+            attention_mask=False,
+            pad_to_multiple_of=DENSE_BATCH_MULTIPLE,
+        ),
+    )
 
 
 def _trainer_class(base):
@@ -589,22 +693,34 @@ def _trainer_class(base):
                 self.expect_sharded = False
                 require_sharded(model)
             if not self.model_loss or not model.training:
-                return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                            num_items_in_batch=num_items_in_batch)
+                return super().compute_loss(
+                    model,
+                    inputs,
+                    return_outputs=return_outputs,
+                    num_items_in_batch=num_items_in_batch,
+                )
             from transformers import Trainer
 
-            return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
+            return Trainer.compute_loss(
+                self,
+                model,
+                inputs,
+                return_outputs=return_outputs,
+                num_items_in_batch=num_items_in_batch,
+            )
 
         def get_train_dataloader(self):
             if self.token_budget_sampler is None:
                 return super().get_train_dataloader()
             from torch.utils.data import DataLoader
 
-            loader = DataLoader(self.train_dataset, batch_sampler=self.token_budget_sampler,
-                                collate_fn=self.data_collator,
-                                num_workers=self.args.dataloader_num_workers,
-                                pin_memory=self.args.dataloader_pin_memory)
+            loader = DataLoader(
+                self.train_dataset,
+                batch_sampler=self.token_budget_sampler,
+                collate_fn=self.data_collator,
+                num_workers=self.args.dataloader_num_workers,
+                pin_memory=self.args.dataloader_pin_memory,
+            )
             # accelerate deals the sampler's micro-batches out to the ranks in turn (rank r
             # gets r, r + world, ...), so one optimizer step of the world sees the same
             # micro-batches as one process accumulating them; the Trainer passes each new
@@ -615,15 +731,28 @@ def _trainer_class(base):
     return FineTuneTrainer
 
 
-def write_outputs(config: WorkerConfig, model: PeftModel, revision: str | None, metrics: dict,
-                  token: str | None, *, state_dict: dict | None = None) -> AdapterManifest:
+def write_outputs(
+    config: WorkerConfig,
+    model: PeftModel,
+    revision: str | None,
+    metrics: dict,
+    token: str | None,
+    *,
+    state_dict: dict | None = None,
+) -> AdapterManifest:
     from .adapter import push_to_hub, write_adapter
 
-    manifest = write_adapter(config, model, Path(config.paths.output_dir),
-                             base_revision=revision, metrics=metrics, state_dict=state_dict)
+    manifest = write_adapter(
+        config,
+        model,
+        Path(config.paths.output_dir),
+        base_revision=revision,
+        metrics=metrics,
+        state_dict=state_dict,
+    )
     output = config.spec.output.uri
     if uri_scheme(output) == "hf":
-        push_to_hub(Path(config.paths.output_dir), output[len("hf://"):], token)
+        push_to_hub(Path(config.paths.output_dir), output[len("hf://") :], token)
     return manifest
 
 
@@ -634,15 +763,22 @@ def check_config(config: WorkerConfig, world: World | None = None) -> None:
     if expected != config.spec_hash:
         # Checkpoints are keyed by the operator's hash, so it stays the identity; a
         # difference means operator and worker versions disagree on the hash function.
-        log.warning("specHash in the worker config (%s) differs from this worker's hash of the "
-                    "spec (%s); using the config's", config.spec_hash[:12], expected[:12])
+        log.warning(
+            "specHash in the worker config (%s) differs from this worker's hash of the "
+            "spec (%s); using the config's",
+            config.spec_hash[:12],
+            expected[:12],
+        )
     if config.spec.method != "auto" and config.spec.method != config.plan.method:
-        raise InvalidConfigError(f"spec.method is {config.spec.method!r} but plan.method is "
-                                 f"{config.plan.method!r}; the plan must follow the spec")
+        raise InvalidConfigError(
+            f"spec.method is {config.spec.method!r} but plan.method is "
+            f"{config.plan.method!r}; the plan must follow the spec"
+        )
     if uri_scheme(config.spec.output.uri) == "s3":
         raise InvalidConfigError(
             f"spec.output.uri is {config.spec.output.uri!r}, but this worker image cannot "
-            "write to s3:// yet; use pvc://claim/path or hf://owner/name")
+            "write to s3:// yet; use pvc://claim/path or hf://owner/name"
+        )
     if config.spec.training.packing and config.plan.micro_batch_size < 1:
         raise InvalidConfigError("plan.microBatchSize must be at least 1")
 

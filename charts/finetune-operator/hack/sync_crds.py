@@ -29,7 +29,7 @@ CLOSE = "{{- end }}\n"
 # Inserted right after `metadata:` / `  name: ...` of each generated CRD.
 METADATA_EXTRA = (
     "  labels:\n"
-    "    {{- include \"finetune-operator.labels\" . | nindent 4 }}\n"
+    '    {{- include "finetune-operator.labels" . | nindent 4 }}\n'
     "  {{- if .Values.crds.keep }}\n"
     "  annotations:\n"
     "    # Uninstalling the chart must not delete the CRDs: that would delete every\n"
@@ -51,8 +51,10 @@ def render_template(source: Path) -> str:
     """The chart template for one generated CRD file."""
     text = source.read_text()
     if "{{" in text or "}}" in text:
-        raise SyncError(f"{source}: contains '{{{{' or '}}}}', which Helm would read as a "
-                        "template action; change the model's description or escape it here")
+        raise SyncError(
+            f"{source}: contains '{{{{' or '}}}}', which Helm would read as a "
+            "template action; change the model's description or escape it here"
+        )
     body = [line for line in text.splitlines(keepends=True) if not line.startswith("#")]
     out: list[str] = []
     in_metadata = inserted = False
@@ -65,8 +67,10 @@ def render_template(source: Path) -> str:
             inserted = True
     if not inserted:
         raise SyncError(f"{source}: no top-level `metadata:` with a `name:` line; is it a CRD?")
-    header = (f"{{{{- /* Copied from crds/{source.name} by charts/finetune-operator/hack/"
-              "sync_crds.py (make chart-crds). Do not edit: regenerate. */}}\n")
+    header = (
+        f"{{{{- /* Copied from crds/{source.name} by charts/finetune-operator/hack/"
+        "sync_crds.py (make chart-crds). Do not edit: regenerate. */}}\n"
+    )
     return header + OPEN + "".join(out) + CLOSE
 
 
@@ -79,8 +83,11 @@ def expected() -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true",
-                        help="do not write; exit 1 with a diff if the chart's copies drifted")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="do not write; exit 1 with a diff if the chart's copies drifted",
+    )
     args = parser.parse_args(argv)
     want = expected()
     have = {p.name: p.read_text() for p in TARGET.glob("*.yaml")} if TARGET.exists() else {}
@@ -92,9 +99,14 @@ def main(argv: list[str] | None = None) -> int:
             elif name not in want:
                 problems.append(f"{TARGET / name} has no source in {SOURCE}\n")
             elif have[name] != want[name]:
-                problems.extend(difflib.unified_diff(
-                    have[name].splitlines(keepends=True), want[name].splitlines(keepends=True),
-                    f"chart/{name}", f"from crds/{name}"))
+                problems.extend(
+                    difflib.unified_diff(
+                        have[name].splitlines(keepends=True),
+                        want[name].splitlines(keepends=True),
+                        f"chart/{name}",
+                        f"from crds/{name}",
+                    )
+                )
         if problems:
             sys.stdout.write("".join(problems))
             print("\nthe chart's CRDs differ from crds/: run `make chart-crds`", file=sys.stderr)

@@ -76,21 +76,26 @@ class DemoPaths:
 
     def claim(self, uri: str) -> Path:
         """`pvc://claim/path` -> the host directory behind it."""
-        claim, _, rest = uri[len("pvc://"):].partition("/")
+        claim, _, rest = uri[len("pvc://") :].partition("/")
         return self.pvc / claim / rest
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="finetune-dev demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-dir", default=str(REPO_ROOT / ".demo"),
-                   help="the demo's data folder (default: .demo in the repository)")
+    p.add_argument(
+        "--data-dir",
+        default=str(REPO_ROOT / ".demo"),
+        help="the demo's data folder (default: .demo in the repository)",
+    )
     p.add_argument("--manifest", default=str(REPO_ROOT / "examples" / "finetunejob-demo.yaml"))
     p.add_argument("--dataset", default=str(REPO_ROOT / "examples" / "data" / "alpaca-tiny.jsonl"))
     p.add_argument("--max-steps", type=int, help="override spec.training.maxSteps (CI: fewer)")
-    p.add_argument("--timeout", type=float, default=600,
-                   help="seconds to wait for training and follow-ups")
-    p.add_argument("--keep", action="store_true",
-                   help="leave everything running at the end, until Ctrl-C")
+    p.add_argument(
+        "--timeout", type=float, default=600, help="seconds to wait for training and follow-ups"
+    )
+    p.add_argument(
+        "--keep", action="store_true", help="leave everything running at the end, until Ctrl-C"
+    )
     p.add_argument("--summary-json", help="also write the final objects to this file")
     return p.parse_args(argv)
 
@@ -156,10 +161,13 @@ class Demo:
         followups = self.follow_followups(ftj)
         self.summarise(ftj, followups)
         if self.args.keep:
-            print(f"\nEverything keeps running; in another terminal:\n"
-                  f"    export KUBECONFIG={self.cluster.kubeconfig}\n"
-                  f"    kubectl get ftj,amerge,adapterdeployments,jobs,pods\n"
-                  f"Press Ctrl-C to stop it all.", flush=True)
+            print(
+                f"\nEverything keeps running; in another terminal:\n"
+                f"    export KUBECONFIG={self.cluster.kubeconfig}\n"
+                f"    kubectl get ftj,amerge,adapterdeployments,jobs,pods\n"
+                f"Press Ctrl-C to stop it all.",
+                flush=True,
+            )
             while True:
                 time.sleep(3600)
         phase = (ftj.get("status") or {}).get("phase")
@@ -168,14 +176,17 @@ class Demo:
     def load_manifest(self) -> dict:
         path = Path(self.args.manifest)
         if not path.exists():
-            raise DemoFailed(f"the demo manifest {path} does not exist; run the demo from a "
-                             f"checkout of the repository or pass --manifest")
+            raise DemoFailed(
+                f"the demo manifest {path} does not exist; run the demo from a "
+                f"checkout of the repository or pass --manifest"
+            )
         manifest = yaml.safe_load(path.read_text())
         if self.args.max_steps:
             training = manifest["spec"]["training"]
             training["maxSteps"] = self.args.max_steps
-            training["checkpointSteps"] = min(training.get("checkpointSteps", 200),
-                                              self.args.max_steps)
+            training["checkpointSteps"] = min(
+                training.get("checkpointSteps", 200), self.args.max_steps
+            )
         return manifest
 
     def prepare_data(self, manifest: dict) -> None:
@@ -189,13 +200,17 @@ class Demo:
         dataset = self.paths.claim(spec["dataset"]["uri"])
         dataset.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(self.args.dataset, dataset)
-        info(f"dataset: {self.args.dataset} -> {dataset} "
-             f"({len(dataset.read_text().splitlines())} examples)")
+        info(
+            f"dataset: {self.args.dataset} -> {dataset} "
+            f"({len(dataset.read_text().splitlines())} examples)"
+        )
         if (model_dir / "config.json").exists() and (model_dir / "model.safetensors").exists():
             info(f"tiny model: reusing {model_dir}")
         else:
-            info("tiny model: making a small Llama-architecture model and tokenizer locally "
-                 "(first run only, no download)")
+            info(
+                "tiny model: making a small Llama-architecture model and tokenizer locally "
+                "(first run only, no download)"
+            )
             from ..tinymodel import make_tiny_model
 
             t = time.monotonic()
@@ -203,7 +218,7 @@ class Demo:
             make_tiny_model(model_dir, [dataset])
             info(f"tiny model: written to {model_dir} in {time.monotonic() - t:.1f}s")
         outputs = {self.paths.claim(spec["output"]["uri"])}
-        merge = ((spec.get("followUp") or {}).get("merge") or {})
+        merge = (spec.get("followUp") or {}).get("merge") or {}
         if merge.get("enabled"):
             outputs.add(self.paths.claim(merge.get("output") or spec["output"]["uri"] + "-merged"))
         for out in outputs:
@@ -216,8 +231,11 @@ class Demo:
     def start_control_plane(self) -> None:
         from ..devcluster import controlplane
 
-        say(2, "local control plane: etcd, kube-apiserver, controller-manager, scheduler "
-               "(a fresh one each run)")
+        say(
+            2,
+            "local control plane: etcd, kube-apiserver, controller-manager, scheduler "
+            "(a fresh one each run)",
+        )
         controlplane.down(self.paths.cluster, quiet=True)
         self.cluster = controlplane.up(self.paths.cluster, gpu_nodes=0)
         from .kubeapi import KubeAPI
@@ -234,90 +252,181 @@ class Demo:
             raise DemoFailed(str(exc)) from None
 
     def install_api_and_volumes(self, manifest: dict) -> None:
-        say(3, "installing the CRDs and the demo's volumes (hostPath PersistentVolumes "
-               f"under {self.paths.pvc})")
+        say(
+            3,
+            "installing the CRDs and the demo's volumes (hostPath PersistentVolumes "
+            f"under {self.paths.pvc})",
+        )
         crds = REPO_ROOT / "crds"
         self.kubectl("apply", "--server-side", "--field-manager=finetune-demo", "-f", str(crds))
         for crd in ("finetunejobs", "adaptermerges", "adapterdeployments"):
-            self.wait(lambda crd=crd: self.kubectl(
-                "get", "crd", f"{crd}.finetune.dev", "-o",
-                "jsonpath={.status.conditions[?(@.type=='Established')].status}") == "True",
-                f"CRD {crd}.finetune.dev to be Established", 30)
+            self.wait(
+                lambda crd=crd: (
+                    self.kubectl(
+                        "get",
+                        "crd",
+                        f"{crd}.finetune.dev",
+                        "-o",
+                        "jsonpath={.status.conditions[?(@.type=='Established')].status}",
+                    )
+                    == "True"
+                ),
+                f"CRD {crd}.finetune.dev to be Established",
+                30,
+            )
         docs = []
         for claim in CLAIMS:
             pv = f"{NAMESPACE}-{claim}"
-            docs.append({
-                "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv},
-                "spec": {"capacity": {"storage": "10Gi"}, "accessModes": ["ReadWriteOnce"],
-                         "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "",
-                         "hostPath": {"path": str(self.paths.pvc / claim),
-                                      "type": "DirectoryOrCreate"},
-                         "claimRef": {"namespace": NAMESPACE, "name": claim}}})
-            docs.append({
-                "apiVersion": "v1", "kind": "PersistentVolumeClaim",
-                "metadata": {"name": claim, "namespace": NAMESPACE},
-                "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "",
-                         "volumeName": pv, "resources": {"requests": {"storage": "10Gi"}}}})
+            docs.append(
+                {
+                    "apiVersion": "v1",
+                    "kind": "PersistentVolume",
+                    "metadata": {"name": pv},
+                    "spec": {
+                        "capacity": {"storage": "10Gi"},
+                        "accessModes": ["ReadWriteOnce"],
+                        "persistentVolumeReclaimPolicy": "Retain",
+                        "storageClassName": "",
+                        "hostPath": {
+                            "path": str(self.paths.pvc / claim),
+                            "type": "DirectoryOrCreate",
+                        },
+                        "claimRef": {"namespace": NAMESPACE, "name": claim},
+                    },
+                }
+            )
+            docs.append(
+                {
+                    "apiVersion": "v1",
+                    "kind": "PersistentVolumeClaim",
+                    "metadata": {"name": claim, "namespace": NAMESPACE},
+                    "spec": {
+                        "accessModes": ["ReadWriteOnce"],
+                        "storageClassName": "",
+                        "volumeName": pv,
+                        "resources": {"requests": {"storage": "10Gi"}},
+                    },
+                }
+            )
         self.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))
         for claim in CLAIMS:
-            self.wait(lambda claim=claim: self.kubectl(
-                "get", "pvc", claim, "-n", NAMESPACE, "-o", "jsonpath={.status.phase}") == "Bound",
-                f"PersistentVolumeClaim {claim} to be Bound", 60)
+            self.wait(
+                lambda claim=claim: (
+                    self.kubectl(
+                        "get", "pvc", claim, "-n", NAMESPACE, "-o", "jsonpath={.status.phase}"
+                    )
+                    == "Bound"
+                ),
+                f"PersistentVolumeClaim {claim} to be Bound",
+                60,
+            )
         info(f"claims {', '.join(CLAIMS)} bound to {self.paths.pvc}/<claim>")
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
         self.paths.logs.mkdir(parents=True, exist_ok=True)
         with open(self.paths.logs / f"{name}.log", "ab") as log:
-            proc = subprocess.Popen(argv, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
-                                    stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+            proc = subprocess.Popen(
+                argv,
+                env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         self.processes[name] = proc
-        self.paths.processes.write_text(json.dumps(
-            {n: p.pid for n, p in self.processes.items()}))
+        self.paths.processes.write_text(json.dumps({n: p.pid for n, p in self.processes.items()}))
         return proc
 
     def start_node_agent(self) -> None:
-        say(4, f"local node agent: this machine as Node {NODE_NAME!r}; pods bound to it run "
-               "as processes here")
-        proc = self.spawn("node-agent", [
-            sys.executable, "-m", "finetune_dev.demo.nodeagent",
-            "--kubeconfig", self.cluster.kubeconfig, "--data-dir", str(self.paths.node),
-            "--node-name", NODE_NAME], {})
-        self.wait(lambda: self._alive_or_fail("node-agent", proc) and self.kubectl(
-            "get", "node", NODE_NAME, "-o",
-            "jsonpath={.status.conditions[?(@.type=='Ready')].status}") == "True",
-            f"node {NODE_NAME} to be Ready", 60)
+        say(
+            4,
+            f"local node agent: this machine as Node {NODE_NAME!r}; pods bound to it run "
+            "as processes here",
+        )
+        proc = self.spawn(
+            "node-agent",
+            [
+                sys.executable,
+                "-m",
+                "finetune_dev.demo.nodeagent",
+                "--kubeconfig",
+                self.cluster.kubeconfig,
+                "--data-dir",
+                str(self.paths.node),
+                "--node-name",
+                NODE_NAME,
+            ],
+            {},
+        )
+        self.wait(
+            lambda: (
+                self._alive_or_fail("node-agent", proc)
+                and self.kubectl(
+                    "get",
+                    "node",
+                    NODE_NAME,
+                    "-o",
+                    "jsonpath={.status.conditions[?(@.type=='Ready')].status}",
+                )
+                == "True"
+            ),
+            f"node {NODE_NAME} to be Ready",
+            60,
+        )
         node = json.loads(self.kubectl("get", "node", NODE_NAME, "-o", "json"))
         cap, labels = node["status"]["capacity"], node["metadata"]["labels"]
-        info(f"node {NODE_NAME} Ready: cpu {cap['cpu']}, memory {cap['memory']}, "
-             f"nvidia.com/gpu {cap['nvidia.com/gpu']} (a stand-in: "
-             f"gpu.product={labels['nvidia.com/gpu.product']}, gpu.memory="
-             f"{labels['nvidia.com/gpu.memory']} MiB of host memory; the worker trains on "
-             f"the CPU)")
-        info(f"pod logs: {self.paths.node / 'logs'}/<namespace>/<pod>/<container>.log, "
-             f"also through `kubectl logs`; agent log {self.paths.logs / 'node-agent.log'}")
+        info(
+            f"node {NODE_NAME} Ready: cpu {cap['cpu']}, memory {cap['memory']}, "
+            f"nvidia.com/gpu {cap['nvidia.com/gpu']} (a stand-in: "
+            f"gpu.product={labels['nvidia.com/gpu.product']}, gpu.memory="
+            f"{labels['nvidia.com/gpu.memory']} MiB of host memory; the worker trains on "
+            f"the CPU)"
+        )
+        info(
+            f"pod logs: {self.paths.node / 'logs'}/<namespace>/<pod>/<container>.log, "
+            f"also through `kubectl logs`; agent log {self.paths.logs / 'node-agent.log'}"
+        )
 
     def start_operator(self) -> None:
-        say(5, "operator: kopf run -m finetune_operator.main (log "
-               f"{self.paths.logs / 'operator.log'})")
-        self.spawn("operator", [
-            sys.executable, "-m", "kopf", "run", "-m", "finetune_operator.main",
-            "--all-namespaces", "--standalone"], {
-            "KUBECONFIG": self.cluster.kubeconfig,
-            # The planner reads pvc:// models' config.json from the claims' directories.
-            "FINETUNE_PVC_ROOT": str(self.paths.pvc),
-            "FINETUNE_ALLOW_HUB": "false",
-            "FINETUNE_RESYNC_SECONDS": "10",
-            "FINETUNE_METRICS_PORT": "0",
-        })
+        say(
+            5,
+            "operator: kopf run -m finetune_operator.main (log "
+            f"{self.paths.logs / 'operator.log'})",
+        )
+        self.spawn(
+            "operator",
+            [
+                sys.executable,
+                "-m",
+                "kopf",
+                "run",
+                "-m",
+                "finetune_operator.main",
+                "--all-namespaces",
+                "--standalone",
+            ],
+            {
+                "KUBECONFIG": self.cluster.kubeconfig,
+                # The planner reads pvc:// models' config.json from the claims' directories.
+                "FINETUNE_PVC_ROOT": str(self.paths.pvc),
+                "FINETUNE_ALLOW_HUB": "false",
+                "FINETUNE_RESYNC_SECONDS": "10",
+                "FINETUNE_METRICS_PORT": "0",
+            },
+        )
 
     def apply(self, manifest: dict) -> str:
         name = manifest["metadata"]["name"]
         override = f" (maxSteps {self.args.max_steps})" if self.args.max_steps else ""
         say(6, f"kubectl apply -f {os.path.relpath(self.args.manifest)}{override}")
         self.kubectl("delete", "ftj", name, "-n", NAMESPACE, "--ignore-not-found", "--wait=true")
-        print(self.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=yaml.safe_dump(manifest))
-              .strip().replace("\n", "\n    ").join(["    ", ""]), flush=True)
+        print(
+            self.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=yaml.safe_dump(manifest))
+            .strip()
+            .replace("\n", "\n    ")
+            .join(["    ", ""]),
+            flush=True,
+        )
         return name
 
     # ---- watching ----------------------------------------------------------------------------
@@ -325,8 +434,10 @@ class Demo:
     def _alive_or_fail(self, name: str, proc: subprocess.Popen) -> bool:
         if proc.poll() is not None:
             tail = self.log_tail(self.paths.logs / f"{name}.log")
-            raise ProcessDied(f"the {name} exited with code {proc.returncode}. Last lines of "
-                             f"{self.paths.logs / (name + '.log')}:\n{tail}")
+            raise ProcessDied(
+                f"the {name} exited with code {proc.returncode}. Last lines of "
+                f"{self.paths.logs / (name + '.log')}:\n{tail}"
+            )
         return True
 
     def check_processes(self) -> None:
@@ -355,8 +466,11 @@ class Demo:
 
     def get(self, plural: str, name: str) -> dict | None:
         group = "" if plural in ("pods", "configmaps") else "finetune.dev"
-        path = (f"/api/v1/namespaces/{NAMESPACE}/{plural}/{name}" if not group else
-                f"/apis/finetune.dev/v1alpha1/namespaces/{NAMESPACE}/{plural}/{name}")
+        path = (
+            f"/api/v1/namespaces/{NAMESPACE}/{plural}/{name}"
+            if not group
+            else f"/apis/finetune.dev/v1alpha1/namespaces/{NAMESPACE}/{plural}/{name}"
+        )
         return self.api.get_or_none(path)
 
     def pod_lines(self, seen: dict[str, tuple]) -> None:
@@ -385,9 +499,14 @@ class Demo:
             log = ""
             if status.get("phase") == "Running":
                 c = pod["spec"]["containers"][0]["name"]
-                log = f" (log: kubectl logs {name}, or {self.paths.node}/logs/{NAMESPACE}/{name}/{c}.log)"
-            info(f"pod {name}: {status.get('phase', 'Pending')} on {where}"
-                 f"{' - ' + detail if detail else ''}{log}")
+                log = (
+                    f" (log: kubectl logs {name},"
+                    f" or {self.paths.node}/logs/{NAMESPACE}/{name}/{c}.log)"
+                )
+            info(
+                f"pod {name}: {status.get('phase', 'Pending')} on {where}"
+                f"{' - ' + detail if detail else ''}{log}"
+            )
 
     def worker_lines(self, offsets: dict[Path, int]) -> None:
         """The worker's own log messages (not its per-step lines: the status shows those),
@@ -410,8 +529,11 @@ class Demo:
                 info(f"{log.parent.name}: {'' if level == 'info' else level + ': '}{text}")
 
     def follow_training(self, name: str) -> dict:
-        say(7, f"training: FineTuneJob {name} as the operator and the worker report it "
-               "(kubectl get ftj -w)")
+        say(
+            7,
+            f"training: FineTuneJob {name} as the operator and the worker report it "
+            "(kubectl get ftj -w)",
+        )
         deadline = time.monotonic() + self.args.timeout
         last_line, printed_plan, pods_seen, conditions_seen = None, False, {}, {}
         while time.monotonic() < deadline:
@@ -423,8 +545,10 @@ class Demo:
                 if conditions_seen.get(cond["type"]) != key:
                     conditions_seen[cond["type"]] = key
                     message = f": {cond['message']}" if cond.get("message") else ""
-                    info(f"condition {cond['type']}={cond.get('status')} "
-                         f"{cond.get('reason', '')}{message}")
+                    info(
+                        f"condition {cond['type']}={cond.get('status')} "
+                        f"{cond.get('reason', '')}{message}"
+                    )
             if status.get("plan") and not printed_plan:
                 printed_plan = True
                 info("plan: " + describe_plan(status["plan"]))
@@ -437,18 +561,23 @@ class Demo:
             if status.get("phase") in ("Succeeded", "Failed"):
                 return ftj
             time.sleep(1)
-        raise DemoFailed(f"FineTuneJob {name} did not finish within {self.args.timeout:.0f}s; "
-                         f"see {self.paths.logs / 'operator.log'} and the pod logs under "
-                         f"{self.paths.node / 'logs'}")
+        raise DemoFailed(
+            f"FineTuneJob {name} did not finish within {self.args.timeout:.0f}s; "
+            f"see {self.paths.logs / 'operator.log'} and the pod logs under "
+            f"{self.paths.node / 'logs'}"
+        )
 
     def follow_followups(self, ftj: dict) -> dict:
         status = ftj.get("status") or {}
-        follow = (ftj["spec"].get("followUp") or {})
+        follow = ftj["spec"].get("followUp") or {}
         result: dict = {"merge": None, "deployment": None}
         if status.get("phase") != "Succeeded":
             return result
-        say(8, "follow-ups: AdapterMerge (merge the adapter into the base model) and "
-               "AdapterDeployment (serve it)")
+        say(
+            8,
+            "follow-ups: AdapterMerge (merge the adapter into the base model) and "
+            "AdapterDeployment (serve it)",
+        )
         deadline = time.monotonic() + self.args.timeout
         pods_seen: dict[str, tuple] = {}
         want_merge = (follow.get("merge") or {}).get("enabled")
@@ -467,9 +596,12 @@ class Demo:
             self.pod_lines(pods_seen)
             self.worker_lines(self.log_offsets)
             merge_phase = ((merge or {}).get("status") or {}).get("phase")
-            line = (f"AdapterMerge {merge_name}: {merge_phase or ('absent' if merge is None else 'Pending')}"
-                    f"; AdapterDeployment {deploy_name}: "
-                    f"{'created' if deploy else 'absent'}")
+            line = (
+                f"AdapterMerge {merge_name}: "
+                f"{merge_phase or ('absent' if merge is None else 'Pending')}"
+                f"; AdapterDeployment {deploy_name}: "
+                f"{'created' if deploy else 'absent'}"
+            )
             if line != last:
                 last = line
                 info(line)
@@ -480,13 +612,16 @@ class Demo:
                     # Give its serving pod a moment to reach the node agent and be refused.
                     end = time.monotonic() + 10
                     while time.monotonic() < end and not any(
-                            "UnsupportedImage" in str(k) for k in pods_seen.values()):
+                        "UnsupportedImage" in str(k) for k in pods_seen.values()
+                    ):
                         self.pod_lines(pods_seen)
                         time.sleep(1)
                 return result
             time.sleep(1)
-        raise DemoFailed(f"the follow-ups did not finish within {self.args.timeout:.0f}s "
-                         f"(last: {last}); see {self.paths.logs / 'operator.log'}")
+        raise DemoFailed(
+            f"the follow-ups did not finish within {self.args.timeout:.0f}s "
+            f"(last: {last}); see {self.paths.logs / 'operator.log'}"
+        )
 
     # ---- the end -----------------------------------------------------------------------------
 
@@ -494,20 +629,35 @@ class Demo:
         status = ftj.get("status") or {}
         spec = ftj["spec"]
         elapsed = time.monotonic() - self.started
-        print(f"\n==> FineTuneJob {ftj['metadata']['name']}: {status.get('phase')} "
-              f"({elapsed:.0f}s since the demo started)", flush=True)
-        adapter_dir = self.paths.claim(spec["output"]["uri"]) if spec["output"]["uri"].startswith(
-            "pvc://") else None
+        print(
+            f"\n==> FineTuneJob {ftj['metadata']['name']}: {status.get('phase')} "
+            f"({elapsed:.0f}s since the demo started)",
+            flush=True,
+        )
+        adapter_dir = (
+            self.paths.claim(spec["output"]["uri"])
+            if spec["output"]["uri"].startswith("pvc://")
+            else None
+        )
         if status.get("phase") != "Succeeded":
             for cond in status.get("conditions") or []:
-                info(f"{cond['type']}={cond['status']} {cond.get('reason', '')}: "
-                     f"{cond.get('message', '')}")
-            info(f"pod logs: {self.paths.node / 'logs' / NAMESPACE}; operator log: "
-                 f"{self.paths.logs / 'operator.log'}")
-        files = sorted(p.name for p in adapter_dir.iterdir() if p.is_file()) \
-            if adapter_dir and adapter_dir.is_dir() else []
-        info(f"adapter:    {spec['output']['uri']} -> {adapter_dir}"
-             + (f" ({', '.join(files)})" if files else " (no files)"))
+                info(
+                    f"{cond['type']}={cond['status']} {cond.get('reason', '')}: "
+                    f"{cond.get('message', '')}"
+                )
+            info(
+                f"pod logs: {self.paths.node / 'logs' / NAMESPACE}; operator log: "
+                f"{self.paths.logs / 'operator.log'}"
+            )
+        files = (
+            sorted(p.name for p in adapter_dir.iterdir() if p.is_file())
+            if adapter_dir and adapter_dir.is_dir()
+            else []
+        )
+        info(
+            f"adapter:    {spec['output']['uri']} -> {adapter_dir}"
+            + (f" ({', '.join(files)})" if files else " (no files)")
+        )
         if status.get("adapter"):
             a = status["adapter"]
             size = f", {a['sizeBytes']:,} bytes" if a.get("sizeBytes") else ""
@@ -518,66 +668,100 @@ class Demo:
         worker = self.worker_summary(status.get("jobName"))
         wm = worker.get("metrics") or {}
         if m or wm:
+
             def metric(key):  # the status first; the termination message otherwise
                 return m.get(key) if m.get(key) is not None else wm.get(key)
 
-            info("measured:   " + ", ".join(f"{k} {v}" for k, v in (
-                ("tokens/s", _num(metric("tokensPerSecond"))),
-                ("samples/s", _num(metric("samplesPerSecond"))),
-                ("peak GPU memory", m.get("peakVRAM") or _bytes(metric("peakVRAMBytes"))),
-                ("peak host memory (RSS)", _bytes(metric("peakRSSBytes"))),
-                ("train loss", _num(metric("trainLoss"))),
-                ("eval loss", _num(metric("evalLoss"))),
-                ("training time", _seconds(metric("trainRuntimeSeconds"))))
-                if v is not None))
-            info("            (from status.metrics and the worker's termination message; on "
-                 "this node the worker ran on the CPU, so its memory is host memory)")
+            info(
+                "measured:   "
+                + ", ".join(
+                    f"{k} {v}"
+                    for k, v in (
+                        ("tokens/s", _num(metric("tokensPerSecond"))),
+                        ("samples/s", _num(metric("samplesPerSecond"))),
+                        ("peak GPU memory", m.get("peakVRAM") or _bytes(metric("peakVRAMBytes"))),
+                        ("peak host memory (RSS)", _bytes(metric("peakRSSBytes"))),
+                        ("train loss", _num(metric("trainLoss"))),
+                        ("eval loss", _num(metric("evalLoss"))),
+                        ("training time", _seconds(metric("trainRuntimeSeconds"))),
+                    )
+                    if v is not None
+                )
+            )
+            info(
+                "            (from status.metrics and the worker's termination message; on "
+                "this node the worker ran on the CPU, so its memory is host memory)"
+            )
         merge = followups.get("merge")
         if merge is not None:
             ms = merge.get("status") or {}
             out = merge["spec"]["output"]["uri"]
             host = self.paths.claim(out) if out.startswith("pvc://") else None
-            merged_files = sorted(p.name for p in host.iterdir() if p.is_file()) \
-                if host and host.is_dir() else []
-            info(f"merge:      AdapterMerge {merge['metadata']['name']} {ms.get('phase')}: "
-                 f"{out} -> {host}" + (f" ({', '.join(merged_files)})" if merged_files else ""))
+            merged_files = (
+                sorted(p.name for p in host.iterdir() if p.is_file())
+                if host and host.is_dir()
+                else []
+            )
+            info(
+                f"merge:      AdapterMerge {merge['metadata']['name']} {ms.get('phase')}: "
+                f"{out} -> {host}" + (f" ({', '.join(merged_files)})" if merged_files else "")
+            )
         deploy = followups.get("deployment")
         if deploy is not None:
             ds = deploy.get("status") or {}
-            info(f"deployment: AdapterDeployment {deploy['metadata']['name']} created "
-                 f"(runtime {deploy['spec'].get('runtime')}"
-                 + (f", phase {ds['phase']}" if ds.get("phase") else "") + ")")
+            info(
+                f"deployment: AdapterDeployment {deploy['metadata']['name']} created "
+                f"(runtime {deploy['spec'].get('runtime')}"
+                + (f", phase {ds['phase']}" if ds.get("phase") else "")
+                + ")"
+            )
             for cond in ds.get("conditions") or []:
                 if cond.get("status") == "True" or cond.get("type") == "Ready":
-                    info(f"            {cond['type']}={cond['status']} {cond.get('reason', '')}: "
-                         f"{cond.get('message', '')}")
+                    info(
+                        f"            {cond['type']}={cond['status']} {cond.get('reason', '')}: "
+                        f"{cond.get('message', '')}"
+                    )
             refused = self.refused_pods()
             for pod, reason, message in refused:
-                info(f"            its serving pod {pod} is refused by the local node agent: "
-                     f"{reason}: {message}")
+                info(
+                    f"            its serving pod {pod} is refused by the local node agent: "
+                    f"{reason}: {message}"
+                )
             if not refused:
-                info("            vLLM needs a GPU and a container runtime: on this machine its "
-                     "pod is not run (see docs/demo.md)")
+                info(
+                    "            vLLM needs a GPU and a container runtime: on this machine its "
+                    "pod is not run (see docs/demo.md)"
+                )
         logs = self.paths.node / "logs" / NAMESPACE
         info(f"logs:       pods {logs}/<pod>/<container>.log; operator and agent {self.paths.logs}")
         if self.args.summary_json:
-            Path(self.args.summary_json).write_text(json.dumps({
-                "fineTuneJob": ftj, "adapterMerge": merge, "adapterDeployment": deploy,
-                "adapterDir": str(adapter_dir) if adapter_dir else None,
-                "mergedDir": str(self.paths.claim(merge["spec"]["output"]["uri"]))
-                if merge else None,
-                "refusedPods": [list(r) for r in self.refused_pods()],
-                "workerSummary": worker,
-                "podLogs": str(logs), "elapsedSeconds": elapsed,
-                "pods": self.api.get(f"/api/v1/namespaces/{NAMESPACE}/pods")["items"],
-            }, indent=1))
+            Path(self.args.summary_json).write_text(
+                json.dumps(
+                    {
+                        "fineTuneJob": ftj,
+                        "adapterMerge": merge,
+                        "adapterDeployment": deploy,
+                        "adapterDir": str(adapter_dir) if adapter_dir else None,
+                        "mergedDir": str(self.paths.claim(merge["spec"]["output"]["uri"]))
+                        if merge
+                        else None,
+                        "refusedPods": [list(r) for r in self.refused_pods()],
+                        "workerSummary": worker,
+                        "podLogs": str(logs),
+                        "elapsedSeconds": elapsed,
+                        "pods": self.api.get(f"/api/v1/namespaces/{NAMESPACE}/pods")["items"],
+                    },
+                    indent=1,
+                )
+            )
 
     def worker_summary(self, job_name: str | None) -> dict:
         """The JSON summary the worker left as its termination message (pod status)."""
         if not job_name:
             return {}
-        pods = self.api.get(f"/api/v1/namespaces/{NAMESPACE}/pods",
-                            labelSelector=f"job-name={job_name}")["items"]
+        pods = self.api.get(
+            f"/api/v1/namespaces/{NAMESPACE}/pods", labelSelector=f"job-name={job_name}"
+        )["items"]
         for pod in pods:
             for cs in (pod.get("status") or {}).get("containerStatuses") or []:
                 message = ((cs.get("state") or {}).get("terminated") or {}).get("message")
@@ -595,8 +779,9 @@ class Demo:
             for cs in (pod.get("status") or {}).get("containerStatuses") or []:
                 waiting = (cs.get("state") or {}).get("waiting") or {}
                 if waiting.get("reason", "").startswith("Unsupported"):
-                    out.append((pod["metadata"]["name"], waiting["reason"],
-                                waiting.get("message", "")))
+                    out.append(
+                        (pod["metadata"]["name"], waiting["reason"], waiting.get("message", ""))
+                    )
         return out
 
     # ---- stopping ----------------------------------------------------------------------------
@@ -687,13 +872,19 @@ def _bytes(v) -> str | None:
 
 def describe_plan(plan: dict) -> str:
     method = plan.get("method", "?")
-    parts = [(f"{method} (micro-batch {plan.get('microBatchSize')} x gradient accumulation "
-              f"{plan.get('gradientAccumulation')}, gradient checkpointing "
-              f"{'on' if plan.get('gradientCheckpointing') else 'off'})")]
+    parts = [
+        (
+            f"{method} (micro-batch {plan.get('microBatchSize')} x gradient accumulation "
+            f"{plan.get('gradientAccumulation')}, gradient checkpointing "
+            f"{'on' if plan.get('gradientCheckpointing') else 'off'})"
+        )
+    ]
     if plan.get("estimatedPeakBytes"):
         budget = plan.get("budgetBytes")
-        parts.append(f"predicted peak {_bytes(plan['estimatedPeakBytes'])}"
-                     + (f" of a {_bytes(budget)} budget" if budget else ""))
+        parts.append(
+            f"predicted peak {_bytes(plan['estimatedPeakBytes'])}"
+            + (f" of a {_bytes(budget)} budget" if budget else "")
+        )
     if plan.get("trainableParams"):
         parts.append(f"{plan['trainableParams']:,} trainable parameters")
     text = "; ".join(parts)

@@ -64,11 +64,17 @@ class KubeAPI:
         key = _material(user, "client-key", path.parent, scratch)
         if cert and key:
             context.load_cert_chain(cert, key)
-        return cls(server=cluster["server"].rstrip("/"), context=context,
-                   token=user.get("token"))
+        return cls(server=cluster["server"].rstrip("/"), context=context, token=user.get("token"))
 
-    def request(self, method: str, path: str, body: Any = None, *,
-                content_type: str = "application/json", query: dict | None = None) -> Any:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        content_type: str = "application/json",
+        query: dict | None = None,
+    ) -> Any:
         url = self.server + path
         if query:
             url += "?" + urllib.parse.urlencode(query)
@@ -90,11 +96,13 @@ class KubeAPI:
                 reason, message = status.get("reason", ""), status.get("message", message)
             except json.JSONDecodeError:
                 pass
-            raise ApiError(f"{method} {path}: HTTP {exc.code}: {message}", code=exc.code,
-                           reason=reason) from None
+            raise ApiError(
+                f"{method} {path}: HTTP {exc.code}: {message}", code=exc.code, reason=reason
+            ) from None
         except (urllib.error.URLError, OSError, ssl.SSLError) as exc:
-            raise ApiError(f"{method} {path}: cannot reach the API server at "
-                           f"{self.server}: {exc}") from None
+            raise ApiError(
+                f"{method} {path}: cannot reach the API server at {self.server}: {exc}"
+            ) from None
         return json.loads(raw) if raw else None
 
     def get(self, path: str, **query) -> Any:
@@ -123,8 +131,9 @@ class KubeAPI:
         return self.request("PATCH", path, body, content_type="application/merge-patch+json")
 
     def strategic_patch(self, path: str, body: dict) -> Any:
-        return self.request("PATCH", path, body,
-                            content_type="application/strategic-merge-patch+json")
+        return self.request(
+            "PATCH", path, body, content_type="application/strategic-merge-patch+json"
+        )
 
     def delete(self, path: str, body: dict | None = None) -> bool:
         """Delete; False when it was already gone."""

@@ -79,57 +79,94 @@ def machine_memory_bytes() -> int:
 DEFAULT_GPUS = 2
 
 
-def build_node(name: str, *, cpus: int, memory_bytes: int, gpu_memory_mib: int,
-               labels: dict[str, str] | None = None, taints: list[dict] | None = None,
-               gpus: int = DEFAULT_GPUS) -> dict:
+def build_node(
+    name: str,
+    *,
+    cpus: int,
+    memory_bytes: int,
+    gpu_memory_mib: int,
+    labels: dict[str, str] | None = None,
+    taints: list[dict] | None = None,
+    gpus: int = DEFAULT_GPUS,
+) -> dict:
     """The Node object: this machine's CPU and memory, GFD-style labels for stand-in GPUs."""
     return {
-        "apiVersion": "v1", "kind": "Node",
-        "metadata": {"name": name, "labels": {
-            "kubernetes.io/hostname": name,
-            "kubernetes.io/os": "linux",
-            "kubernetes.io/arch": {"x86_64": "amd64", "aarch64": "arm64"}.get(
-                platform.machine(), platform.machine()),
-            "finetune.dev/local-node-agent": "true",
-            # A stand-in for GPU Feature Discovery's labels: there is no GPU, the worker
-            # runs on the CPU, and "GPU memory" is this machine's memory.
-            "nvidia.com/gpu.present": "true",
-            "nvidia.com/gpu.product": GPU_PRODUCT,
-            "nvidia.com/gpu.memory": str(gpu_memory_mib),
-            "nvidia.com/gpu.count": str(gpus),
-            **(labels or {}),
-        }},
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": name,
+            "labels": {
+                "kubernetes.io/hostname": name,
+                "kubernetes.io/os": "linux",
+                "kubernetes.io/arch": {"x86_64": "amd64", "aarch64": "arm64"}.get(
+                    platform.machine(), platform.machine()
+                ),
+                "finetune.dev/local-node-agent": "true",
+                # A stand-in for GPU Feature Discovery's labels: there is no GPU, the worker
+                # runs on the CPU, and "GPU memory" is this machine's memory.
+                "nvidia.com/gpu.present": "true",
+                "nvidia.com/gpu.product": GPU_PRODUCT,
+                "nvidia.com/gpu.memory": str(gpu_memory_mib),
+                "nvidia.com/gpu.count": str(gpus),
+                **(labels or {}),
+            },
+        },
         "spec": {"taints": taints} if taints else {},
     }
 
 
 def node_status(cpus: int, memory_bytes: int, port: int, gpus: int = DEFAULT_GPUS) -> dict:
-    resources = {"cpu": str(cpus), "memory": f"{memory_bytes // 1024}Ki", "pods": "110",
-                 "nvidia.com/gpu": str(gpus), "ephemeral-storage": "100Gi"}
+    resources = {
+        "cpu": str(cpus),
+        "memory": f"{memory_bytes // 1024}Ki",
+        "pods": "110",
+        "nvidia.com/gpu": str(gpus),
+        "ephemeral-storage": "100Gi",
+    }
     return {
-        "capacity": resources, "allocatable": resources,
+        "capacity": resources,
+        "allocatable": resources,
         "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
         "daemonEndpoints": {"kubeletEndpoint": {"Port": port}},
         "nodeInfo": {
-            "machineID": "local", "systemUUID": "local", "bootID": "local",
-            "kernelVersion": platform.release(), "osImage": platform.platform(),
-            "containerRuntimeVersion": "local-process://1", "kubeletVersion": AGENT_VERSION,
-            "kubeProxyVersion": "", "operatingSystem": "linux",
+            "machineID": "local",
+            "systemUUID": "local",
+            "bootID": "local",
+            "kernelVersion": platform.release(),
+            "osImage": platform.platform(),
+            "containerRuntimeVersion": "local-process://1",
+            "kubeletVersion": AGENT_VERSION,
+            "kubeProxyVersion": "",
+            "operatingSystem": "linux",
             "architecture": {"x86_64": "amd64", "aarch64": "arm64"}.get(
-                platform.machine(), platform.machine()),
+                platform.machine(), platform.machine()
+            ),
         },
     }
 
 
 def ready_conditions(stamp: str) -> list[dict]:
     conditions = [
-        {"type": t, "status": "False", "reason": f"KubeletHasNo{t}", "message": "",
-         "lastHeartbeatTime": stamp, "lastTransitionTime": stamp}
+        {
+            "type": t,
+            "status": "False",
+            "reason": f"KubeletHasNo{t}",
+            "message": "",
+            "lastHeartbeatTime": stamp,
+            "lastTransitionTime": stamp,
+        }
         for t in ("MemoryPressure", "DiskPressure", "PIDPressure")
     ]
-    conditions.append({"type": "Ready", "status": "True", "reason": "KubeletReady",
-                       "message": "the local node agent is posting ready status",
-                       "lastHeartbeatTime": stamp, "lastTransitionTime": stamp})
+    conditions.append(
+        {
+            "type": "Ready",
+            "status": "True",
+            "reason": "KubeletReady",
+            "message": "the local node agent is posting ready status",
+            "lastHeartbeatTime": stamp,
+            "lastTransitionTime": stamp,
+        }
+    )
     return conditions
 
 
@@ -161,11 +198,19 @@ class RunningPod:
 
 
 class NodeAgent:
-    def __init__(self, kubeconfig: str | Path, data_dir: str | Path, *,
-                 node_name: str = DEFAULT_NODE_NAME, mappings: list[ImageMapping] | None = None,
-                 taints: list[dict] | None = None, labels: dict[str, str] | None = None,
-                 interval: float = 1.0, delete_node_on_stop: bool = True,
-                 gpu_memory_mib: int | None = None):
+    def __init__(
+        self,
+        kubeconfig: str | Path,
+        data_dir: str | Path,
+        *,
+        node_name: str = DEFAULT_NODE_NAME,
+        mappings: list[ImageMapping] | None = None,
+        taints: list[dict] | None = None,
+        labels: dict[str, str] | None = None,
+        interval: float = 1.0,
+        delete_node_on_stop: bool = True,
+        gpu_memory_mib: int | None = None,
+    ):
         self.api = KubeAPI.from_kubeconfig(kubeconfig)
         self.data_dir = Path(data_dir).resolve()
         self.pods_dir = self.data_dir / "pods"
@@ -209,8 +254,8 @@ class NodeAgent:
             self._signal(pod, signal.SIGTERM)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and any(
-                c.process.poll() is None for p in self.running.values()
-                for c in p.containers.values()):
+            c.process.poll() is None for p in self.running.values() for c in p.containers.values()
+        ):
             time.sleep(0.1)
         for pod in list(self.running.values()):
             self._signal(pod, signal.SIGKILL)
@@ -229,17 +274,31 @@ class NodeAgent:
                 log.warning("could not remove node %s: %s", self.node_name, exc)
 
     def register(self, port: int) -> None:
-        node = build_node(self.node_name, cpus=self.cpus, memory_bytes=self.memory,
-                          gpu_memory_mib=self.gpu_memory_mib, labels=self.labels,
-                          taints=self.taints)
+        node = build_node(
+            self.node_name,
+            cpus=self.cpus,
+            memory_bytes=self.memory,
+            gpu_memory_mib=self.gpu_memory_mib,
+            labels=self.labels,
+            taints=self.taints,
+        )
         if self.api.create_if_absent("/api/v1/nodes", node) is None:
-            self.api.merge_patch(f"/api/v1/nodes/{self.node_name}",
-                                 {"metadata": {"labels": node["metadata"]["labels"]},
-                                  "spec": node["spec"] or {"taints": None}})
+            self.api.merge_patch(
+                f"/api/v1/nodes/{self.node_name}",
+                {
+                    "metadata": {"labels": node["metadata"]["labels"]},
+                    "spec": node["spec"] or {"taints": None},
+                },
+            )
         self._port = port
         self.heartbeat()
-        log.info("node %s registered: %d CPUs, %.1f GiB memory, 1 stand-in GPU (%s)",
-                 self.node_name, self.cpus, self.memory / 2**30, GPU_PRODUCT)
+        log.info(
+            "node %s registered: %d CPUs, %.1f GiB memory, 1 stand-in GPU (%s)",
+            self.node_name,
+            self.cpus,
+            self.memory / 2**30,
+            GPU_PRODUCT,
+        )
 
     def heartbeat(self) -> None:
         status = node_status(self.cpus, self.memory, self._port)
@@ -267,12 +326,14 @@ class NodeAgent:
             try:
                 self.sync_pod(pod)
             except ApiError as exc:
-                log.warning("pod %s/%s: %s", pod["metadata"]["namespace"],
-                            pod["metadata"]["name"], exc)
+                log.warning(
+                    "pod %s/%s: %s", pod["metadata"]["namespace"], pod["metadata"]["name"], exc
+                )
         for uid, running in list(self.running.items()):
             if uid not in seen:  # force-deleted from the API: stop it at once
-                log.info("pod %s/%s is gone from the API; stopping it", running.namespace,
-                         running.name)
+                log.info(
+                    "pod %s/%s is gone from the API; stopping it", running.namespace, running.name
+                )
                 self._signal(running, signal.SIGKILL)
                 running.deleting = True
         self.reap()
@@ -290,19 +351,29 @@ class NodeAgent:
                 self._finalise_delete(pod)
             elif not running.deleting:
                 running.deleting = True
-                grace = min(int(pod["spec"].get("terminationGracePeriodSeconds", 30)),
-                            MAX_GRACE_SECONDS)
+                grace = min(
+                    int(pod["spec"].get("terminationGracePeriodSeconds", 30)), MAX_GRACE_SECONDS
+                )
                 running.kill_deadline = time.monotonic() + grace
-                log.info("pod %s/%s deleted: SIGTERM, %ds to exit", md["namespace"],
-                         md["name"], grace)
+                log.info(
+                    "pod %s/%s deleted: SIGTERM, %ds to exit", md["namespace"], md["name"], grace
+                )
                 self._signal(running, signal.SIGTERM)
             return
         if uid in self.running or uid in self.refused or phase in ("Succeeded", "Failed"):
             return
         if phase == "Running":
             # Running in the API but not here: the agent restarted under it.
-            self._write_status(pod, {"phase": "Failed", "reason": "ContainerLost", "message": (
-                "the local node agent restarted while this pod ran; its process is gone")})
+            self._write_status(
+                pod,
+                {
+                    "phase": "Failed",
+                    "reason": "ContainerLost",
+                    "message": (
+                        "the local node agent restarted while this pod ran; its process is gone"
+                    ),
+                },
+            )
             return
         try:
             self.start_pod(pod)
@@ -321,27 +392,48 @@ class NodeAgent:
         shutil.rmtree(directory, ignore_errors=True)
         try:
             volumes, tokens = self._materialise_volumes(pod, directory / "volumes")
-            running = RunningPod(uid=md["uid"], namespace=md["namespace"], name=md["name"],
-                                 directory=directory, containers={}, tokens=tokens)
+            running = RunningPod(
+                uid=md["uid"],
+                namespace=md["namespace"],
+                name=md["name"],
+                directory=directory,
+                containers={},
+                tokens=tokens,
+            )
             for container in spec["containers"]:
                 running.containers[container["name"]] = self._start_container(
-                    pod, container, mapped[container["name"]], volumes, directory)
+                    pod, container, mapped[container["name"]], volumes, directory
+                )
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
             raise
         self.running[md["uid"]] = running
         self.waiting.pop(md["uid"], None)
         stamp = now()
-        self._write_status(pod, {
-            "phase": "Running", "startTime": stamp, "podIP": "127.0.0.1",
-            "hostIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}],
-            "hostIPs": [{"ip": "127.0.0.1"}],
-            "conditions": self._conditions(pod, ready=True),
-            "containerStatuses": [self._container_status(c) for c in running.containers.values()],
-        })
-        log.info("pod %s/%s running: %s", md["namespace"], md["name"], ", ".join(
-            f"{c.name} (pid {c.process.pid}, log {c.log_path})"
-            for c in running.containers.values()))
+        self._write_status(
+            pod,
+            {
+                "phase": "Running",
+                "startTime": stamp,
+                "podIP": "127.0.0.1",
+                "hostIP": "127.0.0.1",
+                "podIPs": [{"ip": "127.0.0.1"}],
+                "hostIPs": [{"ip": "127.0.0.1"}],
+                "conditions": self._conditions(pod, ready=True),
+                "containerStatuses": [
+                    self._container_status(c) for c in running.containers.values()
+                ],
+            },
+        )
+        log.info(
+            "pod %s/%s running: %s",
+            md["namespace"],
+            md["name"],
+            ", ".join(
+                f"{c.name} (pid {c.process.pid}, log {c.log_path})"
+                for c in running.containers.values()
+            ),
+        )
 
     def _materialise_volumes(self, pod: dict, root: Path) -> tuple[dict[str, Path], list]:
         """Each volume as a host directory; returns name -> directory and the token files.
@@ -370,16 +462,15 @@ class NodeAgent:
             elif "projected" in volume:
                 for source in volume["projected"].get("sources") or []:
                     if "serviceAccountToken" in source:
-                        tokens.append(self._write_token(pod, source["serviceAccountToken"],
-                                                        target))
+                        tokens.append(self._write_token(pod, source["serviceAccountToken"], target))
                     elif "configMap" in source:
                         self._text_files.setdefault(name, []).extend(
-                            self._write_config_map(ns, source["configMap"], target))
+                            self._write_config_map(ns, source["configMap"], target)
+                        )
                     elif "secret" in source:
                         self._write_secret(ns, source["secret"], target)
                     elif "downwardAPI" in source:
-                        self._write_downward(pod, source["downwardAPI"].get("items") or [],
-                                             target)
+                        self._write_downward(pod, source["downwardAPI"].get("items") or [], target)
             # emptyDir: the directory itself (medium Memory included: it is only scratch).
         return out, tokens
 
@@ -416,11 +507,13 @@ class NodeAgent:
             if source.get("optional"):
                 return []
             raise NotYet(f"ConfigMap {source['name']!r} does not exist yet")
-        text = self._items({k: v.encode() for k, v in (cm.get("data") or {}).items()},
-                           source.get("items"))
-        binary = self._items({k: base64.b64decode(v)
-                              for k, v in (cm.get("binaryData") or {}).items()},
-                             source.get("items"))
+        text = self._items(
+            {k: v.encode() for k, v in (cm.get("data") or {}).items()}, source.get("items")
+        )
+        binary = self._items(
+            {k: base64.b64decode(v) for k, v in (cm.get("binaryData") or {}).items()},
+            source.get("items"),
+        )
         self._write_files({**text, **binary}, target, source.get("defaultMode"))
         return [target / rel for rel in text]
 
@@ -432,16 +525,21 @@ class NodeAgent:
                 return
             raise NotYet(f"Secret {name!r} does not exist yet")
         data = {k: base64.b64decode(v) for k, v in (secret.get("data") or {}).items()}
-        self._write_files(self._items(data, source.get("items")), target,
-                          source.get("defaultMode", 0o440))
+        self._write_files(
+            self._items(data, source.get("items")), target, source.get("defaultMode", 0o440)
+        )
 
     def _write_downward(self, pod: dict, items: list[dict], target: Path) -> None:
         files = {}
         for item in items:
             if "fieldRef" not in item:
-                raise Refusal(podlib.UNSUPPORTED_VOLUME, (
-                    f"downward API item {item.get('path')!r} uses resourceFieldRef; the local "
-                    f"node agent supports fieldRef only"))
+                raise Refusal(
+                    podlib.UNSUPPORTED_VOLUME,
+                    (
+                        f"downward API item {item.get('path')!r} uses resourceFieldRef; the local "
+                        f"node agent supports fieldRef only"
+                    ),
+                )
             files[item["path"]] = podlib.field_ref(pod, item["fieldRef"]["fieldPath"]).encode()
         self._write_files(files, target, None)
 
@@ -450,10 +548,17 @@ class NodeAgent:
         md, spec = pod["metadata"], pod["spec"]
         sa = spec.get("serviceAccountName") or "default"
         request = {
-            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-            "spec": {"expirationSeconds": int(source.get("expirationSeconds", TOKEN_SECONDS)),
-                     "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": md["name"],
-                                        "uid": md["uid"]}},
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {
+                "expirationSeconds": int(source.get("expirationSeconds", TOKEN_SECONDS)),
+                "boundObjectRef": {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "name": md["name"],
+                    "uid": md["uid"],
+                },
+            },
         }
         if source.get("audience"):
             request["spec"]["audiences"] = [source["audience"]]
@@ -480,16 +585,18 @@ class NodeAgent:
 
     # ---- containers ----------------------------------------------------------------------
 
-    def _mount_table(self, container: dict, volumes: dict[str, Path],
-                     termination_path: Path) -> MountTable:
+    def _mount_table(
+        self, container: dict, volumes: dict[str, Path], termination_path: Path
+    ) -> MountTable:
         entries = {}
         for mount in container.get("volumeMounts") or []:
             host = volumes[mount["name"]]
             if mount.get("subPath"):
                 host = host / mount["subPath"]
             entries[mount["mountPath"]] = str(host)
-        entries[container.get("terminationMessagePath") or
-                podlib.DEFAULT_TERMINATION_MESSAGE_PATH] = str(termination_path)
+        entries[
+            container.get("terminationMessagePath") or podlib.DEFAULT_TERMINATION_MESSAGE_PATH
+        ] = str(termination_path)
         return MountTable(entries)
 
     def _environment(self, pod: dict, container: dict, table: MountTable) -> dict[str, str]:
@@ -499,17 +606,23 @@ class NodeAgent:
             prefix = source.get("prefix", "")
             if "configMapRef" in source:
                 cm = self.api.get_or_none(
-                    f"/api/v1/namespaces/{ns}/configmaps/{source['configMapRef']['name']}")
+                    f"/api/v1/namespaces/{ns}/configmaps/{source['configMapRef']['name']}"
+                )
                 if cm is None and not source["configMapRef"].get("optional"):
                     raise NotYet(f"ConfigMap {source['configMapRef']['name']!r} does not exist yet")
                 env.update({prefix + k: v for k, v in ((cm or {}).get("data") or {}).items()})
             elif "secretRef" in source:
                 s = self.api.get_or_none(
-                    f"/api/v1/namespaces/{ns}/secrets/{source['secretRef']['name']}")
+                    f"/api/v1/namespaces/{ns}/secrets/{source['secretRef']['name']}"
+                )
                 if s is None and not source["secretRef"].get("optional"):
                     raise NotYet(f"Secret {source['secretRef']['name']!r} does not exist yet")
-                env.update({prefix + k: base64.b64decode(v).decode()
-                            for k, v in ((s or {}).get("data") or {}).items()})
+                env.update(
+                    {
+                        prefix + k: base64.b64decode(v).decode()
+                        for k, v in ((s or {}).get("data") or {}).items()
+                    }
+                )
         for var in container.get("env") or []:
             if "value" in var:
                 env[var["name"]] = podlib.expand_references(var["value"], env)
@@ -533,15 +646,27 @@ class NodeAgent:
                 if value is None:
                     if sel.get("optional"):
                         return ""
-                    raise NotYet(f"env {var['name']}: {kind[:-6]} {sel['name']!r} key "
-                                 f"{sel['key']!r} does not exist yet")
+                    raise NotYet(
+                        f"env {var['name']}: {kind[:-6]} {sel['name']!r} key "
+                        f"{sel['key']!r} does not exist yet"
+                    )
                 return base64.b64decode(value).decode() if path == "secrets" else value
-        raise Refusal(podlib.UNSUPPORTED_POD, (
-            f"env {var['name']!r} uses {next(iter(ref))}; the local node agent supports "
-            f"value, fieldRef, configMapKeyRef and secretKeyRef"))
+        raise Refusal(
+            podlib.UNSUPPORTED_POD,
+            (
+                f"env {var['name']!r} uses {next(iter(ref))}; the local node agent supports "
+                f"value, fieldRef, configMapKeyRef and secretKeyRef"
+            ),
+        )
 
-    def _start_container(self, pod: dict, container: dict, mapping: ImageMapping,
-                         volumes: dict[str, Path], pod_dir: Path) -> RunningContainer:
+    def _start_container(
+        self,
+        pod: dict,
+        container: dict,
+        mapping: ImageMapping,
+        volumes: dict[str, Path],
+        pod_dir: Path,
+    ) -> RunningContainer:
         md = pod["metadata"]
         name = container["name"]
         cdir = pod_dir / "containers" / name
@@ -557,7 +682,8 @@ class NodeAgent:
         env = self._environment(pod, container, table)
         base = {
             "PATH": f"{Path(mapping.executable).parent}:/usr/local/bin:/usr/bin:/bin",
-            "HOME": str(cdir), "LANG": os.environ.get("LANG", "C.UTF-8"),
+            "HOME": str(cdir),
+            "LANG": os.environ.get("LANG", "C.UTF-8"),
             "HOSTNAME": md["name"],
             "KUBERNETES_SERVICE_HOST": self.service_host,
             "KUBERNETES_SERVICE_PORT": self.service_port,
@@ -571,24 +697,39 @@ class NodeAgent:
         env = {**base, **env}
         argv = [podlib.expand_references(a, env) for a in podlib.container_argv(container)]
         argv = [mapping.executable] + [table.translate(a) for a in argv[1:]]
-        workdir = table.translate(container["workingDir"]) if container.get("workingDir") \
-            else str(cdir)
+        workdir = (
+            table.translate(container["workingDir"]) if container.get("workingDir") else str(cdir)
+        )
         log_path = self.logs_dir / md["namespace"] / md["name"] / f"{name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         # Open for the process's lifetime; reap() closes it when the process exits.
         log_file = open(log_path, "ab")  # noqa: SIM115
         try:
-            process = subprocess.Popen(argv, env=env, cwd=workdir, stdin=subprocess.DEVNULL,
-                                       stdout=log_file, stderr=subprocess.STDOUT,
-                                       start_new_session=True)
+            process = subprocess.Popen(
+                argv,
+                env=env,
+                cwd=workdir,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         except OSError as exc:
             log_file.close()
-            raise Refusal(podlib.UNSUPPORTED_IMAGE, (
-                f"container {name!r}: cannot start {mapping.executable}: {exc}")) from None
+            raise Refusal(
+                podlib.UNSUPPORTED_IMAGE,
+                (f"container {name!r}: cannot start {mapping.executable}: {exc}"),
+            ) from None
         return RunningContainer(
-            name=name, image=container.get("image", ""), process=process, log_file=log_file,
-            log_path=log_path, termination_path=termination,
-            policy=container.get("terminationMessagePolicy", "File"), started_at=now())
+            name=name,
+            image=container.get("image", ""),
+            process=process,
+            log_file=log_file,
+            log_path=log_path,
+            termination_path=termination,
+            policy=container.get("terminationMessagePolicy", "File"),
+            started_at=now(),
+        )
 
     # ---- exits ------------------------------------------------------------------------------
 
@@ -616,8 +757,13 @@ class NodeAgent:
                     ok = all(c.exit_code == 0 for c in pod.containers.values())
                     patch["phase"] = "Succeeded" if ok else "Failed"
                     patch["conditions"] = self._conditions(api_pod, ready=False)
-                    log.info("pod %s/%s %s (exit codes %s)", pod.namespace, pod.name,
-                             patch["phase"], {c.name: c.exit_code for c in pod.containers.values()})
+                    log.info(
+                        "pod %s/%s %s (exit codes %s)",
+                        pod.namespace,
+                        pod.name,
+                        patch["phase"],
+                        {c.name: c.exit_code for c in pod.containers.values()},
+                    )
                 self._write_status(api_pod, patch)
             if done:
                 shutil.rmtree(pod.directory, ignore_errors=True)  # secrets do not linger
@@ -640,7 +786,8 @@ class NodeAgent:
     def _termination_message(self, c: RunningContainer) -> str:
         try:
             message = c.termination_path.read_bytes()[:TERMINATION_MESSAGE_LIMIT].decode(
-                errors="replace")
+                errors="replace"
+            )
         except OSError:
             message = ""
         if not message and c.policy == "FallbackToLogsOnError" and c.exit_code:
@@ -652,16 +799,23 @@ class NodeAgent:
         return message
 
     def _container_status(self, c: RunningContainer) -> dict:
-        status = {"name": c.name, "image": c.image, "imageID": "",
-                  "containerID": f"local-process://{c.process.pid}", "restartCount": 0}
+        status = {
+            "name": c.name,
+            "image": c.image,
+            "imageID": "",
+            "containerID": f"local-process://{c.process.pid}",
+            "restartCount": 0,
+        }
         if c.exit_code is None:
-            status.update(ready=True, started=True,
-                          state={"running": {"startedAt": c.started_at}})
+            status.update(ready=True, started=True, state={"running": {"startedAt": c.started_at}})
         else:
-            terminated = {"exitCode": c.exit_code,
-                          "reason": "Completed" if c.exit_code == 0 else "Error",
-                          "startedAt": c.started_at, "finishedAt": c.finished_at,
-                          "containerID": status["containerID"]}
+            terminated = {
+                "exitCode": c.exit_code,
+                "reason": "Completed" if c.exit_code == 0 else "Error",
+                "startedAt": c.started_at,
+                "finishedAt": c.finished_at,
+                "containerID": status["containerID"],
+            }
             message = self._termination_message(c)
             if message:
                 terminated["message"] = message
@@ -670,12 +824,15 @@ class NodeAgent:
 
     # ---- status writes -----------------------------------------------------------------------
 
-    def _conditions(self, pod: dict, *, ready: bool, reason: str | None = None,
-                    message: str | None = None) -> list[dict]:
+    def _conditions(
+        self, pod: dict, *, ready: bool, reason: str | None = None, message: str | None = None
+    ) -> list[dict]:
         stamp = now()
         ready_status = "True" if ready else "False"
-        out = [{"type": "PodScheduled", "status": "True", "lastTransitionTime": stamp},
-               {"type": "Initialized", "status": "True", "lastTransitionTime": stamp}]
+        out = [
+            {"type": "PodScheduled", "status": "True", "lastTransitionTime": stamp},
+            {"type": "Initialized", "status": "True", "lastTransitionTime": stamp},
+        ]
         for t in ("ContainersReady", "Ready"):
             cond = {"type": t, "status": ready_status, "lastTransitionTime": stamp}
             if reason:
@@ -687,37 +844,68 @@ class NodeAgent:
         md = pod["metadata"]
         self.api.strategic_patch(
             f"/api/v1/namespaces/{md['namespace']}/pods/{md['name']}/status",
-            {"metadata": {"uid": md["uid"]}, "status": status})
+            {"metadata": {"uid": md["uid"]}, "status": status},
+        )
 
     def _write_waiting(self, pod: dict, reason: str, message: str) -> None:
-        self._write_status(pod, {
-            "phase": "Pending",
-            "conditions": self._conditions(pod, ready=False, reason="ContainersNotReady",
-                                           message=message),
-            "containerStatuses": [
-                {"name": c["name"], "image": c.get("image", ""), "imageID": "", "ready": False,
-                 "started": False, "restartCount": 0,
-                 "state": {"waiting": {"reason": reason, "message": message}}}
-                for c in pod["spec"]["containers"]],
-        })
+        self._write_status(
+            pod,
+            {
+                "phase": "Pending",
+                "conditions": self._conditions(
+                    pod, ready=False, reason="ContainersNotReady", message=message
+                ),
+                "containerStatuses": [
+                    {
+                        "name": c["name"],
+                        "image": c.get("image", ""),
+                        "imageID": "",
+                        "ready": False,
+                        "started": False,
+                        "restartCount": 0,
+                        "state": {"waiting": {"reason": reason, "message": message}},
+                    }
+                    for c in pod["spec"]["containers"]
+                ],
+            },
+        )
 
     def _refuse(self, pod: dict, refusal: Refusal) -> None:
         md = pod["metadata"]
-        log.warning("refusing pod %s/%s: %s: %s", md["namespace"], md["name"], refusal.reason,
-                    refusal.message)
+        log.warning(
+            "refusing pod %s/%s: %s: %s",
+            md["namespace"],
+            md["name"],
+            refusal.reason,
+            refusal.message,
+        )
         if pod["spec"].get("restartPolicy", "Always") == "Never":
             # A batch pod fails at once, so its Job (and the operator) see why.
-            self._write_status(pod, {
-                "phase": "Failed", "reason": refusal.reason, "message": refusal.message,
-                "conditions": self._conditions(pod, ready=False, reason=refusal.reason,
-                                               message=refusal.message),
-                "containerStatuses": [
-                    {"name": c["name"], "image": c.get("image", ""), "imageID": "",
-                     "ready": False, "started": False, "restartCount": 0,
-                     "state": {"waiting": {"reason": refusal.reason,
-                                           "message": refusal.message}}}
-                    for c in pod["spec"]["containers"]],
-            })
+            self._write_status(
+                pod,
+                {
+                    "phase": "Failed",
+                    "reason": refusal.reason,
+                    "message": refusal.message,
+                    "conditions": self._conditions(
+                        pod, ready=False, reason=refusal.reason, message=refusal.message
+                    ),
+                    "containerStatuses": [
+                        {
+                            "name": c["name"],
+                            "image": c.get("image", ""),
+                            "imageID": "",
+                            "ready": False,
+                            "started": False,
+                            "restartCount": 0,
+                            "state": {
+                                "waiting": {"reason": refusal.reason, "message": refusal.message}
+                            },
+                        }
+                        for c in pod["spec"]["containers"]
+                    ],
+                },
+            )
         else:
             # A long-running pod stays Pending, like an image that cannot be pulled: a
             # failed one would only be replaced by its ReplicaSet, again and again.
@@ -727,9 +915,15 @@ class NodeAgent:
     def _finalise_delete(self, pod: dict) -> None:
         """What a kubelet does last: remove the pod object once nothing runs."""
         md = pod["metadata"]
-        self.api.delete(f"/api/v1/namespaces/{md['namespace']}/pods/{md['name']}",
-                        {"kind": "DeleteOptions", "apiVersion": "v1", "gracePeriodSeconds": 0,
-                         "preconditions": {"uid": md["uid"]}})
+        self.api.delete(
+            f"/api/v1/namespaces/{md['namespace']}/pods/{md['name']}",
+            {
+                "kind": "DeleteOptions",
+                "apiVersion": "v1",
+                "gracePeriodSeconds": 0,
+                "preconditions": {"uid": md["uid"]},
+            },
+        )
         self.refused.discard(md["uid"])
         self.waiting.pop(md["uid"], None)
 
@@ -739,8 +933,10 @@ class NodeAgent:
         return self.logs_dir / namespace / pod / f"{container}.log"
 
     def is_running(self, namespace: str, pod: str) -> bool:
-        return any(p.namespace == namespace and p.name == pod and not self._all_exited(p)
-                   for p in list(self.running.values()))
+        return any(
+            p.namespace == namespace and p.name == pod and not self._all_exited(p)
+            for p in list(self.running.values())
+        )
 
     def _start_log_server(self) -> int:
         """The kubelet's /containerLogs endpoint, so `kubectl logs [-f]` works.
@@ -753,11 +949,30 @@ class NodeAgent:
         tls.mkdir(parents=True, exist_ok=True)
         cert, key = tls / "agent.crt", tls / "agent.key"
         if not cert.exists():
-            subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                            "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key),
-                            "-out", str(cert), "-days", "30", "-subj", f"/CN={self.node_name}",
-                            "-addext", "subjectAltName=IP:127.0.0.1"],
-                           check=True, capture_output=True)
+            subprocess.run(
+                [
+                    "openssl",
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1",
+                    "-nodes",
+                    "-keyout",
+                    str(key),
+                    "-out",
+                    str(cert),
+                    "-days",
+                    "30",
+                    "-subj",
+                    f"/CN={self.node_name}",
+                    "-addext",
+                    "subjectAltName=IP:127.0.0.1",
+                ],
+                check=True,
+                capture_output=True,
+            )
         agent = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -821,16 +1036,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="finetune-dev demo node-agent",
         description="Register this machine as a Node and run the pods bound to it as local "
-                    "processes (a kubelet stand-in for the demo).")
-    p.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"), required=
-                   not os.environ.get("KUBECONFIG"))
-    p.add_argument("--data-dir", required=True,
-                   help="where pod directories and container logs live")
+        "processes (a kubelet stand-in for the demo).",
+    )
+    p.add_argument(
+        "--kubeconfig",
+        default=os.environ.get("KUBECONFIG"),
+        required=not os.environ.get("KUBECONFIG"),
+    )
+    p.add_argument(
+        "--data-dir", required=True, help="where pod directories and container logs live"
+    )
     p.add_argument("--node-name", default=DEFAULT_NODE_NAME)
-    p.add_argument("--map", nargs=3, action="append", metavar=("IMAGE_GLOB", "COMMAND",
-                                                                "EXECUTABLE"),
-                   help="run containers of IMAGE_GLOB whose command is COMMAND as EXECUTABLE "
-                        "(repeatable; replaces the default finetune-worker mapping)")
+    p.add_argument(
+        "--map",
+        nargs=3,
+        action="append",
+        metavar=("IMAGE_GLOB", "COMMAND", "EXECUTABLE"),
+        help="run containers of IMAGE_GLOB whose command is COMMAND as EXECUTABLE "
+        "(repeatable; replaces the default finetune-worker mapping)",
+    )
     p.add_argument("--taint", action="append", default=[], metavar="KEY=VALUE:EFFECT")
     p.add_argument("--keep-node", action="store_true", help="leave the Node object on exit")
     return p.parse_args(argv)
@@ -838,17 +1062,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s node-agent %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s node-agent %(levelname)s %(message)s",
+    )
     mappings = [ImageMapping(*m) for m in args.map] if args.map else None
     taints = []
     for t in args.taint:
         kv, _, effect = t.partition(":")
         key, _, value = kv.partition("=")
         taints.append({"key": key, "value": value, "effect": effect or "NoSchedule"})
-    agent = NodeAgent(args.kubeconfig, args.data_dir, node_name=args.node_name,
-                      mappings=mappings, taints=taints or None,
-                      delete_node_on_stop=not args.keep_node)
+    agent = NodeAgent(
+        args.kubeconfig,
+        args.data_dir,
+        node_name=args.node_name,
+        mappings=mappings,
+        taints=taints or None,
+        delete_node_on_stop=not args.keep_node,
+    )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

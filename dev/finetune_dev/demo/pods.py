@@ -24,8 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # Volume types the agent can materialise as host directories.
-SUPPORTED_VOLUMES = ("configMap", "secret", "emptyDir", "persistentVolumeClaim", "projected",
-                     "downwardAPI")
+SUPPORTED_VOLUMES = (
+    "configMap",
+    "secret",
+    "emptyDir",
+    "persistentVolumeClaim",
+    "projected",
+    "downwardAPI",
+)
 SUPPORTED_PROJECTIONS = ("serviceAccountToken", "configMap", "secret", "downwardAPI")
 # Persistent volumes whose data is a directory on this machine.
 LOCAL_PV_TYPES = ("hostPath", "local")
@@ -55,9 +61,12 @@ def default_mappings() -> list[ImageMapping]:
     """The worker image, whatever registry or tag, runs this environment's worker."""
     here = Path(sys.executable).parent
     worker = here / "finetune-worker"
-    executable = str(worker) if worker.exists() else (shutil.which("finetune-worker") or str(worker))
-    return [ImageMapping(image="*finetune-worker*", command="finetune-worker",
-                         executable=executable)]
+    executable = (
+        str(worker) if worker.exists() else (shutil.which("finetune-worker") or str(worker))
+    )
+    return [
+        ImageMapping(image="*finetune-worker*", command="finetune-worker", executable=executable)
+    ]
 
 
 class Refusal(Exception):
@@ -77,18 +86,26 @@ def find_mapping(container: dict, mappings: list[ImageMapping]) -> ImageMapping:
     image = container.get("image", "")
     argv = container_argv(container)
     if not argv:
-        raise Refusal(UNSUPPORTED_IMAGE, (
-            f"container {container['name']!r} (image {image!r}) has no command; the local "
-            f"node agent cannot read an image's entrypoint, so it only runs containers with "
-            f"an explicit command"))
+        raise Refusal(
+            UNSUPPORTED_IMAGE,
+            (
+                f"container {container['name']!r} (image {image!r}) has no command; the local "
+                f"node agent cannot read an image's entrypoint, so it only runs containers with "
+                f"an explicit command"
+            ),
+        )
     for mapping in mappings:
         if mapping.matches(image, argv[0]):
             return mapping
     known = ", ".join(f"{m.image} running {m.command}" for m in mappings) or "none"
-    raise Refusal(UNSUPPORTED_IMAGE, (
-        f"container {container['name']!r}: image {image!r} with command {argv[0]!r} cannot "
-        f"be mapped to a program on this machine (the local node agent runs only: {known}). "
-        f"Run it on a real cluster with a container runtime"))
+    raise Refusal(
+        UNSUPPORTED_IMAGE,
+        (
+            f"container {container['name']!r}: image {image!r} with command {argv[0]!r} cannot "
+            f"be mapped to a program on this machine (the local node agent runs only: {known}). "
+            f"Run it on a real cluster with a container runtime"
+        ),
+    )
 
 
 def check_pod(pod: dict, mappings: list[ImageMapping]) -> dict[str, ImageMapping]:
@@ -97,25 +114,39 @@ def check_pod(pod: dict, mappings: list[ImageMapping]) -> dict[str, ImageMapping
     name = pod["metadata"]["name"]
     mapped = {c["name"]: find_mapping(c, mappings) for c in spec["containers"]}
     if spec.get("initContainers"):
-        raise Refusal(UNSUPPORTED_POD, (
-            f"pod {name!r} has init containers; the local node agent does not run them"))
+        raise Refusal(
+            UNSUPPORTED_POD,
+            (f"pod {name!r} has init containers; the local node agent does not run them"),
+        )
     for volume in spec.get("volumes") or []:
         kind = next((k for k in volume if k != "name"), None)
         if kind not in SUPPORTED_VOLUMES:
-            raise Refusal(UNSUPPORTED_VOLUME, (
-                f"volume {volume['name']!r} is of type {kind!r}; the local node agent "
-                f"supports {', '.join(SUPPORTED_VOLUMES)}"))
+            raise Refusal(
+                UNSUPPORTED_VOLUME,
+                (
+                    f"volume {volume['name']!r} is of type {kind!r}; the local node agent "
+                    f"supports {', '.join(SUPPORTED_VOLUMES)}"
+                ),
+            )
         for source in (volume.get("projected") or {}).get("sources") or []:
             for k in source:
                 if k not in SUPPORTED_PROJECTIONS:
-                    raise Refusal(UNSUPPORTED_VOLUME, (
-                        f"projected volume {volume['name']!r} has a {k!r} source; the local "
-                        f"node agent supports {', '.join(SUPPORTED_PROJECTIONS)}"))
+                    raise Refusal(
+                        UNSUPPORTED_VOLUME,
+                        (
+                            f"projected volume {volume['name']!r} has a {k!r} source; the local "
+                            f"node agent supports {', '.join(SUPPORTED_PROJECTIONS)}"
+                        ),
+                    )
     policy = spec.get("restartPolicy", "Always")
     if policy != "Never":
-        raise Refusal(UNSUPPORTED_POD, (
-            f"pod {name!r} has restartPolicy {policy!r}; the local node agent runs each "
-            f"container once, so it only accepts restartPolicy Never (batch pods)"))
+        raise Refusal(
+            UNSUPPORTED_POD,
+            (
+                f"pod {name!r} has restartPolicy {policy!r}; the local node agent runs each "
+                f"container once, so it only accepts restartPolicy Never (batch pods)"
+            ),
+        )
     return mapped
 
 
@@ -125,12 +156,34 @@ def pv_host_path(pv: dict) -> str:
     for kind in LOCAL_PV_TYPES:
         if spec.get(kind, {}).get("path"):
             return spec[kind]["path"]
-    kind = next((k for k in spec if k in (
-        "nfs", "csi", "iscsi", "awsElasticBlockStore", "gcePersistentDisk", "azureDisk",
-        "azureFile", "cephfs", "rbd", "fc", "flexVolume")), "unknown")
-    raise Refusal(UNSUPPORTED_VOLUME, (
-        f"PersistentVolume {pv['metadata']['name']!r} is of type {kind!r}; the local node "
-        f"agent only mounts hostPath or local volumes (directories on this machine)"))
+    kind = next(
+        (
+            k
+            for k in spec
+            if k
+            in (
+                "nfs",
+                "csi",
+                "iscsi",
+                "awsElasticBlockStore",
+                "gcePersistentDisk",
+                "azureDisk",
+                "azureFile",
+                "cephfs",
+                "rbd",
+                "fc",
+                "flexVolume",
+            )
+        ),
+        "unknown",
+    )
+    raise Refusal(
+        UNSUPPORTED_VOLUME,
+        (
+            f"PersistentVolume {pv['metadata']['name']!r} is of type {kind!r}; the local node "
+            f"agent only mounts hostPath or local volumes (directories on this machine)"
+        ),
+    )
 
 
 @dataclass
@@ -164,11 +217,13 @@ _VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_.\-]*)\)|\$\$")
 
 def expand_references(value: str, env: dict[str, str]) -> str:
     """Kubernetes' `$(VAR)` expansion in command, args and env values; `$$` escapes."""
+
     def sub(m: re.Match) -> str:
         if m.group(0) == "$$":
             return "$"
         name = m.group(1)
         return env.get(name, m.group(0))
+
     return _VAR.sub(sub, value)
 
 
@@ -176,8 +231,10 @@ def field_ref(pod: dict, path: str) -> str:
     """The downward API's fieldRef paths a kubelet resolves."""
     md, spec, status = pod["metadata"], pod["spec"], pod.get("status") or {}
     simple = {
-        "metadata.name": md.get("name"), "metadata.namespace": md.get("namespace"),
-        "metadata.uid": md.get("uid"), "spec.nodeName": spec.get("nodeName"),
+        "metadata.name": md.get("name"),
+        "metadata.namespace": md.get("namespace"),
+        "metadata.uid": md.get("uid"),
+        "spec.nodeName": spec.get("nodeName"),
         "spec.serviceAccountName": spec.get("serviceAccountName"),
         "status.podIP": status.get("podIP", "127.0.0.1"),
         "status.hostIP": status.get("hostIP", "127.0.0.1"),
@@ -190,5 +247,6 @@ def field_ref(pod: dict, path: str) -> str:
     if path in ("metadata.labels", "metadata.annotations"):
         items = md.get(path.split(".")[1]) or {}
         return "\n".join(f'{k}="{v}"' for k, v in sorted(items.items()))
-    raise Refusal(UNSUPPORTED_POD, f"downward API field {path!r} is not supported by the "
-                                   f"local node agent")
+    raise Refusal(
+        UNSUPPORTED_POD, f"downward API field {path!r} is not supported by the local node agent"
+    )

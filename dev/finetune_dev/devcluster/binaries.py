@@ -36,7 +36,39 @@ GOTOOLCHAIN = "local"
 
 # The staging modules that k8s.io/kubernetes' own go.mod points at ./staging/...; each
 # is replaced with its published version, the usual way to build Kubernetes as a module.
-KUBERNETES_STAGING_MODULES = ["api", "apiextensions-apiserver", "apimachinery", "apiserver", "cli-runtime", "client-go", "cloud-provider", "cluster-bootstrap", "code-generator", "component-base", "component-helpers", "controller-manager", "cri-api", "cri-client", "cri-streaming", "csi-translation-lib", "dynamic-resource-allocation", "endpointslice", "externaljwt", "kms", "kube-aggregator", "kube-controller-manager", "kube-proxy", "kube-scheduler", "kubectl", "kubelet", "metrics", "mount-utils", "pod-security-admission", "sample-apiserver", "streaming"]
+KUBERNETES_STAGING_MODULES = [
+    "api",
+    "apiextensions-apiserver",
+    "apimachinery",
+    "apiserver",
+    "cli-runtime",
+    "client-go",
+    "cloud-provider",
+    "cluster-bootstrap",
+    "code-generator",
+    "component-base",
+    "component-helpers",
+    "controller-manager",
+    "cri-api",
+    "cri-client",
+    "cri-streaming",
+    "csi-translation-lib",
+    "dynamic-resource-allocation",
+    "endpointslice",
+    "externaljwt",
+    "kms",
+    "kube-aggregator",
+    "kube-controller-manager",
+    "kube-proxy",
+    "kube-scheduler",
+    "kubectl",
+    "kubelet",
+    "metrics",
+    "mount-utils",
+    "pod-security-admission",
+    "sample-apiserver",
+    "streaming",
+]
 
 ETCD_MAIN = """\
 // Built by finetune-operator's dev cluster: etcd's own entry point, nothing added.
@@ -92,14 +124,16 @@ def _kubernetes_component() -> GoComponent:
     )
 
 
-def _module_component(name: str, version: str, module: str, package: str,
-                      first_build_estimate: str, **extra) -> GoComponent:
+def _module_component(
+    name: str, version: str, module: str, package: str, first_build_estimate: str, **extra
+) -> GoComponent:
     """A component built from one published Go module at `version`."""
     return GoComponent(
         name=name,
         version=version,
-        go_mod=(f"module finetune-operator.local/{name}\n\ngo 1.26.0\n\n"
-                f"require {module} {version}\n"),
+        go_mod=(
+            f"module finetune-operator.local/{name}\n\ngo 1.26.0\n\nrequire {module} {version}\n"
+        ),
         packages=(package,),
         binaries=(name,),
         first_build_estimate=first_build_estimate,
@@ -109,21 +143,30 @@ def _module_component(name: str, version: str, module: str, package: str,
 
 def components() -> list[GoComponent]:
     return [
-        _module_component("etcd", ETCD_VERSION, "go.etcd.io/etcd/server/v3", ".",
-                          "2-4 minutes", main_go=ETCD_MAIN),
+        _module_component(
+            "etcd", ETCD_VERSION, "go.etcd.io/etcd/server/v3", ".", "2-4 minutes", main_go=ETCD_MAIN
+        ),
         _kubernetes_component(),
-        _module_component("kwok", KWOK_VERSION, "sigs.k8s.io/kwok", "sigs.k8s.io/kwok/cmd/kwok",
-                          "3-6 minutes"),
-        _module_component("helm", HELM_VERSION, "helm.sh/helm/v3", "helm.sh/helm/v3/cmd/helm",
-                          "3-6 minutes"),
+        _module_component(
+            "kwok", KWOK_VERSION, "sigs.k8s.io/kwok", "sigs.k8s.io/kwok/cmd/kwok", "3-6 minutes"
+        ),
+        _module_component(
+            "helm", HELM_VERSION, "helm.sh/helm/v3", "helm.sh/helm/v3/cmd/helm", "3-6 minutes"
+        ),
     ]
 
 
 def tools() -> list[GoComponent]:
-    """Linters the tests run: built on first use by name, never by `finetune-dev cluster build` or `finetune-dev cluster up`."""
+    """Linters the tests run: built on first use by name, never by `finetune-dev cluster
+    build` or `finetune-dev cluster up`."""
     return [
-        _module_component("actionlint", ACTIONLINT_VERSION, "github.com/rhysd/actionlint",
-                          "github.com/rhysd/actionlint/cmd/actionlint", "under a minute"),
+        _module_component(
+            "actionlint",
+            ACTIONLINT_VERSION,
+            "github.com/rhysd/actionlint",
+            "github.com/rhysd/actionlint/cmd/actionlint",
+            "under a minute",
+        ),
     ]
 
 
@@ -159,8 +202,9 @@ def _go_version() -> str:
             "the Go toolchain is not installed, and the local control plane is built from Go "
             "modules. Install Go 1.26 or newer (Debian: `apt-get install golang`), then retry."
         )
-    return subprocess.run([go, "version"], capture_output=True, text=True,
-                          check=False).stdout.strip()
+    return subprocess.run(
+        [go, "version"], capture_output=True, text=True, check=False
+    ).stdout.strip()
 
 
 def build(component: GoComponent) -> None:
@@ -237,9 +281,11 @@ def ensure_built(names: list[str] | None = None) -> dict[str, Path]:
                 fcntl.flock(lock, fcntl.LOCK_EX)
             missing = [c for c in wanted if not is_built(c)]
             if missing:
-                _log("binaries missing from "
-                     f"{cache_root() / 'bin'}: {', '.join(c.name for c in missing)}; "
-                     "building them once")
+                _log(
+                    "binaries missing from "
+                    f"{cache_root() / 'bin'}: {', '.join(c.name for c in missing)}; "
+                    "building them once"
+                )
                 _go_version()
             for component in missing:
                 build(component)

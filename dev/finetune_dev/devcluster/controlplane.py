@@ -106,8 +106,7 @@ def _free_port() -> int:
 
 
 def _openssl(*args: str, cwd: Path) -> None:
-    res = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True,
-                         check=False)
+    res = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise ClusterError(f"openssl {' '.join(args[:2])} failed: {res.stderr.strip()}")
 
@@ -119,8 +118,20 @@ def _make_pki(pki: Path) -> None:
     """
     pki.mkdir(parents=True, exist_ok=True)
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "30",
-             "-subj", "/CN=finetune-operator-dev-ca", cwd=pki)
+    _openssl(
+        "req",
+        "-x509",
+        *ec,
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "30",
+        "-subj",
+        "/CN=finetune-operator-dev-ca",
+        cwd=pki,
+    )
     (pki / "server.ext").write_text(
         "subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,"
         "DNS:kubernetes.default,DNS:kubernetes.default.svc,"
@@ -132,10 +143,27 @@ def _make_pki(pki: Path) -> None:
         ("apiserver", "/CN=kube-apiserver", "server.ext"),
         ("admin", "/O=system:masters/CN=dev-admin", "client.ext"),
     ):
-        _openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", subject,
-                 cwd=pki)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-                 "-CAcreateserial", "-out", f"{name}.crt", "-days", "30", "-extfile", ext, cwd=pki)
+        _openssl(
+            "req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", subject, cwd=pki
+        )
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.crt",
+            "-days",
+            "30",
+            "-extfile",
+            ext,
+            cwd=pki,
+        )
     _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "sa.key", cwd=pki)
     _openssl("ec", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
 
@@ -143,18 +171,40 @@ def _make_pki(pki: Path) -> None:
 def _write_kubeconfig(path: Path, server: str, pki: Path) -> None:
     import yaml
 
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "finetune-dev", "cluster": {
-            "server": server, "certificate-authority": str(pki / "ca.crt")}}],
-        "users": [{"name": "dev-admin", "user": {
-            "client-certificate": str(pki / "admin.crt"),
-            "client-key": str(pki / "admin.key")}}],
-        "contexts": [{"name": "finetune-dev", "context": {
-            "cluster": "finetune-dev", "user": "dev-admin", "namespace": "default"}}],
-        "current-context": "finetune-dev",
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [
+                    {
+                        "name": "finetune-dev",
+                        "cluster": {"server": server, "certificate-authority": str(pki / "ca.crt")},
+                    }
+                ],
+                "users": [
+                    {
+                        "name": "dev-admin",
+                        "user": {
+                            "client-certificate": str(pki / "admin.crt"),
+                            "client-key": str(pki / "admin.key"),
+                        },
+                    }
+                ],
+                "contexts": [
+                    {
+                        "name": "finetune-dev",
+                        "context": {
+                            "cluster": "finetune-dev",
+                            "user": "dev-admin",
+                            "namespace": "default",
+                        },
+                    }
+                ],
+                "current-context": "finetune-dev",
+            }
+        )
+    )
 
 
 def _spawn(cluster: Cluster, name: str, argv: list[str]) -> None:
@@ -163,8 +213,13 @@ def _spawn(cluster: Cluster, name: str, argv: list[str]) -> None:
     with open(log, "ab") as out:
         # A new session: Ctrl-C in the terminal does not reach the children directly;
         # `down` (or the owner's cleanup) stops them in order.
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     cluster.pids[name] = proc.pid
     cluster.save()
 
@@ -181,11 +236,15 @@ def _crash_message(cluster: Cluster, name: str) -> str:
     tail = _log_tail(cluster, name)
     hint = "Its log is at " + str(cluster.log_path(name)) + "."
     if "address already in use" in tail:
-        hint += (" A port it wanted was taken by another process between choosing and "
-                 "binding; run `finetune-dev cluster up` again (it picks new free ports).")
+        hint += (
+            " A port it wanted was taken by another process between choosing and "
+            "binding; run `finetune-dev cluster up` again (it picks new free ports)."
+        )
     elif name == "etcd" and ("database file" in tail or "member" in tail):
-        hint += (" The etcd data directory looks stale or foreign; run "
-                 "`finetune-dev cluster down` to remove it, then `finetune-dev cluster up`.")
+        hint += (
+            " The etcd data directory looks stale or foreign; run "
+            "`finetune-dev cluster down` to remove it, then `finetune-dev cluster up`."
+        )
     return f"{name} exited during start-up. {hint}\nLast lines:\n{tail}"
 
 
@@ -214,17 +273,24 @@ def _https_ok(cluster: Cluster, path: str) -> bool:
         return r.status == 200
 
 
-def kubectl(cluster: Cluster, *args: str, input: str | None = None,
-            check: bool = True) -> subprocess.CompletedProcess:
-    res = subprocess.run([str(binaries.kubectl_path()), "--kubeconfig", cluster.kubeconfig, *args],
-                         input=input, capture_output=True, text=True, check=False)
+def kubectl(
+    cluster: Cluster, *args: str, input: str | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
+    res = subprocess.run(
+        [str(binaries.kubectl_path()), "--kubeconfig", cluster.kubeconfig, *args],
+        input=input,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if check and res.returncode != 0:
         raise ClusterError(f"kubectl {' '.join(args)} failed: {res.stderr.strip()}")
     return res
 
 
-def up(directory: str | os.PathLike | None = None, *, gpu_nodes: int = 3,
-       with_crds: bool = False) -> Cluster:
+def up(
+    directory: str | os.PathLike | None = None, *, gpu_nodes: int = 3, with_crds: bool = False
+) -> Cluster:
     """Start a control plane in `directory` (idempotent: a healthy one is reused).
 
     `with_crds` installs (or updates, on a reused cluster) the FineTuneJob, AdapterMerge and
@@ -281,8 +347,10 @@ def up(directory: str | os.PathLike | None = None, *, gpu_nodes: int = 3,
     except BaseException:
         down(directory, quiet=True)
         raise
-    _log(f"control plane ready at {cluster.server} in {time.monotonic() - started:.1f}s "
-         f"(kubeconfig: {cluster.kubeconfig})")
+    _log(
+        f"control plane ready at {cluster.server} in {time.monotonic() - started:.1f}s "
+        f"(kubeconfig: {cluster.kubeconfig})"
+    )
     return cluster
 
 
@@ -292,90 +360,180 @@ def _start_components(cluster: Cluster, paths: dict[str, Path], pki: Path) -> No
     etcd_url = f"http://127.0.0.1:{p['etcd']}"
     peer_url = f"http://127.0.0.1:{p['etcd-peer']}"
     _log("starting etcd")
-    _spawn(cluster, "etcd", [
-        str(paths["etcd"]), "--name", "dev", "--data-dir", str(d / "etcd"),
-        "--listen-client-urls", etcd_url, "--advertise-client-urls", etcd_url,
-        "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
-        "--initial-cluster", f"dev={peer_url}",
-        # A throwaway cluster: durability is not worth the fsync latency.
-        "--unsafe-no-fsync", "--log-level", "warn",
-    ])
-    _wait(cluster, "etcd", "etcd to answer /health",
-          lambda: urllib.request.urlopen(etcd_url + "/health", timeout=2).status == 200, 30)
+    _spawn(
+        cluster,
+        "etcd",
+        [
+            str(paths["etcd"]),
+            "--name",
+            "dev",
+            "--data-dir",
+            str(d / "etcd"),
+            "--listen-client-urls",
+            etcd_url,
+            "--advertise-client-urls",
+            etcd_url,
+            "--listen-peer-urls",
+            peer_url,
+            "--initial-advertise-peer-urls",
+            peer_url,
+            "--initial-cluster",
+            f"dev={peer_url}",
+            # A throwaway cluster: durability is not worth the fsync latency.
+            "--unsafe-no-fsync",
+            "--log-level",
+            "warn",
+        ],
+    )
+    _wait(
+        cluster,
+        "etcd",
+        "etcd to answer /health",
+        lambda: urllib.request.urlopen(etcd_url + "/health", timeout=2).status == 200,
+        30,
+    )
 
     _log("starting kube-apiserver")
-    _spawn(cluster, "kube-apiserver", [
-        str(paths["kube-apiserver"]),
-        "--etcd-servers", etcd_url,
-        "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
-        "--secure-port", str(p["apiserver"]),
-        "--tls-cert-file", str(pki / "apiserver.crt"),
-        "--tls-private-key-file", str(pki / "apiserver.key"),
-        "--client-ca-file", str(pki / "ca.crt"),
-        "--authorization-mode", "RBAC",
-        "--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
-        "--service-account-key-file", str(pki / "sa.pub"),
-        "--service-account-signing-key-file", str(pki / "sa.key"),
-        "--api-audiences", "https://kubernetes.default.svc.cluster.local",
-        "--service-cluster-ip-range", SERVICE_CIDR,
-        "--allow-privileged=true",
-        # Nodes would be created with a not-ready taint that only the node-lifecycle
-        # controller removes; that controller is off (see the controller-manager flags).
-        "--disable-admission-plugins", "TaintNodesByCondition",
-        "--profiling=false",
-        "--v=1",
-    ])
-    _wait(cluster, "kube-apiserver", "kube-apiserver /readyz",
-          lambda: _https_ok(cluster, "/readyz"), 90)
+    _spawn(
+        cluster,
+        "kube-apiserver",
+        [
+            str(paths["kube-apiserver"]),
+            "--etcd-servers",
+            etcd_url,
+            "--bind-address",
+            "127.0.0.1",
+            "--advertise-address",
+            "127.0.0.1",
+            "--secure-port",
+            str(p["apiserver"]),
+            "--tls-cert-file",
+            str(pki / "apiserver.crt"),
+            "--tls-private-key-file",
+            str(pki / "apiserver.key"),
+            "--client-ca-file",
+            str(pki / "ca.crt"),
+            "--authorization-mode",
+            "RBAC",
+            "--service-account-issuer",
+            "https://kubernetes.default.svc.cluster.local",
+            "--service-account-key-file",
+            str(pki / "sa.pub"),
+            "--service-account-signing-key-file",
+            str(pki / "sa.key"),
+            "--api-audiences",
+            "https://kubernetes.default.svc.cluster.local",
+            "--service-cluster-ip-range",
+            SERVICE_CIDR,
+            "--allow-privileged=true",
+            # Nodes would be created with a not-ready taint that only the node-lifecycle
+            # controller removes; that controller is off (see the controller-manager flags).
+            "--disable-admission-plugins",
+            "TaintNodesByCondition",
+            "--profiling=false",
+            "--v=1",
+        ],
+    )
+    _wait(
+        cluster,
+        "kube-apiserver",
+        "kube-apiserver /readyz",
+        lambda: _https_ok(cluster, "/readyz"),
+        90,
+    )
 
     _log("starting kube-controller-manager, kube-scheduler and kwok")
-    _spawn(cluster, "kube-controller-manager", [
-        str(paths["kube-controller-manager"]),
-        "--kubeconfig", cluster.kubeconfig,
-        "--authentication-kubeconfig", cluster.kubeconfig,
-        "--authorization-kubeconfig", cluster.kubeconfig,
-        "--leader-elect=false",
-        "--bind-address", "127.0.0.1", "--secure-port", "0",
-        "--service-account-private-key-file", str(pki / "sa.key"),
-        "--root-ca-file", str(pki / "ca.crt"),
-        "--use-service-account-credentials=false",
-        # Fast garbage collection and job sync keep the tests short.
-        "--concurrent-gc-syncs", "10",
-        # No node-lifecycle controller: fake nodes send no heartbeats, and tainting them
-        # NotReady after 40 s would stop scheduling in the middle of a test run.
-        "--controllers", ("*,-node-ipam-controller,-cloud-node-lifecycle-controller,"
-                          "-service-lb-controller,-node-route-controller,"
-                          "-node-lifecycle-controller"),
-        "--v=1",
-    ])
-    _spawn(cluster, "kube-scheduler", [
-        str(paths["kube-scheduler"]),
-        "--kubeconfig", cluster.kubeconfig,
-        "--authentication-kubeconfig", cluster.kubeconfig,
-        "--authorization-kubeconfig", cluster.kubeconfig,
-        "--leader-elect=false",
-        "--bind-address", "127.0.0.1", "--secure-port", "0",
-        "--v=1",
-    ])
+    _spawn(
+        cluster,
+        "kube-controller-manager",
+        [
+            str(paths["kube-controller-manager"]),
+            "--kubeconfig",
+            cluster.kubeconfig,
+            "--authentication-kubeconfig",
+            cluster.kubeconfig,
+            "--authorization-kubeconfig",
+            cluster.kubeconfig,
+            "--leader-elect=false",
+            "--bind-address",
+            "127.0.0.1",
+            "--secure-port",
+            "0",
+            "--service-account-private-key-file",
+            str(pki / "sa.key"),
+            "--root-ca-file",
+            str(pki / "ca.crt"),
+            "--use-service-account-credentials=false",
+            # Fast garbage collection and job sync keep the tests short.
+            "--concurrent-gc-syncs",
+            "10",
+            # No node-lifecycle controller: fake nodes send no heartbeats, and tainting them
+            # NotReady after 40 s would stop scheduling in the middle of a test run.
+            "--controllers",
+            (
+                "*,-node-ipam-controller,-cloud-node-lifecycle-controller,"
+                "-service-lb-controller,-node-route-controller,"
+                "-node-lifecycle-controller"
+            ),
+            "--v=1",
+        ],
+    )
+    _spawn(
+        cluster,
+        "kube-scheduler",
+        [
+            str(paths["kube-scheduler"]),
+            "--kubeconfig",
+            cluster.kubeconfig,
+            "--authentication-kubeconfig",
+            cluster.kubeconfig,
+            "--authorization-kubeconfig",
+            cluster.kubeconfig,
+            "--leader-elect=false",
+            "--bind-address",
+            "127.0.0.1",
+            "--secure-port",
+            "0",
+            "--v=1",
+        ],
+    )
     key, value = KWOK_NODE_ANNOTATION
-    _spawn(cluster, "kwok", [
-        str(paths["kwok"]),
-        "--kubeconfig", cluster.kubeconfig,
-        "--manage-all-nodes=false",
-        f"--manage-nodes-with-annotation-selector={key}={value}",
-        "--node-ip", "10.0.0.1",
-        "--cidr", "10.0.0.1/24",
-        "--server-address", "127.0.0.1:0",
-        "--config", str(Path(__file__).with_name("kwok-stages.yaml")),
-    ])
+    _spawn(
+        cluster,
+        "kwok",
+        [
+            str(paths["kwok"]),
+            "--kubeconfig",
+            cluster.kubeconfig,
+            "--manage-all-nodes=false",
+            f"--manage-nodes-with-annotation-selector={key}={value}",
+            "--node-ip",
+            "10.0.0.1",
+            "--cidr",
+            "10.0.0.1/24",
+            "--server-address",
+            "127.0.0.1:0",
+            "--config",
+            str(Path(__file__).with_name("kwok-stages.yaml")),
+        ],
+    )
 
 
 def _wait_for_controllers(cluster: Cluster) -> None:
     # The default ServiceAccount appears once the controller-manager's serviceaccount
     # controller runs: proof that it is up and talking to the apiserver.
-    _wait(cluster, "kube-controller-manager", "the default ServiceAccount (controller-manager)",
-          lambda: kubectl(cluster, "get", "serviceaccount", "default", "-n", "default",
-                          check=False).returncode == 0, 60)
+    _wait(
+        cluster,
+        "kube-controller-manager",
+        "the default ServiceAccount (controller-manager)",
+        lambda: (
+            kubectl(
+                cluster, "get", "serviceaccount", "default", "-n", "default", check=False
+            ).returncode
+            == 0
+        ),
+        60,
+    )
     for name in ("kube-scheduler", "kwok"):
         if not _alive(cluster.pids[name]):
             raise ClusterError(_crash_message(cluster, name))
@@ -395,18 +553,42 @@ def install_crds(cluster: Cluster, timeout: float = 30) -> list[str]:
 
     documents = list(crdgen.generate().values())
     names = [yaml.safe_load(doc)["metadata"]["name"] for doc in documents]
-    kubectl(cluster, "apply", "--server-side", f"--field-manager={CRD_FIELD_MANAGER}",
-            "--force-conflicts", "-f", "-", input="---\n".join(documents))
-    _wait(cluster, "kube-apiserver", f"CRDs {', '.join(names)} to be Established",
-          lambda: all(kubectl(cluster, "get", "crd", name, "-o",
-                              "jsonpath={.status.conditions[?(@.type=='Established')].status}",
-                              check=False).stdout == "True" for name in names), timeout)
+    kubectl(
+        cluster,
+        "apply",
+        "--server-side",
+        f"--field-manager={CRD_FIELD_MANAGER}",
+        "--force-conflicts",
+        "-f",
+        "-",
+        input="---\n".join(documents),
+    )
+    _wait(
+        cluster,
+        "kube-apiserver",
+        f"CRDs {', '.join(names)} to be Established",
+        lambda: all(
+            kubectl(
+                cluster,
+                "get",
+                "crd",
+                name,
+                "-o",
+                "jsonpath={.status.conditions[?(@.type=='Established')].status}",
+                check=False,
+            ).stdout
+            == "True"
+            for name in names
+        ),
+        timeout,
+    )
     _log(f"installed CRDs {', '.join(names)}")
     return names
 
 
-def fake_gpu_node(name: str, *, product: str = "NVIDIA-H100-80GB-HBM3",
-                  memory_mib: int = 81559, gpus: int = 8) -> dict:
+def fake_gpu_node(
+    name: str, *, product: str = "NVIDIA-H100-80GB-HBM3", memory_mib: int = 81559, gpus: int = 8
+) -> dict:
     """A kwok-managed Node labelled the way NVIDIA GPU Feature Discovery labels one."""
     key, value = KWOK_NODE_ANNOTATION
     return {
@@ -428,10 +610,18 @@ def fake_gpu_node(name: str, *, product: str = "NVIDIA-H100-80GB-HBM3",
         },
         "spec": {},
         "status": {
-            "allocatable": {"cpu": "64", "memory": "512Gi", "pods": "110",
-                            "nvidia.com/gpu": str(gpus)},
-            "capacity": {"cpu": "64", "memory": "512Gi", "pods": "110",
-                         "nvidia.com/gpu": str(gpus)},
+            "allocatable": {
+                "cpu": "64",
+                "memory": "512Gi",
+                "pods": "110",
+                "nvidia.com/gpu": str(gpus),
+            },
+            "capacity": {
+                "cpu": "64",
+                "memory": "512Gi",
+                "pods": "110",
+                "nvidia.com/gpu": str(gpus),
+            },
         },
     }
 
@@ -446,15 +636,34 @@ FAKE_GPU_FLEET = (
 def create_fake_gpu_nodes(cluster: Cluster, count: int = len(FAKE_GPU_FLEET)) -> list[str]:
     names = []
     for name, product, mem in FAKE_GPU_FLEET[:count]:
-        kubectl(cluster, "apply", "-f", "-",
-                input=json.dumps(fake_gpu_node(name, product=product, memory_mib=mem)))
+        kubectl(
+            cluster,
+            "apply",
+            "-f",
+            "-",
+            input=json.dumps(fake_gpu_node(name, product=product, memory_mib=mem)),
+        )
         names.append(name)
     # kwok sets the Ready condition; the scheduler only binds to Ready nodes.
-    _wait(cluster, "kwok", "kwok to mark the fake GPU nodes Ready",
-          lambda: all(
-              kubectl(cluster, "get", "node", n, "-o",
-                      "jsonpath={.status.conditions[?(@.type=='Ready')].status}",
-                      check=False).stdout == "True" for n in names), 30)
+    _wait(
+        cluster,
+        "kwok",
+        "kwok to mark the fake GPU nodes Ready",
+        lambda: all(
+            kubectl(
+                cluster,
+                "get",
+                "node",
+                n,
+                "-o",
+                "jsonpath={.status.conditions[?(@.type=='Ready')].status}",
+                check=False,
+            ).stdout
+            == "True"
+            for n in names
+        ),
+        30,
+    )
     return names
 
 

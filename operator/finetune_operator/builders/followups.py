@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from finetune_api.common import API_VERSION
 from finetune_api.finetunejob import FineTuneJob
+
 from .training import labels
 
 
@@ -28,9 +29,13 @@ def build_adapter_merge(ftj: FineTuneJob, status: dict) -> dict | None:
     if ftj.spec.image:
         spec["image"] = ftj.spec.image
     return {
-        "apiVersion": API_VERSION, "kind": "AdapterMerge",
-        "metadata": {"name": f"{ftj.metadata.name}-merge", "namespace": ftj.metadata.namespace,
-                     "labels": labels(ftj.metadata.name, "merge")},
+        "apiVersion": API_VERSION,
+        "kind": "AdapterMerge",
+        "metadata": {
+            "name": f"{ftj.metadata.name}-merge",
+            "namespace": ftj.metadata.namespace,
+            "labels": labels(ftj.metadata.name, "merge"),
+        },
         "spec": spec,
     }
 
@@ -48,14 +53,18 @@ def build_adapter_deployment(ftj: FineTuneJob, status: dict) -> dict | None:
         "maxLoraRank": max(ftj.spec.lora.r, 8),
     }
     if deploy.resources:
-        spec["resources"] = deploy.resources.model_dump(mode="json", by_alias=True,
-                                                        exclude_none=True)
+        spec["resources"] = deploy.resources.model_dump(
+            mode="json", by_alias=True, exclude_none=True
+        )
     if ftj.spec.hf_token_secret_ref:
         spec["hfTokenSecretRef"] = ftj.spec.hf_token_secret_ref.model_dump(by_alias=True)
     return {
-        "apiVersion": API_VERSION, "kind": "AdapterDeployment",
-        "metadata": {"name": deploy.name or ftj.metadata.name,
-                     "namespace": ftj.metadata.namespace,
-                     "labels": labels(ftj.metadata.name, "deployment")},
+        "apiVersion": API_VERSION,
+        "kind": "AdapterDeployment",
+        "metadata": {
+            "name": deploy.name or ftj.metadata.name,
+            "namespace": ftj.metadata.namespace,
+            "labels": labels(ftj.metadata.name, "deployment"),
+        },
         "spec": spec,
     }

@@ -8,6 +8,7 @@ worker's exit codes in the pod failure policy.
 from __future__ import annotations
 
 import yaml
+
 from finetune_api.adaptermerge import AdapterMerge
 from finetune_api.common import API_VERSION
 from finetune_api.constants import LABEL_ADAPTERMERGE, LABEL_COMPONENT, MANAGED_BY
@@ -49,9 +50,13 @@ def merge_config(am: AdapterMerge, adapter_uri: str, base: ModelSource) -> dict:
     pvcs = _claims(adapter_uri, am.spec.output.uri, base)
     out = locate(am.spec.output.uri)
     doc = {
-        "apiVersion": API_VERSION, "kind": "MergeConfig",
-        "merge": {"namespace": am.metadata.namespace, "name": am.metadata.name,
-                  "uid": am.metadata.uid},
+        "apiVersion": API_VERSION,
+        "kind": "MergeConfig",
+        "merge": {
+            "namespace": am.metadata.namespace,
+            "name": am.metadata.name,
+            "uid": am.metadata.uid,
+        },
         "baseModel": base.model_dump(mode="json", by_alias=True, exclude_none=True),
         "adapterDir": locate(adapter_uri).local_path or f"{SCRATCH_DIR}/adapter",
         "outputDir": out.local_path or f"{SCRATCH_DIR}/merged",
@@ -60,18 +65,24 @@ def merge_config(am: AdapterMerge, adapter_uri: str, base: ModelSource) -> dict:
     }
     if am.spec.hf_token_secret_ref:
         doc["hfTokenFile"] = HF_TOKEN_PATH
-    return MergeConfig.model_validate(doc).model_dump(mode="json", by_alias=True,
-                                                      exclude_none=True)
+    return MergeConfig.model_validate(doc).model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 def build_config_map(am: AdapterMerge, adapter_uri: str, base: ModelSource) -> dict:
     n = names(am.metadata.name)
     return {
-        "apiVersion": "v1", "kind": "ConfigMap",
-        "metadata": {"name": n["config"], "namespace": am.metadata.namespace,
-                     "labels": labels(am.metadata.name)},
-        "data": {MERGE_CONFIG_FILENAME: yaml.safe_dump(merge_config(am, adapter_uri, base),
-                                                       sort_keys=True)},
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": n["config"],
+            "namespace": am.metadata.namespace,
+            "labels": labels(am.metadata.name),
+        },
+        "data": {
+            MERGE_CONFIG_FILENAME: yaml.safe_dump(
+                merge_config(am, adapter_uri, base), sort_keys=True
+            )
+        },
     }
 
 
@@ -85,14 +96,22 @@ def merge_memory_request(total_params: int | None) -> str:
     return f"{gib}Gi"
 
 
-def build_merge_job(am: AdapterMerge, adapter_uri: str, base: ModelSource, *,
-                    default_image: str = DEFAULT_WORKER_IMAGE,
-                    total_params: int | None = None) -> dict:
+def build_merge_job(
+    am: AdapterMerge,
+    adapter_uri: str,
+    base: ModelSource,
+    *,
+    default_image: str = DEFAULT_WORKER_IMAGE,
+    total_params: int | None = None,
+) -> dict:
     n = names(am.metadata.name)
     spec = am.spec
-    volumes, mounts = worker_volumes(n["config"], _claims(adapter_uri, spec.output.uri, base),
-                                     hf_token_ref=spec.hf_token_secret_ref,
-                                     storage_ref=spec.storage_secret_ref)
+    volumes, mounts = worker_volumes(
+        n["config"],
+        _claims(adapter_uri, spec.output.uri, base),
+        hf_token_ref=spec.hf_token_secret_ref,
+        storage_ref=spec.storage_secret_ref,
+    )
     # Merging in bf16 fits in host memory; a GPU only speeds it up.
     requests: dict[str, str] = {"cpu": "2", "memory": merge_memory_request(total_params)}
     res = spec.resources
@@ -105,14 +124,22 @@ def build_merge_job(am: AdapterMerge, adapter_uri: str, base: ModelSource, *,
     container = worker_container(
         spec.image or default_image,
         ["finetune-worker", "merge", "--config", f"{CONFIG_DIR}/{MERGE_CONFIG_FILENAME}"],
-        mounts, requests)
+        mounts,
+        requests,
+    )
     pod_spec = worker_pod_spec(None, container, volumes, None)
     return {
-        "apiVersion": "batch/v1", "kind": "Job",
-        "metadata": {"name": n["job"], "namespace": am.metadata.namespace,
-                     "labels": labels(am.metadata.name)},
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": n["job"],
+            "namespace": am.metadata.namespace,
+            "labels": labels(am.metadata.name),
+        },
         "spec": {
-            "backoffLimit": 1, "completions": 1, "parallelism": 1,
+            "backoffLimit": 1,
+            "completions": 1,
+            "parallelism": 1,
             "podFailurePolicy": failure_policy(),
             "template": {"metadata": {"labels": labels(am.metadata.name)}, "spec": pod_spec},
         },

@@ -48,8 +48,9 @@ class ServingDefaults:
     GPUs for one pod; set maxSurge 0, maxUnavailable 1 where there are none)."""
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None,
-                 image: str | None = None) -> ServingDefaults:
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, image: str | None = None
+    ) -> ServingDefaults:
         env = os.environ if environ is None else environ
         raw = env.get("FINETUNE_SERVING_DEFAULTS", "").strip()
         values: dict[str, Any] = {}
@@ -59,16 +60,26 @@ class ServingDefaults:
             except ValueError as exc:
                 raise ValueError(
                     f"FINETUNE_SERVING_DEFAULTS is not valid JSON ({exc}); expected an object "
-                    "such as {\"tolerations\": [], \"cpu\": \"8\"}") from exc
-        keys = {"image": "image", "fetchImage": "fetch_image",
-                "gpuResourceName": "gpu_resource_name", "cpu": "cpu", "memory": "memory",
-                "nodeSelector": "node_selector", "tolerations": "tolerations",
-                "maxLorasPerBatch": "max_loras_per_batch", "extraArgs": "extra_args",
-                "maxSurge": "max_surge", "maxUnavailable": "max_unavailable"}
+                    'such as {"tolerations": [], "cpu": "8"}'
+                ) from exc
+        keys = {
+            "image": "image",
+            "fetchImage": "fetch_image",
+            "gpuResourceName": "gpu_resource_name",
+            "cpu": "cpu",
+            "memory": "memory",
+            "nodeSelector": "node_selector",
+            "tolerations": "tolerations",
+            "maxLorasPerBatch": "max_loras_per_batch",
+            "extraArgs": "extra_args",
+            "maxSurge": "max_surge",
+            "maxUnavailable": "max_unavailable",
+        }
         unknown = sorted(set(values) - set(keys))
         if unknown:
-            raise ValueError(f"FINETUNE_SERVING_DEFAULTS has unknown keys {unknown}; "
-                             f"known: {sorted(keys)}")
+            raise ValueError(
+                f"FINETUNE_SERVING_DEFAULTS has unknown keys {unknown}; known: {sorted(keys)}"
+            )
         kwargs = {keys[k]: v for k, v in values.items() if v is not None}
         if image and "image" not in kwargs:
             kwargs["image"] = image
@@ -85,24 +96,32 @@ def server_config(ad: AdapterDeployment, defaults: ServingDefaults) -> dict:
     """
     spec = ad.spec
     res = spec.resources
-    base = spec.base_model.model_dump(mode="json", by_alias=True, exclude_none=True,
-                                      exclude={"architecture"})
+    base = spec.base_model.model_dump(
+        mode="json", by_alias=True, exclude_none=True, exclude={"architecture"}
+    )
     return {
         "namespace": ad.metadata.namespace,
         "runtime": spec.runtime,
         "baseModel": base,
         "image": spec.image or defaults.image,
-        "gpu": {"count": res.gpu.count, "product": res.gpu.product,
-                "resourceName": res.gpu.resource_name or defaults.gpu_resource_name},
+        "gpu": {
+            "count": res.gpu.count,
+            "product": res.gpu.product,
+            "resourceName": res.gpu.resource_name or defaults.gpu_resource_name,
+        },
         "cpu": res.cpu or defaults.cpu,
         "memory": res.memory or defaults.memory,
-        "nodeSelector": dict(res.node_selector if res.node_selector is not None
-                             else defaults.node_selector),
-        "tolerations": ([t.model_dump(by_alias=True, exclude_none=True)
-                         for t in res.tolerations] if res.tolerations is not None
-                        else list(defaults.tolerations)),
-        "hfTokenSecretRef": (spec.hf_token_secret_ref.model_dump(by_alias=True)
-                             if spec.hf_token_secret_ref else None),
+        "nodeSelector": dict(
+            res.node_selector if res.node_selector is not None else defaults.node_selector
+        ),
+        "tolerations": (
+            [t.model_dump(by_alias=True, exclude_none=True) for t in res.tolerations]
+            if res.tolerations is not None
+            else list(defaults.tolerations)
+        ),
+        "hfTokenSecretRef": (
+            spec.hf_token_secret_ref.model_dump(by_alias=True) if spec.hf_token_secret_ref else None
+        ),
         "storageSecretRef": spec.storage_secret_ref.name if spec.storage_secret_ref else None,
     }
 
@@ -118,4 +137,3 @@ def served_base_name(config: dict) -> str:
     if config["baseModel"].get("name") or config["baseModel"].get("uri", "").startswith("hf://"):
         return identity
     return identity.rstrip("/").rsplit("/", 1)[-1] or "base"
-

@@ -87,32 +87,49 @@ def server_labels(name: str) -> dict[str, str]:
 def _owner_references(members: list[Member]) -> list[dict]:
     # Not controller references: the server belongs to all of its AdapterDeployments, and
     # the garbage collector removes it when the last of them is gone.
-    return [{"apiVersion": API_VERSION, "kind": "AdapterDeployment",
-             "name": m.name, "uid": m.uid, "controller": False, "blockOwnerDeletion": False}
-            for m in sorted(members, key=lambda m: m.name)]
+    return [
+        {
+            "apiVersion": API_VERSION,
+            "kind": "AdapterDeployment",
+            "name": m.name,
+            "uid": m.uid,
+            "controller": False,
+            "blockOwnerDeletion": False,
+        }
+        for m in sorted(members, key=lambda m: m.name)
+    ]
 
 
-def _fetch_container(sources: list[tuple[str, str]], config: dict,
-                     defaults: ServingDefaults) -> dict:
+def _fetch_container(
+    sources: list[tuple[str, str]], config: dict, defaults: ServingDefaults
+) -> dict:
     """Copies s3:// artifacts into the pod; credentials come from files, never env specs."""
     script = (
-        'set -eu\n'
-        f'if [ -d {STORAGE_CREDENTIALS_DIR} ]; then\n'
-        f'  for f in {STORAGE_CREDENTIALS_DIR}/*; do\n'
+        "set -eu\n"
+        f"if [ -d {STORAGE_CREDENTIALS_DIR} ]; then\n"
+        f"  for f in {STORAGE_CREDENTIALS_DIR}/*; do\n"
         '    [ -f "$f" ] && export "$(basename "$f")=$(cat "$f")"\n'
-        '  done\n'
-        'fi\n'
+        "  done\n"
+        "fi\n"
         'while [ "$#" -gt 0 ]; do\n'
         '  echo "fetching $1 -> $2"\n'
         '  aws s3 cp --recursive --only-show-errors "$1" "$2"\n'
-        '  shift 2\n'
-        'done\n')
-    mounts = [{"name": "adapters", "mountPath": ADAPTERS_DIR},
-              {"name": "models", "mountPath": MODELS_DIR},
-              {"name": "tmp", "mountPath": "/tmp"}]
+        "  shift 2\n"
+        "done\n"
+    )
+    mounts = [
+        {"name": "adapters", "mountPath": ADAPTERS_DIR},
+        {"name": "models", "mountPath": MODELS_DIR},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
     if config.get("storageSecretRef"):
-        mounts.append({"name": STORAGE_CREDENTIALS_VOLUME, "mountPath": STORAGE_CREDENTIALS_DIR,
-                       "readOnly": True})
+        mounts.append(
+            {
+                "name": STORAGE_CREDENTIALS_VOLUME,
+                "mountPath": STORAGE_CREDENTIALS_DIR,
+                "readOnly": True,
+            }
+        )
     return {
         "name": FETCH_CONTAINER,
         "image": defaults.fetch_image,
@@ -125,8 +142,9 @@ def _fetch_container(sources: list[tuple[str, str]], config: dict,
     }
 
 
-def _verify_container(config: dict, adapters: list[ServedAdapter], image: str,
-                      mounts: list[dict]) -> dict | None:
+def _verify_container(
+    config: dict, adapters: list[ServedAdapter], image: str, mounts: list[dict]
+) -> dict | None:
     local = [a for a in adapters if uri_scheme(a.uri) in ("pvc", "s3")]
     if not local:
         return None
@@ -134,15 +152,26 @@ def _verify_container(config: dict, adapters: list[ServedAdapter], image: str,
         # The server's limit for the init check is vLLM's (each deployment's own limit was
         # checked by the operator); the base model is the one this server loads.
         "server": {**server_check_inputs(config, VLLM_LORA_RANKS[-1])},
-        "adapters": [{"name": a.name, "path": adapter_path(a), "uri": a.uri,
-                      "sha256": a.sha256, "manifest": ADAPTER_MANIFEST_FILENAME}
-                     for a in local],
+        "adapters": [
+            {
+                "name": a.name,
+                "path": adapter_path(a),
+                "uri": a.uri,
+                "sha256": a.sha256,
+                "manifest": ADAPTER_MANIFEST_FILENAME,
+            }
+            for a in local
+        ],
     }
     return {
         "name": VERIFY_CONTAINER,
         "image": image,
-        "command": ["python3", "-c", verify_script(),
-                    json.dumps(plan, sort_keys=True, separators=(",", ":"))],
+        "command": [
+            "python3",
+            "-c",
+            verify_script(),
+            json.dumps(plan, sort_keys=True, separators=(",", ":")),
+        ],
         "volumeMounts": mounts,
         "securityContext": RESTRICTED_CONTAINER_SECURITY,
         "terminationMessagePath": TERMINATION_LOG_PATH,
@@ -150,19 +179,26 @@ def _verify_container(config: dict, adapters: list[ServedAdapter], image: str,
     }
 
 
-def build_server(config: dict, members: list[Member],
-                 defaults: ServingDefaults) -> tuple[dict, dict]:
+def build_server(
+    config: dict, members: list[Member], defaults: ServingDefaults
+) -> tuple[dict, dict]:
     """The shared Deployment and Service for a group of AdapterDeployments."""
     name = server_name(config)
     namespace = config["namespace"]
     adapters = sorted_adapters(members)
     labels = server_labels(name)
-    metadata = {"name": name, "namespace": namespace, "labels": labels,
-                "ownerReferences": _owner_references(members)}
+    metadata = {
+        "name": name,
+        "namespace": namespace,
+        "labels": labels,
+        "ownerReferences": _owner_references(members),
+    }
 
     claims = VolumePlan()
-    for uri in [a.uri for a in adapters] + [config["baseModel"].get("uri") or "",
-                                            config["baseModel"].get("tokenizer") or ""]:
+    for uri in [a.uri for a in adapters] + [
+        config["baseModel"].get("uri") or "",
+        config["baseModel"].get("tokenizer") or "",
+    ]:
         if uri.startswith("pvc://"):
             claims.use(locate(uri), write=False)
     fetches = [(a.uri, adapter_path(a)) for a in adapters if uri_scheme(a.uri) == "s3"]
@@ -203,15 +239,26 @@ def build_server(config: dict, members: list[Member],
     ]
     if config.get("hfTokenSecretRef"):
         ref = config["hfTokenSecretRef"]
-        volumes.append({"name": HF_TOKEN_VOLUME, "secret": {
-            "secretName": ref["name"], "items": [{"key": ref.get("key", "token"),
-                                                  "path": "token"}], "defaultMode": 0o440}})
+        volumes.append(
+            {
+                "name": HF_TOKEN_VOLUME,
+                "secret": {
+                    "secretName": ref["name"],
+                    "items": [{"key": ref.get("key", "token"), "path": "token"}],
+                    "defaultMode": 0o440,
+                },
+            }
+        )
         mounts.append({"name": HF_TOKEN_VOLUME, "mountPath": HF_TOKEN_DIR, "readOnly": True})
         # huggingface_hub reads the token from this file: no secret in the pod spec.
         env.append({"name": "HF_TOKEN_PATH", "value": HF_TOKEN_PATH})
     if config.get("storageSecretRef"):
-        volumes.append({"name": STORAGE_CREDENTIALS_VOLUME, "secret": {
-            "secretName": config["storageSecretRef"], "defaultMode": 0o440}})
+        volumes.append(
+            {
+                "name": STORAGE_CREDENTIALS_VOLUME,
+                "secret": {"secretName": config["storageSecretRef"], "defaultMode": 0o440},
+            }
+        )
 
     gpu = config["gpu"]
     limits = {gpu["resourceName"]: str(gpu["count"])}
@@ -232,25 +279,28 @@ def build_server(config: dict, members: list[Member],
         # Loading a large base model takes minutes: startup gets up to 30 of them, after
         # which liveness restarts a wedged engine and readiness gates traffic.
         "startupProbe": {**probe, "periodSeconds": 10, "failureThreshold": 180},
-        "livenessProbe": {**probe, "periodSeconds": 15, "timeoutSeconds": 5,
-                          "failureThreshold": 4},
-        "readinessProbe": {**probe, "periodSeconds": 5, "timeoutSeconds": 3,
-                           "failureThreshold": 3},
+        "livenessProbe": {**probe, "periodSeconds": 15, "timeoutSeconds": 5, "failureThreshold": 4},
+        "readinessProbe": {**probe, "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 3},
         "securityContext": RESTRICTED_CONTAINER_SECURITY,
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     init_containers = []
     if fetches:
         init_containers.append(_fetch_container(fetches, config, defaults))
-    verify = _verify_container(config, adapters, config["image"],
-                               [m for m in mounts if m["name"] != "dshm"])
+    verify = _verify_container(
+        config, adapters, config["image"], [m for m in mounts if m["name"] != "dshm"]
+    )
     if verify:
         init_containers.append(verify)
 
     pod_spec: dict[str, Any] = {
-        "securityContext": {"runAsNonRoot": True, "runAsUser": SERVING_UID,
-                            "runAsGroup": SERVING_UID, "fsGroup": SERVING_UID,
-                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": SERVING_UID,
+            "runAsGroup": SERVING_UID,
+            "fsGroup": SERVING_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": 60,
@@ -267,27 +317,38 @@ def build_server(config: dict, members: list[Member],
     if config.get("tolerations"):
         pod_spec["tolerations"] = list(config["tolerations"])
 
-    annotations = {ANNOTATION_ADAPTERS: ",".join(
-        f"{a.name}={(a.sha256 or 'unverified')[:16]}" for a in adapters)}
+    annotations = {
+        ANNOTATION_ADAPTERS: ",".join(
+            f"{a.name}={(a.sha256 or 'unverified')[:16]}" for a in adapters
+        )
+    }
     deployment = {
-        "apiVersion": "apps/v1", "kind": "Deployment",
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
         "metadata": metadata,
         "spec": {
             "replicas": max(m.replicas for m in members),
             "selector": {"matchLabels": {LABEL_SERVER: name}},
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {
-                "maxSurge": defaults.max_surge, "maxUnavailable": defaults.max_unavailable}},
-            "template": {"metadata": {"labels": labels, "annotations": annotations},
-                         "spec": pod_spec},
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {
+                    "maxSurge": defaults.max_surge,
+                    "maxUnavailable": defaults.max_unavailable,
+                },
+            },
+            "template": {
+                "metadata": {"labels": labels, "annotations": annotations},
+                "spec": pod_spec,
+            },
         },
     }
     service = {
-        "apiVersion": "v1", "kind": "Service",
+        "apiVersion": "v1",
+        "kind": "Service",
         "metadata": metadata,
         "spec": {
             "selector": {LABEL_SERVER: name},
-            "ports": [{"name": "http", "port": PORT, "targetPort": "http",
-                       "protocol": "TCP"}],
+            "ports": [{"name": "http", "port": PORT, "targetPort": "http", "protocol": "TCP"}],
         },
     }
     return deployment, service

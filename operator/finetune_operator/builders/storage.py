@@ -27,7 +27,7 @@ class Location:
 def locate(uri: str) -> Location:
     if uri_scheme(uri) != "pvc":
         return Location(uri=uri, local_path=None, claim=None)
-    rest = uri[len("pvc://"):]
+    rest = uri[len("pvc://") :]
     claim, _, sub = rest.partition("/")
     path = f"{PVC_MOUNT_ROOT}/{claim}" + (f"/{sub}" if sub else "")
     return Location(uri=uri, local_path=path.rstrip("/"), claim=claim)
@@ -46,8 +46,10 @@ class VolumePlan:
 
     def volumes(self) -> list[dict]:
         return [
-            {"name": volume_name(claim),
-             "persistentVolumeClaim": {"claimName": claim, "readOnly": not rw}}
+            {
+                "name": volume_name(claim),
+                "persistentVolumeClaim": {"claimName": claim, "readOnly": not rw},
+            }
             for claim, rw in sorted(self.writable.items())
         ]
 
@@ -56,8 +58,11 @@ class VolumePlan:
 
     def mounts(self) -> list[dict]:
         return [
-            {"name": volume_name(claim), "mountPath": f"{PVC_MOUNT_ROOT}/{claim}",
-             "readOnly": not rw}
+            {
+                "name": volume_name(claim),
+                "mountPath": f"{PVC_MOUNT_ROOT}/{claim}",
+                "readOnly": not rw,
+            }
             for claim, rw in sorted(self.writable.items())
         ]
 

@@ -9,6 +9,7 @@ in the middle of one, create nothing twice.
 from __future__ import annotations
 
 import yaml
+
 from finetune_api.common import API_VERSION, GROUP, parse_quantity
 from finetune_api.constants import (
     ANNOTATION_SPEC_HASH,
@@ -42,8 +43,9 @@ WORKER_UID = 65532  # the worker image's USER, the uid its run-time environment 
 
 # Exit codes that no retry can fix: fail the Job at once instead of burning backoffLimit
 # on the same bad config, data, plan or learning rate. Storage errors stay retryable.
-PERMANENT_EXIT_CODES = sorted(int(c) for c in WorkerExitCode
-                              if c is not WorkerExitCode.SUCCESS and not c.retryable)
+PERMANENT_EXIT_CODES = sorted(
+    int(c) for c in WorkerExitCode if c is not WorkerExitCode.SUCCESS and not c.retryable
+)
 
 
 def names(job_name: str) -> dict[str, str]:
@@ -62,17 +64,22 @@ def labels(job_name: str, component: str) -> dict[str, str]:
 
 
 def _meta(ftj: FineTuneJob, name: str, component: str) -> dict:
-    return {"name": name, "namespace": ftj.metadata.namespace,
-            "labels": labels(ftj.metadata.name, component)}
+    return {
+        "name": name,
+        "namespace": ftj.metadata.namespace,
+        "labels": labels(ftj.metadata.name, component),
+    }
 
 
 def claim_fields(ftj: FineTuneJob) -> dict[str, tuple[str, bool]]:
     """Each PVC the spec names -> (the first spec field naming it, whether the worker writes)."""
     spec = ftj.spec
     found: dict[str, tuple[str, bool]] = {}
-    for field_name, uri, write in (("spec.output.uri", spec.output.uri, True),
-                                   ("spec.model.uri", spec.model.uri, False),
-                                   ("spec.dataset.uri", spec.dataset.uri, False)):
+    for field_name, uri, write in (
+        ("spec.output.uri", spec.output.uri, True),
+        ("spec.model.uri", spec.model.uri, False),
+        ("spec.dataset.uri", spec.dataset.uri, False),
+    ):
         claim = locate(uri).claim if uri else None
         if claim is not None:
             first, writes = found.get(claim, (field_name, False))
@@ -82,8 +89,7 @@ def claim_fields(ftj: FineTuneJob) -> dict[str, tuple[str, bool]]:
 
 def _claims(ftj: FineTuneJob) -> VolumePlan:
     """Every PVC the spec names, writable where the worker writes."""
-    return VolumePlan(writable={claim: writes
-                                for claim, (_, writes) in claim_fields(ftj).items()})
+    return VolumePlan(writable={claim: writes for claim, (_, writes) in claim_fields(ftj).items()})
 
 
 def worker_paths(ftj: FineTuneJob) -> dict:
@@ -101,16 +107,20 @@ def worker_paths(ftj: FineTuneJob) -> dict:
     }
 
 
-def worker_config(ftj: FineTuneJob, plan: TrainingPlan, spec_hash: str,
-                  *, report_interval_seconds: int = 10) -> dict:
+def worker_config(
+    ftj: FineTuneJob, plan: TrainingPlan, spec_hash: str, *, report_interval_seconds: int = 10
+) -> dict:
     """The WorkerConfig document the worker parses with the same API models."""
     from finetune_api.worker_config import WorkerConfig
 
     doc = {
         "apiVersion": API_VERSION,
         "kind": "WorkerConfig",
-        "job": {"namespace": ftj.metadata.namespace, "name": ftj.metadata.name,
-                "uid": ftj.metadata.uid},
+        "job": {
+            "namespace": ftj.metadata.namespace,
+            "name": ftj.metadata.name,
+            "uid": ftj.metadata.uid,
+        },
         "spec": ftj.spec.model_dump(mode="json", by_alias=True, exclude_none=True),
         "plan": plan.model_dump(mode="json", by_alias=True, exclude_none=True),
         "paths": {k: v for k, v in worker_paths(ftj).items() if v is not None},
@@ -119,17 +129,22 @@ def worker_config(ftj: FineTuneJob, plan: TrainingPlan, spec_hash: str,
     }
     # Round-trip through the model: the operator never mounts a config the worker would
     # reject.
-    return WorkerConfig.model_validate(doc).model_dump(mode="json", by_alias=True,
-                                                       exclude_none=True)
+    return WorkerConfig.model_validate(doc).model_dump(
+        mode="json", by_alias=True, exclude_none=True
+    )
 
 
 def build_config_map(ftj: FineTuneJob, plan: TrainingPlan, spec_hash: str) -> dict:
     n = names(ftj.metadata.name)
     return {
-        "apiVersion": "v1", "kind": "ConfigMap",
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
         "metadata": _meta(ftj, n["config"], "worker-config"),
-        "data": {WORKER_CONFIG_FILENAME: yaml.safe_dump(worker_config(ftj, plan, spec_hash),
-                                                        sort_keys=True)},
+        "data": {
+            WORKER_CONFIG_FILENAME: yaml.safe_dump(
+                worker_config(ftj, plan, spec_hash), sort_keys=True
+            )
+        },
     }
 
 
@@ -137,18 +152,37 @@ def build_rbac(ftj: FineTuneJob) -> list[dict]:
     """A ServiceAccount allowed exactly one thing: patching this job's status."""
     n = names(ftj.metadata.name)
     return [
-        {"apiVersion": "v1", "kind": "ServiceAccount",
-         "metadata": _meta(ftj, n["service_account"], "worker")},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-         "metadata": _meta(ftj, n["role"], "worker"),
-         "rules": [{"apiGroups": [GROUP], "resources": ["finetunejobs/status"],
-                    "verbs": ["patch"], "resourceNames": [ftj.metadata.name]}]},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-         "metadata": _meta(ftj, n["role_binding"], "worker"),
-         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                     "name": n["role"]},
-         "subjects": [{"kind": "ServiceAccount", "name": n["service_account"],
-                       "namespace": ftj.metadata.namespace}]},
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": _meta(ftj, n["service_account"], "worker"),
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": _meta(ftj, n["role"], "worker"),
+            "rules": [
+                {
+                    "apiGroups": [GROUP],
+                    "resources": ["finetunejobs/status"],
+                    "verbs": ["patch"],
+                    "resourceNames": [ftj.metadata.name],
+                }
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": _meta(ftj, n["role_binding"], "worker"),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": n["role"]},
+            "subjects": [
+                {
+                    "kind": "ServiceAccount",
+                    "name": n["service_account"],
+                    "namespace": ftj.metadata.namespace,
+                }
+            ],
+        },
     ]
 
 
@@ -161,8 +195,13 @@ def gpu_node_affinity(memory_bytes: int, product: str | None) -> dict:
     exprs = [{"key": GPU_MEMORY_LABEL, "operator": "Gt", "values": [str(mib - 1)]}]
     if product:
         exprs.append({"key": GPU_PRODUCT_LABEL, "operator": "In", "values": [product]})
-    return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
-        "nodeSelectorTerms": [{"matchExpressions": exprs}]}}}
+    return {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": exprs}]
+            }
+        }
+    }
 
 
 RESTRICTED_CONTAINER_SECURITY = {
@@ -179,20 +218,42 @@ def secret_volumes(hf_token_ref, storage_ref) -> tuple[list[dict], list[dict]]:
     `kubectl describe`, crash dumps or child processes' environments."""
     volumes, mounts = [], []
     if hf_token_ref:
-        volumes.append({"name": HF_TOKEN_VOLUME, "secret": {
-            "secretName": hf_token_ref.name, "items": [{"key": hf_token_ref.key, "path": "token"}],
-            "defaultMode": 0o440}})
+        volumes.append(
+            {
+                "name": HF_TOKEN_VOLUME,
+                "secret": {
+                    "secretName": hf_token_ref.name,
+                    "items": [{"key": hf_token_ref.key, "path": "token"}],
+                    "defaultMode": 0o440,
+                },
+            }
+        )
         mounts.append({"name": HF_TOKEN_VOLUME, "mountPath": HF_TOKEN_DIR, "readOnly": True})
     if storage_ref:
-        volumes.append({"name": STORAGE_CREDENTIALS_VOLUME, "secret": {
-            "secretName": storage_ref.name, "defaultMode": 0o440}})
-        mounts.append({"name": STORAGE_CREDENTIALS_VOLUME, "mountPath": STORAGE_CREDENTIALS_DIR,
-                       "readOnly": True})
+        volumes.append(
+            {
+                "name": STORAGE_CREDENTIALS_VOLUME,
+                "secret": {"secretName": storage_ref.name, "defaultMode": 0o440},
+            }
+        )
+        mounts.append(
+            {
+                "name": STORAGE_CREDENTIALS_VOLUME,
+                "mountPath": STORAGE_CREDENTIALS_DIR,
+                "readOnly": True,
+            }
+        )
     return volumes, mounts
 
 
-def worker_volumes(config_map: str, pvcs: VolumePlan, *, shm_limit: str = "16Gi",
-                   hf_token_ref=None, storage_ref=None) -> tuple[list[dict], list[dict]]:
+def worker_volumes(
+    config_map: str,
+    pvcs: VolumePlan,
+    *,
+    shm_limit: str = "16Gi",
+    hf_token_ref=None,
+    storage_ref=None,
+) -> tuple[list[dict], list[dict]]:
     """Volumes every worker pod has: its config, shared memory, scratch, PVCs, secrets."""
     sv, sm = secret_volumes(hf_token_ref, storage_ref)
     volumes = [
@@ -201,13 +262,15 @@ def worker_volumes(config_map: str, pvcs: VolumePlan, *, shm_limit: str = "16Gi"
         # (64 MiB) is far too small.
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_limit}},
         {"name": "scratch", "emptyDir": {}},
-        *pvcs.volumes(), *sv,
+        *pvcs.volumes(),
+        *sv,
     ]
     mounts = [
         {"name": "worker-config", "mountPath": CONFIG_DIR, "readOnly": True},
         {"name": "dshm", "mountPath": "/dev/shm"},
         {"name": "scratch", "mountPath": SCRATCH_DIR},
-        *pvcs.mounts(), *sm,
+        *pvcs.mounts(),
+        *sm,
     ]
     return volumes, mounts
 
@@ -216,19 +279,28 @@ def scratch_environment(scratch_dir: str = SCRATCH_DIR) -> list[dict]:
     """Every cache and home directory on the scratch emptyDir: the root filesystem is read-only
     and uid 65532 has no passwd entry, so "~" and the image's /tmp defaults are not writable.
     Triton writes its compiled launcher and kernels under TRITON_CACHE_DIR at the first launch."""
-    return [{"name": name, "value": f"{scratch_dir}{suffix}"} for name, suffix in (
-        ("HOME", "/home"),
-        ("TMPDIR", ""),
-        ("HF_HOME", "/hf-home"),
-        ("XDG_CACHE_HOME", "/cache"),
-        ("TRITON_HOME", ""),
-        ("TRITON_CACHE_DIR", "/triton"),
-        ("TORCHINDUCTOR_CACHE_DIR", "/torchinductor"),
-    )]
+    return [
+        {"name": name, "value": f"{scratch_dir}{suffix}"}
+        for name, suffix in (
+            ("HOME", "/home"),
+            ("TMPDIR", ""),
+            ("HF_HOME", "/hf-home"),
+            ("XDG_CACHE_HOME", "/cache"),
+            ("TRITON_HOME", ""),
+            ("TRITON_CACHE_DIR", "/triton"),
+            ("TORCHINDUCTOR_CACHE_DIR", "/torchinductor"),
+        )
+    ]
 
 
-def worker_container(image: str, command: list[str], mounts: list[dict],
-                     resources: dict[str, str], *, scratch_dir: str = SCRATCH_DIR) -> dict:
+def worker_container(
+    image: str,
+    command: list[str],
+    mounts: list[dict],
+    resources: dict[str, str],
+    *,
+    scratch_dir: str = SCRATCH_DIR,
+) -> dict:
     return {
         "name": WORKER_CONTAINER,
         "image": image,
@@ -250,14 +322,19 @@ def worker_container(image: str, command: list[str], mounts: list[dict],
     }
 
 
-def worker_pod_spec(service_account: str | None, container: dict, volumes: list[dict],
-                    affinity: dict | None) -> dict:
+def worker_pod_spec(
+    service_account: str | None, container: dict, volumes: list[dict], affinity: dict | None
+) -> dict:
     spec = {
         "restartPolicy": "Never",
         "terminationGracePeriodSeconds": 180,
-        "securityContext": {"runAsNonRoot": True, "runAsUser": WORKER_UID,
-                            "runAsGroup": WORKER_UID, "fsGroup": WORKER_UID,
-                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": WORKER_UID,
+            "runAsGroup": WORKER_UID,
+            "fsGroup": WORKER_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
         "containers": [container],
         "volumes": volumes,
     }
@@ -272,13 +349,20 @@ def worker_pod_spec(service_account: str | None, container: dict, volumes: list[
 
 
 def failure_policy() -> dict:
-    return {"rules": [
-        # Preemption and node drains are not the job's fault: retry without counting.
-        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
-        {"action": "FailJob", "onExitCodes": {
-            "containerName": WORKER_CONTAINER, "operator": "In",
-            "values": PERMANENT_EXIT_CODES}},
-    ]}
+    return {
+        "rules": [
+            # Preemption and node drains are not the job's fault: retry without counting.
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+            {
+                "action": "FailJob",
+                "onExitCodes": {
+                    "containerName": WORKER_CONTAINER,
+                    "operator": "In",
+                    "values": PERMANENT_EXIT_CODES,
+                },
+            },
+        ]
+    }
 
 
 def worker_command(ftj: FineTuneJob, plan: TrainingPlan) -> list[str]:
@@ -292,12 +376,22 @@ def worker_command(ftj: FineTuneJob, plan: TrainingPlan) -> list[str]:
     train = ["train", "--config", f"{CONFIG_DIR}/{WORKER_CONFIG_FILENAME}"]
     if plan.world_size == 1:
         return ["finetune-worker", *train]
-    launch = ["finetune-worker", "launch", "--nnodes", str(plan.nodes),
-              "--nproc-per-node", str(plan.processes_per_node)]
+    launch = [
+        "finetune-worker",
+        "launch",
+        "--nnodes",
+        str(plan.nodes),
+        "--nproc-per-node",
+        str(plan.processes_per_node),
+    ]
     if plan.nodes > 1:
         n = names(ftj.metadata.name)
-        launch += ["--master-addr", f"{n['job']}-0.{n['rendezvous']}",
-                   "--master-port", str(RENDEZVOUS_PORT)]
+        launch += [
+            "--master-addr",
+            f"{n['job']}-0.{n['rendezvous']}",
+            "--master-port",
+            str(RENDEZVOUS_PORT),
+        ]
     return [*launch, "--", *train]
 
 
@@ -312,21 +406,28 @@ def build_rendezvous_service(ftj: FineTuneJob, plan: TrainingPlan) -> dict | Non
         return None
     n = names(ftj.metadata.name)
     return {
-        "apiVersion": "v1", "kind": "Service",
+        "apiVersion": "v1",
+        "kind": "Service",
         "metadata": _meta(ftj, n["rendezvous"], "rendezvous"),
         "spec": {
             "clusterIP": "None",
             "publishNotReadyAddresses": True,
             "selector": {"batch.kubernetes.io/job-name": n["job"]},
-            "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT,
-                       "targetPort": RENDEZVOUS_PORT}],
+            "ports": [
+                {"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT}
+            ],
         },
     }
 
 
-def build_training_job(ftj: FineTuneJob, plan: TrainingPlan, spec_hash: str, *,
-                       default_image: str = DEFAULT_WORKER_IMAGE,
-                       default_tolerations: list[dict] | None = None) -> dict:
+def build_training_job(
+    ftj: FineTuneJob,
+    plan: TrainingPlan,
+    spec_hash: str,
+    *,
+    default_image: str = DEFAULT_WORKER_IMAGE,
+    default_tolerations: list[dict] | None = None,
+) -> dict:
     spec = ftj.spec
     n = names(ftj.metadata.name)
     gpu = spec.resources.gpu
@@ -334,25 +435,35 @@ def build_training_job(ftj: FineTuneJob, plan: TrainingPlan, spec_hash: str, *,
     if spec.resources.memory:
         # Shared memory counts against the container's memory limit; keep it a quarter.
         shm_limit = str(max(parse_quantity(spec.resources.memory) // 4, 64 * 2**20))
-    volumes, mounts = worker_volumes(n["config"], _claims(ftj), shm_limit=shm_limit,
-                                     hf_token_ref=spec.hf_token_secret_ref,
-                                     storage_ref=spec.storage_secret_ref)
+    volumes, mounts = worker_volumes(
+        n["config"],
+        _claims(ftj),
+        shm_limit=shm_limit,
+        hf_token_ref=spec.hf_token_secret_ref,
+        storage_ref=spec.storage_secret_ref,
+    )
     requests: dict[str, str] = {gpu.resource_name: str(gpu.count)}
     if spec.resources.cpu:
         requests["cpu"] = str(spec.resources.cpu)
     if spec.resources.memory:
         requests["memory"] = str(spec.resources.memory)
-    container = worker_container(spec.image or default_image, worker_command(ftj, plan), mounts,
-                                 requests)
+    container = worker_container(
+        spec.image or default_image, worker_command(ftj, plan), mounts, requests
+    )
     if plan.nodes > 1:
         container["ports"] = [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT}]
-    pod_spec = worker_pod_spec(n["service_account"], container, volumes,
-                               gpu_node_affinity(parse_quantity(gpu.memory), gpu.product))
+    pod_spec = worker_pod_spec(
+        n["service_account"],
+        container,
+        volumes,
+        gpu_node_affinity(parse_quantity(gpu.memory), gpu.product),
+    )
     if spec.resources.node_selector:
         pod_spec["nodeSelector"] = dict(spec.resources.node_selector)
-    tolerations = [*(default_tolerations or []),
-                   *(t.model_dump(by_alias=True, exclude_none=True)
-                     for t in spec.resources.tolerations or [])]
+    tolerations = [
+        *(default_tolerations or []),
+        *(t.model_dump(by_alias=True, exclude_none=True) for t in spec.resources.tolerations or []),
+    ]
     if tolerations:
         pod_spec["tolerations"] = tolerations
     if spec.resources.priority_class_name:
@@ -370,9 +481,13 @@ def build_training_job(ftj: FineTuneJob, plan: TrainingPlan, spec_hash: str, *,
         # Kueue admits a queued Job by un-suspending it; a user's suspend wins either way.
         "suspend": bool(spec.suspend or queued),
         "podFailurePolicy": failure_policy(),
-        "template": {"metadata": {"labels": labels(ftj.metadata.name, "trainer"),
-                                  "annotations": {ANNOTATION_SPEC_HASH: spec_hash}},
-                     "spec": pod_spec},
+        "template": {
+            "metadata": {
+                "labels": labels(ftj.metadata.name, "trainer"),
+                "annotations": {ANNOTATION_SPEC_HASH: spec_hash},
+            },
+            "spec": pod_spec,
+        },
     }
     if plan.nodes > 1:
         # Indexed: each pod knows its node rank (JOB_COMPLETION_INDEX) and gets the stable
@@ -384,8 +499,12 @@ def build_training_job(ftj: FineTuneJob, plan: TrainingPlan, spec_hash: str, *,
     if spec.ttl_seconds_after_finished is not None:
         job_spec["ttlSecondsAfterFinished"] = spec.ttl_seconds_after_finished
     return {
-        "apiVersion": "batch/v1", "kind": "Job",
-        "metadata": {**_meta(ftj, n["job"], "trainer"), "labels": job_labels,
-                     "annotations": {ANNOTATION_SPEC_HASH: spec_hash}},
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            **_meta(ftj, n["job"], "trainer"),
+            "labels": job_labels,
+            "annotations": {ANNOTATION_SPEC_HASH: spec_hash},
+        },
         "spec": job_spec,
     }

@@ -48,12 +48,14 @@ def request_from_spec(spec: FineTuneJobSpec) -> tuple[PlanRequest, Budget]:
         double_quant=spec.quantization_or_default.double_quant,
     )
     gpu = spec.resources.gpu
-    return request, Budget(gpu_memory_bytes=parse_quantity(gpu.memory), gpu_count=gpu.count,
-                           nodes=gpu.nodes)
+    return request, Budget(
+        gpu_memory_bytes=parse_quantity(gpu.memory), gpu_count=gpu.count, nodes=gpu.nodes
+    )
 
 
-def decide_for_spec(spec: FineTuneJobSpec, arch: ModelArch,
-                    constants: MemoryConstants = DEFAULT_CONSTANTS) -> PlanDecision:
+def decide_for_spec(
+    spec: FineTuneJobSpec, arch: ModelArch, constants: MemoryConstants = DEFAULT_CONSTANTS
+) -> PlanDecision:
     request, budget = request_from_spec(spec)
     return plan_training(arch, request, budget, constants)
 
@@ -95,7 +97,8 @@ def training_plan(decision: PlanDecision) -> TrainingPlan:
     )
 
 
-def plan_for_spec(spec: FineTuneJobSpec, arch: ModelArch,
-                  constants: MemoryConstants = DEFAULT_CONSTANTS) -> TrainingPlan:
+def plan_for_spec(
+    spec: FineTuneJobSpec, arch: ModelArch, constants: MemoryConstants = DEFAULT_CONSTANTS
+) -> TrainingPlan:
     """Plan a FineTuneJob: its `status.plan`, or NoFittingPlan with the minimum memory."""
     return training_plan(decide_for_spec(spec, arch, constants))

@@ -21,8 +21,23 @@ class UnknownArchitecture(ValueError):
 # Families whose decoder block is Llama-like: separate q/k/v/o projections and a gated MLP
 # with gate/up/down projections. Their memory behaves alike; the differences that matter
 # (norms per block, fused projections, head_dim != hidden/heads) are carried by ModelArch.
-LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
-              "granite", "olmo", "olmo2", "cohere", "starcoder2", "internlm2", "mixtral"}
+LLAMA_LIKE = {
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "phi3",
+    "granite",
+    "olmo",
+    "olmo2",
+    "cohere",
+    "starcoder2",
+    "internlm2",
+    "mixtral",
+}
 FUSED_PROJECTIONS = {"phi3"}  # qkv_proj and gate_up_proj are single Linear layers
 QKV_BIAS = {"qwen2"}
 FOUR_NORMS = {"gemma2", "gemma3_text"}  # pre- and post-norm around attention and MLP
@@ -47,12 +62,19 @@ class ModelArch:
     norms_per_layer: int = 2
 
     def __post_init__(self) -> None:
-        for field_name in ("hidden_size", "intermediate_size", "num_layers", "num_heads",
-                           "num_kv_heads", "vocab_size"):
+        for field_name in (
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "vocab_size",
+        ):
             value = getattr(self, field_name)
             if not isinstance(value, int) or value < 1:
                 raise UnknownArchitecture(
-                    f"model {self.name!r}: {field_name} is {value!r}; expected a positive integer")
+                    f"model {self.name!r}: {field_name} is {value!r}; expected a positive integer"
+                )
 
     # -- widths --------------------------------------------------------------------------
     @property
@@ -109,8 +131,12 @@ class ModelArch:
 
     def unquantized_params(self) -> int:
         """Embeddings, lm_head, norms and biases: kept in 16 bits under QLoRA."""
-        return (self.embedding_params() + self.lm_head_params()
-                + self.num_layers * self.layer_other_params() + self.hidden_size)
+        return (
+            self.embedding_params()
+            + self.lm_head_params()
+            + self.num_layers * self.layer_other_params()
+            + self.hidden_size
+        )
 
     def total_params(self) -> int:
         return self.quantizable_params() + self.unquantized_params()
@@ -141,8 +167,10 @@ def arch_from_config_json(config: Mapping[str, Any], name: str | None = None) ->
     Raises UnknownArchitecture naming the missing fields.
     """
     if isinstance(config.get("text_config"), Mapping) and "hidden_size" not in config:
-        config = {**config["text_config"], "model_type": config["text_config"].get(
-            "model_type", config.get("model_type"))}
+        config = {
+            **config["text_config"],
+            "model_type": config["text_config"].get("model_type", config.get("model_type")),
+        }
     model_type = str(config.get("model_type") or "llama")
     fields = {
         "hidden_size": _first(config, "hidden_size", "n_embd", "d_model"),
@@ -158,7 +186,8 @@ def arch_from_config_json(config: Mapping[str, Any], name: str | None = None) ->
             f"config.json of {label!r} lacks {', '.join(missing)}; the planner needs the hidden "
             "size, intermediate size, layer count, attention heads and vocabulary. Set "
             "spec.model.architecture (hiddenSize, intermediateSize, numHiddenLayers, "
-            "numAttentionHeads, numKeyValueHeads, vocabSize, tieWordEmbeddings) to plan anyway.")
+            "numAttentionHeads, numKeyValueHeads, vocabSize, tieWordEmbeddings) to plan anyway."
+        )
     kv = _first(config, "num_key_value_heads") or fields["num_heads"]
     return ModelArch(
         name=str(label),
@@ -171,8 +200,13 @@ def arch_from_config_json(config: Mapping[str, Any], name: str | None = None) ->
     )
 
 
-HINT_FIELDS = ("hiddenSize", "intermediateSize", "numHiddenLayers", "numAttentionHeads",
-               "vocabSize")
+HINT_FIELDS = (
+    "hiddenSize",
+    "intermediateSize",
+    "numHiddenLayers",
+    "numAttentionHeads",
+    "vocabSize",
+)
 
 
 def arch_from_hints(hints: Mapping[str, Any] | Any, name: str) -> ModelArch:
@@ -181,6 +215,7 @@ def arch_from_hints(hints: Mapping[str, Any] | Any, name: str) -> ModelArch:
     Accepts snake_case (pydantic attributes) or camelCase (CRD) names. numKeyValueHeads
     defaults to numAttentionHeads (no grouped-query attention) and tieWordEmbeddings to false.
     """
+
     def get(snake: str, camel: str) -> Any:
         if isinstance(hints, Mapping):
             return hints.get(camel, hints.get(snake))
@@ -193,12 +228,15 @@ def arch_from_hints(hints: Mapping[str, Any] | Any, name: str) -> ModelArch:
         "num_heads": get("num_attention_heads", "numAttentionHeads"),
         "vocab_size": get("vocab_size", "vocabSize"),
     }
-    missing = [camel for camel, value in zip(HINT_FIELDS, values.values()) if value is None]
+    missing = [
+        camel for camel, value in zip(HINT_FIELDS, values.values(), strict=True) if value is None
+    ]
     if missing:
         raise UnknownArchitecture(
             f"spec.model.architecture for {name!r} is missing {', '.join(missing)}; the planner "
             f"needs all of {', '.join(HINT_FIELDS)} (numKeyValueHeads and tieWordEmbeddings "
-            "are optional) when the model's config.json cannot be read.")
+            "are optional) when the model's config.json cannot be read."
+        )
     model_type = str(get("model_type", "modelType") or "llama")
     kv = get("num_key_value_heads", "numKeyValueHeads") or values["num_heads"]
     return ModelArch(
@@ -211,11 +249,31 @@ def arch_from_hints(hints: Mapping[str, Any] | Any, name: str) -> ModelArch:
     )
 
 
-def _preset(name: str, model_type: str, h: int, i: int, layers: int, heads: int, kv: int,
-            vocab: int, tied: bool = False, head_dim: int | None = None) -> ModelArch:
-    return ModelArch(name=name, hidden_size=h, intermediate_size=i, num_layers=layers,
-                     num_heads=heads, num_kv_heads=kv, vocab_size=vocab, tie_word_embeddings=tied,
-                     head_dim=head_dim, model_type=model_type, **_family_traits(model_type))
+def _preset(
+    name: str,
+    model_type: str,
+    h: int,
+    i: int,
+    layers: int,
+    heads: int,
+    kv: int,
+    vocab: int,
+    tied: bool = False,
+    head_dim: int | None = None,
+) -> ModelArch:
+    return ModelArch(
+        name=name,
+        hidden_size=h,
+        intermediate_size=i,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv,
+        vocab_size=vocab,
+        tie_word_embeddings=tied,
+        head_dim=head_dim,
+        model_type=model_type,
+        **_family_traits(model_type),
+    )
 
 
 # Shapes copied from the families' published config.json files. Keys are lower-case hub ids;
@@ -246,16 +304,32 @@ def _register(arch: ModelArch, *hub_ids: str) -> None:
         PRESETS[hub_id.lower()] = arch.with_name(hub_id)
 
 
-_register(_LLAMA3_8B, "meta-llama/Meta-Llama-3-8B", "meta-llama/Meta-Llama-3-8B-Instruct",
-          "meta-llama/Llama-3.1-8B", "meta-llama/Llama-3.1-8B-Instruct",
-          "meta-llama/Meta-Llama-3.1-8B", "meta-llama/Meta-Llama-3.1-8B-Instruct")
-_register(_LLAMA3_70B, "meta-llama/Meta-Llama-3-70B", "meta-llama/Meta-Llama-3-70B-Instruct",
-          "meta-llama/Llama-3.1-70B", "meta-llama/Llama-3.1-70B-Instruct",
-          "meta-llama/Meta-Llama-3.1-70B", "meta-llama/Meta-Llama-3.1-70B-Instruct")
+_register(
+    _LLAMA3_8B,
+    "meta-llama/Meta-Llama-3-8B",
+    "meta-llama/Meta-Llama-3-8B-Instruct",
+    "meta-llama/Llama-3.1-8B",
+    "meta-llama/Llama-3.1-8B-Instruct",
+    "meta-llama/Meta-Llama-3.1-8B",
+    "meta-llama/Meta-Llama-3.1-8B-Instruct",
+)
+_register(
+    _LLAMA3_70B,
+    "meta-llama/Meta-Llama-3-70B",
+    "meta-llama/Meta-Llama-3-70B-Instruct",
+    "meta-llama/Llama-3.1-70B",
+    "meta-llama/Llama-3.1-70B-Instruct",
+    "meta-llama/Meta-Llama-3.1-70B",
+    "meta-llama/Meta-Llama-3.1-70B-Instruct",
+)
 _register(_LLAMA32_1B, "meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.2-1B-Instruct")
 _register(_LLAMA32_3B, "meta-llama/Llama-3.2-3B", "meta-llama/Llama-3.2-3B-Instruct")
-_register(_MISTRAL_7B, "mistralai/Mistral-7B-v0.1", "mistralai/Mistral-7B-Instruct-v0.1",
-          "mistralai/Mistral-7B-Instruct-v0.2")
+_register(
+    _MISTRAL_7B,
+    "mistralai/Mistral-7B-v0.1",
+    "mistralai/Mistral-7B-Instruct-v0.1",
+    "mistralai/Mistral-7B-Instruct-v0.2",
+)
 _register(_MISTRAL_7B_V03, "mistralai/Mistral-7B-v0.3", "mistralai/Mistral-7B-Instruct-v0.3")
 _register(_QWEN25_7B, "Qwen/Qwen2.5-7B", "Qwen/Qwen2.5-7B-Instruct")
 _register(_QWEN25_14B, "Qwen/Qwen2.5-14B", "Qwen/Qwen2.5-14B-Instruct")
@@ -264,8 +338,9 @@ _register(_QWEN25_72B, "Qwen/Qwen2.5-72B", "Qwen/Qwen2.5-72B-Instruct")
 _register(_GEMMA2_9B, "google/gemma-2-9b", "google/gemma-2-9b-it")
 _register(_GEMMA2_27B, "google/gemma-2-27b", "google/gemma-2-27b-it")
 _register(_PHI3_MINI, "microsoft/Phi-3-mini-4k-instruct", "microsoft/Phi-3-mini-128k-instruct")
-_register(_PHI3_MEDIUM, "microsoft/Phi-3-medium-4k-instruct",
-          "microsoft/Phi-3-medium-128k-instruct")
+_register(
+    _PHI3_MEDIUM, "microsoft/Phi-3-medium-4k-instruct", "microsoft/Phi-3-medium-128k-instruct"
+)
 
 
 def preset(name: str) -> ModelArch | None:

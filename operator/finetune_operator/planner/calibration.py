@@ -86,9 +86,20 @@ def _bytes(record: Mapping[str, Any], canonical: str, gib_key: str) -> int | Non
 
 def point_from_record(record: Mapping[str, Any], source: str = "") -> CalibrationPoint:
     """Planner inputs and the measured peak of one calibration record."""
-    config = {canonical: _get(record, canonical) for canonical in (
-        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-        "num_key_value_heads", "vocab_size", "tie_word_embeddings", "head_dim", "model_type")}
+    config = {
+        canonical: _get(record, canonical)
+        for canonical in (
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "vocab_size",
+            "tie_word_embeddings",
+            "head_dim",
+            "model_type",
+        )
+    }
     name = str(_get(record, "name", "calibration-shape"))
     arch = arch_from_config_json({k: v for k, v in config.items() if v is not None}, name=name)
 
@@ -125,25 +136,40 @@ def point_from_record(record: Mapping[str, Any], source: str = "") -> Calibratio
         varlen_grouped_kv=bool(_get(record, "varlen_grouped_kv", False)),
         # Calibration runs train on full-length samples: without packing there is no padding,
         # so transformers drops the all-ones mask; masked packed rows always carry one.
-        attention_mask=bool(_get(record, "attention_mask",
-                                 _get(record, "packing", False) and not _get(record, "varlen", False))),
+        attention_mask=bool(
+            _get(
+                record,
+                "attention_mask",
+                _get(record, "packing", False) and not _get(record, "varlen", False),
+            )
+        ),
         double_quant=bool(_get(record, "double_quant", True)),
     )
     reserved = _bytes(record, "peak_reserved_bytes", "peak_reserved_GiB")
     if reserved is None:
         raise CalibrationRecordError(
-            f"{source}: record {dict(record)!r} lacks peak_reserved_bytes (or peak_reserved_GiB)")
-    label = (f"{arch.name} {method} r={shape.lora_r} seq={shape.seq_len} mb={shape.micro_batch} "
-             f"ckpt={'on' if shape.gradient_checkpointing else 'off'}"
-             f"{' packed' if shape.packing else ''}")
+            f"{source}: record {dict(record)!r} lacks peak_reserved_bytes (or peak_reserved_GiB)"
+        )
+    label = (
+        f"{arch.name} {method} r={shape.lora_r} seq={shape.seq_len} mb={shape.micro_batch} "
+        f"ckpt={'on' if shape.gradient_checkpointing else 'off'}"
+        f"{' packed' if shape.packing else ''}"
+    )
     return CalibrationPoint(
-        arch=arch, shape=shape, peak_reserved_bytes=reserved,
+        arch=arch,
+        shape=shape,
+        peak_reserved_bytes=reserved,
         peak_allocated_bytes=_bytes(record, "peak_allocated_bytes", "peak_alloc_GiB"),
         cuda_context_bytes=_get(record, "cuda_context_bytes"),
-        label=label, source=source)
+        label=label,
+        source=source,
+    )
 
 
 def is_measurement(record: Mapping[str, Any]) -> bool:
     """Records without a measured peak (notes, runs marked `error` or `oom`) are skipped."""
-    return not record.get("error") and not record.get("oom") and (
-        _get(record, "peak_reserved_bytes") is not None or "peak_reserved_GiB" in record)
+    return (
+        not record.get("error")
+        and not record.get("oom")
+        and (_get(record, "peak_reserved_bytes") is not None or "peak_reserved_GiB" in record)
+    )

@@ -29,38 +29,62 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="finetune-operator plan",
         description="Predict peak GPU memory of a LoRA / QLoRA fine-tuning job and choose "
-                    "method, micro-batch and gradient checkpointing for a memory budget.",
-        epilog=f"Built-in models: {', '.join(preset_names())} (and their hub ids).")
+        "method, micro-batch and gradient checkpointing for a memory budget.",
+        epilog=f"Built-in models: {', '.join(preset_names())} (and their hub ids).",
+    )
     p.add_argument("-f", "--file", help="FineTuneJob manifest (YAML or JSON); its spec is planned")
     p.add_argument("--model", help="hub id or preset name, e.g. meta-llama/Meta-Llama-3-8B")
-    p.add_argument("--config", help="a model's config.json (or its directory) to read the "
-                                    "architecture from instead of presets or the Hub")
-    p.add_argument("--allow-hub", action="store_true",
-                   help="fetch config.json from the Hugging Face Hub for models without a preset")
+    p.add_argument(
+        "--config",
+        help="a model's config.json (or its directory) to read the "
+        "architecture from instead of presets or the Hub",
+    )
+    p.add_argument(
+        "--allow-hub",
+        action="store_true",
+        help="fetch config.json from the Hugging Face Hub for models without a preset",
+    )
     p.add_argument("--claims-root", help="directory where pvc://claim/... URIs are mounted")
     p.add_argument("--memory", help="GPU memory per GPU, a Kubernetes quantity such as 24Gi")
     p.add_argument("--gpus", type=int, default=1, help="GPUs per node (one process each)")
     p.add_argument("--nodes", type=int, default=1, help="nodes (worker pods)")
     p.add_argument("--method", choices=("auto", "lora", "qlora"), default="auto")
     p.add_argument("--r", "--lora-r", dest="r", type=int, default=16, help="LoRA rank")
-    p.add_argument("--target-modules", default="all-linear",
-                   help="comma-separated module names, or all-linear")
+    p.add_argument(
+        "--target-modules", default="all-linear", help="comma-separated module names, or all-linear"
+    )
     p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
     p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--batch-size", type=int, default=16,
-                   help="effective batch size (micro-batch x accumulation x GPUs)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="effective batch size (micro-batch x accumulation x GPUs)",
+    )
     p.add_argument("--micro-batch", default="auto", help="auto or an integer")
     p.add_argument("--gradient-checkpointing", choices=("auto", "on", "off"), default="auto")
     p.add_argument("--packing", action="store_true")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw_torch")
-    p.add_argument("--no-double-quant", action="store_true",
-                   help="QLoRA without double quantisation of the constants")
-    p.add_argument("--unfused-ce", action="store_true",
-                   help="predict for a worker without fused linear cross-entropy")
-    p.add_argument("--no-fused-kernels", action="store_true",
-                   help="predict for a worker without liger's RMSNorm / SwiGLU kernels")
-    p.add_argument("--explain", action="store_true",
-                   help="print a table of every candidate configuration instead of JSON")
+    p.add_argument(
+        "--no-double-quant",
+        action="store_true",
+        help="QLoRA without double quantisation of the constants",
+    )
+    p.add_argument(
+        "--unfused-ce",
+        action="store_true",
+        help="predict for a worker without fused linear cross-entropy",
+    )
+    p.add_argument(
+        "--no-fused-kernels",
+        action="store_true",
+        help="predict for a worker without liger's RMSNorm / SwiGLU kernels",
+    )
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="print a table of every candidate configuration instead of JSON",
+    )
     return p
 
 
@@ -109,13 +133,22 @@ def _request_from_flags(args: argparse.Namespace) -> tuple[PlanRequest, Budget]:
         raise BadInput(f"--micro-batch {args.micro_batch!r}: expected auto or an integer >= 1")
     targets = tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
     request = PlanRequest(
-        method=args.method, lora_r=args.r, target_modules=targets, lora_dropout=args.dropout,
-        seq_len=args.seq_len, packing=args.packing, batch_size=args.batch_size,
+        method=args.method,
+        lora_r=args.r,
+        target_modules=targets,
+        lora_dropout=args.dropout,
+        seq_len=args.seq_len,
+        packing=args.packing,
+        batch_size=args.batch_size,
         micro_batch=micro,
         gradient_checkpointing={"auto": None, "on": True, "off": False}[
-            args.gradient_checkpointing],
-        optimizer=args.optimizer, double_quant=not args.no_double_quant,
-        fused_ce=not args.unfused_ce, fused_kernels=not args.no_fused_kernels)
+            args.gradient_checkpointing
+        ],
+        optimizer=args.optimizer,
+        double_quant=not args.no_double_quant,
+        fused_ce=not args.unfused_ce,
+        fused_kernels=not args.no_fused_kernels,
+    )
     if args.gpus < 1 or args.nodes < 1:
         raise BadInput("--gpus and --nodes must be at least 1")
     return request, Budget(gpu_memory_bytes=memory, gpu_count=args.gpus, nodes=args.nodes)
@@ -125,8 +158,10 @@ def _arch_from_flags(args: argparse.Namespace) -> ModelArch:
     if args.config:
         return arch_from_local(args.config, name=args.model)
     if not args.model:
-        raise BadInput("name the model: --model <hub id or preset>, --config <config.json> "
-                       "or -f <FineTuneJob manifest>")
+        raise BadInput(
+            "name the model: --model <hub id or preset>, --config <config.json> "
+            "or -f <FineTuneJob manifest>"
+        )
     return arch_for_model({"name": args.model}, allow_hub=args.allow_hub)
 
 
@@ -135,9 +170,13 @@ def decide(args: argparse.Namespace) -> PlanDecision:
         from .api_adapter import request_from_spec
 
         job = _load_manifest(args.file)
-        arch = (arch_from_local(args.config, name=job.spec.model.reference) if args.config else
-                arch_for_model(job.spec.model, claims_root=args.claims_root,
-                               allow_hub=args.allow_hub))
+        arch = (
+            arch_from_local(args.config, name=job.spec.model.reference)
+            if args.config
+            else arch_for_model(
+                job.spec.model, claims_root=args.claims_root, allow_hub=args.allow_hub
+            )
+        )
         request, budget = request_from_spec(job.spec)
     else:
         arch = _arch_from_flags(args)
@@ -154,10 +193,14 @@ def as_json(decision: PlanDecision) -> dict[str, Any]:
     return {
         "model": arch.name,
         "architecture": {
-            "hiddenSize": arch.hidden_size, "intermediateSize": arch.intermediate_size,
-            "numHiddenLayers": arch.num_layers, "numAttentionHeads": arch.num_heads,
-            "numKeyValueHeads": arch.num_kv_heads, "vocabSize": arch.vocab_size,
-            "tieWordEmbeddings": arch.tie_word_embeddings, "totalParams": arch.total_params(),
+            "hiddenSize": arch.hidden_size,
+            "intermediateSize": arch.intermediate_size,
+            "numHiddenLayers": arch.num_layers,
+            "numAttentionHeads": arch.num_heads,
+            "numKeyValueHeads": arch.num_kv_heads,
+            "vocabSize": arch.vocab_size,
+            "tieWordEmbeddings": arch.tie_word_embeddings,
+            "totalParams": arch.total_params(),
         },
         "fits": decision.fits,
         "plan": to_k8s(training_plan(decision)) if decision.fits else None,
@@ -172,23 +215,36 @@ def explain(decision: PlanDecision) -> str:
     """A table of every candidate, the chosen one marked, then its breakdown and the reason."""
     budget = decision.budget
     lines = [
-        (f"model {decision.arch.name}: {decision.arch.total_params() / 1e9:.2f}B parameters, "
-        f"seq {decision.request.seq_len}, LoRA r={decision.request.lora_r}, budget "
-        f"{format_gib(budget.gpu_memory_bytes)} x {budget.world_size} GPU "
-        f"(usable {format_gib(budget.usable_bytes)})"),
+        (
+            f"model {decision.arch.name}: {decision.arch.total_params() / 1e9:.2f}B parameters, "
+            f"seq {decision.request.seq_len}, LoRA r={decision.request.lora_r}, budget "
+            f"{format_gib(budget.gpu_memory_bytes)} x {budget.world_size} GPU "
+            f"(usable {format_gib(budget.usable_bytes)})"
+        ),
         "",
-        (f"  {'strategy':<8} {'method':<6} {'ckpt':<4} {'micro':>5} {'accum':>5} {'tokens':>7} "
-        f"{'peak':>8} {'+context':>9} {'fits':<4} {'speed':>5}"),
+        (
+            f"  {'strategy':<8} {'method':<6} {'ckpt':<4} {'micro':>5} {'accum':>5} {'tokens':>7} "
+            f"{'peak':>8} {'+context':>9} {'fits':<4} {'speed':>5}"
+        ),
     ]
-    order = sorted(decision.candidates, key=lambda c: (
-        c.shape.strategy, c.shape.method, c.shape.gradient_checkpointing, c.shape.micro_batch))
+    order = sorted(
+        decision.candidates,
+        key=lambda c: (
+            c.shape.strategy,
+            c.shape.method,
+            c.shape.gradient_checkpointing,
+            c.shape.micro_batch,
+        ),
+    )
     for c in order:
         mark = "->" if c is decision.chosen else "  "
         lines.append(
-            f"{mark}{c.shape.strategy:<8} {c.shape.method:<6} {'on' if c.shape.gradient_checkpointing else 'off':<4} "
+            f"{mark}{c.shape.strategy:<8} {c.shape.method:<6} "
+            f"{'on' if c.shape.gradient_checkpointing else 'off':<4} "
             f"{c.shape.micro_batch:>5} {c.gradient_accumulation:>5} "
             f"{c.shape.tokens_per_micro_batch:>7} {format_gib(c.estimate.total):>8} "
-            f"{format_gib(c.need_bytes):>9} {'yes' if c.fits else 'no':<4} {c.speed:>5.2f}")
+            f"{format_gib(c.need_bytes):>9} {'yes' if c.fits else 'no':<4} {c.speed:>5.2f}"
+        )
     if decision.chosen is not None:
         lines += ["", "chosen, peak by term:"]
         estimate = decision.chosen.estimate

@@ -35,7 +35,8 @@ def load_config_json(path: str | os.PathLike[str]) -> dict[str, Any]:
     except FileNotFoundError:
         raise UnknownArchitecture(
             f"no config.json at {file}; point at the model directory (the one holding "
-            "config.json) or set spec.model.architecture") from None
+            "config.json) or set spec.model.architecture"
+        ) from None
     except (OSError, json.JSONDecodeError) as exc:
         raise UnknownArchitecture(f"cannot read {file}: {exc}") from None
     if not isinstance(data, dict):
@@ -55,13 +56,19 @@ def resolve_pvc_uri(uri: str, claims_root: str | os.PathLike[str]) -> Path:
     return Path(claims_root) / claim / rest
 
 
-def fetch_hub_config(repo_id: str, revision: str | None = None, token: str | None = None,
-                     timeout: float = HUB_TIMEOUT_SECONDS) -> dict[str, Any]:
+def fetch_hub_config(
+    repo_id: str,
+    revision: str | None = None,
+    token: str | None = None,
+    timeout: float = HUB_TIMEOUT_SECONDS,
+) -> dict[str, Any]:
     """GET config.json of a hub repository (honours HF_ENDPOINT). The token is sent, never
     logged or put in an error message."""
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    url = (f"{endpoint}/{repo_id}/resolve/"
-           f"{urllib.parse.quote(revision or 'main', safe='')}/config.json")
+    url = (
+        f"{endpoint}/{repo_id}/resolve/"
+        f"{urllib.parse.quote(revision or 'main', safe='')}/config.json"
+    )
     request = urllib.request.Request(url)
     if token:
         request.add_header("Authorization", f"Bearer {token}")
@@ -69,15 +76,20 @@ def fetch_hub_config(repo_id: str, revision: str | None = None, token: str | Non
         with urllib.request.urlopen(request, timeout=timeout) as response:
             data = json.loads(response.read().decode("utf-8"))
     except urllib.error.HTTPError as exc:
-        hint = (" (gated or private: reference a token with spec.hfTokenSecretRef)"
-                if exc.code in (401, 403) else "")
+        hint = (
+            " (gated or private: reference a token with spec.hfTokenSecretRef)"
+            if exc.code in (401, 403)
+            else ""
+        )
         raise UnknownArchitecture(
             f"the Hub answered {exc.code} for config.json of {repo_id!r}{hint}; or set "
-            "spec.model.architecture to plan without it") from None
+            "spec.model.architecture to plan without it"
+        ) from None
     except (urllib.error.URLError, TimeoutError, OSError, json.JSONDecodeError) as exc:
         raise UnknownArchitecture(
             f"cannot fetch config.json of {repo_id!r} from {endpoint}: {exc}; set "
-            "spec.model.architecture to plan without the Hub") from None
+            "spec.model.architecture to plan without the Hub"
+        ) from None
     if not isinstance(data, dict):
         raise UnknownArchitecture(f"config.json of {repo_id!r} is not a JSON object")
     return data
@@ -91,9 +103,14 @@ def _get(obj: Any, snake: str, camel: str | None = None) -> Any:
     return getattr(obj, snake, None)
 
 
-def arch_for_model(model: Any, *, config_path: str | os.PathLike[str] | None = None,
-                   claims_root: str | os.PathLike[str] | None = None, allow_hub: bool = False,
-                   token: str | None = None) -> ModelArch:
+def arch_for_model(
+    model: Any,
+    *,
+    config_path: str | os.PathLike[str] | None = None,
+    claims_root: str | os.PathLike[str] | None = None,
+    allow_hub: bool = False,
+    token: str | None = None,
+) -> ModelArch:
     """The architecture of `spec.model` (the pydantic ModelSource or its camelCase dict)."""
     name = _get(model, "name")
     uri = _get(model, "uri")
@@ -124,12 +141,16 @@ def arch_for_model(model: Any, *, config_path: str | os.PathLike[str] | None = N
         return arch_from_hints(hints, name=label)
     reasons = [str(hub_error)] if hub_error else []
     if uri and uri.startswith("pvc://"):
-        reasons.append(f"no config.json under {claims_root}" if claims_root is not None else
-                       "pvc:// is read under the claims directory, and none was given (the "
-                       "operator's PVC root, or --claims-root for `finetune-operator plan`)")
+        reasons.append(
+            f"no config.json under {claims_root}"
+            if claims_root is not None
+            else "pvc:// is read under the claims directory, and none was given (the "
+            "operator's PVC root, or --claims-root for `finetune-operator plan`)"
+        )
     detail = "".join(f"; {reason}" for reason in reasons)
     raise UnknownArchitecture(
         f"cannot tell the architecture of {label!r}: it is not a built-in preset and its "
         f"config.json could not be read{detail}. Set spec.model.architecture (hiddenSize, "
         "intermediateSize, numHiddenLayers, numAttentionHeads, numKeyValueHeads, vocabSize, "
-        "tieWordEmbeddings) from the model's config.json.")
+        "tieWordEmbeddings) from the model's config.json."
+    )

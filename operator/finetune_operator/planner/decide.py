@@ -46,8 +46,11 @@ DEFAULT_MAX_TOKENS_PER_MICRO_BATCH = 16384
 # gradients; on NVLink most of it overlaps compute. A prediction until multi-GPU measurements
 # exist; it only has to rank DDP above FSDP whenever DDP fits.
 STRATEGY_SPEED = {"single": 1.0, "ddp": 1.0, "fsdp": 0.85}
-STRATEGY_NAMES = {"single": "one process", "ddp": "data-parallel (DDP)",
-                  "fsdp": "fully sharded (FSDP FULL_SHARD)"}
+STRATEGY_NAMES = {
+    "single": "one process",
+    "ddp": "data-parallel (DDP)",
+    "fsdp": "fully sharded (FSDP FULL_SHARD)",
+}
 # QLoRA must be predicted this much faster to be chosen over LoRA: its NF4 base costs some
 # quality, and the speed model's held-out error is of the same order (about 10 %).
 QLORA_MIN_SPEEDUP = 1.10
@@ -144,9 +147,11 @@ class Candidate:
     def describe(self) -> str:
         base = "bf16 base" if self.shape.method == "lora" else "4-bit NF4 base"
         ckpt = "with" if self.shape.gradient_checkpointing else "without"
-        text = (f"{self.shape.method} ({base}) {ckpt} gradient checkpointing, micro-batch "
-                f"{self.shape.micro_batch} x {self.gradient_accumulation} accumulation step"
-                f"{'s' if self.gradient_accumulation != 1 else ''}")
+        text = (
+            f"{self.shape.method} ({base}) {ckpt} gradient checkpointing, micro-batch "
+            f"{self.shape.micro_batch} x {self.gradient_accumulation} accumulation step"
+            f"{'s' if self.gradient_accumulation != 1 else ''}"
+        )
         if self.shape.strategy != "single":
             text += f" x {self.shape.gpu_count} processes, {STRATEGY_NAMES[self.shape.strategy]}"
         return text
@@ -191,8 +196,9 @@ class PlanDecision:
 def speed_score(arch: ModelArch, shape: TrainingShape) -> float:
     """Predicted tokens per second of the whole job (speed.py, times the processes and the
     strategy's factor)."""
-    return (predicted_tokens_per_second(arch, shape) * shape.gpu_count
-            * STRATEGY_SPEED[shape.strategy])
+    return (
+        predicted_tokens_per_second(arch, shape) * shape.gpu_count * STRATEGY_SPEED[shape.strategy]
+    )
 
 
 def _divisors(n: int) -> list[int]:
@@ -209,22 +215,47 @@ def micro_batch_options(request: PlanRequest, gpu_count: int) -> list[int]:
     return [m for m in _divisors(per_gpu) if m <= cap] or [1]
 
 
-def _shape(request: PlanRequest, method: str, ckpt: bool, micro: int, accum: int,
-           gpu_count: int, strategy: str = "single") -> TrainingShape:
+def _shape(
+    request: PlanRequest,
+    method: str,
+    ckpt: bool,
+    micro: int,
+    accum: int,
+    gpu_count: int,
+    strategy: str = "single",
+) -> TrainingShape:
     return TrainingShape(
-        method=method, lora_r=request.lora_r, target_modules=request.target_modules,
-        lora_dropout=request.lora_dropout, use_dora=request.use_dora, seq_len=request.seq_len,
-        micro_batch=micro, packing=request.packing, gradient_checkpointing=ckpt,
-        gradient_accumulation=accum, optimizer=request.optimizer, fused_ce=request.fused_ce,
-        fused_kernels=request.fused_kernels, double_quant=request.double_quant,
-        gpu_count=gpu_count, strategy=strategy)
+        method=method,
+        lora_r=request.lora_r,
+        target_modules=request.target_modules,
+        lora_dropout=request.lora_dropout,
+        use_dora=request.use_dora,
+        seq_len=request.seq_len,
+        micro_batch=micro,
+        packing=request.packing,
+        gradient_checkpointing=ckpt,
+        gradient_accumulation=accum,
+        optimizer=request.optimizer,
+        fused_ce=request.fused_ce,
+        fused_kernels=request.fused_kernels,
+        double_quant=request.double_quant,
+        gpu_count=gpu_count,
+        strategy=strategy,
+    )
 
 
-def enumerate_candidates(arch: ModelArch, request: PlanRequest, budget: Budget,
-                         constants: MemoryConstants = DEFAULT_CONSTANTS) -> list[Candidate]:
+def enumerate_candidates(
+    arch: ModelArch,
+    request: PlanRequest,
+    budget: Budget,
+    constants: MemoryConstants = DEFAULT_CONSTANTS,
+) -> list[Candidate]:
     methods = ["lora", "qlora"] if request.method == "auto" else [request.method]
-    ckpts = [False, True] if request.gradient_checkpointing is None else [
-        request.gradient_checkpointing]
+    ckpts = (
+        [False, True]
+        if request.gradient_checkpointing is None
+        else [request.gradient_checkpointing]
+    )
     world = budget.world_size
     strategies = ["single"] if world == 1 else ["ddp", "fsdp"]
     candidates = []
@@ -235,15 +266,24 @@ def enumerate_candidates(arch: ModelArch, request: PlanRequest, budget: Budget,
                     accum = max(1, math.ceil(request.batch_size / (micro * world)))
                     shape = _shape(request, method, ckpt, micro, accum, world, strategy)
                     estimate = estimate_memory(arch, shape, constants)
-                    candidates.append(Candidate(
-                        shape=shape, estimate=estimate, gradient_accumulation=accum,
-                        fits=estimate.with_context <= budget.usable_bytes,
-                        speed=speed_score(arch, shape)))
+                    candidates.append(
+                        Candidate(
+                            shape=shape,
+                            estimate=estimate,
+                            gradient_accumulation=accum,
+                            fits=estimate.with_context <= budget.usable_bytes,
+                            speed=speed_score(arch, shape),
+                        )
+                    )
     return candidates
 
 
-def plan_training(arch: ModelArch, request: PlanRequest, budget: Budget,
-                  constants: MemoryConstants = DEFAULT_CONSTANTS) -> PlanDecision:
+def plan_training(
+    arch: ModelArch,
+    request: PlanRequest,
+    budget: Budget,
+    constants: MemoryConstants = DEFAULT_CONSTANTS,
+) -> PlanDecision:
     """Choose the fastest configuration that fits (see the module docstring for "fastest")."""
     candidates = enumerate_candidates(arch, request, budget, constants)
     fitting = [c for c in candidates if c.fits]
@@ -257,7 +297,8 @@ def plan_training(arch: ModelArch, request: PlanRequest, budget: Budget,
             f"needs {format_gib(cheapest.need_bytes)} including the CUDA context, so "
             f"spec.resources.gpu.memory must be at least {format_gib(minimum)} (it keeps "
             f"{format_gib(budget.required_for(cheapest.need_bytes) - cheapest.need_bytes)} "
-            "free as a safety margin)." + _unlock_hint(request))
+            "free as a safety margin)." + _unlock_hint(request)
+        )
         return PlanDecision(False, None, candidates, reason, budget, request, arch, minimum, notes)
     chosen = max(fitting, key=_preference)
     notes = _notes(chosen, candidates, budget)
@@ -288,52 +329,83 @@ def _notes(chosen: Candidate, candidates: list[Candidate], budget: Budget) -> li
     world, strategy = budget.world_size, chosen.strategy
     if strategy == "single":
         return []
-    where = (f"{budget.nodes} nodes x {budget.gpu_count} GPUs" if budget.nodes > 1
-             else f"{budget.gpu_count} GPUs")
+    where = (
+        f"{budget.nodes} nodes x {budget.gpu_count} GPUs"
+        if budget.nodes > 1
+        else f"{budget.gpu_count} GPUs"
+    )
     if strategy == "ddp":
-        return [(f"{world} processes ({where}) run data-parallel (DDP): each holds the whole "
-                "model and the gradients are averaged, so the budget applies per GPU.")]
+        return [
+            (
+                f"{world} processes ({where}) run data-parallel (DDP): each holds the whole "
+                "model and the gradients are averaged, so the budget applies per GPU."
+            )
+        ]
     ddp_fits = any(c.fits for c in candidates if c.strategy == "ddp")
-    why = ("it is the faster fitting configuration" if ddp_fits
-           else "no data-parallel configuration fits: a whole replica needs at least "
-                + format_gib(min(c.need_bytes for c in candidates if c.strategy == "ddp"))
-                + " per GPU")
-    return [(f"{world} processes ({where}) run fully sharded (FSDP FULL_SHARD) because {why}: "
+    why = (
+        "it is the faster fitting configuration"
+        if ddp_fits
+        else "no data-parallel configuration fits: a whole replica needs at least "
+        + format_gib(min(c.need_bytes for c in candidates if c.strategy == "ddp"))
+        + " per GPU"
+    )
+    return [
+        (
+            f"{world} processes ({where}) run fully sharded (FSDP FULL_SHARD) because {why}: "
             "the frozen base, adapters, gradients and optimizer state are split over all "
             "processes and each layer is gathered while it runs. The FSDP memory terms are "
-            "calibrated on ranks sharing one GPU, not yet measured across GPUs.")]
+            "calibrated on ranks sharing one GPU, not yet measured across GPUs."
+        )
+    ]
 
 
-def _reason(chosen: Candidate, candidates: list[Candidate], budget: Budget,
-            request: PlanRequest, notes: list[str]) -> str:
+def _reason(
+    chosen: Candidate,
+    candidates: list[Candidate],
+    budget: Budget,
+    request: PlanRequest,
+    notes: list[str],
+) -> str:
     shape = chosen.shape
     parts = [
-        (f"{chosen.describe()}: predicted peak {format_gib(chosen.estimate.total)} + "
-        f"{format_gib(chosen.estimate.cuda_context)} CUDA context = "
-        f"{format_gib(chosen.need_bytes)} of {format_gib(budget.gpu_memory_bytes)} per GPU "
-        f"({format_gib(budget.usable_bytes)} usable after a "
-        f"{format_gib(budget.margin_bytes)} safety margin).")
+        (
+            f"{chosen.describe()}: predicted peak {format_gib(chosen.estimate.total)} + "
+            f"{format_gib(chosen.estimate.cuda_context)} CUDA context = "
+            f"{format_gib(chosen.need_bytes)} of {format_gib(budget.gpu_memory_bytes)} per GPU "
+            f"({format_gib(budget.usable_bytes)} usable after a "
+            f"{format_gib(budget.margin_bytes)} safety margin)."
+        )
     ]
     fitting = [c for c in candidates if c.fits]
     if len(candidates) == 1:
         parts.append("The only configuration the spec allows; it fits.")
     else:
-        parts.append(f"Fastest of {len(fitting)} fitting configurations out of "
-                     f"{len(candidates)} (predicted {chosen.speed:,.0f} tokens/s on an H200).")
+        parts.append(
+            f"Fastest of {len(fitting)} fitting configurations out of "
+            f"{len(candidates)} (predicted {chosen.speed:,.0f} tokens/s on an H200)."
+        )
     # Say what a faster option would have cost, so the user knows what more memory buys.
     faster = [c for c in candidates if not c.fits and c.speed > chosen.speed]
     if faster:
         nearest = min(faster, key=lambda c: c.need_bytes)
-        parts.append(f"Faster but not fitting: {nearest.describe()} would need "
-                     f"{format_gib(budget.required_for(nearest.need_bytes))}.")
-    if (shape.micro_batch < request.batch_size // budget.world_size
-            and request.micro_batch is None
-            and shape.tokens_per_micro_batch * 2 > request.max_tokens_per_micro_batch):
-        parts.append(f"Micro-batch capped at about {request.max_tokens_per_micro_batch} tokens: "
-                     "larger ones gain little speed.")
+        parts.append(
+            f"Faster but not fitting: {nearest.describe()} would need "
+            f"{format_gib(budget.required_for(nearest.need_bytes))}."
+        )
+    if (
+        shape.micro_batch < request.batch_size // budget.world_size
+        and request.micro_batch is None
+        and shape.tokens_per_micro_batch * 2 > request.max_tokens_per_micro_batch
+    ):
+        parts.append(
+            f"Micro-batch capped at about {request.max_tokens_per_micro_batch} tokens: "
+            "larger ones gain little speed."
+        )
     if chosen.effective_batch != request.batch_size:
-        parts.append(f"Effective batch rounded from {request.batch_size} to "
-                     f"{chosen.effective_batch} ({shape.micro_batch} x "
-                     f"{chosen.gradient_accumulation} x {budget.world_size} GPU"
-                     f"{'s' if budget.world_size != 1 else ''}).")
+        parts.append(
+            f"Effective batch rounded from {request.batch_size} to "
+            f"{chosen.effective_batch} ({shape.micro_batch} x "
+            f"{chosen.gradient_accumulation} x {budget.world_size} GPU"
+            f"{'s' if budget.world_size != 1 else ''})."
+        )
     return " ".join(parts + notes)

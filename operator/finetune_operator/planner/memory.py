@@ -30,8 +30,15 @@ KiB, MiB, GiB = 2**10, 2**20, 2**30
 
 Method = Literal["lora", "qlora"]
 
-OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit",
-              "paged_adamw_32bit", "adafactor", "sgd")
+OPTIMIZERS = (
+    "adamw_torch",
+    "adamw_torch_fused",
+    "adamw_8bit",
+    "paged_adamw_8bit",
+    "paged_adamw_32bit",
+    "adafactor",
+    "sgd",
+)
 
 # bitsandbytes' paged optimizers page only state tensors of at least this many elements
 # (bitsandbytes.optim.optimizer.Optimizer8bit.get_state_buffer); smaller ones are ordinary
@@ -154,15 +161,17 @@ class TrainingShape:
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy is {self.strategy!r}; expected one of "
-                             f"{', '.join(STRATEGIES)}")
+            raise ValueError(
+                f"strategy is {self.strategy!r}; expected one of {', '.join(STRATEGIES)}"
+            )
         if self.strategy != "single" and self.gpu_count < 2:
             raise ValueError(f"strategy {self.strategy!r} needs at least 2 processes")
         if self.method not in ("lora", "qlora"):
             raise ValueError(f"method is {self.method!r}; expected 'lora' or 'qlora'")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(
-                f"optimizer is {self.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
+                f"optimizer is {self.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}"
+            )
         for name in ("lora_r", "seq_len", "micro_batch", "gradient_accumulation", "gpu_count"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} is {getattr(self, name)!r}; expected at least 1")
@@ -212,8 +221,9 @@ class UnknownTargetModule(ValueError):
     """spec.lora.targetModules names a module the architecture does not have."""
 
 
-def target_projections(arch: ModelArch, targets: tuple[str, ...] | list[str]
-                       ) -> dict[str, tuple[int, int]]:
+def target_projections(
+    arch: ModelArch, targets: tuple[str, ...] | list[str]
+) -> dict[str, tuple[int, int]]:
     """The projections of one block that get adapters: name -> (in_features, out_features)."""
     projections = arch.projections()
     if any(t in ("all-linear", "all_linear", "all") for t in targets):
@@ -226,8 +236,9 @@ def target_projections(arch: ModelArch, targets: tuple[str, ...] | list[str]
         if name in projections:
             chosen[name] = projections[name]
         elif name in ("qkv_proj", "gate_up_proj") and not arch.fused_projections:
-            parts = ("q_proj", "k_proj", "v_proj") if name == "qkv_proj" else ("gate_proj",
-                                                                               "up_proj")
+            parts = (
+                ("q_proj", "k_proj", "v_proj") if name == "qkv_proj" else ("gate_proj", "up_proj")
+            )
             chosen.update({p: projections[p] for p in parts})
         else:
             unknown.append(target)
@@ -235,14 +246,17 @@ def target_projections(arch: ModelArch, targets: tuple[str, ...] | list[str]
         raise UnknownTargetModule(
             f"spec.lora.targetModules {list(targets)!r}: {', '.join(unknown) or 'nothing'} "
             f"does not name a linear projection of {arch.name} ({arch.model_type}); expected "
-            f"'all-linear' or some of {', '.join(projections)}")
+            f"'all-linear' or some of {', '.join(projections)}"
+        )
     return chosen
 
 
 def trainable_params(arch: ModelArch, shape: TrainingShape) -> int:
     """LoRA A (r x in) and B (out x r) for every adapted projection of every block."""
-    per_layer = sum(shape.lora_r * (fan_in + fan_out) + (fan_out if shape.use_dora else 0)
-                    for fan_in, fan_out in target_projections(arch, shape.target_modules).values())
+    per_layer = sum(
+        shape.lora_r * (fan_in + fan_out) + (fan_out if shape.use_dora else 0)
+        for fan_in, fan_out in target_projections(arch, shape.target_modules).values()
+    )
     return arch.num_layers * per_layer
 
 
@@ -288,8 +302,9 @@ def optimizer_state_bytes(arch: ModelArch, shape: TrainingShape) -> tuple[int, i
     if opt == "adafactor":
         # Factored second moment (row + column vectors) per matrix, no first moment.
         return sum(4 * (shape.lora_r + n // shape.lora_r) for n in sizes), 0
-    per_element = 2 if "8bit" in opt else (2 * shape.adapter_bytes if opt.startswith("adamw_torch")
-                                           else 8)
+    per_element = (
+        2 if "8bit" in opt else (2 * shape.adapter_bytes if opt.startswith("adamw_torch") else 8)
+    )
     if opt.startswith("paged_"):
         resident = sum(per_element * n for n in sizes if n < PAGED_MIN_ELEMENTS)
         paged = sum(per_element * n for n in sizes if n >= PAGED_MIN_ELEMENTS)
@@ -342,10 +357,16 @@ def layer_activation_bytes(arch: ModelArch, shape: TrainingShape) -> dict[str, f
     # Without a copy, lora_A saves the very tensor the block already has: once per distinct
     # input (q/k/v share one, gate/up another), and o_proj's input is SDPA's saved output.
     seen_inputs: set[str] = {"attention_output"}
-    groups = {"q_proj": "attention_input", "k_proj": "attention_input",
-              "v_proj": "attention_input", "qkv_proj": "attention_input",
-              "gate_proj": "mlp_input", "up_proj": "mlp_input", "gate_up_proj": "mlp_input",
-              "o_proj": "attention_output"}
+    groups = {
+        "q_proj": "attention_input",
+        "k_proj": "attention_input",
+        "v_proj": "attention_input",
+        "qkv_proj": "attention_input",
+        "gate_proj": "mlp_input",
+        "up_proj": "mlp_input",
+        "gate_up_proj": "mlp_input",
+        "o_proj": "attention_output",
+    }
     for name, (fan_in, _fan_out) in targets.items():
         adapters += 2 * shape.lora_r  # lora_A's output, saved by lora_B
         group = groups.get(name, name)
@@ -366,9 +387,16 @@ def layer_activation_bytes(arch: ModelArch, shape: TrainingShape) -> dict[str, f
     return {"norms": norms, "adapters": adapters, "attention": attention, "mlp": mlp}
 
 
-def fsdp_shards(arch: ModelArch, shape: TrainingShape, weights: float, adapters: float,
-                gradients: float, optimizer: float, paged: float,
-                constants: MemoryConstants = DEFAULT_CONSTANTS):
+def fsdp_shards(
+    arch: ModelArch,
+    shape: TrainingShape,
+    weights: float,
+    adapters: float,
+    gradients: float,
+    optimizer: float,
+    paged: float,
+    constants: MemoryConstants = DEFAULT_CONSTANTS,
+):
     """Per-process bytes under FULL_SHARD FSDP: every persistent term divided by the world
     size, plus what is all-gathered while it is used.
 
@@ -381,12 +409,19 @@ def fsdp_shards(arch: ModelArch, shape: TrainingShape, weights: float, adapters:
     root = 2 * (arch.embedding_params() + arch.lm_head_params())
     layer = max(0.0, (weights - root) / arch.num_layers)
     gathered = root + constants.fsdp_gathered_layers * layer
-    return (weights / world, adapters / world, gradients / world, optimizer / world,
-            paged / world, gathered)
+    return (
+        weights / world,
+        adapters / world,
+        gradients / world,
+        optimizer / world,
+        paged / world,
+        gathered,
+    )
 
 
-def estimate_memory(arch: ModelArch, shape: TrainingShape,
-                    constants: MemoryConstants = DEFAULT_CONSTANTS) -> MemoryEstimate:
+def estimate_memory(
+    arch: ModelArch, shape: TrainingShape, constants: MemoryConstants = DEFAULT_CONSTANTS
+) -> MemoryEstimate:
     """Predict the peak reserved GPU memory of one training process (one GPU)."""
     tokens = shape.tokens_per_micro_batch
     h, i, layers = arch.hidden_size, arch.intermediate_size, arch.num_layers
@@ -404,7 +439,8 @@ def estimate_memory(arch: ModelArch, shape: TrainingShape,
     gathered = 0
     if shape.strategy == "fsdp":
         weights, adapters, gradients, optimizer, paged, gathered = fsdp_shards(
-            arch, shape, weights, adapters, gradients, optimizer, paged, constants)
+            arch, shape, weights, adapters, gradients, optimizer, paged, constants
+        )
 
     per_layer = layer_activation_bytes(arch, shape)
     layer_bytes = sum(per_layer.values())
@@ -418,16 +454,22 @@ def estimate_memory(arch: ModelArch, shape: TrainingShape,
         recomputed = 0.0
     # The worker packs examples into rows of seq_len tokens (or pads them to it): at most
     # micro_batch rows, each with a seq_len x seq_len boolean mask shared by all layers.
-    attention_mask = (shape.micro_batch * shape.seq_len * shape.seq_len
-                      if shape.masked_attention else 0)
+    attention_mask = (
+        shape.micro_batch * shape.seq_len * shape.seq_len if shape.masked_attention else 0
+    )
     if shape.packing and not shape.varlen:
         attention_mask += constants.packed_rows_bytes_per_layer * (
-            1 if shape.gradient_checkpointing else layers)
+            1 if shape.gradient_checkpointing else layers
+        )
     backward_per_channel = (
         constants.backward_bytes_per_intermediate
-        + (constants.backward_fp32_cast_bytes_per_intermediate if adapter_input_copied(shape)
-           else 0.0)
-        + (constants.backward_dropout_bytes_per_intermediate if shape.lora_dropout > 0 else 0.0))
+        + (
+            constants.backward_fp32_cast_bytes_per_intermediate
+            if adapter_input_copied(shape)
+            else 0.0
+        )
+        + (constants.backward_dropout_bytes_per_intermediate if shape.lora_dropout > 0 else 0.0)
+    )
     backward = backward_per_channel * i * tokens
     if shape.method == "qlora":
         # bitsandbytes dequantises one projection at a time into a bf16 scratch matrix.
@@ -470,6 +512,10 @@ def estimate_memory(arch: ModelArch, shape: TrainingShape,
         "fsdp_gathered_bytes": gathered,
         **{f"layer_{k}_bytes_per_token": v for k, v in per_layer.items()},
     }
-    return MemoryEstimate(total=sum(breakdown.values()), breakdown=breakdown,
-                          cuda_context=constants.cuda_context_bytes,
-                          paged_optimizer_state=int(paged), details=details)
+    return MemoryEstimate(
+        total=sum(breakdown.values()),
+        breakdown=breakdown,
+        cuda_context=constants.cuda_context_bytes,
+        paged_optimizer_state=int(paged),
+        details=details,
+    )

@@ -40,9 +40,14 @@ class SpeedConstants:
     dequant_seconds_per_gparam: float = 0.00001
     """QLoRA: seconds to dequantise 10^9 NF4 weights to bf16, once per pass. The fit leaves it
     near zero: on the H200 QLoRA's extra cost shows up as launch time per layer instead."""
-    host_seconds_per_layer: dict[tuple[str, bool], float] = field(default_factory=lambda: {
-        ("lora", False): 0.00557, ("lora", True): 0.01131,
-        ("qlora", False): 0.00811, ("qlora", True): 0.01599})
+    host_seconds_per_layer: dict[tuple[str, bool], float] = field(
+        default_factory=lambda: {
+            ("lora", False): 0.00557,
+            ("lora", True): 0.01131,
+            ("qlora", False): 0.00811,
+            ("qlora", True): 0.01599,
+        }
+    )
     """Launch time per decoder layer and micro-batch; checkpointing launches the forward again."""
     host_seconds_fixed: float = 0.02823
     """Per micro-batch, outside the layers (loss, optimizer step share, data)."""
@@ -62,8 +67,9 @@ def matmul_params(arch: ModelArch) -> int:
     return arch.num_layers * arch.layer_linear_params() + arch.vocab_size * arch.hidden_size
 
 
-def step_seconds(arch: ModelArch, shape: TrainingShape,
-                 constants: SpeedConstants = DEFAULT_SPEED) -> tuple[float, float, float]:
+def step_seconds(
+    arch: ModelArch, shape: TrainingShape, constants: SpeedConstants = DEFAULT_SPEED
+) -> tuple[float, float, float]:
     """(GPU seconds, host seconds, step seconds) of one micro-batch at its token budget."""
     tokens = shape.tokens_per_micro_batch
     ckpt = bool(shape.gradient_checkpointing)
@@ -75,13 +81,16 @@ def step_seconds(arch: ModelArch, shape: TrainingShape,
     if shape.method == "qlora":
         passes = 3 if ckpt else 2  # forward, backward, and the recomputed forward
         gpu += passes * constants.dequant_seconds_per_gparam * arch.quantizable_params() / 1e9
-    host = (arch.num_layers * constants.host_seconds_per_layer[(shape.method, ckpt)]
-            + constants.host_seconds_fixed)
+    host = (
+        arch.num_layers * constants.host_seconds_per_layer[(shape.method, ckpt)]
+        + constants.host_seconds_fixed
+    )
     p = constants.overlap
-    return gpu, host, (gpu ** p + host ** p) ** (1 / p)
+    return gpu, host, (gpu**p + host**p) ** (1 / p)
 
 
-def predicted_tokens_per_second(arch: ModelArch, shape: TrainingShape,
-                                constants: SpeedConstants = DEFAULT_SPEED) -> float:
+def predicted_tokens_per_second(
+    arch: ModelArch, shape: TrainingShape, constants: SpeedConstants = DEFAULT_SPEED
+) -> float:
     """Tokens per second of one training process, a full micro-batch at a time."""
     return shape.tokens_per_micro_batch / step_seconds(arch, shape, constants)[2]

@@ -18,6 +18,8 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+from pydantic import ValidationError
+
 from finetune_api import adapter_checks
 from finetune_api.adapterdeployment import AdapterDeployment, AdapterSource
 from finetune_api.common import API_VERSION
@@ -31,7 +33,6 @@ from finetune_api.constants import (
 from finetune_api.constants import ConditionType as C
 from finetune_api.finetunejob import FineTuneJob
 from finetune_api.worker_config import describe_errors
-from pydantic import ValidationError
 
 from .. import k8s, references
 from ..builders import serving, vllm
@@ -83,8 +84,12 @@ class Desired:
         served = tuple(d.served for d in self.decisions if d.served is not None)
         if not served:
             return None
-        return Member(name=self.name, uid=self.ad.metadata.uid, replicas=self.ad.spec.replicas,
-                      adapters=served)
+        return Member(
+            name=self.name,
+            uid=self.ad.metadata.uid,
+            replicas=self.ad.spec.replicas,
+            adapters=served,
+        )
 
 
 # --- observe + decide: adapters ---------------------------------------------------------------
@@ -94,15 +99,18 @@ def _local_dir(uri: str, settings: OperatorSettings) -> str | None:
     """`<pvc_root>/<claim>/<path>` for a pvc:// URI, when the dev setting provides one."""
     if not settings.pvc_root or not uri.startswith("pvc://"):
         return None
-    return os.path.join(settings.pvc_root, uri[len("pvc://"):])
+    return os.path.join(settings.pvc_root, uri[len("pvc://") :])
 
 
 def _facts_from_job(ftj: FineTuneJob, name: str) -> dict:
     model = ftj.spec.model
     return {
         "name": name,
-        "baseModel": {k: v for k, v in (("name", model.name), ("uri", model.uri),
-                                        ("revision", model.revision)) if v},
+        "baseModel": {
+            k: v
+            for k, v in (("name", model.name), ("uri", model.uri), ("revision", model.revision))
+            if v
+        },
         "revisionDeclared": True,
         "r": ftj.spec.lora.r,
         "targetModules": list(ftj.spec.lora.target_modules),
@@ -119,35 +127,51 @@ def server_references(ad: AdapterDeployment) -> list[references.Reference]:
     spec = ad.spec
     refs = []
     if spec.hf_token_secret_ref:
-        refs.append(references.Reference("Secret", spec.hf_token_secret_ref.name,
-                                         "spec.hfTokenSecretRef", spec.hf_token_secret_ref.key))
+        refs.append(
+            references.Reference(
+                "Secret",
+                spec.hf_token_secret_ref.name,
+                "spec.hfTokenSecretRef",
+                spec.hf_token_secret_ref.key,
+            )
+        )
     if spec.storage_secret_ref:
-        refs.append(references.Reference("Secret", spec.storage_secret_ref.name,
-                                         "spec.storageSecretRef"))
-    for field_name, uri in (("spec.baseModel.uri", spec.base_model.uri),
-                            ("spec.baseModel.tokenizer", spec.base_model.tokenizer)):
+        refs.append(
+            references.Reference("Secret", spec.storage_secret_ref.name, "spec.storageSecretRef")
+        )
+    for field_name, uri in (
+        ("spec.baseModel.uri", spec.base_model.uri),
+        ("spec.baseModel.tokenizer", spec.base_model.tokenizer),
+    ):
         if uri and (claim := _claim(uri)):
             refs.append(references.Reference("PersistentVolumeClaim", claim, field_name))
     return refs
 
 
-def adapter_reference(index: int, source: AdapterSource,
-                      jobs: dict[str, dict]) -> references.Reference | None:
+def adapter_reference(
+    index: int, source: AdapterSource, jobs: dict[str, dict]
+) -> references.Reference | None:
     """The PVC one adapter is read from, with the field that names it."""
     if source.uri is not None:
         claim, where = _claim(source.uri), f"spec.adapters[{index}].uri"
     else:
         job = jobs.get(source.fine_tune_job_ref.name) or {}
-        uri = (((job.get("status") or {}).get("adapter") or {}).get("uri")
-               or ((job.get("spec") or {}).get("output") or {}).get("uri"))
+        uri = ((job.get("status") or {}).get("adapter") or {}).get("uri") or (
+            (job.get("spec") or {}).get("output") or {}
+        ).get("uri")
         claim = _claim(uri)
         where = f"the adapter URI of FineTuneJob {source.fine_tune_job_ref.name!r}"
     return references.Reference("PersistentVolumeClaim", claim, where) if claim else None
 
 
-def decide_adapter(source: AdapterSource, ad: AdapterDeployment, config: dict,
-                   jobs: dict[str, dict], settings: OperatorSettings,
-                   missing: list[references.Missing] = ()) -> AdapterDecision:
+def decide_adapter(
+    source: AdapterSource,
+    ad: AdapterDeployment,
+    config: dict,
+    jobs: dict[str, dict],
+    settings: OperatorSettings,
+    missing: list[references.Missing] = (),
+) -> AdapterDecision:
     """Accept, wait for, or refuse one adapter, with the reason people will read.
 
     `missing`: the Secrets and PVCs of the deployment that do not exist; an adapter that
@@ -163,48 +187,74 @@ def decide_adapter(source: AdapterSource, ad: AdapterDeployment, config: dict,
         body = jobs.get(job_name)
         if body is None:
             return AdapterDecision(
-                source.name, "Pending", Reason.FINE_TUNE_JOB_NOT_FOUND,
+                source.name,
+                "Pending",
+                Reason.FINE_TUNE_JOB_NOT_FOUND,
                 f"adapter {source.name!r}: FineTuneJob {job_name!r} not found in namespace "
-                f"{ad.metadata.namespace}; create it or fix adapters[].fineTuneJobRef")
-        job_ref = {"name": job_name, "namespace": ad.metadata.namespace,
-                   "uid": body["metadata"].get("uid")}
+                f"{ad.metadata.namespace}; create it or fix adapters[].fineTuneJobRef",
+            )
+        job_ref = {
+            "name": job_name,
+            "namespace": ad.metadata.namespace,
+            "uid": body["metadata"].get("uid"),
+        }
         try:
             ftj = FineTuneJob.model_validate(body)
         except ValidationError as exc:
             return AdapterDecision(
-                source.name, "Refused", Reason.INVALID_SPEC,
+                source.name,
+                "Refused",
+                Reason.INVALID_SPEC,
                 f"adapter {source.name!r}: FineTuneJob {job_name!r} has an invalid spec "
                 f"({_one_line(exc)}); fix it or point adapters[].fineTuneJobRef elsewhere",
-                fine_tune_job=job_ref)
+                fine_tune_job=job_ref,
+            )
         status = body.get("status") or {}
         phase = status.get("phase") or Phase.PENDING
         if phase == Phase.FAILED:
             return AdapterDecision(
-                source.name, "Refused", Reason.FINE_TUNE_JOB_FAILED,
+                source.name,
+                "Refused",
+                Reason.FINE_TUNE_JOB_FAILED,
                 f"adapter {source.name!r}: FineTuneJob {job_name!r} failed; it has no adapter "
-                "to serve", fine_tune_job=job_ref)
+                "to serve",
+                fine_tune_job=job_ref,
+            )
         if phase != Phase.SUCCEEDED:
             return AdapterDecision(
-                source.name, "Pending", Reason.ADAPTER_NOT_READY,
+                source.name,
+                "Pending",
+                Reason.ADAPTER_NOT_READY,
                 f"adapter {source.name!r}: waiting for FineTuneJob {job_name!r} to succeed "
-                f"(phase {phase})", fine_tune_job=job_ref)
+                f"(phase {phase})",
+                fine_tune_job=job_ref,
+            )
         artifact = status.get("adapter") or {}
         uri = artifact.get("uri") or ftj.spec.output.uri
         sha256 = artifact.get("sha256")
         facts = _facts_from_job(ftj, source.name)
 
     claim = _claim(uri)
-    blocking = [m for m in missing if m.reference.kind == "Secret"
-                or m.reference.field.startswith("spec.baseModel")
-                or (m.reference.name == claim and claim is not None)]
+    blocking = [
+        m
+        for m in missing
+        if m.reference.kind == "Secret"
+        or m.reference.field.startswith("spec.baseModel")
+        or (m.reference.name == claim and claim is not None)
+    ]
     if blocking:
         what = " and ".join(m.describe() for m in blocking)
         return AdapterDecision(
-            source.name, "Pending", blocking[0].reason,
+            source.name,
+            "Pending",
+            blocking[0].reason,
             f"adapter {source.name!r}: waiting for {what} in namespace "
             f"{ad.metadata.namespace}; it is served as soon as "
             f"{'it exists' if len(blocking) == 1 else 'they exist'}",
-            uri=uri, sha256=sha256, fine_tune_job=job_ref)
+            uri=uri,
+            sha256=sha256,
+            fine_tune_job=job_ref,
+        )
 
     problems: list[list[str]] = []
     local = _local_dir(uri, settings)
@@ -212,8 +262,14 @@ def decide_adapter(source: AdapterSource, ad: AdapterDeployment, config: dict,
         # Dev/demo only: the operator can read the volume, so it runs the file checks the
         # init container would run, and refuses before a pod is ever created.
         file_problems, manifest_facts = adapter_checks.verify_adapter_dir(
-            local, {"name": source.name, "sha256": sha256, "uri": uri,
-                    "manifest": ADAPTER_MANIFEST_FILENAME})
+            local,
+            {
+                "name": source.name,
+                "sha256": sha256,
+                "uri": uri,
+                "manifest": ADAPTER_MANIFEST_FILENAME,
+            },
+        )
         problems += file_problems
         if source.fine_tune_job_ref is None:
             facts = {**facts, **manifest_facts}
@@ -224,20 +280,38 @@ def decide_adapter(source: AdapterSource, ad: AdapterDeployment, config: dict,
             for key in ("r", "targetModules", "useDoRA", "modulesToSave"):
                 if manifest_facts.get(key) is not None:
                     facts[key] = manifest_facts[key]
-    problems += adapter_checks.adapter_problems(facts,
-                                                vllm.server_check_inputs(config, spec_limit))
+    problems += adapter_checks.adapter_problems(facts, vllm.server_check_inputs(config, spec_limit))
     rank = facts.get("r")
     if problems:
         return AdapterDecision(
-            source.name, "Refused", problems[0][0], "; ".join(m for _, m in problems),
-            uri=uri, sha256=sha256, rank=rank, fine_tune_job=job_ref)
+            source.name,
+            "Refused",
+            problems[0][0],
+            "; ".join(m for _, m in problems),
+            uri=uri,
+            sha256=sha256,
+            rank=rank,
+            fine_tune_job=job_ref,
+        )
     served = ServedAdapter(
-        name=source.name, uri=uri, deployment=ad.metadata.name,
+        name=source.name,
+        uri=uri,
+        deployment=ad.metadata.name,
         max_rank=rank if rank is not None else min(spec_limit, vllm.VLLM_LORA_RANKS[-1]),
-        sha256=sha256, fine_tune_job=job_ref["name"] if job_ref else None)
-    return AdapterDecision(source.name, "Accepted", Reason.ADAPTERS_COMPATIBLE, "",
-                           uri=uri, sha256=sha256, rank=rank, fine_tune_job=job_ref,
-                           served=served)
+        sha256=sha256,
+        fine_tune_job=job_ref["name"] if job_ref else None,
+    )
+    return AdapterDecision(
+        source.name,
+        "Accepted",
+        Reason.ADAPTERS_COMPATIBLE,
+        "",
+        uri=uri,
+        sha256=sha256,
+        rank=rank,
+        fine_tune_job=job_ref,
+        served=served,
+    )
 
 
 def _refuse_name_conflicts(group: list[Desired]) -> None:
@@ -253,12 +327,17 @@ def _refuse_name_conflicts(group: list[Desired]) -> None:
             owner = owners.setdefault(dec.name, d.name)
             if dec.name != base_name and owner == d.name:
                 continue
-            what = ("the base model's name" if dec.name == base_name
-                    else f"an adapter of AdapterDeployment {owner!r}, the oldest that lists "
-                    "it (it keeps the name while it lists it, served or not)")
+            what = (
+                "the base model's name"
+                if dec.name == base_name
+                else f"an adapter of AdapterDeployment {owner!r}, the oldest that lists "
+                "it (it keeps the name while it lists it, served or not)"
+            )
             dec.state, dec.reason, dec.served = "Refused", Reason.ADAPTER_NAME_CONFLICT, None
-            dec.message = (f"adapter {dec.name!r}: on the shared server this name belongs to "
-                           f"{what}; rename adapters[].name")
+            dec.message = (
+                f"adapter {dec.name!r}: on the shared server this name belongs to "
+                f"{what}; rename adapters[].name"
+            )
 
 
 # --- the pass ---------------------------------------------------------------------------------
@@ -267,10 +346,15 @@ def _refuse_name_conflicts(group: list[Desired]) -> None:
 async def reconcile(namespace: str, name: str, settings: OperatorSettings) -> None:
     defaults = settings.serving
     # --- observe ------------------------------------------------------------------------------
-    bodies = [b for b in await k8s.list_objects(API_VERSION, KIND, namespace)
-              if not b["metadata"].get("deletionTimestamp")]
-    servers = {d["metadata"]["name"]: d for d in await k8s.list_objects(
-        "apps/v1", "Deployment", namespace, SERVER_SELECTOR)}
+    bodies = [
+        b
+        for b in await k8s.list_objects(API_VERSION, KIND, namespace)
+        if not b["metadata"].get("deletionTimestamp")
+    ]
+    servers = {
+        d["metadata"]["name"]: d
+        for d in await k8s.list_objects("apps/v1", "Deployment", namespace, SERVER_SELECTOR)
+    }
     desired: dict[str, Desired] = {}
     invalid: dict[str, tuple[dict, str]] = {}
     for body in bodies:
@@ -285,21 +369,30 @@ async def reconcile(namespace: str, name: str, settings: OperatorSettings) -> No
 
     # The groups this object touches: where it belongs now, and where it was served before.
     affected = {me.server} if me else set()
-    affected |= {s for s, dep in servers.items()
-                 if any(ref.get("kind") == KIND and ref.get("name") == name
-                        for ref in dep["metadata"].get("ownerReferences") or [])}
+    affected |= {
+        s
+        for s, dep in servers.items()
+        if any(
+            ref.get("kind") == KIND and ref.get("name") == name
+            for ref in dep["metadata"].get("ownerReferences") or []
+        )
+    }
     if not affected:
         if name in invalid:
             await _write_invalid(*invalid[name])
         return
-    jobs = {j["metadata"]["name"]: j
-            for j in await k8s.list_objects(API_VERSION, "FineTuneJob", namespace)}
+    jobs = {
+        j["metadata"]["name"]: j
+        for j in await k8s.list_objects(API_VERSION, "FineTuneJob", namespace)
+    }
     found: dict[tuple[str, str], dict | None] = {}
 
     async def missing_of(d: Desired) -> list[references.Missing]:
         refs = server_references(d.ad) + [
-            r for i, src in enumerate(d.ad.spec.adapters)
-            if (r := adapter_reference(i, src, jobs)) is not None]
+            r
+            for i, src in enumerate(d.ad.spec.adapters)
+            if (r := adapter_reference(i, src, jobs)) is not None
+        ]
         out = []
         for ref in refs:
             if (ref.kind, ref.name) not in found:
@@ -314,12 +407,15 @@ async def reconcile(namespace: str, name: str, settings: OperatorSettings) -> No
         group = [d for d in desired.values() if d.server == server]
         for d in group:
             d.missing = await missing_of(d)
-            d.decisions = [decide_adapter(src, d.ad, d.config, jobs, settings, d.missing)
-                           for src in d.ad.spec.adapters]
+            d.decisions = [
+                decide_adapter(src, d.ad, d.config, jobs, settings, d.missing)
+                for src in d.ad.spec.adapters
+            ]
         _refuse_name_conflicts(group)
         members = [m for m in (d.member() for d in group) if m is not None]
-        applied[server] = await _apply_server(namespace, server, group, members, defaults,
-                                              servers.get(server))
+        applied[server] = await _apply_server(
+            namespace, server, group, members, defaults, servers.get(server)
+        )
 
     # --- report -------------------------------------------------------------------------------
     if name in invalid:
@@ -328,8 +424,7 @@ async def reconcile(namespace: str, name: str, settings: OperatorSettings) -> No
         deployment = applied.get(me.server)
         pods = []
         if deployment is not None:
-            pods = await k8s.list_objects("v1", "Pod", namespace,
-                                          f"{LABEL_SERVER}={me.server}")
+            pods = await k8s.list_objects("v1", "Pod", namespace, f"{LABEL_SERVER}={me.server}")
         await _write_status(me, deployment, pods)
 
 
@@ -343,9 +438,14 @@ def _desired(body: dict, defaults: ServingDefaults) -> Desired:
     return Desired(body, ad, config, server_name(config))
 
 
-async def _apply_server(namespace: str, server: str, group: list[Desired],
-                        members: list[Member], defaults: ServingDefaults,
-                        existing: dict | None) -> dict | None:
+async def _apply_server(
+    namespace: str,
+    server: str,
+    group: list[Desired],
+    members: list[Member],
+    defaults: ServingDefaults,
+    existing: dict | None,
+) -> dict | None:
     if not members:
         if existing is not None:
             log.info("removing server %s/%s: no adapter left to serve", namespace, server)
@@ -357,8 +457,9 @@ async def _apply_server(namespace: str, server: str, group: list[Desired],
     await k8s.server_side_apply(service)
     applied = await k8s.server_side_apply(deployment)
     if existing is None:
-        log.info("created server %s/%s for %s", namespace, server,
-                 ", ".join(m.name for m in members))
+        log.info(
+            "created server %s/%s for %s", namespace, server, ", ".join(m.name for m in members)
+        )
     return applied
 
 
@@ -369,11 +470,13 @@ def _rolled_out(deployment: dict) -> bool:
     """Every replica runs the current pod template and is ready."""
     spec_replicas = deployment["spec"].get("replicas", 1)
     st = deployment.get("status") or {}
-    return (spec_replicas > 0
-            and st.get("observedGeneration", 0) >= deployment["metadata"].get("generation", 0)
-            and st.get("updatedReplicas", 0) >= spec_replicas
-            and st.get("readyReplicas", 0) >= spec_replicas
-            and st.get("replicas", 0) == st.get("updatedReplicas", 0))
+    return (
+        spec_replicas > 0
+        and st.get("observedGeneration", 0) >= deployment["metadata"].get("generation", 0)
+        and st.get("updatedReplicas", 0) >= spec_replicas
+        and st.get("readyReplicas", 0) >= spec_replicas
+        and st.get("replicas", 0) == st.get("updatedReplicas", 0)
+    )
 
 
 def pod_failures(pods: list[dict]) -> list[str]:
@@ -385,11 +488,16 @@ def pod_failures(pods: list[dict]) -> list[str]:
             state = cs.get("state") or {}
             term = state.get("terminated") or (cs.get("lastState") or {}).get("terminated")
             waiting = (state.get("waiting") or {}).get("reason")
-            if term and term.get("exitCode", 0) != 0 and (
-                    waiting in ("CrashLoopBackOff", "Error") or state.get("terminated")):
+            if (
+                term
+                and term.get("exitCode", 0) != 0
+                and (waiting in ("CrashLoopBackOff", "Error") or state.get("terminated"))
+            ):
                 text = (term.get("message") or term.get("reason") or "").strip()
-                failures.append(f"{cs['name']} in pod {pod['metadata']['name']} exited with "
-                                f"code {term.get('exitCode')}" + (f": {text}" if text else ""))
+                failures.append(
+                    f"{cs['name']} in pod {pod['metadata']['name']} exited with "
+                    f"code {term.get('exitCode')}" + (f": {text}" if text else "")
+                )
     return failures
 
 
@@ -400,9 +508,11 @@ def pod_scheduling_problems(pods: list[dict]) -> list[str]:
     for pod in pods:
         for c in (pod.get("status") or {}).get("conditions") or []:
             if c.get("type") == "PodScheduled" and c.get("status") == "False":
-                problems.append(f"pod {pod['metadata']['name']} cannot be scheduled "
-                                f"({c.get('reason') or 'Unschedulable'}): "
-                                f"{(c.get('message') or '').strip()}")
+                problems.append(
+                    f"pod {pod['metadata']['name']} cannot be scheduled "
+                    f"({c.get('reason') or 'Unschedulable'}): "
+                    f"{(c.get('message') or '').strip()}"
+                )
     return problems
 
 
@@ -413,16 +523,19 @@ def _adapter_states(me: Desired, loaded: bool) -> list[dict]:
         entry = {"name": d.name, "state": state}
         if d.state != "Accepted":
             entry.update({"reason": d.reason, "message": d.message})
-        for key, value in (("uri", d.uri), ("sha256", d.sha256), ("rank", d.rank),
-                           ("fineTuneJob", d.fine_tune_job)):
+        for key, value in (
+            ("uri", d.uri),
+            ("sha256", d.sha256),
+            ("rank", d.rank),
+            ("fineTuneJob", d.fine_tune_job),
+        ):
             if value is not None:
                 entry[key] = value
         out.append(entry)
     return out
 
 
-def desired_status(me: Desired, deployment: dict | None, pods: list[dict],
-                   old: dict) -> dict:
+def desired_status(me: Desired, deployment: dict | None, pods: list[dict], old: dict) -> dict:
     """The AdapterDeployment's status from its decisions and its server's observed state."""
     generation = me.body["metadata"].get("generation")
     conds = list(old.get("conditions") or [])
@@ -436,33 +549,48 @@ def desired_status(me: Desired, deployment: dict | None, pods: list[dict],
     if not served:
         why = refused + pending
         reason = why[0].reason if why else Reason.NO_SERVABLE_ADAPTER
-        message = ("; ".join(d.message for d in why) if why
-                   else "spec.adapters is empty; add an adapter to serve")
+        message = (
+            "; ".join(d.message for d in why)
+            if why
+            else "spec.adapters is empty; add an adapter to serve"
+        )
         ready = (False, Reason.NO_SERVABLE_ADAPTER if refused else reason, message)
     elif deployment is not None and deployment["spec"].get("replicas") == 0:
         ready = (False, Reason.SCALED_TO_ZERO, "spec.replicas is 0")
     elif loaded:
         names = ", ".join(d.name for d in served)
-        ready = (True, Reason.REPLICAS_READY,
-                 f"{dep_status.get('readyReplicas')}/{deployment['spec']['replicas']} replicas "
-                 f"of {deployment['metadata']['name']} ready, serving {names}"
-                 + (f"; still waiting for {', '.join(d.name for d in pending)}"
-                    if pending else ""))
+        ready = (
+            True,
+            Reason.REPLICAS_READY,
+            f"{dep_status.get('readyReplicas')}/{deployment['spec']['replicas']} replicas "
+            f"of {deployment['metadata']['name']} ready, serving {names}"
+            + (f"; still waiting for {', '.join(d.name for d in pending)}" if pending else ""),
+        )
     else:
         unscheduled = pod_scheduling_problems(pods) if deployment is not None else []
-        ready = (False, Reason.ROLLING_OUT if dep_status.get("readyReplicas")
-                 else Reason.REPLICAS_NOT_READY,
-                 (f"{dep_status.get('readyReplicas') or 0}/{deployment['spec']['replicas']} "
-                  f"replicas of {deployment['metadata']['name']} ready with the current "
-                  "adapters" + (f"; {'; '.join(unscheduled[:3])}" if unscheduled else ""))
-                 if deployment else "creating the server")
+        ready = (
+            False,
+            Reason.ROLLING_OUT if dep_status.get("readyReplicas") else Reason.REPLICAS_NOT_READY,
+            (
+                f"{dep_status.get('readyReplicas') or 0}/{deployment['spec']['replicas']} "
+                f"replicas of {deployment['metadata']['name']} ready with the current "
+                "adapters" + (f"; {'; '.join(unscheduled[:3])}" if unscheduled else "")
+            )
+            if deployment
+            else "creating the server",
+        )
     conds = set_condition(conds, C.READY, *ready, generation)
     if me.missing:
         what = " and ".join(m.describe() for m in me.missing)
-        resolved = (False, me.missing[0].reason,
-                    (f"waiting for {what} in namespace {me.ad.metadata.namespace}; what "
-                     f"needs {'it' if len(me.missing) == 1 else 'them'} is served as soon as "
-                     f"{'it exists' if len(me.missing) == 1 else 'they exist'}"))
+        resolved = (
+            False,
+            me.missing[0].reason,
+            (
+                f"waiting for {what} in namespace {me.ad.metadata.namespace}; what "
+                f"needs {'it' if len(me.missing) == 1 else 'them'} is served as soon as "
+                f"{'it exists' if len(me.missing) == 1 else 'they exist'}"
+            ),
+        )
     else:
         resolved = (True, Reason.REFERENCES_FOUND, "every Secret and PVC the spec names exists")
     conds = set_condition(conds, C.REFERENCES_RESOLVED, *resolved, generation)
@@ -485,8 +613,13 @@ def desired_status(me: Desired, deployment: dict | None, pods: list[dict],
         "baseModelName": served_base_name(me.config),
     }
     if deployment is not None:
-        status.update({"deploymentName": me.server, "serviceName": me.server,
-                       "endpoint": serving.endpoint(me.config)})
+        status.update(
+            {
+                "deploymentName": me.server,
+                "serviceName": me.server,
+                "endpoint": serving.endpoint(me.config),
+            }
+        )
     else:
         status.update({"deploymentName": None, "serviceName": None, "endpoint": None})
     return status
@@ -495,19 +628,33 @@ def desired_status(me: Desired, deployment: dict | None, pods: list[dict],
 def invalid_status(body: dict, errors: str, old: dict) -> dict:
     """The status of an AdapterDeployment the models refuse: not served, and which field."""
     generation = body["metadata"].get("generation")
-    message = (f"the spec is invalid, so nothing of it is served: {errors}; fix the "
-               "field(s) named (the other AdapterDeployments are not affected)")
+    message = (
+        f"the spec is invalid, so nothing of it is served: {errors}; fix the "
+        "field(s) named (the other AdapterDeployments are not affected)"
+    )
     conds = list(old.get("conditions") or [])
     conds = set_condition(conds, C.READY, False, Reason.INVALID_SPEC, message, generation)
     conds = set_condition(conds, C.DEGRADED, True, Reason.INVALID_SPEC, message, generation)
-    return {"observedGeneration": generation, "conditions": conds, "replicas": 0,
-            "readyReplicas": 0, "loadedAdapters": [], "adapters": [],
-            "deploymentName": None, "serviceName": None, "endpoint": None}
+    return {
+        "observedGeneration": generation,
+        "conditions": conds,
+        "replicas": 0,
+        "readyReplicas": 0,
+        "loadedAdapters": [],
+        "adapters": [],
+        "deploymentName": None,
+        "serviceName": None,
+        "endpoint": None,
+    }
 
 
 async def _write_invalid(body: dict, errors: str) -> None:
-    log.warning("AdapterDeployment %s/%s is invalid and left out of its server: %s",
-                body["metadata"]["namespace"], body["metadata"]["name"], errors)
+    log.warning(
+        "AdapterDeployment %s/%s is invalid and left out of its server: %s",
+        body["metadata"]["namespace"],
+        body["metadata"]["name"],
+        errors,
+    )
     old = dict(body.get("status") or {})
     await _patch_if_changed(body, old, invalid_status(body, errors, old))
 
@@ -519,7 +666,8 @@ async def _write_status(me: Desired, deployment: dict | None, pods: list[dict]) 
 
 async def _patch_if_changed(body: dict, old: dict, new: dict) -> None:
     if all(old.get(k) == v for k, v in new.items() if v is not None) and all(
-            old.get(k) is None for k, v in new.items() if v is None):
+        old.get(k) is None for k, v in new.items() if v is None
+    ):
         return
     await k8s.patch_status(body, new)
     was_ready = _is_true(old, C.READY)
@@ -528,15 +676,23 @@ async def _patch_if_changed(body: dict, old: dict, new: dict) -> None:
     old_cond = next((c for c in old.get("conditions") or [] if c.get("type") == C.READY), {})
     # An Event per Ready flip, and one when it turns False for a new reason (an invalid
     # spec is news even to an object that was never ready).
-    if now_ready != was_ready or (not now_ready and old_cond.get("reason") != cond["reason"]
-                                  and cond["reason"] == Reason.INVALID_SPEC):
-        await k8s.post_event(body, type="Normal" if now_ready else "Warning",
-                             reason=cond["reason"], message=cond["message"] or cond["reason"])
+    if now_ready != was_ready or (
+        not now_ready
+        and old_cond.get("reason") != cond["reason"]
+        and cond["reason"] == Reason.INVALID_SPEC
+    ):
+        await k8s.post_event(
+            body,
+            type="Normal" if now_ready else "Warning",
+            reason=cond["reason"],
+            message=cond["message"] or cond["reason"],
+        )
 
 
 def _is_true(status: dict, type_: str) -> bool:
-    return any(c.get("type") == type_ and c.get("status") == "True"
-               for c in status.get("conditions") or [])
+    return any(
+        c.get("type") == type_ and c.get("status") == "True" for c in status.get("conditions") or []
+    )
 
 
 async def referencing(namespace: str, job_name: str) -> list[str]:
@@ -555,5 +711,8 @@ async def served_by(namespace: str, server: str) -> list[str]:
     if not server:
         return []
     deployment = await k8s.get("apps/v1", "Deployment", namespace, server)
-    return [ref["name"] for ref in ((deployment or {}).get("metadata") or {}).get(
-        "ownerReferences") or [] if ref.get("kind") == KIND]
+    return [
+        ref["name"]
+        for ref in ((deployment or {}).get("metadata") or {}).get("ownerReferences") or []
+        if ref.get("kind") == KIND
+    ]

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import kopf
 
-from .. import k8s
 from finetune_api.adaptermerge import AdapterMerge
 from finetune_api.common import API_VERSION
 from finetune_api.constants import ConditionType as C
 from finetune_api.constants import Phase, Reason
 from finetune_api.finetunejob import ModelSource
+
+from .. import k8s
 from ..builders import merge
 from ..conditions import now, set_condition
 from ..status import Outcome, apply_outcome, observe_training
@@ -26,17 +27,26 @@ async def _adapter_source(am: AdapterMerge) -> tuple[str, ModelSource, int | Non
     ref = am.spec.fine_tune_job_ref.name
     ftj = await k8s.get(API_VERSION, "FineTuneJob", am.metadata.namespace, ref)
     if ftj is None:
-        return Outcome(Phase.PENDING, Reason.FINE_TUNE_JOB_NOT_FOUND,
-                       f"FineTuneJob {ref!r} (spec.fineTuneJobRef) does not exist in "
-                       f"namespace {am.metadata.namespace}")
+        return Outcome(
+            Phase.PENDING,
+            Reason.FINE_TUNE_JOB_NOT_FOUND,
+            f"FineTuneJob {ref!r} (spec.fineTuneJobRef) does not exist in "
+            f"namespace {am.metadata.namespace}",
+        )
     status = ftj.get("status") or {}
     if status.get("phase") == Phase.FAILED:
-        return Outcome(Phase.FAILED, Reason.FINE_TUNE_JOB_FAILED,
-                       f"FineTuneJob {ref!r} failed, so there is no adapter to merge")
+        return Outcome(
+            Phase.FAILED,
+            Reason.FINE_TUNE_JOB_FAILED,
+            f"FineTuneJob {ref!r} failed, so there is no adapter to merge",
+        )
     if status.get("phase") != Phase.SUCCEEDED:
-        return Outcome(Phase.PENDING, Reason.NOT_STARTED,
-                       f"waiting for FineTuneJob {ref!r} to succeed "
-                       f"(phase {status.get('phase') or 'Pending'})")
+        return Outcome(
+            Phase.PENDING,
+            Reason.NOT_STARTED,
+            f"waiting for FineTuneJob {ref!r} to succeed "
+            f"(phase {status.get('phase') or 'Pending'})",
+        )
     uri = (status.get("adapter") or {}).get("uri") or ftj["spec"]["output"]["uri"]
     total_params = (status.get("plan") or {}).get("totalParams")
     return uri, ModelSource.model_validate(ftj["spec"]["model"]), total_params
@@ -58,28 +68,38 @@ async def reconcile(namespace: str, name: str, settings: OperatorSettings) -> No
         outcome = source
     else:
         adapter_uri, base, total_params = source
-        for child in (merge.build_config_map(am, adapter_uri, base),
-                      merge.build_merge_job(am, adapter_uri, base,
-                                            default_image=settings.worker_image,
-                                            total_params=total_params)):
+        for child in (
+            merge.build_config_map(am, adapter_uri, base),
+            merge.build_merge_job(
+                am,
+                adapter_uri,
+                base,
+                default_image=settings.worker_image,
+                total_params=total_params,
+            ),
+        ):
             kopf.adopt(child, owner=body)
             obj, _ = await k8s.create_if_absent(child)
             if child["kind"] == "Job":
                 job = obj
-        pods = await k8s.list_objects("v1", "Pod", namespace,
-                                      f"job-name={job['metadata']['name']}")
+        pods = await k8s.list_objects("v1", "Pod", namespace, f"job-name={job['metadata']['name']}")
         outcome = observe_training(job, pods, user_suspended=False, queued=False)
         if outcome.phase == Phase.SUCCEEDED:
-            outcome = Outcome(Phase.SUCCEEDED, Reason.MERGE_COMPLETE,
-                              f"merged into {am.spec.output.uri}", outcome.termination)
+            outcome = Outcome(
+                Phase.SUCCEEDED,
+                Reason.MERGE_COMPLETE,
+                f"merged into {am.spec.output.uri}",
+                outcome.termination,
+            )
 
     status = {**old, "observedGeneration": generation}
     if job is not None:
         status["jobName"] = job["metadata"]["name"]
     status = apply_outcome(status, outcome, generation)
     # Merges have no queue and no suspend: keep the conditions that mean something here.
-    status["conditions"] = [c for c in status["conditions"]
-                            if c["type"] in (C.RUNNING, C.SUCCEEDED, C.FAILED)]
+    status["conditions"] = [
+        c for c in status["conditions"] if c["type"] in (C.RUNNING, C.SUCCEEDED, C.FAILED)
+    ]
     if job is not None and outcome.phase == Phase.RUNNING and not status.get("startTime"):
         status["startTime"] = now()
     if outcome.phase.finished:
@@ -87,13 +107,24 @@ async def reconcile(namespace: str, name: str, settings: OperatorSettings) -> No
     if outcome.phase == Phase.SUCCEEDED:
         summary = outcome.termination or {}
         merged = summary.get("merged") or summary.get("artifact") or {}
-        status["merged"] = {"uri": am.spec.output.uri,
-                            **{k: merged[k] for k in ("sizeBytes", "sha256") if k in merged}}
-        status["conditions"] = set_condition(status["conditions"], C.SUCCEEDED, True,
-                                             Reason.MERGE_COMPLETE, outcome.message, generation)
+        status["merged"] = {
+            "uri": am.spec.output.uri,
+            **{k: merged[k] for k in ("sizeBytes", "sha256") if k in merged},
+        }
+        status["conditions"] = set_condition(
+            status["conditions"],
+            C.SUCCEEDED,
+            True,
+            Reason.MERGE_COMPLETE,
+            outcome.message,
+            generation,
+        )
     if status != old:
         await k8s.patch_status(body, status)
         if status.get("phase") != old.get("phase"):
-            await k8s.post_event(body, type="Warning" if outcome.phase == Phase.FAILED
-                                 else "Normal", reason=outcome.reason,
-                                 message=f"{outcome.phase.value}: {outcome.message}")
+            await k8s.post_event(
+                body,
+                type="Warning" if outcome.phase == Phase.FAILED else "Normal",
+                reason=outcome.reason,
+                message=f"{outcome.phase.value}: {outcome.message}",
+            )

@@ -13,12 +13,13 @@ from dataclasses import dataclass
 
 import kopf
 
-from .. import k8s, metrics, references
 from finetune_api.common import API_VERSION, format_bytes
 from finetune_api.constants import ConditionType as C
 from finetune_api.constants import Phase, Reason
 from finetune_api.finetunejob import FineTuneJob, TrainingPlan
 from finetune_api.spec_hash import spec_hash
+
+from .. import k8s, metrics, references
 from ..builders import followups, training
 from ..conditions import find, now, set_condition
 from ..planning import PlanningFailed, plan_job
@@ -64,17 +65,28 @@ async def reconcile(namespace: str, name: str, settings: OperatorSettings) -> No
         status["plan"] = plan.model_dump(mode="json", by_alias=True, exclude_none=True)
         status["specHash"] = shash
         status["conditions"] = set_condition(
-            status.get("conditions") or [], C.PLANNED, True, Reason.PLAN_FITS,
-            _plan_summary(plan), generation)
+            status.get("conditions") or [],
+            C.PLANNED,
+            True,
+            Reason.PLAN_FITS,
+            _plan_summary(plan),
+            generation,
+        )
 
     # --- decide: what the spec names exists (until the Job does; then the pod says) -------
     if await k8s.get("batch/v1", "Job", namespace, training.names(name)["job"]) is None:
-        missing = [m for ref in references.references(ftj)
-                   if (m := references.check(ref, await k8s.get("v1", ref.kind, namespace,
-                                                                ref.name)))]
-        status = references.resolve(status, missing, namespace=namespace,
-                                    generation=generation,
-                                    wait_seconds=settings.reference_wait_seconds)
+        missing = [
+            m
+            for ref in references.references(ftj)
+            if (m := references.check(ref, await k8s.get("v1", ref.kind, namespace, ref.name)))
+        ]
+        status = references.resolve(
+            status,
+            missing,
+            namespace=namespace,
+            generation=generation,
+            wait_seconds=settings.reference_wait_seconds,
+        )
         if missing:
             await _write(body, old, status)
             return
@@ -91,8 +103,9 @@ async def reconcile(namespace: str, name: str, settings: OperatorSettings) -> No
     pods = await k8s.list_objects("v1", "Pod", namespace, f"job-name={job['metadata']['name']}")
 
     # --- report ----------------------------------------------------------------------------
-    outcome = observe_training(job, pods, user_suspended=ftj.spec.suspend,
-                               queued=ftj.spec.resources.queue_name is not None)
+    outcome = observe_training(
+        job, pods, user_suspended=ftj.spec.suspend, queued=ftj.spec.resources.queue_name is not None
+    )
     status["jobName"] = job["metadata"]["name"]
     status = apply_outcome(status, outcome, generation)
     if outcome.phase == Phase.RUNNING and not status.get("startTime"):
@@ -112,17 +125,20 @@ def _recorded_plan(status: dict, shash: str) -> TrainingPlan | None:
 
 
 def _plan_summary(plan: TrainingPlan) -> str:
-    return (f"{plan.method}, micro-batch {plan.micro_batch_size} x accumulation "
-            f"{plan.gradient_accumulation}, gradient checkpointing "
-            f"{'on' if plan.gradient_checkpointing else 'off'}, predicted peak "
-            f"{format_bytes(plan.estimated_peak_bytes)}"
-            + (f" of {format_bytes(plan.budget_bytes)}" if plan.budget_bytes else "")
-            + (f": {plan.reason}" if plan.reason else ""))
+    return (
+        f"{plan.method}, micro-batch {plan.micro_batch_size} x accumulation "
+        f"{plan.gradient_accumulation}, gradient checkpointing "
+        f"{'on' if plan.gradient_checkpointing else 'off'}, predicted peak "
+        f"{format_bytes(plan.estimated_peak_bytes)}"
+        + (f" of {format_bytes(plan.budget_bytes)}" if plan.budget_bytes else "")
+        + (f": {plan.reason}" if plan.reason else "")
+    )
 
 
 def _planning_failed(status: dict, exc: PlanningFailed, generation: int | None) -> dict:
-    conds = set_condition(status.get("conditions") or [], C.PLANNED, False, exc.reason,
-                          str(exc), generation)
+    conds = set_condition(
+        status.get("conditions") or [], C.PLANNED, False, exc.reason, str(exc), generation
+    )
     return _failed({**status, "conditions": conds}, exc.reason, str(exc), generation)
 
 
@@ -147,31 +163,43 @@ async def _claims_not_shareable(ftj: FineTuneJob, plan: TrainingPlan) -> str | N
         modes = set((pvc.get("spec") or {}).get("accessModes") or [])
         needed = {"ReadWriteMany"} if writes else {"ReadWriteMany", "ReadOnlyMany"}
         if not modes & needed:
-            return (f"{field_name} names PVC {claim!r} with access modes {sorted(modes)}, but "
-                    f"spec.resources.gpu.nodes is {plan.nodes}: every worker pod mounts it, "
-                    f"each on its own node, which needs {' or '.join(sorted(needed))}. Use such "
-                    "a claim, or one node (spec.resources.gpu.nodes 1)")
+            return (
+                f"{field_name} names PVC {claim!r} with access modes {sorted(modes)}, but "
+                f"spec.resources.gpu.nodes is {plan.nodes}: every worker pod mounts it, "
+                f"each on its own node, which needs {' or '.join(sorted(needed))}. Use such "
+                "a claim, or one node (spec.resources.gpu.nodes 1)"
+            )
     return None
 
 
-async def _ensure_children(body: dict, ftj: FineTuneJob, plan: TrainingPlan, shash: str,
-                           settings: OperatorSettings) -> dict:
+async def _ensure_children(
+    body: dict, ftj: FineTuneJob, plan: TrainingPlan, shash: str, settings: OperatorSettings
+) -> dict:
     rendezvous = training.build_rendezvous_service(ftj, plan)
     children = [
         training.build_config_map(ftj, plan, shash),
         *training.build_rbac(ftj),
         *([rendezvous] if rendezvous else []),
     ]
-    job = training.build_training_job(ftj, plan, shash, default_image=settings.worker_image,
-                                      default_tolerations=settings.gpu_tolerations)
+    job = training.build_training_job(
+        ftj,
+        plan,
+        shash,
+        default_image=settings.worker_image,
+        default_tolerations=settings.gpu_tolerations,
+    )
     created_job = None
     # The Job goes last: its pods must find their ServiceAccount and config.
     for child in [*children, job]:
         kopf.adopt(child, owner=body)
         obj, created = await k8s.create_if_absent(child)
         if created:
-            log.info("created %s %s/%s", child["kind"], child["metadata"]["namespace"],
-                     child["metadata"]["name"])
+            log.info(
+                "created %s %s/%s",
+                child["kind"],
+                child["metadata"]["namespace"],
+                child["metadata"]["name"],
+            )
         if child is job:
             created_job = obj
     return created_job
@@ -183,8 +211,13 @@ async def _sync_suspend(ftj: FineTuneJob, job: dict) -> dict:
     have = bool(job["spec"].get("suspend"))
     if want == have or (not want and ftj.spec.resources.queue_name):
         return job
-    return await k8s.merge_patch("batch/v1", "Job", job["metadata"]["namespace"],
-                                 job["metadata"]["name"], {"spec": {"suspend": want}})
+    return await k8s.merge_patch(
+        "batch/v1",
+        "Job",
+        job["metadata"]["namespace"],
+        job["metadata"]["name"],
+        {"spec": {"suspend": want}},
+    )
 
 
 def _merge_termination(status: dict, summary: dict) -> dict:
@@ -201,14 +234,15 @@ def _merge_termination(status: dict, summary: dict) -> dict:
     return status
 
 
-async def _finish(body: dict, ftj: FineTuneJob, status: dict,
-                  settings: OperatorSettings) -> dict:
+async def _finish(body: dict, ftj: FineTuneJob, status: dict, settings: OperatorSettings) -> dict:
     """Follow-ups of a successful job: created once, recorded in status."""
     if status.get("phase") != Phase.SUCCEEDED:
         return status
     follow = dict(status.get("followUp") or {})
-    for key, build in (("merge", followups.build_adapter_merge),
-                       ("deployment", followups.build_adapter_deployment)):
+    for key, build in (
+        ("merge", followups.build_adapter_merge),
+        ("deployment", followups.build_adapter_deployment),
+    ):
         if follow.get(key):
             continue  # created before: deleting it later does not bring it back
         child = build(ftj, status)
@@ -216,8 +250,11 @@ async def _finish(body: dict, ftj: FineTuneJob, status: dict,
             continue
         kopf.adopt(child, owner=body)
         obj, _ = await k8s.create_if_absent(child)
-        follow[key] = {"name": obj["metadata"]["name"], "namespace": obj["metadata"]["namespace"],
-                       "uid": obj["metadata"]["uid"]}
+        follow[key] = {
+            "name": obj["metadata"]["name"],
+            "namespace": obj["metadata"]["namespace"],
+            "uid": obj["metadata"]["uid"],
+        }
     if follow:
         status = {**status, "followUp": follow}
     return status
@@ -250,9 +287,13 @@ async def _write(body: dict, old: dict, status: dict) -> None:
 
 
 def _phase_condition(status: dict) -> dict | None:
-    wanted = {Phase.FAILED: C.FAILED, Phase.SUCCEEDED: C.SUCCEEDED, Phase.RUNNING: C.RUNNING,
-              Phase.QUEUED: C.QUEUED, Phase.SUSPENDED: C.SUSPENDED}.get(status.get("phase"),
-                                                                        C.PLANNED)
+    wanted = {
+        Phase.FAILED: C.FAILED,
+        Phase.SUCCEEDED: C.SUCCEEDED,
+        Phase.RUNNING: C.RUNNING,
+        Phase.QUEUED: C.QUEUED,
+        Phase.SUSPENDED: C.SUSPENDED,
+    }.get(status.get("phase"), C.PLANNED)
     waiting = find(status.get("conditions") or [], C.REFERENCES_RESOLVED)
     if wanted == C.PLANNED and waiting and waiting.get("status") == "False":
         return waiting  # Pending because a Secret or PVC is missing
@@ -262,4 +303,3 @@ def _phase_condition(status: dict) -> dict | None:
         if c["type"] == wanted:
             return c
     return None
-

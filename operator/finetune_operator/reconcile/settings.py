@@ -71,10 +71,12 @@ class OperatorSettings:
         s.pvc_root = env.get("FINETUNE_PVC_ROOT") or None
         s.allow_hub = env.get("FINETUNE_ALLOW_HUB", "true").lower() != "false"
         s.metrics_port = parsed("FINETUNE_METRICS_PORT", int, s.metrics_port)
-        s.reference_wait_seconds = parsed("FINETUNE_REFERENCE_WAIT_SECONDS", float,
-                                          s.reference_wait_seconds)
-        s.gpu_tolerations = parsed("FINETUNE_GPU_TOLERATIONS", lambda v: json.loads(v or "[]"),
-                                   s.gpu_tolerations)
+        s.reference_wait_seconds = parsed(
+            "FINETUNE_REFERENCE_WAIT_SECONDS", float, s.reference_wait_seconds
+        )
+        s.gpu_tolerations = parsed(
+            "FINETUNE_GPU_TOLERATIONS", lambda v: json.loads(v or "[]"), s.gpu_tolerations
+        )
         s.peering = env.get("FINETUNE_PEERING", "false").lower() == "true"
         s.peering_name = env.get("FINETUNE_PEERING_NAME", s.peering_name)
         return s
