@@ -66,7 +66,7 @@ crds: venv
 	$(VENV)/bin/finetune-operator crds
 	$(PY) charts/finetune-operator/hack/sync_crds.py
 
-# The chart's CRD templates are crds/ wrapped for Helm (tests/test_chart.py checks drift).
+# The chart's CRD templates are crds/ wrapped for Helm (tests/delivery/test_chart.py checks drift).
 chart-crds: venv
 	$(PY) charts/finetune-operator/hack/sync_crds.py
 

@@ -32,10 +32,10 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT / "tests" / "support")]
 
-from conftest_worker import worker_config_dict
 from tinymodel import make_tiny_model
+from worker_configs import worker_config_dict
 
 SIZES = {
     "hidden": 2048,

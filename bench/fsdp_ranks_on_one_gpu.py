@@ -37,10 +37,10 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT / "tests" / "support")]
 
-from conftest_worker import worker_config_dict
 from tinymodel import make_tiny_model
+from worker_configs import worker_config_dict
 
 # Big enough that the frozen base dominates a rank's memory (about 1.0B parameters), small
 # enough to write and load in seconds.
@@ -100,7 +100,7 @@ def config_for(work: Path, name: str, method: str, strategy: str, world: int) ->
             "fusedKernels": True,
         }
     )
-    from conftest_worker import rehash
+    from worker_configs import rehash
 
     config = rehash(config)
     path = work / f"{name}.yaml"

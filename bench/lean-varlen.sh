@@ -19,7 +19,7 @@ OUT=${1:?usage: lean-varlen.sh OUT_DIR}
 mkdir -p "$OUT"
 # shellcheck source=bench/gpu-env.sh
 source "$(dirname "$0")/gpu-env.sh"
-python3 -m pytest --noconftest -p no:cacheprovider -q -s tests/test_perf_gpu.py
+python3 -m pytest --noconftest -p no:cacheprovider -q -s tests/worker/test_perf_gpu.py
 V='"varlen":true,"grad_accum":1,"steps":24,"warmup_excluded":4'
 $B run --method lora --out "$OUT/lean-varlen-budgets.jsonl" \
   --config '{"label":"lean-80GiB-varlen",'"$V"',"tokens_per_micro_batch":12288}' \

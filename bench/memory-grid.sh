@@ -5,7 +5,7 @@
 # mask, r=16 on all seven projections, dropout 0, liger kernels, fused AdamW), 2 optimizer
 # steps per point. First the environment: versions, CUDA context, measured matmul and copy
 # ceilings. Committed results (one H200): tests/data/calibration/worker-grid-h200.jsonl
-# (replayed by tests/test_planner_calibration.py) and bench/data/h200-env.jsonl.
+# (replayed by tests/planner/test_planner_calibration.py) and bench/data/h200-env.jsonl.
 # Run from the repository root on the GPU machine:
 #   bash bench/memory-grid.sh OUT_DIR
 set -u

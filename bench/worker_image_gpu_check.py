@@ -9,7 +9,8 @@ environments, and prints one table:
    missing compiler.
 2. `broken-compiler`: CC points at a compiler that always fails. The static checks pass, so
    this shows the preflight's real kernel launch catching what they cannot. Expected: exit 16.
-3. `pod-lora` / `pod-qlora`: the pod as the operator runs it, emulated (tests/podsandbox.py):
+3. `pod-lora` / `pod-qlora`: the pod as the operator runs it, emulated
+   (tests/support/podsandbox.py):
    uid 65532 with no passwd entry, no HOME, read-only root, no network, caches on a scratch
    tmpfs, the image's ENV with the compiler on PATH. LoRA with packing (fused kernels and the
    flash varlen kernel), QLoRA (bitsandbytes' CUDA library). Expected: exit 0, trained.
@@ -31,11 +32,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT / "tests" / "support")]
 
-from conftest_worker import worker_config_dict
 from podsandbox import POD_UID, image_env, run_as_pod
 from tinymodel import DATA_DIR, make_tiny_model
+from worker_configs import worker_config_dict
 
 PYTHON = sys.executable
 ENTRYPOINT = [PYTHON, "-m", "finetune_worker.cli", "train", "--config"]

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from pathlib import Path
 
 import pytest
 
-from kubetest import Kube
+# The helpers every test area shares (tests/README.md says what each is for) are
+# imported by module name, so a test reads `from kubetest import Kube`.
+sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
+
+from kubetest import Kube  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -133,8 +138,9 @@ def manual_node(cluster) -> str:
     pods meant for it (tolerating `finetune.dev/test-node`) land there."""
     import json
 
-    from finetune_dev.devcluster.controlplane import fake_gpu_node
     from kubetest import Kube
+
+    from finetune_dev.devcluster.controlplane import fake_gpu_node
 
     node = fake_gpu_node(MANUAL_NODE, product="NVIDIA-H100-80GB-HBM3", memory_mib=81559)
     node["metadata"]["annotations"] = {}

@@ -5,7 +5,7 @@ length limit). Right-padding a batch to its longest member spends GPU time on pa
 padding-free packing concatenates the batch into one row instead and tells the model where each
 sequence starts through `position_ids` that restart at 0, so a token never attends to, or is
 trained to predict, a token of another sequence: the loss is the same as for the sequences run
-one by one (tests/test_perf_packing.py checks this).
+one by one (tests/worker/test_perf_packing.py checks this).
 
 The trainer's packed path is make_varlen_collator + PackedBatchSampler: one row of exactly the
 micro-batch's token budget, with the boundaries for varlen attention (attention.py). The other

@@ -724,8 +724,8 @@ def _trainer_class(base):
             # accelerate deals the sampler's micro-batches out to the ranks in turn (rank r
             # gets r, r + world, ...), so one optimizer step of the world sees the same
             # micro-batches as one process accumulating them; the Trainer passes each new
-            # epoch to our sampler inside accelerate's shard (tests/test_worker_distributed.py
-            # crosses two epochs).
+            # epoch to our sampler inside accelerate's shard
+            # (tests/worker/test_worker_distributed.py crosses two epochs).
             return self.accelerator.prepare(loader)
 
     return FineTuneTrainer

@@ -9,7 +9,7 @@ rest of the release, and annotated `helm.sh/resource-policy: keep` when `crds.ke
     python charts/finetune-operator/hack/sync_crds.py          # write the templates
     python charts/finetune-operator/hack/sync_crds.py --check  # exit 1 and diff on drift
 
-`make chart-crds` runs the first; tests/test_chart.py runs the check.
+`make chart-crds` runs the first; tests/delivery/test_chart.py runs the check.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 {{/*
 The operator's permissions, rule by rule, each with the reason it is needed. Verified by
-tests/test_chart_rbac.py: the operator's integration suite passes with exactly these.
+tests/delivery/test_chart_rbac.py: the operator's integration suite passes with exactly these.
 No wildcards, no escalate/bind/impersonate: the worker Role the operator creates grants
 only `patch finetunejobs/status`, which the operator holds itself, so the API server's
 escalation check passes without `escalate` or `bind`.

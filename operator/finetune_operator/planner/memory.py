@@ -2,7 +2,7 @@
 
 Pure arithmetic on a `ModelArch` and a `TrainingShape`: no torch, no I/O. The terms and the
 reasoning behind each are in docs/memory-model.md; the constants that are measured rather
-than derived live in `MemoryConstants` and are checked by tests/test_planner_calibration.py
+than derived live in `MemoryConstants` and are checked by tests/planner/test_planner_calibration.py
 against every measured point under tests/data/calibration/.
 
 What is predicted is `torch.cuda.max_memory_reserved()` of the training process (what the

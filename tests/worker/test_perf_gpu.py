@@ -1,0 +1,101 @@
+"""The GPU half of the varlen attention tests: PyTorch's flash varlen kernel (grouped K/V heads
+passed as they are, on torch >= 2.11) against the per-example reference the CPU tests use.
+Skipped without CUDA (CI has none); on a GPU machine:
+    python -m pytest tests/worker/test_perf_gpu.py --noconftest -o addopts=""
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _qkv(lengths, heads=32, kv_heads=8, dim=128, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    total = sum(lengths)  # transformers' (B, H, T, D) layout
+    return [
+        torch.randn(
+            (1, h, total, dim), device="cuda", dtype=torch.bfloat16, generator=g
+        ).requires_grad_()
+        for h in (heads, kv_heads, kv_heads)
+    ]
+
+
+def _attend(fn, q, k, v, grad):
+    """Output and input gradients of an attention function, for one upstream gradient."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v)
+    (out * grad).sum().backward()
+    return [out.detach().float(), q.grad.float(), k.grad.float(), v.grad.float()]
+
+
+def test_flash_varlen_kernel_is_as_accurate_as_per_example_attention_with_gqa():
+    """Against float32 per-example attention, the bf16 varlen kernel's output and gradients
+    must be as close as bf16 per-example SDPA's (both round in bf16; neither may be wrong)."""
+    from finetune_worker import attention
+
+    assert attention.supported("cuda"), "this PyTorch has no varlen kernel"
+    lengths = [300, 17, 512, 1, 100, 94]
+    q, k, v = _qkv(lengths)
+    cu = attention.boundaries(lengths)
+    scale = 128**-0.5
+    grad = torch.randn(1, sum(lengths), 32, 128, device="cuda", dtype=torch.bfloat16)
+
+    def varlen(q, k, v):
+        return attention.varlen_attention_forward(None, q, k, v, None, scaling=scale, **cu)[0]
+
+    def per_example(q, k, v):
+        return attention._per_segment(
+            *(t[0].transpose(0, 1) for t in (q, k, v)), cu["cu_seq_lens_q"], scale
+        ).unsqueeze(0)
+
+    exact = _attend(per_example, *(t.float() for t in (q, k, v)), grad.float())
+    fast = _attend(varlen, q, k, v, grad)
+    ref = _attend(per_example, q, k, v, grad)
+    for name, e, a, b in zip(("out", "dq", "dk", "dv"), exact, fast, ref, strict=True):
+        assert a.shape == e.shape, name
+        err_fast, err_ref = (a - e).abs().max().item(), (b - e).abs().max().item()
+        print(
+            f"{name}: max |varlen - fp32| {err_fast:.3g}, |bf16 sdpa - fp32| {err_ref:.3g}, "
+            f"max |fp32| {e.abs().max().item():.3g}"
+        )
+        assert err_fast <= 2 * err_ref + 1e-3, name
+
+
+def test_varlen_llama_on_gpu_equals_per_sequence_loss():
+    import transformers
+
+    from finetune_worker import attention, packing
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        use_cache=False,
+    )
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).cuda()
+    lengths = [40, 7, 128, 65]
+    data = [{"input_ids": torch.randint(2, 512, (n,)).tolist()} for n in lengths]
+    for e in data:
+        e["labels"] = e["input_ids"]
+    with torch.no_grad():
+        per_seq = [
+            model(
+                input_ids=torch.tensor([e["input_ids"]], device="cuda"),
+                labels=torch.tensor([e["labels"]], device="cuda"),
+            ).loss.float()
+            * (len(e["input_ids"]) - 1)
+            for e in data
+        ]
+        attention.use_varlen(model)
+        row = packing.make_varlen_collator(None, 512, row_tokens=256)(data)
+        row = {k: v.cuda() if hasattr(v, "cuda") else v for k, v in row.items()}
+        packed = model(**row).loss.float()
+    expected = sum(per_seq) / sum(n - 1 for n in lengths)
+    torch.testing.assert_close(packed, expected, rtol=1e-2, atol=1e-2)
