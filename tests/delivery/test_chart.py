@@ -197,6 +197,53 @@ def test_images_pinned_by_digest_and_gpu_defaults():
     ]
 
 
+def test_serving_defaults_reach_the_operator_as_it_reads_them(tmp_path):
+    """docs/serving.md: the adapter servers' defaults come from the chart's values. A GPU pool
+    tainted for GPU pods only needs its toleration on every server, set once here."""
+    from finetune_operator.builders.server_group import ServingDefaults
+
+    assert "FINETUNE_SERVING_DEFAULTS" not in _env(_operator_deployment(render()))
+    values = tmp_path / "serving.yaml"
+    toleration = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    values.write_text(
+        yaml.safe_dump(
+            {
+                "serving": {
+                    "defaults": {
+                        "tolerations": [toleration],
+                        "nodeSelector": {"pool": "inference"},
+                        "cpu": "8",
+                        "memory": "64Gi",
+                        "maxSurge": 0,
+                        "maxUnavailable": 1,
+                        "extraArgs": ["--gpu-memory-utilization=0.85"],
+                    }
+                }
+            }
+        )
+    )
+    for role in ("active", "standby"):
+        objects = render(values_files=[values], set_values=["standby.enabled=true"])
+        env = _env(_operator_deployment(objects, role))
+        defaults = ServingDefaults.from_env(env)  # exactly what the operator does at start-up
+        assert defaults.tolerations == [toleration] and defaults.node_selector == {
+            "pool": "inference"
+        }
+        assert (defaults.cpu, defaults.memory, defaults.max_surge, defaults.max_unavailable) == (
+            "8",
+            "64Gi",
+            0,
+            1,
+        )
+        assert defaults.extra_args == ["--gpu-memory-utilization=0.85"]
+    # a key the operator would refuse at start-up is refused by the chart first
+    res = helm(
+        "template", "x", str(CHART), "--kube-version", "1.36.0",
+        "--set", "serving.defaults.replicas=2", check=False,
+    )  # fmt: skip
+    assert res.returncode != 0 and "additional properties 'replicas' not allowed" in res.stderr
+
+
 def test_metrics_service_and_optional_servicemonitor():
     default = render()
     (svc,) = by_kind(default, "Service")
