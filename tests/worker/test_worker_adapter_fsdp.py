@@ -115,7 +115,8 @@ def test_two_fsdp_ranks_write_every_adapter_weight(model_dir, tmp_path):
     script = tmp_path / "rank.py"
     script.write_text(
         RANK_SCRIPT.format(
-            tests=str(ROOT / "tests"),
+            tests=str(ROOT / "tests" / "worker"),
+            support=str(ROOT / "tests" / "support"),
             model_dir=str(model_dir),
             peft_dir=str(tmp_path / "peft-fsdp"),
             ours_dir=str(tmp_path / "ours"),
