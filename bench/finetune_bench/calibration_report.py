@@ -3,8 +3,10 @@
     python -m finetune_bench.calibration_report [tests/data/calibration] [docs/img]
 
 Replays every calibration point through the operator's memory model, prints a Markdown table
-of them and writes `memory-model-calibration.png` (predicted vs measured peak, one marker per
-source). A tool for the docs, so it lives with the benchmarks and never ships in an image.
+of them (with the side of memory_fit's held-out split each is on) and writes
+`memory-model-calibration.png` (predicted vs measured peak, one marker per source, shaded:
+-5 % .. +10 %). A tool for the docs, so it lives with the benchmarks and never ships in an
+image.
 """
 
 from __future__ import annotations
@@ -41,12 +43,14 @@ def _batches(shape) -> str:
 
 
 def markdown_table(points: list[CalibrationPoint]) -> str:
+    from finetune_bench.memory_fit import held_out_reasons  # it imports load_points from here
+
     lines = [
         (
             "| source | model | method | r | seq | micro-batch | ckpt | kernels | adapter input "
-            "| batches | dropout | measured GiB | predicted GiB | error |"
+            "| batches | dropout | measured GiB | predicted GiB | error | set |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in points:
         predicted = estimate_memory(p.arch, p.shape).total
@@ -64,7 +68,7 @@ def markdown_table(points: list[CalibrationPoint]) -> str:
             f"| {s.seq_len} | {s.micro_batch} | {'on' if s.gradient_checkpointing else 'off'} "
             f"| {'liger' if s.fused_kernels else 'stock'} | {adapter_input} | {_batches(s)} "
             f"| {s.lora_dropout:g} | {p.peak_reserved_bytes / GiB:.2f} | {predicted / GiB:.2f} "
-            f"| {error:+.1%} |"
+            f"| {error:+.1%} | {'held out' if held_out_reasons(p) else 'fit'} |"
         )
     return "\n".join(lines)
 

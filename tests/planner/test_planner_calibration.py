@@ -1,9 +1,10 @@
 """Replay every measured peak under tests/data/calibration/ through the memory model.
 
 Each record is one training run on a real GPU (torch.cuda.max_memory_reserved over the
-run); the planner predicts it from the same configuration. Accepted: within 10 % either way,
-and never more than 5 % below the measurement (an under-prediction is an out-of-memory
-crash, an over-prediction only wasted memory). docs/memory-model.md tabulates the points.
+run); the planner predicts it from the same configuration. Accepted: within the error range
+docs/memory-model.md claims for the shipped constants on that record's side of the held-out
+split (finetune_bench.memory_fit: its rule and CLAIMED, the one place those numbers live).
+docs/memory-model.md tabulates the points; test_planner_heldout.py checks the refit.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from finetune_bench.memory_fit import CLAIMED, FIT, HELD_OUT, SHIPPED, held_out_reasons
 from finetune_operator.planner import estimate_memory
 from finetune_operator.planner.calibration import is_measurement, point_from_record
 
@@ -42,12 +44,14 @@ def test_measured_peak_is_predicted(source, record):
     predicted = estimate_memory(point.arch, point.shape).total
     measured = point.peak_reserved_bytes
     error = (predicted - measured) / measured
+    side = HELD_OUT if held_out_reasons(point) else FIT
+    low, high = CLAIMED[SHIPPED, side]
     where = (
-        f"{point.label} ({source}): predicted {predicted / 2**30:.2f} GiB, "
-        f"measured {measured / 2**30:.2f} GiB, error {error:+.1%}"
+        f"{point.label} ({source}, {side}): predicted {predicted / 2**30:.2f} GiB, "
+        f"measured {measured / 2**30:.2f} GiB, error {error:+.2%}; docs/memory-model.md "
+        f"claims {low:+.1%} .. {high:+.1%} for the {side} points"
     )
-    assert abs(error) <= 0.10, where
-    assert error >= -0.05, where
+    assert low <= error <= high, where
 
 
 WEIGHT_RECORDS = [p for p in RECORDS if p.values[1].get("model_bytes_after_load")]

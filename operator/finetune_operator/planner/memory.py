@@ -52,7 +52,10 @@ DOUBLE_QUANT_BLOCK = 256  # double quantisation: one fp32 scale per 256 8-bit ab
 @dataclass(frozen=True)
 class MemoryConstants:
     """The measured (not derived) parts of the model. docs/memory-model.md says where each
-    number comes from; change them only together with the calibration data."""
+    number comes from; change them only together with the calibration data.
+    `python -m finetune_bench.memory_fit` refits the fitted ones on one side of a held-out
+    split of that data and checks them on the other (docs/memory-model.md, "Held-out
+    validation"): keep a refit only if it predicts the held-out points at least as well."""
 
     backward_bytes_per_intermediate: float = 4.0
     """Per token, per intermediate (MLP) channel: bf16 gradient buffers alive while one layer
