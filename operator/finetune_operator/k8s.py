@@ -288,22 +288,29 @@ async def delete(
         return False
 
 
-async def post_event(obj: dict, *, type: str, reason: str, message: str) -> None:
-    """A core/v1 Event about `obj` (what `kubectl describe` shows).
+async def post_event(
+    obj: dict, *, name: str, type: str, reason: str, message: str, at: str | None = None
+) -> bool:
+    """Create the core/v1 Event `name` about `obj` (what `kubectl describe` shows) unless it
+    exists. -> whether it exists now (created, or 409: posted before).
+
+    The name says which transition the Event tells of (events.py), so create-if-absent makes
+    posting idempotent: a pass may try again after a crash or a failure without ever posting
+    a transition twice. `at` is when the transition happened (default: now).
 
     Posted here rather than with `kopf.event`, whose queue exists only inside kopf's
     per-object tasks: a transition found by the periodic resync lost its Event. An Event
     is a courtesy: failing to post one is logged and never fails the reconcile that
-    already wrote the status.
+    already wrote the status; the next pass tries again.
     """
     from .conditions import now
 
     md = obj["metadata"]
-    stamp = now()
+    stamp = at or now()
     event = {
         "apiVersion": "v1",
         "kind": "Event",
-        "metadata": {"generateName": f"{md['name']}.", "namespace": md["namespace"]},
+        "metadata": {"name": name, "namespace": md["namespace"]},
         "involvedObject": {
             "apiVersion": obj["apiVersion"],
             "kind": obj["kind"],
@@ -324,15 +331,22 @@ async def post_event(obj: dict, *, type: str, reason: str, message: str) -> None
     }
     try:
         await _call("POST", path("v1", "Event", md["namespace"]), body=event)
-    except (ApiException, Gone, aiohttp.ClientError, TimeoutError) as exc:
-        log.warning(
-            "could not post the %s Event on %s %s/%s: %s",
-            reason,
-            obj["kind"],
-            md["namespace"],
-            md["name"],
-            exc,
-        )
+        return True
+    except ApiException as exc:
+        if exc.status == 409:
+            return True  # posted before this pass: by a crashed pass, or another replica
+        failure: Exception = exc
+    except (Gone, aiohttp.ClientError, TimeoutError) as exc:
+        failure = exc
+    log.warning(
+        "could not post the %s Event on %s %s/%s: %s; the next pass tries again",
+        reason,
+        obj["kind"],
+        md["namespace"],
+        md["name"],
+        failure,
+    )
+    return False
 
 
 async def read_pod_log_tail(namespace: str, pod: str, lines: int = 20) -> str:
