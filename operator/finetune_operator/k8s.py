@@ -129,7 +129,13 @@ RETRY_CAP_S = 10.0
 RETRY_AFTER_CAP_S = 60.0
 
 
-def retry_delay(attempt: int, retry_after: str | None = None) -> float:
+def retry_delay(
+    attempt: int,
+    retry_after: str | None = None,
+    *,
+    base: float = RETRY_BASE_S,
+    cap: float = RETRY_CAP_S,
+) -> float:
     """Seconds before repeat number `attempt` (0-based): the server's Retry-After when it sent
     one (capped), else capped exponential backoff with jitter (half to all of it)."""
     if retry_after:
@@ -137,11 +143,14 @@ def retry_delay(attempt: int, retry_after: str | None = None) -> float:
             return min(max(float(retry_after), 0.0), RETRY_AFTER_CAP_S)
         except ValueError:
             pass  # an HTTP date: fall back to our own backoff
-    return min(RETRY_CAP_S, RETRY_BASE_S * 2**attempt) * random.uniform(0.5, 1.0)
+    return min(cap, base * 2**attempt) * random.uniform(0.5, 1.0)
 
 
-def _transient(exc: BaseException) -> tuple[str, str | None] | None:
-    """(code label, Retry-After) when `exc` is worth repeating the call for, else None."""
+def transient(exc: BaseException) -> tuple[str, str | None] | None:
+    """(code label, Retry-After) when `exc` is worth repeating the call for, else None.
+
+    Also how a failed pass is judged (requeue.py): these are what _call raises once its own
+    attempts are spent."""
     if isinstance(exc, ApiException):
         if exc.status in TRANSIENT_STATUS:
             return str(exc.status), (exc.headers or {}).get("Retry-After")
@@ -176,9 +185,9 @@ async def _call(
         except (TimeoutError, ApiException, aiohttp.ClientError) as exc:
             if isinstance(exc, ApiException):
                 metrics.API_ERRORS.labels(method=method, code=str(exc.status)).inc()
-            transient = _transient(exc)
-            if transient is not None and attempt + 1 < RETRY_ATTEMPTS:
-                code, retry_after = transient
+            verdict = transient(exc)
+            if verdict is not None and attempt + 1 < RETRY_ATTEMPTS:
+                code, retry_after = verdict
                 delay = retry_delay(attempt, retry_after)
                 metrics.API_TRANSIENT_RETRIES.labels(method=method, code=code).inc()
                 log.info("%s %s: %s; trying again in %.2fs", method, resource_path, code, delay)
