@@ -136,6 +136,10 @@ TERMINATION_LOG_ENV = "FINETUNE_WORKER_TERMINATION_LOG"
 """Set by the operator on the worker container: where the worker writes its report."""
 
 DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
+CUDA_CONTEXT_BYTES = 768 * 2**20
+"""GPU memory a training process holds outside PyTorch's allocator (the CUDA context, cuBLAS
+workspaces, lazily loaded kernels; measured in docs/memory-model.md). The planner counts it
+against spec.resources.gpu.memory; the worker caps its allocator at the budget less this."""
 # torchrun's master port on pod 0 of a multi-node job: the operator's Service and container
 # port, and the worker launcher's default.
 RENDEZVOUS_PORT = 29500

@@ -129,7 +129,13 @@ RETRY_CAP_S = 10.0
 RETRY_AFTER_CAP_S = 60.0
 
 
-def retry_delay(attempt: int, retry_after: str | None = None) -> float:
+def retry_delay(
+    attempt: int,
+    retry_after: str | None = None,
+    *,
+    base: float = RETRY_BASE_S,
+    cap: float = RETRY_CAP_S,
+) -> float:
     """Seconds before repeat number `attempt` (0-based): the server's Retry-After when it sent
     one (capped), else capped exponential backoff with jitter (half to all of it)."""
     if retry_after:
@@ -137,11 +143,14 @@ def retry_delay(attempt: int, retry_after: str | None = None) -> float:
             return min(max(float(retry_after), 0.0), RETRY_AFTER_CAP_S)
         except ValueError:
             pass  # an HTTP date: fall back to our own backoff
-    return min(RETRY_CAP_S, RETRY_BASE_S * 2**attempt) * random.uniform(0.5, 1.0)
+    return min(cap, base * 2**attempt) * random.uniform(0.5, 1.0)
 
 
-def _transient(exc: BaseException) -> tuple[str, str | None] | None:
-    """(code label, Retry-After) when `exc` is worth repeating the call for, else None."""
+def transient(exc: BaseException) -> tuple[str, str | None] | None:
+    """(code label, Retry-After) when `exc` is worth repeating the call for, else None.
+
+    Also how a failed pass is judged (requeue.py): these are what _call raises once its own
+    attempts are spent."""
     if isinstance(exc, ApiException):
         if exc.status in TRANSIENT_STATUS:
             return str(exc.status), (exc.headers or {}).get("Retry-After")
@@ -176,9 +185,9 @@ async def _call(
         except (TimeoutError, ApiException, aiohttp.ClientError) as exc:
             if isinstance(exc, ApiException):
                 metrics.API_ERRORS.labels(method=method, code=str(exc.status)).inc()
-            transient = _transient(exc)
-            if transient is not None and attempt + 1 < RETRY_ATTEMPTS:
-                code, retry_after = transient
+            verdict = transient(exc)
+            if verdict is not None and attempt + 1 < RETRY_ATTEMPTS:
+                code, retry_after = verdict
                 delay = retry_delay(attempt, retry_after)
                 metrics.API_TRANSIENT_RETRIES.labels(method=method, code=code).inc()
                 log.info("%s %s: %s; trying again in %.2fs", method, resource_path, code, delay)
@@ -288,22 +297,29 @@ async def delete(
         return False
 
 
-async def post_event(obj: dict, *, type: str, reason: str, message: str) -> None:
-    """A core/v1 Event about `obj` (what `kubectl describe` shows).
+async def post_event(
+    obj: dict, *, name: str, type: str, reason: str, message: str, at: str | None = None
+) -> bool:
+    """Create the core/v1 Event `name` about `obj` (what `kubectl describe` shows) unless it
+    exists. -> whether it exists now (created, or 409: posted before).
+
+    The name says which transition the Event tells of (events.py), so create-if-absent makes
+    posting idempotent: a pass may try again after a crash or a failure without ever posting
+    a transition twice. `at` is when the transition happened (default: now).
 
     Posted here rather than with `kopf.event`, whose queue exists only inside kopf's
     per-object tasks: a transition found by the periodic resync lost its Event. An Event
     is a courtesy: failing to post one is logged and never fails the reconcile that
-    already wrote the status.
+    already wrote the status; the next pass tries again.
     """
     from .conditions import now
 
     md = obj["metadata"]
-    stamp = now()
+    stamp = at or now()
     event = {
         "apiVersion": "v1",
         "kind": "Event",
-        "metadata": {"generateName": f"{md['name']}.", "namespace": md["namespace"]},
+        "metadata": {"name": name, "namespace": md["namespace"]},
         "involvedObject": {
             "apiVersion": obj["apiVersion"],
             "kind": obj["kind"],
@@ -324,15 +340,22 @@ async def post_event(obj: dict, *, type: str, reason: str, message: str) -> None
     }
     try:
         await _call("POST", path("v1", "Event", md["namespace"]), body=event)
-    except (ApiException, Gone, aiohttp.ClientError, TimeoutError) as exc:
-        log.warning(
-            "could not post the %s Event on %s %s/%s: %s",
-            reason,
-            obj["kind"],
-            md["namespace"],
-            md["name"],
-            exc,
-        )
+        return True
+    except ApiException as exc:
+        if exc.status == 409:
+            return True  # posted before this pass: by a crashed pass, or another replica
+        failure: Exception = exc
+    except (Gone, aiohttp.ClientError, TimeoutError) as exc:
+        failure = exc
+    log.warning(
+        "could not post the %s Event on %s %s/%s: %s; the next pass tries again",
+        reason,
+        obj["kind"],
+        md["namespace"],
+        md["name"],
+        failure,
+    )
+    return False
 
 
 async def read_pod_log_tail(namespace: str, pod: str, lines: int = 20) -> str:

@@ -30,7 +30,7 @@ from finetune_api.constants import (
     MANAGED_BY,
 )
 
-from . import k8s, metrics
+from . import k8s, metrics, requeue
 from .constants import SERVER_COMPONENT
 from .reconcile import adapterdeployment, adaptermerge, finetunejob
 from .reconcile.settings import OperatorSettings
@@ -48,15 +48,27 @@ RECONCILERS = {
 _locks: dict[tuple[str, str, str], asyncio.Lock] = {}
 
 
+CONFLICT_ATTEMPTS = 4
+RETRIES = requeue.RetryQueue()
+
+
 async def run_reconcile(settings: OperatorSettings, kind: str, namespace: str, name: str) -> None:
-    lock = _locks.setdefault((kind, namespace, name), asyncio.Lock())
+    """One pass for the object, repeated at once on a write conflict (a fresh read settles
+    it). A pass that still fails for a reason that passes (the API's 429 or 5xx after
+    k8s._call's own attempts, a dropped connection, a conflict on every attempt) is scheduled
+    again with backoff (requeue.py): kopf does not retry `on.event` handlers, and waiting for
+    the next event or resync could take minutes. Nothing escapes to kopf."""
+    key = (kind, namespace, name)
+    lock = _locks.setdefault(key, asyncio.Lock())
+    failure: Exception | None = None
     async with lock:
         started = time.monotonic()
-        for attempt in range(4):
+        for attempt in range(CONFLICT_ATTEMPTS):
             try:
                 await RECONCILERS[kind](namespace, name, settings)
+                failure = None
                 break
-            except k8s.Conflict:
+            except k8s.Conflict as exc:
                 metrics.API_RETRIES.labels(kind=kind).inc()
                 log.debug(
                     "conflict on %s %s/%s (attempt %d); reconciling again",
@@ -65,19 +77,54 @@ async def run_reconcile(settings: OperatorSettings, kind: str, namespace: str, n
                     name,
                     attempt + 1,
                 )
+                failure = exc
             except k8s.Gone as exc:
                 log.debug("%s %s/%s went away during the pass: %s", kind, namespace, name, exc)
+                failure = None
                 break
             except Exception as exc:
                 metrics.RECONCILE_ERRORS.labels(kind=kind, error=type(exc).__name__).inc()
-                log.exception(
-                    "reconcile of %s %s/%s failed; the next event or resync retries",
-                    kind,
-                    namespace,
-                    name,
-                )
+                failure = exc
                 break
         metrics.RECONCILE_SECONDS.labels(kind=kind).observe(time.monotonic() - started)
+    if failure is None:
+        RETRIES.succeeded(key)
+        return
+    reason = requeue.retry_reason(failure)
+    if reason is None:
+        metrics.RECONCILE_FAILURES.labels(kind=kind, error=type(failure).__name__).inc()
+        log.error(
+            "reconcile of %s %s/%s failed; the next event or resync runs it again",
+            kind,
+            namespace,
+            name,
+            exc_info=failure,
+        )
+        return
+    code, retry_after = reason
+    delay = RETRIES.retry(key, retry_after, lambda: _requeued_pass(settings, kind, namespace, name))
+    metrics.RECONCILE_REQUEUES.labels(kind=kind, code=code).inc()
+    log.warning(
+        "reconcile of %s %s/%s failed for now (%s: %s); running it again in %.1fs",
+        kind,
+        namespace,
+        name,
+        code,
+        failure,
+        delay,
+    )
+
+
+async def _requeued_pass(settings: OperatorSettings, kind: str, namespace: str, name: str) -> None:
+    # A standby that took over no lead since the failure must not write: kopf pauses its
+    # watchers when outranked, not this queue.
+    try:
+        if await outranked(settings):
+            log.debug("a higher-priority operator is active; no re-run of %s/%s", namespace, name)
+            return
+    except Exception:  # the pass itself meets the same API and says what is wrong
+        pass
+    await run_reconcile(settings, kind, namespace, name)
 
 
 @kopf.on.startup()
@@ -130,6 +177,7 @@ def _start_metrics_server(port: int) -> None:
 
 @kopf.on.cleanup()
 async def shutdown(**_) -> None:
+    RETRIES.cancel_all()
     await k8s.close()
 
 

@@ -18,6 +18,18 @@ RECONCILE_SECONDS = Histogram(
 RECONCILE_ERRORS = Counter(
     "finetune_operator_reconcile_errors_total", "Reconcile passes that raised", ["kind", "error"]
 )
+RECONCILE_REQUEUES = Counter(
+    "finetune_operator_reconcile_requeues_total",
+    "Reconcile passes that failed for now (429, 5xx, a lost connection, repeated write "
+    "conflicts) and were scheduled to run again with backoff",
+    ["kind", "code"],
+)
+RECONCILE_FAILURES = Counter(
+    "finetune_operator_reconcile_failures_total",
+    "Reconcile passes that failed for a reason a prompt retry would not fix; the next event "
+    "or resync runs them again",
+    ["kind", "error"],
+)
 API_ERRORS = Counter(
     "finetune_operator_api_errors_total",
     "Kubernetes API calls that returned an error status",

@@ -1,4 +1,5 @@
-"""Measured memory: peak GPU memory on CUDA, peak resident set size on a CPU run.
+"""Measured memory: peak GPU memory on CUDA, peak resident set size on a CPU run; and the
+plan's GPU memory budget as a cap on PyTorch's allocator.
 
 Reported as the run's truth next to the planner's prediction, so the two can be
 compared job by job (and the planner recalibrated).
@@ -6,11 +7,15 @@ compared job by job (and the planner recalibrated).
 
 from __future__ import annotations
 
+import logging
 import resource
 import sys
 from typing import TYPE_CHECKING
 
 from finetune_api import format_bytes
+from finetune_api.constants import CUDA_CONTEXT_BYTES
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from finetune_api import TrainingPlan
@@ -63,6 +68,52 @@ def world_memory_metrics(per_rank: list[dict]) -> dict:
     return metrics
 
 
+def allocator_fraction(
+    budget_bytes: int | None, context_bytes: int, device_total_bytes: int
+) -> float | None:
+    """The share of the device PyTorch's caching allocator may reserve, so that the process
+    stays within its plan's per-GPU budget: the budget less the CUDA context (which counts
+    against the budget but lies outside the allocator), as a fraction of the device's memory,
+    in (0, 1]. None without a budget to keep to.
+
+    A budget that leaves nothing after the context gives the smallest positive fraction (every
+    allocation fails: the documented out-of-memory exit), never an uncapped process."""
+    if not budget_bytes or device_total_bytes <= 0:
+        return None
+    allowed = max(budget_bytes - context_bytes, 1)
+    return min(allowed / device_total_bytes, 1.0)
+
+
+def cap_gpu_memory(plan: TrainingPlan, device: str) -> int | None:
+    """Cap PyTorch's caching allocator on `device` (this process's GPU) at the plan's budget.
+
+    The budget is what the job asked for (spec.resources.gpu.memory), not the card: on a GPU
+    shared by time-slicing, a process that outgrew its prediction would take its neighbours'
+    memory and crash one of them. Capped, the allocation that would pass the budget raises
+    torch.OutOfMemoryError in this process, which the worker reports as its documented CUDA
+    out-of-memory exit. Call before anything is allocated. -> the cap in bytes, or None.
+    """
+    import torch
+
+    total = torch.cuda.get_device_properties(device).total_memory
+    fraction = allocator_fraction(plan.budget_bytes, CUDA_CONTEXT_BYTES, total)
+    if fraction is None:
+        log.info("the plan has no GPU memory budget: PyTorch's allocator is not capped")
+        return None
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    cap = int(fraction * total)
+    log.info(
+        "GPU memory: PyTorch's allocator on %s is capped at %s, the plan's %s budget less %s "
+        "for the CUDA context (the device has %s)",
+        device,
+        format_bytes(cap),
+        format_bytes(plan.budget_bytes),
+        format_bytes(CUDA_CONTEXT_BYTES),
+        format_bytes(total),
+    )
+    return cap
+
+
 def describe_plan(plan: TrainingPlan) -> str:
     return (
         f"method={plan.method}, micro-batch={plan.micro_batch_size}, "
@@ -73,7 +124,9 @@ def describe_plan(plan: TrainingPlan) -> str:
     )
 
 
-def out_of_memory_message(plan: TrainingPlan, step: int | None, error: BaseException) -> str:
+def out_of_memory_message(
+    plan: TrainingPlan, step: int | None, error: BaseException, cap_bytes: int | None = None
+) -> str:
     metrics = peak_memory_metrics()
     peak = metrics.get("peakVRAMBytes")
     allocated = metrics.get("peakVRAMAllocatedBytes")
@@ -84,8 +137,14 @@ def out_of_memory_message(plan: TrainingPlan, step: int | None, error: BaseExcep
         else "peak GPU memory unknown"
     )
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    capped = (
+        f", and PyTorch's allocator was capped at {format_bytes(cap_bytes)} per GPU (the "
+        "budget less the CUDA context)"
+        if cap_bytes
+        else ""
+    )
     return (
-        f"CUDA out of memory {where}: {reached}; the plan was {describe_plan(plan)}. "
+        f"CUDA out of memory {where}: {reached}; the plan was {describe_plan(plan)}{capped}. "
         "Set spec.training.microBatchSize lower, spec.training.gradientCheckpointing to "
         "'on', spec.method to 'qlora', or raise spec.resources.gpu.memory so the planner "
         f"leaves more headroom. ({first_line})"

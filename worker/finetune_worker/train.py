@@ -28,7 +28,12 @@ from . import distributed, preflight, sources
 from .checkpoints import find_resumable_checkpoint
 from .distributed import World
 from .errors import DataError, InvalidConfigError, ModelLoadError, StorageError, WorkerError
-from .memory import out_of_memory_message, peak_memory_metrics, world_memory_metrics
+from .memory import (
+    cap_gpu_memory,
+    out_of_memory_message,
+    peak_memory_metrics,
+    world_memory_metrics,
+)
 from .status import StatusReporter
 
 if TYPE_CHECKING:  # the heavy libraries load inside the steps of a run, not at import
@@ -377,12 +382,16 @@ def run_training(config: WorkerConfig, *, reporter: StatusReporter | None = None
     # Seconds, before minutes of loading: can this image run the kernels the plan assumes?
     preflight.run_preflight(config.plan, kind, packing=config.spec.training.packing)
     device = distributed.process_device(kind, world)
+    cap_bytes = None
     if kind == "cuda":
         import torch
 
         # peaks are per process; a caller running several trainings (the benchmark)
         # must get each run's own
         torch.cuda.reset_peak_memory_stats()
+        # Before anything is allocated: the plan's budget is this process's limit on its GPU,
+        # however large (or shared) the card is.
+        cap_bytes = cap_gpu_memory(config.plan, device)
     # Before the model: it joins the process group, and under FSDP it tells from_pretrained
     # to load the base on rank 0 only.
     args = build_sft_config(config, device=kind, world=world)
@@ -455,7 +464,9 @@ def run_training(config: WorkerConfig, *, reporter: StatusReporter | None = None
             from .errors import OutOfMemoryError
 
             step = trainer.state.global_step + 1 if trainer is not None else None
-            raise OutOfMemoryError(out_of_memory_message(config.plan, step, exc)) from exc
+            raise OutOfMemoryError(
+                out_of_memory_message(config.plan, step, exc, cap_bytes)
+            ) from exc
         raise
 
     adapter, state_dict = adapter_to_save(trainer)  # collective under FSDP: every rank

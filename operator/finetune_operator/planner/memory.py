@@ -24,6 +24,8 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from finetune_api.constants import CUDA_CONTEXT_BYTES
+
 from .arch import ModelArch
 
 KiB, MiB, GiB = 2**10, 2**20, 2**30
@@ -99,7 +101,7 @@ class MemoryConstants:
     1.94 / 1.37 GiB, measured 1.93 / 1.37): bench/fsdp_ranks_on_one_gpu.py, gloo ranks
     sharing one H200 (bench/data/fsdp-ranks-on-one-gpu-*.json). Not yet measured with
     NCCL across GPUs, whose buffers may differ."""
-    cuda_context_bytes: int = 768 * MiB
+    cuda_context_bytes: int = CUDA_CONTEXT_BYTES
     """Device memory outside PyTorch's allocator: the CUDA context (0.60 GiB right after
     initialisation on an H200 with torch 2.11) plus cuBLAS workspaces and lazily loaded
     kernels (0.75 GiB at the end of every calibration run). nvidia-smi shows it, so budgets

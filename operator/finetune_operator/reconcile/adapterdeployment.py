@@ -34,13 +34,13 @@ from finetune_api.constants import ConditionType as C
 from finetune_api.finetunejob import FineTuneJob
 from finetune_api.worker_config import describe_errors
 
-from .. import k8s, references
+from .. import events, k8s, references
 from ..builders import serving, vllm
 from ..builders.server_group import ServingDefaults, served_base_name, server_config, server_name
 from ..builders.serving import Member
 from ..builders.storage import locate
 from ..builders.vllm import ServedAdapter
-from ..conditions import set_condition
+from ..conditions import find, set_condition
 from ..constants import SERVER_COMPONENT
 from .settings import OperatorSettings
 
@@ -656,37 +656,59 @@ async def _write_invalid(body: dict, errors: str) -> None:
         errors,
     )
     old = dict(body.get("status") or {})
-    await _patch_if_changed(body, old, invalid_status(body, errors, old))
+    await _write(body, old, invalid_status(body, errors, old))
 
 
 async def _write_status(me: Desired, deployment: dict | None, pods: list[dict]) -> None:
     old = dict(me.body.get("status") or {})
-    await _patch_if_changed(me.body, old, desired_status(me, deployment, pods, old))
+    await _write(me.body, old, desired_status(me, deployment, pods, old))
 
 
-async def _patch_if_changed(body: dict, old: dict, new: dict) -> None:
-    if all(old.get(k) == v for k, v in new.items() if v is not None) and all(
-        old.get(k) is None for k, v in new.items() if v is None
+async def _write(body: dict, old: dict, new: dict) -> None:
+    """Write the status if it changed; then make sure the Event of its Ready transition
+    exists (every pass: one after a crash posts what was lost)."""
+    if not (
+        all(old.get(k) == v for k, v in new.items() if v is not None)
+        and all(old.get(k) is None for k, v in new.items() if v is None)
     ):
-        return
-    await k8s.patch_status(body, new)
-    was_ready = _is_true(old, C.READY)
-    now_ready = _is_true(new, C.READY)
-    cond = next(c for c in new["conditions"] if c["type"] == C.READY)
-    old_cond = next((c for c in old.get("conditions") or [] if c.get("type") == C.READY), {})
-    # An Event per Ready flip, and one when it turns False for a new reason (an invalid
-    # spec is news even to an object that was never ready).
-    if now_ready != was_ready or (
-        not now_ready
-        and old_cond.get("reason") != cond["reason"]
-        and cond["reason"] == Reason.INVALID_SPEC
-    ):
-        await k8s.post_event(
-            body,
-            type="Normal" if now_ready else "Warning",
-            reason=cond["reason"],
-            message=cond["message"] or cond["reason"],
-        )
+        await k8s.patch_status(body, new)
+    # Whether it was Ready before is history the status does not keep: this pass saw the
+    # flip, or this process confirmed a Ready=True Event as the object's last.
+    last = events.POSTED.get(body["metadata"].get("uid") or "") or ""
+    was_ready = _is_true(old, C.READY) or last.startswith(READY_TRUE)
+    await events.ensure(body, ready_transition(new, was_ready=was_ready))
+
+
+READY_TRUE = f"{C.READY}=True@"
+
+
+def ready_transition(status: dict, *, was_ready: bool) -> events.Transition | None:
+    """The Event-worthy Ready transition `status` describes, or None.
+
+    An Event per Ready flip, and one for each spec generation found invalid (an invalid spec
+    is news even to an object that was never ready); an object that was never Ready gets none
+    for merely not being ready yet. Known limit: a True -> False flip whose Event was lost in
+    a crash is not posted by the restarted operator, which cannot know it was Ready."""
+    cond = find(status.get("conditions") or [], C.READY)
+    if cond is None:
+        return None
+    at = cond.get("lastTransitionTime")
+    ready = cond.get("status") == "True"
+    if ready:
+        key = f"{READY_TRUE}{at}"
+    elif cond.get("reason") == Reason.INVALID_SPEC:
+        key = f"{C.READY}=False@{at}/{Reason.INVALID_SPEC}@{status.get('observedGeneration')}"
+    elif was_ready:
+        key = f"{C.READY}=False@{at}"
+    else:
+        return None
+    return events.Transition(
+        key,
+        at,
+        "Normal" if ready else "Warning",
+        cond["reason"],
+        cond.get("message") or cond["reason"],
+    )
 
 
 def _is_true(status: dict, type_: str) -> bool:

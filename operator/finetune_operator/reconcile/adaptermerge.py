@@ -10,9 +10,9 @@ from finetune_api.constants import ConditionType as C
 from finetune_api.constants import Phase, Reason
 from finetune_api.finetunejob import ModelSource
 
-from .. import k8s
+from .. import events, k8s
 from ..builders import merge
-from ..conditions import now, set_condition
+from ..conditions import find, now, set_condition
 from ..status import Outcome, apply_outcome, observe_training
 from .settings import OperatorSettings
 
@@ -60,7 +60,10 @@ async def reconcile(namespace: str, name: str, settings: OperatorSettings) -> No
     old = dict(body.get("status") or {})
     generation = body["metadata"].get("generation")
     if old.get("phase") in (Phase.SUCCEEDED, Phase.FAILED):
-        return  # a merge is a one-shot computation; its spec is immutable
+        # A merge is a one-shot computation; its spec is immutable. Its last Event may still
+        # be missing (a crash after the status write).
+        await events.ensure(body, transition_event(old))
+        return
 
     source = await _adapter_source(am)
     job = None
@@ -121,10 +124,28 @@ async def reconcile(namespace: str, name: str, settings: OperatorSettings) -> No
         )
     if status != old:
         await k8s.patch_status(body, status)
-        if status.get("phase") != old.get("phase"):
-            await k8s.post_event(
-                body,
-                type="Warning" if outcome.phase == Phase.FAILED else "Normal",
-                reason=outcome.reason,
-                message=f"{outcome.phase.value}: {outcome.message}",
-            )
+    await events.ensure(body, transition_event(status, outcome))
+
+
+# The conditions a merge keeps; each follows the phase (apply_outcome), so the latest of their
+# transition times is when the current phase began.
+LIFECYCLE = (C.RUNNING, C.SUCCEEDED, C.FAILED)
+
+
+def transition_event(status: dict, outcome: Outcome | None = None) -> events.Transition | None:
+    """The Event of the phase `status` is in: the pass's outcome, or for a finished merge
+    (whose passes stop early) its Succeeded or Failed condition, which holds the same."""
+    phase = status.get("phase")
+    if outcome is None:
+        cond_type = {Phase.SUCCEEDED: C.SUCCEEDED, Phase.FAILED: C.FAILED}.get(phase, C.RUNNING)
+        cond = find(status.get("conditions") or [], cond_type) or {}
+        reason, message = cond.get("reason") or phase, cond.get("message") or ""
+    else:
+        reason, message = outcome.reason, outcome.message
+    return events.phase_transition(
+        status,
+        LIFECYCLE,
+        type="Warning" if phase == Phase.FAILED else "Normal",
+        reason=reason,
+        message=f"{phase}: {message}",
+    )

@@ -19,7 +19,7 @@ from finetune_api.constants import Phase, Reason
 from finetune_api.finetunejob import FineTuneJob, TrainingPlan
 from finetune_api.spec_hash import spec_hash
 
-from .. import k8s, metrics, references
+from .. import events, k8s, metrics, references
 from ..builders import followups, training
 from ..conditions import find, now, set_condition
 from ..planning import PlanningFailed, plan_job
@@ -265,7 +265,8 @@ def _comparable(status: dict) -> dict:
 
 
 async def _write(body: dict, old: dict, status: dict) -> None:
-    """Write status only if the operator's part changed; emit an Event on a new phase."""
+    """Write status only if the operator's part changed; then make sure the Event of the
+    phase it describes exists (every pass: one after a crash posts what was lost)."""
     # Progress and metrics belong to the worker: never written back from a stale read,
     # except metrics the operator filled from the termination message.
     new = {k: v for k, v in status.items() if k != "progress"}
@@ -273,17 +274,29 @@ async def _write(body: dict, old: dict, status: dict) -> None:
     new["reason"] = (_phase_condition(new) or {}).get("reason")
     if new.get("metrics") == old.get("metrics"):
         new.pop("metrics", None)
-    if _comparable(new) == _comparable(old) and "metrics" not in new:
-        return
-    await k8s.patch_status(body, new)
-    if new.get("phase") != old.get("phase"):
-        phase = new.get("phase")
-        metrics.TRANSITIONS.labels(phase=phase).inc()
-        cond = _phase_condition(new)
-        kind = "Warning" if phase == Phase.FAILED else "Normal"
-        reason = (cond or {}).get("reason") or phase
-        message = (cond or {}).get("message") or f"phase is now {phase}"
-        await k8s.post_event(body, type=kind, reason=reason, message=f"{phase}: {message}")
+    if not (_comparable(new) == _comparable(old) and "metrics" not in new):
+        await k8s.patch_status(body, new)
+        if new.get("phase") != old.get("phase"):
+            metrics.TRANSITIONS.labels(phase=new.get("phase")).inc()
+    await events.ensure(body, transition_event(new))
+
+
+# The conditions that follow the phase (apply_outcome): one of them flips with every phase
+# change, so the latest of their transition times is when the current phase began.
+LIFECYCLE = (C.SUSPENDED, C.QUEUED, C.RUNNING, C.SUCCEEDED, C.FAILED)
+
+
+def transition_event(status: dict) -> events.Transition | None:
+    """The Event of the phase `status` is in: the phase's condition's reason and message."""
+    phase = status.get("phase")
+    cond = _phase_condition(status) or {}
+    return events.phase_transition(
+        status,
+        LIFECYCLE,
+        type="Warning" if phase == Phase.FAILED else "Normal",
+        reason=cond.get("reason") or phase,
+        message=f"{phase}: {cond.get('message') or f'phase is now {phase}'}",
+    )
 
 
 def _phase_condition(status: dict) -> dict | None:
