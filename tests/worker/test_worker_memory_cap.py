@@ -13,15 +13,14 @@ import logging
 from types import SimpleNamespace
 
 import pytest
+from worker_configs import worker_config_dict
 
-from conftest_worker import worker_config_dict
 from finetune_api import WorkerConfig
 from finetune_api.constants import CUDA_CONTEXT_BYTES
 from finetune_api.exit_codes import WorkerExitCode
 
 torch = pytest.importorskip("torch")
 
-pytest_plugins = ["conftest_worker"]
 
 GiB = 2**30
 H100 = 80 * 10**9  # what an 80 GB card reports as total_memory, about 74.5 GiB

@@ -14,7 +14,6 @@ import asyncio
 
 import pytest
 from kubernetes_asyncio.client.exceptions import ApiException
-
 from kubetest import Kube, bound_pvc, finetunejob_manifest, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -80,9 +79,10 @@ def events_of(kube: Kube, name: str) -> list[dict]:
 def test_an_event_lost_in_a_crash_is_posted_by_the_next_operator_exactly_once(
     cluster, crds, kube: Kube, manual_node, tmp_path, monkeypatch
 ):
+    from operator_harness import OperatorProcess
+
     from finetune_operator import events
     from finetune_operator.reconcile import finetunejob
-    from operator_harness import OperatorProcess
 
     for claim in ("data", "adapters"):
         bound_pvc(kube, claim)
