@@ -50,6 +50,7 @@ class Reason:
     PLAN_FITS = "PlanFits"
     PLAN_DOES_NOT_FIT = "InsufficientGPUMemory"
     MODEL_CONFIG_UNAVAILABLE = "ModelConfigUnavailable"
+    HUB_UNAVAILABLE = "HubUnavailable"
     # ReferencesResolved
     REFERENCES_FOUND = "ReferencesFound"
     SECRET_NOT_FOUND = "SecretNotFound"

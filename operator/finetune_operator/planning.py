@@ -17,14 +17,19 @@ from finetune_api.finetunejob import FineTuneJob, TrainingPlan
 from . import k8s
 from .planner import UnknownArchitecture
 from .planner.api_adapter import NoFittingPlan, plan_for_spec
+from .planner.arch import HubUnavailable
 from .planner.configsource import arch_for_model
 from .reconcile.settings import OperatorSettings
 
 
 class PlanningFailed(Exception):
-    def __init__(self, reason: str, message: str):
+    """No plan for this spec. `transient`: the cause may pass (the Hub did not answer), so the
+    job waits and the pass is run again (requeue.py reads the flag) instead of failing."""
+
+    def __init__(self, reason: str, message: str, *, transient: bool = False):
         super().__init__(message)
         self.reason = reason
+        self.transient = transient
 
 
 async def _hf_token(ftj: FineTuneJob) -> str | None:
@@ -46,6 +51,10 @@ async def plan_job(ftj: FineTuneJob, settings: OperatorSettings) -> TrainingPlan
             allow_hub=settings.allow_hub,
             token=token,
         )
+    except HubUnavailable as exc:
+        raise PlanningFailed(
+            Reason.HUB_UNAVAILABLE, f"{exc}; retrying with backoff", transient=True
+        ) from exc
     except UnknownArchitecture as exc:
         raise PlanningFailed(Reason.MODEL_CONFIG_UNAVAILABLE, str(exc)) from exc
     try:

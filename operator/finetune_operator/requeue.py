@@ -39,6 +39,8 @@ def retry_reason(exc: BaseException) -> tuple[str, str | None] | None:
     (write conflicts on every attempt). None: it would fail the same way."""
     if isinstance(exc, k8s.Conflict):
         return "conflict", None
+    if getattr(exc, "transient", False):  # planning.PlanningFailed: the Hub did not answer
+        return "upstream", None
     return k8s.transient(exc)
 
 

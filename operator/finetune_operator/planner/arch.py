@@ -18,6 +18,11 @@ class UnknownArchitecture(ValueError):
     """The planner cannot tell the model's shape, so it cannot predict its memory."""
 
 
+class HubUnavailable(UnknownArchitecture):
+    """The Hub did not answer (no connection, a timeout, 429 or 5xx): the same request may
+    succeed later, so a job that needs it waits instead of failing."""
+
+
 # Families whose decoder block is Llama-like: separate q/k/v/o projections and a gated MLP
 # with gate/up/down projections. Their memory behaves alike; the differences that matter
 # (norms per block, fused projections, head_dim != hidden/heads) are carried by ModelArch.

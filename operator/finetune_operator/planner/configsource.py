@@ -21,7 +21,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .arch import ModelArch, UnknownArchitecture, arch_from_config_json, arch_from_hints, preset
+from .arch import (
+    HubUnavailable,
+    ModelArch,
+    UnknownArchitecture,
+    arch_from_config_json,
+    arch_from_hints,
+    preset,
+)
 
 HUB_TIMEOUT_SECONDS = 10
 
@@ -76,6 +83,11 @@ def fetch_hub_config(
         with urllib.request.urlopen(request, timeout=timeout) as response:
             data = json.loads(response.read().decode("utf-8"))
     except urllib.error.HTTPError as exc:
+        if exc.code == 429 or exc.code >= 500:
+            raise HubUnavailable(
+                f"the Hub answered {exc.code} for config.json of {repo_id!r} (a passing "
+                "error); or set spec.model.architecture to plan without it"
+            ) from None
         hint = (
             " (gated or private: reference a token with spec.hfTokenSecretRef)"
             if exc.code in (401, 403)
@@ -85,8 +97,13 @@ def fetch_hub_config(
             f"the Hub answered {exc.code} for config.json of {repo_id!r}{hint}; or set "
             "spec.model.architecture to plan without it"
         ) from None
-    except (urllib.error.URLError, TimeoutError, OSError, json.JSONDecodeError) as exc:
+    except json.JSONDecodeError as exc:
         raise UnknownArchitecture(
+            f"config.json of {repo_id!r} from {endpoint} is not JSON ({exc}); set "
+            "spec.model.architecture to plan without the Hub"
+        ) from None
+    except (urllib.error.URLError, TimeoutError, OSError) as exc:
+        raise HubUnavailable(
             f"cannot fetch config.json of {repo_id!r} from {endpoint}: {exc}; set "
             "spec.model.architecture to plan without the Hub"
         ) from None
@@ -148,7 +165,9 @@ def arch_for_model(
             "operator's PVC root, or --claims-root for `finetune-operator plan`)"
         )
     detail = "".join(f"; {reason}" for reason in reasons)
-    raise UnknownArchitecture(
+    # Only the Hub could have answered, and it may yet: the caller waits rather than fails.
+    error = HubUnavailable if isinstance(hub_error, HubUnavailable) else UnknownArchitecture
+    raise error(
         f"cannot tell the architecture of {label!r}: it is not a built-in preset and its "
         f"config.json could not be read{detail}. Set spec.model.architecture (hiddenSize, "
         "intermediateSize, numHiddenLayers, numAttentionHeads, numKeyValueHeads, vocabSize, "

@@ -60,6 +60,10 @@ async def reconcile(namespace: str, name: str, settings: OperatorSettings) -> No
         try:
             plan = await plan_job(ftj, settings)
         except PlanningFailed as exc:
+            if exc.transient:
+                # Say why it waits, then let the pass fail so it runs again with backoff.
+                await _write(body, old, _planning_waits(status, exc, generation))
+                raise
             await _write(body, old, _planning_failed(status, exc, generation))
             return
         status["plan"] = plan.model_dump(mode="json", by_alias=True, exclude_none=True)
@@ -133,6 +137,13 @@ def _plan_summary(plan: TrainingPlan) -> str:
         + (f" of {format_bytes(plan.budget_bytes)}" if plan.budget_bytes else "")
         + (f": {plan.reason}" if plan.reason else "")
     )
+
+
+def _planning_waits(status: dict, exc: PlanningFailed, generation: int | None) -> dict:
+    conds = set_condition(
+        status.get("conditions") or [], C.PLANNED, False, exc.reason, str(exc), generation
+    )
+    return {**status, "phase": Phase.PLANNING, "conditions": conds}
 
 
 def _planning_failed(status: dict, exc: PlanningFailed, generation: int | None) -> dict:
