@@ -17,23 +17,33 @@ SUBCOMMANDS = {
 }
 
 
-def usage() -> str:
-    lines = ["usage: finetune-operator <command> [options]", "", "commands:"]
-    lines += [f"  {name:<6} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+Subcommands = dict[str, tuple[str, str]]
+"""name -> (module with a `main(argv)`, one line of help)"""
+
+
+def usage(prog: str = "finetune-operator", subcommands: Subcommands = SUBCOMMANDS) -> str:
+    width = max(len(name) for name in subcommands)
+    lines = [f"usage: {prog} <command> [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in subcommands.items()]
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def dispatch(prog: str, subcommands: Subcommands, argv: list[str] | None = None) -> int:
+    """Run the subcommand named first in `argv`, importing only its module."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(usage())
+        print(usage(prog, subcommands))
         return 0
     name, rest = argv[0], argv[1:]
-    if name not in SUBCOMMANDS:
-        print(f"finetune-operator: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+    if name not in subcommands:
+        print(f"{prog}: unknown command {name!r}\n\n{usage(prog, subcommands)}", file=sys.stderr)
         return 2
-    module = importlib.import_module(SUBCOMMANDS[name][0])
+    module = importlib.import_module(subcommands[name][0])
     return int(module.main(rest) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return dispatch("finetune-operator", SUBCOMMANDS, argv)
 
 
 if __name__ == "__main__":
