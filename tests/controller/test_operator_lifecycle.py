@@ -126,7 +126,12 @@ def test_examples_become_jobs_that_kwok_completes(kube: Kube, operator_process):
         what="the training Job",
     )
     created_after = time.monotonic() - started
-    status = ftj(kube, name)["status"]
+    # The pass that creates the Job writes the status after it: poll, do not read once.
+    status = wait_for(
+        lambda: (ftj(kube, name).get("status") or {}).get("plan") and ftj(kube, name)["status"],
+        timeout=30,
+        what="the status with the plan",
+    )
     plan = status["plan"]
     assert plan["method"] in ("lora", "qlora")
     assert condition(ftj(kube, name), "Planned")["status"] == "True"
