@@ -103,6 +103,22 @@ def crds(cluster):
 
 
 @pytest.fixture(scope="session")
+def kueue(cluster):
+    """Kueue's controller manager (built from `sigs.k8s.io/kueue` on first use, cached like
+    the control plane) with its CRDs, running against the test control plane.
+
+    Started only for the tests that ask for it, stopped at the end of the session. A
+    start-up failure names the manager's log; `kueue.describe()` says whether it still
+    runs and where the log is, for a test's own failure messages.
+    """
+    from finetune_dev.devcluster import kueue as kueue_process
+
+    k = kueue_process.start(cluster)
+    yield k
+    kueue_process.stop(k)
+
+
+@pytest.fixture(scope="session")
 def operator_process(cluster, crds, tmp_path_factory):
     """The operator (kopf run) as a real process against the test control plane.
 

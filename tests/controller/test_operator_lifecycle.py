@@ -3,7 +3,8 @@
 The operator runs as its own process (`kopf run`), the Job controller creates pods, the
 scheduler binds them to kwok fake GPU nodes, and kwok completes them. For failures the
 test plays the kubelet on a node kwok does not manage ("manual"), writing the pod status
-a real kubelet would write: exit codes and termination messages.
+a real kubelet would write: exit codes and termination messages. Queueing runs the real
+Kueue controller manager (the `kueue` fixture).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def act_as_kubelet(
             p
             for p in kube.items("pods", f"job-name={job}")
             if p["spec"].get("nodeName") == MANUAL_NODE
-            and p["status"].get("phase") in (None, "Pending")
+            and p["status"].get("phase") in (None, "Pending", "Running")
         ],
         timeout=60,
         what=f"a pod of {job} bound to {MANUAL_NODE}",
@@ -506,25 +507,191 @@ def test_sigkill_mid_reconcile_leaves_no_duplicates(kube: Kube, operator_process
         assert len(owned) == len(names), kind
 
 
-def test_kueue_admission_is_the_queued_to_running_edge(kube: Kube, operator_process):
-    kube.apply(
-        ftj_manifest(
-            "queued", resources={"gpu": {"count": 1, "memory": "24Gi"}, "queueName": "gpu-queue"}
-        )
+def kueue_quota(kube: Kube, *, gpus: int, cpu: str, memory: str) -> str:
+    """A ResourceFlavor and a ClusterQueue with this quota for the test's namespace only, and
+    the LocalQueue `gpu-queue` there. The first two are cluster-scoped, so they are named
+    after the namespace; they stay behind with the session's throwaway cluster. Returns the
+    LocalQueue's name."""
+    name = f"gpus-{kube.namespace}"[:63]
+    quota = {"nvidia.com/gpu": str(gpus), "cpu": cpu, "memory": memory}
+    kube.kubectl(
+        "apply",
+        "-f",
+        "-",
+        namespaced=False,
+        input=yaml.safe_dump_all(
+            [
+                {
+                    "apiVersion": "kueue.x-k8s.io/v1beta2",
+                    "kind": "ResourceFlavor",
+                    "metadata": {"name": name},
+                },
+                {
+                    "apiVersion": "kueue.x-k8s.io/v1beta2",
+                    "kind": "ClusterQueue",
+                    "metadata": {"name": name},
+                    "spec": {
+                        "namespaceSelector": {
+                            "matchLabels": {"kubernetes.io/metadata.name": kube.namespace}
+                        },
+                        "resourceGroups": [
+                            {
+                                "coveredResources": list(quota),
+                                "flavors": [
+                                    {
+                                        "name": name,
+                                        "resources": [
+                                            {"name": r, "nominalQuota": q} for r, q in quota.items()
+                                        ],
+                                    }
+                                ],
+                            }
+                        ],
+                    },
+                },
+                {
+                    "apiVersion": "kueue.x-k8s.io/v1beta2",
+                    "kind": "LocalQueue",
+                    "metadata": {"name": "gpu-queue", "namespace": kube.namespace},
+                    "spec": {"clusterQueue": name},
+                },
+            ]
+        ),
     )
-    job = wait_for(lambda: kube.get_or_none("job", "queued-train"), what="the Job")
+    return "gpu-queue"
+
+
+def workload_of(kube: Kube, job: str) -> dict | None:
+    """The Kueue Workload that Kueue's job controller made for a Job."""
+    for wl in kube.items("workloads.kueue.x-k8s.io"):
+        if any(o.get("name") == job for o in wl["metadata"].get("ownerReferences") or []):
+            return wl
+    return None
+
+
+def kubelet_starts(kube: Kube, job: str) -> str:
+    """Act as the manual node's kubelet: the Job's pod there starts its container."""
+    pod = wait_for(
+        lambda: [
+            p
+            for p in kube.items("pods", f"job-name={job}")
+            if p["spec"].get("nodeName") == MANUAL_NODE
+            and p["status"].get("phase") in (None, "Pending")
+        ],
+        timeout=60,
+        what=f"a pod of {job} bound to {MANUAL_NODE}",
+    )[0]
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    kube.patch_status(
+        "pod",
+        pod["metadata"]["name"],
+        {
+            "status": {
+                "phase": "Running",
+                "startTime": now,
+                "containerStatuses": [
+                    {
+                        "name": "worker",
+                        "image": pod["spec"]["containers"][0]["image"],
+                        "imageID": "",
+                        "ready": True,
+                        "started": True,
+                        "restartCount": 0,
+                        "state": {"running": {"startedAt": now}},
+                    }
+                ],
+            }
+        },
+    )
+    return pod["metadata"]["name"]
+
+
+def test_kueue_admits_the_second_job_when_the_first_frees_the_gpu(
+    kube: Kube, operator_process, manual_node, kueue
+):
+    """Real Kueue (its controller manager, built from sigs.k8s.io/kueue) against a
+    ClusterQueue whose GPU quota fits exactly one job: the first is admitted and runs, the
+    second waits in Queued/WaitingForQuota for as long as the first holds the GPU, and Kueue
+    admits it once the first finishes."""
+
+    def wait_for_kueue(check, what: str):
+        try:
+            return wait_for(check, timeout=60, what=what)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{kueue.describe()}") from None
+
+    def admitted(job: str) -> bool:
+        wl = workload_of(kube, job)
+        return bool(wl) and (condition(wl, "Admitted") or {}).get("status") == "True"
+
+    resources = {"gpu": {"count": 1, "memory": "24Gi"}, "cpu": "2", "memory": "8Gi"}
+    # Both jobs run on the node the test plays the kubelet of, so each runs until the test
+    # finishes it.
+    first = ftj_manifest("first", manual=True, resources={**resources, "queueName": "gpu-queue"})
+    second = ftj_manifest("second", manual=True, resources={**resources, "queueName": "gpu-queue"})
+
+    # Before its LocalQueue exists, Kueue cannot admit the first: the operator says Queued.
+    kube.apply(first)
+    queued = wait_phase(kube, "first", "Queued")
+    assert condition(queued, "Queued")["reason"] == "WaitingForQuota"
+    job = kube.get("job", "first-train")
     assert job["spec"]["suspend"] is True
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
-    queued = wait_phase(kube, "queued", "Queued")
-    assert condition(queued, "Queued")["reason"] == "WaitingForQuota"
-    # What Kueue does when the ClusterQueue admits the workload.
-    kube.kubectl(
-        "patch", "job", "queued-train", "--type=merge", "-p", '{"spec": {"suspend": false}}'
+
+    # CPU and memory for both jobs, GPUs for one: the GPU is what the second waits for.
+    assert kueue_quota(kube, gpus=1, cpu="8", memory="32Gi") == "gpu-queue"
+    wait_for_kueue(lambda: admitted("first-train"), "Kueue to admit the first job's Workload")
+    wait_for_kueue(
+        lambda: kube.get("job", "first-train")["spec"].get("suspend") is False,
+        "Kueue to un-suspend the first Job",
     )
-    done = wait_phase(kube, "queued", "Succeeded")
-    assert condition(done, "Queued")["status"] == "False"
+    kubelet_starts(kube, "first-train")
+    running = wait_phase(kube, "first", "Running")
+    assert (condition(running, "Queued")["status"], condition(running, "Queued")["reason"]) == (
+        "False",
+        "Admitted",
+    )
+
+    # The second job asks for the one GPU the first holds.
+    kube.apply(second)
+    pending = wait_for_kueue(
+        lambda: (
+            (wl := workload_of(kube, "second-train"))
+            and (condition(wl, "QuotaReserved") or {}).get("status") == "False"
+            and "nvidia.com/gpu" in condition(wl, "QuotaReserved").get("message", "")
+            and wl
+        ),
+        "Kueue to hold the second job's Workload for want of GPU quota",
+    )
+    queued = wait_phase(kube, "second", "Queued")
+    assert condition(queued, "Queued")["status"] == "True"
+    assert condition(queued, "Queued")["reason"] == "WaitingForQuota"
+    # Still so as the first is about to finish: Kueue looked, found no GPU, and keeps it.
+    assert kube.get("job", "second-train")["spec"]["suspend"] is True
+    assert not admitted("second-train"), pending["status"]
+    assert ftj(kube, "second")["status"]["phase"] == "Queued"
+    assert ftj(kube, "first")["status"]["phase"] == "Running"
+
+    # The first finishes: its Workload releases the GPU and Kueue admits the second.
+    act_as_kubelet(kube, "first-train", exit_code=0)
+    wait_phase(kube, "first", "Succeeded")
+    wait_for_kueue(
+        lambda: admitted("second-train"), "Kueue to admit the second job after the first"
+    )
+    wait_for_kueue(
+        lambda: kube.get("job", "second-train")["spec"].get("suspend") is False,
+        "Kueue to un-suspend the second Job",
+    )
+    kubelet_starts(kube, "second-train")
+    running = wait_phase(kube, "second", "Running")
+    assert (condition(running, "Queued")["status"], condition(running, "Queued")["reason"]) == (
+        "False",
+        "Admitted",
+    )
+    act_as_kubelet(kube, "second-train", exit_code=0)
+    wait_phase(kube, "second", "Succeeded")
     # The operator never suspends a Kueue-admitted Job again.
-    assert kube.get("job", "queued-train")["spec"]["suspend"] is False
+    assert kube.get("job", "second-train")["spec"]["suspend"] is False
 
 
 def test_a_multi_node_job_is_an_indexed_job_with_a_rendezvous_service(kube: Kube, operator_process):

