@@ -30,7 +30,7 @@ from finetune_api.constants import (
     MANAGED_BY,
 )
 
-from . import k8s, metrics, requeue
+from . import k8s, metrics, requeue, resync
 from .constants import SERVER_COMPONENT
 from .reconcile import adapterdeployment, adaptermerge, finetunejob
 from .reconcile.settings import OperatorSettings
@@ -251,13 +251,9 @@ async def pod_event(labels: dict, namespace: str, memo: kopf.Memo, **_) -> None:
 
 
 async def _resync_forever(settings: OperatorSettings) -> None:
-    """Level-based safety net: reconcile everything periodically, events or not."""
-    while True:
-        await asyncio.sleep(settings.resync_seconds)
-        try:
-            await resync_once(settings)
-        except Exception:
-            log.exception("periodic resync failed; trying again in %ss", settings.resync_seconds)
+    """Level-based safety net: every object reconciled once per interval, events or not,
+    the passes spread over the interval (resync.py)."""
+    await resync.run_forever(settings.resync_seconds, lambda: resync_once(settings))
 
 
 def _watched(namespace: str, settings: OperatorSettings) -> bool:
@@ -296,6 +292,8 @@ async def outranked(settings: OperatorSettings) -> bool:
 
 
 async def resync_once(settings: OperatorSettings) -> None:
+    """One resync cycle: list every object, then reconcile each at its place in the
+    interval (resync.py), at most `resync_concurrency` at a time."""
     if await outranked(settings):
         log.debug("a higher-priority operator is active; standby skips the resync")
         return
@@ -304,20 +302,29 @@ async def resync_once(settings: OperatorSettings) -> None:
     exact = [n for n in settings.namespaces if not any(c in n for c in "*?[")]
     scopes = exact if exact and len(exact) == len(settings.namespaces) else [None]
     counts: dict[tuple[str, str], int] = {}
+    # Only keys are kept for the cycle, not the listed objects: each pass reads its own.
+    items: list[tuple[tuple[str, str, str], str]] = []
     for ns in scopes:
         for kind in RECONCILERS:
             for obj in await k8s.list_objects(API_VERSION, kind, ns):
                 md = obj["metadata"]
                 if not _watched(md["namespace"], settings):
                     continue
-                await run_reconcile(settings, kind, md["namespace"], md["name"])
+                items.append(((kind, md["namespace"], md["name"]), md.get("uid") or md["name"]))
                 if kind == "FineTuneJob":
                     key = (md["namespace"], (obj.get("status") or {}).get("phase") or "Pending")
                     counts[key] = counts.get(key, 0) + 1
-    log.info("resync complete: %d FineTuneJobs", sum(counts.values()))
     metrics.JOBS_BY_PHASE.clear()
     for (ns, phase), n in counts.items():
         metrics.JOBS_BY_PHASE.labels(namespace=ns, phase=phase).set(n)
+
+    async def visit(key: tuple[str, str, str]) -> None:
+        await run_reconcile(settings, *key)
+
+    took = await resync.run_cycle(
+        items, settings.resync_seconds, visit, concurrency=settings.resync_concurrency
+    )
+    log.info("resync complete: %d FineTuneJobs in %.1fs", sum(counts.values()), took)
 
 
 def main(argv: list[str]) -> int:
