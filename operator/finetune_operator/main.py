@@ -30,7 +30,7 @@ from finetune_api.constants import (
     MANAGED_BY,
 )
 
-from . import k8s, metrics, requeue, resync
+from . import coalesce, k8s, metrics, requeue, resync
 from .constants import SERVER_COMPONENT
 from .reconcile import adapterdeployment, adaptermerge, finetunejob
 from .reconcile.settings import OperatorSettings
@@ -42,51 +42,65 @@ RECONCILERS = {
     "AdapterMerge": adaptermerge.reconcile,
     "AdapterDeployment": adapterdeployment.reconcile,
 }
-# Serialise passes per object: an event of the FineTuneJob and one of its Job may arrive
-# together; two passes at once would only race on the status write (which is guarded by
-# resourceVersion anyway), so this is about not doing the work twice, not correctness.
-_locks: dict[tuple[str, str, str], asyncio.Lock] = {}
+# One pass at a time per object, and at most one more waiting (coalesce.py): an event of the
+# FineTuneJob and several of its Job and pods may arrive together; the pass that starts
+# after them sees them all.
+PASSES = coalesce.Coalescer()
 
 
 CONFLICT_ATTEMPTS = 4
 RETRIES = requeue.RetryQueue()
 
 
+async def _attempts(
+    settings: OperatorSettings, kind: str, namespace: str, name: str
+) -> Exception | None:
+    """The pass, with its conflict retries; -> what made it fail, or None."""
+    failure: Exception | None = None
+    started = time.monotonic()
+    for attempt in range(CONFLICT_ATTEMPTS):
+        try:
+            await RECONCILERS[kind](namespace, name, settings)
+            failure = None
+            break
+        except k8s.Conflict as exc:
+            metrics.API_RETRIES.labels(kind=kind).inc()
+            log.debug(
+                "conflict on %s %s/%s (attempt %d); reconciling again",
+                kind,
+                namespace,
+                name,
+                attempt + 1,
+            )
+            failure = exc
+        except k8s.Gone as exc:
+            log.debug("%s %s/%s went away during the pass: %s", kind, namespace, name, exc)
+            failure = None
+            break
+        except Exception as exc:
+            metrics.RECONCILE_ERRORS.labels(kind=kind, error=type(exc).__name__).inc()
+            failure = exc
+            break
+    metrics.RECONCILE_SECONDS.labels(kind=kind).observe(time.monotonic() - started)
+    return failure
+
+
 async def run_reconcile(settings: OperatorSettings, kind: str, namespace: str, name: str) -> None:
     """One pass for the object, repeated at once on a write conflict (a fresh read settles
-    it). A pass that still fails for a reason that passes (the API's 429 or 5xx after
-    k8s._call's own attempts, a dropped connection, a conflict on every attempt) is scheduled
-    again with backoff (requeue.py): kopf does not retry `on.event` handlers, and waiting for
-    the next event or resync could take minutes. Nothing escapes to kopf."""
+    it), or nothing when a pass for it is already waiting to start (coalesce.py). A pass
+    that still fails for a reason that passes (the API's 429 or 5xx after k8s._call's own
+    attempts, a dropped connection, a conflict on every attempt) is scheduled again with
+    backoff (requeue.py): kopf does not retry `on.event` handlers, and waiting for the next
+    event or resync could take minutes. Nothing escapes to kopf."""
     key = (kind, namespace, name)
-    lock = _locks.setdefault(key, asyncio.Lock())
-    failure: Exception | None = None
-    async with lock:
-        started = time.monotonic()
-        for attempt in range(CONFLICT_ATTEMPTS):
-            try:
-                await RECONCILERS[kind](namespace, name, settings)
-                failure = None
-                break
-            except k8s.Conflict as exc:
-                metrics.API_RETRIES.labels(kind=kind).inc()
-                log.debug(
-                    "conflict on %s %s/%s (attempt %d); reconciling again",
-                    kind,
-                    namespace,
-                    name,
-                    attempt + 1,
-                )
-                failure = exc
-            except k8s.Gone as exc:
-                log.debug("%s %s/%s went away during the pass: %s", kind, namespace, name, exc)
-                failure = None
-                break
-            except Exception as exc:
-                metrics.RECONCILE_ERRORS.labels(kind=kind, error=type(exc).__name__).inc()
-                failure = exc
-                break
-        metrics.RECONCILE_SECONDS.labels(kind=kind).observe(time.monotonic() - started)
+    outcome: list[Exception | None] = []
+
+    async def one_pass() -> None:
+        outcome.append(await _attempts(settings, kind, namespace, name))
+
+    if not await PASSES.run(key, one_pass):
+        return  # the pass waiting to start reads what this one would have
+    failure = outcome[0]
     if failure is None:
         RETRIES.succeeded(key)
         return
@@ -200,7 +214,10 @@ async def adaptermerge_event(type: str, name: str, namespace: str, memo: kopf.Me
 
 
 @kopf.on.event(GROUP, VERSION, "adapterdeployments")
-async def adapterdeployment_event(name: str, namespace: str, memo: kopf.Memo, **_) -> None:
+async def adapterdeployment_event(
+    type: str, body: kopf.Body, name: str, namespace: str, memo: kopf.Memo, **_
+) -> None:
+    adapterdeployment.REFERENCES.note(body, deleted=type == "DELETED")
     # DELETED too: the shared server drops the adapters (or goes) with the deployment.
     await run_reconcile(memo.operator_settings, "AdapterDeployment", namespace, name)
 
@@ -224,7 +241,7 @@ async def server_pod_event(labels: dict, namespace: str, memo: kopf.Memo, **_) -
 @kopf.on.event(GROUP, VERSION, "finetunejobs")
 async def finetunejob_adapters_event(name: str, namespace: str, memo: kopf.Memo, **_) -> None:
     # An adapter waiting for this job is served as soon as the job succeeds.
-    for ad_name in await adapterdeployment.referencing(namespace, name):
+    for ad_name in adapterdeployment.REFERENCES.referencing(namespace, name):
         await run_reconcile(memo.operator_settings, "AdapterDeployment", namespace, ad_name)
 
 
