@@ -12,6 +12,7 @@ drift) and deletion is left to owner references and the garbage collector.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fnmatch
 import logging
 import os
@@ -48,6 +49,10 @@ RECONCILERS = {
 PASSES = coalesce.Coalescer()
 
 
+# At most this many passes at once, over all objects (FINETUNE_MAX_CONCURRENT_PASSES), waiting
+# their turn in order: a burst of a thousand new jobs, all interleaved, would each finish near
+# the end of the burst; in turn, the first ones get their Jobs at once. Set at start-up.
+_pass_slots: asyncio.Semaphore | None = None
 CONFLICT_ATTEMPTS = 4
 RETRIES = requeue.RetryQueue()
 
@@ -55,7 +60,15 @@ RETRIES = requeue.RetryQueue()
 async def _attempts(
     settings: OperatorSettings, kind: str, namespace: str, name: str
 ) -> Exception | None:
-    """The pass, with its conflict retries; -> what made it fail, or None."""
+    """The pass, with its conflict retries, once a slot is free; -> what made it fail, or
+    None."""
+    async with _pass_slots or contextlib.nullcontext():
+        return await _attempts_now(settings, kind, namespace, name)
+
+
+async def _attempts_now(
+    settings: OperatorSettings, kind: str, namespace: str, name: str
+) -> Exception | None:
     failure: Exception | None = None
     started = time.monotonic()
     for attempt in range(CONFLICT_ATTEMPTS):
@@ -151,6 +164,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> No
     except ValueError as exc:
         raise kopf.PermanentError(f"invalid operator environment: {exc}") from exc
     memo.operator_settings = ours
+    global _pass_slots
+    _pass_slots = asyncio.Semaphore(ours.max_concurrent_passes)
     k8s.quiet_client_logs()
     # Our own annotation prefix and finalizer name, should kopf ever need them.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)

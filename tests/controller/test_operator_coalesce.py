@@ -1,7 +1,8 @@
 """A burst of events for one object costs at most two passes: the one running and one
 that starts after the burst (coalesce.py); a request is never answered by a pass that
-started before it. And the FineTuneJob -> AdapterDeployment lookup that runs on every
-FineTuneJob event is answered from what the AdapterDeployment watch said, not a list.
+started before it. Over all objects at most FINETUNE_MAX_CONCURRENT_PASSES passes run at
+once, in the order they came. And the FineTuneJob -> AdapterDeployment lookup that runs on
+every FineTuneJob event is answered from what the AdapterDeployment watch said, not a list.
 
 Pure asyncio, no API server.
 """
@@ -109,3 +110,34 @@ def test_adapterdeployments_waiting_for_a_job_come_from_their_watch():
     refs.note(ad("code"), deleted=True)
     assert refs.referencing("team", "sft-2") == []
     assert refs.referencing("other", "sft-2") == ["elsewhere"]
+
+
+def test_at_most_max_concurrent_passes_run_at_once_in_arrival_order(monkeypatch):
+    from finetune_operator import main
+    from finetune_operator.reconcile.settings import OperatorSettings
+
+    running = 0
+    most = 0
+    order: list[str] = []
+
+    async def reconcile(namespace: str, name: str, settings) -> None:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        order.append(name)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        running -= 1
+
+    monkeypatch.setitem(main.RECONCILERS, "FineTuneJob", reconcile)
+    settings = OperatorSettings.from_env({"FINETUNE_MAX_CONCURRENT_PASSES": "3"})
+    assert settings.max_concurrent_passes == 3
+
+    async def burst() -> None:
+        monkeypatch.setattr(main, "_pass_slots", asyncio.Semaphore(settings.max_concurrent_passes))
+        names = [f"job-{i:02d}" for i in range(12)]
+        await asyncio.gather(*(main.run_reconcile(settings, "FineTuneJob", "ns", n) for n in names))
+        assert order == names
+
+    asyncio.run(burst())
+    assert most == 3
