@@ -1,4 +1,5 @@
-"""One pass at a time per object, and at most one more waiting behind it.
+"""When passes run: one at a time per object with at most one more waiting behind it
+(`Coalescer`), and a bounded number at once over all objects, urgent ones first (`Slots`).
 
 Events of one FineTuneJob come from several watches (the object, its Job, its pods): a burst
 of them used to queue a full pass each behind the running one, every one reading and
@@ -8,12 +9,20 @@ queues one more, and requests arriving while that one waits are answered by it a
 at once. A request is never lost: the pass it relies on starts after it arrived.
 
 Keys are forgotten when no pass runs or waits, so memory follows the work in flight.
+
+`Slots` bounds the passes over all objects. A burst of a thousand new jobs, all
+interleaved, would each finish near the end of the burst; in turn, the first ones get their
+Jobs at once. Urgent passes (a FineTuneJob whose status names no Job yet) go before the
+others: a restarted operator's watches deliver every object again, and the jobs still
+waiting for their Job must not queue behind hundreds of up-to-date ones.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Hashable
+import contextlib
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 
 
@@ -51,3 +60,44 @@ class Coalescer:
 
     def __len__(self) -> int:
         return len(self._slots)
+
+
+class Slots:
+    """At most `limit` holders at once; waiters are served urgent first, then in the order
+    they came."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.busy = 0
+        self._urgent: deque[asyncio.Future] = deque()
+        self._normal: deque[asyncio.Future] = deque()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, urgent: bool = False) -> AsyncIterator[None]:
+        if self.busy < self.limit and not (self._urgent or self._normal):
+            self.busy += 1
+        else:
+            waiter = asyncio.get_running_loop().create_future()
+            queue = self._urgent if urgent else self._normal
+            queue.append(waiter)
+            try:
+                await waiter  # a releasing holder hands its slot over: `busy` stays
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._release()  # handed over just as we were cancelled: pass it on
+                else:
+                    queue.remove(waiter)
+                raise
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        for queue in (self._urgent, self._normal):
+            while queue:
+                waiter = queue.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+                    return
+        self.busy -= 1

@@ -49,20 +49,19 @@ RECONCILERS = {
 PASSES = coalesce.Coalescer()
 
 
-# At most this many passes at once, over all objects (FINETUNE_MAX_CONCURRENT_PASSES), waiting
-# their turn in order: a burst of a thousand new jobs, all interleaved, would each finish near
-# the end of the burst; in turn, the first ones get their Jobs at once. Set at start-up.
-_pass_slots: asyncio.Semaphore | None = None
+# At most this many passes at once, over all objects (FINETUNE_MAX_CONCURRENT_PASSES), urgent
+# ones first, then in order (coalesce.Slots). Set at start-up.
+_pass_slots: coalesce.Slots | None = None
 CONFLICT_ATTEMPTS = 4
 RETRIES = requeue.RetryQueue()
 
 
 async def _attempts(
-    settings: OperatorSettings, kind: str, namespace: str, name: str
+    settings: OperatorSettings, kind: str, namespace: str, name: str, urgent: bool
 ) -> Exception | None:
     """The pass, with its conflict retries, once a slot is free; -> what made it fail, or
     None."""
-    async with _pass_slots or contextlib.nullcontext():
+    async with _pass_slots.hold(urgent) if _pass_slots else contextlib.nullcontext():
         return await _attempts_now(settings, kind, namespace, name)
 
 
@@ -98,18 +97,21 @@ async def _attempts_now(
     return failure
 
 
-async def run_reconcile(settings: OperatorSettings, kind: str, namespace: str, name: str) -> None:
+async def run_reconcile(
+    settings: OperatorSettings, kind: str, namespace: str, name: str, *, urgent: bool = False
+) -> None:
     """One pass for the object, repeated at once on a write conflict (a fresh read settles
     it), or nothing when a pass for it is already waiting to start (coalesce.py). A pass
     that still fails for a reason that passes (the API's 429 or 5xx after k8s._call's own
     attempts, a dropped connection, a conflict on every attempt) is scheduled again with
     backoff (requeue.py): kopf does not retry `on.event` handlers, and waiting for the next
-    event or resync could take minutes. Nothing escapes to kopf."""
+    event or resync could take minutes. Nothing escapes to kopf. `urgent` passes get the
+    next free slot before the others (a FineTuneJob still without its Job)."""
     key = (kind, namespace, name)
     outcome: list[Exception | None] = []
 
     async def one_pass() -> None:
-        outcome.append(await _attempts(settings, kind, namespace, name))
+        outcome.append(await _attempts(settings, kind, namespace, name, urgent))
 
     if not await PASSES.run(key, one_pass):
         return  # the pass waiting to start reads what this one would have
@@ -165,7 +167,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> No
         raise kopf.PermanentError(f"invalid operator environment: {exc}") from exc
     memo.operator_settings = ours
     global _pass_slots
-    _pass_slots = asyncio.Semaphore(ours.max_concurrent_passes)
+    _pass_slots = coalesce.Slots(ours.max_concurrent_passes)
     k8s.quiet_client_logs()
     # Our own annotation prefix and finalizer name, should kopf ever need them.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
@@ -217,9 +219,13 @@ async def apiserver_reachable(**_) -> str:
 
 
 @kopf.on.event(GROUP, VERSION, "finetunejobs")
-async def finetunejob_event(type: str, name: str, namespace: str, memo: kopf.Memo, **_) -> None:
+async def finetunejob_event(
+    type: str, status: kopf.Status, name: str, namespace: str, memo: kopf.Memo, **_
+) -> None:
     if type != "DELETED":
-        await run_reconcile(memo.operator_settings, "FineTuneJob", namespace, name)
+        # A job whose status names no Job yet is waiting for its Job: its pass goes first.
+        urgent = not status.get("jobName") and not status.get("completionTime")
+        await run_reconcile(memo.operator_settings, "FineTuneJob", namespace, name, urgent=urgent)
 
 
 @kopf.on.event(GROUP, VERSION, "adaptermerges")

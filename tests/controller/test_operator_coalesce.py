@@ -1,8 +1,9 @@
 """A burst of events for one object costs at most two passes: the one running and one
 that starts after the burst (coalesce.py); a request is never answered by a pass that
 started before it. Over all objects at most FINETUNE_MAX_CONCURRENT_PASSES passes run at
-once, in the order they came. And the FineTuneJob -> AdapterDeployment lookup that runs on
-every FineTuneJob event is answered from what the AdapterDeployment watch said, not a list.
+once, urgent ones (a FineTuneJob still without its Job) first, then in the order they
+came. And the FineTuneJob -> AdapterDeployment lookup that runs on every FineTuneJob event
+is answered from what the AdapterDeployment watch said, not a list.
 
 Pure asyncio, no API server.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 
-from finetune_operator.coalesce import Coalescer
+from finetune_operator.coalesce import Coalescer, Slots
 from finetune_operator.reconcile.adapterdeployment import References
 
 
@@ -134,10 +135,62 @@ def test_at_most_max_concurrent_passes_run_at_once_in_arrival_order(monkeypatch)
     assert settings.max_concurrent_passes == 3
 
     async def burst() -> None:
-        monkeypatch.setattr(main, "_pass_slots", asyncio.Semaphore(settings.max_concurrent_passes))
+        monkeypatch.setattr(main, "_pass_slots", Slots(settings.max_concurrent_passes))
         names = [f"job-{i:02d}" for i in range(12)]
         await asyncio.gather(*(main.run_reconcile(settings, "FineTuneJob", "ns", n) for n in names))
         assert order == names
 
     asyncio.run(burst())
     assert most == 3
+
+
+def test_urgent_passes_take_the_next_free_slot():
+    slots = Slots(2)
+    order: list[str] = []
+
+    async def job(tag: str, urgent: bool) -> None:
+        async with slots.hold(urgent):
+            order.append(tag)
+            for _ in range(3):
+                await asyncio.sleep(0)
+
+    async def main() -> None:
+        # Two up-to-date jobs hold the slots; six more wait, then two still without a Job.
+        tasks = [asyncio.create_task(job(f"done-{i}", False)) for i in range(8)]
+        await asyncio.sleep(0)
+        tasks += [asyncio.create_task(job(f"new-{i}", True)) for i in range(2)]
+        await asyncio.gather(*tasks)
+
+    asyncio.run(main())
+    assert order[:4] == ["done-0", "done-1", "new-0", "new-1"]
+    assert order[4:] == [f"done-{i}" for i in range(2, 8)]
+    assert slots.busy == 0
+
+
+def test_a_waiter_cancelled_in_line_does_not_lose_a_slot():
+    slots = Slots(1)
+
+    async def main() -> list[str]:
+        order = []
+        gate = asyncio.Event()
+
+        async def holder() -> None:
+            async with slots.hold():
+                await gate.wait()
+
+        async def waiter(tag: str) -> None:
+            async with slots.hold():
+                order.append(tag)
+
+        first = asyncio.create_task(holder())
+        await asyncio.sleep(0)
+        cancelled = asyncio.create_task(waiter("cancelled"))
+        later = asyncio.create_task(waiter("later"))
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        gate.set()
+        await asyncio.gather(first, later, cancelled, return_exceptions=True)
+        return order
+
+    assert asyncio.run(main()) == ["later"]
+    assert slots.busy == 0
