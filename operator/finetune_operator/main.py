@@ -207,7 +207,13 @@ def _start_metrics_server(port: int) -> None:
 
 
 @kopf.on.cleanup()
-async def shutdown(**_) -> None:
+async def shutdown(memo: kopf.Memo, **_) -> None:
+    # The resync's passes, spread over its interval, are nearly always under way: they stop
+    # before the client they use is closed.
+    resync_task = getattr(memo, "resync", None)
+    if resync_task is not None:
+        resync_task.cancel()
+        await asyncio.gather(resync_task, return_exceptions=True)
     RETRIES.cancel_all()
     await k8s.close()
 
@@ -220,10 +226,11 @@ async def apiserver_reachable(**_) -> str:
 
 @kopf.on.event(GROUP, VERSION, "finetunejobs")
 async def finetunejob_event(
-    type: str, status: kopf.Status, name: str, namespace: str, memo: kopf.Memo, **_
+    type: str, name: str, namespace: str, memo: kopf.Memo, status: dict | None = None, **_
 ) -> None:
     if type != "DELETED":
         # A job whose status names no Job yet is waiting for its Job: its pass goes first.
+        status = status or {}
         urgent = not status.get("jobName") and not status.get("completionTime")
         await run_reconcile(memo.operator_settings, "FineTuneJob", namespace, name, urgent=urgent)
 
@@ -329,6 +336,10 @@ async def outranked(settings: OperatorSettings) -> bool:
     return False
 
 
+# A resync pass that starts later than this share of the interval after its place says so.
+RESYNC_BEHIND_WARNING = 0.25
+
+
 async def resync_once(settings: OperatorSettings) -> None:
     """One resync cycle: list every object, then reconcile each at its place in the
     interval (resync.py), at most `resync_concurrency` at a time."""
@@ -359,10 +370,18 @@ async def resync_once(settings: OperatorSettings) -> None:
     async def visit(key: tuple[str, str, str]) -> None:
         await run_reconcile(settings, *key)
 
-    took = await resync.run_cycle(
+    cycle = await resync.run_cycle(
         items, settings.resync_seconds, visit, concurrency=settings.resync_concurrency
     )
-    log.info("resync complete: %d FineTuneJobs in %.1fs", sum(counts.values()), took)
+    log.info("resync complete: %d FineTuneJobs in %.1fs", sum(counts.values()), cycle.took)
+    if cycle.behind > RESYNC_BEHIND_WARNING * settings.resync_seconds:
+        log.warning(
+            "resync passes started up to %.0fs after their places in the %.0fs interval: "
+            "they are slower than objects come (raise FINETUNE_RESYNC_CONCURRENCY or the "
+            "interval)",
+            cycle.behind,
+            settings.resync_seconds,
+        )
 
 
 def main(argv: list[str]) -> int:

@@ -23,6 +23,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Hashable, Iterable
+from dataclasses import dataclass
 from typing import TypeVar
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,15 @@ log = logging.getLogger(__name__)
 K = TypeVar("K", bound=Hashable)
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Cycle:
+    took: float
+    """Seconds from the start to the last visit done (about the interval: visits spread)."""
+    behind: float
+    """How late the latest visit started after its place: more than a little means the
+    passes are slower than their places come."""
 
 
 def offset(uid: str, interval: float) -> float:
@@ -52,12 +62,13 @@ async def run_cycle(
     concurrency: int,
     clock: Clock = time.monotonic,
     sleep: Sleep = asyncio.sleep,
-) -> float:
+) -> Cycle:
     """Visit every key once, each at its offset from now (or later while `concurrency`
-    visits are running). Returns when the last visit is done. -> seconds it took."""
+    visits are running). Returns when the last visit is done."""
     start = clock()
     slots = asyncio.Semaphore(concurrency)
     running: set[asyncio.Task] = set()
+    behind = 0.0
 
     async def one(key: K) -> None:
         try:
@@ -67,17 +78,24 @@ async def run_cycle(
         finally:
             slots.release()
 
-    for at, key in schedule(items, interval):
-        delay = start + at - clock()
-        if delay > 0:
-            await sleep(delay)
-        await slots.acquire()
-        task = asyncio.create_task(one(key))
-        running.add(task)
-        task.add_done_callback(running.discard)
-    if running:
-        await asyncio.gather(*running)
-    return clock() - start
+    try:
+        for at, key in schedule(items, interval):
+            delay = start + at - clock()
+            if delay > 0:
+                await sleep(delay)
+            await slots.acquire()
+            behind = max(behind, clock() - (start + at))
+            task = asyncio.create_task(one(key))
+            running.add(task)
+            task.add_done_callback(running.discard)
+        if running:
+            await asyncio.gather(*running)
+    except asyncio.CancelledError:
+        # The operator is stopping: its passes go with it, before the API client closes.
+        for task in running:
+            task.cancel()
+        raise
+    return Cycle(took=clock() - start, behind=behind)
 
 
 async def run_forever(
@@ -91,7 +109,7 @@ async def run_forever(
     """Run `cycle` every `interval` seconds, the first one interval after the start (the
     watches' initial listing has just reconciled everything). A cycle that overran its
     interval is followed at once by the next; a failed one is logged and the next one
-    runs on time. `cycles` bounds the loop (tests)."""
+    runs on time. `cycles` bounds the loop (tests); cancelling it stops it."""
     next_start = clock() + interval
     done = 0
     while cycles is None or done < cycles:
@@ -103,13 +121,5 @@ async def run_forever(
             await cycle()
         except Exception:
             log.exception("periodic resync failed; the next one starts in %.0fs", interval)
-        took = clock() - started
-        if took > interval:
-            log.warning(
-                "resync took %.0fs, more than its interval of %.0fs: passes are slower than "
-                "objects come (raise FINETUNE_RESYNC_CONCURRENCY or the interval)",
-                took,
-                interval,
-            )
         next_start = started + interval
         done += 1
