@@ -26,7 +26,7 @@ WORKER_IMAGE ?= $(REGISTRY)/finetune-worker:$(VERSION)
 CONTAINER_ENGINE ?= $(shell command -v docker || command -v podman)
 
 .PHONY: all venv binaries test demo demo-down crds chart-crds lint format clean help images \
-	push-images container-engine
+	push-images container-engine bench-scale
 
 help:
 	@echo "make demo    run a real fine-tune through the operator on a local control plane"
@@ -36,6 +36,7 @@ help:
 	@echo "make format  ruff format and ruff check --fix: repairs most of what make lint reports"
 	@echo "make images  build the operator and worker images with docker or podman (REGISTRY=...)"
 	@echo "make push-images  build them, then push them to REGISTRY"
+	@echo "make bench-scale  the operator under 1,000 FineTuneJobs on 100 kwok GPU nodes, kill -9s included (SCALE_ARGS=...)"
 
 venv: $(STAMP)
 
@@ -78,6 +79,14 @@ lint: venv
 format: venv
 	$(VENV)/bin/ruff format $(LINT_PATHS)
 	$(VENV)/bin/ruff check --fix $(LINT_PATHS)
+
+# Development only, not part of `make test` (its small version is
+# tests/controller/test_operator_scale.py): many FineTuneJobs at once on kwok GPU nodes, the
+# operator killed during the burst; prints latency percentiles, RSS, API requests per job,
+# duplicates and orphans (bench/finetune_bench/scale.py; results in docs/operations.md).
+SCALE_ARGS ?= --jobs 1000 --nodes 100 --kills 3
+bench-scale: binaries
+	$(PY) bench/scale.py $(SCALE_ARGS)
 
 # Not part of `make test`: building the worker image downloads several GB (PyTorch, CUDA).
 container-engine:

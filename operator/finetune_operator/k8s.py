@@ -167,16 +167,20 @@ async def _call(
     body: Any = None,
     content_type: str = "application/json",
     query: list | None = None,
+    accept: str = "application/json",
 ) -> Any:
     api = await connect()
+    resource = resource_label(resource_path)
     for attempt in range(RETRY_ATTEMPTS):
         started = time.monotonic()
+        # Every attempt is a request the API server serves: what the scale benchmark counts.
+        metrics.API_REQUESTS.labels(method=method, resource=resource).inc()
         try:
             return await api.call_api(
                 resource_path,
                 method,
                 query_params=query or [],
-                header_params={"Accept": "application/json", "Content-Type": content_type},
+                header_params={"Accept": accept, "Content-Type": content_type},
                 body=body,
                 response_types_map={200: "object", 201: "object", 202: "object"},
                 auth_settings=["BearerToken"],
@@ -201,6 +205,19 @@ async def _call(
     raise AssertionError("unreachable: the last attempt returns or raises")
 
 
+def resource_label(resource_path: str) -> str:
+    """The metrics label of a request path: the plural, and the subresource if any
+    (`/apis/batch/v1/namespaces/x/jobs/y` -> `jobs`, `.../finetunejobs/y/status` ->
+    `finetunejobs/status`). Bounded by the kinds the operator uses, unlike the path."""
+    parts = [p for p in resource_path.split("?", 1)[0].split("/") if p]
+    rest = parts[2:] if parts[:1] == ["api"] else parts[3:]
+    if len(rest) > 2 and rest[0] == "namespaces":
+        rest = rest[2:]
+    if not rest:
+        return "unknown"
+    return rest[0] + (f"/{rest[2]}" if len(rest) > 2 else "")
+
+
 def _ident(obj: dict) -> tuple[str, str, str | None, str]:
     md = obj["metadata"]
     return obj["apiVersion"], obj["kind"], md.get("namespace"), md["name"]
@@ -221,6 +238,23 @@ async def list_objects(
     query = [("labelSelector", label_selector)] if label_selector else None
     result = await _call("GET", path(api_version, kind, namespace), query=query)
     return result.get("items", [])
+
+
+# The API server answers a list with this Accept header with each object's metadata only
+# (PartialObjectMetadataList): a fraction of the bytes to send, parse and hold.
+METADATA_ONLY = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1,application/json"
+
+
+async def list_names(
+    api_version: str, kind: str, namespace: str | None, label_selector: str | None = None
+) -> list[str]:
+    """The names of the objects a list would return, fetched as metadata only."""
+    query = [("labelSelector", label_selector)] if label_selector else None
+    result = await _call(
+        "GET", path(api_version, kind, namespace), query=query, accept=METADATA_ONLY
+    )
+    # An empty PartialObjectMetadataList says `"items": null`.
+    return [item["metadata"]["name"] for item in result.get("items") or []]
 
 
 async def create_if_absent(obj: dict) -> tuple[dict, bool]:

@@ -12,6 +12,7 @@ drift) and deletion is left to owner references and the garbage collector.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fnmatch
 import logging
 import os
@@ -30,7 +31,7 @@ from finetune_api.constants import (
     MANAGED_BY,
 )
 
-from . import k8s, metrics, requeue
+from . import coalesce, k8s, metrics, requeue, resync
 from .constants import SERVER_COMPONENT
 from .reconcile import adapterdeployment, adaptermerge, finetunejob
 from .reconcile.settings import OperatorSettings
@@ -42,51 +43,79 @@ RECONCILERS = {
     "AdapterMerge": adaptermerge.reconcile,
     "AdapterDeployment": adapterdeployment.reconcile,
 }
-# Serialise passes per object: an event of the FineTuneJob and one of its Job may arrive
-# together; two passes at once would only race on the status write (which is guarded by
-# resourceVersion anyway), so this is about not doing the work twice, not correctness.
-_locks: dict[tuple[str, str, str], asyncio.Lock] = {}
+# One pass at a time per object, and at most one more waiting (coalesce.py): an event of the
+# FineTuneJob and several of its Job and pods may arrive together; the pass that starts
+# after them sees them all.
+PASSES = coalesce.Coalescer()
 
 
+# At most this many passes at once, over all objects (FINETUNE_MAX_CONCURRENT_PASSES), urgent
+# ones first, then in order (coalesce.Slots). Set at start-up.
+_pass_slots: coalesce.Slots | None = None
 CONFLICT_ATTEMPTS = 4
 RETRIES = requeue.RetryQueue()
 
 
-async def run_reconcile(settings: OperatorSettings, kind: str, namespace: str, name: str) -> None:
-    """One pass for the object, repeated at once on a write conflict (a fresh read settles
-    it). A pass that still fails for a reason that passes (the API's 429 or 5xx after
-    k8s._call's own attempts, a dropped connection, a conflict on every attempt) is scheduled
-    again with backoff (requeue.py): kopf does not retry `on.event` handlers, and waiting for
-    the next event or resync could take minutes. Nothing escapes to kopf."""
-    key = (kind, namespace, name)
-    lock = _locks.setdefault(key, asyncio.Lock())
+async def _attempts(
+    settings: OperatorSettings, kind: str, namespace: str, name: str, urgent: bool
+) -> Exception | None:
+    """The pass, with its conflict retries, once a slot is free; -> what made it fail, or
+    None."""
+    async with _pass_slots.hold(urgent) if _pass_slots else contextlib.nullcontext():
+        return await _attempts_now(settings, kind, namespace, name)
+
+
+async def _attempts_now(
+    settings: OperatorSettings, kind: str, namespace: str, name: str
+) -> Exception | None:
     failure: Exception | None = None
-    async with lock:
-        started = time.monotonic()
-        for attempt in range(CONFLICT_ATTEMPTS):
-            try:
-                await RECONCILERS[kind](namespace, name, settings)
-                failure = None
-                break
-            except k8s.Conflict as exc:
-                metrics.API_RETRIES.labels(kind=kind).inc()
-                log.debug(
-                    "conflict on %s %s/%s (attempt %d); reconciling again",
-                    kind,
-                    namespace,
-                    name,
-                    attempt + 1,
-                )
-                failure = exc
-            except k8s.Gone as exc:
-                log.debug("%s %s/%s went away during the pass: %s", kind, namespace, name, exc)
-                failure = None
-                break
-            except Exception as exc:
-                metrics.RECONCILE_ERRORS.labels(kind=kind, error=type(exc).__name__).inc()
-                failure = exc
-                break
-        metrics.RECONCILE_SECONDS.labels(kind=kind).observe(time.monotonic() - started)
+    started = time.monotonic()
+    for attempt in range(CONFLICT_ATTEMPTS):
+        try:
+            await RECONCILERS[kind](namespace, name, settings)
+            failure = None
+            break
+        except k8s.Conflict as exc:
+            metrics.API_RETRIES.labels(kind=kind).inc()
+            log.debug(
+                "conflict on %s %s/%s (attempt %d); reconciling again",
+                kind,
+                namespace,
+                name,
+                attempt + 1,
+            )
+            failure = exc
+        except k8s.Gone as exc:
+            log.debug("%s %s/%s went away during the pass: %s", kind, namespace, name, exc)
+            failure = None
+            break
+        except Exception as exc:
+            metrics.RECONCILE_ERRORS.labels(kind=kind, error=type(exc).__name__).inc()
+            failure = exc
+            break
+    metrics.RECONCILE_SECONDS.labels(kind=kind).observe(time.monotonic() - started)
+    return failure
+
+
+async def run_reconcile(
+    settings: OperatorSettings, kind: str, namespace: str, name: str, *, urgent: bool = False
+) -> None:
+    """One pass for the object, repeated at once on a write conflict (a fresh read settles
+    it), or nothing when a pass for it is already waiting to start (coalesce.py). A pass
+    that still fails for a reason that passes (the API's 429 or 5xx after k8s._call's own
+    attempts, a dropped connection, a conflict on every attempt) is scheduled again with
+    backoff (requeue.py): kopf does not retry `on.event` handlers, and waiting for the next
+    event or resync could take minutes. Nothing escapes to kopf. `urgent` passes get the
+    next free slot before the others (a FineTuneJob still without its Job)."""
+    key = (kind, namespace, name)
+    outcome: list[Exception | None] = []
+
+    async def one_pass() -> None:
+        outcome.append(await _attempts(settings, kind, namespace, name, urgent))
+
+    if not await PASSES.run(key, one_pass):
+        return  # the pass waiting to start reads what this one would have
+    failure = outcome[0]
     if failure is None:
         RETRIES.succeeded(key)
         return
@@ -137,6 +166,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> No
     except ValueError as exc:
         raise kopf.PermanentError(f"invalid operator environment: {exc}") from exc
     memo.operator_settings = ours
+    global _pass_slots
+    _pass_slots = coalesce.Slots(ours.max_concurrent_passes)
     k8s.quiet_client_logs()
     # Our own annotation prefix and finalizer name, should kopf ever need them.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
@@ -176,7 +207,13 @@ def _start_metrics_server(port: int) -> None:
 
 
 @kopf.on.cleanup()
-async def shutdown(**_) -> None:
+async def shutdown(memo: kopf.Memo, **_) -> None:
+    # The resync's passes, spread over its interval, are nearly always under way: they stop
+    # before the client they use is closed.
+    resync_task = getattr(memo, "resync", None)
+    if resync_task is not None:
+        resync_task.cancel()
+        await asyncio.gather(resync_task, return_exceptions=True)
     RETRIES.cancel_all()
     await k8s.close()
 
@@ -188,9 +225,14 @@ async def apiserver_reachable(**_) -> str:
 
 
 @kopf.on.event(GROUP, VERSION, "finetunejobs")
-async def finetunejob_event(type: str, name: str, namespace: str, memo: kopf.Memo, **_) -> None:
+async def finetunejob_event(
+    type: str, name: str, namespace: str, memo: kopf.Memo, status: dict | None = None, **_
+) -> None:
     if type != "DELETED":
-        await run_reconcile(memo.operator_settings, "FineTuneJob", namespace, name)
+        # A job whose status names no Job yet is waiting for its Job: its pass goes first.
+        status = status or {}
+        urgent = not status.get("jobName") and not status.get("completionTime")
+        await run_reconcile(memo.operator_settings, "FineTuneJob", namespace, name, urgent=urgent)
 
 
 @kopf.on.event(GROUP, VERSION, "adaptermerges")
@@ -200,7 +242,10 @@ async def adaptermerge_event(type: str, name: str, namespace: str, memo: kopf.Me
 
 
 @kopf.on.event(GROUP, VERSION, "adapterdeployments")
-async def adapterdeployment_event(name: str, namespace: str, memo: kopf.Memo, **_) -> None:
+async def adapterdeployment_event(
+    type: str, body: kopf.Body, name: str, namespace: str, memo: kopf.Memo, **_
+) -> None:
+    adapterdeployment.REFERENCES.note(body, deleted=type == "DELETED")
     # DELETED too: the shared server drops the adapters (or goes) with the deployment.
     await run_reconcile(memo.operator_settings, "AdapterDeployment", namespace, name)
 
@@ -224,7 +269,7 @@ async def server_pod_event(labels: dict, namespace: str, memo: kopf.Memo, **_) -
 @kopf.on.event(GROUP, VERSION, "finetunejobs")
 async def finetunejob_adapters_event(name: str, namespace: str, memo: kopf.Memo, **_) -> None:
     # An adapter waiting for this job is served as soon as the job succeeds.
-    for ad_name in await adapterdeployment.referencing(namespace, name):
+    for ad_name in adapterdeployment.REFERENCES.referencing(namespace, name):
         await run_reconcile(memo.operator_settings, "AdapterDeployment", namespace, ad_name)
 
 
@@ -251,13 +296,9 @@ async def pod_event(labels: dict, namespace: str, memo: kopf.Memo, **_) -> None:
 
 
 async def _resync_forever(settings: OperatorSettings) -> None:
-    """Level-based safety net: reconcile everything periodically, events or not."""
-    while True:
-        await asyncio.sleep(settings.resync_seconds)
-        try:
-            await resync_once(settings)
-        except Exception:
-            log.exception("periodic resync failed; trying again in %ss", settings.resync_seconds)
+    """Level-based safety net: every object reconciled once per interval, events or not,
+    the passes spread over the interval (resync.py)."""
+    await resync.run_forever(settings.resync_seconds, lambda: resync_once(settings))
 
 
 def _watched(namespace: str, settings: OperatorSettings) -> bool:
@@ -295,7 +336,13 @@ async def outranked(settings: OperatorSettings) -> bool:
     return False
 
 
+# A resync pass that starts later than this share of the interval after its place says so.
+RESYNC_BEHIND_WARNING = 0.25
+
+
 async def resync_once(settings: OperatorSettings) -> None:
+    """One resync cycle: list every object, then reconcile each at its place in the
+    interval (resync.py), at most `resync_concurrency` at a time."""
     if await outranked(settings):
         log.debug("a higher-priority operator is active; standby skips the resync")
         return
@@ -304,20 +351,37 @@ async def resync_once(settings: OperatorSettings) -> None:
     exact = [n for n in settings.namespaces if not any(c in n for c in "*?[")]
     scopes = exact if exact and len(exact) == len(settings.namespaces) else [None]
     counts: dict[tuple[str, str], int] = {}
+    # Only keys are kept for the cycle, not the listed objects: each pass reads its own.
+    items: list[tuple[tuple[str, str, str], str]] = []
     for ns in scopes:
         for kind in RECONCILERS:
             for obj in await k8s.list_objects(API_VERSION, kind, ns):
                 md = obj["metadata"]
                 if not _watched(md["namespace"], settings):
                     continue
-                await run_reconcile(settings, kind, md["namespace"], md["name"])
+                items.append(((kind, md["namespace"], md["name"]), md.get("uid") or md["name"]))
                 if kind == "FineTuneJob":
                     key = (md["namespace"], (obj.get("status") or {}).get("phase") or "Pending")
                     counts[key] = counts.get(key, 0) + 1
-    log.info("resync complete: %d FineTuneJobs", sum(counts.values()))
     metrics.JOBS_BY_PHASE.clear()
     for (ns, phase), n in counts.items():
         metrics.JOBS_BY_PHASE.labels(namespace=ns, phase=phase).set(n)
+
+    async def visit(key: tuple[str, str, str]) -> None:
+        await run_reconcile(settings, *key)
+
+    cycle = await resync.run_cycle(
+        items, settings.resync_seconds, visit, concurrency=settings.resync_concurrency
+    )
+    log.info("resync complete: %d FineTuneJobs in %.1fs", sum(counts.values()), cycle.took)
+    if cycle.behind > RESYNC_BEHIND_WARNING * settings.resync_seconds:
+        log.warning(
+            "resync passes started up to %.0fs after their places in the %.0fs interval: "
+            "they are slower than objects come (raise FINETUNE_RESYNC_CONCURRENCY or the "
+            "interval)",
+            cycle.behind,
+            settings.resync_seconds,
+        )
 
 
 def main(argv: list[str]) -> int:

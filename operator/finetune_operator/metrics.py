@@ -35,6 +35,12 @@ API_ERRORS = Counter(
     "Kubernetes API calls that returned an error status",
     ["method", "code"],
 )
+API_REQUESTS = Counter(
+    "finetune_operator_api_requests_total",
+    "Kubernetes API requests sent (each attempt of a repeated call counts), by method and "
+    "resource (plural, /subresource)",
+    ["method", "resource"],
+)
 API_LATENCY = Histogram(
     "finetune_operator_api_request_seconds", "Kubernetes API request latency", ["method"]
 )

@@ -40,13 +40,14 @@ escalation check passes without `escalate` or `bind`.
   resources: ["configmaps"]
   verbs: ["create", "get", "list", "watch"]
 # Each job's worker identity: a ServiceAccount and a Role allowing it to patch its own
-# FineTuneJob's status.
+# FineTuneJob's status. `list` (by label, metadata only): one request per kind tells the
+# operator which of its children exist, instead of a create per child per pass.
 - apiGroups: [""]
   resources: ["serviceaccounts"]
-  verbs: ["create", "get"]
+  verbs: ["create", "get", "list"]
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
-  verbs: ["create", "get"]
+  verbs: ["create", "get", "list"]
 # Referenced Secrets are checked to exist by name: `get` only, never list or watch.
 - apiGroups: [""]
   resources: ["secrets"]

@@ -717,15 +717,40 @@ def _is_true(status: dict, type_: str) -> bool:
     )
 
 
-async def referencing(namespace: str, job_name: str) -> list[str]:
-    """AdapterDeployments with an adapter from this FineTuneJob (to re-check on its events)."""
-    names = []
-    for body in await k8s.list_objects(API_VERSION, KIND, namespace):
-        for adapter in (body.get("spec") or {}).get("adapters") or []:
-            if (adapter.get("fineTuneJobRef") or {}).get("name") == job_name:
-                names.append(body["metadata"]["name"])
-                break
-    return names
+class References:
+    """Which AdapterDeployments take an adapter from which FineTuneJob, as the
+    AdapterDeployment watch last said (`note` on each of its events).
+
+    Read on every FineTuneJob event to re-check the deployments waiting for it: a lookup,
+    where a list of the namespace's AdapterDeployments per event was most of a burst's
+    reads. Knowledge the watch has not delivered yet (just after a start) costs nothing:
+    each AdapterDeployment's own first event reconciles it against the job's current state.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: dict[tuple[str, str], frozenset[str]] = {}
+
+    def note(self, body: dict, deleted: bool = False) -> None:
+        md = body.get("metadata") or {}
+        key = (md.get("namespace") or "", md.get("name") or "")
+        if deleted:
+            self._jobs.pop(key, None)
+            return
+        self._jobs[key] = frozenset(
+            ref["name"]
+            for adapter in (body.get("spec") or {}).get("adapters") or []
+            if (ref := adapter.get("fineTuneJobRef") or {}).get("name")
+        )
+
+    def referencing(self, namespace: str, job_name: str) -> list[str]:
+        """AdapterDeployments with an adapter from this FineTuneJob (to re-check on its
+        events)."""
+        return sorted(
+            name for (ns, name), jobs in self._jobs.items() if ns == namespace and job_name in jobs
+        )
+
+
+REFERENCES = References()
 
 
 async def served_by(namespace: str, server: str) -> list[str]:

@@ -19,7 +19,7 @@ from finetune_api.constants import Phase, Reason
 from finetune_api.finetunejob import FineTuneJob, TrainingPlan
 from finetune_api.spec_hash import spec_hash
 
-from .. import events, k8s, metrics, references
+from .. import events, inventory, k8s, metrics, references
 from ..builders import followups, training
 from ..conditions import find, now, set_condition
 from ..planning import PlanningFailed, plan_job
@@ -78,7 +78,8 @@ async def reconcile(namespace: str, name: str, settings: OperatorSettings) -> No
         )
 
     # --- decide: what the spec names exists (until the Job does; then the pod says) -------
-    if await k8s.get("batch/v1", "Job", namespace, training.names(name)["job"]) is None:
+    job = await k8s.get("batch/v1", "Job", namespace, training.names(name)["job"])
+    if job is None:
         missing = [
             m
             for ref in references.references(ftj)
@@ -102,7 +103,7 @@ async def reconcile(namespace: str, name: str, settings: OperatorSettings) -> No
         return
 
     # --- apply: children, created once ------------------------------------------------------
-    job = await _ensure_children(body, ftj, plan, shash, settings)
+    job = await _ensure_children(body, ftj, plan, shash, settings, job)
     job = await _sync_suspend(ftj, job)
     pods = await k8s.list_objects("v1", "Pod", namespace, f"job-name={job['metadata']['name']}")
 
@@ -184,36 +185,44 @@ async def _claims_not_shareable(ftj: FineTuneJob, plan: TrainingPlan) -> str | N
 
 
 async def _ensure_children(
-    body: dict, ftj: FineTuneJob, plan: TrainingPlan, shash: str, settings: OperatorSettings
+    body: dict,
+    ftj: FineTuneJob,
+    plan: TrainingPlan,
+    shash: str,
+    settings: OperatorSettings,
+    job: dict | None,
 ) -> dict:
+    """Create the children that are missing; -> the Job.
+
+    Without a Job (the first pass, or the Job was deleted) every child goes through
+    create-if-absent, the Job last: its pods must find their ServiceAccount and config, so
+    this is the moment not to trust knowledge that may be a resync old. With a Job, the
+    others are checked against the inventory (inventory.py): no request for those known to
+    exist, a POST for those that are not.
+    """
     rendezvous = training.build_rendezvous_service(ftj, plan)
     children = [
         training.build_config_map(ftj, plan, shash),
         *training.build_rbac(ftj),
         *([rendezvous] if rendezvous else []),
     ]
-    job = training.build_training_job(
+    for child in children:
+        kopf.adopt(child, owner=body)
+    if job is not None:
+        await inventory.create_missing(children, settings.resync_seconds)
+        return job
+    for child in children:
+        await inventory.create(child)
+    manifest = training.build_training_job(
         ftj,
         plan,
         shash,
         default_image=settings.worker_image,
         default_tolerations=settings.gpu_tolerations,
     )
-    created_job = None
-    # The Job goes last: its pods must find their ServiceAccount and config.
-    for child in [*children, job]:
-        kopf.adopt(child, owner=body)
-        obj, created = await k8s.create_if_absent(child)
-        if created:
-            log.info(
-                "created %s %s/%s",
-                child["kind"],
-                child["metadata"]["namespace"],
-                child["metadata"]["name"],
-            )
-        if child is job:
-            created_job = obj
-    return created_job
+    kopf.adopt(manifest, owner=body)
+    job, _ = await inventory.create(manifest)
+    return job
 
 
 async def _sync_suspend(ftj: FineTuneJob, job: dict) -> dict:

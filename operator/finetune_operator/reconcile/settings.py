@@ -28,6 +28,11 @@ class OperatorSettings:
     """Namespaces to watch; empty means the whole cluster."""
     resync_seconds: float = 60.0
     """Every FineTuneJob is reconciled at least this often, events or not."""
+    resync_concurrency: int = 4
+    """At most this many resync passes at once (the passes are spread over the interval;
+    more run together only when they are slower than their places come)."""
+    max_concurrent_passes: int = 16
+    """Reconcile passes running at once, over all objects; the others wait their turn."""
     pvc_root: str | None = None
     """Local directory standing in for PVCs (dev and demo only): `pvc://claim/path` is read
     from `<pvc_root>/claim/path` when the planner needs a model's config.json."""
@@ -68,6 +73,10 @@ class OperatorSettings:
         ns = env.get("FINETUNE_NAMESPACES", "")
         s.namespaces = [n for n in ns.split(",") if n]
         s.resync_seconds = parsed("FINETUNE_RESYNC_SECONDS", float, s.resync_seconds)
+        s.resync_concurrency = parsed("FINETUNE_RESYNC_CONCURRENCY", _positive_int, 4)
+        s.max_concurrent_passes = parsed(
+            "FINETUNE_MAX_CONCURRENT_PASSES", _positive_int, s.max_concurrent_passes
+        )
         s.pvc_root = env.get("FINETUNE_PVC_ROOT") or None
         s.allow_hub = env.get("FINETUNE_ALLOW_HUB", "true").lower() != "false"
         s.metrics_port = parsed("FINETUNE_METRICS_PORT", int, s.metrics_port)
@@ -80,3 +89,10 @@ class OperatorSettings:
         s.peering = env.get("FINETUNE_PEERING", "false").lower() == "true"
         s.peering_name = env.get("FINETUNE_PEERING_NAME", s.peering_name)
         return s
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
