@@ -551,8 +551,18 @@ def install_crds(cluster: Cluster, timeout: float = 30) -> list[str]:
 
     from finetune_api import crdgen
 
-    documents = list(crdgen.generate().values())
-    names = [yaml.safe_load(doc)["metadata"]["name"] for doc in documents]
+    documents = [yaml.safe_load(doc) for doc in crdgen.generate().values()]
+    names = apply_crds(cluster, documents, timeout=timeout)
+    _log(f"installed CRDs {', '.join(names)}")
+    return names
+
+
+def apply_crds(cluster: Cluster, documents: list[dict], *, timeout: float = 60) -> list[str]:
+    """Server-side apply CRDs (forcing conflicts: on a dev cluster the running code's API is
+    the truth) and wait until the API server serves every one. -> their names."""
+    import json
+
+    names = [d["metadata"]["name"] for d in documents]
     kubectl(
         cluster,
         "apply",
@@ -561,7 +571,7 @@ def install_crds(cluster: Cluster, timeout: float = 30) -> list[str]:
         "--force-conflicts",
         "-f",
         "-",
-        input="---\n".join(documents),
+        input="\n".join(json.dumps(d) for d in documents),
     )
     _wait(
         cluster,
@@ -582,7 +592,6 @@ def install_crds(cluster: Cluster, timeout: float = 30) -> list[str]:
         ),
         timeout,
     )
-    _log(f"installed CRDs {', '.join(names)}")
     return names
 
 

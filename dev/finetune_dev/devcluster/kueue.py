@@ -50,7 +50,6 @@ WEBHOOK_SERVICE = "kueue-webhook-service"
 # The CRDs Kueue's kustomization gives a conversion webhook (config/components/crd), and
 # the ones its certificate manager injects the CA into: the same list.
 CONVERSION_CRDS = ("localqueues", "clusterqueues", "cohorts", "workloads", "multikueueclusters")
-CRD_FIELD_MANAGER = "finetune-operator-dev"
 COMPONENT = "kueue"
 
 
@@ -183,38 +182,7 @@ def _log(msg: str) -> None:
 
 
 def install_crds(cluster: Cluster, webhook_port: int, timeout: float = 60) -> list[str]:
-    documents = crd_documents(webhook_port)
-    names = [d["metadata"]["name"] for d in documents]
-    controlplane.kubectl(
-        cluster,
-        "apply",
-        "--server-side",
-        f"--field-manager={CRD_FIELD_MANAGER}",
-        "--force-conflicts",
-        "-f",
-        "-",
-        input="\n".join(json.dumps(d) for d in documents),
-    )
-    controlplane._wait(
-        cluster,
-        "kube-apiserver",
-        "Kueue's CRDs to be Established",
-        lambda: all(
-            "True"
-            == controlplane.kubectl(
-                cluster,
-                "get",
-                "crd",
-                name,
-                "-o",
-                "jsonpath={.status.conditions[?(@.type=='Established')].status}",
-                check=False,
-            ).stdout
-            for name in names
-        ),
-        timeout,
-    )
-    return names
+    return controlplane.apply_crds(cluster, crd_documents(webhook_port), timeout=timeout)
 
 
 def _secret(pki: Path) -> dict:
