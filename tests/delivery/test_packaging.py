@@ -28,7 +28,8 @@ MAY_IMPORT = {
     "finetune_operator": {"finetune_api"},
     "finetune_worker": {"finetune_api"},
     "finetune_dev": {"finetune_api", "finetune_operator", "finetune_worker"},
-    "finetune_bench": {"finetune_api", "finetune_operator", "finetune_worker"},
+    # the scale benchmark starts the dev control plane: both are development-only
+    "finetune_bench": {"finetune_api", "finetune_operator", "finetune_worker", "finetune_dev"},
 }
 SOURCE_ROOTS = {
     "finetune_api": "api",
