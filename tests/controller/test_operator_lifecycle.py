@@ -40,6 +40,16 @@ def ftj_manifest(name: str, *, memory: str = "24Gi", manual: bool = False, **spe
     return doc
 
 
+def planned_status(kube: Kube, name: str) -> dict:
+    """The FineTuneJob's status once it holds the plan. The pass that creates the Job writes
+    the status after it, so a test that saw the Job polls rather than reads once."""
+    return wait_for(
+        lambda: (ftj(kube, name).get("status") or {}).get("plan") and ftj(kube, name)["status"],
+        timeout=30,
+        what=f"the status of {name} with its plan",
+    )
+
+
 def act_as_kubelet(
     kube: Kube, job: str, *, exit_code: int, message: str = "", reason: str | None = None
 ) -> str:
@@ -127,12 +137,7 @@ def test_examples_become_jobs_that_kwok_completes(kube: Kube, operator_process):
         what="the training Job",
     )
     created_after = time.monotonic() - started
-    # The pass that creates the Job writes the status after it: poll, do not read once.
-    status = wait_for(
-        lambda: (ftj(kube, name).get("status") or {}).get("plan") and ftj(kube, name)["status"],
-        timeout=30,
-        what="the status with the plan",
-    )
+    status = planned_status(kube, name)
     plan = status["plan"]
     assert plan["method"] in ("lora", "qlora")
     assert condition(ftj(kube, name), "Planned")["status"] == "True"
@@ -709,7 +714,7 @@ def test_a_multi_node_job_is_an_indexed_job_with_a_rendezvous_service(kube: Kube
     job = wait_for(
         lambda: kube.get_or_none("job", "two-nodes-train"), timeout=30, what="the training Job"
     )
-    plan = ftj(kube, "two-nodes")["status"]["plan"]
+    plan = planned_status(kube, "two-nodes")["plan"]
     assert (plan["strategy"], plan["nodes"], plan["processesPerNode"], plan["worldSize"]) == (
         "ddp",
         2,
