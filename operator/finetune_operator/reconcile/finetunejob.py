@@ -140,18 +140,19 @@ def _plan_summary(plan: TrainingPlan) -> str:
     )
 
 
-def _planning_waits(status: dict, exc: PlanningFailed, generation: int | None) -> dict:
+def _not_planned(status: dict, exc: PlanningFailed, generation: int | None) -> dict:
     conds = set_condition(
         status.get("conditions") or [], C.PLANNED, False, exc.reason, str(exc), generation
     )
-    return {**status, "phase": Phase.PLANNING, "conditions": conds}
+    return {**status, "conditions": conds}
+
+
+def _planning_waits(status: dict, exc: PlanningFailed, generation: int | None) -> dict:
+    return {**_not_planned(status, exc, generation), "phase": Phase.PLANNING}
 
 
 def _planning_failed(status: dict, exc: PlanningFailed, generation: int | None) -> dict:
-    conds = set_condition(
-        status.get("conditions") or [], C.PLANNED, False, exc.reason, str(exc), generation
-    )
-    return _failed({**status, "conditions": conds}, exc.reason, str(exc), generation)
+    return _failed(_not_planned(status, exc, generation), exc.reason, str(exc), generation)
 
 
 def _failed(status: dict, reason: str, message: str, generation: int | None) -> dict:
