@@ -1,13 +1,18 @@
 """The planner's regret: its choice against the fastest configuration that fits, measured.
 
-    python bench/planner_regret.py [bench/data/speed-grid-h200.jsonl] [--previous]
+    python bench/planner_regret.py [GRID.jsonl ...] [--previous]
 
 For a grid of jobs (Llama-3.2-1B and Llama-3-8B, 8-80 GiB, seq 512-4096, the API's default
-dropout), every candidate the planner enumerates whose micro-batch was measured (the grid has
-1,024 to 16,384 tokens per micro-batch) gets its measured tokens/s; regret is
-1 - measured(planner's choice) / measured(fastest fitting candidate). "Fits" is the memory
-model's verdict (validated separately in docs/memory-model.md). Jobs whose choice was not
-measured are listed, not scored.
+dropout), every candidate the planner enumerates whose configuration was measured gets its
+measured tokens/s; regret is 1 - measured(planner's choice) / measured(fastest fitting
+candidate). "Fits" is the memory model's verdict (validated separately in
+docs/memory-model.md). Jobs whose choice was not measured are listed, not scored.
+
+The measurements (default: both files below): bench/data/speed-grid-h200.jsonl has no and
+full checkpointing at 1,024 to 16,384 tokens per micro-batch; bench/data/
+partial-checkpointing-h200.jsonl has, for every job, method and token count, the fitting
+configuration that recomputes the fewest layers (the fastest of its kind: recomputing more
+layers only adds work) wherever the speed model put it within 15 % of the planner's choice.
 """
 
 from __future__ import annotations
@@ -56,21 +61,36 @@ class JobRegret:
         return None if self.chosen_tps is None else 1 - self.chosen_tps / self.best_tps
 
 
-def measured_table(path: Path) -> dict[tuple, float]:
+GRIDS = [
+    ROOT / "bench/data/speed-grid-h200.jsonl",
+    ROOT / "bench/data/partial-checkpointing-h200.jsonl",
+]
+
+
+def measured_table(*paths: Path) -> dict[tuple, float]:
+    """(shape, method, recomputed layers, tokens per micro-batch) -> measured tokens/s."""
     table = {}
-    for line in path.read_text().splitlines():
-        r = json.loads(line)
-        if r.get("kind") == "run" and r["dropout"] > 0:
-            key = (r["shape"], r["method"], r["grad_ckpt"] > 0, r["tokens_per_micro_batch"])
-            table[key] = r["tokens_per_s"]
+    for path in paths or GRIDS:
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            if r.get("kind") == "run" and r["dropout"] > 0 and not r.get("error"):
+                layers = preset(SHAPES[r["shape"]]).num_layers
+                recomputed = r.get("ckpt_layers") or (layers if r["grad_ckpt"] else 0)
+                key = (r["shape"], r["method"], recomputed, r["tokens_per_micro_batch"])
+                table[key] = r["tokens_per_s"]
     return table
 
 
-def describe(c) -> str:
-    return (
-        f"{c.shape.method} {'ckpt' if c.shape.gradient_checkpointing else 'no-ckpt'} "
-        f"{c.shape.tokens_per_micro_batch} tok"
+def describe(c, layers: int) -> str:
+    recomputed = c.shape.recomputed_layers(layers)
+    ckpt = (
+        "no-ckpt"
+        if recomputed == 0
+        else "ckpt"
+        if recomputed == layers
+        else f"ckpt {recomputed}/{layers}"
     )
+    return f"{c.shape.method} {ckpt} {c.shape.tokens_per_micro_batch} tok"
 
 
 def regrets(measured: dict[tuple, float], jobs=JOBS) -> list[JobRegret]:
@@ -84,7 +104,7 @@ def regrets(measured: dict[tuple, float], jobs=JOBS) -> list[JobRegret]:
             key = (
                 shape,
                 c.shape.method,
-                c.shape.gradient_checkpointing,
+                c.shape.recomputed_layers(arch.num_layers),
                 c.shape.tokens_per_micro_batch,
             )
             if c.fits and key in measured:
@@ -96,9 +116,9 @@ def regrets(measured: dict[tuple, float], jobs=JOBS) -> list[JobRegret]:
         out.append(
             JobRegret(
                 (shape, gib, seq, batch),
-                describe(decision.chosen),
+                describe(decision.chosen, arch.num_layers),
                 chosen_tps,
-                describe(best),
+                describe(best, arch.num_layers),
                 best_tps,
             )
         )
@@ -126,22 +146,21 @@ def previous_speed_score(arch, shape) -> float:
 
 
 def main() -> int:
-    args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    path = Path(args[0]) if args else ROOT / "bench/data/speed-grid-h200.jsonl"
+    paths = [Path(a) for a in sys.argv[1:] if not a.startswith("--")]
     if "--previous" in sys.argv:  # the same jobs under the old score, for comparison
         from finetune_operator.planner import decide
 
         decide.speed_score = previous_speed_score
         decide.QLORA_MIN_SPEEDUP = 1.0
-    rows = regrets(measured_table(path))
+    rows = regrets(measured_table(*paths))
     print(
-        f"{'job (shape, GiB, seq, batch)':36} {'planner':24} {'tok/s':>7} "
-        f"{'fastest fitting':24} {'tok/s':>7} {'regret':>7}"
+        f"{'job (shape, GiB, seq, batch)':36} {'planner':28} {'tok/s':>7} "
+        f"{'fastest fitting':28} {'tok/s':>7} {'regret':>7}"
     )
     for r in rows:
         tps = f"{r.chosen_tps:.0f}" if r.chosen_tps else "-"
         regret = f"{r.regret:.1%}" if r.regret is not None else "unmeasured"
-        print(f"{r.job!s:36} {r.chosen:24} {tps:>7} {r.best:24} {r.best_tps:>7.0f} {regret:>7}")
+        print(f"{r.job!s:36} {r.chosen:28} {tps:>7} {r.best:28} {r.best_tps:>7.0f} {regret:>7}")
     scored = [r.regret for r in rows if r.regret is not None]
     print(
         f"\n{len(scored)} jobs scored: mean regret {sum(scored) / len(scored):.1%}, "

@@ -593,11 +593,19 @@ class TrainingPlan(StatusModel):
     breakdown: MemoryBreakdown = Field(default_factory=MemoryBreakdown)
     """The predicted peak, term by term."""
     micro_batch_size: Annotated[int, Field(ge=1)]
-    """Sequences per forward pass, per process."""
+    """Sequences per forward pass, per process: each forward pass is one padding-free row of
+    at most microBatchSize x seqLength tokens. With packing a row is filled to that budget;
+    without packing an optimizer step's batchSize / worldSize whole examples are split into as
+    few such rows as they fit in (the same gradients as one pass over all of them)."""
     gradient_accumulation: Annotated[int, Field(ge=1)]
-    """Micro-batches accumulated per optimizer step, per process."""
+    """Micro-batches accumulated per optimizer step, per process; without packing the most
+    rows a step can need (every example seqLength long), usually fewer."""
     gradient_checkpointing: bool
     """Whether activations are recomputed in the backward pass to save memory."""
+    checkpointed_layers: Annotated[int, Field(ge=1)] | None = None
+    """Decoder layers recomputed in the backward pass, spread evenly over the depth, when
+    gradientCheckpointing is true; unset means all of them. Recomputing only some layers
+    fills a budget that lies between no checkpointing and full checkpointing."""
     fused_kernels: bool = True
     """The prediction assumes liger's fused Triton kernels on the GPU; the worker refuses to
     start without them (exit code 16) rather than run a plan made for other kernels."""

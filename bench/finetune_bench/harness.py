@@ -46,6 +46,7 @@ class RunConfig:
     pad_multiple: int = 1  # length-grouped: pad widths to a multiple (fewer distinct shapes)
     grad_accum: int = 1
     grad_ckpt: float = 0.0  # share of layers recomputed in backward (0 = off, 1 = all)
+    ckpt_layers: int | None = None  # or exactly this many (the plan's checkpointedLayers)
     fused_kernels: bool = True
     fused_adamw: bool = True
     compile_layers: bool = False
@@ -76,6 +77,7 @@ class RunConfig:
             "method": self.method,
             "gradientCheckpointing": self.grad_ckpt > 0,
             "checkpointFraction": self.grad_ckpt,
+            "checkpointedLayers": self.ckpt_layers,
             "leanLora": self.lean_lora,
             "cudnnAttention": self.cudnn_sdpa,
         }

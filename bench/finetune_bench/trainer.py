@@ -184,6 +184,7 @@ def run(
         r=16,
         alpha=32,
         grad_ckpt=1.0 if training_plan.gradient_checkpointing else 0.0,
+        ckpt_layers=training_plan.checkpointed_layers,
     )
     model = harness.prepare(base, cfg)
     splits = TokenizedSplits(

@@ -46,7 +46,7 @@ def test_a_large_micro_batch_with_checkpointing_beats_a_small_one_without():
     )
     decision = plan(40, request)
     assert decision.gradient_checkpointing is True
-    assert decision.micro_batch * 1024 >= 8192
+    assert decision.micro_batch * 1024 >= 4096
     # Llama-3.2-1B at 8 GiB, seq 2048, batch 32: the small model is host-bound far longer
     # (2,048 tokens without checkpointing 18,928 tokens/s; 16,384 with it 53,596).
     small = plan_training(
@@ -55,6 +55,34 @@ def test_a_large_micro_batch_with_checkpointing_beats_a_small_one_without():
         Budget(8 * GiB),
     )
     assert (small.method, small.gradient_checkpointing, small.micro_batch) == ("lora", True, 8)
+
+
+def test_a_budget_between_no_and_full_checkpointing_is_filled_by_recomputing_some_layers():
+    # Llama-3-8B, packed seq 2048: at 36 GiB no micro-batch of 4,096 tokens or more fits
+    # without checkpointing (43 GiB), and full checkpointing leaves 10 GiB unused. In between,
+    # the planner recomputes only as many layers as it must, which the speed model predicts
+    # faster than recomputing all.
+    request = PlanRequest(seq_len=2048, batch_size=16, packing=True, method="lora")
+    decision = plan(36, request)
+    chosen = decision.chosen.shape
+    assert chosen.gradient_checkpointing and 0 < chosen.checkpointed_layers < 32
+    assert decision.estimate.with_context <= decision.budget.usable_bytes
+    full = [
+        c
+        for c in decision.candidates
+        if c.fits and c.shape.gradient_checkpointing and c.shape.checkpointed_layers is None
+    ]
+    assert decision.chosen.speed > max(c.speed for c in full)
+    assert f"checkpointing of {chosen.checkpointed_layers} layers" in decision.reason
+    # Told "on", every layer is recomputed; told "off", none.
+    on = plan(36, PlanRequest(seq_len=2048, batch_size=16, gradient_checkpointing=True))
+    assert on.chosen.shape.checkpointed_layers is None
+    assert all(c.shape.checkpointed_layers is None for c in on.candidates)
+    spec = _llama_spec(
+        **{"resources.gpu.memory": "36Gi", "training.batchSize": 16, "method": "lora"}
+    )
+    spec_plan = plan_for_spec(spec, LLAMA3_8B)
+    assert spec_plan.gradient_checkpointing and 0 < spec_plan.checkpointed_layers < 32
 
 
 def test_12gi_falls_back_to_qlora():
@@ -104,9 +132,14 @@ def test_effective_batch_is_kept_across_gpus_and_rounding_is_reported():
     decision = plan(80, PlanRequest(seq_len=512, batch_size=16), gpus=2)
     assert decision.micro_batch * decision.gradient_accumulation * 2 == 16
     assert "data-parallel (DDP)" in decision.reason
-    odd = plan(80, PlanRequest(seq_len=512, batch_size=10, micro_batch=4))
+    odd = plan(80, PlanRequest(seq_len=512, batch_size=10, micro_batch=4, packing=True))
     assert odd.gradient_accumulation == 3
     assert "rounded from 10 to 12" in odd.reason
+    # Unpacked, a step is its whole examples split into rows of the micro-batch's budget:
+    # the batch stays exact and accumulation is the most rows a step can need.
+    exact = plan(80, PlanRequest(seq_len=512, batch_size=10, micro_batch=4))
+    assert exact.gradient_accumulation == 3 and exact.chosen.effective_batch == 10
+    assert "rounded" not in exact.reason and "10 examples per step" in exact.reason
 
 
 def test_micro_batch_is_capped_near_16k_tokens():
@@ -207,6 +240,7 @@ def test_70b_qlora_on_two_40gi_gpus_is_sharded_because_no_replica_fits():
         if c.shape.strategy == "ddp"
         and c.shape.micro_batch == decision.micro_batch
         and c.shape.gradient_checkpointing == decision.gradient_checkpointing
+        and c.shape.checkpointed_layers == decision.chosen.shape.checkpointed_layers
     )
     gathered = chosen.details["fsdp_gathered_bytes"]
     assert chosen.breakdown["weights"] == pytest.approx(

@@ -267,6 +267,26 @@ def test_activations_scale_with_tokens_and_checkpointing_cuts_them():
     assert ckpt.total < estimate_memory(LLAMA3_8B, base).total
 
 
+def test_checkpointing_some_layers_lies_between_none_and_all():
+    base = TrainingShape(seq_len=2048, micro_batch=4)
+    none = estimate_memory(LLAMA3_8B, base).total
+    every = estimate_memory(LLAMA3_8B, base.but(gradient_checkpointing=True)).total
+    partial = [
+        estimate_memory(
+            LLAMA3_8B, base.but(gradient_checkpointing=True, checkpointed_layers=k)
+        ).total
+        for k in (4, 8, 16, 24, 28)
+    ]
+    assert none > partial[0] and all(a > b for a, b in zip(partial, partial[1:]))
+    assert partial[-1] > every
+    # each recomputed layer keeps only its input instead of everything it saves
+    per_layer = partial[1] - partial[2]
+    assert per_layer == pytest.approx((partial[0] - partial[1]) * 2, rel=0.02)
+    assert estimate_memory(
+        LLAMA3_8B, base.but(gradient_checkpointing=True, checkpointed_layers=32)
+    ).total == pytest.approx(every)
+
+
 def test_unfused_cross_entropy_materialises_logits():
     shape = TrainingShape(seq_len=2048, micro_batch=4, gradient_checkpointing=True)
     fused = estimate_memory(LLAMA3_8B, shape)

@@ -107,6 +107,28 @@ def test_selective_checkpointing_recomputes_the_requested_share_of_layers():
     )
     flags = [layer.gradient_checkpointing for layer in pm.base_model.model.model.layers]
     assert flags == [True, False, True, False]
+    # The plan's checkpointedLayers is a count and wins over a fraction.
+    assert modeling.checkpointed_layers(32, 1.0, count=12) == [
+        0,
+        2,
+        5,
+        8,
+        10,
+        13,
+        16,
+        18,
+        21,
+        24,
+        26,
+        29,
+    ]
+    pm = modeling.prepare_for_training(
+        tiny_model(),
+        SPEC,
+        {"method": "lora", "gradientCheckpointing": True, "checkpointedLayers": 1},
+    )
+    flags = [layer.gradient_checkpointing for layer in pm.base_model.model.model.layers]
+    assert flags == [True, False, False, False]
 
 
 def test_checkpointing_gives_the_same_gradients():

@@ -324,31 +324,35 @@ def configure_cuda_backends(cudnn_attention: bool = False) -> None:
         torch.backends.cuda.enable_cudnn_sdp(cudnn_attention)
 
 
-def checkpointed_layers(num_layers: int, fraction: float) -> list[int]:
-    """Which decoder layers to recompute in backward when only `fraction` of them should be.
+def checkpointed_layers(num_layers: int, fraction: float, count: int | None = None) -> list[int]:
+    """Which decoder layers to recompute in backward: `count` of them (the plan's
+    checkpointedLayers) or, without a count, `fraction` of them.
 
     Spread evenly over the depth so the saved activations of the others are spread too.
     """
-    fraction = min(max(float(fraction), 0.0), 1.0)
-    count = round(num_layers * fraction)
+    if count is None:
+        count = round(num_layers * min(max(float(fraction), 0.0), 1.0))
+    count = min(max(int(count), 0), num_layers)
     if count <= 0:
         return []
     step = num_layers / count
     return sorted({int(i * step) for i in range(count)})
 
 
-def enable_checkpointing(model: PreTrainedModel, fraction: float = 1.0) -> list[int]:
+def enable_checkpointing(
+    model: PreTrainedModel, fraction: float = 1.0, count: int | None = None
+) -> list[int]:
     """Recompute the chosen decoder layers in backward (non-reentrant), keep the rest's activations.
 
-    use_reentrant=False works with frozen inputs and with peft; selective (fraction < 1)
-    trades memory for the recompute of fewer layers: each layer not recomputed saves a sixth of
-    that layer's step time (forward recompute is 2 of 6 FLOPs per parameter for LoRA).
+    use_reentrant=False works with frozen inputs and with peft; selective (fewer than all
+    layers) trades memory for the recompute of fewer layers: each layer not recomputed saves a
+    sixth of that layer's step time (forward recompute is 2 of 6 FLOPs per parameter for LoRA).
     """
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    keep = set(checkpointed_layers(len(layers), fraction))
+    keep = set(checkpointed_layers(len(layers), fraction, count))
     for i, layer in enumerate(layers):
         layer.gradient_checkpointing = i in keep
     return sorted(keep)
@@ -381,7 +385,7 @@ def prepare_for_training(
     if ckpt:
         fraction = 1.0 if ckpt is True else float(ckpt)
         fraction = float(field(plan, "checkpoint_fraction", fraction))
-        enable_checkpointing(model, fraction)
+        enable_checkpointing(model, fraction, field(plan, "checkpointed_layers"))
         # The embeddings are frozen, so without this hook the first checkpointed block would see
         # inputs that need no grad and (with reentrant checkpointing) skip its backward.
         model.enable_input_require_grads()

@@ -87,6 +87,7 @@ def training_plan(decision: PlanDecision) -> TrainingPlan:
         micro_batch_size=decision.chosen.shape.micro_batch,
         gradient_accumulation=decision.chosen.gradient_accumulation,
         gradient_checkpointing=decision.chosen.shape.gradient_checkpointing,
+        checkpointed_layers=decision.chosen.shape.checkpointed_layers,
         fused_kernels=decision.request.fused_kernels,
         strategy=decision.chosen.strategy,
         nodes=decision.budget.nodes,

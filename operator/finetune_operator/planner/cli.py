@@ -232,7 +232,7 @@ def explain(decision: PlanDecision) -> str:
         key=lambda c: (
             c.shape.strategy,
             c.shape.method,
-            c.shape.gradient_checkpointing,
+            c.shape.recomputed_layers(decision.arch.num_layers),
             c.shape.micro_batch,
         ),
     )
@@ -240,7 +240,7 @@ def explain(decision: PlanDecision) -> str:
         mark = "->" if c is decision.chosen else "  "
         lines.append(
             f"{mark}{c.shape.strategy:<8} {c.shape.method:<6} "
-            f"{'on' if c.shape.gradient_checkpointing else 'off':<4} "
+            f"{_checkpointing(c.shape):<4} "
             f"{c.shape.micro_batch:>5} {c.gradient_accumulation:>5} "
             f"{c.shape.tokens_per_micro_batch:>7} {format_gib(c.estimate.total):>8} "
             f"{format_gib(c.need_bytes):>9} {'yes' if c.fits else 'no':<4} {c.speed:>5.2f}"
@@ -271,3 +271,10 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _checkpointing(shape) -> str:
+    """off, all, or how many layers are recomputed."""
+    if not shape.gradient_checkpointing:
+        return "off"
+    return "all" if shape.checkpointed_layers is None else str(shape.checkpointed_layers)

@@ -1,8 +1,9 @@
 """Choosing method, micro-batch and gradient checkpointing for a GPU memory budget.
 
-Every configuration the user left open is enumerated (LoRA / QLoRA x checkpointing off / on x
-every micro-batch that divides the per-GPU batch), its peak is predicted by memory.py, and the
-fastest one that fits is chosen. Pure: no I/O, no pydantic; api_adapter.py turns the decision
+Every configuration the user left open is enumerated (LoRA / QLoRA x checkpointing of none,
+every eighth, or all of the layers x every micro-batch: packed, those that divide the per-GPU
+batch; unpacked, any up to it), its peak is predicted by memory.py, and the fastest one that
+fits is chosen. Pure: no I/O, no pydantic; api_adapter.py turns the decision
 into the FineTuneJob's status.plan.
 
 Fitting: `resources.gpu.memory` is what nvidia-smi would show, so the CUDA context is added to
@@ -128,12 +129,19 @@ class Candidate:
     shape: TrainingShape
     estimate: MemoryEstimate
     gradient_accumulation: int
+    """Micro-batches per optimizer step and process; without packing the most a step can
+    need (rows of whole examples, each example at most seq_len)."""
     fits: bool
     speed: float
+    step_examples: int | None = None
+    """Without packing: whole examples per optimizer step and process, split into rows of at
+    most micro_batch x seq_len tokens by the worker. None with packing (a step is
+    micro_batch x gradient_accumulation rows of packed tokens)."""
 
     @property
     def effective_batch(self) -> int:
-        return self.shape.micro_batch * self.gradient_accumulation * self.shape.gpu_count
+        per_process = self.step_examples or self.shape.micro_batch * self.gradient_accumulation
+        return per_process * self.shape.gpu_count
 
     @property
     def strategy(self) -> str:
@@ -145,13 +153,25 @@ class Candidate:
         return self.estimate.with_context
 
     def describe(self) -> str:
-        base = "bf16 base" if self.shape.method == "lora" else "4-bit NF4 base"
-        ckpt = "with" if self.shape.gradient_checkpointing else "without"
-        text = (
-            f"{self.shape.method} ({base}) {ckpt} gradient checkpointing, micro-batch "
-            f"{self.shape.micro_batch} x {self.gradient_accumulation} accumulation step"
-            f"{'s' if self.gradient_accumulation != 1 else ''}"
-        )
+        shape = self.shape
+        base = "bf16 base" if shape.method == "lora" else "4-bit NF4 base"
+        if not shape.gradient_checkpointing:
+            ckpt = "without gradient checkpointing"
+        elif shape.checkpointed_layers is None:
+            ckpt = "with gradient checkpointing"
+        else:
+            ckpt = f"with gradient checkpointing of {shape.checkpointed_layers} layers"
+        if self.step_examples is None:
+            batching = (
+                f"micro-batch {shape.micro_batch} x {self.gradient_accumulation} accumulation "
+                f"step{'s' if self.gradient_accumulation != 1 else ''}"
+            )
+        else:
+            batching = (
+                f"{self.step_examples} examples per step in rows of up to "
+                f"{shape.tokens_per_micro_batch} tokens (micro-batch {shape.micro_batch})"
+            )
+        text = f"{shape.method} ({base}) {ckpt}, {batching}"
         if self.shape.strategy != "single":
             text += f" x {self.shape.gpu_count} processes, {STRATEGY_NAMES[self.shape.strategy]}"
         return text
@@ -206,13 +226,37 @@ def _divisors(n: int) -> list[int]:
 
 
 def micro_batch_options(request: PlanRequest, gpu_count: int) -> list[int]:
-    """Micro-batches to try: divisors of the per-GPU batch (so accumulation makes the effective
-    batch exact), up to the token cap; at least 1."""
+    """Micro-batches to try, up to the token cap; at least 1.
+
+    Packed: divisors of the per-GPU batch, so that accumulation makes the effective batch
+    exact. Unpacked: any size up to the per-GPU batch, because a step is always its whole
+    examples (the worker splits them into rows of the micro-batch's token budget), so the
+    budget need not divide anything and can be as large as the memory allows."""
     if request.micro_batch is not None:
         return [request.micro_batch]
-    per_gpu = max(1, math.ceil(request.batch_size / gpu_count))
+    per_gpu = step_examples(request, gpu_count)
     cap = max(1, request.max_tokens_per_micro_batch // request.seq_len)
-    return [m for m in _divisors(per_gpu) if m <= cap] or [1]
+    sizes = _divisors(per_gpu) if request.packing else range(1, per_gpu + 1)
+    return [m for m in sizes if m <= cap] or [1]
+
+
+def step_examples(request: PlanRequest, gpu_count: int) -> int:
+    """Examples (packed: rows) per optimizer step and process."""
+    return max(1, math.ceil(request.batch_size / gpu_count))
+
+
+def checkpoint_options(request: PlanRequest, num_layers: int) -> list[tuple[bool, int | None]]:
+    """(checkpointing, recomputed layers or None for all) to try.
+
+    `auto` tries none, all, and every eighth of the layers in between: recomputing some
+    layers costs a share of the recompute and saves a share of the activations, so a budget
+    between the two extremes is filled instead of wasted. `on` means every layer."""
+    if request.gradient_checkpointing is False:
+        return [(False, None)]
+    if request.gradient_checkpointing is True:
+        return [(True, None)]
+    partial = sorted({round(num_layers * j / 8) for j in range(1, 8)} - {0, num_layers})
+    return [(False, None), *((True, k) for k in partial), (True, None)]
 
 
 def _shape(
@@ -223,6 +267,7 @@ def _shape(
     accum: int,
     gpu_count: int,
     strategy: str = "single",
+    recomputed: int | None = None,
 ) -> TrainingShape:
     return TrainingShape(
         method=method,
@@ -234,6 +279,7 @@ def _shape(
         micro_batch=micro,
         packing=request.packing,
         gradient_checkpointing=ckpt,
+        checkpointed_layers=recomputed if ckpt else None,
         gradient_accumulation=accum,
         optimizer=request.optimizer,
         fused_ce=request.fused_ce,
@@ -251,20 +297,16 @@ def enumerate_candidates(
     constants: MemoryConstants = DEFAULT_CONSTANTS,
 ) -> list[Candidate]:
     methods = ["lora", "qlora"] if request.method == "auto" else [request.method]
-    ckpts = (
-        [False, True]
-        if request.gradient_checkpointing is None
-        else [request.gradient_checkpointing]
-    )
     world = budget.world_size
     strategies = ["single"] if world == 1 else ["ddp", "fsdp"]
+    per_process = step_examples(request, world)
     candidates = []
     for strategy in strategies:
         for method in methods:
-            for ckpt in ckpts:
+            for ckpt, recomputed in checkpoint_options(request, arch.num_layers):
                 for micro in micro_batch_options(request, world):
-                    accum = max(1, math.ceil(request.batch_size / (micro * world)))
-                    shape = _shape(request, method, ckpt, micro, accum, world, strategy)
+                    accum = max(1, math.ceil(per_process / micro))
+                    shape = _shape(request, method, ckpt, micro, accum, world, strategy, recomputed)
                     estimate = estimate_memory(arch, shape, constants)
                     candidates.append(
                         Candidate(
@@ -273,6 +315,7 @@ def enumerate_candidates(
                             gradient_accumulation=accum,
                             fits=estimate.with_context <= budget.usable_bytes,
                             speed=speed_score(arch, shape),
+                            step_examples=None if request.packing else per_process,
                         )
                     )
     return candidates
@@ -402,10 +445,14 @@ def _reason(
             "larger ones gain little speed."
         )
     if chosen.effective_batch != request.batch_size:
+        per_process = (
+            f"{shape.micro_batch} x {chosen.gradient_accumulation}"
+            if chosen.step_examples is None
+            else str(chosen.step_examples)
+        )
         parts.append(
             f"Effective batch rounded from {request.batch_size} to "
-            f"{chosen.effective_batch} ({shape.micro_batch} x "
-            f"{chosen.gradient_accumulation} x {budget.world_size} GPU"
+            f"{chosen.effective_batch} ({per_process} x {budget.world_size} GPU"
             f"{'s' if budget.world_size != 1 else ''})."
         )
     return " ".join(parts + notes)

@@ -131,6 +131,9 @@ class TrainingShape:
     micro_batch: int = 1
     packing: bool = False
     gradient_checkpointing: bool = False
+    checkpointed_layers: int | None = None
+    """With gradient_checkpointing: how many decoder layers are recomputed (None: all). The
+    others keep their activations; the worker spreads the recomputed ones over the depth."""
     gradient_accumulation: int = 1
     optimizer: str = "adamw_torch"
     fused_ce: bool = True
@@ -197,6 +200,14 @@ class TrainingShape:
         """The worker sends every micro-batch as one padding-free varlen row, packed or not
         (unpacked: its whole examples back to back); records without varlen are older runs."""
         return self.varlen
+
+    def recomputed_layers(self, num_layers: int) -> int:
+        """Decoder layers whose activations are recomputed in the backward pass."""
+        if not self.gradient_checkpointing:
+            return 0
+        if self.checkpointed_layers is None:
+            return num_layers
+        return min(self.checkpointed_layers, num_layers)
 
     def but(self, **changes) -> TrainingShape:
         return replace(self, **changes)
@@ -449,14 +460,15 @@ def estimate_memory(
 
     per_layer = layer_activation_bytes(arch, shape)
     layer_bytes = sum(per_layer.values())
-    if shape.gradient_checkpointing:
-        # Only each layer's input survives the forward pass; the layer under backward is
-        # recomputed in full.
-        saved = layers * act * h * tokens
-        recomputed = layer_bytes * tokens
-    else:
-        saved = layers * layer_bytes * tokens
-        recomputed = 0.0
+    # A recomputed layer keeps only its input through the forward pass and rebuilds the rest
+    # when its backward comes; the others keep everything. One layer is rebuilt at a time, on
+    # top of everything saved only when every layer is recomputed: with some, the worker never
+    # recomputes the last layer (it spreads them from the first), so the last layer's saved
+    # activations, as large as a rebuilt layer's, are freed before the first rebuild
+    # (measured on the H200: bench/data/partial-checkpointing-h200.jsonl).
+    rebuilt = shape.recomputed_layers(layers)
+    saved = (rebuilt * act * h + (layers - rebuilt) * layer_bytes) * tokens
+    recomputed = layer_bytes * tokens if rebuilt == layers else 0.0
     # The worker packs examples into rows of seq_len tokens (or pads them to it): at most
     # micro_batch rows, each with a seq_len x seq_len boolean mask shared by all layers.
     attention_mask = (

@@ -9,8 +9,8 @@ A micro-batch costs GPU time and host time, and they overlap only partly:
     tokens/s = tokens / step
 
 FLOPs per token are those of a frozen-base LoRA step: forward 2P and backward 2P (input
-gradients only; the frozen weights get none), plus another forward 2P when checkpointing
-recomputes it, with P the parameters in matmuls (every projection and the output head).
+gradients only; the frozen weights get none), plus another forward 2P for the share of layers
+that checkpointing recomputes, with P the parameters in matmuls (every projection and the output head).
 The host part is what makes small micro-batches slow: Python launches the same kernels
 whatever their size, so below a few thousand tokens a step waits on the CPU, and more so for
 a small model, whose kernels finish sooner (Llama-3.2-1B: 18,928 tokens/s at 2,048 tokens,
@@ -72,17 +72,21 @@ def step_seconds(
 ) -> tuple[float, float, float]:
     """(GPU seconds, host seconds, step seconds) of one micro-batch at its token budget."""
     tokens = shape.tokens_per_micro_batch
-    ckpt = bool(shape.gradient_checkpointing)
+    layers = arch.num_layers
+    rebuilt = shape.recomputed_layers(layers)
+    share = rebuilt / layers  # checkpointing some layers recomputes (and launches) only those
     params = matmul_params(arch)
-    flops = tokens * params * (6.0 if ckpt else 4.0)
+    flops = tokens * params * (4.0 + 2.0 * share)
     gpu = flops / (constants.tflops[shape.method] * 1e12)
     if shape.lora_dropout > 0:
         gpu *= constants.dropout_gpu_factor
     if shape.method == "qlora":
-        passes = 3 if ckpt else 2  # forward, backward, and the recomputed forward
+        passes = 2 + share  # forward, backward, and the recomputed forward
         gpu += passes * constants.dequant_seconds_per_gparam * arch.quantizable_params() / 1e9
+    per_layer = constants.host_seconds_per_layer
     host = (
-        arch.num_layers * constants.host_seconds_per_layer[(shape.method, ckpt)]
+        rebuilt * per_layer[(shape.method, True)]
+        + (layers - rebuilt) * per_layer[(shape.method, False)]
         + constants.host_seconds_fixed
     )
     p = constants.overlap
