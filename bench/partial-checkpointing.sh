@@ -26,23 +26,24 @@ run() { # shape method configs...
     | grep -E "^RESULT|Error|error" | cut -c1-160
 }
 args=()
-for p in "4096 4" "4096 8" "4096 28" "8192 4" "8192 20" "8192 24" "16384 28"; do
+for p in "4096 4" "4096 8" "4096 28" "8192 4" "8192 16" "8192 20" "8192 24" "16384 28"; do
   read -r t k <<<"$p"
   point llama-3-8b lora "$t" "$k"
 done
-run llama-3-8b lora 220 "${args[@]}"
+run llama-3-8b lora 240 "${args[@]}"
 args=()
-for p in "4096 4" "4096 16" "8192 4" "8192 12" "8192 16" "8192 28" "16384 28"; do
+for p in "4096 4" "4096 16" "8192 4" "8192 12" "8192 16" "8192 24" "8192 28" "16384 12" \
+  "16384 24" "16384 28"; do
   read -r t k <<<"$p"
   point llama-3-8b qlora "$t" "$k"
 done
-run llama-3-8b qlora 230 "${args[@]}"
+run llama-3-8b qlora 300 "${args[@]}"
 args=()
-for k in 2 8 12; do point llama-3.2-1b lora 16384 "$k"; done
-run llama-3.2-1b lora 60 "${args[@]}"
+for k in 2 6 8 10 12; do point llama-3.2-1b lora 16384 "$k"; done
+run llama-3.2-1b lora 90 "${args[@]}"
 args=()
-for k in 6 12; do point llama-3.2-1b qlora 16384 "$k"; done
-run llama-3.2-1b qlora 60 "${args[@]}"
+for k in 6 10 12 14; do point llama-3.2-1b qlora 16384 "$k"; done
+run llama-3.2-1b qlora 90 "${args[@]}"
 python3 - "$OUT_DIR/partial-checkpointing.jsonl" <<'PY'
 import json, sys
 print(f"{'label':40} {'tok/s':>8} {'peak GiB':>9} error")

@@ -363,7 +363,9 @@ def run_user_job(
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
-        accum = training_plan.gradient_accumulation
+        # collator calls per optimizer step: the plan's micro-batches, or one (a whole step's
+        # examples, split into rows inside the step) for unpacked jobs
+        accum = trainer.args.gradient_accumulation_steps
         per_step = [sum(micro_tokens[s * accum : (s + 1) * accum]) for s in range(len(clock.times))]
         timed = clock.times[warmup:]
         row.update(
@@ -395,5 +397,6 @@ def run_user_job(
         f"job {label}: {row.get('tokens_per_s')} tokens/s, peak {row.get('peak_total_GiB')} GiB "
         f"(predicted {p.estimated_peak_bytes / 2**30:.1f}), plan {p.method} mb "
         f"{p.micro_batch_size} x {p.gradient_accumulation} ckpt {p.gradient_checkpointing}"
+        f"{f' ({p.checkpointed_layers} layers)' if p.checkpointed_layers else ''}"
     )
     return harness.release(model), row
