@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -277,7 +278,7 @@ def test_checkpointing_some_layers_lies_between_none_and_all():
         ).total
         for k in (4, 8, 16, 24, 28)
     ]
-    assert none > partial[0] and all(a > b for a, b in zip(partial, partial[1:]))
+    assert none > partial[0] and all(a > b for a, b in itertools.pairwise(partial))
     assert partial[-1] > every
     # each recomputed layer keeps only its input instead of everything it saves
     per_layer = partial[1] - partial[2]

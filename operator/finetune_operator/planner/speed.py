@@ -9,8 +9,9 @@ A micro-batch costs GPU time and host time, and they overlap only partly:
     tokens/s = tokens / step
 
 FLOPs per token are those of a frozen-base LoRA step: forward 2P and backward 2P (input
-gradients only; the frozen weights get none), plus another forward 2P for the share of layers
-that checkpointing recomputes, with P the parameters in matmuls (every projection and the output head).
+gradients only; the frozen weights get none), plus another forward 2P for the share of
+layers that checkpointing recomputes, with P the parameters in matmuls (every projection and
+the output head).
 The host part is what makes small micro-batches slow: Python launches the same kernels
 whatever their size, so below a few thousand tokens a step waits on the CPU, and more so for
 a small model, whose kernels finish sooner (Llama-3.2-1B: 18,928 tokens/s at 2,048 tokens,
