@@ -160,4 +160,3 @@ def test_checkpointing_some_layers_is_predicted_from_the_none_and_all_terms():
         assert 0 <= predicted_peak / measured_peak - 1 <= 0.03, r["label"]
         speed = predicted_tokens_per_second(arch, shape)
         assert speed == pytest.approx(r["tokens_per_s"], rel=0.16), r["label"]
-
