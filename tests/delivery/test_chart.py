@@ -124,10 +124,25 @@ def test_every_value_is_in_the_schema_and_commented():
         assert lines[i - 1].strip().startswith("#"), f"values.yaml: {m.group(2)} has no comment"
 
 
+def test_concurrency_settings_reach_the_operator_as_it_reads_them():
+    """docs/operations.md: the resync's and the passes' concurrency are chart values (the scale
+    benchmark's knobs), parsed by the operator's own settings at start-up."""
+    from finetune_operator.reconcile.settings import OperatorSettings
+
+    defaults = OperatorSettings.from_env(_env(_operator_deployment(render())))
+    assert (defaults.resync_concurrency, defaults.max_concurrent_passes) == (4, 16)
+    objects = render(
+        set_values=["operator.resyncConcurrency=8", "operator.maxConcurrentPasses=32"]
+    )
+    settings = OperatorSettings.from_env(_env(_operator_deployment(objects)))
+    assert (settings.resync_concurrency, settings.max_concurrent_passes) == (8, 32)
+
+
 @pytest.mark.parametrize(
     "bad, complaint",
     [
         (["replicas=3"], "additional properties 'replicas' not allowed"),
+        (["operator.maxConcurrentPasses=0"], "maxConcurrentPasses"),
         (["worker.image.digest=latest"], "does not match pattern"),
         (["watch.mode=everywhere"], "value must be one of"),
         (["watch.mode=namespaces"], "watch.namespaces is empty"),
