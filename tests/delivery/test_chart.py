@@ -131,9 +131,7 @@ def test_concurrency_settings_reach_the_operator_as_it_reads_them():
 
     defaults = OperatorSettings.from_env(_env(_operator_deployment(render())))
     assert (defaults.resync_concurrency, defaults.max_concurrent_passes) == (4, 16)
-    objects = render(
-        set_values=["operator.resyncConcurrency=8", "operator.maxConcurrentPasses=32"]
-    )
+    objects = render(set_values=["operator.resyncConcurrency=8", "operator.maxConcurrentPasses=32"])
     settings = OperatorSettings.from_env(_env(_operator_deployment(objects)))
     assert (settings.resync_concurrency, settings.max_concurrent_passes) == (8, 32)
 

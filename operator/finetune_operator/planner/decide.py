@@ -229,15 +229,22 @@ def micro_batch_options(request: PlanRequest, gpu_count: int) -> list[int]:
     """Micro-batches to try, up to the token cap; at least 1.
 
     Packed: divisors of the per-GPU batch, so that accumulation makes the effective batch
-    exact. Unpacked: any size up to the per-GPU batch, because a step is always its whole
-    examples (the worker splits them into rows of the micro-batch's token budget), so the
-    budget need not divide anything and can be as large as the memory allows."""
+    exact. Unpacked: the divisors and a ladder of steps of at most 1.5x (1, 2, 3, 4, 6, 8, 12,
+    ...) up to the per-GPU batch, because a step is always its whole examples (the worker
+    splits them into rows of the micro-batch's token budget), so the budget need not divide
+    anything; the ladder keeps the candidates few (planning runs in the operator's event loop)
+    while checkpointing in eighths fills what lies between its rungs."""
     if request.micro_batch is not None:
         return [request.micro_batch]
     per_gpu = step_examples(request, gpu_count)
     cap = max(1, request.max_tokens_per_micro_batch // request.seq_len)
-    sizes = _divisors(per_gpu) if request.packing else range(1, per_gpu + 1)
-    return [m for m in sizes if m <= cap] or [1]
+    sizes = set(_divisors(per_gpu))
+    if not request.packing:
+        rung = 1
+        while rung < per_gpu:
+            sizes |= {rung, rung * 3 // 2} if rung > 1 else {1}
+            rung *= 2
+    return sorted(m for m in sizes if m <= min(cap, per_gpu)) or [1]
 
 
 def step_examples(request: PlanRequest, gpu_count: int) -> int:
