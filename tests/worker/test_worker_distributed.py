@@ -699,39 +699,53 @@ def test_fsdp_on_the_cpu_is_refused_with_exit_16(tmp_path, tiny_model_root):
     torch.cuda.device_count() < 2,
     reason="FSDP through accelerate needs two GPUs; on the CPU the worker refuses it (test above)",
 )
-def test_two_fsdp_processes_train_what_one_process_accumulating_trains(tmp_path, tiny_model_root):
+@pytest.mark.parametrize("shape", ["packed", "unpacked, uneven rows"])
+def test_two_fsdp_processes_train_what_one_process_accumulating_trains(
+    tmp_path, tiny_model_root, shape
+):
     """As the DDP test, sharded: FSDP reduce-scatters the same averaged gradients. bf16
     autocast on GPUs and a different reduction (reduce-scatter of flat shards) make the
-    numbers close rather than equal: losses within 1e-3, adapter weights within 1e-3."""
+    numbers close rather than equal: losses within 1e-3, adapter weights within 1e-3.
+    Unpacked, with the rows of the DDP test (ranks with different row counts in some steps):
+    every rank runs as many rows as the busiest, the extra ones empty, or the ranks' parameter
+    gathers would not pair up. Its rows differ from one process's, so its later steps drift
+    as in the DDP test. (Not yet run: it needs two GPUs.)"""
+    unpacked = shape != "packed"
+    if unpacked:
+        data = dict(fmt="chat", packing=False, micro_batch=1, seq_length=64, batchSize=4)
+    else:
+        data = dict(fmt="alpaca", packing=True, micro_batch=2)
     losses, weights = {}, {}
     for name, world_size, accumulation, strategy in (
-        ("single", 1, 2, "single"),
-        ("fsdp", 2, 1, "fsdp"),
+        ("single", 1, 4 if unpacked else 2, "single"),
+        ("fsdp", 2, 2 if unpacked else 1, "fsdp"),
     ):
         tmp = tmp_path / name
         tmp.mkdir()
-        config = _write(
-            tmp / "worker-config.yaml",
-            _distributed_config(
-                tmp,
-                tiny_model_root,
-                world_size=world_size,
-                accumulation=accumulation,
-                strategy=strategy,
-                fmt="alpaca",
-                packing=True,
-                micro_batch=2,
-                max_steps=STEPS,
-            ),
+        config = _distributed_config(
+            tmp,
+            tiny_model_root,
+            world_size=world_size,
+            accumulation=accumulation,
+            strategy=strategy,
+            max_steps=STEPS,
+            **data,
         )
-        args = _launch(config) if world_size > 1 else ["train", "--config", str(config)]
+        if unpacked and name == "single":
+            rows = _rows_per_rank(config, 2)
+            assert any(a != b for a, b in rows), rows
+        path = _write(tmp / "worker-config.yaml", config)
+        args = _launch(path) if world_size > 1 else ["train", "--config", str(path)]
         code, output, _ = _run(args, tmp, name)
         assert code == 0, output
         losses[name] = _step_losses(tmp / "checkpoints" / f"checkpoint-{STEPS}")
         weights[name] = _adapter_weights(tmp / "out" / "adapter")
-    assert losses["fsdp"] == pytest.approx(losses["single"], abs=1e-3)
+    assert len(losses["fsdp"]) == len(losses["single"]) == STEPS
+    if unpacked:
+        assert losses["fsdp"][0] == pytest.approx(losses["single"][0], abs=1e-3)
+    assert losses["fsdp"] == pytest.approx(losses["single"], abs=2e-2 if unpacked else 1e-3)
     for name, weight in weights["single"].items():
-        assert torch.allclose(weights["fsdp"][name], weight, atol=1e-3), name
+        assert torch.allclose(weights["fsdp"][name], weight, atol=3e-3 if unpacked else 1e-3), name
 
 
 def test_a_plan_made_for_fsdp_refuses_to_train_an_unsharded_model():
