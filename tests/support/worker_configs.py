@@ -40,6 +40,8 @@ def worker_config_dict(
 ) -> dict:
     """A valid WorkerConfig as the operator would write it (camelCase, as YAML)."""
     spec_training = {
+        # the step the plan below describes (micro-batch x accumulation 1 x one process)
+        "batchSize": micro_batch,
         "maxSteps": max_steps,
         "learningRate": 1e-2,
         "seqLength": seq_length,

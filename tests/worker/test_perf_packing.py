@@ -354,3 +354,56 @@ def test_an_unpacked_micro_batch_as_one_varlen_row_trains_like_the_padded_batch(
     assert torch.allclose(loss_row, loss_padded, rtol=1e-5)
     for a, b in zip(varlen.parameters(), reference.parameters(), strict=True):
         assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+
+
+# --- unpacked steps (make_step_collator): a step's whole examples in the fewest varlen rows ---
+
+
+def test_a_step_splits_into_the_fewest_rows_of_the_budget_each_example_once():
+    """Eight examples (one longer than seq_len, truncated) of 279 real tokens at a budget of 100
+    need three rows: first-fit decreasing finds three, none over the budget, every example in
+    exactly one row, each row padded to a multiple of 64 with boundaries of its own."""
+    data = examples([60, 50, 40, 30, 20, 10, 80, 5])
+    budget = 100
+    batch = packing.make_step_collator(Tok(), SEQ_LEN, budget, pad_to_multiple_of=64)(data)
+    rows = batch[packing.ROWS_KEY]
+    # 279 tokens: no fewer than 3 rows of 100; each row's examples in the step's order, then
+    # its padding segment up to 128
+    assert len(rows) == 3
+    expected = [([30, 64, 5], 99), ([60, 40], 100), ([50, 20, 10], 80)]
+    row_cus = [[0, 30, 94, 99, 128], [0, 60, 100, 128], [0, 50, 70, 80, 128]]
+    assert [(row["start"], row["end"]) for row in rows] == [(0, 128), (128, 256), (256, 384)]
+    assert batch["input_ids"].shape == (1, 384)
+    seen = []
+    for row, (lengths, real), cu in zip(rows, expected, row_cus, strict=True):
+        assert real <= budget
+        inputs = packing.step_row(batch, row)
+        assert packing.ROWS_KEY not in inputs
+        assert tuple(inputs["input_ids"].shape) == (1, 128)
+        assert inputs["cu_seq_lens_q"].tolist() == inputs["cu_seq_lens_k"].tolist() == cu
+        assert inputs["cu_seq_lens_q"].dtype == torch.int32
+        assert inputs["max_length_q"] == inputs["max_length_k"] == max(lengths + [128 - real])
+        starts = (inputs["position_ids"][0] == 0).nonzero().flatten().tolist()
+        assert starts == cu[:-1]  # positions restart at every segment, the padding's too
+        for start, end in zip(cu, cu[1:-1], strict=False):
+            assert inputs["labels"][0, start] == packing.IGNORE_INDEX  # nothing across examples
+            seen.append(inputs["input_ids"][0, start:end].tolist())
+        assert (inputs["labels"][0, real:] == packing.IGNORE_INDEX).all()  # padding: no loss
+        assert (inputs["input_ids"][0, real:] == Tok.pad_token_id).all()
+        assert row["items"] == packing.trained_tokens({"labels": inputs["labels"]})
+    assert sorted(seen) == sorted(e["input_ids"][:SEQ_LEN] for e in data)  # each exactly once
+    # the whole batch is the rows side by side as one varlen row (what the Trainer counts)
+    assert batch["cu_seq_lens_q"].tolist() == [0] + [
+        offset + c for offset, cu in zip((0, 128, 256), row_cus, strict=True) for c in cu[1:]
+    ]
+    assert sum(row["items"] for row in rows) == packing.trained_tokens(batch)
+
+    # a budget that holds the whole step: one row, exactly the one varlen row of before
+    one = packing.make_step_collator(Tok(), SEQ_LEN, 1000, pad_to_multiple_of=64)(data)
+    assert len(one[packing.ROWS_KEY]) == 1
+    reference = packing.make_varlen_collator(Tok(), SEQ_LEN, pad_to_multiple_of=64)(data)
+    for key, value in reference.items():
+        assert torch.equal(torch.as_tensor(one[key]), torch.as_tensor(value)), key
+    # the planner's worst case: examples of seq_len, micro-batch 2 -> ceil(5 / 2) rows
+    full = packing.make_step_collator(Tok(), SEQ_LEN, 2 * SEQ_LEN)(examples([SEQ_LEN] * 5))
+    assert len(full[packing.ROWS_KEY]) == 3

@@ -259,6 +259,8 @@ def _write(path: Path, config: dict) -> Path:
 def _distributed_config(
     tmp_path, model_root, *, world_size: int, accumulation: int = 1, strategy: str = "ddp", **kwargs
 ) -> dict:
+    # the global batch the plan describes: micro-batch x accumulation x world
+    kwargs.setdefault("batchSize", kwargs.get("micro_batch", 4) * accumulation * world_size)
     config = worker_config_dict(tmp_path, model_root, **kwargs)
     config["plan"].update(
         strategy=strategy if world_size > 1 else "single",
@@ -424,6 +426,83 @@ def test_two_ddp_processes_train_exactly_what_one_process_accumulating_trains(
         runs["ddp"].summary["metrics"]["trainedTokens"]
         == runs["single"].summary["metrics"]["trainedTokens"]
     )
+
+
+def _rows_per_rank(config: dict, world_size: int) -> list[list[int]]:
+    """Rows each rank runs per step of the first epoch, from the one-process run's steps: under
+    DDP rank r gets the r-th of every world_size consecutive batches of batchSize / world
+    examples, which is the r-th slice of one process's step of batchSize examples."""
+    from finetune_api import WorkerConfig
+    from finetune_worker import packing, train
+
+    worker_config = WorkerConfig.model_validate(config)
+    tokenizer = train.load_tokenizer(worker_config, None)
+    splits = train.load_training_data(worker_config, tokenizer, None)
+    model, _ = train.load_model(worker_config, None, "cpu")
+    trainer, _, _ = train.build_trainer(worker_config, model, tokenizer, splits, "cpu", None)
+    steps, collate = [], trainer.data_collator
+    trainer.data_collator = lambda examples: steps.append(examples) or collate(examples)
+    for _ in trainer.get_train_dataloader():
+        pass
+    share = len(steps[0]) // world_size
+    slices = [slice(r * share, (r + 1) * share) for r in range(world_size)]
+    return [[len(collate(step[part])[packing.ROWS_KEY]) for part in slices] for step in steps]
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_train_unpacked_steps_of_uneven_rows_as_one_process(
+    tmp_path, tiny_model_root
+):
+    """Unpacked (steps of whole examples split into rows of micro-batch x seqLength tokens):
+    a DDP world of two, whose ranks run different numbers of rows in the same step, trains what
+    one process does with the whole step. The rows but the last run under no_sync, so each
+    rank all-reduces once per step whatever its row count (a rank with one row more would
+    otherwise wait for an all-reduce the other never starts), and every row's loss is over
+    the whole world's step tokens. The rows differ between the runs (one process packs four
+    examples, each rank two), so the numbers agree to rounding, not to the bit."""
+    runs = {}
+    for name, world_size in (("single", 1), ("ddp", 2)):
+        tmp = tmp_path / name
+        tmp.mkdir()
+        config = _distributed_config(
+            tmp,
+            tiny_model_root,
+            world_size=world_size,
+            # the planner's worst case: a row per example
+            accumulation=4 // world_size,
+            fmt="chat",
+            # rows of 64 tokens: two chat examples (16-44 tokens) fit one row or need two
+            micro_batch=1,
+            seq_length=64,
+            batchSize=4,
+            max_steps=STEPS,
+        )
+        if name == "single":
+            rows = _rows_per_rank(config, 2)
+            assert any(a != b for a, b in rows), rows  # some step: different row counts
+            assert max(max(step) for step in rows) == 2
+        path = _write(tmp / "worker-config.yaml", config)
+        args = _launch(path) if world_size > 1 else ["train", "--config", str(path)]
+        code, output, log = _run(args, tmp, name)
+        assert code == 0, output
+        runs[name] = SimpleNamespace(
+            losses=_step_losses(tmp / "checkpoints" / f"checkpoint-{STEPS}"),
+            weights=_adapter_weights(tmp / "out" / "adapter"),
+            summary=json.loads(log.read_text()),
+        )
+    single, ddp = runs["single"], runs["ddp"]
+    assert len(single.losses) == len(ddp.losses) == STEPS
+    # the first step, from the same weights: the same loss up to summation order
+    assert ddp.losses[0] == pytest.approx(single.losses[0], rel=1e-6)
+    # later steps: the bf16 base rounds the slightly different updates (the rows' gradients
+    # summed in another order) differently now and then (measured: equal to 1e-7 for six
+    # steps, then 1e-3), as in the FSDP test
+    assert ddp.losses == pytest.approx(single.losses, abs=2e-2)
+    assert single.losses[-1] < 0.7 * single.losses[0]  # it trained
+    assert single.weights.keys() == ddp.weights.keys() and single.weights
+    for name, weight in single.weights.items():
+        assert torch.allclose(ddp.weights[name], weight, rtol=0, atol=3e-3), name
+    assert ddp.summary["metrics"]["trainedTokens"] == single.summary["metrics"]["trainedTokens"]
 
 
 @pytest.mark.slow
@@ -620,39 +699,53 @@ def test_fsdp_on_the_cpu_is_refused_with_exit_16(tmp_path, tiny_model_root):
     torch.cuda.device_count() < 2,
     reason="FSDP through accelerate needs two GPUs; on the CPU the worker refuses it (test above)",
 )
-def test_two_fsdp_processes_train_what_one_process_accumulating_trains(tmp_path, tiny_model_root):
+@pytest.mark.parametrize("shape", ["packed", "unpacked, uneven rows"])
+def test_two_fsdp_processes_train_what_one_process_accumulating_trains(
+    tmp_path, tiny_model_root, shape
+):
     """As the DDP test, sharded: FSDP reduce-scatters the same averaged gradients. bf16
     autocast on GPUs and a different reduction (reduce-scatter of flat shards) make the
-    numbers close rather than equal: losses within 1e-3, adapter weights within 1e-3."""
+    numbers close rather than equal: losses within 1e-3, adapter weights within 1e-3.
+    Unpacked, with the rows of the DDP test (ranks with different row counts in some steps):
+    every rank runs as many rows as the busiest, the extra ones empty, or the ranks' parameter
+    gathers would not pair up. Its rows differ from one process's, so its later steps drift
+    as in the DDP test. (Not yet run: it needs two GPUs.)"""
+    unpacked = shape != "packed"
+    if unpacked:
+        data = dict(fmt="chat", packing=False, micro_batch=1, seq_length=64, batchSize=4)
+    else:
+        data = dict(fmt="alpaca", packing=True, micro_batch=2)
     losses, weights = {}, {}
     for name, world_size, accumulation, strategy in (
-        ("single", 1, 2, "single"),
-        ("fsdp", 2, 1, "fsdp"),
+        ("single", 1, 4 if unpacked else 2, "single"),
+        ("fsdp", 2, 2 if unpacked else 1, "fsdp"),
     ):
         tmp = tmp_path / name
         tmp.mkdir()
-        config = _write(
-            tmp / "worker-config.yaml",
-            _distributed_config(
-                tmp,
-                tiny_model_root,
-                world_size=world_size,
-                accumulation=accumulation,
-                strategy=strategy,
-                fmt="alpaca",
-                packing=True,
-                micro_batch=2,
-                max_steps=STEPS,
-            ),
+        config = _distributed_config(
+            tmp,
+            tiny_model_root,
+            world_size=world_size,
+            accumulation=accumulation,
+            strategy=strategy,
+            max_steps=STEPS,
+            **data,
         )
-        args = _launch(config) if world_size > 1 else ["train", "--config", str(config)]
+        if unpacked and name == "single":
+            rows = _rows_per_rank(config, 2)
+            assert any(a != b for a, b in rows), rows
+        path = _write(tmp / "worker-config.yaml", config)
+        args = _launch(path) if world_size > 1 else ["train", "--config", str(path)]
         code, output, _ = _run(args, tmp, name)
         assert code == 0, output
         losses[name] = _step_losses(tmp / "checkpoints" / f"checkpoint-{STEPS}")
         weights[name] = _adapter_weights(tmp / "out" / "adapter")
-    assert losses["fsdp"] == pytest.approx(losses["single"], abs=1e-3)
+    assert len(losses["fsdp"]) == len(losses["single"]) == STEPS
+    if unpacked:
+        assert losses["fsdp"][0] == pytest.approx(losses["single"][0], abs=1e-3)
+    assert losses["fsdp"] == pytest.approx(losses["single"], abs=2e-2 if unpacked else 1e-3)
     for name, weight in weights["single"].items():
-        assert torch.allclose(weights["fsdp"][name], weight, atol=1e-3), name
+        assert torch.allclose(weights["fsdp"][name], weight, atol=3e-3 if unpacked else 1e-3), name
 
 
 def test_a_plan_made_for_fsdp_refuses_to_train_an_unsharded_model():

@@ -502,3 +502,209 @@ def test_trainer_loss_is_the_models_own_and_equals_trls(tmp_path, tiny_model_roo
     trainer.model_loss = True
     halved = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=2 * items)
     assert torch.allclose(halved, ours / 2, rtol=1e-4)  # normalised over the optimizer step
+
+
+# --- unpacked steps: a step's whole examples in as few varlen rows as the budget allows ----
+
+
+def _unpacked_trainer(tmp_path, tiny_model_root, *, float32=False, **kwargs):
+    """An unpacked trainer on alpaca data; the adapters start from the seed, as in run_training."""
+    from transformers import set_seed
+
+    from finetune_worker import train
+
+    config = _config(tmp_path, tiny_model_root, fmt="alpaca", packing=False, **kwargs)
+    tokenizer = train.load_tokenizer(config, None)
+    splits = train.load_training_data(config, tokenizer, None)
+    set_seed(config.spec.training.seed)
+    model, _ = train.load_model(config, None, "cpu")
+    if float32:
+        model = model.float()
+    trainer, _, progress = train.build_trainer(config, model, tokenizer, splits, "cpu", None)
+    return config, splits, trainer, progress
+
+
+def _synthetic(lengths, seed=3):
+    generator = torch.Generator().manual_seed(seed)
+    data = []
+    for n in lengths:
+        ids = torch.randint(10, 400, (n,), generator=generator).tolist()
+        data.append({"input_ids": ids, "labels": [-100] * (n // 3) + ids[n // 3 :]})
+    return data
+
+
+def _forward_kwargs(model) -> list[dict]:
+    """Records the keyword arguments of every forward of `model`."""
+    calls = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(dict(kwargs)), with_kwargs=True
+    )
+    return calls
+
+
+class _TwoRowStep:
+    """A float32 unpacked trainer (micro-batch 1: rows of 128 tokens) and one step of four
+    examples that needs two rows of very different sizes: one example of 120 tokens (the row
+    padded to 128), three of 60 together (padded to 64). Records every forward's keyword
+    arguments and how many forwards had run when each no_sync began."""
+
+    def __init__(self, tmp_path, tiny_model_root, monkeypatch):
+        import contextlib
+
+        from finetune_worker import packing
+
+        config, _, trainer, _ = _unpacked_trainer(
+            tmp_path, tiny_model_root, micro_batch=1, float32=True
+        )
+        tokenizer, seq = trainer.processing_class, config.spec.training.seq_length
+        self.data = data = _synthetic([120, 30, 20, 10])
+        budget = config.plan.micro_batch_size * seq
+        self.step = packing.make_step_collator(tokenizer, seq, budget, pad_to_multiple_of=64)(data)
+        self.rows = self.step[packing.ROWS_KEY]
+        assert budget == 128 and [r["end"] - r["start"] for r in self.rows] == [128, 64]
+        assert self.rows[0]["items"] > 1.5 * self.rows[1]["items"]
+        self.one_row = packing.make_varlen_collator(tokenizer, seq, pad_to_multiple_of=64)(data)
+        self.items = torch.tensor(packing.trained_tokens(self.step))
+        assert int(self.items) == packing.trained_tokens(self.one_row)
+        trainer.current_gradient_accumulation_steps = 1  # the Trainer's loop sets it per step
+        self.trainer, self.model = trainer, trainer.model
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # LoRA's B starts at zero, which leaves A without gradients
+            for name, parameter in self.model.named_parameters():
+                if "lora_B" in name:
+                    parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
+        self.forwards = _forward_kwargs(self.model)
+        self.no_sync_at: list[int] = []
+
+        @contextlib.contextmanager
+        def no_sync(model):
+            self.no_sync_at.append(len(self.forwards))
+            yield
+
+        monkeypatch.setattr(trainer.accelerator, "no_sync", no_sync)
+
+    def gradients(self, batch, items):
+        self.model.zero_grad()
+        loss = self.trainer.training_step(self.model, batch, items)
+        grads = {n: p.grad.clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        return loss, grads
+
+    def assert_same(self, rows, one):
+        (loss_rows, grads_rows), (loss_one, grads_one) = rows, one
+        assert torch.allclose(loss_rows, loss_one, rtol=1e-6, atol=0)
+        assert grads_rows.keys() == grads_one.keys() and grads_rows
+        assert all(grad.abs().max() > 1e-4 for grad in grads_one.values())
+        for name, grad in grads_one.items():
+            assert torch.allclose(grads_rows[name], grad, rtol=1e-5, atol=2e-7), name
+
+
+@pytest.mark.parametrize("normalised", ["by the step's items", "row means, weighted"])
+def test_a_step_run_as_several_rows_has_the_gradients_of_one_row(
+    tmp_path, tiny_model_root, monkeypatch, normalised
+):
+    """Two rows of very different sizes give the loss and the adapter gradients of the same
+    examples in one row: every row is normalised by the whole step's trained tokens, so the
+    split is only how the step runs. A per-row normalisation (mean of the rows' means) would
+    be off by far more than the tolerance. The first row runs under no_sync, the last not (DDP
+    all-reduces once). Second case: a model whose loss takes no `num_items_in_batch` (each
+    row's loss its own mean), which the trainer weights by the row's share of the step."""
+    from finetune_worker import packing
+
+    case = _TwoRowStep(tmp_path, tiny_model_root, monkeypatch)
+    items = case.items
+    if normalised == "row means, weighted":
+        case.trainer.model_accepts_loss_kwargs = False
+        items = None
+    rows = case.gradients(case.step, items)
+    assert len(case.forwards) == 2  # one forward per row ...
+    assert all(packing.ROWS_KEY not in call for call in case.forwards)  # ... never the list
+    assert [call["input_ids"].shape[1] for call in case.forwards] == [128, 64]
+    assert case.no_sync_at == [0]  # the first row without gradient sync, the last with
+    one = case.gradients(case.one_row, items)
+    assert len(case.forwards) == 3 and case.no_sync_at == [0]
+    case.assert_same(rows, one)
+
+    # the power of the comparison: per-row means averaged are far from the step's mean
+    with torch.no_grad():
+        case.trainer.model_accepts_loss_kwargs = False
+        means = [
+            case.trainer.compute_loss(case.model, packing.step_row(case.step, row))
+            for row in case.rows
+        ]
+    assert not torch.allclose(sum(means) / len(means), one[0], rtol=1e-3)
+
+
+def test_under_fsdp_a_rank_runs_as_many_rows_as_the_busiest_rank_the_extra_ones_empty(
+    tmp_path, tiny_model_root, monkeypatch
+):
+    """FSDP gathers parameters in every forward, so each rank runs as many rows as the rank
+    with the most (one gather of the counts per step); the extra rows have no trained tokens
+    and change neither the loss nor the gradients. Simulated in one process: another rank
+    has two rows more than this one."""
+    case = _TwoRowStep(tmp_path, tiny_model_root, monkeypatch)
+    trainer = case.trainer
+    assert trainer._most_rows_of_any_rank(2) == 2  # one process: its own count
+    monkeypatch.setattr(trainer, "is_fsdp_enabled", True, raising=False)
+    asked = []
+    monkeypatch.setattr(
+        trainer, "_most_rows_of_any_rank", lambda count: asked.append(count) or count + 2
+    )
+    rows = case.gradients(case.step, case.items)
+    assert asked == [2] and len(case.forwards) == 4
+    assert case.no_sync_at == [0, 1, 2]  # all but the last row under no_sync
+    for empty in case.forwards[2:]:
+        assert (empty["labels"] == -100).all() and empty["cu_seq_lens_q"].tolist() == [0, 64]
+    one = case.gradients(case.one_row, case.items)  # no row list: the step as it is
+    assert len(case.forwards) == 5
+    case.assert_same(rows, one)
+    # a step of one row, on a rank whose neighbour has three: two empty rows after it
+    from finetune_worker import packing
+
+    collate = packing.make_step_collator(
+        trainer.processing_class, 128, 10_000, pad_to_multiple_of=64
+    )
+    batch = collate(case.data)
+    assert len(batch[packing.ROWS_KEY]) == 1
+    again = case.gradients(batch, case.items)
+    assert len(case.forwards) == 8 and case.no_sync_at == [0, 1, 2, 5, 6]
+    case.assert_same(again, one)
+
+
+def test_unpacked_steps_of_several_rows_train_like_steps_of_one_row(tmp_path, tiny_model_root):
+    """End to end through build_trainer: rows of 128 tokens (micro-batch 1; the examples are
+    42-72 tokens) make every step of 5 examples two or more rows; rows of 8 x 128 tokens make
+    it one. Same seed, same steps (ceil(24 / 5) = 5 for the epoch), the same losses, and the
+    same real tokens counted for tokens/s."""
+    from finetune_worker import packing
+
+    runs = {}
+    for name, micro in (("rows", 1), ("one row", 8)):
+        config, splits, trainer, progress = _unpacked_trainer(
+            tmp_path / name.replace(" ", "-"),
+            tiny_model_root,
+            micro_batch=micro,
+            batchSize=5,
+            max_steps=None,
+            epochs=1,
+            float32=True,  # bf16 rounds differently in rows of other lengths
+        )
+        assert trainer.args.per_device_train_batch_size == 5
+        assert trainer.args.gradient_accumulation_steps == 1
+        counts = [len(b[packing.ROWS_KEY]) for b in trainer.get_train_dataloader()]
+        output = trainer.train()
+        losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+        runs[name] = (counts, losses, progress.tokens)
+        assert trainer.state.global_step == -(-len(splits.train) // 5) == len(losses) == 5
+        assert output.training_loss > 0
+    (counts_rows, losses_rows, tokens_rows), (counts_one, losses_one, tokens_one) = (
+        runs["rows"],
+        runs["one row"],
+    )
+    assert all(count >= 2 for count in counts_rows) and counts_one == [1] * 5
+    assert losses_rows == pytest.approx(losses_one, rel=1e-5)
+    pad = trainer.processing_class.pad_token_id
+    real = sum(
+        sum(1 for token in ids[: config.spec.training.seq_length] if token != pad)
+        for ids in splits.train["input_ids"]
+    )
+    assert tokens_rows == tokens_one == real

@@ -477,6 +477,31 @@ def test_a_spec_without_a_length_trains_one_epoch(tmp_path):
     assert args.num_train_epochs == 1.0 and args.max_steps == -1
 
 
+@pytest.mark.parametrize("varlen", [True, False])
+def test_an_unpacked_step_is_one_batch_of_the_whole_batch_size_where_rows_can_split_it(
+    tmp_path, monkeypatch, varlen
+):
+    """Unpacked with a varlen kernel, the Trainer's batch is the process's whole step
+    (batchSize / worldSize examples, no accumulation), split into rows by the collator;
+    without one, micro-batches of the plan's size and its accumulation, as before."""
+    from worker_configs import rehash
+
+    from finetune_api import WorkerConfig
+    from finetune_worker import attention
+    from finetune_worker.train import build_sft_config
+
+    monkeypatch.setattr(attention, "supported", lambda device: varlen)
+    doc = worker_config_dict(tmp_path, tmp_path, micro_batch=3, batchSize=10)
+    doc["plan"]["gradientAccumulation"] = 4  # ceil(10 / 3): the worst case, a row per 3
+    args = build_sft_config(WorkerConfig.model_validate(doc), device="cpu")
+    expected = (10, 1) if varlen else (3, 4)
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == expected
+    assert args.per_device_eval_batch_size == 3
+    doc["spec"]["training"]["packing"] = True  # packed: micro-batches of the token budget
+    args = build_sft_config(WorkerConfig.model_validate(rehash(doc)), device="cpu")
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (3, 4)
+
+
 def test_steady_throughput_leaves_out_the_first_steps():
     """status.metrics.steadyTokensPerSecond: tokens/s after the first 3 optimizer steps,
     next to the overall rate that includes them."""

@@ -8,7 +8,9 @@ trained to predict, a token of another sequence: the loss is the same as for the
 one by one (tests/worker/test_perf_packing.py checks this).
 
 The trainer's packed path is make_varlen_collator + PackedBatchSampler: one row of exactly the
-micro-batch's token budget, with the boundaries for varlen attention (attention.py). The other
+micro-batch's token budget, with the boundaries for varlen attention (attention.py). Its unpacked
+path is make_step_collator: each optimizer step's whole examples in as few varlen rows of at most
+that budget as they fit, run one after another. The other
 collators (rows of seq_len with transformers' block-diagonal masks from the position ids;
 length-grouped padded batches without a mask) are the fallback where PyTorch has no varlen
 kernel, and the benchmark's points of comparison (docs/perf-notes.md).
@@ -131,6 +133,38 @@ def make_collator(
     return collate_packed if packing else collate_padded
 
 
+def _pad_token(tokenizer: Any) -> int:
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    if pad_id is None:
+        pad_id = getattr(tokenizer, "eos_token_id", None) or 0
+    return pad_id
+
+
+def _varlen_row(items: list[tuple[list[int], list[int]]], width: int, pad_id: int):
+    """(input_ids, labels, position_ids, segment lengths) of one padding-free row of `width`.
+
+    The examples go back to back, each example's positions restarting at 0 and its first
+    token's label -100; the rest of the row is one padding segment with its own positions and
+    -100 labels."""
+    import torch
+
+    input_ids = torch.full((width,), pad_id, dtype=torch.long)
+    labels = torch.full((width,), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((width,), dtype=torch.long)
+    segments, at = [], 0
+    for ids, labs in items:
+        n = len(ids)
+        input_ids[at : at + n] = torch.tensor(ids, dtype=torch.long)
+        labels[at + 1 : at + n] = torch.tensor(labs[1:], dtype=torch.long)
+        position_ids[at : at + n] = torch.arange(n)
+        segments.append(n)
+        at += n
+    if at < width:
+        position_ids[at:] = torch.arange(width - at)
+        segments.append(width - at)
+    return input_ids, labels, position_ids, segments
+
+
 def make_varlen_collator(
     tokenizer: Any, seq_len: int, *, row_tokens: int | None = None, pad_to_multiple_of: int = 1
 ) -> Callable[[list[dict]], dict]:
@@ -144,13 +178,9 @@ def make_varlen_collator(
     The batch carries the segment boundaries as `cu_seq_lens_q/k` and `max_length_q/k`; the
     padding segment is a segment of its own, attends only to itself and carries no loss.
     """
-    import torch
-
     from .attention import boundaries
 
-    pad_id = getattr(tokenizer, "pad_token_id", None)
-    if pad_id is None:
-        pad_id = getattr(tokenizer, "eos_token_id", None) or 0
+    pad_id = _pad_token(tokenizer)
 
     def collate(examples: list[dict]) -> dict:
         items = [item for item in (_truncate(e, seq_len) for e in examples) if item[0]]
@@ -161,28 +191,102 @@ def make_varlen_collator(
                 f"a micro-batch of {total} tokens does not fit a packed row of "
                 f"{width}; the batch sampler must respect the token budget"
             )
-        input_ids = torch.full((1, width), pad_id, dtype=torch.long)
-        labels = torch.full((1, width), IGNORE_INDEX, dtype=torch.long)
-        position_ids = torch.zeros((1, width), dtype=torch.long)
-        segments, at = [], 0
-        for ids, labs in items:
-            n = len(ids)
-            input_ids[0, at : at + n] = torch.tensor(ids, dtype=torch.long)
-            labels[0, at + 1 : at + n] = torch.tensor(labs[1:], dtype=torch.long)
-            position_ids[0, at : at + n] = torch.arange(n)
-            segments.append(n)
-            at += n
-        if at < width:
-            position_ids[0, at:] = torch.arange(width - at)
-            segments.append(width - at)
+        input_ids, labels, position_ids, segments = _varlen_row(items, width, pad_id)
+        return {
+            "input_ids": input_ids[None],
+            "labels": labels[None],
+            "position_ids": position_ids[None],
+            **boundaries(segments),
+        }
+
+    return collate
+
+
+ROWS_KEY = "micro_rows"
+"""The key of a step batch (make_step_collator) that lists its rows; never a model input."""
+
+
+def make_step_collator(
+    tokenizer: Any, seq_len: int, row_tokens: int, *, pad_to_multiple_of: int = 1
+) -> Callable[[list[dict]], dict]:
+    """Collate one optimizer step's whole examples into as few padding-free rows as fit
+    `row_tokens` real tokens each: the unpacked path (spec.training.packing false).
+
+    Why: the planner bounds memory by a micro-batch of N examples of seqLength tokens, but
+    real instruction examples are a few hundred tokens, so N of them made rows of ~1,300
+    tokens, too small to keep an H200 busy (host-bound: 3,010 tokens/s unpacked against 9,880
+    packed). Here a step's examples are bin-packed first-fit decreasing (pack_rows) into rows
+    of at most `row_tokens` = micro-batch x seqLength real tokens, the plan's memory bound,
+    each example truncated to seq_len first (so each fits a row): usually one or two rows per
+    step instead of one per micro-batch. Every row ends in a padding segment up to a multiple
+    of `pad_to_multiple_of` (bounding the number of shapes) and is built like
+    make_varlen_collator's row. Because an example never crosses a row and the trainer
+    normalises every row by the whole step's token count, the split changes only how the step
+    is executed, not its loss or gradients.
+
+    The batch is the step's rows side by side as one varlen row (`input_ids`, `labels`,
+    `position_ids`, `cu_seq_lens_q/k`, `max_length_q/k`), so whatever counts tokens or
+    loss items over a batch sees the whole step; ROWS_KEY lists the rows, each a dict with its
+    `start` and `end` in that row, the number of trained `items` (labels after the causal
+    shift), and its own segment boundaries, all computed here on the host so nothing waits on
+    the GPU. The trainer (train.py) runs the rows one by one and strips the key before any
+    forward.
+    """
+    import torch
+
+    from .attention import boundaries
+
+    pad_id = _pad_token(tokenizer)
+
+    def collate(examples: list[dict]) -> dict:
+        items = [item for item in (_truncate(e, seq_len) for e in examples) if item[0]]
+        groups = pack_rows([len(ids) for ids, _ in items], row_tokens) if items else [[]]
+        parts, segments, rows, at = [], [], [], 0
+        for group in groups:
+            members = [items[i] for i in group]
+            total = sum(len(ids) for ids, _ in members)
+            width = -(-max(total, 1) // pad_to_multiple_of) * pad_to_multiple_of
+            input_ids, labels, position_ids, row_segments = _varlen_row(members, width, pad_id)
+            parts.append((input_ids, labels, position_ids))
+            segments += row_segments
+            rows.append(
+                {
+                    "start": at,
+                    "end": at + width,
+                    "items": int((labels[1:] != IGNORE_INDEX).sum()),
+                    **boundaries(row_segments),
+                }
+            )
+            at += width
+        input_ids, labels, position_ids = (
+            torch.cat(column)[None] for column in zip(*parts, strict=True)
+        )
         return {
             "input_ids": input_ids,
             "labels": labels,
             "position_ids": position_ids,
             **boundaries(segments),
+            ROWS_KEY: rows,
         }
 
     return collate
+
+
+BOUNDARY_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def step_row(batch: dict, row: dict) -> dict:
+    """The model inputs of one row of a step batch (make_step_collator): views of the step's
+    per-token tensors over the row, and the row's own boundaries."""
+    width = batch["input_ids"].shape[1]
+    inputs = {}
+    for key, value in batch.items():
+        if key == ROWS_KEY or key in BOUNDARY_KEYS:
+            continue
+        per_token = getattr(value, "dim", lambda: 0)() >= 2 and value.shape[1] == width
+        inputs[key] = value[:, row["start"] : row["end"]] if per_token else value
+    inputs.update({key: row[key] for key in BOUNDARY_KEYS})
+    return inputs
 
 
 def packed_batches(

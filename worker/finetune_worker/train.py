@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -143,13 +143,36 @@ def checkpoint_interval_seconds(training: TrainingSpec) -> float | None:
     return minutes * 60 if minutes > 0 else None
 
 
+def steps_in_rows(config: WorkerConfig, device: str) -> bool:
+    """Whether each optimizer step is one batch of whole examples that the collator splits
+    into rows of the plan's token budget (unpacked, with a varlen kernel: training_batches)."""
+    from . import attention
+
+    return not config.spec.training.packing and attention.supported(device)
+
+
+def examples_per_step(config: WorkerConfig) -> int:
+    """Whole examples per optimizer step of one process: spec.training.batchSize over the
+    world (the API requires a multiple of the world size)."""
+    return max(config.spec.training.batch_size // config.plan.world_size, 1)
+
+
 def build_sft_config(config: WorkerConfig, *, device: str, world: World | None = None) -> SFTConfig:
     """spec.training + plan -> trl SFTConfig. Packing and checkpointing are handled by our
     collator and modeling.py, so the trainer's own versions stay off. Under torchrun, creating
-    it joins the process group (accelerate reads the ranks from the environment)."""
+    it joins the process group (accelerate reads the ranks from the environment).
+
+    Unpacked with a varlen kernel (steps_in_rows), the Trainer's batch is a whole optimizer
+    step, batchSize / worldSize examples, with no accumulation of its own: the collator and
+    the trainer's training_step split it into rows of the plan's budget (training_batches).
+    Otherwise a batch is a micro-batch and the plan's accumulation makes up the step."""
     from trl import SFTConfig
 
     training, plan = config.spec.training, config.plan
+    if steps_in_rows(config, device):
+        per_device, accumulation = examples_per_step(config), 1
+    else:
+        per_device, accumulation = plan.micro_batch_size, plan.gradient_accumulation
     warmup = (
         training.warmup_steps
         if training.warmup_steps is not None
@@ -157,9 +180,9 @@ def build_sft_config(config: WorkerConfig, *, device: str, world: World | None =
     )
     return SFTConfig(
         output_dir=config.paths.checkpoint_dir,
-        per_device_train_batch_size=plan.micro_batch_size,
+        per_device_train_batch_size=per_device,
         per_device_eval_batch_size=plan.micro_batch_size,
-        gradient_accumulation_steps=plan.gradient_accumulation,
+        gradient_accumulation_steps=accumulation,
         max_steps=training.max_steps or -1,
         num_train_epochs=training.effective_epochs,
         learning_rate=training.learning_rate,
@@ -637,19 +660,33 @@ def training_batches(
     compute on padding, no mask, one shape for the whole run. Measured on an H200 against
     the alternatives in docs/perf-notes.md. Where PyTorch has no varlen kernel (torch < 2.10)
     the dense fallback: length-grouped batches padded to a multiple of 64, no mask.
-    Without packing: the Trainer's own sampler (micro-batch = that many whole examples), the
-    examples back to back in one padding-free varlen row, the same loss and gradients as
-    right-padding them (padding was 60-75 % of the GPU time of such jobs on an H200); padded
-    to the batch's longest only where PyTorch has no varlen kernel.
+
+    Without packing: the Trainer's own sampler deals each process batchSize / worldSize whole
+    examples per optimizer step (build_sft_config), and packing.make_step_collator splits
+    them into as few padding-free varlen rows as fit micro-batch x seqLength real tokens each
+    (first-fit decreasing; at worst ceil(examples / micro-batch) rows, the plan's
+    accumulation), each row padded to a multiple of 64. The trainer runs the rows one after
+    another and the Trainer takes one optimizer step (_trainer_class). Why: a micro-batch of
+    N whole examples was one row of ~1,300 tokens for typical instruction data, which leaves
+    an H200 host-bound (measured: 3,010 tokens/s unpacked against 9,880 packed); rows filled
+    to the budget keep it busy within the same memory bound. Every row's loss is normalised
+    by the whole step's token count (all ranks'), so the split changes how the step runs,
+    not its loss or gradients; and a row computes no padding beyond its last 63 tokens
+    (right-padding was 60-75 % of the GPU time of such jobs on an H200). Where PyTorch has no
+    varlen kernel: micro-batches of micro-batch examples padded to the batch's longest, with
+    the plan's accumulation, as before.
     """
     from . import attention, packing
 
     training = config.spec.training
     if not training.packing:
-        if attention.supported(device):
+        if steps_in_rows(config, device):
             attention.use_varlen(model)
-            return None, packing.make_varlen_collator(
-                tokenizer, training.seq_length, pad_to_multiple_of=DENSE_BATCH_MULTIPLE
+            return None, packing.make_step_collator(
+                tokenizer,
+                training.seq_length,
+                config.plan.micro_batch_size * training.seq_length,
+                pad_to_multiple_of=DENSE_BATCH_MULTIPLE,
             )
         return None, packing.make_collator(tokenizer, training.seq_length, False)
     budget = config.plan.micro_batch_size * training.seq_length
@@ -685,7 +722,8 @@ def training_batches(
 
 
 def _trainer_class(base):
-    """SFTTrainer whose training batches can come from a token-budget batch sampler."""
+    """SFTTrainer whose training batches can come from a token-budget batch sampler, and
+    whose unpacked steps run as several rows (training_step)."""
 
     class FineTuneTrainer(base):
         token_budget_sampler = None
@@ -699,26 +737,128 @@ def _trainer_class(base):
         expect_sharded = False
         """plan.strategy is fsdp: the first step checks the model really was sharded."""
 
+        row_weight: float | None = None
+        """While training_step runs a row of a step whose loss the Trainer does not normalise
+        by the step's token count (a model that takes no `num_items_in_batch`, so each row's
+        loss is its own mean): the row's share of the step's trained tokens, which turns the
+        row's mean into its part of the step's mean."""
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if self.expect_sharded:
                 self.expect_sharded = False
                 require_sharded(model)
+            inputs = _without_rows(inputs)
             if not self.model_loss or not model.training:
-                return super().compute_loss(
+                result = super().compute_loss(
                     model,
                     inputs,
                     return_outputs=return_outputs,
                     num_items_in_batch=num_items_in_batch,
                 )
-            from transformers import Trainer
+            else:
+                from transformers import Trainer
 
-            return Trainer.compute_loss(
-                self,
-                model,
-                inputs,
-                return_outputs=return_outputs,
-                num_items_in_batch=num_items_in_batch,
+                result = Trainer.compute_loss(
+                    self,
+                    model,
+                    inputs,
+                    return_outputs=return_outputs,
+                    num_items_in_batch=num_items_in_batch,
+                )
+            if self.row_weight is None:
+                return result
+            if return_outputs:
+                return result[0] * self.row_weight, result[1]
+            return result * self.row_weight
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            return super().prediction_step(
+                model, _without_rows(inputs), prediction_loss_only, ignore_keys=ignore_keys
             )
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            """One optimizer step's batch; a step batch of several rows (make_step_collator)
+            runs row by row, forward and backward each, gradients accumulating.
+
+            `num_items_in_batch` is the Trainer's count of the whole step's trained tokens
+            (every rank's under average_tokens_across_devices), so each row's loss is its token
+            sum over the step's tokens and the rows' gradients add up to exactly the step's:
+            the same as one row holding every example. Rows but the last run under no_sync, so
+            DDP all-reduces once, in the last backward. DDP tolerates ranks running different
+            numbers of rows: a forward or backward under no_sync is no collective (buffers are
+            broadcast only at a step's first forward, which follows a synced one on every
+            rank), so each rank makes the same collectives once per step. FSDP gathers
+            parameters in every forward, so there every rank runs as many rows as the rank with
+            the most, the extra ones empty (no trained tokens: nothing added to loss or
+            gradients). Returns the sum of the rows' losses: the step's loss."""
+            from .packing import ROWS_KEY
+
+            rows = inputs.get(ROWS_KEY) if isinstance(inputs, Mapping) else None
+            if rows is None:
+                return super().training_step(model, inputs, num_items_in_batch)
+            step = _without_rows(inputs)
+            count = len(rows)
+            if getattr(self, "is_fsdp_enabled", False):
+                count = self._most_rows_of_any_rank(count)
+            if count == 1:
+                return super().training_step(model, step, num_items_in_batch)
+            import contextlib
+
+            from .packing import step_row
+
+            step_items = sum(row["items"] for row in rows)
+            # what Trainer.compute_loss divides by num_items_in_batch (transformers 5.x)
+            step_normalised = num_items_in_batch is not None and (
+                getattr(self, "model_accepts_loss_kwargs", False)
+                or getattr(self, "compute_loss_func", None) is not None
+            )
+            total = None
+            for i in range(count):
+                row = rows[i] if i < len(rows) else None
+                row_inputs = step_row(step, row) if row else self._empty_row(step)
+                if not step_normalised:
+                    items = row["items"] if row else 0
+                    self.row_weight = items / step_items if step_items else 0.0
+                sync = i == count - 1
+                try:
+                    with contextlib.nullcontext() if sync else self.accelerator.no_sync(model):
+                        loss = super().training_step(model, row_inputs, num_items_in_batch)
+                finally:
+                    self.row_weight = None
+                total = loss if total is None else total + loss
+            return total
+
+        def _most_rows_of_any_rank(self, count: int) -> int:
+            import torch
+
+            counts = self.accelerator.gather(torch.tensor([count], device=self.args.device))
+            return int(counts.max())
+
+        def _empty_row(self, step: dict) -> dict:
+            """A minimal padding row with no trained tokens, for FSDP's extra forwards."""
+            import torch
+
+            from .attention import boundaries
+            from .packing import IGNORE_INDEX
+
+            ids = step["input_ids"]
+            cached = getattr(self, "_empty_row_cache", None)
+            if cached is None or cached["input_ids"].device != ids.device:
+                width = DENSE_BATCH_MULTIPLE
+                pad = getattr(self.processing_class, "pad_token_id", None) or 0
+                cached = {
+                    "input_ids": torch.full((1, width), pad, dtype=ids.dtype, device=ids.device),
+                    "labels": torch.full(
+                        (1, width), IGNORE_INDEX, dtype=torch.long, device=ids.device
+                    ),
+                    "position_ids": torch.arange(width, device=ids.device)[None],
+                    **{
+                        key: value.to(ids.device) if hasattr(value, "to") else value
+                        for key, value in boundaries([width]).items()
+                    },
+                }
+                self._empty_row_cache = cached
+            return dict(cached)
 
         def get_train_dataloader(self):
             if self.token_budget_sampler is None:
@@ -740,6 +880,17 @@ def _trainer_class(base):
             return self.accelerator.prepare(loader)
 
     return FineTuneTrainer
+
+
+def _without_rows(inputs: Any) -> Any:
+    """A step batch without its list of rows (packing.ROWS_KEY), which is no model input:
+    the rows side by side are one varlen row, the same computation (evaluation batches of a
+    micro-batch are always one row)."""
+    from .packing import ROWS_KEY
+
+    if isinstance(inputs, Mapping) and ROWS_KEY in inputs:
+        return {key: value for key, value in inputs.items() if key != ROWS_KEY}
+    return inputs
 
 
 def write_outputs(
