@@ -173,6 +173,18 @@ def build_sft_config(config: WorkerConfig, *, device: str, world: World | None =
         per_device, accumulation = examples_per_step(config), 1
     else:
         per_device, accumulation = plan.micro_batch_size, plan.gradient_accumulation
+        if not training.packing and per_device * accumulation != examples_per_step(config):
+            # The planner lets an unpacked micro-batch not divide the batch because steps are
+            # split into rows; without the varlen kernel they are fixed micro-batches instead.
+            log.warning(
+                "this PyTorch has no varlen attention kernel: each optimizer step trains "
+                "%d examples (micro-batch %d x %d) instead of spec.training.batchSize / "
+                "worldSize = %d",
+                per_device * accumulation,
+                per_device,
+                accumulation,
+                examples_per_step(config),
+            )
     warmup = (
         training.warmup_steps
         if training.warmup_steps is not None
