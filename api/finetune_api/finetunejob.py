@@ -176,8 +176,8 @@ class DatasetSpec(SpecModel):
 
 # --- method ---------------------------------------------------------------------------------
 
-Method = Literal["auto", "lora", "qlora"]
-ResolvedMethod = Literal["lora", "qlora"]
+Method = Literal["auto", "lora", "qlora", "fp8"]
+ResolvedMethod = Literal["lora", "qlora", "fp8"]
 
 
 class LoRASpec(SpecModel):
@@ -470,7 +470,7 @@ class FineTuneJobSpec(SpecModel):
     model_config = ConfigDict(
         json_schema_extra=validations(
             cel(
-                "self.method != 'lora' || !has(self.quantization)",
+                "!(self.method in ['lora', 'fp8']) || !has(self.quantization)",
                 "spec.quantization may only be set when spec.method is qlora or auto",
                 field_path=".quantization",
             ),
@@ -500,7 +500,11 @@ class FineTuneJobSpec(SpecModel):
     dataset: DatasetSpec
     """The training data."""
     method: Method = "auto"
-    """`auto` lets the planner pick lora (bf16 base) or qlora (4-bit base) to fit the budget."""
+    """`auto` lets the planner pick lora (bf16 base) or qlora (4-bit base) to fit the budget.
+    `fp8` trains LoRA on an FP8 (e4m3, a scale per output channel) copy of the frozen base:
+    half of bf16's weight memory and FP8 GEMMs, on GPUs with FP8 tensor cores (compute
+    capability 8.9 or newer); other GPUs refuse it at start (exit code 16). `auto` never picks
+    fp8 (it is chosen by name)."""
     # `default: {}` in the CRD makes the API server fill in (and show) the LoRA defaults.
     lora: LoRASpec = Field(default_factory=LoRASpec, json_schema_extra={"default": {}})
     quantization: QuantizationSpec | None = None
@@ -532,7 +536,7 @@ class FineTuneJobSpec(SpecModel):
 
     @model_validator(mode="after")
     def _quantization_needs_qlora(self) -> FineTuneJobSpec:
-        if self.method == "lora" and self.quantization is not None:
+        if self.method in ("lora", "fp8") and self.quantization is not None:
             raise ValueError("spec.quantization may only be set when spec.method is qlora or auto")
         return self
 
@@ -566,7 +570,8 @@ class MemoryBreakdown(StatusModel):
     """Predicted peak GPU memory per GPU, in bytes, by what occupies it."""
 
     base_weights: int = 0
-    """Frozen base weights (bf16, or 4-bit plus quantization constants for qlora)."""
+    """Frozen base weights (bf16, 4-bit plus quantization constants for qlora, or FP8 plus a
+    scale per output channel for fp8)."""
     adapter_weights: int = 0
     """The trainable LoRA matrices."""
     gradients: int = 0
@@ -583,7 +588,7 @@ class TrainingPlan(StatusModel):
     """What the planner decided and why; also handed to the worker in its config."""
 
     method: ResolvedMethod
-    """The resolved method: `lora` (bf16 base) or `qlora` (4-bit base)."""
+    """The resolved method: `lora` (bf16 base), `qlora` (4-bit base) or `fp8` (FP8 base)."""
     reason: Annotated[str, Field(max_length=4096)] = ""
     """Why this method and these settings, for people."""
     estimated_peak_bytes: int

@@ -208,6 +208,12 @@ INVALID = [
         "spec.quantization",
     ),
     (
+        "quantization-with-fp8",
+        "ftj",
+        [("spec.method", "fp8"), ("spec.quantization", {"type": "nf4"})],
+        "spec.quantization",
+    ),
+    (
         "quantization-int8",
         "ftj",
         [("spec.method", "qlora"), ("spec.quantization", {"type": "int8"})],

@@ -309,3 +309,22 @@ def _llama_spec(**overrides):
             node = node.setdefault(key, {})
         node[leaf] = value
     return FineTuneJobSpec.model_validate(doc)
+
+
+def test_fp8_is_planned_when_named_never_by_auto_and_never_sharded():
+    auto = plan(80)
+    assert all(c.shape.method != "fp8" for c in auto.candidates)
+    request = PlanRequest(seq_len=2048, batch_size=16, packing=True, method="fp8")
+    named = plan(24, request)
+    assert named.fits and named.method == "fp8" and "FP8 e4m3 base" in named.reason
+    lora = plan(24, PlanRequest(seq_len=2048, batch_size=16, packing=True, method="lora"))
+    # the same shape needs 6.5 GiB less with the base's 7.0 billion projection weights in FP8
+    same = next(
+        c
+        for c in lora.candidates
+        if c.shape == named.chosen.shape.but(method="lora") and c.gradient_accumulation
+    )
+    saved = same.estimate.breakdown["weights"] - named.estimate.breakdown["weights"]
+    assert 6.3 * GiB < saved < 6.6 * GiB
+    sharded = plan_training(LLAMA3_8B, request, Budget(24 * GiB, gpu_count=2))
+    assert {c.strategy for c in sharded.candidates} == {"ddp"}

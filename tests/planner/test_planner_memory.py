@@ -445,3 +445,16 @@ def test_per_rank_memory_of_fsdp_and_ddp_matches_real_ranks(data_file):
         assert predicted == pytest.approx(max(peaks), rel=0.05), run["run"]
         checked += 1
     assert checked >= 5
+
+
+def test_fp8_base_is_one_byte_per_adapted_weight_plus_channel_scales():
+    from finetune_operator.planner.memory import fp8_weight_bytes, weight_bytes
+
+    shape = TrainingShape(method="fp8")
+    projections = LLAMA3_8B.quantizable_params()
+    scales = 4 * LLAMA3_8B.num_layers * sum(o for _, o in LLAMA3_8B.projections().values())
+    expected = projections + scales + 2 * LLAMA3_8B.unquantized_params()
+    assert fp8_weight_bytes(LLAMA3_8B, shape) == weight_bytes(LLAMA3_8B, shape) == expected
+    # only adapted projections are converted: the others stay bf16
+    partial = TrainingShape(method="fp8", target_modules=("q_proj", "v_proj"))
+    assert weight_bytes(LLAMA3_8B, partial) > expected + projections // 2

@@ -63,9 +63,10 @@ def _camel(name: str) -> str:
 
 def plan_method(plan: Any) -> str:
     method = str(field(plan, "method", "lora")).lower()
-    if method not in ("lora", "qlora"):
+    if method not in ("lora", "qlora", "fp8"):
         raise ValueError(
-            f"plan.method is {method!r}; expected 'lora' (bf16 base) or 'qlora' (NF4 base). "
+            f"plan.method is {method!r}; expected 'lora' (bf16 base), 'qlora' (NF4 base) or "
+            "'fp8' (FP8 base). "
             "The operator's planner writes this field: re-plan the job or fix the worker config."
         )
     return method
@@ -195,6 +196,11 @@ def load_base_model(
                 "bitsandbytes need a CUDA GPU. Schedule the job on a GPU node or plan it as 'lora'."
             )
         kwargs["quantization_config"] = bnb_config(spec)
+    if method == "fp8" and device_map == "device":
+        # The bf16 weights are read into host memory and each projection is quantised on the
+        # GPU when LoRA is applied (prepare_for_training): a budget planned for an FP8 base
+        # never holds the bf16 one.
+        device_map = {"": "cpu"}
     if device_map == "device":
         kwargs["device_map"] = {"": device}
     elif device_map is not None:
@@ -395,6 +401,12 @@ def prepare_for_training(
     for _name, p in peft_model.named_parameters():
         if p.requires_grad and p.dtype != _fp32():
             p.data = p.data.float()
+    if plan_method(plan) == "fp8":
+        from .fp8 import fp8_base_layers
+
+        target = device or next(model.parameters()).device
+        fp8_base_layers(peft_model, target)
+        peft_model.to(target)
     # The training device, not where the weights are now: under FSDP the base is still on the
     # CPU here, and deciding by it silently dropped the fused kernels and lean LoRA layers
     # that the plan's memory and speed assume.

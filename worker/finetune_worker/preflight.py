@@ -86,9 +86,28 @@ def problems(plan: Any, device: str, *, packing: bool = False, launch: bool = Tr
         found += [missing] if missing else []
         if launch and not missing:
             found += _launch("bitsandbytes' NF4 quantisation", _run_nf4_roundtrip)
+    if str(_plan_field(plan, "method", "lora")).lower() == "fp8":
+        from . import fp8
+
+        ok, why = fp8.supported("cuda")
+        found += [] if ok else [f"plan.method is 'fp8' but {why}"]
+        if launch and ok:
+            found += _launch("an FP8 GEMM with row-wise scales", _run_fp8_gemm)
     if packing and launch:
         found += _launch("the flash varlen attention kernel", _run_varlen_attention)
     return found
+
+
+def _run_fp8_gemm() -> None:
+    """Forward and input gradient of a small FP8 layer (compiles its quantisation)."""
+    import torch
+
+    from . import fp8
+
+    layer = fp8.float8_linear_class().from_linear(torch.nn.Linear(64, 32, bias=False), "cuda")
+    x = torch.randn(48, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    layer(x).sum().backward()
+    torch.cuda.synchronize()
 
 
 def fused_kernel_problems() -> list[str]:

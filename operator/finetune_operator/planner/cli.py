@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", help="GPU memory per GPU, a Kubernetes quantity such as 24Gi")
     p.add_argument("--gpus", type=int, default=1, help="GPUs per node (one process each)")
     p.add_argument("--nodes", type=int, default=1, help="nodes (worker pods)")
-    p.add_argument("--method", choices=("auto", "lora", "qlora"), default="auto")
+    p.add_argument("--method", choices=("auto", "lora", "qlora", "fp8"), default="auto")
     p.add_argument("--r", "--lora-r", dest="r", type=int, default=16, help="LoRA rank")
     p.add_argument(
         "--target-modules", default="all-linear", help="comma-separated module names, or all-linear"

@@ -39,7 +39,7 @@ from .memory import (
 )
 from .speed import predicted_tokens_per_second
 
-MethodChoice = Literal["auto", "lora", "qlora"]
+MethodChoice = Literal["auto", "lora", "qlora", "fp8"]
 
 DEFAULT_MAX_TOKENS_PER_MICRO_BATCH = 16384
 # Relative speed of the strategies for the same per-process shape. FULL_SHARD FSDP all-gathers
@@ -55,6 +55,7 @@ STRATEGY_NAMES = {
 # QLoRA must be predicted this much faster to be chosen over LoRA: its NF4 base costs some
 # quality, and the speed model's held-out error is of the same order (about 10 %).
 QLORA_MIN_SPEEDUP = 1.10
+BASE_NAMES = {"lora": "bf16 base", "qlora": "4-bit NF4 base", "fp8": "FP8 e4m3 base"}
 SAFETY_FRACTION = 0.05
 SAFETY_MIN_BYTES = 512 * MiB
 
@@ -118,8 +119,8 @@ class PlanRequest:
     max_tokens_per_micro_batch: int = DEFAULT_MAX_TOKENS_PER_MICRO_BATCH
 
     def __post_init__(self) -> None:
-        if self.method not in ("auto", "lora", "qlora"):
-            raise ValueError(f"spec.method is {self.method!r}; expected auto, lora or qlora")
+        if self.method not in ("auto", "lora", "qlora", "fp8"):
+            raise ValueError(f"spec.method is {self.method!r}; expected auto, lora, qlora or fp8")
         if self.batch_size < 1:
             raise ValueError(f"spec.training.batchSize is {self.batch_size}; expected >= 1")
 
@@ -154,7 +155,7 @@ class Candidate:
 
     def describe(self) -> str:
         shape = self.shape
-        base = "bf16 base" if shape.method == "lora" else "4-bit NF4 base"
+        base = BASE_NAMES[shape.method]
         if not shape.gradient_checkpointing:
             ckpt = "without gradient checkpointing"
         elif shape.checkpointed_layers is None:
@@ -306,6 +307,8 @@ def enumerate_candidates(
     methods = ["lora", "qlora"] if request.method == "auto" else [request.method]
     world = budget.world_size
     strategies = ["single"] if world == 1 else ["ddp", "fsdp"]
+    if request.method == "fp8":
+        strategies = [s for s in strategies if s != "fsdp"]  # FP8 layers are not sharded
     per_process = step_examples(request, world)
     candidates = []
     for strategy in strategies:
@@ -363,7 +366,7 @@ def _preference(c: Candidate) -> tuple[float, int]:
 
 def _unlock_hint(request: PlanRequest) -> str:
     hints = []
-    if request.method == "lora":
+    if request.method in ("lora", "fp8"):
         hints.append("method qlora")
     if request.gradient_checkpointing is False:
         hints.append("gradientCheckpointing on")

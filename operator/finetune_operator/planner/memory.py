@@ -30,7 +30,7 @@ from .arch import ModelArch
 
 KiB, MiB, GiB = 2**10, 2**20, 2**30
 
-Method = Literal["lora", "qlora"]
+Method = Literal["lora", "qlora", "fp8"]
 
 OPTIMIZERS = (
     "adamw_torch",
@@ -174,8 +174,8 @@ class TrainingShape:
             )
         if self.strategy != "single" and self.gpu_count < 2:
             raise ValueError(f"strategy {self.strategy!r} needs at least 2 processes")
-        if self.method not in ("lora", "qlora"):
-            raise ValueError(f"method is {self.method!r}; expected 'lora' or 'qlora'")
+        if self.method not in ("lora", "qlora", "fp8"):
+            raise ValueError(f"method is {self.method!r}; expected 'lora', 'qlora' or 'fp8'")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(
                 f"optimizer is {self.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}"
@@ -300,10 +300,22 @@ def nf4_bytes(params: int, double_quant: bool) -> int:
     return params // 2 + constants
 
 
+def fp8_weight_bytes(arch: ModelArch, shape: TrainingShape) -> int:
+    """The projections under LoRA adapters in e4m3 (1 byte each) with an fp32 scale per output
+    channel; everything else bf16 (finetune_worker.fp8 converts only the adapted projections)."""
+    targets = target_projections(arch, shape.target_modules).values()
+    fp8_params = arch.num_layers * sum(i * o for i, o in targets)
+    scales = 4 * arch.num_layers * sum(o for _, o in targets)
+    return fp8_params + scales + 2 * (arch.total_params() - fp8_params)
+
+
 def weight_bytes(arch: ModelArch, shape: TrainingShape) -> int:
-    """The frozen base: bf16 for LoRA; NF4 decoder projections + 16-bit rest for QLoRA."""
+    """The frozen base: bf16 for LoRA; NF4 decoder projections + 16-bit rest for QLoRA; FP8
+    adapted projections + bf16 rest for fp8."""
     if shape.method == "lora":
         return 2 * arch.total_params()
+    if shape.method == "fp8":
+        return fp8_weight_bytes(arch, shape)
     rest = 4 if shape.upcast_non_quantized else 2
     quantized = nf4_bytes(arch.quantizable_params(), shape.double_quant)
     return quantized + rest * arch.unquantized_params()
@@ -340,7 +352,7 @@ def adapter_input_copied(shape: TrainingShape) -> bool:
     act = residual_bytes(shape)
     if act != 2:
         return True
-    return shape.method == "lora" and shape.adapter_bytes != act and not shape.lean_lora
+    return shape.method != "qlora" and shape.adapter_bytes != act and not shape.lean_lora
 
 
 def residual_bytes(shape: TrainingShape) -> int:
@@ -491,6 +503,13 @@ def estimate_memory(
     if shape.method == "qlora":
         # bitsandbytes dequantises one projection at a time into a bf16 scratch matrix.
         backward += 2 * max(a * b for a, b in arch.projections().values())
+    if shape.method == "fp8":
+        # The input gradient of one projection at a time: its FP8 weight transposed (1 byte
+        # per weight) and the gradient quantised to e4m3 (1 byte per token and channel).
+        widest = max(arch.projections().values(), key=lambda p: p[0] * p[1])
+        backward += (
+            widest[0] * widest[1] + max(max(p) for p in arch.projections().values()) * tokens
+        )
 
     if shape.fused_ce:
         loss = constants.fused_ce_bytes_per_hidden * h * tokens

@@ -36,7 +36,9 @@ from .memory import TrainingShape
 class SpeedConstants:
     """Fitted on an H200 (torch 2.11, liger-kernel 0.8.5, bitsandbytes 0.50.2)."""
 
-    tflops: dict[str, float] = field(default_factory=lambda: {"lora": 503.1, "qlora": 505.7})
+    tflops: dict[str, float] = field(
+        default_factory=lambda: {"lora": 503.1, "qlora": 505.7, "fp8": 549.7}
+    )
     """Effective matmul rate of a training step, TFLOP/s (the H200 peaks near 790 dense)."""
     dequant_seconds_per_gparam: float = 0.00001
     """QLoRA: seconds to dequantise 10^9 NF4 weights to bf16, once per pass. The fit leaves it
@@ -47,6 +49,12 @@ class SpeedConstants:
             ("lora", True): 0.01131,
             ("qlora", False): 0.00811,
             ("qlora", True): 0.01599,
+            # fp8 (bench/fp8-base.sh, two points: 12,288 tokens unchecked 17,637 tokens/s,
+            # 8,192 checkpointed 8,362): without checkpointing 1.5x LoRA's launches assumed
+            # (quantising adds kernels), which puts the FP8 GEMMs at 550 TFLOP/s effective;
+            # the checkpointed point then needs 25 ms per layer, more than launches explain.
+            ("fp8", False): 0.00836,
+            ("fp8", True): 0.02514,
         }
     )
     """Launch time per decoder layer and micro-batch; checkpointing launches the forward again."""
