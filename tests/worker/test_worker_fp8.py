@@ -7,6 +7,8 @@ the same way and multiplies in float32; the GPU adds only speed.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -115,3 +117,52 @@ def test_gpus_without_fp8_tensor_cores_are_refused_before_training(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
     assert fp8.supported("cuda") == (True, "")
     assert preflight.problems({"method": "fp8", "fusedKernels": False}, "cuda", launch=False) == []
+
+
+def test_an_fp8_run_trains_and_its_adapter_merges_into_the_bf16_base(worker_config, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from finetune_api import AdapterManifest
+    from finetune_worker.cli import main
+    from finetune_worker.train import run_training
+
+    config = worker_config(fmt="alpaca", method="fp8", max_steps=12, packing=True)
+    result = run_training(config)
+    layers = [m for m in result.model.modules() if isinstance(m, fp8.float8_linear_class())]
+    assert layers and all(m.weight.dtype == torch.float8_e4m3fn for m in layers)
+    assert result.train_loss is not None and result.global_step == 12
+    assert AdapterManifest.read(result.adapter_dir).method == "fp8"
+
+    # The adapter was trained against the FP8 base; it merges into the bf16 base like any
+    # other, and the merged model is exactly base + adapter.
+    merged_dir = tmp_path / "merged"
+    root = Path(config.paths.claim_mounts["models"])
+    assert (
+        main(
+            [
+                "merge",
+                "--adapter",
+                str(result.adapter_dir),
+                "--output",
+                str(merged_dir),
+                "--dtype",
+                "float32",
+                "--claim-mount",
+                f"models={root}",
+            ]
+        )
+        == 0
+    )
+    probe = torch.tensor([[1, 4, 60, 61, 62, 63, 64, 65, 6]])
+    base = AutoModelForCausalLM.from_pretrained(root / "tiny", dtype=torch.float32)
+    reference = PeftModel.from_pretrained(base, str(result.adapter_dir)).eval()
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    assert not any(isinstance(m, fp8.float8_linear_class()) for m in merged.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(
+            merged(probe).logits, reference(probe).logits, atol=1e-4, rtol=1e-4
+        )
+        # and the adapter learned something: the merged model is not the base
+        plain = AutoModelForCausalLM.from_pretrained(root / "tiny", dtype=torch.float32).eval()
+        assert (merged(probe).logits - plain(probe).logits).abs().max() > 1e-2
