@@ -131,23 +131,15 @@ async def refresh(namespace: str, max_age: float, known: Known | None = None) ->
     known.forget_idle(max_age)
 
 
-async def create_missing(
-    children: list[dict], max_age: float, known: Known | None = None
-) -> list[dict]:
-    """Create those of `children` the inventory does not know (all in one namespace), in
-    order. -> the children created."""
+async def not_known(children: list[dict], max_age: float, known: Known | None = None) -> list[dict]:
+    """Those of `children` (all in one namespace) the inventory does not know, in order.
+    Only kind and metadata are read, so a child whose body is costly to render can be asked
+    about with a stub first."""
     known = known or KNOWN
     if not children:
         return []
     await refresh(children[0]["metadata"]["namespace"], max_age, known)
-    created = []
-    for child in children:
-        if known.has(child):
-            continue
-        _, was_created = await create(child, known)
-        if was_created:
-            created.append(child)
-    return created
+    return [child for child in children if not known.has(child)]
 
 
 async def create(child: dict, known: Known | None = None) -> tuple[dict, bool]:

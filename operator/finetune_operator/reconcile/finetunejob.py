@@ -202,15 +202,21 @@ async def _ensure_children(
     exist, a POST for those that are not.
     """
     rendezvous = training.build_rendezvous_service(ftj, plan)
+    # The worker config is rendered only for a pass that creates it: rendering it (a model
+    # round trip and a YAML dump) on every pass was a tenth of the operator's CPU in a burst.
+    config = training.config_map_stub(ftj)
+    children = [config, *training.build_rbac(ftj), *([rendezvous] if rendezvous else [])]
+    if job is not None:
+        children = await inventory.not_known(children, settings.resync_seconds)
     children = [
-        training.build_config_map(ftj, plan, shash),
-        *training.build_rbac(ftj),
-        *([rendezvous] if rendezvous else []),
+        training.build_config_map(ftj, plan, shash) if child is config else child
+        for child in children
     ]
     for child in children:
         kopf.adopt(child, owner=body)
     if job is not None:
-        await inventory.create_missing(children, settings.resync_seconds)
+        for child in children:
+            await inventory.create(child)
         return job
     for child in children:
         await inventory.create(child)
