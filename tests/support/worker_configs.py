@@ -118,3 +118,22 @@ def worker_config(tmp_path, tiny_model_root):
 def copy_model(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+def merge_adapter(adapter_dir: Path, output: Path, models_root: Path, *extra: str) -> int:
+    """`finetune-worker merge` of a trained adapter into its base (the manifest's pvc://models
+    source, mounted at `models_root`), as a user runs it by hand; -> its exit code."""
+    from finetune_worker.cli import main
+
+    return main(
+        [
+            "merge",
+            "--adapter",
+            str(adapter_dir),
+            "--output",
+            str(output),
+            "--claim-mount",
+            f"models={models_root}",
+            *extra,
+        ]
+    )

@@ -11,26 +11,15 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+import tinymodel
+
 from finetune_worker import packing
 
 SEQ_LEN = 64
 
 
 def tiny_llama(attn: str = "sdpa"):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        max_position_embeddings=256,
-        use_cache=False,
-    )
-    cfg._attn_implementation = attn
-    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    return model.eval()
+    return tinymodel.tiny_llama(attn=attn).eval()
 
 
 class Tok:

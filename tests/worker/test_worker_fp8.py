@@ -15,6 +15,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
+import tinymodel
+from worker_configs import merge_adapter
+
 from finetune_worker import fp8, modeling, preflight
 
 SPEC = {"model": {"name": "unused"}, "lora": {"r": 8, "alpha": 16, "dropout": 0.0}}
@@ -68,17 +71,7 @@ def test_fp8_is_within_its_rounding_of_the_bf16_layer():
 
 
 def _tiny_model():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        max_position_embeddings=128,
-    )
-    return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return tinymodel.tiny_llama()
 
 
 def test_an_fp8_plan_trains_lora_on_fp8_base_layers_like_the_bf16_plan():
@@ -124,7 +117,6 @@ def test_an_fp8_run_trains_and_its_adapter_merges_into_the_bf16_base(worker_conf
     from transformers import AutoModelForCausalLM
 
     from finetune_api import AdapterManifest
-    from finetune_worker.cli import main
     from finetune_worker.train import run_training
 
     config = worker_config(fmt="alpaca", method="fp8", max_steps=12, packing=True)
@@ -138,22 +130,7 @@ def test_an_fp8_run_trains_and_its_adapter_merges_into_the_bf16_base(worker_conf
     # other, and the merged model is exactly base + adapter.
     merged_dir = tmp_path / "merged"
     root = Path(config.paths.claim_mounts["models"])
-    assert (
-        main(
-            [
-                "merge",
-                "--adapter",
-                str(result.adapter_dir),
-                "--output",
-                str(merged_dir),
-                "--dtype",
-                "float32",
-                "--claim-mount",
-                f"models={root}",
-            ]
-        )
-        == 0
-    )
+    assert merge_adapter(result.adapter_dir, merged_dir, root, "--dtype", "float32") == 0
     probe = torch.tensor([[1, 4, 60, 61, 62, 63, 64, 65, 6]])
     base = AutoModelForCausalLM.from_pretrained(root / "tiny", dtype=torch.float32)
     reference = PeftModel.from_pretrained(base, str(result.adapter_dir)).eval()

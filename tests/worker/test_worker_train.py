@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from kubetest import wait_for
-from worker_configs import worker_config_dict
+from worker_configs import merge_adapter, worker_config_dict
 
 from finetune_api import AdapterManifest, WorkerConfig
 
@@ -171,7 +171,6 @@ def test_qlora_trains_on_nf4_base_with_bf16_embeddings_and_merges_unquantised(
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM
 
-    from finetune_worker.cli import main
     from finetune_worker.train import run_training
 
     config = _config(
@@ -201,20 +200,7 @@ def test_qlora_trains_on_nf4_base_with_bf16_embeddings_and_merges_unquantised(
     assert AdapterManifest.read(result.adapter_dir).method == "qlora"
 
     merged_dir = tmp_path / "merged"
-    assert (
-        main(
-            [
-                "merge",
-                "--adapter",
-                str(result.adapter_dir),
-                "--output",
-                str(merged_dir),
-                "--claim-mount",
-                f"models={tiny_model_root}",
-            ]
-        )
-        == 0
-    )
+    assert merge_adapter(result.adapter_dir, merged_dir, tiny_model_root) == 0
     merged = AutoModelForCausalLM.from_pretrained(merged_dir)
     assert merged.dtype == torch.bfloat16
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules())
