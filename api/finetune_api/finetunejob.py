@@ -247,7 +247,10 @@ class TrainingSpec(SpecModel):
             }
         ),
     ] = "auto"
-    """Sequences per forward pass; `auto` lets the planner choose the fastest that fits."""
+    """Memory per forward pass, in sequences of seqLength: each forward pass is one
+    padding-free row of at most microBatchSize x seqLength tokens (packed rows are filled to
+    it; without packing a step's whole examples are split into as few such rows as they fit
+    in). `auto` lets the planner choose the fastest that fits."""
     seq_length: Annotated[int, Field(ge=16, le=131072)] = 2048
     """Maximum tokens per training sequence; longer rows are truncated."""
     packing: bool = False
