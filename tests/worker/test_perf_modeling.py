@@ -100,35 +100,17 @@ def test_selective_checkpointing_recomputes_the_requested_share_of_layers():
     assert modeling.checkpointed_layers(32, 0.0) == []
     assert len(modeling.checkpointed_layers(32, 0.25)) == 8
 
-    pm = modeling.prepare_for_training(
-        tiny_model(),
-        SPEC,
-        {"method": "lora", "gradientCheckpointing": True, "checkpointFraction": 0.5},
-    )
-    flags = [layer.gradient_checkpointing for layer in pm.base_model.model.model.layers]
-    assert flags == [True, False, True, False]
+    def recomputed(**plan):
+        pm = modeling.prepare_for_training(
+            tiny_model(), SPEC, {"method": "lora", "gradientCheckpointing": True, **plan}
+        )
+        return [layer.gradient_checkpointing for layer in pm.base_model.model.model.layers]
+
+    assert recomputed(checkpointFraction=0.5) == [True, False, True, False]
     # The plan's checkpointedLayers is a count and wins over a fraction.
-    assert modeling.checkpointed_layers(32, 1.0, count=12) == [
-        0,
-        2,
-        5,
-        8,
-        10,
-        13,
-        16,
-        18,
-        21,
-        24,
-        26,
-        29,
-    ]
-    pm = modeling.prepare_for_training(
-        tiny_model(),
-        SPEC,
-        {"method": "lora", "gradientCheckpointing": True, "checkpointedLayers": 1},
-    )
-    flags = [layer.gradient_checkpointing for layer in pm.base_model.model.model.layers]
-    assert flags == [True, False, False, False]
+    twelve = [0, 2, 5, 8, 10, 13, 16, 18, 21, 24, 26, 29]
+    assert modeling.checkpointed_layers(32, 1.0, count=12) == twelve
+    assert recomputed(checkpointedLayers=1, checkpointFraction=0.5) == [True, False, False, False]
 
 
 def test_checkpointing_gives_the_same_gradients():
