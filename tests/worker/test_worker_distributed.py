@@ -428,6 +428,37 @@ def test_two_ddp_processes_train_exactly_what_one_process_accumulating_trains(
     )
 
 
+@pytest.mark.slow
+def test_two_ddp_processes_train_an_fp8_base_as_one_process_does(tmp_path, tiny_model_root):
+    """`method: fp8` under DDP: the frozen FP8 weights stay out of DDP's broadcasts (gloo
+    cannot send float8 at all, and every rank quantises the same weights), and the world
+    trains what one process accumulating the same micro-batches trains."""
+    losses = {}
+    for name, world_size, accumulation in (("single", 1, 2), ("ddp", 2, 1)):
+        tmp = tmp_path / name
+        tmp.mkdir()
+        config = _write(
+            tmp / "worker-config.yaml",
+            _distributed_config(
+                tmp,
+                tiny_model_root,
+                world_size=world_size,
+                accumulation=accumulation,
+                fmt="alpaca",
+                method="fp8",
+                packing=True,
+                micro_batch=2,
+                max_steps=4,
+            ),
+        )
+        args = _launch(config) if world_size > 1 else ["train", "--config", str(config)]
+        code, output, _ = _run(args, tmp, name)
+        assert code == 0, output
+        losses[name] = _step_losses(tmp / "checkpoints" / "checkpoint-4")
+    assert len(losses["single"]) == 4
+    assert losses["ddp"] == pytest.approx(losses["single"], abs=1e-5, rel=0)
+
+
 def _rows_per_rank(config: dict, world_size: int) -> list[list[int]]:
     """Rows each rank runs per step of the first epoch, from the one-process run's steps: under
     DDP rank r gets the r-th of every world_size consecutive batches of batchSize / world

@@ -216,4 +216,21 @@ def fp8_base_layers(peft_model: PeftModel, device: Any = None) -> int:
                 continue
             module.base_layer = cls.from_linear(base, device)
             count += 1
+    _keep_out_of_ddp(peft_model, cls)
     return count
+
+
+def _keep_out_of_ddp(model: torch.nn.Module, cls: type) -> None:
+    """DDP broadcasts every parameter from rank 0 when it wraps the model, and every buffer
+    before each forward. The FP8 weights are frozen and every rank quantises the same bf16
+    weights identically, so there is nothing to synchronise, and gloo cannot even send
+    float8 tensors ("Invalid scalar type"). Listed here, DDP leaves them alone."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    names = [
+        f"{name}.{part}"
+        for name, module in model.named_modules()
+        if isinstance(module, cls)
+        for part in ("weight", "weight_scale", *(("bias",) if module.bias is not None else ()))
+    ]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
