@@ -10,28 +10,9 @@ import asyncio
 import aiohttp
 import pytest
 from kubernetes_asyncio.client.exceptions import ApiException
+from scriptedapi import ScriptedApi, api_error
 
 from finetune_operator import k8s, metrics
-
-
-class FlakyApi:
-    """call_api fails with each of `failures` in turn, then answers {"ok": True}."""
-
-    def __init__(self, failures):
-        self.failures = list(failures)
-        self.calls = 0
-
-    async def call_api(self, *args, **kwargs):
-        self.calls += 1
-        if self.failures:
-            raise self.failures.pop(0)
-        return {"ok": True}
-
-
-def api_error(status: int, retry_after: str | None = None) -> ApiException:
-    exc = ApiException(status=status, reason="test")
-    exc.headers = {"Retry-After": retry_after} if retry_after else {}
-    return exc
 
 
 @pytest.fixture
@@ -42,7 +23,7 @@ def flaky(monkeypatch):
         slept.append(seconds)
 
     def install(failures):
-        api = FlakyApi(failures)
+        api = ScriptedApi(failures, then={"ok": True})
 
         async def connect():
             return api

@@ -9,33 +9,12 @@ import asyncio
 
 import kopf
 import pytest
-from kubernetes_asyncio.client.exceptions import ApiException
+from scriptedapi import ScriptedApi, api_error
 
 from finetune_operator import k8s, main, metrics, requeue
 from finetune_operator.reconcile.settings import OperatorSettings
 
 KEY = ("FineTuneJob", "ns", "job")
-
-
-def api_error(status: int, retry_after: str | None = None) -> ApiException:
-    exc = ApiException(status=status, reason="test")
-    exc.headers = {"Retry-After": retry_after} if retry_after else {}
-    return exc
-
-
-class ScriptedApi:
-    """call_api raises each of `failures` in turn; after them every object is gone (404), so
-    a FineTuneJob pass reads nothing and ends without error."""
-
-    def __init__(self, failures):
-        self.failures = list(failures)
-        self.calls = 0
-
-    async def call_api(self, *args, **kwargs):
-        self.calls += 1
-        if self.failures:
-            raise self.failures.pop(0)
-        raise api_error(404)
 
 
 class Harness:
@@ -52,7 +31,8 @@ class Harness:
         monkeypatch.setattr(k8s, "RETRY_ATTEMPTS", 1)  # _call gives up at once: a spent call
 
     def api(self, failures) -> ScriptedApi:
-        api = ScriptedApi(failures)
+        # after the failures every object is gone (404): a pass reads nothing and ends
+        api = ScriptedApi(failures, then=api_error(404))
 
         async def connect():
             return api
