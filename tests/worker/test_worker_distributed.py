@@ -348,31 +348,29 @@ def _adapter_weights(adapter: Path) -> dict:
 STEPS = 8
 
 
-@pytest.fixture(scope="module")
-def one_and_two_processes(tmp_path_factory, tiny_model_root):
+def _one_and_two_processes(make_dir, model_root, **config) -> dict[str, SimpleNamespace]:
     """The same global batch trained by one process (micro-batch 2, accumulation 2) and by a
-    DDP world of two (micro-batch 2, accumulation 1 each), packed, with gradient checkpointing
-    (non-reentrant, which DDP needs), over almost three epochs."""
+    DDP world of two (micro-batch 2, accumulation 1 each), packed, through the entrypoints a
+    pod runs; `config` adds to the worker config."""
     runs = {}
     for name, world_size, accumulation in (("single", 1, 2), ("ddp", 2, 1)):
-        tmp = tmp_path_factory.mktemp(name)
-        config = _write(
+        tmp = make_dir(name)
+        config_file = _write(
             tmp / "worker-config.yaml",
             _distributed_config(
                 tmp,
-                tiny_model_root,
+                model_root,
                 world_size=world_size,
                 accumulation=accumulation,
                 fmt="alpaca",
                 packing=True,
                 micro_batch=2,
-                max_steps=STEPS,
-                checkpointing=True,
+                **config,
             ),
         )
         summaries = tmp / "rank-summaries"
         summaries.mkdir()
-        args = _launch(config) if world_size > 1 else ["train", "--config", str(config)]
+        args = _launch(config_file) if world_size > 1 else ["train", "--config", str(config_file)]
         started = time.monotonic()
         code, output, log = _run(
             args,
@@ -389,6 +387,15 @@ def one_and_two_processes(tmp_path_factory, tiny_model_root):
             seconds=time.monotonic() - started,
         )
     return runs
+
+
+@pytest.fixture(scope="module")
+def one_and_two_processes(tmp_path_factory, tiny_model_root):
+    """LoRA with gradient checkpointing (non-reentrant, which DDP needs), over almost three
+    epochs, by one process and by two."""
+    return _one_and_two_processes(
+        tmp_path_factory.mktemp, tiny_model_root, max_steps=STEPS, checkpointing=True
+    )
 
 
 @pytest.mark.slow
@@ -433,28 +440,15 @@ def test_two_ddp_processes_train_an_fp8_base_as_one_process_does(tmp_path, tiny_
     """`method: fp8` under DDP: the frozen FP8 weights stay out of DDP's broadcasts (gloo
     cannot send float8 at all, and every rank quantises the same weights), and the world
     trains what one process accumulating the same micro-batches trains."""
-    losses = {}
-    for name, world_size, accumulation in (("single", 1, 2), ("ddp", 2, 1)):
-        tmp = tmp_path / name
-        tmp.mkdir()
-        config = _write(
-            tmp / "worker-config.yaml",
-            _distributed_config(
-                tmp,
-                tiny_model_root,
-                world_size=world_size,
-                accumulation=accumulation,
-                fmt="alpaca",
-                method="fp8",
-                packing=True,
-                micro_batch=2,
-                max_steps=4,
-            ),
-        )
-        args = _launch(config) if world_size > 1 else ["train", "--config", str(config)]
-        code, output, _ = _run(args, tmp, name)
-        assert code == 0, output
-        losses[name] = _step_losses(tmp / "checkpoints" / "checkpoint-4")
+
+    def make_dir(name):
+        (tmp_path / name).mkdir()
+        return tmp_path / name
+
+    runs = _one_and_two_processes(make_dir, tiny_model_root, method="fp8", max_steps=4)
+    losses = {
+        name: _step_losses(run.tmp / "checkpoints" / "checkpoint-4") for name, run in runs.items()
+    }
     assert len(losses["single"]) == 4
     assert losses["ddp"] == pytest.approx(losses["single"], abs=1e-5, rel=0)
 
