@@ -643,19 +643,23 @@ def test_kueue_admits_the_second_job_when_the_first_frees_the_gpu(
     assert job["spec"]["suspend"] is True
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
 
+    def runs_once_admitted(name: str) -> None:
+        """Kueue admits the job's Workload and un-suspends its Job; once its pod starts the
+        FineTuneJob is Running with Queued=False, Admitted."""
+        job = f"{name}-train"
+        wait_for_kueue(lambda: admitted(job), f"Kueue to admit the {name} job's Workload")
+        wait_for_kueue(
+            lambda: kube.get("job", job)["spec"].get("suspend") is False,
+            f"Kueue to un-suspend the {name} Job",
+        )
+        kubelet_starts(kube, job)
+        running = wait_phase(kube, name, "Running")
+        queued = condition(running, "Queued")
+        assert (queued["status"], queued["reason"]) == ("False", "Admitted")
+
     # CPU and memory for both jobs, GPUs for one: the GPU is what the second waits for.
     assert kueue_quota(kube, gpus=1, cpu="8", memory="32Gi") == "gpu-queue"
-    wait_for_kueue(lambda: admitted("first-train"), "Kueue to admit the first job's Workload")
-    wait_for_kueue(
-        lambda: kube.get("job", "first-train")["spec"].get("suspend") is False,
-        "Kueue to un-suspend the first Job",
-    )
-    kubelet_starts(kube, "first-train")
-    running = wait_phase(kube, "first", "Running")
-    assert (condition(running, "Queued")["status"], condition(running, "Queued")["reason"]) == (
-        "False",
-        "Admitted",
-    )
+    runs_once_admitted("first")
 
     # The second job asks for the one GPU the first holds.
     kube.apply(second)
@@ -680,19 +684,7 @@ def test_kueue_admits_the_second_job_when_the_first_frees_the_gpu(
     # The first finishes: its Workload releases the GPU and Kueue admits the second.
     act_as_kubelet(kube, "first-train", exit_code=0)
     wait_phase(kube, "first", "Succeeded")
-    wait_for_kueue(
-        lambda: admitted("second-train"), "Kueue to admit the second job after the first"
-    )
-    wait_for_kueue(
-        lambda: kube.get("job", "second-train")["spec"].get("suspend") is False,
-        "Kueue to un-suspend the second Job",
-    )
-    kubelet_starts(kube, "second-train")
-    running = wait_phase(kube, "second", "Running")
-    assert (condition(running, "Queued")["status"], condition(running, "Queued")["reason"]) == (
-        "False",
-        "Admitted",
-    )
+    runs_once_admitted("second")
     act_as_kubelet(kube, "second-train", exit_code=0)
     wait_phase(kube, "second", "Succeeded")
     # The operator never suspends a Kueue-admitted Job again.
