@@ -111,6 +111,29 @@ def _openssl(*args: str, cwd: Path) -> None:
         raise ClusterError(f"openssl {' '.join(args[:2])} failed: {res.stderr.strip()}")
 
 
+def sign_with_ca(pki: Path, name: str, ext: str, *, days: int) -> None:
+    """Sign `name`.csr with the CA in `pki` (ca.crt, ca.key) into `name`.crt, with the
+    extensions in the file `ext`."""
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        f"{name}.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        f"{name}.crt",
+        "-days",
+        str(days),
+        "-extfile",
+        ext,
+        cwd=pki,
+    )
+
+
 def _make_pki(pki: Path) -> None:
     """CA, apiserver serving cert, admin client cert and the service-account key pair.
 
@@ -146,24 +169,7 @@ def _make_pki(pki: Path) -> None:
         _openssl(
             "req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", subject, cwd=pki
         )
-        _openssl(
-            "x509",
-            "-req",
-            "-in",
-            f"{name}.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            f"{name}.crt",
-            "-days",
-            "30",
-            "-extfile",
-            ext,
-            cwd=pki,
-        )
+        sign_with_ca(pki, name, ext, days=30)
     _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "sa.key", cwd=pki)
     _openssl("ec", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
 

@@ -137,24 +137,7 @@ def _make_certs(pki: Path) -> None:
         f"/CN={WEBHOOK_SERVICE}.{NAMESPACE}.svc",
         cwd=pki,
     )
-    run(
-        "x509",
-        "-req",
-        "-in",
-        "tls.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "tls.crt",
-        "-days",
-        "365",
-        "-extfile",
-        "server.ext",
-        cwd=pki,
-    )
+    controlplane.sign_with_ca(pki, "tls", "server.ext", days=365)
 
 
 def _config(ports: dict[str, int], cert_dir: Path) -> dict:
