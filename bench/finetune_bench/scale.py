@@ -220,35 +220,13 @@ def cleanup(cluster: Cluster, namespace: str) -> None:
 
 def volumes(namespace: str) -> list[dict]:
     """The `data` and `adapters` claims the jobs name, bound to hostPath volumes."""
+    from finetune_dev.devcluster.volumes import hostpath_claim
+
     docs = []
     for claim in ("data", "adapters"):
         pv = f"pv-{namespace}-{claim}"[:63]
-        docs.append(
-            {
-                "apiVersion": "v1",
-                "kind": "PersistentVolume",
-                "metadata": {"name": pv},
-                "spec": {
-                    "capacity": {"storage": "1Gi"},
-                    "accessModes": ["ReadWriteMany"],
-                    "hostPath": {"path": f"/tmp/{pv}"},
-                    "claimRef": {"namespace": namespace, "name": claim},
-                    "storageClassName": "",
-                },
-            }
-        )
-        docs.append(
-            {
-                "apiVersion": "v1",
-                "kind": "PersistentVolumeClaim",
-                "metadata": {"name": claim, "namespace": namespace},
-                "spec": {
-                    "accessModes": ["ReadWriteMany"],
-                    "resources": {"requests": {"storage": "1Gi"}},
-                    "storageClassName": "",
-                    "volumeName": pv,
-                },
-            }
+        docs += hostpath_claim(
+            namespace, claim, volume=pv, path=f"/tmp/{pv}", access_modes=("ReadWriteMany",)
         )
     return docs
 

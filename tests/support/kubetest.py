@@ -17,6 +17,7 @@ import yaml
 
 from finetune_dev.devcluster import binaries
 from finetune_dev.devcluster.controlplane import Cluster
+from finetune_dev.devcluster.volumes import hostpath_claim
 
 
 class KubectlError(AssertionError):
@@ -112,33 +113,16 @@ def bound_pvc(
     """A PersistentVolumeClaim bound to a hostPath PersistentVolume (the PV controller
     binds them), so pods that mount it can be scheduled."""
     pv = f"pv-{kube.namespace}-{claim}"[:63]
-    kube.apply(
-        {
-            "apiVersion": "v1",
-            "kind": "PersistentVolume",
-            "metadata": {"name": pv},
-            "spec": {
-                "capacity": {"storage": size},
-                "accessModes": list(access_modes),
-                "storageClassName": "manual",
-                "hostPath": {"path": f"/tmp/finetune-test-pv/{pv}"},
-                "claimRef": {"namespace": kube.namespace, "name": claim},
-            },
-        }
-    )
-    kube.apply(
-        {
-            "apiVersion": "v1",
-            "kind": "PersistentVolumeClaim",
-            "metadata": {"name": claim},
-            "spec": {
-                "accessModes": list(access_modes),
-                "storageClassName": "manual",
-                "volumeName": pv,
-                "resources": {"requests": {"storage": size}},
-            },
-        }
-    )
+    for manifest in hostpath_claim(
+        kube.namespace,
+        claim,
+        volume=pv,
+        path=f"/tmp/finetune-test-pv/{pv}",
+        size=size,
+        access_modes=access_modes,
+        storage_class="manual",
+    ):
+        kube.apply(manifest)
 
 
 def _dump(manifest: dict | list) -> str:

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import yaml
 
+from finetune_dev.devcluster.volumes import hostpath_claim
+
 REPO_ROOT = Path(__file__).resolve().parents[3]
 NAMESPACE = "default"
 NODE_NAME = "local-cpu"
@@ -276,37 +278,12 @@ class Demo:
             )
         docs = []
         for claim in CLAIMS:
-            pv = f"{NAMESPACE}-{claim}"
-            docs.append(
-                {
-                    "apiVersion": "v1",
-                    "kind": "PersistentVolume",
-                    "metadata": {"name": pv},
-                    "spec": {
-                        "capacity": {"storage": "10Gi"},
-                        "accessModes": ["ReadWriteOnce"],
-                        "persistentVolumeReclaimPolicy": "Retain",
-                        "storageClassName": "",
-                        "hostPath": {
-                            "path": str(self.paths.pvc / claim),
-                            "type": "DirectoryOrCreate",
-                        },
-                        "claimRef": {"namespace": NAMESPACE, "name": claim},
-                    },
-                }
-            )
-            docs.append(
-                {
-                    "apiVersion": "v1",
-                    "kind": "PersistentVolumeClaim",
-                    "metadata": {"name": claim, "namespace": NAMESPACE},
-                    "spec": {
-                        "accessModes": ["ReadWriteOnce"],
-                        "storageClassName": "",
-                        "volumeName": pv,
-                        "resources": {"requests": {"storage": "10Gi"}},
-                    },
-                }
+            docs += hostpath_claim(
+                NAMESPACE,
+                claim,
+                volume=f"{NAMESPACE}-{claim}",
+                path=str(self.paths.pvc / claim),
+                size="10Gi",
             )
         self.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))
         for claim in CLAIMS:
