@@ -200,6 +200,18 @@ def cmd_job(args) -> None:
         del base
 
 
+def cmd_fp8_quality(args) -> None:
+    """The same LoRA job on the bf16 base and its FP8 copy; the FP8 adapter merged into bf16."""
+    from . import fp8_quality, harness, shapes
+
+    harness.cuda_context_bytes()
+    examples = bench_examples(args.examples, shapes.SHAPES[args.shape]["vocab_size"], args.seed)
+    cfg = harness.RunConfig(shape=args.shape, steps=args.steps, warmup_excluded=args.warmup)
+    for k, v in json.loads(args.config).items():
+        setattr(cfg, k, v)
+    _emit({"kind": "fp8-quality", **fp8_quality.run(args.shape, examples, cfg)}, args.out)
+
+
 def cmd_recipe(args) -> None:
     from . import recipe, shapes
 
@@ -295,6 +307,14 @@ def main(argv: list[str] | None = None) -> int:
     j.add_argument("--examples", type=int, default=6000)
     j.add_argument("--seed", type=int, default=0)
     j.add_argument("--out")
+    q = sub.add_parser("fp8-quality", help="bf16 vs FP8 base: loss curves, merged eval loss")
+    q.add_argument("--shape", default="llama-3-8b")
+    q.add_argument("--steps", type=int, default=200)
+    q.add_argument("--warmup", type=int, default=5)
+    q.add_argument("--config", default="{}", help="RunConfig overrides as JSON")
+    q.add_argument("--examples", type=int, default=6000)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--out")
     args = p.parse_args(argv)
     {
         "env": cmd_env,
@@ -303,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         "recipe": cmd_recipe,
         "trainer": cmd_trainer,
         "job": cmd_job,
+        "fp8-quality": cmd_fp8_quality,
     }[args.cmd](args)
     return 0
 

@@ -346,8 +346,15 @@ def train(
             prof, profile_steps, step_times[-profile_steps:]
         )
         if profile_out:
-            with open(profile_out, "w") as fh:
-                fh.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=60))
+            # Appended, one section per run: GPU kernels by device time, then the host's
+            # operators by their own CPU time (where a host-bound step spends it).
+            averages = prof.key_averages()
+            with open(profile_out, "a") as fh:
+                fh.write(f"== {cfg.label}: by CUDA time\n")
+                fh.write(averages.table(sort_by="cuda_time_total", row_limit=40))
+                fh.write(f"\n== {cfg.label}: by self CPU time\n")
+                fh.write(averages.table(sort_by="self_cpu_time_total", row_limit=40))
+                fh.write("\n")
     result.losses = [round(float(x), 5) for x in losses]
     result.notes["step_seconds"] = [round(t, 4) for t in step_times]
     result.notes["step_shapes"] = [
