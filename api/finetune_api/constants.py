@@ -141,6 +141,9 @@ CUDA_CONTEXT_BYTES = 768 * 2**20
 """GPU memory a training process holds outside PyTorch's allocator (the CUDA context, cuBLAS
 workspaces, lazily loaded kernels; measured in docs/memory-model.md). The planner counts it
 against spec.resources.gpu.memory; the worker caps its allocator at the budget less this."""
+FP8_MIN_COMPUTE_CAPABILITY = (8, 9)
+"""FP8 tensor cores: Ada (8.9), Hopper (9.0) and newer. The worker refuses `fp8` below it; the
+planner offers `fp8` to `method: auto` only on a GPU product known to reach it."""
 # torchrun's master port on pod 0 of a multi-node job: the operator's Service and container
 # port, and the worker launcher's default.
 RENDEZVOUS_PORT = 29500
