@@ -51,6 +51,9 @@ class Reason:
     PLAN_DOES_NOT_FIT = "InsufficientGPUMemory"
     MODEL_CONFIG_UNAVAILABLE = "ModelConfigUnavailable"
     HUB_UNAVAILABLE = "HubUnavailable"
+    METHOD_NOT_SUPPORTED = "MethodNotSupported"
+    """The method the spec names (or every one spec.allowedMethods allows) needs FP8 tensor
+    cores that spec.resources.gpu.product lacks or does not name."""
     # ReferencesResolved
     REFERENCES_FOUND = "ReferencesFound"
     SECRET_NOT_FOUND = "SecretNotFound"
