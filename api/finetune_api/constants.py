@@ -51,6 +51,9 @@ class Reason:
     PLAN_DOES_NOT_FIT = "InsufficientGPUMemory"
     MODEL_CONFIG_UNAVAILABLE = "ModelConfigUnavailable"
     HUB_UNAVAILABLE = "HubUnavailable"
+    METHOD_NOT_SUPPORTED = "MethodNotSupported"
+    """The method the spec names (or every one spec.allowedMethods allows) needs FP8 tensor
+    cores that spec.resources.gpu.product lacks or does not name."""
     # ReferencesResolved
     REFERENCES_FOUND = "ReferencesFound"
     SECRET_NOT_FOUND = "SecretNotFound"
@@ -141,6 +144,9 @@ CUDA_CONTEXT_BYTES = 768 * 2**20
 """GPU memory a training process holds outside PyTorch's allocator (the CUDA context, cuBLAS
 workspaces, lazily loaded kernels; measured in docs/memory-model.md). The planner counts it
 against spec.resources.gpu.memory; the worker caps its allocator at the budget less this."""
+FP8_MIN_COMPUTE_CAPABILITY = (8, 9)
+"""FP8 tensor cores: Ada (8.9), Hopper (9.0) and newer. The worker refuses `fp8` below it; the
+planner offers `fp8` to `method: auto` only on a GPU product known to reach it."""
 # torchrun's master port on pod 0 of a multi-node job: the operator's Service and container
 # port, and the worker launcher's default.
 RENDEZVOUS_PORT = 29500

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from .common import (
     API_VERSION,
@@ -336,7 +336,9 @@ class GPUSpec(SpecModel):
     memory: PositiveQuantity
     """Memory per GPU the plan must fit in, e.g. `24Gi`: the planner's budget."""
     product: ShortString | None = None
-    """GPU product for scheduling (the `nvidia.com/gpu.product` node label), e.g. `NVIDIA-H200`."""
+    """GPU product for scheduling (the `nvidia.com/gpu.product` node label), e.g. `NVIDIA-H200`.
+    It also tells the planner whether the GPU has FP8 tensor cores: `method: auto` considers
+    fp8 only when this names one the planner knows to have them."""
     resource_name: Annotated[str, Field(min_length=1, max_length=253)] = DEFAULT_GPU_RESOURCE
     """Extended resource to request."""
 
@@ -464,6 +466,7 @@ MICRO_BATCH_DIVIDES_MESSAGE = (
     "x gradient accumulation x GPUs. Raise spec.training.batchSize to a multiple of "
     "microBatchSize x GPUs, lower microBatchSize, or set it to auto"
 )
+ALLOWED_METHODS_NEED_AUTO = "spec.allowedMethods may only be set when spec.method is auto"
 
 
 class FineTuneJobSpec(SpecModel):
@@ -476,6 +479,11 @@ class FineTuneJobSpec(SpecModel):
                 "!(self.method in ['lora', 'fp8']) || !has(self.quantization)",
                 "spec.quantization may only be set when spec.method is qlora or auto",
                 field_path=".quantization",
+            ),
+            cel(
+                "self.method == 'auto' || !has(self.allowedMethods)",
+                ALLOWED_METHODS_NEED_AUTO,
+                field_path=".allowedMethods",
             ),
             cel(
                 "self.training.batchSize % (self.resources.gpu.count * self.resources.gpu.nodes)"
@@ -503,11 +511,24 @@ class FineTuneJobSpec(SpecModel):
     dataset: DatasetSpec
     """The training data."""
     method: Method = "auto"
-    """`auto` lets the planner pick lora (bf16 base) or qlora (4-bit base) to fit the budget.
-    `fp8` trains LoRA on an FP8 (e4m3, a scale per output channel) copy of the frozen base:
-    half of bf16's weight memory and FP8 GEMMs, on GPUs with FP8 tensor cores (compute
-    capability 8.9 or newer); other GPUs refuse it at start (exit code 16). `auto` never picks
-    fp8 (it is chosen by name)."""
+    """`auto` lets the planner pick the fastest method that fits the budget: lora (bf16 base),
+    qlora (4-bit base) or fp8, narrowed by allowedMethods. `fp8` trains LoRA on an FP8 (e4m3,
+    a scale per output channel) copy of the frozen base: half of bf16's weight memory and FP8
+    GEMMs, on GPUs with FP8 tensor cores (compute capability 8.9 or newer: L4, L40S, H100,
+    H200, B200, ...). `auto` considers fp8 only when resources.gpu.product names a GPU the
+    planner knows to have them; fp8 named on a product known to lack them (A100, T4, ...) is
+    refused when planning, and on any other GPU without them the worker refuses it at start
+    (exit code 16)."""
+    allowed_methods: (
+        Annotated[
+            list[ResolvedMethod],
+            Field(min_length=1, max_length=3, json_schema_extra={"x-kubernetes-list-type": "set"}),
+        ]
+        | None
+    ) = None
+    """The methods `auto` may choose from, each at most once, to forbid the others: `[lora,
+    qlora]` never trains on an FP8 base, `[qlora]` always on the 4-bit base. Only with method
+    auto. Unset: all three, fp8 still only on a resources.gpu.product with FP8 tensor cores."""
     # `default: {}` in the CRD makes the API server fill in (and show) the LoRA defaults.
     lora: LoRASpec = Field(default_factory=LoRASpec, json_schema_extra={"default": {}})
     quantization: QuantizationSpec | None = None
@@ -541,6 +562,20 @@ class FineTuneJobSpec(SpecModel):
     def _quantization_needs_qlora(self) -> FineTuneJobSpec:
         if self.method in ("lora", "fp8") and self.quantization is not None:
             raise ValueError("spec.quantization may only be set when spec.method is qlora or auto")
+        return self
+
+    @field_validator("allowed_methods")
+    @classmethod
+    def _each_method_once(cls, methods: list[str] | None) -> list[str] | None:
+        repeated = sorted({m for m in methods or [] if methods.count(m) > 1})
+        if repeated:
+            raise ValueError(f"names each method at most once; repeated: {repeated}")
+        return methods
+
+    @model_validator(mode="after")
+    def _allowed_methods_need_auto(self) -> FineTuneJobSpec:
+        if self.method != "auto" and self.allowed_methods is not None:
+            raise ValueError(ALLOWED_METHODS_NEED_AUTO)
         return self
 
     @model_validator(mode="after")

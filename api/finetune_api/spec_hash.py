@@ -15,7 +15,16 @@ import json
 from .common import parse_quantity
 from .finetunejob import FineTuneJobSpec
 
-TRAINING_FIELDS = ("model", "dataset", "method", "lora", "quantization", "training", "output")
+TRAINING_FIELDS = (
+    "model",
+    "dataset",
+    "method",
+    "allowed_methods",
+    "lora",
+    "quantization",
+    "training",
+    "output",
+)
 
 
 def spec_hash(spec: FineTuneJobSpec) -> str:
@@ -29,6 +38,9 @@ def spec_hash(spec: FineTuneJobSpec) -> str:
     )
     # The GPU budget shapes the plan (micro-batch, checkpointing, method under `auto`);
     # in bytes, so `24Gi` and `24576Mi` are the same budget.
+    # The GPU product also decides whether `auto` may choose fp8, but it is a scheduling field
+    # that existing jobs already carry: hashing it would re-plan them on an operator upgrade,
+    # under a running Job. The spec is immutable, so the plan recorded for it stays its plan.
     gpu = spec.resources.gpu
     data["gpu"] = {"count": gpu.count, "memoryBytes": parse_quantity(gpu.memory)}
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)

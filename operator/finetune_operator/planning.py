@@ -15,7 +15,7 @@ from finetune_api.constants import Reason
 from finetune_api.finetunejob import FineTuneJob, TrainingPlan
 
 from . import k8s
-from .planner import UnknownArchitecture
+from .planner import MethodNotSupported, UnknownArchitecture
 from .planner.api_adapter import NoFittingPlan, plan_for_spec
 from .planner.arch import HubUnavailable
 from .planner.configsource import arch_for_model
@@ -61,3 +61,5 @@ async def plan_job(ftj: FineTuneJob, settings: OperatorSettings) -> TrainingPlan
         return plan_for_spec(ftj.spec, arch)
     except NoFittingPlan as exc:
         raise PlanningFailed(Reason.PLAN_DOES_NOT_FIT, str(exc)) from exc
+    except MethodNotSupported as exc:
+        raise PlanningFailed(Reason.METHOD_NOT_SUPPORTED, str(exc)) from exc

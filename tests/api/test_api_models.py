@@ -283,7 +283,8 @@ def test_spec_hash_ignores_defaults_written_out_and_scheduling_knobs():
             "lora": {"r": 16, "alpha": 32},
             "suspend": True,
             "backoffLimit": 7,
-            "resources": {"gpu": {"memory": "24576Mi"}, "queueName": "q"},
+            # The product, like the queue, is scheduling: hashing it would re-plan existing jobs.
+            "resources": {"gpu": {"memory": "24576Mi", "product": "NVIDIA-H200"}, "queueName": "q"},
         }
     )
     assert spec_hash(base) == spec_hash(explicit)
@@ -296,6 +297,7 @@ def test_spec_hash_ignores_defaults_written_out_and_scheduling_knobs():
         {"lora": {"r": 8}},
         {"training": {"epochs": 2}},
         {"method": "qlora"},
+        {"allowedMethods": ["lora", "qlora"]},
         {"resources": {"gpu": {"memory": "16Gi"}}},
         {"model": {"name": "meta-llama/Meta-Llama-3-8B", "revision": "abc123"}},
     ],

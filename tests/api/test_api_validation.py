@@ -214,6 +214,20 @@ INVALID = [
         "spec.quantization",
     ),
     (
+        "allowed-methods-with-lora",
+        "ftj",
+        [("spec.method", "lora"), ("spec.allowedMethods", ["lora"])],
+        "spec.allowedMethods",
+    ),
+    ("allowed-methods-empty", "ftj", [("spec.allowedMethods", [])], "spec.allowedMethods"),
+    (
+        "allowed-methods-repeated",
+        "ftj",
+        [("spec.allowedMethods", ["lora", "lora"])],
+        "spec.allowedMethods",
+    ),
+    ("allowed-methods-full", "ftj", [("spec.allowedMethods", ["full"])], "spec.allowedMethods"),
+    (
         "quantization-int8",
         "ftj",
         [("spec.method", "qlora"), ("spec.quantization", {"type": "int8"})],

@@ -73,6 +73,16 @@ def test_nothing_fits_exits_1_with_the_minimum_memory(capsys):
     assert result["minimumGpuMemoryBytes"] > 6 * 2**30
 
 
+def test_gpu_product_and_allowed_methods_flags_are_the_spec_fields(capsys):
+    flags = ("--model", "meta-llama/Meta-Llama-3-8B", "--memory", "80Gi", "--packing")
+    rc, out, _ = run(capsys, *flags, "--gpu-product", "NVIDIA-H200")
+    assert rc == 0 and json.loads(out)["plan"]["method"] == "fp8"
+    rc, out, _ = run(capsys, *flags, "--gpu-product", "NVIDIA-H200", "--allowed-methods", "lora")
+    assert rc == 0 and json.loads(out)["plan"]["method"] == "lora"
+    rc, _, err = run(capsys, *flags, "--gpu-product", "NVIDIA-A100-SXM4-80GB", "--method", "fp8")
+    assert rc == 2 and "spec.method is fp8" in err and "NVIDIA-A100-SXM4-80GB" in err
+
+
 def test_manifest_file_is_planned_like_the_operator_would(capsys):
     rc, out, _ = run(capsys, "-f", str(EXAMPLES / "finetunejob-llama3-8b.yaml"))
     assert rc == 0

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import yaml
 
-from finetune_operator.planner import Budget, PlanRequest, plan_training, preset
+from finetune_operator.planner import (
+    Budget,
+    MethodNotSupported,
+    PlanRequest,
+    plan_training,
+    preset,
+)
 from finetune_operator.planner.api_adapter import NoFittingPlan, plan_for_spec, request_from_spec
 from finetune_operator.planner.memory import GiB, MiB
 
@@ -311,9 +319,7 @@ def _llama_spec(**overrides):
     return FineTuneJobSpec.model_validate(doc)
 
 
-def test_fp8_is_planned_when_named_never_by_auto_and_never_sharded():
-    auto = plan(80)
-    assert all(c.shape.method != "fp8" for c in auto.candidates)
+def test_fp8_is_planned_when_named_and_never_sharded():
     request = PlanRequest(seq_len=2048, batch_size=16, packing=True, method="fp8")
     named = plan(24, request)
     assert named.fits and named.method == "fp8" and "FP8 e4m3 base" in named.reason
@@ -328,3 +334,124 @@ def test_fp8_is_planned_when_named_never_by_auto_and_never_sharded():
     assert 6.3 * GiB < saved < 6.6 * GiB
     sharded = plan_training(LLAMA3_8B, request, Budget(24 * GiB, gpu_count=2))
     assert {c.strategy for c in sharded.candidates} == {"ddp"}
+
+
+# --- fp8 under auto: only on a GPU product known to have FP8 tensor cores -------------------
+
+H200 = "NVIDIA-H200"
+A100 = "NVIDIA-A100-SXM4-80GB"
+
+
+def plan_on(product: str | None, memory_gib: float, request: PlanRequest = REQUEST, gpus=1):
+    budget = Budget(int(memory_gib * GiB), gpu_count=gpus, gpu_product=product)
+    return plan_training(LLAMA3_8B, request, budget)
+
+
+def fastest_fitting(decision, method: str) -> float:
+    return max(c.speed for c in decision.candidates if c.fits and c.shape.method == method)
+
+
+def test_auto_chooses_fp8_on_an_h200_where_the_speed_model_ranks_it_fastest():
+    # 80 GiB: FP8 GEMMs beat bf16 LoRA at the large micro-batch both fit (perf-notes.md: +13 %).
+    decision = plan_on(H200, 80)
+    assert decision.method == "fp8"
+    assert decision.chosen.speed > fastest_fitting(decision, "lora")
+    assert "fp8 not considered" not in decision.reason
+    # 24 GiB: the FP8 base leaves room that bf16 LoRA spends on weights, and needs no
+    # dequantisation, so it beats both.
+    middle = plan_on(H200, 24)
+    assert middle.method == "fp8"
+    assert middle.chosen.speed > max(
+        fastest_fitting(middle, "lora"), fastest_fitting(middle, "qlora")
+    )
+    # 12 GiB: FP8 fits only with a small micro-batch; QLoRA stays the choice.
+    assert plan_on(H200, 12).method == "qlora"
+    # Several GPUs: FP8 is offered data-parallel only, never sharded.
+    ddp = plan_on(H200, 80, gpus=2)
+    assert {c.strategy for c in ddp.candidates if c.shape.method == "fp8"} == {"ddp"}
+
+
+@pytest.mark.parametrize(
+    "product, why",
+    [
+        (A100, f"spec.resources.gpu.product '{A100}' (compute capability 8.0) has no FP8"),
+        ("Tesla-T4", "spec.resources.gpu.product 'Tesla-T4' (compute capability 7.5) has no FP8"),
+        (None, "set spec.resources.gpu.product to a GPU with FP8 tensor cores"),
+        ("LOCAL-CPU", "spec.resources.gpu.product 'LOCAL-CPU' is not a GPU the planner knows"),
+    ],
+)
+def test_auto_never_chooses_fp8_where_the_gpu_is_not_known_to_have_it_and_says_why(product, why):
+    for memory in (6, 12, 24, 80):
+        decision = plan_on(product, memory)
+        assert all(c.shape.method != "fp8" for c in decision.candidates)
+        assert f"fp8 not considered: {why}" in decision.reason, decision.reason
+    # Said only where auto would otherwise have considered fp8.
+    for request in (
+        replace(REQUEST, allowed_methods=("lora", "qlora")),
+        replace(REQUEST, method="lora"),
+    ):
+        assert "fp8" not in plan_on(product, 80, request).reason
+
+
+def test_allowed_methods_restrict_what_auto_may_choose():
+    no_fp8 = replace(REQUEST, allowed_methods=("lora", "qlora"))
+    for memory in (12, 24, 80):
+        decision = plan_on(H200, memory, no_fp8)
+        assert decision.method in ("lora", "qlora")
+        assert {c.shape.method for c in decision.candidates} == {"lora", "qlora"}
+        assert "fp8" not in decision.reason  # not even as "faster but not fitting"
+    only_qlora = plan_on(H200, 80, replace(REQUEST, allowed_methods=("qlora",)))
+    assert only_qlora.method == "qlora"
+    assert plan_on(H200, 80, replace(REQUEST, method="lora")).fits  # where LoRA fits
+    # When nothing allowed fits, the hint names the list, not spec.method.
+    only_lora = plan_on(H200, 12, replace(REQUEST, allowed_methods=("lora",)))
+    assert not only_lora.fits
+    assert "Allowing qlora in spec.allowedMethods would need less" in only_lora.reason
+
+
+def test_allowed_methods_are_for_auto_only():
+    with pytest.raises(ValueError, match="spec.allowedMethods restricts method auto only"):
+        PlanRequest(method="lora", allowed_methods=("lora",))
+    with pytest.raises(ValueError, match="spec.allowedMethods"):
+        PlanRequest(allowed_methods=())
+
+
+def test_fp8_named_on_a_gpu_without_fp8_is_refused_naming_the_fields():
+    named = replace(REQUEST, method="fp8")
+    for product in (A100, "Tesla-T4"):
+        with pytest.raises(MethodNotSupported) as caught:
+            plan_on(product, 80, named)
+        message = str(caught.value)
+        assert message.startswith("spec.method is fp8, but spec.resources.gpu.product ")
+        assert f"'{product}'" in message and "has no FP8 tensor cores" in message
+    # A product the planner does not know, or none: planned, the worker checks the GPU at start.
+    assert plan_on("LOCAL-CPU", 80, named).method == "fp8"
+    assert plan_on(None, 80, named).method == "fp8"
+    # Allowing only fp8 where it cannot be planned leaves nothing: refused the same way.
+    with pytest.raises(MethodNotSupported, match="spec.allowedMethods allows only fp8"):
+        plan_on(None, 80, replace(REQUEST, allowed_methods=("fp8",)))
+    assert plan_on(H200, 80, replace(REQUEST, allowed_methods=("fp8",))).method == "fp8"
+
+
+def test_the_spec_reaches_the_planner_and_a_refusal_fails_planning_with_its_reason():
+    from finetune_api import FineTuneJob
+    from finetune_api.constants import Reason
+    from finetune_operator.planning import PlanningFailed, plan_job
+    from finetune_operator.reconcile.settings import OperatorSettings
+
+    on_h200 = {"resources.gpu.product": H200, "resources.gpu.memory": "80Gi"}
+    assert plan_for_spec(_llama_spec(**on_h200), LLAMA3_8B).method == "fp8"
+    restricted = _llama_spec(**on_h200, allowedMethods=["lora", "qlora"])
+    assert request_from_spec(restricted)[0].allowed_methods == ("lora", "qlora")
+    assert plan_for_spec(restricted, LLAMA3_8B).method == "lora"
+
+    spec = _llama_spec(
+        **{"resources.gpu.product": A100, "resources.gpu.memory": "80Gi", "method": "fp8"}
+    )
+    job = FineTuneJob(spec=spec.model_copy(update={"hf_token_secret_ref": None}))
+    settings = OperatorSettings.from_env({"FINETUNE_ALLOW_HUB": "false"})
+    with pytest.raises(PlanningFailed) as caught:
+        asyncio.run(plan_job(job, settings))
+    assert caught.value.reason == Reason.METHOD_NOT_SUPPORTED == "MethodNotSupported"
+    assert not caught.value.transient
+    assert "spec.method is fp8" in str(caught.value) and A100 in str(caught.value)

@@ -28,6 +28,8 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Any
 
+from finetune_api.constants import FP8_MIN_COMPUTE_CAPABILITY
+
 if TYPE_CHECKING:
     import torch
     from peft import PeftModel
@@ -36,8 +38,8 @@ E4M3_MAX = 448.0
 """Largest finite float8_e4m3fn value."""
 GEMM_MULTIPLE = 16
 """_scaled_mm wants every dimension a multiple of 16; rows are padded up to it."""
-MIN_CAPABILITY = (8, 9)
-"""FP8 tensor cores: Ada (8.9), Hopper (9.0) and newer."""
+MIN_CAPABILITY = FP8_MIN_COMPUTE_CAPABILITY
+"""FP8 tensor cores: Ada (8.9), Hopper (9.0) and newer (the planner's threshold too)."""
 
 
 def supported(device: Any) -> tuple[bool, str]:

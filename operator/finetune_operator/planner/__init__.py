@@ -1,9 +1,10 @@
 """The memory planner: predict a fine-tuning run's peak GPU memory and choose how to run it.
 
 Pure core (no I/O, no pydantic, no torch): `arch` (model shapes), `memory` (the peak-memory
-model), `decide` (method / micro-batch / checkpointing for a budget). Around it:
-`configsource` reads config.json files (the only I/O), `api_adapter` maps a FineTuneJob spec
-to a plan, `cli` is `finetune-operator plan`. docs/memory-model.md explains the formulas.
+model), `gpus` (GPU product names to compute capability), `decide` (method / micro-batch /
+checkpointing for a budget). Around it: `configsource` reads config.json files (the only
+I/O), `api_adapter` maps a FineTuneJob spec to a plan, `cli` is `finetune-operator plan`.
+docs/memory-model.md explains the formulas.
 """
 
 from .arch import (
@@ -15,7 +16,15 @@ from .arch import (
     preset,
     preset_names,
 )
-from .decide import Budget, Candidate, PlanDecision, PlanRequest, plan_training, speed_score
+from .decide import (
+    Budget,
+    Candidate,
+    MethodNotSupported,
+    PlanDecision,
+    PlanRequest,
+    plan_training,
+    speed_score,
+)
 from .memory import (
     DEFAULT_CONSTANTS,
     MemoryConstants,
@@ -33,6 +42,7 @@ __all__ = [
     "Candidate",
     "MemoryConstants",
     "MemoryEstimate",
+    "MethodNotSupported",
     "ModelArch",
     "PlanDecision",
     "PlanRequest",

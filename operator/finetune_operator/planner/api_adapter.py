@@ -2,7 +2,8 @@
 
 The core (arch, memory, decide) knows nothing about pydantic; this module reads a
 `FineTuneJobSpec` into a `PlanRequest` and a `Budget`, and writes the decision as the API's
-`TrainingPlan`. When nothing fits it raises `NoFittingPlan`, whose message is meant for the
+`TrainingPlan`. When nothing fits it raises `NoFittingPlan`, and when the GPU product cannot
+run the method the spec leaves `MethodNotSupported`; both messages are meant for the
 FineTuneJob's Planned=False condition.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .arch import ModelArch
-from .decide import Budget, PlanDecision, PlanRequest, plan_training
+from .decide import METHODS, Budget, PlanDecision, PlanRequest, plan_training
 from .memory import DEFAULT_CONSTANTS, MemoryConstants
 
 if TYPE_CHECKING:  # the api package imports pydantic; the core must not need it
@@ -35,6 +36,7 @@ def request_from_spec(spec: FineTuneJobSpec) -> tuple[PlanRequest, Budget]:
     ckpt = {"auto": None, "on": True, "off": False}[training.gradient_checkpointing]
     request = PlanRequest(
         method=spec.method,
+        allowed_methods=tuple(spec.allowed_methods or METHODS),
         lora_r=lora.r,
         target_modules=tuple(lora.target_modules),
         lora_dropout=lora.dropout,
@@ -49,7 +51,10 @@ def request_from_spec(spec: FineTuneJobSpec) -> tuple[PlanRequest, Budget]:
     )
     gpu = spec.resources.gpu
     return request, Budget(
-        gpu_memory_bytes=parse_quantity(gpu.memory), gpu_count=gpu.count, nodes=gpu.nodes
+        gpu_memory_bytes=parse_quantity(gpu.memory),
+        gpu_count=gpu.count,
+        nodes=gpu.nodes,
+        gpu_product=gpu.product,
     )
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from .arch import ModelArch, UnknownArchitecture, preset_names
 from .configsource import arch_for_model, arch_from_local
-from .decide import Budget, PlanDecision, PlanRequest, format_gib, plan_training
+from .decide import METHODS, Budget, PlanDecision, PlanRequest, format_gib, plan_training
 from .memory import OPTIMIZERS, UnknownTargetModule
 
 EXIT_PLANNED, EXIT_DOES_NOT_FIT, EXIT_BAD_INPUT = 0, 1, 2
@@ -48,7 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", help="GPU memory per GPU, a Kubernetes quantity such as 24Gi")
     p.add_argument("--gpus", type=int, default=1, help="GPUs per node (one process each)")
     p.add_argument("--nodes", type=int, default=1, help="nodes (worker pods)")
-    p.add_argument("--method", choices=("auto", "lora", "qlora", "fp8"), default="auto")
+    p.add_argument(
+        "--gpu-product",
+        help="the nvidia.com/gpu.product label, e.g. NVIDIA-H100-80GB-HBM3: auto considers "
+        "fp8 only on a GPU known to have FP8 tensor cores",
+    )
+    p.add_argument("--method", choices=("auto", *METHODS), default="auto")
+    p.add_argument(
+        "--allowed-methods",
+        help="comma-separated methods auto may choose from (spec.allowedMethods); default all",
+    )
     p.add_argument("--r", "--lora-r", dest="r", type=int, default=16, help="LoRA rank")
     p.add_argument(
         "--target-modules", default="all-linear", help="comma-separated module names, or all-linear"
@@ -132,8 +141,10 @@ def _request_from_flags(args: argparse.Namespace) -> tuple[PlanRequest, Budget]:
     else:
         raise BadInput(f"--micro-batch {args.micro_batch!r}: expected auto or an integer >= 1")
     targets = tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
+    allowed = args.allowed_methods or ",".join(METHODS)
     request = PlanRequest(
         method=args.method,
+        allowed_methods=tuple(m.strip() for m in allowed.split(",") if m.strip()),
         lora_r=args.r,
         target_modules=targets,
         lora_dropout=args.dropout,
@@ -151,7 +162,12 @@ def _request_from_flags(args: argparse.Namespace) -> tuple[PlanRequest, Budget]:
     )
     if args.gpus < 1 or args.nodes < 1:
         raise BadInput("--gpus and --nodes must be at least 1")
-    return request, Budget(gpu_memory_bytes=memory, gpu_count=args.gpus, nodes=args.nodes)
+    return request, Budget(
+        gpu_memory_bytes=memory,
+        gpu_count=args.gpus,
+        nodes=args.nodes,
+        gpu_product=args.gpu_product,
+    )
 
 
 def _arch_from_flags(args: argparse.Namespace) -> ModelArch:

@@ -1,10 +1,15 @@
 """Choosing method, micro-batch and gradient checkpointing for a GPU memory budget.
 
-Every configuration the user left open is enumerated (LoRA / QLoRA x checkpointing of none,
-every eighth, or all of the layers x every micro-batch: packed, those that divide the per-GPU
-batch; unpacked, any up to it), its peak is predicted by memory.py, and the fastest one that
-fits is chosen. Pure: no I/O, no pydantic; api_adapter.py turns the decision
-into the FineTuneJob's status.plan.
+Every configuration the user left open is enumerated (LoRA / QLoRA / FP8 base x
+checkpointing of none, every eighth, or all of the layers x every micro-batch: packed, those
+that divide the per-GPU batch; unpacked, any up to it), its peak is predicted by memory.py,
+and the fastest one that fits is chosen. Pure: no I/O, no pydantic; api_adapter.py turns the
+decision into the FineTuneJob's status.plan.
+
+Methods: `method: auto` tries those `allowedMethods` allows (all three when unset), but fp8
+only when `resources.gpu.product` is a GPU known to have FP8 tensor cores (gpus.py): the
+operator cannot see where the pod lands, and on other GPUs the worker refuses fp8 at start.
+A product known to lack them refuses a named `method: fp8` at planning time instead.
 
 Fitting: `resources.gpu.memory` is what nvidia-smi would show, so the CUDA context is added to
 the predicted peak, and a safety margin (5 % of the budget or 0.5 GiB, whichever is larger)
@@ -27,7 +32,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from finetune_api.constants import FP8_MIN_COMPUTE_CAPABILITY
+
 from .arch import ModelArch
+from .gpus import compute_capability, has_fp8
 from .memory import (
     DEFAULT_CONSTANTS,
     GiB,
@@ -40,6 +48,8 @@ from .memory import (
 from .speed import predicted_tokens_per_second
 
 MethodChoice = Literal["auto", "lora", "qlora", "fp8"]
+METHODS = ("lora", "qlora", "fp8")
+"""What `method: auto` may resolve to, in the order ties are broken."""
 
 DEFAULT_MAX_TOKENS_PER_MICRO_BATCH = 16384
 # Relative speed of the strategies for the same per-process shape. FULL_SHARD FSDP all-gathers
@@ -65,9 +75,15 @@ def format_gib(n: float) -> str:
     return f"{n / GiB:.1f}Gi"
 
 
+class MethodNotSupported(ValueError):
+    """The spec leaves the planner no method the job's GPU can run: it names fp8 (or allows
+    only fp8) where the GPU product lacks FP8 tensor cores or is not known to have them."""
+
+
 @dataclass(frozen=True)
 class Budget:
-    """Memory per GPU the plan must fit in (`spec.resources.gpu.memory`)."""
+    """The GPUs the plan must fit in: memory per GPU (`spec.resources.gpu.memory`), how many,
+    and which product when the spec names it."""
 
     gpu_memory_bytes: int
     gpu_count: int = 1
@@ -76,6 +92,8 @@ class Budget:
     """Worker pods, each with `gpu_count` GPUs."""
     safety_fraction: float = SAFETY_FRACTION
     safety_min_bytes: int = SAFETY_MIN_BYTES
+    gpu_product: str | None = None
+    """The `nvidia.com/gpu.product` label the pods are pinned to; None: any GPU."""
 
     @property
     def world_size(self) -> int:
@@ -102,6 +120,8 @@ class PlanRequest:
     """What the user asked for; None means "the planner decides"."""
 
     method: MethodChoice = "auto"
+    allowed_methods: tuple[str, ...] = METHODS
+    """What `auto` may choose from (`spec.allowedMethods`); only auto may restrict it."""
     lora_r: int = 16
     target_modules: tuple[str, ...] = ("all-linear",)
     lora_dropout: float = 0.05
@@ -119,8 +139,17 @@ class PlanRequest:
     max_tokens_per_micro_batch: int = DEFAULT_MAX_TOKENS_PER_MICRO_BATCH
 
     def __post_init__(self) -> None:
-        if self.method not in ("auto", "lora", "qlora", "fp8"):
+        if self.method not in ("auto", *METHODS):
             raise ValueError(f"spec.method is {self.method!r}; expected auto, lora, qlora or fp8")
+        if not self.allowed_methods or not set(self.allowed_methods) <= set(METHODS):
+            raise ValueError(
+                f"spec.allowedMethods is {list(self.allowed_methods)}; expected some of "
+                "lora, qlora and fp8"
+            )
+        if self.method != "auto" and set(self.allowed_methods) != set(METHODS):
+            raise ValueError(
+                f"spec.allowedMethods restricts method auto only; spec.method is {self.method!r}"
+            )
         if self.batch_size < 1:
             raise ValueError(f"spec.training.batchSize is {self.batch_size}; expected >= 1")
 
@@ -298,21 +327,70 @@ def _shape(
     )
 
 
+def _fp8_missing(product: str | None) -> str | None:
+    """Why the GPU product is not known to have FP8 tensor cores, or None when it has them."""
+    capability = compute_capability(product)
+    if capability is None and not product:
+        return (
+            "set spec.resources.gpu.product to a GPU with FP8 tensor cores (compute "
+            f"capability {_capability(FP8_MIN_COMPUTE_CAPABILITY)} or newer)"
+        )
+    if capability is None:
+        return (
+            f"spec.resources.gpu.product {product!r} is not a GPU the planner knows to have "
+            "FP8 tensor cores"
+        )
+    if capability < FP8_MIN_COMPUTE_CAPABILITY:
+        return (
+            f"spec.resources.gpu.product {product!r} (compute capability "
+            f"{_capability(capability)}) has no FP8 tensor cores"
+        )
+    return None
+
+
+def _capability(capability: tuple[int, int]) -> str:
+    return f"{capability[0]}.{capability[1]}"
+
+
+def methods_to_consider(request: PlanRequest, budget: Budget) -> tuple[list[str], str | None]:
+    """The methods to enumerate, and a note when `auto` leaves fp8 out for want of a GPU
+    known to have FP8 tensor cores. MethodNotSupported when no method is left."""
+    missing = _fp8_missing(budget.gpu_product)
+    if request.method != "auto":
+        # An unknown product may still have FP8: the worker checks the real GPU at start.
+        if request.method == "fp8" and has_fp8(budget.gpu_product) is False:
+            raise MethodNotSupported(
+                f"spec.method is fp8, but {missing} (FP8 needs compute capability "
+                f"{_capability(FP8_MIN_COMPUTE_CAPABILITY)} or newer); choose method auto, "
+                "lora or qlora, or a GPU product with FP8 tensor cores"
+            )
+        return [request.method], None
+    methods = [m for m in METHODS if m in request.allowed_methods]
+    if "fp8" not in methods or missing is None:
+        return methods, None
+    if methods == ["fp8"]:
+        raise MethodNotSupported(
+            f"spec.allowedMethods allows only fp8, but fp8 cannot be planned: {missing}; "
+            "or allow lora or qlora too"
+        )
+    return [m for m in methods if m != "fp8"], f"fp8 not considered: {missing}."
+
+
 def enumerate_candidates(
     arch: ModelArch,
     request: PlanRequest,
     budget: Budget,
+    methods: list[str],
     constants: MemoryConstants = DEFAULT_CONSTANTS,
 ) -> list[Candidate]:
-    methods = ["lora", "qlora"] if request.method == "auto" else [request.method]
     world = budget.world_size
     strategies = ["single"] if world == 1 else ["ddp", "fsdp"]
-    if request.method == "fp8":
-        strategies = [s for s in strategies if s != "fsdp"]  # FP8 layers are not sharded
     per_process = step_examples(request, world)
     candidates = []
     for strategy in strategies:
         for method in methods:
+            if method == "fp8" and strategy == "fsdp":
+                continue  # FP8 layers are not sharded
             for ckpt, recomputed in checkpoint_options(request, arch.num_layers):
                 for micro in micro_batch_options(request, world):
                     accum = max(1, math.ceil(per_process / micro))
@@ -337,12 +415,14 @@ def plan_training(
     budget: Budget,
     constants: MemoryConstants = DEFAULT_CONSTANTS,
 ) -> PlanDecision:
-    """Choose the fastest configuration that fits (see the module docstring for "fastest")."""
-    candidates = enumerate_candidates(arch, request, budget, constants)
+    """Choose the fastest configuration that fits (see the module docstring for "fastest").
+    MethodNotSupported when the spec leaves no method the GPU product can run."""
+    methods, fp8_note = methods_to_consider(request, budget)
+    candidates = enumerate_candidates(arch, request, budget, methods, constants)
     fitting = [c for c in candidates if c.fits]
     cheapest = min(candidates, key=lambda c: c.need_bytes)
     minimum = budget.required_for(cheapest.need_bytes)
-    notes: list[str] = []
+    notes: list[str] = [fp8_note] if fp8_note else []
     if not fitting:
         reason = (
             f"Nothing fits in {format_gib(budget.gpu_memory_bytes)} per GPU: the smallest "
@@ -352,15 +432,17 @@ def plan_training(
             f"{format_gib(budget.required_for(cheapest.need_bytes) - cheapest.need_bytes)} "
             "free as a safety margin)." + _unlock_hint(request)
         )
+        reason = " ".join([reason, *notes])
         return PlanDecision(False, None, candidates, reason, budget, request, arch, minimum, notes)
     chosen = max(fitting, key=_preference)
-    notes = _notes(chosen, candidates, budget)
+    notes = _notes(chosen, candidates, budget) + notes
     reason = _reason(chosen, candidates, budget, request, notes)
     return PlanDecision(True, chosen, candidates, reason, budget, request, arch, minimum, notes)
 
 
 def _preference(c: Candidate) -> tuple[float, int]:
-    """Fastest first, LoRA over QLoRA unless clearly slower, then the least memory."""
+    """Fastest first, LoRA over QLoRA unless clearly slower, then the least memory. FP8 is
+    ranked on its predicted speed alone."""
     return (c.speed / (QLORA_MIN_SPEEDUP if c.shape.method == "qlora" else 1.0), -c.need_bytes)
 
 
@@ -368,6 +450,8 @@ def _unlock_hint(request: PlanRequest) -> str:
     hints = []
     if request.method in ("lora", "fp8"):
         hints.append("method qlora")
+    elif "qlora" not in request.allowed_methods:
+        hints.append("qlora in spec.allowedMethods")
     if request.gradient_checkpointing is False:
         hints.append("gradientCheckpointing on")
     if request.micro_batch not in (None, 1):
