@@ -99,3 +99,22 @@ def test_varlen_llama_on_gpu_equals_per_sequence_loss():
         packed = model(**row).loss.float()
     expected = sum(per_seq) / sum(n - 1 for n in lengths)
     torch.testing.assert_close(packed, expected, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("column_scale", [False, True])
+def test_fp8_triton_quantiser_equals_the_reference_on_cuda(column_scale):
+    """The Triton kernel the FP8 layers use on CUDA gives exactly quantize_rows' e4m3 values and
+    scales: rows wider than one block, a non-contiguous input, a scale per column (backward)."""
+    from finetune_worker import fp8
+
+    if torch.cuda.get_device_capability() < fp8.MIN_CAPABILITY:
+        pytest.skip("no FP8 on this GPU")
+    g = torch.Generator(device="cuda").manual_seed(3)
+    wide = torch.randn((2 * 333, 14336), device="cuda", dtype=torch.bfloat16, generator=g)
+    x = wide[::2] * 7  # every other row: a row stride of two rows
+    cols = torch.rand((1, 14336), device="cuda", generator=g) + 0.5 if column_scale else None
+    q, s = fp8._quantize_triton(x, cols)
+    rq, rs = fp8.quantize_rows(x, cols)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (333, 1)
+    torch.testing.assert_close(s, rs, rtol=0, atol=0)
+    assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8))

@@ -100,6 +100,58 @@ def test_an_fp8_plan_trains_lora_on_fp8_base_layers_like_the_bf16_plan():
     assert cosine > 0.98
 
 
+def test_projections_that_read_the_same_input_quantise_it_once(monkeypatch):
+    """q/k/v and gate/up share their input: 4 quantisations per layer in the forward, not 7,
+    and the outputs and gradients are those of quantising each input on its own."""
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(5))
+    calls = []
+    real = fp8._quantize
+
+    def counting(t, column_scale=None):
+        calls.append(column_scale is None)
+        return real(t, column_scale)
+
+    monkeypatch.setattr(fp8, "_quantize", counting)
+    results = {}
+    for shared in (True, False):
+        torch.manual_seed(7)
+        pm = modeling.prepare_for_training(_tiny_model(), SPEC, {"method": "fp8"})
+        if not shared:  # every lookup misses: each projection quantises its own input
+            monkeypatch.setattr(fp8._shared_input, "source", None)
+            monkeypatch.setattr(
+                fp8._SharedInput, "quantize", lambda self, x, flat: fp8._quantize(flat)
+            )
+        calls.clear()
+        loss = pm(input_ids=ids, labels=ids).loss
+        forward_calls = len(calls)
+        loss.backward()
+        layers = pm.config.num_hidden_layers
+        results[shared] = (
+            forward_calls,
+            len(calls) - forward_calls,
+            loss.item(),
+            [p.grad.clone() for n, p in pm.named_parameters() if "lora_A" in n],
+        )
+        assert all(calls[:forward_calls]) and not any(calls[forward_calls:])
+    assert results[True][0] == 4 * layers and results[False][0] == 7 * layers
+    # Every output gradient is quantised on its own; the first layer's q/k/v need none (the
+    # frozen embeddings' output needs no gradient).
+    assert results[True][1] == results[False][1] == 7 * layers - 3
+    assert results[True][2] == results[False][2]
+    for a, b in zip(results[True][3], results[False][3], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_an_in_place_change_of_a_shared_input_is_quantised_again():
+    torch.manual_seed(2)
+    layer = fp8.float8_linear_class().from_linear(torch.nn.Linear(64, 32, bias=False))
+    x = torch.randn(16, 64)
+    first = layer(x)
+    x.mul_(2)  # same tensor object, new version: the cached quantisation is stale
+    torch.testing.assert_close(layer(x), _reference(x, layer.weight, layer.weight_scale))
+    assert not torch.equal(layer(x), first)
+
+
 def test_gpus_without_fp8_tensor_cores_are_refused_before_training(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "NVIDIA A100")

@@ -18,9 +18,16 @@ projection's FP8 weight exists while its input gradient is computed (at most 59 
 model), rather than a second copy of every weight.
 
 Quantising an activation is an absolute maximum, a division and a cast: three passes in eager
-PyTorch, which cost more than FP8 saves on the GEMM (docs/perf-notes.md). On CUDA the
-quantisation is compiled into one kernel (torch.compile of `quantize_rows` alone, which needs
-no tracing of the model). On the CPU (tests) `_scaled_mm` runs the same mathematics.
+PyTorch, which cost more than FP8 saves on the GEMM (docs/perf-notes.md). On CUDA it is one
+Triton kernel (`_quantize_rows_kernel`, a program per row). torch.compile of `quantize_rows`
+made the same single kernel, but each call went through Dynamo's guards for the five shape and
+layout variants a layer produces, about 0.2 ms of host time per call: with checkpointing that
+left the GPU idle half of the step. On the CPU (tests, and the Triton interpreter) the same
+mathematics runs in eager PyTorch.
+
+q, k and v read the same input, as do gate and up: the forward pass quantises each input once
+and the projections that share it reuse it (`_SharedInput`), 4 quantisations per layer instead
+of 7.
 """
 
 from __future__ import annotations
@@ -75,16 +82,114 @@ def quantize_rows(
 
 
 @functools.cache
-def _compiled_quantize():
+def _quantize_rows_kernel():
+    """The Triton kernel behind quantize_rows on CUDA (made on first use: no Triton on import).
+
+    One program per row: the scaled row's absolute maximum in a first sweep, then the row
+    divided by its scale and cast to e4m3 in a second (the row is back from L2 by then). The
+    division is IEEE round-to-nearest like PyTorch's, so the result equals quantize_rows'.
+    """
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(
+        x_ptr,
+        col_ptr,
+        out_ptr,
+        scale_ptr,
+        n_cols,
+        stride_row,
+        HAS_COL: tl.constexpr,
+        BLOCK: tl.constexpr,
+        FP8_MAX: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        src = x_ptr + row * stride_row
+        dst = out_ptr + row * n_cols
+        amax = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            v = tl.load(src + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_COL:
+                v = v * tl.load(col_ptr + cols, mask=mask, other=0.0)
+            amax = tl.maximum(amax, tl.abs(v))
+        scale = tl.maximum(tl.div_rn(tl.max(amax, axis=0), FP8_MAX), 1e-12)
+        tl.store(scale_ptr + row, scale)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            v = tl.load(src + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_COL:
+                v = v * tl.load(col_ptr + cols, mask=mask, other=0.0)
+            tl.store(dst + cols, tl.div_rn(v, scale).to(tl.float8e4nv), mask=mask)
+
+    return kernel
+
+
+def _quantize_triton(t: torch.Tensor, column_scale: torch.Tensor | None):
     import torch
 
-    return torch.compile(quantize_rows, dynamic=True)
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    rows, cols = t.shape
+    out = torch.empty((rows, cols), device=t.device, dtype=torch.float8_e4m3fn)
+    scale = torch.empty((rows, 1), device=t.device, dtype=torch.float32)
+    col = column_scale.reshape(-1).contiguous() if column_scale is not None else t
+    if rows:
+        _quantize_rows_kernel()[(rows,)](
+            t,
+            col,
+            out,
+            scale,
+            cols,
+            t.stride(0),
+            HAS_COL=column_scale is not None,
+            BLOCK=1024,
+            FP8_MAX=E4M3_MAX,
+            num_warps=4,
+        )
+    return out, scale
 
 
 def _quantize(t: torch.Tensor, column_scale: torch.Tensor | None = None):
     if t.is_cuda:
-        return _compiled_quantize()(t, column_scale)
+        return _quantize_triton(t, column_scale)
     return quantize_rows(t, column_scale)
+
+
+class _SharedInput:
+    """The last quantised forward input, for the projections that read the same tensor.
+
+    Keyed by the tensor object itself, held here so its memory cannot be reused by another
+    tensor while the entry lives, and by its version counter, so an in-place change misses.
+    One entry: the projections sharing an input are called one after another."""
+
+    def __init__(self) -> None:
+        self.source = None
+        self.version = -1
+        self.value = None
+
+    def quantize(self, x: torch.Tensor, flat: torch.Tensor):
+        if self.source is x and self.version == x._version:
+            return self.value
+        value = _quantize(flat)
+        self.source, self.version, self.value = x, x._version, value
+        return value
+
+    def clear(self) -> None:
+        self.source, self.value = None, None
+
+
+_shared_input = _SharedInput()
+
+
+@functools.cache
+def _ones(n: int, device: str):
+    import torch
+
+    return torch.ones(1, n, device=device, dtype=torch.float32)
 
 
 def _pad_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -109,7 +214,7 @@ def _matmul_function():
             ctx.save_for_backward(weight, weight_scale)
             ctx.in_shape, ctx.in_dtype = x.shape, x.dtype
             flat, rows = _pad_rows(x.reshape(-1, x.shape[-1]))
-            x_q, x_scale = _quantize(flat)
+            x_q, x_scale = _shared_input.quantize(x, flat)
             out = torch._scaled_mm(
                 x_q,
                 weight.t(),
@@ -126,9 +231,14 @@ def _matmul_function():
             g_q, g_scale = _quantize(flat, weight_scale.view(1, -1))
             # (out, in) column-major: the transposed copy of this one weight
             weight_cm = weight.t().contiguous().t()
-            ones = torch.ones(1, weight.shape[1], device=grad.device, dtype=torch.float32)
+            # The first backward drops the forward's last entry: its activation is not needed.
+            _shared_input.clear()
             dx = torch._scaled_mm(
-                g_q, weight_cm, scale_a=g_scale, scale_b=ones, out_dtype=ctx.in_dtype
+                g_q,
+                weight_cm,
+                scale_a=g_scale,
+                scale_b=_ones(weight.shape[1], str(grad.device)),
+                out_dtype=ctx.in_dtype,
             )
             return dx[:rows].view(ctx.in_shape), None, None, None
 
