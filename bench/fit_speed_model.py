@@ -2,10 +2,15 @@
 throughput, and check it on the points the fit never saw.
 
     python bench/fit_speed_model.py [bench/data/speed-grid-h200.jsonl]
+    python bench/fit_speed_model.py --fp8 [bench/data/fp8-speed-grid-h200.jsonl]
 
 Fits on 1,024 / 4,096 / 16,384 tokens per micro-batch (dropout 0.05, both shapes, both
 methods, checkpointing off and on); holds out 2,048 and 8,192 tokens and the dropout-0
 points. Prints the constants to copy into SpeedConstants and a table of errors.
+
+With --fp8, only the FP8 base's three constants (its matmul rate and its launch time per layer
+with and without checkpointing) are fitted, the shared ones (fixed host time, overlap) kept:
+on 4,096 / 12,288 / 16,384 tokens, holding out 8,192.
 """
 
 from __future__ import annotations
@@ -71,7 +76,53 @@ def predict(v: torch.Tensor, row: dict) -> torch.Tensor:
     return predicted_tokens_per_second(ARCH[row["shape"]], shape_of(row), constants_from(v))
 
 
+def fit_fp8(path: Path) -> int:
+    rows = [r for r in load(path) if r["method"] == "fp8"]
+    fit = [r for r in rows if r["tokens_per_micro_batch"] != 8192]
+    d = DEFAULT_SPEED
+    keys = [("fp8", False), ("fp8", True)]
+
+    def constants(v: torch.Tensor) -> SpeedConstants:
+        e = torch.exp(v)
+        return replace(
+            d,
+            tflops={**d.tflops, "fp8": e[0]},
+            host_seconds_per_layer={**d.host_seconds_per_layer, keys[0]: e[1], keys[1]: e[2]},
+        )
+
+    start = [d.tflops["fp8"], *[d.host_seconds_per_layer[k] for k in keys]]
+    v = torch.tensor([math.log(x) for x in start], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([v], lr=0.02)
+    for _ in range(3000):
+        opt.zero_grad()
+        loss = sum(
+            (
+                torch.log(predicted_tokens_per_second(ARCH[r["shape"]], shape_of(r), constants(v)))
+                - math.log(r["tokens_per_s"])
+            )
+            ** 2
+            for r in fit
+        )
+        loss.backward()
+        opt.step()
+    e = [float(x) for x in torch.exp(v.detach())]
+    print(f"tflops['fp8']={e[0]:.1f} host (fp8, False)={e[1]:.5f} (fp8, True)={e[2]:.5f}")
+    c = constants(torch.tensor([math.log(x) for x in e], dtype=torch.float64))
+    print(f"\n{'point':42} {'measured':>9} {'predicted':>9} {'error':>7}  set")
+    for r in rows:
+        got = float(predicted_tokens_per_second(ARCH[r["shape"]], shape_of(r), c))
+        held = "fit" if r in fit else "held out"
+        print(
+            f"{r['label']:42} {r['tokens_per_s']:>9.0f} {got:>9.0f} "
+            f"{got / r['tokens_per_s'] - 1:>+7.1%}  {held}"
+        )
+    return 0
+
+
 def main() -> int:
+    if sys.argv[1:2] == ["--fp8"]:
+        default = ROOT / "bench/data/fp8-speed-grid-h200.jsonl"
+        return fit_fp8(Path(sys.argv[2]) if len(sys.argv) > 2 else default)
     path = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "bench/data/speed-grid-h200.jsonl"
     rows = load(path)
     fit = [r for r in rows if r["tokens_per_micro_batch"] in FIT_TOKENS and r["dropout"] > 0]

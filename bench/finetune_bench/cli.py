@@ -140,13 +140,16 @@ def cmd_trainer(args) -> None:
     vocab = shapes.SHAPES[args.shape]["vocab_size"]
     examples = bench_examples(args.examples, vocab, args.seed)
     memories = [m for m in args.memory.split(",") if m]
+    product = args.gpu_product or None
     methods = {
         m: trainer.plan(
-            trainer.job_spec(m, shape=args.shape, batch_size=args.batch_size), args.shape
+            trainer.job_spec(m, shape=args.shape, batch_size=args.batch_size, gpu_product=product),
+            args.shape,
         ).method
         for m in memories
     }
-    for method in ("lora", "qlora"):
+    # fp8 last: its runs turn the shared base's projections into FP8 layers.
+    for method in ("lora", "qlora", "fp8"):
         todo = [m for m in memories if methods[m] == method]
         if not todo:
             continue
@@ -165,6 +168,7 @@ def cmd_trainer(args) -> None:
                     batch_size=args.batch_size,
                     model_loss=model_loss,
                     label=label,
+                    gpu_product=product,
                 )
                 _emit(row, args.out)
         del base
@@ -273,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--batch-size", type=int, default=96)
     t.add_argument(
         "--trl-loss", default="", help="budgets to also run with trl's fused LM head loss"
+    )
+    t.add_argument(
+        "--gpu-product", default="", help="resources.gpu.product (NVIDIA-H200 lets auto pick fp8)"
     )
     t.add_argument("--examples", type=int, default=8000)
     t.add_argument("--seed", type=int, default=0)

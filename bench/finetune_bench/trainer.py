@@ -37,6 +37,7 @@ def job_spec(
     steps: int = 25,
     seed: int = 0,
     lr: float = 2e-4,
+    gpu_product: str | None = None,
 ) -> dict:
     """The FineTuneJob spec of the benchmark job (camelCase, as a user writes it).
 
@@ -65,7 +66,9 @@ def job_spec(
             "checkpointSteps": 100_000,
             "checkpointMinutes": 0,
         },
-        "resources": {"gpu": {"memory": memory}},
+        "resources": {
+            "gpu": {"memory": memory, **({"product": gpu_product} if gpu_product else {})}
+        },
         "output": {"uri": "pvc://out/adapter"},
     }
 
@@ -153,6 +156,7 @@ def run(
     batch_size: int = 96,
     model_loss: bool = True,
     label: str = "",
+    gpu_product: str | None = None,
     log=print,
 ) -> dict[str, Any]:
     """Plan for `memory`, train `steps` optimizer steps through the worker's trainer, measure."""
@@ -162,7 +166,9 @@ def run(
     from finetune_worker import train
     from finetune_worker.data import TokenizedSplits
 
-    spec = job_spec(memory, shape=shape, steps=steps, batch_size=batch_size)
+    spec = job_spec(
+        memory, shape=shape, steps=steps, batch_size=batch_size, gpu_product=gpu_product
+    )
     training_plan = plan(spec, shape)
     workdir = tempfile.mkdtemp(prefix="bench-trainer-")
     config = worker_config(spec, training_plan, workdir)

@@ -162,33 +162,51 @@ def test_checkpointing_some_layers_is_predicted_from_the_none_and_all_terms():
         assert speed == pytest.approx(r["tokens_per_s"], rel=0.16), r["label"]
 
 
+def _jsonl(name: str) -> list[dict]:
+    return [json.loads(line) for line in (ROOT / "bench/data" / name).read_text().splitlines()]
+
+
 def test_the_fp8_base_measurements_against_the_bf16_base_and_the_models():
-    # bench/fp8-base.sh on the H200: the same random 8B base, adapters and data, bf16 against
-    # FP8 at 12,288 tokens (30 steps), and FP8 with checkpointing at 8,192.
+    # bench/fp8-speed-grid.sh on the H200: FP8 over 4k-16k tokens with and without
+    # checkpointing, bf16 LoRA at three of the points, the same random 8B base and data.
     from finetune_operator.planner.memory import estimate_memory
 
-    rows = {
-        r["label"]: r
-        for r in map(json.loads, (ROOT / "bench/data/fp8-base-h200.jsonl").read_text().splitlines())
-    }
-    bf16, fp8 = rows["llama-3-8b-lora-12288"], rows["llama-3-8b-fp8-12288"]
-    assert fp8["tokens_per_s"] > 1.10 * bf16["tokens_per_s"]
-    losses = list(zip(bf16["losses"], fp8["losses"], strict=True))
-    assert len(losses) == 30 and max(abs(a - b) / a for a, b in losses) < 0.005
+    rows = {r["label"]: r for r in _jsonl("fp8-speed-grid-h200.jsonl")}
+    for tokens, ckpt in ((12288, 0), (8192, 1), (16384, 1)):
+        fp8, bf16 = rows[f"fp8-{tokens}-ckpt{ckpt}"], rows[f"lora-{tokens}-ckpt{ckpt}"]
+        assert fp8["tokens_per_s"] > 1.10 * bf16["tokens_per_s"], (tokens, ckpt)
     arch = ARCH["llama-3-8b"]
-    for label, ckpt in (("llama-3-8b-fp8-12288", False), ("llama-3-8b-fp8-8192-ckpt", True)):
-        r = rows[label]
+    fp8_rows = [r for r in rows.values() if r["method"] == "fp8"]
+    assert len(fp8_rows) == 7
+    for r in fp8_rows:
         shape = TrainingShape(
             method="fp8",
             lora_dropout=0.0,
             seq_len=r["tokens_per_micro_batch"],
             packing=True,
-            gradient_checkpointing=ckpt,
+            gradient_checkpointing=r["grad_ckpt"] > 0,
             optimizer="adamw_torch_fused",
         )
         measured = r["peak_reserved_bytes"] + r["non_torch_bytes"]
-        # the memory model was not fitted on FP8: its weights term is derived, the rest LoRA's
-        assert 0 <= estimate_memory(arch, shape).with_context / measured - 1 <= 0.05, label
+        # the memory model was not fitted on FP8: its weights term is derived, the rest
+        # LoRA's; -1.3 % at 16k tokens checkpointed is the worst, inside the safety margin
+        assert -0.02 <= estimate_memory(arch, shape).with_context / measured - 1 <= 0.05, r["label"]
+        # the speed constants' fit (bench/fit_speed_model.py --fp8): within 5 % on its own
+        # points, 13 % on the held-out 8k-token ones (docs/memory-model.md publishes both)
+        held_out = r["tokens_per_micro_batch"] == 8192
         assert predicted_tokens_per_second(arch, shape) == pytest.approx(
-            r["tokens_per_s"], rel=0.02
-        )
+            r["tokens_per_s"], rel=0.13 if held_out else 0.07
+        ), r["label"]
+
+
+def test_an_fp8_base_trains_and_merges_like_the_bf16_base_over_200_steps():
+    # bench/fp8-quality.sh: the same job on both bases, then the FP8-trained adapter merged
+    # into the bf16 base; the issue's bar is 1 % on the curve and on the merged eval loss.
+    (r,) = _jsonl("fp8-quality-h200.jsonl")
+    assert len(set(r["base_checksum"].values())) == 1  # one base, rebuilt identically
+    assert len(r["lora"]["losses"]) == len(r["fp8"]["losses"]) == 200
+    diff = [abs(a - b) / a for a, b in zip(r["lora"]["losses"], r["fp8"]["losses"], strict=True)]
+    assert sum(diff) / len(diff) < 0.01 and sum(diff[-20:]) / 20 < 0.01
+    assert abs(r["fp8"]["eval_loss"] / r["lora"]["eval_loss"] - 1) < 0.01
+    merged = r["fp8_adapter_merged_bf16_eval_loss"]
+    assert abs(merged / r["fp8"]["eval_loss"] - 1) < 0.01
