@@ -115,7 +115,8 @@ def _quantize_rows_kernel():
             if HAS_COL:
                 v = v * tl.load(col_ptr + cols, mask=mask, other=0.0)
             amax = tl.maximum(amax, tl.abs(v))
-        scale = tl.maximum(tl.div_rn(tl.max(amax, axis=0), FP8_MAX), 1e-12)
+        # times the reciprocal, as PyTorch divides a tensor by a Python number
+        scale = tl.maximum(tl.max(amax, axis=0) * (1.0 / FP8_MAX), 1e-12)
         tl.store(scale_ptr + row, scale)
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
@@ -164,7 +165,9 @@ class _SharedInput:
 
     Keyed by the tensor object itself, held here so its memory cannot be reused by another
     tensor while the entry lives, and by its version counter, so an in-place change misses.
-    One entry: the projections sharing an input are called one after another."""
+    One entry: the projections sharing an input are called one after another, and a
+    projection that shares none (o, down) empties it, so no activation outlives its layer's
+    forward because of it (under checkpointing that would raise the peak)."""
 
     def __init__(self) -> None:
         self.source = None
@@ -183,6 +186,10 @@ class _SharedInput:
 
 
 _shared_input = _SharedInput()
+
+SHARED_INPUT_PROJECTIONS = frozenset({"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"})
+"""Projections of the Llama family (Llama, Mistral, Qwen, Gemma) that read the same tensor as
+their siblings: attention's q/k/v the normed hidden state, the MLP's gate/up the other one."""
 
 
 @functools.cache
@@ -210,11 +217,15 @@ def _matmul_function():
         """x @ W^T for a frozen FP8 weight: FP8 forward and input gradient, no weight grad."""
 
         @staticmethod
-        def forward(ctx, x, weight, weight_scale, out_dtype):
+        def forward(ctx, x, weight, weight_scale, out_dtype, shares_input):
             ctx.save_for_backward(weight, weight_scale)
             ctx.in_shape, ctx.in_dtype = x.shape, x.dtype
             flat, rows = _pad_rows(x.reshape(-1, x.shape[-1]))
-            x_q, x_scale = _shared_input.quantize(x, flat)
+            if shares_input:
+                x_q, x_scale = _shared_input.quantize(x, flat)
+            else:
+                _shared_input.clear()
+                x_q, x_scale = _quantize(flat)
             out = torch._scaled_mm(
                 x_q,
                 weight.t(),
@@ -231,8 +242,6 @@ def _matmul_function():
             g_q, g_scale = _quantize(flat, weight_scale.view(1, -1))
             # (out, in) column-major: the transposed copy of this one weight
             weight_cm = weight.t().contiguous().t()
-            # The first backward drops the forward's last entry: its activation is not needed.
-            _shared_input.clear()
             dx = torch._scaled_mm(
                 g_q,
                 weight_cm,
@@ -240,7 +249,7 @@ def _matmul_function():
                 scale_b=_ones(weight.shape[1], str(grad.device)),
                 out_dtype=ctx.in_dtype,
             )
-            return dx[:rows].view(ctx.in_shape), None, None, None
+            return dx[:rows].view(ctx.in_shape), None, None, None, None
 
     return Fp8FrozenMatmul
 
@@ -250,15 +259,17 @@ def fp8_linear(
     weight: torch.Tensor,
     weight_scale: torch.Tensor,
     bias: torch.Tensor | None = None,
+    shares_input: bool = False,
 ) -> torch.Tensor:
     """y = x @ (weight * weight_scale[:, None])^T + bias with FP8 GEMMs, in the autocast dtype
-    (bf16 on the worker's GPUs) or else x's."""
+    (bf16 on the worker's GPUs) or else x's. `shares_input`: x is also the input of the next
+    projection called, which then reuses its quantisation."""
     import torch
 
     kind = x.device.type
     dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
     with torch.autocast(kind, enabled=False):
-        out = _matmul_function().apply(x.to(dtype), weight, weight_scale, dtype)
+        out = _matmul_function().apply(x.to(dtype), weight, weight_scale, dtype, shares_input)
         if bias is not None:
             out = out + bias.to(dtype)
     return out
@@ -272,6 +283,9 @@ def _linear_class():
 
         A subclass of nn.Linear so peft and transformers treat it as the projection it
         replaces (peft wraps it as a LoRA base layer); `weight` is the FP8 tensor itself."""
+
+        shares_input = False
+        """Set for SHARED_INPUT_PROJECTIONS: the quantised input is kept for the next one."""
 
         @classmethod
         def from_linear(cls, linear: torch.nn.Linear, device: Any = None) -> Float8Linear:
@@ -293,7 +307,7 @@ def _linear_class():
             return layer
 
         def forward(self, x):
-            return fp8_linear(x, self.weight, self.weight_scale, self.bias)
+            return fp8_linear(x, self.weight, self.weight_scale, self.bias, self.shares_input)
 
         def dequantized(self) -> torch.Tensor:
             """The weight this layer computes with, in fp32 (for tests and checks)."""
@@ -321,12 +335,13 @@ def fp8_base_layers(peft_model: PeftModel, device: Any = None) -> int:
 
     cls = float8_linear_class()
     count = 0
-    for module in peft_model.modules():
+    for name, module in peft_model.named_modules():
         if isinstance(module, LoraLayer) and hasattr(module, "base_layer"):
             base = module.base_layer
             if type(base) is not torch.nn.Linear:  # already FP8, or another kind of layer
                 continue
             module.base_layer = cls.from_linear(base, device)
+            module.base_layer.shares_input = name.rsplit(".", 1)[-1] in SHARED_INPUT_PROJECTIONS
             count += 1
     _keep_out_of_ddp(peft_model, cls)
     return count
