@@ -191,7 +191,8 @@ def cmd_job(args) -> None:
         manifest = yaml.safe_load(Path(job["manifest"]).read_text())
         spec = trainer.user_job(manifest, args.shape, steps=args.steps, overrides=job.get("set"))
         jobs.append((job["label"], spec, trainer.plan(spec, args.shape).method))
-    for method in ("lora", "qlora"):
+    # fp8 last: its runs turn the shared base's projections into FP8 layers.
+    for method in ("lora", "qlora", "fp8"):
         todo = [(label, spec) for label, spec, m in jobs if m == method]
         if not todo:
             continue
