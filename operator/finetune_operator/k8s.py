@@ -81,10 +81,11 @@ def trust_environment(environ: Mapping[str, str] | None = None) -> bool:
     urllib's getproxies reads, any case) or NETRC.
 
     kubernetes_asyncio opens its aiohttp session with trust_env=True, and aiohttp then looks
-    up the proxy variables and ~/.netrc in a thread for every request: about 7 % of the
-    operator's CPU in a burst (py-spy, bench/scale.py), to find nothing where no proxy is
-    set. kopf's own session ignores the environment unless told (settings.networking);
-    main.py gives it the same answer, so both clients go through a proxy or neither."""
+    up the proxy variables and ~/.netrc in a thread for every request, to find nothing where
+    no proxy is set: turning that off took the operator's CPU per job from 132-135 ms to
+    86-108 ms in a 300-job burst (bench/scale.py, docs/operations.md "Scale"). kopf's own
+    session ignores the environment unless told (settings.networking); main.py gives it the
+    same answer, so both clients go through a proxy or neither."""
     env = os.environ if environ is None else environ
     return any(
         value and (name.lower().endswith("_proxy") or name.upper() == "NETRC")
