@@ -27,6 +27,14 @@ watches one resync interval of steady state. It prints:
   Jobs without an owner), orphans (managed children whose owner is gone) and FineTuneJobs
   without a Job.
 
+`--floor` measures what the operator cannot go below on the same machine: the same control
+plane, nodes and kubectl creates, but instead of the operator a minimal creator
+(bench/finetune_bench/floor.py) that only creates each FineTuneJob's children, the very
+objects the operator's first pass creates, with its client and concurrency, and never reads
+or writes a status. Its creation -> Job percentiles, measured the same way, are the lower
+bound of the operator's for a burst of that size; it also prints the creates per second
+(kubectl's and its own) until the last Job. No kills, no steady window.
+
 `run()` is the same benchmark on a cluster someone else started, in one namespace: the CI
 version (tests/controller/test_operator_scale.py) calls it on the test control plane.
 Development only; results in docs/operations.md ("Scale").
@@ -78,6 +86,8 @@ class Config:
     apply_processes: int = 4
     all_namespaces: bool = True
     """As the chart runs it; the CI version watches its one namespace instead."""
+    floor: bool = False
+    """The floor creator (floor.py) instead of the operator: no kills, no steady window."""
     workdir: str = ""
 
 
@@ -88,6 +98,11 @@ class Result:
     converged: bool
     converge_s: float
     apply_s: float
+    jobs_created_s: float
+    """From the first create to the last Job seen."""
+    creates: int
+    """FineTuneJobs plus the POSTs of the operator (Events included) or of the floor creator
+    (all of them before its last Job)."""
     latency_s: dict[str, float]
     latency_n: int
     """FineTuneJobs whose Job was seen (the latency's sample)."""
@@ -114,20 +129,43 @@ class Result:
             return "  ".join(f"{k} {v:.2f}" for k, v in d.items())
 
         c = self.config
+        who = "floor creator" if c["floor"] else "operator"
         lines = [
-            f"scale: {c['jobs']} FineTuneJobs, {c['nodes']} kwok GPU nodes, "
-            f"{self.kills_done}/{c['kills']} kill -9 of the operator; {self.machine}",
+            (
+                f"scale floor: {c['jobs']} FineTuneJobs, {c['nodes']} kwok GPU nodes, their "
+                f"children created without the operator; {self.machine}"
+                if c["floor"]
+                else f"scale: {c['jobs']} FineTuneJobs, {c['nodes']} kwok GPU nodes, "
+                f"{self.kills_done}/{c['kills']} kill -9 of the operator; {self.machine}"
+            ),
             f"  created in {self.apply_s:.1f}s; converged: {self.converged} "
             f"({self.converge_s:.1f}s after the first create)",
+            f"  every Job created {self.jobs_created_s:.1f}s after the first create"
+            + (
+                # The operator's POSTs go on after the last Job (Events): no rate to give.
+                f": {self.creates} creates, "
+                f"{self.creates / max(self.jobs_created_s, 1e-9):.0f} per s"
+                if c["floor"]
+                else ""
+            ),
             f"  creation -> Job (s):  {pct(self.latency_s)}",
-            f"  status lag (s):       {pct(self.status_lag_s)}",
-            f"  operator RSS: peak {self.rss_peak_mib:.0f} MiB, after the steady window "
+        ]
+        if not c["floor"]:
+            lines.append(f"  status lag (s):       {pct(self.status_lag_s)}")
+        lines += [
+            f"  {who} RSS: peak {self.rss_peak_mib:.0f} MiB, "
+            f"{'at the end' if c['floor'] else 'after the steady window'} "
             f"{self.rss_after_mib:.0f} MiB; CPU {self.cpu_s:.1f}s "
             f"({self.cpu_s / max(c['jobs'], 1) * 1000:.0f} ms per job)",
             f"  API requests per job: {self.requests_per_job:.1f} "
             f"(writes {self.writes_per_job:.1f}, 409 answers {self.conflicts_409_per_job:.2f})",
-            f"  steady state, one resync interval: {self.steady_requests_per_job:.1f} requests "
-            f"per job (writes {self.steady_writes_per_job:.2f})",
+        ]
+        if not c["floor"]:
+            lines.append(
+                f"  steady state, one resync interval: {self.steady_requests_per_job:.1f} "
+                f"requests per job (writes {self.steady_writes_per_job:.2f})"
+            )
+        lines += [
             "  requests by method and resource: "
             + ", ".join(f"{k} {v}" for k, v in sorted(self.requests_by_kind.items())),
             f"  duplicates: {len(self.duplicates)}  orphans: {len(self.orphans)}  "
@@ -338,7 +376,8 @@ def parse_requests(text: str) -> tuple[Counter, Counter]:
 
 class Operator:
     """The operator as its own process, as the chart runs it; RSS sampled every half second,
-    requests scraped every second (and just before each kill), summed over incarnations."""
+    requests scraped every second (and just before each kill), summed over incarnations.
+    With `cfg.floor`, the floor creator (floor.py) in its place, in the same environment."""
 
     def __init__(self, cluster: Cluster, cfg: Config, log_path: Path) -> None:
         self.cluster = cluster
@@ -359,11 +398,6 @@ class Operator:
 
     def start(self) -> None:
         self.port = _free_port()
-        scope = (
-            ["--all-namespaces"]
-            if self.cfg.all_namespaces
-            else [f"--namespace={self.cfg.namespace}"]
-        )
         env = {
             **os.environ,
             "KUBECONFIG": self.cluster.kubeconfig,
@@ -379,8 +413,7 @@ class Operator:
         }
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "kopf", "run", "-m", "finetune_operator.main", *scope]
-                + ["--standalone"],
+                self.command(),
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -389,6 +422,18 @@ class Operator:
         self.live_requests, self.live_errors = Counter(), Counter()
         if not self._sampler.is_alive():
             self._sampler.start()
+
+    def command(self) -> list[str]:
+        if self.cfg.floor:
+            return [sys.executable, "-m", "finetune_bench.floor", "--namespace", self.cfg.namespace]
+        scope = (
+            ["--all-namespaces"]
+            if self.cfg.all_namespaces
+            else [f"--namespace={self.cfg.namespace}"]
+        )
+        return [sys.executable, "-m", "kopf", "run", "-m", "finetune_operator.main", *scope] + [
+            "--standalone"
+        ]
 
     def wait_ready(self, timeout: float = 120) -> None:
         """Until its metrics endpoint answers: the start-up handler has run."""
@@ -533,9 +578,12 @@ def check_ownership(cluster: Cluster, namespace: str) -> tuple[list[str], list[s
 
 def run(cluster: Cluster, cfg: Config, say: Callable[[str], None] = print) -> Result:
     """The benchmark on a running control plane with the CRDs installed; nodes are added
-    (and left for the caller to remove with `cleanup`)."""
+    (and left for the caller to remove with `cleanup`). With `cfg.floor` it is done once
+    every FineTuneJob has its Job, and kills and the steady window are left out."""
     workdir = Path(cfg.workdir or controlplane.temporary_directory("ftop-scale-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    if cfg.floor:
+        cfg.kills, cfg.steady_seconds = 0, 0
     steady = cfg.resync_seconds if cfg.steady_seconds is None else cfg.steady_seconds
     names = [f"scale-{i:05d}" for i in range(cfg.jobs)]
 
@@ -561,8 +609,8 @@ def run(cluster: Cluster, cfg: Config, say: Callable[[str], None] = print) -> Re
         ),
         Watch(cluster, "jobs.batch", cfg.namespace, "{.object.status.succeeded}", progress.on_job),
     ]
-    operator = Operator(cluster, cfg, workdir / "operator.log")
-    say(f"operator log: {operator.log_path}")
+    operator = Operator(cluster, cfg, workdir / ("floor.log" if cfg.floor else "operator.log"))
+    say(f"{operator.log_path.stem} log: {operator.log_path}")
     operator.start()
     operator.wait_ready()
 
@@ -627,7 +675,7 @@ def run(cluster: Cluster, cfg: Config, say: Callable[[str], None] = print) -> Re
             )
         # Kills still due once every Job exists cannot fall in the burst: they are not done,
         # and the result says how many were.
-        if n_done == cfg.jobs and apply_s is not None:
+        if (n_job if cfg.floor else n_done) == cfg.jobs and apply_s is not None:
             converged = True
             break
         time.sleep(0.2)
@@ -661,6 +709,7 @@ def run(cluster: Cluster, cfg: Config, say: Callable[[str], None] = print) -> Re
             for n in names
             if n in progress.ftj_succeeded and n in progress.job_complete
         ]
+        last_job = max(progress.job_seen.values(), default=started)
     jobs = max(cfg.jobs, 1)
     writes = sum(v for (m, _), v in all_requests.items() if m in WRITES)
     return Result(
@@ -669,6 +718,8 @@ def run(cluster: Cluster, cfg: Config, say: Callable[[str], None] = print) -> Re
         converged=converged,
         converge_s=converge_s,
         apply_s=apply_s or 0.0,
+        jobs_created_s=last_job - started,
+        creates=cfg.jobs + sum(v for (m, _), v in all_requests.items() if m == "POST"),
         latency_s=percentiles(latency),
         latency_n=len(latency),
         status_lag_s=percentiles(lag),
@@ -697,6 +748,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resync-seconds", type=float, default=60.0)
     p.add_argument("--steady-seconds", type=float, default=None, help="default: one resync")
     p.add_argument("--timeout", type=float, default=900.0)
+    p.add_argument(
+        "--floor",
+        action="store_true",
+        help="no operator: only its children created by a minimal creator (floor.py)",
+    )
     p.add_argument("--json", help="also write the result here")
     p.add_argument("--keep", action="store_true", help="leave the control plane running")
     args = p.parse_args(argv)
@@ -707,6 +763,7 @@ def main(argv: list[str] | None = None) -> int:
         resync_seconds=args.resync_seconds,
         steady_seconds=args.steady_seconds,
         timeout=args.timeout,
+        floor=args.floor,
     )
     directory = controlplane.temporary_directory("ftop-scale-cluster-")
     cfg.workdir = str(directory / "bench")

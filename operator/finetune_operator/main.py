@@ -180,6 +180,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> No
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 30
     settings.networking.request_timeout = 60
+    # Proxies from the environment for kopf's watches as for our own requests (k8s.py).
+    settings.networking.trust_env = k8s.trust_environment()
     # Only warnings of kopf's own go to Kubernetes Events; ours are posted explicitly.
     settings.posting.level = logging.WARNING
     settings.peering.name = ours.peering_name

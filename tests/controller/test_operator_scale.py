@@ -54,3 +54,35 @@ def test_a_burst_with_kills_converges_without_duplicates_or_orphans(
     ]
     statuses = [f.get("status", {}) for f in kube.items("finetunejobs")]
     assert [s.get("phase") for s in statuses] == ["Succeeded"] * JOBS
+
+
+def test_the_floor_creates_each_job_s_children_once_and_nothing_else(
+    cluster, crds, kube: Kube, tmp_path
+):
+    """`bench/scale.py --floor`: the operator's first-pass children, created by the floor
+    creator alone (one POST each, no read, no status), measured like the operator."""
+    from finetune_bench import scale
+
+    jobs = 5
+    cfg = scale.Config(
+        jobs=jobs,
+        nodes=1,
+        namespace=kube.namespace,
+        all_namespaces=False,
+        floor=True,
+        timeout=DEADLINE_S,
+        workdir=str(tmp_path),
+    )
+    try:
+        result = scale.run(cluster, cfg, say=print)
+    finally:
+        scale.cleanup(cluster, kube.namespace)
+    print(result.report())
+    log = (tmp_path / "floor.log").read_text(errors="replace")[-3000:]
+    assert result.converged, f"not converged in {DEADLINE_S}s:\n{result.report()}\n{log}"
+    assert (result.duplicates, result.orphans, result.without_job) == ([], [], [])
+    children = ("configmaps", "jobs", "rolebindings", "roles", "serviceaccounts")
+    assert result.requests_by_kind == {f"POST {kind}": jobs for kind in children}
+    assert result.creates == jobs * (1 + len(children))
+    assert result.latency_n == jobs
+    assert 0 < result.latency_s["max"] <= result.jobs_created_s < DEADLINE_S

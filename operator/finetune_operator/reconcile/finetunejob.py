@@ -196,40 +196,54 @@ async def _ensure_children(
     """Create the children that are missing; -> the Job.
 
     Without a Job (the first pass, or the Job was deleted) every child goes through
-    create-if-absent, the Job last: its pods must find their ServiceAccount and config, so
-    this is the moment not to trust knowledge that may be a resync old. With a Job, the
-    others are checked against the inventory (inventory.py): no request for those known to
-    exist, a POST for those that are not.
+    create-if-absent (`first_children`): this is the moment not to trust knowledge that may
+    be a resync old. With a Job, the others are checked against the inventory
+    (inventory.py): no request for those known to exist, a POST for those that are not.
     """
-    rendezvous = training.build_rendezvous_service(ftj, plan)
+    if job is None:
+        *others, manifest = first_children(body, ftj, plan, shash, settings)
+        for child in others:
+            await inventory.create(child)
+        job, _ = await inventory.create(manifest)
+        return job
     # The worker config is rendered only for a pass that creates it: rendering it (a model
     # round trip and a YAML dump) on every pass was a tenth of the operator's CPU in a burst.
     config = training.config_map_stub(ftj)
-    children = [config, *training.build_rbac(ftj), *([rendezvous] if rendezvous else [])]
-    if job is not None:
-        children = await inventory.not_known(children, settings.resync_seconds)
+    children = await inventory.not_known(_others(ftj, plan, config), settings.resync_seconds)
+    for child in children:
+        full = training.build_config_map(ftj, plan, shash) if child is config else child
+        kopf.adopt(full, owner=body)
+        await inventory.create(full)
+    return job
+
+
+def _others(ftj: FineTuneJob, plan: TrainingPlan, config: dict) -> list[dict]:
+    """The children other than the Job, `config` for the worker ConfigMap, in creation order."""
+    rendezvous = training.build_rendezvous_service(ftj, plan)
+    return [config, *training.build_rbac(ftj), *([rendezvous] if rendezvous else [])]
+
+
+def first_children(
+    body: dict, ftj: FineTuneJob, plan: TrainingPlan, shash: str, settings: OperatorSettings
+) -> list[dict]:
+    """Every child of a FineTuneJob without a Job, owned by it, in the order they are
+    created: the Job last, as its pods must find their ServiceAccount and config.
+
+    Also what `bench/scale.py --floor` creates without the operator, so that the floor it
+    measures is for the very objects the operator creates."""
     children = [
-        training.build_config_map(ftj, plan, shash) if child is config else child
-        for child in children
+        *_others(ftj, plan, training.build_config_map(ftj, plan, shash)),
+        training.build_training_job(
+            ftj,
+            plan,
+            shash,
+            default_image=settings.worker_image,
+            default_tolerations=settings.gpu_tolerations,
+        ),
     ]
     for child in children:
         kopf.adopt(child, owner=body)
-    if job is not None:
-        for child in children:
-            await inventory.create(child)
-        return job
-    for child in children:
-        await inventory.create(child)
-    manifest = training.build_training_job(
-        ftj,
-        plan,
-        shash,
-        default_image=settings.worker_image,
-        default_tolerations=settings.gpu_tolerations,
-    )
-    kopf.adopt(manifest, owner=body)
-    job, _ = await inventory.create(manifest)
-    return job
+    return children
 
 
 async def _sync_suspend(ftj: FineTuneJob, job: dict) -> dict:
