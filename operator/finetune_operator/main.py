@@ -31,7 +31,7 @@ from finetune_api.constants import (
     MANAGED_BY,
 )
 
-from . import coalesce, heap, k8s, metrics, requeue, resync
+from . import coalesce, k8s, metrics, requeue, resync
 from .constants import SERVER_COMPONENT
 from .reconcile import adapterdeployment, adaptermerge, finetunejob
 from .reconcile.settings import OperatorSettings
@@ -376,7 +376,6 @@ async def resync_once(settings: OperatorSettings) -> None:
         items, settings.resync_seconds, visit, concurrency=settings.resync_concurrency
     )
     log.info("resync complete: %d FineTuneJobs in %.1fs", sum(counts.values()), cycle.took)
-    heap.release()  # a burst's garbage goes back to the system, not only to the allocator
     if cycle.behind > RESYNC_BEHIND_WARNING * settings.resync_seconds:
         log.warning(
             "resync passes started up to %.0fs after their places in the %.0fs interval: "
