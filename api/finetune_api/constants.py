@@ -53,7 +53,8 @@ class Reason:
     HUB_UNAVAILABLE = "HubUnavailable"
     METHOD_NOT_SUPPORTED = "MethodNotSupported"
     """The method the spec names (or every one spec.allowedMethods allows) needs FP8 tensor
-    cores that spec.resources.gpu.product lacks or does not name."""
+    cores that spec.resources.gpu.product lacks, or that neither it nor (without it) the GPU
+    nodes that could take the job are known to have."""
     # ReferencesResolved
     REFERENCES_FOUND = "ReferencesFound"
     SECRET_NOT_FOUND = "SecretNotFound"
@@ -146,7 +147,8 @@ workspaces, lazily loaded kernels; measured in docs/memory-model.md). The planne
 against spec.resources.gpu.memory; the worker caps its allocator at the budget less this."""
 FP8_MIN_COMPUTE_CAPABILITY = (8, 9)
 """FP8 tensor cores: Ada (8.9), Hopper (9.0) and newer. The worker refuses `fp8` below it; the
-planner offers `fp8` to `method: auto` only on a GPU product known to reach it."""
+planner offers `fp8` to `method: auto` only on a GPU product, or (without one) GPU nodes, known
+to reach it, and an fp8 plan's pods require nodes labelled with it."""
 # torchrun's master port on pod 0 of a multi-node job: the operator's Service and container
 # port, and the worker launcher's default.
 RENDEZVOUS_PORT = 29500

@@ -338,7 +338,8 @@ class GPUSpec(SpecModel):
     product: ShortString | None = None
     """GPU product for scheduling (the `nvidia.com/gpu.product` node label), e.g. `NVIDIA-H200`.
     It also tells the planner whether the GPU has FP8 tensor cores: `method: auto` considers
-    fp8 only when this names one the planner knows to have them."""
+    fp8 when this names one the planner knows to have them, and without a product only when
+    every GPU node that could take the job has them (by GPU Feature Discovery labels)."""
     resource_name: Annotated[str, Field(min_length=1, max_length=253)] = DEFAULT_GPU_RESOURCE
     """Extended resource to request."""
 
@@ -515,10 +516,12 @@ class FineTuneJobSpec(SpecModel):
     qlora (4-bit base) or fp8, narrowed by allowedMethods. `fp8` trains LoRA on an FP8 (e4m3,
     a scale per output channel) copy of the frozen base: half of bf16's weight memory and FP8
     GEMMs, on GPUs with FP8 tensor cores (compute capability 8.9 or newer: L4, L40S, H100,
-    H200, B200, ...). `auto` considers fp8 only when resources.gpu.product names a GPU the
-    planner knows to have them; fp8 named on a product known to lack them (A100, T4, ...) is
-    refused when planning, and on any other GPU without them the worker refuses it at start
-    (exit code 16)."""
+    H200, B200, ...). `auto` considers fp8 only where the GPU is known to have them: when
+    resources.gpu.product names such a GPU, or, without a product, when every node whose GPU
+    Feature Discovery labels show the memory (and nodeSelector's labels) has them. The pods of
+    an fp8 plan require nodes labelled compute capability 8.9 or newer. fp8 named on a product
+    known to lack them (A100, T4, ...) is refused when planning, and on any other GPU without
+    them the worker refuses it at start (exit code 16)."""
     allowed_methods: (
         Annotated[
             list[ResolvedMethod],
@@ -528,7 +531,7 @@ class FineTuneJobSpec(SpecModel):
     ) = None
     """The methods `auto` may choose from, each at most once, to forbid the others: `[lora,
     qlora]` never trains on an FP8 base, `[qlora]` always on the 4-bit base. Only with method
-    auto. Unset: all three, fp8 still only on a resources.gpu.product with FP8 tensor cores."""
+    auto. Unset: all three, fp8 still only where the GPU is known to have FP8 tensor cores."""
     # `default: {}` in the CRD makes the API server fill in (and show) the LoRA defaults.
     lora: LoRASpec = Field(default_factory=LoRASpec, json_schema_extra={"default": {}})
     quantization: QuantizationSpec | None = None

@@ -41,6 +41,8 @@ def spec_hash(spec: FineTuneJobSpec) -> str:
     # The GPU product also decides whether `auto` may choose fp8, but it is a scheduling field
     # that existing jobs already carry: hashing it would re-plan them on an operator upgrade,
     # under a running Job. The spec is immutable, so the plan recorded for it stays its plan.
+    # Without a product the GPU nodes decide, when the job is planned; they are not the spec,
+    # so nodes that come or go later never re-plan it (an fp8 plan's pods require FP8 nodes).
     gpu = spec.resources.gpu
     data["gpu"] = {"count": gpu.count, "memoryBytes": parse_quantity(gpu.memory)}
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)

@@ -10,6 +10,7 @@ concurrent change makes the write fail instead of overwriting newer state.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import random
@@ -49,6 +50,7 @@ PLURALS: dict[tuple[str, str], str] = {
     ("v1", "Service"): "services",
     ("v1", "PersistentVolumeClaim"): "persistentvolumeclaims",
     ("v1", "Event"): "events",
+    ("v1", "Node"): "nodes",
     ("batch/v1", "Job"): "jobs",
     ("apps/v1", "Deployment"): "deployments",
     ("rbac.authorization.k8s.io/v1", "Role"): "roles",
@@ -266,16 +268,41 @@ async def list_objects(
 METADATA_ONLY = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1,application/json"
 
 
-async def list_names(
+async def list_metadata(
     api_version: str, kind: str, namespace: str | None, label_selector: str | None = None
-) -> list[str]:
-    """The names of the objects a list would return, fetched as metadata only."""
+) -> list[dict]:
+    """The metadata of the objects a list would return (names, labels, ...), fetched as
+    metadata only."""
     query = [("labelSelector", label_selector)] if label_selector else None
     result = await _call(
         "GET", path(api_version, kind, namespace), query=query, accept=METADATA_ONLY
     )
     # An empty PartialObjectMetadataList says `"items": null`.
-    return [item["metadata"]["name"] for item in result.get("items") or []]
+    return [item["metadata"] for item in result.get("items") or []]
+
+
+async def list_names(
+    api_version: str, kind: str, namespace: str | None, label_selector: str | None = None
+) -> list[str]:
+    """The names of the objects a list would return, fetched as metadata only."""
+    return [md["name"] for md in await list_metadata(api_version, kind, namespace, label_selector)]
+
+
+REQUEST_FAILURES = (ApiException, aiohttp.ClientError, TimeoutError)
+"""What a request raises once its own attempts are spent (refused, or no answer): for the
+callers that can do without the answer, so they need not know the API client's types."""
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line for the log: the status and the API server's message (which names a missing
+    permission), or the connection error."""
+    if isinstance(exc, ApiException):
+        try:
+            message = json.loads(exc.body or "{}").get("message")
+        except (ValueError, AttributeError):
+            message = None
+        return f"{exc.status} {exc.reason}" + (f": {message}" if message else "")
+    return f"{type(exc).__name__}: {exc}"
 
 
 async def create_if_absent(obj: dict) -> tuple[dict, bool]:

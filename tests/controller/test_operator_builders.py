@@ -65,6 +65,86 @@ def test_training_job_requests_gpus_and_selects_nodes_by_gpu_memory(llama):
     assert pod["serviceAccountName"] == f"{llama.metadata.name}-worker"
 
 
+def _selects(terms: list[dict], labels: dict[str, str]) -> bool:
+    """Whether required node affinity `terms` select a node with `labels`, as the scheduler
+    reads them: terms ORed, expressions ANDed, Gt comparing integers."""
+
+    def holds(e: dict) -> bool:
+        value = labels.get(e["key"])
+        if value is None:
+            return False
+        if e["operator"] == "In":
+            return value in e["values"]
+        assert e["operator"] == "Gt", e
+        return value.isdigit() and int(value) > int(e["values"][0])
+
+    return any(all(holds(e) for e in t["matchExpressions"]) for t in terms)
+
+
+def _node(memory_mib: int, compute: tuple[int, int] | None, product: str = "P") -> dict:
+    labels = {"nvidia.com/gpu.memory": str(memory_mib), "nvidia.com/gpu.product": product}
+    if compute:
+        labels["nvidia.com/gpu.compute.major"] = str(compute[0])
+        labels["nvidia.com/gpu.compute.minor"] = str(compute[1])
+    return labels
+
+
+def test_fp8_plans_require_gpus_with_fp8_tensor_cores_by_gfd_compute_labels():
+    budget = 24 * 2**30
+    memory = {"key": "nvidia.com/gpu.memory", "operator": "Gt", "values": ["24575"]}
+    product = {"key": "nvidia.com/gpu.product", "operator": "In", "values": ["NVIDIA-H200"]}
+    major_above_8 = {"key": "nvidia.com/gpu.compute.major", "operator": "Gt", "values": ["8"]}
+    major_8 = {"key": "nvidia.com/gpu.compute.major", "operator": "In", "values": ["8"]}
+    minor_above_8 = {"key": "nvidia.com/gpu.compute.minor", "operator": "Gt", "values": ["8"]}
+
+    def terms(affinity: dict) -> list[dict]:
+        return affinity["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+            "nodeSelectorTerms"
+        ]
+
+    # Two terms, ORed, each keeping the memory (and product) expressions.
+    assert terms(training.gpu_node_affinity(budget, "NVIDIA-H200", fp8=True)) == [
+        {"matchExpressions": [memory, product, major_above_8]},
+        {"matchExpressions": [memory, product, major_8, minor_above_8]},
+    ]
+    assert training.fp8_node_terms([memory]) == [
+        {"matchExpressions": [memory, major_above_8]},
+        {"matchExpressions": [memory, major_8, minor_above_8]},
+    ]
+    assert terms(training.gpu_node_affinity(budget, None)) == [{"matchExpressions": [memory]}]
+    # What they select: compute capability 8.9 or newer with the memory; nothing unlabelled.
+    fp8_terms = terms(training.gpu_node_affinity(budget, None, fp8=True))
+    for compute, selected in (
+        ((8, 9), True),  # L4, L40S, RTX 4090
+        ((9, 0), True),  # H100, H200
+        ((10, 0), True),  # B200
+        ((12, 0), True),  # RTX 5090
+        ((8, 6), False),  # A10G, A40
+        ((8, 0), False),  # A100
+        ((7, 5), False),  # T4
+        (None, False),  # no compute labels: not chosen
+    ):
+        assert _selects(fp8_terms, _node(81559, compute)) is selected, compute
+    assert not _selects(fp8_terms, _node(24575, (9, 0)))  # a MiB short of the budget: not
+    assert _selects(terms(training.gpu_node_affinity(budget, None)), _node(81559, (8, 0)))
+
+
+def test_the_training_job_of_an_fp8_plan_requires_fp8_nodes_and_no_other_does(llama):
+    def terms(plan: TrainingPlan) -> list[dict]:
+        pod = training.build_training_job(llama, plan, "h")["spec"]["template"]["spec"]
+        return pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+            "nodeSelectorTerms"
+        ]
+
+    fp8 = terms(PLAN.model_copy(update={"method": "fp8"}))
+    assert len(fp8) == 2
+    assert not _selects(fp8, _node(81920, (8, 0)))
+    assert _selects(fp8, _node(81559, (9, 0)))
+    for method in ("lora", "qlora"):
+        (only,) = terms(PLAN.model_copy(update={"method": method}))
+        assert all("compute" not in e["key"] for e in only["matchExpressions"])
+
+
 def test_training_job_failure_policy_fails_fast_on_permanent_exit_codes(llama):
     rules = training.build_training_job(llama, PLAN, "h")["spec"]["podFailurePolicy"]["rules"]
     assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}

@@ -30,6 +30,7 @@ def test_settings_are_parsed_from_the_environment_given():
             "FINETUNE_SERVING_DEFAULTS": json.dumps({"cpu": "4", "maxLorasPerBatch": 2}),
             "FINETUNE_PEERING": "true",
             "FINETUNE_PEERING_NAME": "pair",
+            "FINETUNE_GPU_NODES_CACHE_SECONDS": "0",
         }
     )
     assert (s.worker_image, s.namespaces, s.resync_seconds) == (
@@ -50,6 +51,9 @@ def test_settings_are_parsed_from_the_environment_given():
         2,
     )
     assert (s.peering, s.peering_name) == (True, "pair")
+    assert s.gpu_nodes_cache_seconds == 0.0  # every plan lists the nodes (the tests do)
+    with pytest.raises(ValueError, match="FINETUNE_GPU_NODES_CACHE_SECONDS='-1'"):
+        OperatorSettings.from_env({"FINETUNE_GPU_NODES_CACHE_SECONDS": "-1"})
 
 
 def test_unset_environment_gives_the_defaults():
@@ -57,6 +61,7 @@ def test_unset_environment_gives_the_defaults():
     assert s == OperatorSettings()
     assert (s.worker_image, s.serving.image) == (DEFAULT_WORKER_IMAGE, DEFAULT_SERVING_IMAGE)
     assert (s.peering, s.peering_name) == (False, "finetune-operator")
+    assert s.gpu_nodes_cache_seconds == 60.0
 
 
 def test_an_image_in_the_serving_defaults_wins_over_the_serving_image():

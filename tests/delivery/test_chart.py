@@ -309,7 +309,7 @@ def test_namespaced_mode_has_a_role_per_namespace_and_read_only_cluster_scope():
     (cluster_role,) = by_kind(objects, "ClusterRole")
     for rule in cluster_role["rules"]:
         assert set(rule["verbs"]) <= {"get", "list", "watch"}, rule
-        assert set(rule["resources"]) <= {"customresourcedefinitions", "namespaces"}, rule
+        assert set(rule["resources"]) <= {"customresourcedefinitions", "namespaces", "nodes"}
     args = _operator_deployment(objects)["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--namespace=team-a" in args and "--namespace=team-b" in args
     assert "--all-namespaces" not in args

@@ -181,5 +181,5 @@ def test_kubectl_get_ftj_tells_the_story(kube: Kube, volumes, operator_process):
     rows = {line.split()[0]: line.split() for line in lines[1:]}
     method = done["status"]["plan"]["method"]
     assert rows["at-a-glance"][1:3] == [method, "Succeeded"]
-    assert rows["waiting"][1] in ("lora", "qlora")
+    assert rows["waiting"][1] == kube.get("finetunejob", "waiting")["status"]["plan"]["method"]
     assert rows["waiting"][2] == kube.get("finetunejob", "waiting")["status"]["phase"]

@@ -16,7 +16,14 @@ from finetune_operator.planner import (
     plan_training,
     preset,
 )
-from finetune_operator.planner.api_adapter import NoFittingPlan, plan_for_spec, request_from_spec
+from finetune_operator.planner.api_adapter import (
+    NoFittingPlan,
+    gpu_nodes_for_spec,
+    needs_gpu_nodes,
+    plan_for_spec,
+    request_from_spec,
+)
+from finetune_operator.planner.gpus import NodeFp8
 from finetune_operator.planner.memory import GiB, MiB
 
 LLAMA3_8B = preset("meta-llama/Meta-Llama-3-8B")
@@ -431,6 +438,109 @@ def test_fp8_named_on_a_gpu_without_fp8_is_refused_naming_the_fields():
     with pytest.raises(MethodNotSupported, match="spec.allowedMethods allows only fp8"):
         plan_on(None, 80, replace(REQUEST, allowed_methods=("fp8",)))
     assert plan_on(H200, 80, replace(REQUEST, allowed_methods=("fp8",))).method == "fp8"
+
+
+# --- fp8 under auto without a product: every GPU node that could take the job ---------------
+
+ALL_FP8 = NodeFp8(
+    True,
+    "every node that could take the job (2 with at least 24576 MiB per GPU) has FP8 tensor cores",
+)
+MIXED = NodeFp8(
+    False, "nodes without FP8 tensor cores could take the job (a100-0: compute capability 8.0)"
+)
+UNREAD = NodeFp8(False, "the operator could not list the cluster's nodes")
+NO_NODE = NodeFp8(False, "no node labelled by GPU Feature Discovery has at least 24576 MiB per GPU")
+
+
+def plan_on_nodes(
+    nodes: NodeFp8, memory_gib: float = 24, request: PlanRequest = REQUEST, product=None
+):
+    budget = Budget(int(memory_gib * GiB), gpu_product=product, gpu_nodes=nodes)
+    return plan_training(LLAMA3_8B, request, budget)
+
+
+def test_auto_considers_fp8_without_a_product_where_every_node_that_could_take_the_job_has_it():
+    for memory in (24, 80):
+        decision = plan_on_nodes(ALL_FP8, memory)
+        # As if the product were known: the same choice as on an H200.
+        assert decision.method == "fp8"
+        assert decision.chosen.shape == plan_on(H200, memory).chosen.shape
+        # The plan depends on the cluster, not on the spec alone: the reason says so.
+        assert (
+            f"fp8 considered: {ALL_FP8.detail}; the pods of an fp8 plan require compute "
+            "capability 8.9 or newer." in decision.reason
+        ), decision.reason
+    # Where fp8 does not win it is still considered, and still said.
+    small = plan_on_nodes(ALL_FP8, 12)
+    assert small.method == "qlora" and "fp8 considered" in small.reason
+    assert plan_on_nodes(ALL_FP8, 80, replace(REQUEST, allowed_methods=("fp8",))).method == "fp8"
+
+
+@pytest.mark.parametrize("nodes", [MIXED, UNREAD, NO_NODE], ids=["mixed", "unread", "none"])
+def test_auto_leaves_fp8_out_where_the_nodes_do_not_all_have_it_and_says_why(nodes):
+    for memory in (24, 80):
+        decision = plan_on_nodes(nodes, memory)
+        assert all(c.shape.method != "fp8" for c in decision.candidates)
+        assert (
+            f"fp8 not considered: {nodes.detail}; name a GPU with FP8 tensor cores (compute "
+            "capability 8.9 or newer) in spec.resources.gpu.product, or select only such nodes "
+            "with spec.resources.nodeSelector." in decision.reason
+        ), decision.reason
+    with pytest.raises(MethodNotSupported, match="spec.allowedMethods allows only fp8"):
+        plan_on_nodes(nodes, 80, replace(REQUEST, allowed_methods=("fp8",)))
+    # A named fp8 is planned as before (its pods then require FP8 nodes).
+    assert plan_on_nodes(nodes, 80, replace(REQUEST, method="fp8")).method == "fp8"
+
+
+def test_a_named_product_decides_whatever_the_nodes_say():
+    on_a100 = plan_on_nodes(ALL_FP8, 80, product=A100)
+    assert on_a100.method != "fp8" and f"'{A100}' (compute capability 8.0)" in on_a100.reason
+    on_h200 = plan_on_nodes(MIXED, 80, product=H200)
+    assert on_h200.method == "fp8" and "fp8 considered" not in on_h200.reason
+
+
+def test_the_nodes_are_read_only_where_they_can_change_the_plan_and_judged_for_the_spec():
+    assert needs_gpu_nodes(_llama_spec())
+    for overrides in (
+        {"resources.gpu.product": H200},
+        {"allowedMethods": ["lora", "qlora"]},
+        {"method": "fp8"},
+        {"method": "lora"},
+    ):
+        assert not needs_gpu_nodes(_llama_spec(**overrides)), overrides
+    assert needs_gpu_nodes(_llama_spec(allowedMethods=["qlora", "fp8"]))
+
+    def labels(memory_mib: int, major: int, minor: int, **extra: str) -> dict[str, str]:
+        return {
+            "nvidia.com/gpu.memory": str(memory_mib),
+            "nvidia.com/gpu.compute.major": str(major),
+            "nvidia.com/gpu.compute.minor": str(minor),
+            **extra,
+        }
+
+    nodes = {
+        "h100-0": labels(81559, 9, 0, pool="h100"),
+        "a100-0": labels(81920, 8, 0, pool="a100"),
+        "a100-40": labels(40960, 8, 0),
+    }
+    pinned = _llama_spec(**{"resources.nodeSelector": {"pool": "h100"}})  # 24Gi per GPU
+    verdict = gpu_nodes_for_spec(pinned, nodes)
+    assert verdict.fp8
+    assert plan_for_spec(pinned, LLAMA3_8B, gpu_nodes=verdict).method == "fp8"
+    anywhere = _llama_spec()
+    assert not gpu_nodes_for_spec(anywhere, nodes).fp8
+    assert plan_for_spec(
+        anywhere, LLAMA3_8B, gpu_nodes=gpu_nodes_for_spec(anywhere, nodes)
+    ).method in (
+        "lora",
+        "qlora",
+    )
+    # 41 GiB: the 40 GB A100 is too small; the 80 GB one still could take it.
+    big = _llama_spec(**{"resources.gpu.memory": "41Gi"})
+    assert not gpu_nodes_for_spec(big, nodes).fp8
+    del nodes["a100-0"]
+    assert gpu_nodes_for_spec(big, nodes).fp8
 
 
 def test_the_spec_reaches_the_planner_and_a_refusal_fails_planning_with_its_reason():

@@ -42,6 +42,8 @@ class OperatorProcess:
             **os.environ,
             "KUBECONFIG": self.kubeconfig,
             "FINETUNE_RESYNC_SECONDS": "5",
+            # Tests add GPU nodes and plan a job at once: no list of them may be reused.
+            "FINETUNE_GPU_NODES_CACHE_SECONDS": "0",
             "FINETUNE_METRICS_PORT": "0",
             "FINETUNE_ALLOW_HUB": "false",
             "FINETUNE_NAMESPACES": self.namespaces,

@@ -74,12 +74,19 @@ escalation check passes without `escalate` or `bind`.
 {{- end }}
 {{- end }}
 
-{{/* Cluster-scoped rules: kopf's discovery of CRDs (and namespaces), cluster peering. */}}
+{{/* Cluster-scoped rules: kopf's discovery of CRDs (and namespaces), GPU node labels,
+cluster peering. */}}
 {{- define "finetune-operator.clusterRules" -}}
 # kopf watches CRDs so a (re)installed CRD is picked up without a restart.
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
   verbs: ["get", "list", "watch"]
+# `method: auto` without a GPU product may choose fp8 only if every GPU node that could take
+# the job has FP8 tensor cores: the operator lists the nodes' GPU Feature Discovery labels
+# (metadata only, at most once a minute). Without it, such jobs are never planned fp8.
+- apiGroups: [""]
+  resources: ["nodes"]
+  verbs: ["list"]
 {{- if not (include "finetune-operator.allNamespaces" .) }}
 # kopf lists namespaces to notice watched namespaces (or ones matching a pattern) being
 # created or deleted.

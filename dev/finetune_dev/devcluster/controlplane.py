@@ -602,10 +602,30 @@ def apply_crds(cluster: Cluster, documents: list[dict], *, timeout: float = 60) 
 
 
 def fake_gpu_node(
-    name: str, *, product: str = "NVIDIA-H100-80GB-HBM3", memory_mib: int = 81559, gpus: int = 8
+    name: str,
+    *,
+    product: str = "NVIDIA-H100-80GB-HBM3",
+    memory_mib: int = 81559,
+    gpus: int = 8,
+    compute: tuple[int, int] | None = None,
 ) -> dict:
-    """A kwok-managed Node labelled the way NVIDIA GPU Feature Discovery labels one."""
+    """A kwok-managed Node labelled the way NVIDIA GPU Feature Discovery labels one.
+
+    `compute`: the GPU's compute capability (GFD's `nvidia.com/gpu.compute.major`/`.minor`,
+    which the operator pins fp8 plans to); by default the product's, from the planner's
+    table, and no compute labels for a product the table does not know."""
+    from finetune_operator.planner.gpus import compute_capability
+
     key, value = KWOK_NODE_ANNOTATION
+    major_minor = compute or compute_capability(product)
+    compute_labels = (
+        {
+            "nvidia.com/gpu.compute.major": str(major_minor[0]),
+            "nvidia.com/gpu.compute.minor": str(major_minor[1]),
+        }
+        if major_minor
+        else {}
+    )
     return {
         "apiVersion": "v1",
         "kind": "Node",
@@ -621,6 +641,7 @@ def fake_gpu_node(
                 "nvidia.com/gpu.product": product,
                 "nvidia.com/gpu.memory": str(memory_mib),
                 "nvidia.com/gpu.count": str(gpus),
+                **compute_labels,
             },
         },
         "spec": {},

@@ -13,6 +13,7 @@ import yaml
 from finetune_api.common import API_VERSION, GROUP, parse_quantity
 from finetune_api.constants import (
     ANNOTATION_SPEC_HASH,
+    FP8_MIN_COMPUTE_CAPABILITY,
     LABEL_COMPONENT,
     LABEL_FINETUNEJOB,
     MANAGED_BY,
@@ -26,6 +27,8 @@ from finetune_api.finetunejob import FineTuneJob, TrainingPlan
 
 from ..constants import (
     DEFAULT_WORKER_IMAGE,
+    GPU_COMPUTE_MAJOR_LABEL,
+    GPU_COMPUTE_MINOR_LABEL,
     GPU_MEMORY_LABEL,
     GPU_PRODUCT_LABEL,
     HF_TOKEN_DIR,
@@ -35,6 +38,7 @@ from ..constants import (
     STORAGE_CREDENTIALS_VOLUME,
     WORKER_CONTAINER,
 )
+from ..planner.gpus import min_gpu_memory_mib
 from .storage import VolumePlan, locate
 
 CONFIG_DIR = "/etc/finetune"
@@ -198,22 +202,49 @@ def build_rbac(ftj: FineTuneJob) -> list[dict]:
     ]
 
 
-def gpu_node_affinity(memory_bytes: int, product: str | None) -> dict:
-    """Require nodes whose GPUs have at least the budget, by GPU Feature Discovery labels.
+def gpu_node_affinity(memory_bytes: int, product: str | None, *, fp8: bool = False) -> dict:
+    """Require nodes whose GPUs have at least the budget, by GPU Feature Discovery labels,
+    and with `fp8` (the plan's method) FP8 tensor cores as well.
 
     `nvidia.com/gpu.memory` is in MiB. `Gt` is strict, so compare with one MiB less.
     """
-    mib = memory_bytes // (1024 * 1024)
+    mib = min_gpu_memory_mib(memory_bytes)
     exprs = [{"key": GPU_MEMORY_LABEL, "operator": "Gt", "values": [str(mib - 1)]}]
     if product:
         exprs.append({"key": GPU_PRODUCT_LABEL, "operator": "In", "values": [product]})
+    terms = fp8_node_terms(exprs) if fp8 else [{"matchExpressions": exprs}]
     return {
         "nodeAffinity": {
-            "requiredDuringSchedulingIgnoredDuringExecution": {
-                "nodeSelectorTerms": [{"matchExpressions": exprs}]
-            }
+            "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}
         }
     }
+
+
+def fp8_node_terms(exprs: list[dict]) -> list[dict]:
+    """Node selector terms (ORed) for nodes that match `exprs` and whose GPUs have FP8 tensor
+    cores: compute capability 8.9 or newer by GFD's `nvidia.com/gpu.compute.major`/`.minor`
+    labels, i.e. major above 8, or major 8 and minor above 8.
+
+    An fp8 plan holds only where its pods land on such a GPU (elsewhere the worker refuses
+    to start), whether the spec named fp8 or auto chose it from the product or the nodes
+    that were there when it was planned. Labels compare as integers under Gt; a node without
+    them is not chosen."""
+    major, minor = FP8_MIN_COMPUTE_CAPABILITY
+    return [
+        {
+            "matchExpressions": [
+                *exprs,
+                {"key": GPU_COMPUTE_MAJOR_LABEL, "operator": "Gt", "values": [str(major)]},
+            ]
+        },
+        {
+            "matchExpressions": [
+                *exprs,
+                {"key": GPU_COMPUTE_MAJOR_LABEL, "operator": "In", "values": [str(major)]},
+                {"key": GPU_COMPUTE_MINOR_LABEL, "operator": "Gt", "values": [str(minor - 1)]},
+            ]
+        },
+    ]
 
 
 RESTRICTED_CONTAINER_SECURITY = {
@@ -468,7 +499,7 @@ def build_training_job(
         n["service_account"],
         container,
         volumes,
-        gpu_node_affinity(parse_quantity(gpu.memory), gpu.product),
+        gpu_node_affinity(parse_quantity(gpu.memory), gpu.product, fp8=plan.method == "fp8"),
     )
     if spec.resources.node_selector:
         pod_spec["nodeSelector"] = dict(spec.resources.node_selector)

@@ -5,14 +5,19 @@ The core (arch, memory, decide) knows nothing about pydantic; this module reads 
 `TrainingPlan`. When nothing fits it raises `NoFittingPlan`, and when the GPU product cannot
 run the method the spec leaves `MethodNotSupported`; both messages are meant for the
 FineTuneJob's Planned=False condition.
+
+The operator also passes what the cluster's GPU nodes say about FP8 (`gpu_nodes_for_spec`),
+read only for the specs where they can change the plan (`needs_gpu_nodes`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from .arch import ModelArch
 from .decide import METHODS, Budget, PlanDecision, PlanRequest, plan_training
+from .gpus import NodeFp8, fp8_on_nodes
 from .memory import DEFAULT_CONSTANTS, MemoryConstants
 
 if TYPE_CHECKING:  # the api package imports pydantic; the core must not need it
@@ -28,7 +33,31 @@ class NoFittingPlan(Exception):
         self.minimum_budget_bytes = decision.minimum_budget_bytes
 
 
-def request_from_spec(spec: FineTuneJobSpec) -> tuple[PlanRequest, Budget]:
+def needs_gpu_nodes(spec: FineTuneJobSpec) -> bool:
+    """Whether the cluster's GPU nodes can change this spec's plan: only `auto` with fp8
+    allowed and no product named (a product decides FP8 by itself; a named method is
+    planned as named)."""
+    return (
+        spec.method == "auto"
+        and "fp8" in (spec.allowed_methods or METHODS)
+        and not spec.resources.gpu.product
+    )
+
+
+def gpu_nodes_for_spec(
+    spec: FineTuneJobSpec, nodes: Mapping[str, Mapping[str, str]] | None
+) -> NodeFp8:
+    """What `nodes` (name -> labels; None: unreadable) say about FP8 for this spec's budget
+    and nodeSelector."""
+    from finetune_api import parse_quantity
+
+    resources = spec.resources
+    return fp8_on_nodes(nodes, parse_quantity(resources.gpu.memory), resources.node_selector)
+
+
+def request_from_spec(
+    spec: FineTuneJobSpec, gpu_nodes: NodeFp8 | None = None
+) -> tuple[PlanRequest, Budget]:
     from finetune_api import parse_quantity
 
     training, lora = spec.training, spec.lora
@@ -55,13 +84,17 @@ def request_from_spec(spec: FineTuneJobSpec) -> tuple[PlanRequest, Budget]:
         gpu_count=gpu.count,
         nodes=gpu.nodes,
         gpu_product=gpu.product,
+        gpu_nodes=gpu_nodes,
     )
 
 
 def decide_for_spec(
-    spec: FineTuneJobSpec, arch: ModelArch, constants: MemoryConstants = DEFAULT_CONSTANTS
+    spec: FineTuneJobSpec,
+    arch: ModelArch,
+    constants: MemoryConstants = DEFAULT_CONSTANTS,
+    gpu_nodes: NodeFp8 | None = None,
 ) -> PlanDecision:
-    request, budget = request_from_spec(spec)
+    request, budget = request_from_spec(spec, gpu_nodes)
     return plan_training(arch, request, budget, constants)
 
 
@@ -104,7 +137,11 @@ def training_plan(decision: PlanDecision) -> TrainingPlan:
 
 
 def plan_for_spec(
-    spec: FineTuneJobSpec, arch: ModelArch, constants: MemoryConstants = DEFAULT_CONSTANTS
+    spec: FineTuneJobSpec,
+    arch: ModelArch,
+    constants: MemoryConstants = DEFAULT_CONSTANTS,
+    gpu_nodes: NodeFp8 | None = None,
 ) -> TrainingPlan:
-    """Plan a FineTuneJob: its `status.plan`, or NoFittingPlan with the minimum memory."""
-    return training_plan(decide_for_spec(spec, arch, constants))
+    """Plan a FineTuneJob: its `status.plan`, or NoFittingPlan with the minimum memory.
+    `gpu_nodes`: what the cluster's GPU nodes say about FP8 (None: not looked at)."""
+    return training_plan(decide_for_spec(spec, arch, constants, gpu_nodes))

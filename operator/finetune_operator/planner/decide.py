@@ -7,9 +7,11 @@ and the fastest one that fits is chosen. Pure: no I/O, no pydantic; api_adapter.
 decision into the FineTuneJob's status.plan.
 
 Methods: `method: auto` tries those `allowedMethods` allows (all three when unset), but fp8
-only when `resources.gpu.product` is a GPU known to have FP8 tensor cores (gpus.py): the
-operator cannot see where the pod lands, and on other GPUs the worker refuses fp8 at start.
-A product known to lack them refuses a named `method: fp8` at planning time instead.
+only where the job's GPU is known to have FP8 tensor cores (gpus.py): `resources.gpu.product`
+when the spec names one, else every GPU node that could take the job (`Budget.gpu_nodes`,
+which the operator reads from the nodes' GPU Feature Discovery labels); on other GPUs the
+worker refuses fp8 at start. A product known to lack them refuses a named `method: fp8` at
+planning time instead.
 
 Fitting: `resources.gpu.memory` is what nvidia-smi would show, so the CUDA context is added to
 the predicted peak, and a safety margin (5 % of the budget or 0.5 GiB, whichever is larger)
@@ -35,7 +37,7 @@ from typing import Literal
 from finetune_api.constants import FP8_MIN_COMPUTE_CAPABILITY
 
 from .arch import ModelArch
-from .gpus import compute_capability, has_fp8
+from .gpus import NodeFp8, compute_capability, has_fp8
 from .memory import (
     DEFAULT_CONSTANTS,
     GiB,
@@ -94,6 +96,9 @@ class Budget:
     safety_min_bytes: int = SAFETY_MIN_BYTES
     gpu_product: str | None = None
     """The `nvidia.com/gpu.product` label the pods are pinned to; None: any GPU."""
+    gpu_nodes: NodeFp8 | None = None
+    """Without a product: whether every GPU node that could take the job has FP8 tensor cores
+    (gpus.fp8_on_nodes). None: not looked at (the planner CLI), which counts as not known."""
 
     @property
     def world_size(self) -> int:
@@ -327,9 +332,19 @@ def _shape(
     )
 
 
-def _fp8_missing(product: str | None) -> str | None:
-    """Why the GPU product is not known to have FP8 tensor cores, or None when it has them."""
+def _fp8_missing(product: str | None, nodes: NodeFp8 | None = None) -> str | None:
+    """Why the job's GPU is not known to have FP8 tensor cores, or None when it has them: by
+    the product when one is named, else by the GPU nodes that could take the job."""
     capability = compute_capability(product)
+    if not product and nodes is not None:
+        if nodes.fp8:
+            return None
+        return (
+            f"{nodes.detail}; name a GPU with FP8 tensor cores (compute capability "
+            f"{_capability(FP8_MIN_COMPUTE_CAPABILITY)} or newer) in "
+            "spec.resources.gpu.product, or select only such nodes with "
+            "spec.resources.nodeSelector"
+        )
     if capability is None and not product:
         return (
             "set spec.resources.gpu.product to a GPU with FP8 tensor cores (compute "
@@ -354,8 +369,9 @@ def _capability(capability: tuple[int, int]) -> str:
 
 def methods_to_consider(request: PlanRequest, budget: Budget) -> tuple[list[str], str | None]:
     """The methods to enumerate, and a note when `auto` leaves fp8 out for want of a GPU
-    known to have FP8 tensor cores. MethodNotSupported when no method is left."""
-    missing = _fp8_missing(budget.gpu_product)
+    known to have FP8 tensor cores, or considers it because of the cluster's nodes (the plan
+    then depends on them, not on the spec alone). MethodNotSupported when no method is left."""
+    missing = _fp8_missing(budget.gpu_product, budget.gpu_nodes)
     if request.method != "auto":
         # An unknown product may still have FP8: the worker checks the real GPU at start.
         if request.method == "fp8" and has_fp8(budget.gpu_product) is False:
@@ -366,8 +382,16 @@ def methods_to_consider(request: PlanRequest, budget: Budget) -> tuple[list[str]
             )
         return [request.method], None
     methods = [m for m in METHODS if m in request.allowed_methods]
-    if "fp8" not in methods or missing is None:
+    if "fp8" not in methods:
         return methods, None
+    if missing is None:
+        if budget.gpu_product or budget.gpu_nodes is None:
+            return methods, None
+        # Only the cluster's nodes let fp8 in: the same spec may plan otherwise elsewhere.
+        return methods, (
+            f"fp8 considered: {budget.gpu_nodes.detail}; the pods of an fp8 plan require "
+            f"compute capability {_capability(FP8_MIN_COMPUTE_CAPABILITY)} or newer."
+        )
     if methods == ["fp8"]:
         raise MethodNotSupported(
             f"spec.allowedMethods allows only fp8, but fp8 cannot be planned: {missing}; "

@@ -43,6 +43,9 @@ class OperatorSettings:
     reference_wait_seconds: float = 900.0
     """How long a FineTuneJob waits for a Secret or PVC it names (GitOps tools often sync
     them after the job) before it fails; counted from when it was first found missing."""
+    gpu_nodes_cache_seconds: float = 60.0
+    """How long a list of the GPU nodes' labels serves the planning of new jobs (gpunodes.py):
+    a burst of jobs costs one list, and a node that joins is seen at most this much later."""
     gpu_tolerations: list[dict] = field(default_factory=list)
     """Tolerations added to every worker pod on top of a job's own (GPU node pools are often
     tainted `nvidia.com/gpu:NoSchedule`)."""
@@ -83,6 +86,9 @@ class OperatorSettings:
         s.reference_wait_seconds = parsed(
             "FINETUNE_REFERENCE_WAIT_SECONDS", float, s.reference_wait_seconds
         )
+        s.gpu_nodes_cache_seconds = parsed(
+            "FINETUNE_GPU_NODES_CACHE_SECONDS", _non_negative_float, s.gpu_nodes_cache_seconds
+        )
         s.gpu_tolerations = parsed(
             "FINETUNE_GPU_TOLERATIONS", lambda v: json.loads(v or "[]"), s.gpu_tolerations
         )
@@ -95,4 +101,11 @@ def _positive_int(raw: str) -> int:
     value = int(raw)
     if value < 1:
         raise ValueError("must be at least 1")
+    return value
+
+
+def _non_negative_float(raw: str) -> float:
+    value = float(raw)
+    if value < 0:
+        raise ValueError("must be at least 0")
     return value
