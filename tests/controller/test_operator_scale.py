@@ -35,13 +35,7 @@ def test_a_burst_with_kills_converges_without_duplicates_or_orphans(
         timeout=DEADLINE_S,
         workdir=str(tmp_path),
     )
-    try:
-        result = scale.run(cluster, cfg, say=print)
-    finally:
-        scale.cleanup(cluster, kube.namespace)
-    print(result.report())
-    log = (tmp_path / "operator.log").read_text(errors="replace")[-3000:]
-    assert result.converged, f"not converged in {DEADLINE_S}s:\n{result.report()}\n{log}"
+    result = _converged_run(cluster, kube, cfg, tmp_path / "operator.log")
     assert result.kills_done == KILLS, "the kills must fall in the burst of Job creation"
     assert result.duplicates == []
     assert result.orphans == []
@@ -73,16 +67,25 @@ def test_the_floor_creates_each_job_s_children_once_and_nothing_else(
         timeout=DEADLINE_S,
         workdir=str(tmp_path),
     )
-    try:
-        result = scale.run(cluster, cfg, say=print)
-    finally:
-        scale.cleanup(cluster, kube.namespace)
-    print(result.report())
-    log = (tmp_path / "floor.log").read_text(errors="replace")[-3000:]
-    assert result.converged, f"not converged in {DEADLINE_S}s:\n{result.report()}\n{log}"
+    result = _converged_run(cluster, kube, cfg, tmp_path / "floor.log")
     assert (result.duplicates, result.orphans, result.without_job) == ([], [], [])
     children = ("configmaps", "jobs", "rolebindings", "roles", "serviceaccounts")
     assert result.requests_by_kind == {f"POST {kind}": jobs for kind in children}
     assert result.creates == jobs * (1 + len(children))
     assert result.latency_n == jobs
     assert 0 < result.latency_s["max"] <= result.jobs_created_s < DEADLINE_S
+
+
+def _converged_run(cluster, kube: Kube, cfg, log_path):
+    """scale.run with its objects cleaned up after; the result of a run that converged (the
+    creator's log tail in the failure message otherwise)."""
+    from finetune_bench import scale
+
+    try:
+        result = scale.run(cluster, cfg, say=print)
+    finally:
+        scale.cleanup(cluster, kube.namespace)
+    print(result.report())
+    log = log_path.read_text(errors="replace")[-3000:]
+    assert result.converged, f"not converged in {DEADLINE_S}s:\n{result.report()}\n{log}"
+    return result
