@@ -8,9 +8,9 @@ FineTuneJob its watch sees, it creates the children the operator's first pass cr
 (`reconcile.finetunejob.first_children`: the same builders, adopted the same way, the Job
 last), through the operator's own client (`k8s.create_if_absent`: kubernetes_asyncio, the
 same retries and metrics), at most `max_concurrent_passes` jobs at once, as the operator.
-It never reads, plans once per spec, writes no status and posts no Event. Its metrics
-endpoint is the operator's (FINETUNE_METRICS_PORT), so the benchmark measures it as it
-measures the operator.
+It reads nothing but what planning reads (the GPU nodes, cached), plans once per spec,
+writes no status and posts no Event. Its metrics endpoint is the operator's
+(FINETUNE_METRICS_PORT), so the benchmark measures it as it measures the operator.
 """
 
 from __future__ import annotations
