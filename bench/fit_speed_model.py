@@ -72,8 +72,38 @@ def constants_from(v: torch.Tensor) -> SpeedConstants:
     )
 
 
-def predict(v: torch.Tensor, row: dict) -> torch.Tensor:
-    return predicted_tokens_per_second(ARCH[row["shape"]], shape_of(row), constants_from(v))
+def fit_log_params(start: list[float], constants_of, fit: list[dict], steps: int) -> torch.Tensor:
+    """The log-parameters, from `start`, that minimise the squared log error of speed.py's
+    prediction (with `constants_of(v)`) against the measured tokens/s of `fit`."""
+    v = torch.tensor([math.log(x) for x in start], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([v], lr=0.02)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = sum(
+            (
+                torch.log(
+                    predicted_tokens_per_second(ARCH[r["shape"]], shape_of(r), constants_of(v))
+                )
+                - math.log(r["tokens_per_s"])
+            )
+            ** 2
+            for r in fit
+        )
+        loss.backward()
+        opt.step()
+    return v.detach()
+
+
+def print_errors(rows: list[dict], fit: list[dict], constants: SpeedConstants) -> None:
+    """Measured against predicted tokens/s for every row, and which side of the split it is."""
+    print(f"\n{'point':42} {'measured':>9} {'predicted':>9} {'error':>7}  set")
+    for r in rows:
+        got = float(predicted_tokens_per_second(ARCH[r["shape"]], shape_of(r), constants))
+        held = "fit" if r in fit else "held out"
+        print(
+            f"{r['label']:42} {r['tokens_per_s']:>9.0f} {got:>9.0f} "
+            f"{got / r['tokens_per_s'] - 1:>+7.1%}  {held}"
+        )
 
 
 def fit_fp8(path: Path) -> int:
@@ -91,31 +121,10 @@ def fit_fp8(path: Path) -> int:
         )
 
     start = [d.tflops["fp8"], *[d.host_seconds_per_layer[k] for k in keys]]
-    v = torch.tensor([math.log(x) for x in start], dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.Adam([v], lr=0.02)
-    for _ in range(3000):
-        opt.zero_grad()
-        loss = sum(
-            (
-                torch.log(predicted_tokens_per_second(ARCH[r["shape"]], shape_of(r), constants(v)))
-                - math.log(r["tokens_per_s"])
-            )
-            ** 2
-            for r in fit
-        )
-        loss.backward()
-        opt.step()
-    e = [float(x) for x in torch.exp(v.detach())]
+    v = fit_log_params(start, constants, fit, steps=3000)
+    e = [float(x) for x in torch.exp(v)]
     print(f"tflops['fp8']={e[0]:.1f} host (fp8, False)={e[1]:.5f} (fp8, True)={e[2]:.5f}")
-    c = constants(torch.tensor([math.log(x) for x in e], dtype=torch.float64))
-    print(f"\n{'point':42} {'measured':>9} {'predicted':>9} {'error':>7}  set")
-    for r in rows:
-        got = float(predicted_tokens_per_second(ARCH[r["shape"]], shape_of(r), c))
-        held = "fit" if r in fit else "held out"
-        print(
-            f"{r['label']:42} {r['tokens_per_s']:>9.0f} {got:>9.0f} "
-            f"{got / r['tokens_per_s'] - 1:>+7.1%}  {held}"
-        )
+    print_errors(rows, fit, constants(v))
     return 0
 
 
@@ -135,14 +144,7 @@ def main() -> int:
         d.host_seconds_fixed,
         d.overlap - 1,
     ]
-    v = torch.tensor([math.log(x) for x in start], dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.Adam([v], lr=0.02)
-    for _ in range(4000):
-        opt.zero_grad()
-        loss = sum((torch.log(predict(v, r)) - math.log(r["tokens_per_s"])) ** 2 for r in fit)
-        loss.backward()
-        opt.step()
-    c = constants_from(v.detach())
+    c = constants_from(fit_log_params(start, constants_from, fit, steps=4000))
     c = replace(
         c,
         tflops={k: float(x) for k, x in c.tflops.items()},
@@ -157,14 +159,7 @@ def main() -> int:
         f"host_seconds_per_layer={ {k: round(x, 5) for k, x in c.host_seconds_per_layer.items()} }"
     )
     print(f"host_seconds_fixed={c.host_seconds_fixed:.5f} overlap={c.overlap:.2f}")
-    print(f"\n{'point':42} {'measured':>9} {'predicted':>9} {'error':>7}  set")
-    for r in rows:
-        got = predicted_tokens_per_second(ARCH[r["shape"]], shape_of(r), c)
-        held = "fit" if r in fit else "held out"
-        print(
-            f"{r['label']:42} {r['tokens_per_s']:>9.0f} {got:>9.0f} "
-            f"{got / r['tokens_per_s'] - 1:>+7.1%}  {held}"
-        )
+    print_errors(rows, fit, c)
     return 0
 
 
