@@ -3,7 +3,7 @@
 # checkpointed) at rows of 2,048 / 4,096 / 8,192 tokens (the per-row fixed cost against the
 # per-token cost), without dropout, and FP8 against bf16 with every layer checkpointed at
 # 8,192 tokens. Each run: 8 optimizer steps, 3 not timed, the last 2 profiled (GPU kernels by
-# device time and host operators by self CPU time, appended to host-profile.txt).
+# GPU time and host operators by self CPU time, appended to host-profile.txt).
 # Run from the repository root on the GPU machine:  bash bench/host-profile.sh OUT_DIR
 set -u
 OUT_DIR=${1:?usage: host-profile.sh OUT_DIR}

@@ -94,6 +94,14 @@ def cmd_calibrate(args) -> None:
             )
 
 
+def _override(cfg, overrides: dict) -> None:
+    """Set a RunConfig's fields from a --config JSON object, refusing names it lacks."""
+    for k, v in overrides.items():
+        if not hasattr(cfg, k):
+            raise SystemExit(f"--config: unknown field {k!r}; RunConfig has {sorted(vars(cfg))}")
+        setattr(cfg, k, v)
+
+
 def cmd_run(args) -> None:
     from . import harness, shapes
 
@@ -106,12 +114,7 @@ def cmd_run(args) -> None:
         cfg = harness.RunConfig(
             shape=args.shape, method=args.method, steps=args.steps, warmup_excluded=args.warmup
         )
-        for k, v in overrides.items():
-            if not hasattr(cfg, k):
-                raise SystemExit(
-                    f"--config: unknown field {k!r}; RunConfig has {sorted(vars(cfg))}"
-                )
-            setattr(cfg, k, v)
+        _override(cfg, overrides)
         base, res = harness.measure(
             base,
             examples,
@@ -212,8 +215,7 @@ def cmd_fp8_quality(args) -> None:
     harness.cuda_context_bytes()
     examples = bench_examples(args.examples, shapes.SHAPES[args.shape]["vocab_size"], args.seed)
     cfg = harness.RunConfig(shape=args.shape, steps=args.steps, warmup_excluded=args.warmup)
-    for k, v in json.loads(args.config).items():
-        setattr(cfg, k, v)
+    _override(cfg, json.loads(args.config))
     _emit({"kind": "fp8-quality", **fp8_quality.run(args.shape, examples, cfg)}, args.out)
 
 

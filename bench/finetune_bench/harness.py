@@ -346,7 +346,7 @@ def train(
             prof, profile_steps, step_times[-profile_steps:]
         )
         if profile_out:
-            # Appended, one section per run: GPU kernels by device time, then the host's
+            # Appended, one section per run: GPU kernels by GPU time, then the host's
             # operators by their own CPU time (where a host-bound step spends it).
             averages = prof.key_averages()
             with open(profile_out, "a") as fh:

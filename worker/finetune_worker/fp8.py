@@ -11,7 +11,7 @@ output head stay as they are (fp32 adapters, bf16 rest).
     input grad     dx = (g'_q @ W_q)   * s_g'             g' = g * s_w, g'_q in e4m3 per row
 
 Both are one `torch._scaled_mm` with row-wise scales (PyTorch's own FP8 GEMM; no custom
-kernels). Scaling g by the weight's channel scales before quantising it moves the per-channel
+GEMM kernels). Scaling g by the weight's channel scales before quantising it moves the per-channel
 scale off the contraction dimension of the backward GEMM, where it could not be applied. The
 backward GEMM needs the weight column-major the other way round, so a transposed copy of one
 projection's FP8 weight exists while its input gradient is computed (at most 59 MB on an 8B
@@ -22,8 +22,8 @@ PyTorch, which cost more than FP8 saves on the GEMM (docs/perf-notes.md). On CUD
 Triton kernel (`_quantize_rows_kernel`, a program per row). torch.compile of `quantize_rows`
 made the same single kernel, but each call went through Dynamo's guards for the five shape and
 layout variants a layer produces, about 0.2 ms of host time per call: with checkpointing that
-left the GPU idle half of the step. On the CPU (tests, and the Triton interpreter) the same
-mathematics runs in eager PyTorch.
+left the GPU idle half of the step. On the CPU (tests) the same mathematics runs in eager
+PyTorch.
 
 q, k and v read the same input, as do gate and up: the forward pass quantises each input once
 and the projections that share it reuse it (`_SharedInput`), 4 quantisations per layer instead
@@ -87,7 +87,8 @@ def _quantize_rows_kernel():
 
     One program per row: the scaled row's absolute maximum in a first sweep, then the row
     divided by its scale and cast to e4m3 in a second (the row is back from L2 by then). The
-    division is IEEE round-to-nearest like PyTorch's, so the result equals quantize_rows'.
+    scale is the maximum times 1/448, as PyTorch computes a division by a Python number, and
+    the row is divided round-to-nearest, so the values equal quantize_rows' bit for bit.
     """
     import triton
     import triton.language as tl

@@ -99,7 +99,7 @@ def problems(plan: Any, device: str, *, packing: bool = False, launch: bool = Tr
 
 
 def _run_fp8_gemm() -> None:
-    """Forward and input gradient of a small FP8 layer (compiles its quantisation)."""
+    """Forward and input gradient of a small FP8 layer (builds the Triton quantiser)."""
     import torch
 
     from . import fp8

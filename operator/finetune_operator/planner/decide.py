@@ -37,7 +37,7 @@ from typing import Literal
 from finetune_api.constants import FP8_MIN_COMPUTE_CAPABILITY
 
 from .arch import ModelArch
-from .gpus import NodeFp8, compute_capability, has_fp8
+from .gpus import NodeFp8, compute_capability, format_capability, has_fp8
 from .memory import (
     DEFAULT_CONSTANTS,
     GiB,
@@ -341,14 +341,14 @@ def _fp8_missing(product: str | None, nodes: NodeFp8 | None = None) -> str | Non
             return None
         return (
             f"{nodes.detail}; name a GPU with FP8 tensor cores (compute capability "
-            f"{_capability(FP8_MIN_COMPUTE_CAPABILITY)} or newer) in "
+            f"{format_capability(FP8_MIN_COMPUTE_CAPABILITY)} or newer) in "
             "spec.resources.gpu.product, or select only such nodes with "
             "spec.resources.nodeSelector"
         )
     if capability is None and not product:
         return (
             "set spec.resources.gpu.product to a GPU with FP8 tensor cores (compute "
-            f"capability {_capability(FP8_MIN_COMPUTE_CAPABILITY)} or newer)"
+            f"capability {format_capability(FP8_MIN_COMPUTE_CAPABILITY)} or newer)"
         )
     if capability is None:
         return (
@@ -358,13 +358,9 @@ def _fp8_missing(product: str | None, nodes: NodeFp8 | None = None) -> str | Non
     if capability < FP8_MIN_COMPUTE_CAPABILITY:
         return (
             f"spec.resources.gpu.product {product!r} (compute capability "
-            f"{_capability(capability)}) has no FP8 tensor cores"
+            f"{format_capability(capability)}) has no FP8 tensor cores"
         )
     return None
-
-
-def _capability(capability: tuple[int, int]) -> str:
-    return f"{capability[0]}.{capability[1]}"
 
 
 def methods_to_consider(request: PlanRequest, budget: Budget) -> tuple[list[str], str | None]:
@@ -377,7 +373,7 @@ def methods_to_consider(request: PlanRequest, budget: Budget) -> tuple[list[str]
         if request.method == "fp8" and has_fp8(budget.gpu_product) is False:
             raise MethodNotSupported(
                 f"spec.method is fp8, but {missing} (FP8 needs compute capability "
-                f"{_capability(FP8_MIN_COMPUTE_CAPABILITY)} or newer); choose method auto, "
+                f"{format_capability(FP8_MIN_COMPUTE_CAPABILITY)} or newer); choose method auto, "
                 "lora or qlora, or a GPU product with FP8 tensor cores"
             )
         return [request.method], None
@@ -390,7 +386,7 @@ def methods_to_consider(request: PlanRequest, budget: Budget) -> tuple[list[str]
         # Only the cluster's nodes let fp8 in: the same spec may plan otherwise elsewhere.
         return methods, (
             f"fp8 considered: {budget.gpu_nodes.detail}; the pods of an fp8 plan require "
-            f"compute capability {_capability(FP8_MIN_COMPUTE_CAPABILITY)} or newer."
+            f"compute capability {format_capability(FP8_MIN_COMPUTE_CAPABILITY)} or newer."
         )
     if methods == ["fp8"]:
         raise MethodNotSupported(

@@ -102,6 +102,11 @@ def compute_capability(product: str | None) -> tuple[int, int] | None:
     return None
 
 
+def format_capability(capability: tuple[int, int]) -> str:
+    """A compute capability as NVIDIA writes it: (8, 9) -> "8.9"."""
+    return f"{capability[0]}.{capability[1]}"
+
+
 def has_fp8(product: str | None) -> bool | None:
     """Whether the product has FP8 tensor cores; None when the planner cannot tell."""
     capability = compute_capability(product)
@@ -182,7 +187,7 @@ def fp8_on_nodes(
     if lacking:
         shown = ", ".join(
             f"{name}: compute capability "
-            + (f"{capability[0]}.{capability[1]}" if capability else "unknown")
+            + (format_capability(capability) if capability else "unknown")
             for name, capability in lacking[:3]
         )
         more = f" and {len(lacking) - 3} more" if len(lacking) > 3 else ""
