@@ -85,8 +85,20 @@ format: venv
 # operator killed during the burst; prints latency percentiles, RSS, API requests per job,
 # duplicates and orphans (bench/finetune_bench/scale.py; results in docs/operations.md).
 SCALE_ARGS ?= --jobs 1000 --nodes 100 --kills 3
-bench-scale: binaries
-	$(PY) bench/scale.py $(SCALE_ARGS)
+# The operator's own environment as its image has it (Dockerfile.operator: api + operator and
+# their dependencies, nothing of the worker's), so that bench-scale's resident size is the pod's.
+OPERATOR_VENV := .venv-operator
+OPERATOR_STAMP := $(OPERATOR_VENV)/.installed-$(shell cat api/pyproject.toml operator/pyproject.toml | sha256sum | cut -c1-12)
+
+$(OPERATOR_STAMP): api/pyproject.toml operator/pyproject.toml
+	@echo "==> the operator image's Python packages in $(OPERATOR_VENV)"
+	@test -x $(OPERATOR_VENV)/bin/python || $(PYTHON) -m venv $(OPERATOR_VENV)
+	$(OPERATOR_VENV)/bin/pip install --progress-bar off ./api ./operator
+	@rm -rf api/build operator/build  # setuptools' in-tree leftovers
+	@rm -f $(OPERATOR_VENV)/.installed-* && touch $@
+
+bench-scale: binaries $(OPERATOR_STAMP)
+	$(PY) bench/scale.py --operator-python $(OPERATOR_VENV)/bin/python $(SCALE_ARGS)
 
 # Not part of `make test`: building the worker image downloads several GB (PyTorch, CUDA).
 container-engine:
@@ -111,4 +123,4 @@ push-images: images
 	$(CONTAINER_ENGINE) push $(WORKER_IMAGE)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .demo
+	rm -rf $(VENV) $(OPERATOR_VENV) .pytest_cache .demo

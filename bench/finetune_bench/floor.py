@@ -6,8 +6,8 @@ It stands where the operator stands in the scale benchmark (bench/finetune_bench
 with the operator's environment, and does only what no operator can avoid: for each
 FineTuneJob its watch sees, it creates the children the operator's first pass creates
 (`reconcile.finetunejob.first_children`: the same builders, adopted the same way, the Job
-last), through the operator's own client (`k8s.create_if_absent`: kubernetes_asyncio, the
-same retries and metrics), at most `max_concurrent_passes` jobs at once, as the operator.
+last), through the operator's own client (`k8s.create_if_absent`: the same client,
+retries and metrics), at most `max_concurrent_passes` jobs at once, as the operator.
 It reads nothing but what planning reads (the GPU nodes, cached), plans once per spec,
 writes no status and posts no Event. Its metrics endpoint is the operator's
 (FINETUNE_METRICS_PORT), so the benchmark measures it as it measures the operator.
@@ -19,10 +19,9 @@ import argparse
 import asyncio
 import logging
 
-from kubernetes_asyncio import client, watch
 from prometheus_client import start_http_server
 
-from finetune_api.common import GROUP, VERSION
+from finetune_api.common import API_VERSION
 from finetune_api.finetunejob import FineTuneJob, TrainingPlan
 from finetune_api.spec_hash import spec_hash
 from finetune_operator import k8s
@@ -44,7 +43,7 @@ async def create_children(body: dict, settings: OperatorSettings, plans: dict) -
 
 
 async def run(namespace: str, settings: OperatorSettings) -> None:
-    api = await k8s.connect()
+    await k8s.connect()
     start_http_server(settings.metrics_port)
     queue: asyncio.Queue[dict] = asyncio.Queue()
     plans: dict[str, TrainingPlan] = {}
@@ -59,12 +58,9 @@ async def run(namespace: str, settings: OperatorSettings) -> None:
 
     workers = [asyncio.create_task(worker()) for _ in range(settings.max_concurrent_passes)]
     seen: set[str] = set()
-    list_jobs = client.CustomObjectsApi(api).list_namespaced_custom_object
     try:
         while True:  # a watch the server ends is started again; `seen` skips the re-listed
-            async for event in watch.Watch().stream(
-                list_jobs, GROUP, VERSION, namespace, "finetunejobs"
-            ):
+            async for event in k8s.watch_events(API_VERSION, "FineTuneJob", namespace):
                 body = event["object"]
                 name = body["metadata"]["name"]
                 if event["type"] == "ADDED" and name not in seen:
@@ -81,7 +77,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--namespace", required=True)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    k8s.quiet_client_logs()
     asyncio.run(run(args.namespace, OperatorSettings.from_env()))
 
 

@@ -24,8 +24,9 @@ watches one resync interval of steady state. It prints:
   its last moments before a kill can be missed), for the whole run and for the steady
   window, writes (POST, PUT, PATCH, DELETE) apart; 409 answers;
 * duplicates (more than one Job, or more than one of any child, per FineTuneJob; managed
-  Jobs without an owner), orphans (managed children whose owner is gone) and FineTuneJobs
-  without a Job.
+  Jobs without an owner), orphans (managed children whose owner is gone), FineTuneJobs
+  without a Job, and lost Events (FineTuneJobs without the Event of the transition their
+  status is in, waited for up to 30 s after the end).
 
 `--floor` measures what the operator cannot go below on the same machine: the same control
 plane, nodes and kubectl creates, but instead of the operator a minimal creator
@@ -68,6 +69,7 @@ NODE_PREFIX = "scale-gpu-"
 NODE_LABEL = ("finetune.dev/scale-node", "true")
 MANAGED = "app.kubernetes.io/managed-by=finetune-operator"
 CHILD_KINDS = ("configmaps", "serviceaccounts", "roles", "rolebindings")
+EVENT_GRACE_S = 30.0
 WRITES = ("POST", "PUT", "PATCH", "DELETE")
 
 
@@ -88,6 +90,10 @@ class Config:
     """As the chart runs it; the CI version watches its one namespace instead."""
     floor: bool = False
     """The floor creator (floor.py) instead of the operator: no kills, no steady window."""
+    python: str = sys.executable
+    """The interpreter that runs the operator: `make bench-scale` gives one whose environment
+    holds what the operator image installs and nothing else (no worker libraries, which
+    kopf would import and the resident size would count)."""
     workdir: str = ""
 
 
@@ -121,6 +127,8 @@ class Result:
     duplicates: list[str] = field(default_factory=list)
     orphans: list[str] = field(default_factory=list)
     without_job: list[str] = field(default_factory=list)
+    lost_events: list[str] = field(default_factory=list)
+    """FineTuneJobs without the Event of their current transition (missing_events)."""
 
     def report(self) -> str:
         def pct(d: dict[str, float]) -> str:
@@ -169,12 +177,13 @@ class Result:
             "  requests by method and resource: "
             + ", ".join(f"{k} {v}" for k, v in sorted(self.requests_by_kind.items())),
             f"  duplicates: {len(self.duplicates)}  orphans: {len(self.orphans)}  "
-            f"without a Job: {len(self.without_job)}",
+            f"without a Job: {len(self.without_job)}  lost Events: {len(self.lost_events)}",
         ]
         for title, items in (
             ("duplicate", self.duplicates),
             ("orphan", self.orphans),
             ("without a Job", self.without_job),
+            ("lost Event", self.lost_events),
         ):
             lines += [f"    {title}: {x}" for x in items[:10]]
         return "\n".join(lines)
@@ -425,13 +434,19 @@ class Operator:
 
     def command(self) -> list[str]:
         if self.cfg.floor:
-            return [sys.executable, "-m", "finetune_bench.floor", "--namespace", self.cfg.namespace]
+            return [
+                self.cfg.python,
+                "-m",
+                "finetune_bench.floor",
+                "--namespace",
+                self.cfg.namespace,
+            ]
         scope = (
             ["--all-namespaces"]
             if self.cfg.all_namespaces
             else [f"--namespace={self.cfg.namespace}"]
         )
-        return [sys.executable, "-m", "kopf", "run", "-m", "finetune_operator.main", *scope] + [
+        return [self.cfg.python, "-m", "kopf", "run", "-m", "finetune_operator.main", *scope] + [
             "--standalone"
         ]
 
@@ -540,14 +555,38 @@ class Progress:
                     self.job_complete.setdefault(owner, at)
 
 
+def list_items(
+    cluster: Cluster, namespace: str, resource: str, selector: str | None = None
+) -> list[dict]:
+    args = ["get", resource, "-n", namespace, "-o", "json"]
+    return json.loads(kubectl(cluster, *args, *(["-l", selector] if selector else [])).stdout)[
+        "items"
+    ]
+
+
+def missing_events(cluster: Cluster, namespace: str) -> list[str]:
+    """FineTuneJobs without the Event of the transition their status is in: the one a pass
+    posts (events.py: named after the transition, so one found after any number of kills is
+    the one the killed passes would have posted)."""
+    from finetune_operator import events
+    from finetune_operator.reconcile.finetunejob import transition_event
+
+    posted = {e["metadata"]["name"] for e in list_items(cluster, namespace, "events")}
+    missing = []
+    for ftj in list_items(cluster, namespace, "finetunejobs"):
+        transition = transition_event(ftj.get("status") or {})
+        if transition is None or events.too_old(transition):
+            continue
+        if events.event_name(ftj, transition.key) not in posted:
+            missing.append(f"{ftj['metadata']['name']}: {transition.reason}")
+    return sorted(missing)
+
+
 def check_ownership(cluster: Cluster, namespace: str) -> tuple[list[str], list[str], list[str]]:
     """(duplicates, orphans, FineTuneJobs without a Job) as the API server has them now."""
 
     def items(resource: str, selector: str | None = None) -> list[dict]:
-        args = ["get", resource, "-n", namespace, "-o", "json"]
-        return json.loads(kubectl(cluster, *args, *(["-l", selector] if selector else [])).stdout)[
-            "items"
-        ]
+        return list_items(cluster, namespace, resource, selector)
 
     ftjs = {o["metadata"]["uid"]: o["metadata"]["name"] for o in items("finetunejobs")}
     duplicates: list[str] = []
@@ -693,6 +732,13 @@ def run(cluster: Cluster, cfg: Config, say: Callable[[str], None] = print) -> Re
     rss_after = operator.rss_now
     cpu = operator.cpu()
     duplicates, orphans, without = check_ownership(cluster, cfg.namespace)
+    # The last pass posts its Event just after its status write, which convergence waited
+    # for: a short wait for the stragglers, not for a lost one.
+    deadline = time.monotonic() + EVENT_GRACE_S
+    lost_events = missing_events(cluster, cfg.namespace) if not cfg.floor else []
+    while lost_events and time.monotonic() < deadline:
+        time.sleep(1.0)
+        lost_events = missing_events(cluster, cfg.namespace)
     operator.stop()
     for w in watches:
         w.stop()
@@ -737,6 +783,7 @@ def run(cluster: Cluster, cfg: Config, say: Callable[[str], None] = print) -> Re
         duplicates=duplicates,
         orphans=orphans,
         without_job=without,
+        lost_events=lost_events,
     )
 
 
@@ -753,6 +800,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="no operator: only its children created by a minimal creator (floor.py)",
     )
+    p.add_argument(
+        "--operator-python",
+        default=sys.executable,
+        help="the interpreter that runs the operator (make bench-scale: the image's packages only)",
+    )
     p.add_argument("--json", help="also write the result here")
     p.add_argument("--keep", action="store_true", help="leave the control plane running")
     args = p.parse_args(argv)
@@ -764,6 +816,7 @@ def main(argv: list[str] | None = None) -> int:
         steady_seconds=args.steady_seconds,
         timeout=args.timeout,
         floor=args.floor,
+        python=args.operator_python,
     )
     directory = controlplane.temporary_directory("ftop-scale-cluster-")
     cfg.workdir = str(directory / "bench")
@@ -783,5 +836,7 @@ def main(argv: list[str] | None = None) -> int:
     print(result.report(), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(asdict(result), indent=2) + "\n")
-    ok = result.converged and not (result.duplicates or result.orphans or result.without_job)
+    ok = result.converged and not (
+        result.duplicates or result.orphans or result.without_job or result.lost_events
+    )
     return 0 if ok else 1

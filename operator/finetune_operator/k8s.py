@@ -5,6 +5,13 @@ Everything else builds plain dicts (builders/) or computes status from dicts
 "already exists" returns the existing object), deletes are tolerant (404 is
 "already gone"), status writes carry the resourceVersion they were computed from so a
 concurrent change makes the write fail instead of overwriting newer state.
+
+The requests go through one aiohttp session (`Client`), with the credentials of
+kubeconfig.py. The operator sends and reads plain JSON, so it needs no generated API
+client: kubernetes_asyncio's imports every API and model module it generates (about 36 MiB
+resident in the operator, where its whole live state after a burst of 1,000 jobs is about
+180 MiB), and it logged response bodies at DEBUG, Secrets included. Nothing here logs a
+request or a response body at any level.
 """
 
 from __future__ import annotations
@@ -14,29 +21,34 @@ import json
 import logging
 import os
 import random
+import ssl
+import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
-from kubernetes_asyncio import client, config
-from kubernetes_asyncio.client.exceptions import ApiException
 
 from finetune_api.common import API_VERSION
 from finetune_api.constants import OPERATOR_NAME
 
-from . import metrics
+from . import kubeconfig, metrics
 
 log = logging.getLogger(__name__)
-# kubernetes_asyncio logs every response body at DEBUG; with `--verbose` that printed each
-# Secret the operator reads (the referenced-Secret check), base64 values included.
-API_CLIENT_LOGGERS = ("kubernetes_asyncio.client.rest",)
 
 
-def quiet_client_logs() -> None:
-    """Keep the API client's response bodies out of the log at every verbosity."""
-    for name in API_CLIENT_LOGGERS:
-        logging.getLogger(name).setLevel(logging.INFO)
+class ApiError(Exception):
+    """The API server answered with an error status. `body` is its Status object as text (it
+    names the field, the missing permission or the conflict), `headers` its headers."""
+
+    def __init__(
+        self, status: int, reason: str = "", body: str = "", headers: Mapping | None = None
+    ):
+        super().__init__(f"{status} {reason}")
+        self.status = status
+        self.reason = reason
+        self.body = body
+        self.headers: Mapping = headers or {}
 
 
 FIELD_MANAGER = OPERATOR_NAME
@@ -71,7 +83,7 @@ class Gone(Exception):
     """The object, or its namespace, is being deleted: nothing left to reconcile."""
 
 
-def _gone(exc: ApiException) -> bool:
+def _gone(exc: ApiError) -> bool:
     if exc.status == 404:
         return True
     return exc.status == 403 and "NamespaceTerminating" in (exc.body or "")
@@ -82,10 +94,10 @@ def trust_environment(environ: Mapping[str, str] | None = None) -> bool:
     only when it names some, in a `*_proxy` variable (HTTPS_PROXY, no_proxy, ...: what
     urllib's getproxies reads, any case) or NETRC.
 
-    kubernetes_asyncio opens its aiohttp session with trust_env=True, and aiohttp then looks
-    up the proxy variables and ~/.netrc in a thread for every request, to find nothing where
-    no proxy is set: turning that off took the operator's CPU per job from 132-135 ms to
-    86-108 ms in a 300-job burst (bench/scale.py, docs/operations.md "Scale"). kopf's own
+    With trust_env aiohttp looks up the proxy variables and ~/.netrc in a thread for every
+    request, to find nothing where no proxy is set: turning that off (the API client used
+    then always set it) took the operator's CPU per job from 132-135 ms to 86-108 ms in a
+    300-job burst (bench/scale.py, docs/operations.md "Scale"). kopf's own
     session ignores the environment unless told (settings.networking); main.py gives it the
     same answer, so both clients go through a proxy or neither."""
     env = os.environ if environ is None else environ
@@ -95,22 +107,123 @@ def trust_environment(environ: Mapping[str, str] | None = None) -> bool:
     )
 
 
-_api: client.ApiClient | None = None
+def ssl_context(credentials: kubeconfig.Credentials) -> ssl.SSLContext | bool:
+    """TLS as the credentials ask: their CA (else the system's), their client certificate."""
+    if not credentials.server.startswith("https"):
+        return False
+    ctx = ssl.create_default_context(
+        cafile=credentials.ca_file,
+        cadata=credentials.ca_data.decode() if credentials.ca_data else None,
+    )
+    if credentials.insecure:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    cert, key = credentials.cert_file, credentials.key_file
+    if credentials.cert_data or credentials.key_data:
+        # ssl loads a certificate chain from files only: a private directory, removed as soon
+        # as it is loaded (the key never outlives this call on disk).
+        with tempfile.TemporaryDirectory(prefix="finetune-operator-") as tmp:
+            if credentials.cert_data:
+                cert = os.path.join(tmp, "cert.pem")
+                _write_private(cert, credentials.cert_data)
+            if credentials.key_data:
+                key = os.path.join(tmp, "key.pem")
+                _write_private(key, credentials.key_data)
+            ctx.load_cert_chain(cert, key)
+    elif cert:
+        ctx.load_cert_chain(cert, key)
+    return ctx
 
 
-async def connect() -> client.ApiClient:
-    """One shared client: in-cluster credentials when running in a pod, else KUBECONFIG."""
+def _write_private(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+class Client:
+    """One API server, one authenticated aiohttp session with a pool of keep-alive
+    connections: what every request of the operator goes through."""
+
+    def __init__(self, credentials: kubeconfig.Credentials):
+        self.credentials = credentials
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=ssl_context(credentials)),
+            trust_env=trust_environment(),
+            # No total limit: a watch (watch_events) lasts as long as the server keeps it.
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=None),
+        )
+
+    async def request(
+        self,
+        method: str,
+        resource_path: str,
+        *,
+        query: list | None = None,
+        body: Any = None,
+        content_type: str = "application/json",
+        accept: str = "application/json",
+        timeout: float | None = 60.0,
+    ) -> Any:
+        """One request; -> the answer's JSON (or text, when it is not JSON). Raises ApiError
+        for an error status. A 401 is tried once more with the token read again: a rotated
+        service-account token, an expired exec credential."""
+        for renewed in (False, True):
+            async with self._send(
+                method, resource_path, query, body, content_type, accept, timeout
+            ) as resp:
+                if resp.status == 401 and not renewed:
+                    self.credentials.refresh()
+                    continue
+                payload = await resp.read()
+                if resp.status >= 400:
+                    raise ApiError(
+                        resp.status,
+                        resp.reason or "",
+                        payload.decode(errors="replace"),
+                        resp.headers,
+                    )
+                if resp.content_type == "application/json":
+                    return json.loads(payload) if payload else None
+                return payload.decode(errors="replace")
+        raise AssertionError("unreachable: the second attempt returns or raises")
+
+    def _send(self, method, resource_path, query, body, content_type, accept, timeout):
+        headers = {"Accept": accept}
+        token = self.credentials.bearer_token()
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        data = None
+        if body is not None:
+            headers["Content-Type"] = content_type
+            data = json.dumps(body).encode()
+        # Without a timeout (a watch) the session's applies: none in total.
+        limits = {"timeout": aiohttp.ClientTimeout(total=timeout)} if timeout else {}
+        return self.session.request(
+            method,
+            self.credentials.server + resource_path,
+            params=query,
+            data=data,
+            headers=headers,
+            proxy=self.credentials.proxy_url,
+            **limits,
+        )
+
+    async def close(self) -> None:
+        await self.session.close()
+
+
+_api: Client | None = None
+
+
+async def connect(kubeconfig_path: str | os.PathLike | None = None) -> Client:
+    """The one shared client: the pod's service account when running in a pod, else
+    KUBECONFIG (or the kubeconfig given, for tools and tests)."""
     global _api
     if _api is None:
-        if os.environ.get("KUBERNETES_SERVICE_HOST") and os.path.exists(
-            "/var/run/secrets/kubernetes.io/serviceaccount/token"
-        ):
-            config.load_incluster_config()
-        else:
-            await config.load_kube_config()
-        _api = client.ApiClient()
-        # The client has no option for it: its session's own flag, read per request.
-        _api.rest_client.pool_manager._trust_env = trust_environment()
+        credentials = kubeconfig.load(kubeconfig_path)
+        log.info("API server %s, credentials from %s", credentials.server, credentials.source)
+        _api = Client(credentials)
     return _api
 
 
@@ -174,7 +287,7 @@ def transient(exc: BaseException) -> tuple[str, str | None] | None:
 
     Also how a failed pass is judged (requeue.py): these are what _call raises once its own
     attempts are spent."""
-    if isinstance(exc, ApiException):
+    if isinstance(exc, ApiError):
         if exc.status in TRANSIENT_STATUS:
             return str(exc.status), (exc.headers or {}).get("Retry-After")
         return None
@@ -199,18 +312,16 @@ async def _call(
         # Every attempt is a request the API server serves: what the scale benchmark counts.
         metrics.API_REQUESTS.labels(method=method, resource=resource).inc()
         try:
-            return await api.call_api(
-                resource_path,
+            return await api.request(
                 method,
-                query_params=query or [],
-                header_params={"Accept": accept, "Content-Type": content_type},
+                resource_path,
+                query=query,
                 body=body,
-                response_types_map={200: "object", 201: "object", 202: "object"},
-                auth_settings=["BearerToken"],
-                _return_http_data_only=True,
+                content_type=content_type,
+                accept=accept,
             )
-        except (TimeoutError, ApiException, aiohttp.ClientError) as exc:
-            if isinstance(exc, ApiException):
+        except (TimeoutError, ApiError, aiohttp.ClientError) as exc:
+            if isinstance(exc, ApiError):
                 metrics.API_ERRORS.labels(method=method, code=str(exc.status)).inc()
             verdict = transient(exc)
             if verdict is not None and attempt + 1 < RETRY_ATTEMPTS:
@@ -220,7 +331,7 @@ async def _call(
                 log.info("%s %s: %s; trying again in %.2fs", method, resource_path, code, delay)
                 await asyncio.sleep(delay)
                 continue
-            if isinstance(exc, ApiException) and _gone(exc) and method != "GET":
+            if isinstance(exc, ApiError) and _gone(exc) and method != "GET":
                 raise Gone(f"{method} {resource_path}: {exc.status} {exc.reason}") from exc
             raise
         finally:
@@ -249,7 +360,7 @@ def _ident(obj: dict) -> tuple[str, str, str | None, str]:
 async def get(api_version: str, kind: str, namespace: str | None, name: str) -> dict | None:
     try:
         return await _call("GET", path(api_version, kind, namespace, name))
-    except ApiException as exc:
+    except ApiError as exc:
         if exc.status == 404:
             return None
         raise
@@ -288,7 +399,7 @@ async def list_names(
     return [md["name"] for md in await list_metadata(api_version, kind, namespace, label_selector)]
 
 
-REQUEST_FAILURES = (ApiException, aiohttp.ClientError, TimeoutError)
+REQUEST_FAILURES = (ApiError, aiohttp.ClientError, TimeoutError)
 """What a request raises once its own attempts are spent (refused, or no answer): for the
 callers that can do without the answer, so they need not know the API client's types."""
 
@@ -296,7 +407,7 @@ callers that can do without the answer, so they need not know the API client's t
 def describe_failure(exc: BaseException) -> str:
     """One line for the log: the status and the API server's message (which names a missing
     permission), or the connection error."""
-    if isinstance(exc, ApiException):
+    if isinstance(exc, ApiError):
         try:
             message = json.loads(exc.body or "{}").get("message")
         except (ValueError, AttributeError):
@@ -316,7 +427,7 @@ async def create_if_absent(obj: dict) -> tuple[dict, bool]:
             query=[("fieldManager", FIELD_MANAGER)],
         )
         return created, True
-    except ApiException as exc:
+    except ApiError as exc:
         if exc.status != 409:
             raise
     existing = await get(api_version, kind, namespace, name)
@@ -359,7 +470,7 @@ async def patch_status(obj: dict, status: dict) -> dict:
             body=body,
             content_type="application/merge-patch+json",
         )
-    except ApiException as exc:
+    except ApiError as exc:
         if exc.status == 409:
             raise Conflict(f"{kind} {namespace}/{name} changed while reconciling") from exc
         raise
@@ -423,7 +534,7 @@ async def post_event(
     try:
         await _call("POST", path("v1", "Event", md["namespace"]), body=event)
         return True
-    except ApiException as exc:
+    except ApiError as exc:
         if exc.status == 409:
             return True  # posted before this pass: by a crashed pass, or another replica
         failure: Exception = exc
@@ -442,8 +553,36 @@ async def post_event(
 
 async def read_pod_log_tail(namespace: str, pod: str, lines: int = 20) -> str:
     """Last lines of a worker's log, for a failure message people can act on."""
-    api = await connect()
     try:
-        return await client.CoreV1Api(api).read_namespaced_pod_log(pod, namespace, tail_lines=lines)
-    except ApiException:
+        text = await _call(
+            "GET",
+            path("v1", "Pod", namespace, pod, "log"),
+            query=[("tailLines", str(lines))],
+            accept="text/plain",
+        )
+    except REQUEST_FAILURES:
         return ""
+    return text if isinstance(text, str) else ""
+
+
+async def watch_events(api_version: str, kind: str, namespace: str | None) -> AsyncIterator[dict]:
+    """The watch events ({"type", "object"}) of a kind, from a list's resourceVersion on,
+    until the server ends the watch (for tools: the operator's own watches are kopf's)."""
+    # Not through _call: a tool's watch is not one of the requests the metrics count.
+    api = await connect()
+    listed = await api.request("GET", path(api_version, kind, namespace))
+    for item in listed.get("items") or []:
+        yield {"type": "ADDED", "object": {"apiVersion": api_version, "kind": kind, **item}}
+    query = [
+        ("watch", "true"),
+        ("resourceVersion", listed["metadata"]["resourceVersion"]),
+        ("allowWatchBookmarks", "false"),
+    ]
+    async with api._send(
+        "GET", path(api_version, kind, namespace), query, None, "", "application/json", None
+    ) as resp:
+        if resp.status >= 400:
+            raise ApiError(resp.status, resp.reason or "", await resp.text(), resp.headers)
+        async for line in resp.content:
+            if line.strip():
+                yield json.loads(line)

@@ -31,7 +31,7 @@ from finetune_api.constants import (
     MANAGED_BY,
 )
 
-from . import coalesce, k8s, metrics, requeue, resync
+from . import coalesce, k8s, kubeconfig, metrics, requeue, resync
 from .constants import SERVER_COMPONENT
 from .reconcile import adapterdeployment, adaptermerge, finetunejob
 from .reconcile.settings import OperatorSettings
@@ -156,6 +156,30 @@ async def _requeued_pass(settings: OperatorSettings, kind: str, namespace: str, 
     await run_reconcile(settings, kind, namespace, name)
 
 
+@kopf.on.login()
+def login(**_) -> kopf.ConnectionInfo:
+    """kopf's watches authenticate as k8s.py's requests do (kubeconfig.py): the pod's service
+    account, or the kubeconfig. kopf calls this again when the API server answers 401 (a
+    rotated token), and its own default would pick a client library's loader instead."""
+    credentials = kubeconfig.load()
+    token = credentials.bearer_token()
+    return kopf.ConnectionInfo(
+        server=credentials.server,
+        ca_path=credentials.ca_file,
+        ca_data=credentials.ca_data,
+        insecure=credentials.insecure or None,
+        certificate_path=credentials.cert_file,
+        certificate_data=credentials.cert_data,
+        private_key_path=credentials.key_file,
+        private_key_data=credentials.key_data,
+        scheme="Bearer" if token else None,
+        token=token,
+        default_namespace=credentials.namespace,
+        proxy_url=credentials.proxy_url,
+        trust_env=k8s.trust_environment(),
+    )
+
+
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     """Everything the operator does once, in order: its own settings first (a bad value
@@ -168,7 +192,6 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> No
     memo.operator_settings = ours
     global _pass_slots
     _pass_slots = coalesce.Slots(ours.max_concurrent_passes)
-    k8s.quiet_client_logs()
     # Our own annotation prefix and finalizer name, should kopf ever need them.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(

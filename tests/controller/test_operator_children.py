@@ -50,8 +50,6 @@ class Clock:
 
 
 def test_passes_request_only_what_they_need(cluster, crds, kube: Kube, monkeypatch):
-    from kubernetes_asyncio import client, config
-
     from finetune_operator import inventory, k8s
     from finetune_operator.reconcile import finetunejob
     from finetune_operator.reconcile.settings import OperatorSettings
@@ -68,8 +66,7 @@ def test_passes_request_only_what_they_need(cluster, crds, kube: Kube, monkeypat
 
     async def passes(between) -> list[Counter]:
         """One pass per step; `between[i]` runs before pass i. -> the requests of each."""
-        await config.load_kube_config(config_file=kube.kubeconfig)
-        k8s._api = client.ApiClient()
+        await k8s.connect(kube.kubeconfig)
         seen = []
         try:
             for before in between:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from kubernetes_asyncio.client.exceptions import ApiException
 from kubetest import Kube, bound_pvc, finetunejob_manifest, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -39,8 +38,6 @@ def manifest(name: str, memory: str) -> dict:
 
 def crashed_passes(kube: Kube, monkeypatch) -> None:
     """One pass per job, each of whose Event POSTs fails: status written, Event lost."""
-    from kubernetes_asyncio import client, config
-
     from finetune_operator import k8s
     from finetune_operator.reconcile import finetunejob
     from finetune_operator.reconcile.settings import OperatorSettings
@@ -51,7 +48,7 @@ def crashed_passes(kube: Kube, monkeypatch) -> None:
     async def events_refused(method, resource_path, **kwargs):
         if method == "POST" and resource_path.endswith("/events"):
             refused.append(kwargs["body"]["reason"])
-            raise ApiException(status=500, reason="the operator died here")
+            raise k8s.ApiError(500, "the operator died here")
         return await real_call(method, resource_path, **kwargs)
 
     monkeypatch.setattr(k8s, "_call", events_refused)
@@ -60,8 +57,7 @@ def crashed_passes(kube: Kube, monkeypatch) -> None:
 
     async def run() -> None:
         # The test control plane's credentials, in the one client k8s.py uses.
-        await config.load_kube_config(config_file=kube.kubeconfig)
-        k8s._api = client.ApiClient()
+        await k8s.connect(kube.kubeconfig)
         try:
             for name in JOBS:
                 await finetunejob.reconcile(kube.namespace, name, settings)

@@ -74,16 +74,18 @@ def test_a_burst_of_plans_lists_the_gpu_nodes_once_per_interval(monkeypatch):
 
 
 def _refused() -> Exception:
-    from kubernetes_asyncio.client.exceptions import ApiException
+    from finetune_operator.k8s import ApiError
 
-    exc = ApiException(status=403, reason="Forbidden")
-    exc.body = json.dumps(
-        {
-            "message": 'nodes is forbidden: User "system:serviceaccount:x:y" cannot list '
-            'resource "nodes" in API group "" at the cluster scope'
-        }
+    return ApiError(
+        403,
+        "Forbidden",
+        json.dumps(
+            {
+                "message": 'nodes is forbidden: User "system:serviceaccount:x:y" cannot list '
+                'resource "nodes" in API group "" at the cluster scope'
+            }
+        ),
     )
-    return exc
 
 
 def test_a_refused_node_list_plans_without_fp8_warns_once_and_never_fails(monkeypatch, caplog):

@@ -29,23 +29,25 @@ def test_the_environment_is_trusted_only_when_it_names_a_proxy(environ, trusted)
 
 
 @pytest.mark.parametrize("proxy, trusted", [(None, False), ("http://proxy:3128", True)])
-def test_the_shared_client_follows_the_decision(monkeypatch, proxy, trusted):
+def test_the_shared_client_follows_the_decision(monkeypatch, tmp_path, proxy, trusted):
     for name in [n for n in k8s.os.environ if n.lower().endswith("_proxy") or n == "NETRC"]:
         monkeypatch.delenv(name)
     if proxy:
         monkeypatch.setenv("HTTPS_PROXY", proxy)
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-
-    async def no_kubeconfig(*_, **__):
-        pass
-
-    monkeypatch.setattr(k8s.config, "load_kube_config", no_kubeconfig)
+    kubeconfig = tmp_path / "config"
+    kubeconfig.write_text(
+        "current-context: c\n"
+        "contexts: [{name: c, context: {cluster: k, user: u}}]\n"
+        "clusters: [{name: k, cluster: {server: 'http://127.0.0.1:1'}}]\n"
+        "users: [{name: u, user: {}}]\n"
+    )
     monkeypatch.setattr(k8s, "_api", None)
 
     async def session_trusts_env() -> bool:
-        api = await k8s.connect()
+        api = await k8s.connect(kubeconfig)
         try:
-            return api.rest_client.pool_manager.trust_env
+            return api.session.trust_env
         finally:
             await k8s.close()
 

@@ -9,7 +9,6 @@ import asyncio
 
 import aiohttp
 import pytest
-from kubernetes_asyncio.client.exceptions import ApiException
 from scriptedapi import ScriptedApi, api_error
 
 from finetune_operator import k8s, metrics
@@ -58,14 +57,14 @@ def test_a_dropped_connection_is_repeated_too(flaky):
 @pytest.mark.parametrize("status", [400, 403, 404, 409, 422])
 def test_an_answer_that_means_no_is_not_repeated(flaky, status):
     api, slept = flaky([api_error(status)])
-    with pytest.raises(ApiException) as caught:
+    with pytest.raises(k8s.ApiError) as caught:
         asyncio.run(k8s._call("GET", "/api/v1/namespaces/x/pods/p"))
     assert caught.value.status == status and api.calls == 1 and slept == []
 
 
 def test_retries_stop_after_the_last_attempt(flaky):
     api, slept = flaky([api_error(500)] * k8s.RETRY_ATTEMPTS)
-    with pytest.raises(ApiException):
+    with pytest.raises(k8s.ApiError):
         asyncio.run(k8s._call("PATCH", "/apis/finetune.dev/v1alpha1/x"))
     assert api.calls == k8s.RETRY_ATTEMPTS and len(slept) == k8s.RETRY_ATTEMPTS - 1
     assert max(slept) <= k8s.RETRY_CAP_S

@@ -103,14 +103,14 @@ def test_a_dropped_connection_and_endless_conflicts_are_retried_too(harness, mon
 @pytest.mark.parametrize("status", [403, 422])
 def test_a_pass_that_would_fail_the_same_way_is_counted_not_repeated(harness, status):
     harness.api([api_error(status)])
-    before = failures("ApiException")
+    before = failures("ApiError")
 
     async def scenario():
         await handle_event()
         assert harness.queue.tasks == {}
 
     asyncio.run(scenario())
-    assert failures("ApiException") == before + 1
+    assert failures("ApiError") == before + 1
     assert harness.queue.failures == {} and harness.slept == []
 
 

@@ -40,6 +40,7 @@ def test_a_burst_with_kills_converges_without_duplicates_or_orphans(
     assert result.duplicates == []
     assert result.orphans == []
     assert result.without_job == []
+    assert result.lost_events == []  # each job's Succeeded Event, whatever the kills hit
     # The watches saw each FineTuneJob's Job, and its Succeeded status.
     assert result.latency_n == result.status_lag_n == JOBS
     jobs = kube.items("jobs", "app.kubernetes.io/managed-by=finetune-operator")

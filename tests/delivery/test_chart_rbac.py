@@ -229,10 +229,10 @@ def test_operator_suites_pass_with_only_the_charts_rbac(tmp_path):
     summary = res.stdout.strip().splitlines()[-1]
     assert " passed" in summary and "error" not in summary and "skipped" not in summary, tail
     # Evidence that the operator really ran as the chart's ServiceAccount: the API
-    # client logs the kubeconfig context it loaded.
+    # client logs the kubeconfig context and user it loaded.
     logs = list((tmp_path / "inner").rglob("operator.log"))
     assert logs, "the suites started no operator"
     for log in logs:
         text = log.read_text(errors="replace")
-        assert f"current-context system:serviceaccount:{IDENTITY_NAMESPACE}:" in text, log
+        assert f"context system:serviceaccount:{IDENTITY_NAMESPACE}:" in text, log
         assert "dev-admin" not in text, f"{log}: the operator used the admin credentials"

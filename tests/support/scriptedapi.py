@@ -1,21 +1,19 @@
-"""A stand-in for kubernetes_asyncio's ApiClient.call_api that fails on cue, for the tests of
+"""A stand-in for k8s.Client.request that fails on cue, for the tests of
 the operator's retries (k8s.py) and its per-object retry queue (requeue.py)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from kubernetes_asyncio.client.exceptions import ApiException
+from finetune_operator.k8s import ApiError
 
 
-def api_error(status: int, retry_after: str | None = None) -> ApiException:
-    exc = ApiException(status=status, reason="test")
-    exc.headers = {"Retry-After": retry_after} if retry_after else {}
-    return exc
+def api_error(status: int, retry_after: str | None = None) -> ApiError:
+    return ApiError(status, "test", headers={"Retry-After": retry_after} if retry_after else {})
 
 
 class ScriptedApi:
-    """call_api raises each of `failures` in turn; after them it answers `then`, raising it
+    """request raises each of `failures` in turn; after them it answers `then`, raising it
     when it is an exception."""
 
     def __init__(self, failures, then: Any):
@@ -23,7 +21,7 @@ class ScriptedApi:
         self.then = then
         self.calls = 0
 
-    async def call_api(self, *args, **kwargs):
+    async def request(self, *args, **kwargs):
         self.calls += 1
         if self.failures:
             raise self.failures.pop(0)
