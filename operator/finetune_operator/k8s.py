@@ -380,11 +380,17 @@ METADATA_ONLY = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v
 
 
 async def list_metadata(
-    api_version: str, kind: str, namespace: str | None, label_selector: str | None = None
+    api_version: str,
+    kind: str,
+    namespace: str | None,
+    label_selector: str | None = None,
+    field_selector: str | None = None,
 ) -> list[dict]:
     """The metadata of the objects a list would return (names, labels, ...), fetched as
     metadata only."""
-    query = [("labelSelector", label_selector)] if label_selector else None
+    query = [("labelSelector", label_selector)] if label_selector else []
+    if field_selector:
+        query.append(("fieldSelector", field_selector))
     result = await _call(
         "GET", path(api_version, kind, namespace), query=query, accept=METADATA_ONLY
     )

@@ -16,6 +16,7 @@ import asyncio
 from collections import Counter
 
 import pytest
+from apirequests import requests_so_far
 from kubetest import Kube, bound_pvc, finetunejob_manifest
 
 pytestmark = pytest.mark.cluster
@@ -28,17 +29,6 @@ CHILDREN = {
     "rolebindings": f"{NAME}-worker",
 }
 LISTED = ["configmaps", "serviceaccounts", "roles", "rolebindings", "services"]
-
-
-def requests_so_far() -> Counter:
-    from finetune_operator import metrics
-
-    counts: Counter = Counter()
-    for family in metrics.API_REQUESTS.collect():
-        for sample in family.samples:
-            if sample.name.endswith("_total"):
-                counts[(sample.labels["method"], sample.labels["resource"])] += int(sample.value)
-    return counts
 
 
 class Clock:

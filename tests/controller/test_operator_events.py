@@ -106,12 +106,22 @@ def test_the_event_keeps_the_reason_message_and_type_of_the_phase(clock):
 
 
 class FakePoster:
-    """k8s.post_event against an API server that keeps the Events it was given."""
+    """k8s.post_event against an API server that keeps the Events it was given, and
+    k8s.list_metadata of those Events."""
 
     def __init__(self):
         self.stored: dict[str, dict] = {}
         self.calls = 0
+        self.lists: list[tuple] = []
         self.fail = False
+
+    async def list_metadata(
+        self, api_version, kind, namespace, label_selector=None, field_selector=None
+    ):
+        self.lists.append((api_version, kind, namespace, field_selector))
+        if self.fail:
+            raise TimeoutError("no answer")
+        return [{"name": name} for name in self.stored]
 
     async def __call__(self, obj, *, name, type, reason, message, at=None):
         self.calls += 1
@@ -125,34 +135,45 @@ class FakePoster:
 def poster(monkeypatch) -> FakePoster:
     fake = FakePoster()
     monkeypatch.setattr(k8s, "post_event", fake)
+    monkeypatch.setattr(k8s, "list_metadata", fake.list_metadata)
     return fake
 
 
 def test_a_pass_after_a_failed_post_or_a_restart_posts_what_is_missing_once(clock, poster):
-    posted = events.Posted()
+    posted, existing = events.Posted(), events.Existing()
     status = apply_outcome({}, Outcome(Phase.FAILED, Reason.PLAN_DOES_NOT_FIT, "2Gi"), 1)
     transition = finetunejob.transition_event(status)
 
-    # The pass that wrote the status could not post (or died before it did).
+    # The pass that wrote the status could not post (or died before it did); neither could
+    # it list the namespace's Events.
     poster.fail = True
-    asyncio.run(events.ensure(obj(), transition, posted))
+    asyncio.run(events.ensure(obj(), transition, posted, existing))
     assert poster.stored == {}
-    # The next pass derives the same transition from the status and posts it.
+    # The next pass derives the same transition from the status, lists the namespace's
+    # Events (this operator's, metadata only), does not find it and posts it.
     poster.fail = False
-    asyncio.run(events.ensure(obj(), transition, posted))
+    asyncio.run(events.ensure(obj(), transition, posted, existing))
     assert list(poster.stored.values()) == [
         {"type": "Warning", "reason": Reason.PLAN_DOES_NOT_FIT, "message": "Failed: 2Gi"}
     ]
+    assert poster.lists[-1] == ("v1", "Event", "ns", "source=finetune-operator")
     # Passes after it know it is there: no API call.
-    calls = poster.calls
+    calls, lists = poster.calls, len(poster.lists)
     for _ in range(3):
-        asyncio.run(events.ensure(obj(), transition, posted))
-    assert poster.calls == calls
-    # A restarted operator remembers nothing: it tries once, finds it there, stops trying.
-    restarted = events.Posted()
+        asyncio.run(events.ensure(obj(), transition, posted, existing))
+    assert (poster.calls, len(poster.lists)) == (calls, lists)
+    # A restarted operator remembers nothing: one list of the namespace's Events finds it
+    # there, and nothing is posted, then or later.
+    restarted, listed_again = events.Posted(), events.Existing()
     for _ in range(3):
-        asyncio.run(events.ensure(obj(), transition, restarted))
-    assert poster.calls == calls + 1 and len(poster.stored) == 1
+        asyncio.run(events.ensure(obj(), transition, restarted, listed_again))
+    assert (poster.calls, len(poster.lists)) == (calls, lists + 1) and len(poster.stored) == 1
+    # A new transition of the same object is not in the list: posted, without listing again.
+    later = finetunejob.transition_event(
+        apply_outcome(status, Outcome(Phase.PENDING, Reason.PODS_STARTING, "retry"), 2)
+    )
+    asyncio.run(events.ensure(obj(), later, restarted, listed_again))
+    assert (poster.calls, len(poster.lists)) == (calls + 1, lists + 1)
 
 
 def test_a_transition_older_than_the_event_ttl_is_not_announced_again(clock, poster):

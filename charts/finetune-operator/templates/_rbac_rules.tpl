@@ -52,10 +52,11 @@ escalation check passes without `escalate` or `bind`.
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get"]
-# Events for phase changes (kopf posts core/v1 Events).
+# Events for phase changes: posted (core/v1), and listed by name after a restart so that
+# those already there are not posted again (events.py).
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create", "patch", "list"]
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
