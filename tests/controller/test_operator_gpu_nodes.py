@@ -252,3 +252,37 @@ def test_auto_without_a_product_plans_fp8_only_where_every_gpu_node_for_it_has_f
     # The first job keeps its plan: it is made once per spec, and its pods need FP8 anyway.
     operator_process.wait_for_resyncs(1)
     assert kube.get("finetunejob", "on-h100")["status"]["plan"]["method"] == "fp8"
+
+
+@pytest.mark.cluster
+def test_the_plan_command_reads_the_cluster_nodes_as_the_operator_does(
+    cluster, gpu_pool, tmp_path, monkeypatch, capsys
+):
+    """`finetune-operator plan --cluster` plans with the GPU nodes of KUBECONFIG's cluster,
+    so what it prints is what the operator would record; without it the nodes are unknown."""
+    import yaml
+
+    from finetune_operator.planner.cli import main
+
+    pool, add = gpu_pool
+    add("h100", "NVIDIA-H100-80GB-HBM3", 81559, (9, 0))
+    manifest = tmp_path / "job.yaml"
+    manifest.write_text(yaml.safe_dump(pool_job("cli", pool)))
+    monkeypatch.setenv("KUBECONFIG", cluster.kubeconfig)
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+
+    def plan(*flags: str) -> dict:
+        assert main(["-f", str(manifest), *flags]) == 0
+        return json.loads(capsys.readouterr().out)["plan"]
+
+    assert plan("--cluster")["method"] == "fp8"
+    offline = plan()
+    assert offline["method"] != "fp8" and "fp8 not considered" in offline["reason"]
+    a100 = add("a100", "NVIDIA-A100-SXM4-80GB", 81920, (8, 0))
+    mixed = plan("--cluster")
+    assert mixed["method"] != "fp8" and f"{a100}: compute capability 8.0" in mixed["reason"]
+
+    # A cluster it cannot reach is bad input (exit 2), named as such.
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "absent"))
+    assert main(["-f", str(manifest), "--cluster"]) == 2
+    assert "--cluster: no credentials" in capsys.readouterr().err

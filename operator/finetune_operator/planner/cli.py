@@ -3,6 +3,7 @@
     finetune-operator plan -f job.yaml                 # a FineTuneJob manifest
     finetune-operator plan --model meta-llama/Meta-Llama-3-8B --memory 24Gi --seq-len 2048
     finetune-operator plan ... --explain               # every candidate, as a table
+    finetune-operator plan -f job.yaml --cluster       # with the GPU nodes of KUBECONFIG's cluster
 
 Prints JSON (the `status.plan` the operator would write, the reason and the smallest memory
 that would work); `--explain` prints a table for people instead. Exit status: 0 planned,
@@ -12,6 +13,7 @@ that would work); `--explain` prints a table for people instead. Exit status: 0 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -52,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--gpu-product",
         help="the nvidia.com/gpu.product label, e.g. NVIDIA-H100-80GB-HBM3: auto considers "
         "fp8 only on a GPU known to have FP8 tensor cores",
+    )
+    p.add_argument(
+        "--cluster",
+        action="store_true",
+        help="read the GPU nodes of the cluster KUBECONFIG names (their GPU Feature Discovery "
+        "labels, as the operator does): without --gpu-product, auto then considers fp8 when "
+        "every GPU node that could take the job has FP8 tensor cores",
     )
     p.add_argument("--method", choices=("auto", *METHODS), default="auto")
     p.add_argument(
@@ -181,10 +190,38 @@ def _arch_from_flags(args: argparse.Namespace) -> ModelArch:
     return arch_for_model({"name": args.model}, allow_hub=args.allow_hub)
 
 
-def decide(args: argparse.Namespace) -> PlanDecision:
-    if args.file:
-        from .api_adapter import request_from_spec
+def cluster_gpu_nodes() -> dict[str, dict[str, str]]:
+    """The labels of the cluster's GPU nodes (name -> labels), read as the operator reads
+    them (gpunodes.py: nodes labelled with the GPU's memory, metadata only)."""
+    import asyncio
 
+    from .. import k8s, kubeconfig
+    from ..constants import GPU_MEMORY_LABEL
+
+    async def listed() -> list[dict]:
+        await k8s.connect()
+        try:
+            return await k8s.list_metadata("v1", "Node", None, GPU_MEMORY_LABEL)
+        finally:
+            await k8s.close()
+
+    try:
+        nodes = asyncio.run(listed())
+    except kubeconfig.ConfigError as exc:
+        raise BadInput(f"--cluster: {exc}") from None
+    except k8s.REQUEST_FAILURES as exc:
+        raise BadInput(
+            f"--cluster: could not list the nodes: {k8s.describe_failure(exc)}"
+        ) from None
+    return {md["name"]: dict(md.get("labels") or {}) for md in nodes}
+
+
+def decide(args: argparse.Namespace) -> PlanDecision:
+    from .api_adapter import gpu_nodes_for_spec, request_from_spec
+    from .gpus import fp8_on_nodes
+
+    nodes = cluster_gpu_nodes() if args.cluster else None
+    if args.file:
         job = _load_manifest(args.file)
         arch = (
             arch_from_local(args.config, name=job.spec.model.reference)
@@ -193,10 +230,15 @@ def decide(args: argparse.Namespace) -> PlanDecision:
                 job.spec.model, claims_root=args.claims_root, allow_hub=args.allow_hub
             )
         )
-        request, budget = request_from_spec(job.spec)
+        gpu_nodes = gpu_nodes_for_spec(job.spec, nodes) if args.cluster else None
+        request, budget = request_from_spec(job.spec, gpu_nodes)
     else:
         arch = _arch_from_flags(args)
         request, budget = _request_from_flags(args)
+        if args.cluster:
+            budget = dataclasses.replace(
+                budget, gpu_nodes=fp8_on_nodes(nodes, budget.gpu_memory_bytes, None)
+            )
     return plan_training(arch, request, budget)
 
 
