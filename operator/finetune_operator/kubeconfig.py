@@ -11,7 +11,9 @@ context, file paths relative to the kubeconfig that names them, and the credenti
 entry can hold: client certificates, a token or tokenFile, or an exec plugin (EKS, GKE, AKS
 and OIDC helpers), whose ExecCredential is run again when it expires.
 
-Nothing here logs a token, a key or a plugin's output.
+Nothing here logs a token, a key or a plugin's output. Reading a token file and running an
+exec plugin happen in the calling thread: a file read a minute, and a plugin run once per
+credential it returns (out of a cluster only).
 """
 
 from __future__ import annotations
