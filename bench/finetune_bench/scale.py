@@ -584,17 +584,16 @@ def missing_events(cluster: Cluster, namespace: str) -> list[str]:
 
 def check_ownership(cluster: Cluster, namespace: str) -> tuple[list[str], list[str], list[str]]:
     """(duplicates, orphans, FineTuneJobs without a Job) as the API server has them now."""
-
-    def items(resource: str, selector: str | None = None) -> list[dict]:
-        return list_items(cluster, namespace, resource, selector)
-
-    ftjs = {o["metadata"]["uid"]: o["metadata"]["name"] for o in items("finetunejobs")}
+    ftjs = {
+        o["metadata"]["uid"]: o["metadata"]["name"]
+        for o in list_items(cluster, namespace, "finetunejobs")
+    }
     duplicates: list[str] = []
     orphans: list[str] = []
     with_job = set()
     for resource in ("jobs", *CHILD_KINDS):
         per_owner: Counter = Counter()
-        for obj in items(resource, MANAGED):
+        for obj in list_items(cluster, namespace, resource, MANAGED):
             md = obj["metadata"]
             owners = [r for r in md.get("ownerReferences") or [] if r["kind"] == "FineTuneJob"]
             if not owners:

@@ -60,6 +60,13 @@ class GpuNodes:
 GPU_NODES = GpuNodes()
 
 
+async def list_gpu_node_labels() -> NodeLabels:
+    """One list of the nodes GPU Feature Discovery labelled (metadata only): their labels.
+    Raises what the request raises (k8s.REQUEST_FAILURES)."""
+    listed = await k8s.list_metadata("v1", "Node", None, GPU_MEMORY_LABEL)
+    return {md["name"]: dict(md.get("labels") or {}) for md in listed}
+
+
 async def gpu_node_labels(max_age: float, nodes: GpuNodes | None = None) -> NodeLabels | None:
     """The labels of the nodes GPU Feature Discovery labelled, at most `max_age` seconds old;
     None when they could not be listed (logged, never raised)."""
@@ -71,7 +78,7 @@ async def gpu_node_labels(max_age: float, nodes: GpuNodes | None = None) -> Node
             return nodes.labels  # listed while this pass waited
         started = nodes.clock()
         try:
-            listed = await k8s.list_metadata("v1", "Node", None, GPU_MEMORY_LABEL)
+            labels = await list_gpu_node_labels()
         except k8s.REQUEST_FAILURES as exc:
             (log.debug if nodes.warned else log.warning)(
                 "could not list the cluster's GPU nodes (%s): method auto leaves fp8 out "
@@ -82,7 +89,6 @@ async def gpu_node_labels(max_age: float, nodes: GpuNodes | None = None) -> Node
             nodes.warned = True
             labels = None
         else:
-            labels = {md["name"]: dict(md.get("labels") or {}) for md in listed}
             if nodes.warned:
                 log.info("listed the cluster's GPU nodes again (%d)", len(labels))
             nodes.warned = False

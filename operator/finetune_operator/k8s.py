@@ -177,16 +177,23 @@ class Client:
                     continue
                 payload = await resp.read()
                 if resp.status >= 400:
-                    raise ApiError(
-                        resp.status,
-                        resp.reason or "",
-                        payload.decode(errors="replace"),
-                        resp.headers,
-                    )
+                    raise _error(resp, payload)
                 if resp.content_type == "application/json":
                     return json.loads(payload) if payload else None
                 return payload.decode(errors="replace")
         raise AssertionError("unreachable: the second attempt returns or raises")
+
+    async def stream(self, resource_path: str, query: list) -> AsyncIterator[dict]:
+        """A GET answered with one JSON document a line (a watch), as long as the server
+        keeps it open; no total timeout."""
+        async with self._send(
+            "GET", resource_path, query, None, "", "application/json", None
+        ) as resp:
+            if resp.status >= 400:
+                raise _error(resp, await resp.read())
+            async for line in resp.content:
+                if line.strip():
+                    yield json.loads(line)
 
     def _send(self, method, resource_path, query, body, content_type, accept, timeout):
         headers = {"Accept": accept}
@@ -211,6 +218,10 @@ class Client:
 
     async def close(self) -> None:
         await self.session.close()
+
+
+def _error(resp: aiohttp.ClientResponse, payload: bytes) -> ApiError:
+    return ApiError(resp.status, resp.reason or "", payload.decode(errors="replace"), resp.headers)
 
 
 _api: Client | None = None
@@ -584,11 +595,5 @@ async def watch_events(api_version: str, kind: str, namespace: str | None) -> As
         ("resourceVersion", listed["metadata"]["resourceVersion"]),
         ("allowWatchBookmarks", "false"),
     ]
-    async with api._send(
-        "GET", path(api_version, kind, namespace), query, None, "", "application/json", None
-    ) as resp:
-        if resp.status >= 400:
-            raise ApiError(resp.status, resp.reason or "", await resp.text(), resp.headers)
-        async for line in resp.content:
-            if line.strip():
-                yield json.loads(line)
+    async for event in api.stream(path(api_version, kind, namespace), query):
+        yield event

@@ -192,28 +192,26 @@ def _arch_from_flags(args: argparse.Namespace) -> ModelArch:
 
 def cluster_gpu_nodes() -> dict[str, dict[str, str]]:
     """The labels of the cluster's GPU nodes (name -> labels), read as the operator reads
-    them (gpunodes.py: nodes labelled with the GPU's memory, metadata only)."""
+    them (gpunodes.py), through KUBECONFIG."""
     import asyncio
 
-    from .. import k8s, kubeconfig
-    from ..constants import GPU_MEMORY_LABEL
+    from .. import gpunodes, k8s, kubeconfig
 
-    async def listed() -> list[dict]:
+    async def listed() -> dict[str, dict[str, str]]:
         await k8s.connect()
         try:
-            return await k8s.list_metadata("v1", "Node", None, GPU_MEMORY_LABEL)
+            return await gpunodes.list_gpu_node_labels()
         finally:
             await k8s.close()
 
     try:
-        nodes = asyncio.run(listed())
+        return asyncio.run(listed())
     except kubeconfig.ConfigError as exc:
         raise BadInput(f"--cluster: {exc}") from None
     except k8s.REQUEST_FAILURES as exc:
         raise BadInput(
             f"--cluster: could not list the nodes: {k8s.describe_failure(exc)}"
         ) from None
-    return {md["name"]: dict(md.get("labels") or {}) for md in nodes}
 
 
 def decide(args: argparse.Namespace) -> PlanDecision:
