@@ -176,7 +176,7 @@ def launch_command(args: argparse.Namespace) -> int:
 def train_command(args: argparse.Namespace) -> int:
     from finetune_api import WorkerConfigError, load_worker_config
 
-    from .distributed import World
+    from .distributed import World, shutdown
     from .errors import InvalidConfigError, WorkerError
 
     try:
@@ -204,7 +204,9 @@ def train_command(args: argparse.Namespace) -> int:
             )
         )
         raise
-    return report_success(config, result, reporter)
+    code = report_success(config, result, reporter)
+    shutdown()
+    return code
 
 
 def preflight_command(args: argparse.Namespace) -> int:
