@@ -55,8 +55,19 @@ def test_explain_prints_every_candidate_and_marks_the_chosen(capsys):
     assert rc == 0
     rows = [line for line in out.splitlines() if line.lstrip("-> ").startswith("single ")]
     # methods x checkpointing (off, 4, 8, ... 28 of the 32 layers, all) x micro-batches 1, 2,
-    # 3, 4, 6, 8 (unpacked: divisors and a 1.5x ladder; 12 x 2048 is past the token cap)
-    assert len(rows) == 2 * 9 * 6
+    # 3, 4, 6, 8 (unpacked: divisors and a 1.5x ladder; 12 x 2048 is past the token cap), and
+    # where the budget lies between two rungs, the largest row budget that fits between them
+    ladder = [line for line in rows if int(line[2:].split()[5]) % 2048 == 0]
+    assert len(ladder) == 2 * 9 * 6
+    filled = [line for line in rows if line not in ladder]
+    assert filled
+    for line in filled:
+        method, ckpt, _, _, tokens = line[2:].split()[1:6]
+        assert line.rstrip().split()[-2] == "yes"
+        same = [r[2:].split() for r in ladder if r[2:].split()[1:3] == [method, ckpt]]
+        below = max(int(r[5]) for r in same if r[-2] == "yes")
+        above = min(int(r[5]) for r in same if r[-2] == "no")
+        assert below < int(tokens) < above
     assert {line[2:].split()[2] for line in rows} == {"off", "all", *map(str, range(4, 29, 4))}
     chosen = [line for line in rows if line.startswith("->")]
     assert len(chosen) == 1 and chosen[0][2:].split()[:2] == ["single", "qlora"]

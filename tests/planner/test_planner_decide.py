@@ -565,3 +565,57 @@ def test_the_spec_reaches_the_planner_and_a_refusal_fails_planning_with_its_reas
     assert caught.value.reason == Reason.METHOD_NOT_SUPPORTED == "MethodNotSupported"
     assert not caught.value.transient
     assert "spec.method is fp8" in str(caught.value) and A100 in str(caught.value)
+
+
+# --- unpacked steps: a row budget between two micro-batch sizes ---
+
+SEED_QLORA = PlanRequest(
+    method="qlora", lora_r=64, lora_dropout=0.1, seq_len=512, batch_size=16, packing=False
+)
+"""The common recipe's QLoRA job: 12 GiB, r 64, dropout 0.1, seq 512, 16 examples per step."""
+
+
+def test_an_unpacked_step_gets_the_largest_row_budget_that_fits_between_two_micro_batches():
+    decision = plan(12, SEED_QLORA)
+    chosen = decision.chosen.shape
+    # 8 x 512 fits and 12 x 512 does not: the rows fill the memory in between
+    ladder = {
+        c.shape.micro_batch: c.fits
+        for c in decision.candidates
+        if c.shape.row_tokens is None and c.shape.recomputed_layers(32) == 32
+    }
+    assert ladder[8] and not ladder[12]
+    assert chosen.row_tokens is not None and 8 * 512 < chosen.row_tokens < 12 * 512
+    assert chosen.row_tokens % 64 == 0 and chosen.micro_batch == chosen.row_tokens // 512
+    assert decision.estimate.with_context <= decision.budget.usable_bytes
+    assert f"rows of up to {chosen.row_tokens} tokens" in decision.reason
+    # the largest: 64 tokens more would not fit
+    from finetune_operator.planner.memory import estimate_memory
+
+    wider = chosen.but(row_tokens=chosen.row_tokens + 64)
+    assert estimate_memory(LLAMA3_8B, wider).with_context > decision.budget.usable_bytes
+    # and it ranks above the ladder's 8 x 512 because it is predicted faster
+    rung = max(
+        (c for c in decision.candidates if c.fits and c.shape.row_tokens is None),
+        key=lambda c: c.speed,
+    )
+    assert decision.chosen.speed > rung.speed
+
+
+def test_row_budgets_stay_whole_micro_batches_with_packing_or_a_micro_batch_given():
+    for request in (replace(SEED_QLORA, packing=True), replace(SEED_QLORA, micro_batch=4)):
+        decision = plan(12, request)
+        assert all(c.shape.row_tokens is None for c in decision.candidates)
+
+
+def test_status_plan_carries_the_row_budget():
+    spec = yaml.safe_load((EXAMPLES / "finetunejob-llama3-8b.yaml").read_text())["spec"]
+    spec["method"] = "qlora"
+    spec["lora"].update(r=64, dropout=0.1)
+    spec["training"].update(seqLength=512, batchSize=16, packing=False)
+    spec["resources"]["gpu"]["memory"] = "12Gi"
+    from finetune_api import FineTuneJobSpec
+
+    planned = plan_for_spec(FineTuneJobSpec.model_validate(spec), LLAMA3_8B)
+    assert 8 * 512 < planned.row_tokens < 12 * 512
+    assert planned.model_dump(by_alias=True)["rowTokens"] == planned.row_tokens

@@ -33,7 +33,13 @@ def _attend(fn, q, k, v, grad):
 
 def test_flash_varlen_kernel_is_as_accurate_as_per_example_attention_with_gqa():
     """Against float32 per-example attention, the bf16 varlen kernel's output and gradients
-    must be as close as bf16 per-example SDPA's (both round in bf16; neither may be wrong)."""
+    must be as close as bf16 per-example SDPA's (both round in bf16; neither may be wrong).
+
+    Compared by root-mean-square error, with the largest single error bounded loosely: the
+    largest of ~10^5 bf16 roundings is one unlucky element, and comparing two kernels by it
+    alone failed now and then on an unseeded upstream gradient although both were right. A
+    wrong kernel (a segment attending across its boundary, a dropped K/V group) is off by
+    the size of the values themselves, orders of magnitude beyond either bound."""
     from finetune_worker import attention
 
     assert attention.supported("cuda"), "this PyTorch has no varlen kernel"
@@ -41,7 +47,8 @@ def test_flash_varlen_kernel_is_as_accurate_as_per_example_attention_with_gqa():
     q, k, v = _qkv(lengths)
     cu = attention.boundaries(lengths)
     scale = 128**-0.5
-    grad = torch.randn(1, sum(lengths), 32, 128, device="cuda", dtype=torch.bfloat16)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    grad = torch.randn(1, sum(lengths), 32, 128, device="cuda", dtype=torch.bfloat16, generator=g)
 
     def varlen(q, k, v):
         return attention.varlen_attention_forward(None, q, k, v, None, scaling=scale, **cu)[0]
@@ -56,12 +63,14 @@ def test_flash_varlen_kernel_is_as_accurate_as_per_example_attention_with_gqa():
     ref = _attend(per_example, q, k, v, grad)
     for name, e, a, b in zip(("out", "dq", "dk", "dv"), exact, fast, ref, strict=True):
         assert a.shape == e.shape, name
-        err_fast, err_ref = (a - e).abs().max().item(), (b - e).abs().max().item()
+        rms_fast, rms_ref = ((x - e).pow(2).mean().sqrt().item() for x in (a, b))
+        max_fast, max_ref = ((x - e).abs().max().item() for x in (a, b))
         print(
-            f"{name}: max |varlen - fp32| {err_fast:.3g}, |bf16 sdpa - fp32| {err_ref:.3g}, "
-            f"max |fp32| {e.abs().max().item():.3g}"
+            f"{name}: rms |varlen - fp32| {rms_fast:.3g}, |bf16 sdpa - fp32| {rms_ref:.3g}; "
+            f"max {max_fast:.3g} / {max_ref:.3g}; rms |fp32| {e.pow(2).mean().sqrt().item():.3g}"
         )
-        assert err_fast <= 2 * err_ref + 1e-3, name
+        assert rms_fast <= 2 * rms_ref + 1e-4, name
+        assert max_fast <= 4 * max_ref + 1e-3, name
 
 
 def test_varlen_llama_on_gpu_equals_per_sequence_loss():

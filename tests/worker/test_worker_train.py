@@ -656,6 +656,36 @@ def test_under_fsdp_a_rank_runs_as_many_rows_as_the_busiest_rank_the_extra_ones_
     case.assert_same(again, one)
 
 
+def test_unpacked_rows_take_the_plans_row_budget(tmp_path, tiny_model_root):
+    """plan.rowTokens, where the planner filled the memory between two micro-batch sizes, is
+    the rows' token budget; without it a row holds micro-batch x seqLength tokens. Micro-batch
+    1 x 128 tokens splits every 5-example step (42-72 tokens each) into two or more rows;
+    rowTokens 384 makes each one row, never wider than the budget."""
+    from transformers import set_seed
+
+    from finetune_worker import packing, train
+
+    counts = {}
+    for row_tokens in (None, 384):
+        raw = worker_config_dict(
+            tmp_path / str(row_tokens), tiny_model_root, fmt="alpaca", micro_batch=1, batchSize=5
+        )
+        if row_tokens:
+            raw["plan"]["rowTokens"] = row_tokens
+        config = WorkerConfig.model_validate(raw)
+        assert train.row_budget(config) == (row_tokens or 128)
+        tokenizer = train.load_tokenizer(config, None)
+        splits = train.load_training_data(config, tokenizer, None)
+        set_seed(config.spec.training.seed)
+        model, _ = train.load_model(config, None, "cpu")
+        trainer, _, _ = train.build_trainer(config, model, tokenizer, splits, "cpu", None)
+        batches = list(trainer.get_train_dataloader())
+        counts[row_tokens] = [len(b[packing.ROWS_KEY]) for b in batches]
+        widest = max(row["end"] - row["start"] for b in batches for row in b[packing.ROWS_KEY])
+        assert widest <= train.row_budget(config)
+    assert all(n >= 2 for n in counts[None]) and all(n == 1 for n in counts[384])
+
+
 def test_unpacked_steps_of_several_rows_train_like_steps_of_one_row(tmp_path, tiny_model_root):
     """End to end through build_trainer: rows of 128 tokens (micro-batch 1; the examples are
     42-72 tokens) make every step of 5 examples two or more rows; rows of 8 x 128 tokens make

@@ -117,7 +117,8 @@ def cap_gpu_memory(plan: TrainingPlan, device: str) -> int | None:
 def describe_plan(plan: TrainingPlan) -> str:
     return (
         f"method={plan.method}, micro-batch={plan.micro_batch_size}, "
-        f"gradient accumulation={plan.gradient_accumulation}, "
+        + (f"rows of up to {plan.row_tokens} tokens, " if plan.row_tokens else "")
+        + f"gradient accumulation={plan.gradient_accumulation}, "
         f"gradient checkpointing={'on' if plan.gradient_checkpointing else 'off'}, "
         f"predicted peak={format_bytes(plan.estimated_peak_bytes)}"
         + (f" of a {format_bytes(plan.budget_bytes)} budget" if plan.budget_bytes else "")

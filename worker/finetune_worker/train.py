@@ -151,6 +151,15 @@ def steps_in_rows(config: WorkerConfig, device: str) -> bool:
     return not config.spec.training.packing and attention.supported(device)
 
 
+def row_budget(config: WorkerConfig) -> int:
+    """Unpacked steps: the most real tokens a row may hold, the plan's memory bound:
+    plan.rowTokens where the planner filled the budget between two micro-batch sizes, else
+    microBatchSize x seqLength (and never less than one whole example)."""
+    seq = config.spec.training.seq_length
+    row_tokens = getattr(config.plan, "row_tokens", None)
+    return max(row_tokens or config.plan.micro_batch_size * seq, seq)
+
+
 def examples_per_step(config: WorkerConfig) -> int:
     """Whole examples per optimizer step of one process: spec.training.batchSize over the
     world (the API requires a multiple of the world size)."""
@@ -697,7 +706,7 @@ def training_batches(
             return None, packing.make_step_collator(
                 tokenizer,
                 training.seq_length,
-                config.plan.micro_batch_size * training.seq_length,
+                row_budget(config),
                 pad_to_multiple_of=DENSE_BATCH_MULTIPLE,
             )
         return None, packing.make_collator(tokenizer, training.seq_length, False)

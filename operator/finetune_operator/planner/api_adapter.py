@@ -123,6 +123,7 @@ def training_plan(decision: PlanDecision) -> TrainingPlan:
         budget_bytes=decision.budget.gpu_memory_bytes,
         breakdown=breakdown,
         micro_batch_size=decision.chosen.shape.micro_batch,
+        row_tokens=decision.chosen.shape.row_tokens,
         gradient_accumulation=decision.chosen.gradient_accumulation,
         gradient_checkpointing=decision.chosen.shape.gradient_checkpointing,
         checkpointed_layers=decision.chosen.shape.checkpointed_layers,

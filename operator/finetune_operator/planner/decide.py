@@ -31,6 +31,7 @@ beyond that the extra speed is a few percent and the memory is better left as he
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -310,6 +311,7 @@ def _shape(
     gpu_count: int,
     strategy: str = "single",
     recomputed: int | None = None,
+    row_tokens: int | None = None,
 ) -> TrainingShape:
     return TrainingShape(
         method=method,
@@ -319,6 +321,7 @@ def _shape(
         use_dora=request.use_dora,
         seq_len=request.seq_len,
         micro_batch=micro,
+        row_tokens=row_tokens,
         packing=request.packing,
         gradient_checkpointing=ckpt,
         checkpointed_layers=recomputed if ckpt else None,
@@ -406,27 +409,83 @@ def enumerate_candidates(
     world = budget.world_size
     strategies = ["single"] if world == 1 else ["ddp", "fsdp"]
     per_process = step_examples(request, world)
+
+    def candidate(shape: TrainingShape, accum: int) -> Candidate:
+        estimate = estimate_memory(arch, shape, constants)
+        return Candidate(
+            shape=shape,
+            estimate=estimate,
+            gradient_accumulation=accum,
+            fits=estimate.with_context <= budget.usable_bytes,
+            speed=speed_score(arch, shape),
+            step_examples=None if request.packing else per_process,
+        )
+
     candidates = []
     for strategy in strategies:
         for method in methods:
             if method == "fp8" and strategy == "fsdp":
                 continue  # FP8 layers are not sharded
             for ckpt, recomputed in checkpoint_options(request, arch.num_layers):
+                ladder = []
                 for micro in micro_batch_options(request, world):
                     accum = max(1, math.ceil(per_process / micro))
                     shape = _shape(request, method, ckpt, micro, accum, world, strategy, recomputed)
-                    estimate = estimate_memory(arch, shape, constants)
-                    candidates.append(
-                        Candidate(
-                            shape=shape,
-                            estimate=estimate,
-                            gradient_accumulation=accum,
-                            fits=estimate.with_context <= budget.usable_bytes,
-                            speed=speed_score(arch, shape),
-                            step_examples=None if request.packing else per_process,
-                        )
-                    )
+                    ladder.append(candidate(shape, accum))
+                candidates += ladder
+                filled = _filled_row(request, ladder, per_process, candidate)
+                if filled is not None:
+                    candidates.append(filled)
     return candidates
+
+
+ROW_TOKENS_MULTIPLE = 64
+"""Filled rows are a multiple of this many tokens: the worker pads each unpacked row up to a
+multiple of 64 (train.DENSE_BATCH_MULTIPLE), so a row of real tokens <= the budget is never
+wider than the budget."""
+
+
+def _filled_row(
+    request: PlanRequest,
+    ladder: list[Candidate],
+    per_process: int,
+    candidate: Callable[[TrainingShape, int], Candidate],
+) -> Candidate | None:
+    """Unpacked steps: the largest row budget that fits between the ladder's largest fitting
+    micro-batch and its smallest one that does not, or None.
+
+    An unpacked step is its whole examples split into rows of the budget (the worker bin-packs
+    them), so the budget need not be a whole number of seqLength examples: a 12 GiB QLoRA job
+    whose budget holds 8 x 512 tokens but not 12 x 512 gets rows of about 5,000, and a typical
+    16-example step (about 4,600 tokens of instruction data) runs as one row instead of two.
+    The bound stays the worst case: any step's rows hold at most that many real tokens. Peak
+    memory grows with the row's tokens, so the largest fitting budget is found by bisection."""
+    if request.packing or request.micro_batch is not None or not ladder:
+        return None
+    seq = request.seq_len
+    fitting = [c for c in ladder if c.fits]
+    if not fitting or not fitting[0].shape.varlen_rows:
+        return None
+    low = max(c.shape.tokens_per_micro_batch for c in fitting)
+    over = [c.shape.tokens_per_micro_batch for c in ladder if not c.fits]
+    high = min([*over, request.max_tokens_per_micro_batch + 1, per_process * seq + 1])
+    step = ROW_TOKENS_MULTIPLE
+    lo, hi = low // step + 1, (high - 1) // step  # row budgets lo*step .. hi*step to try
+    best = None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        tokens = mid * step
+        micro = max(1, tokens // seq)
+        accum = max(1, math.ceil(per_process / micro))
+        base = fitting[0].shape
+        found = candidate(
+            base.but(micro_batch=micro, row_tokens=tokens, gradient_accumulation=accum), accum
+        )
+        if found.fits:
+            best, lo = found, mid + 1
+        else:
+            hi = mid - 1
+    return best
 
 
 def plan_training(

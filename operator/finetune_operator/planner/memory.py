@@ -129,6 +129,9 @@ class TrainingShape:
     use_dora: bool = False
     seq_len: int = 2048
     micro_batch: int = 1
+    row_tokens: int | None = None
+    """Unpacked varlen rows only: the most real tokens one row holds, when the planner filled
+    the budget between two micro-batch sizes (plan.rowTokens); None: micro_batch x seq_len."""
     packing: bool = False
     gradient_checkpointing: bool = False
     checkpointed_layers: int | None = None
@@ -180,6 +183,13 @@ class TrainingShape:
             raise ValueError(
                 f"optimizer is {self.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}"
             )
+        if self.row_tokens is not None and (
+            self.packing or not self.varlen or self.row_tokens < self.seq_len
+        ):
+            raise ValueError(
+                f"row_tokens is {self.row_tokens}; it applies to unpacked varlen rows only and "
+                f"must hold one whole example (at least seq_len {self.seq_len})"
+            )
         for name in ("lora_r", "seq_len", "micro_batch", "gradient_accumulation", "gpu_count"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} is {getattr(self, name)!r}; expected at least 1")
@@ -187,7 +197,7 @@ class TrainingShape:
     @property
     def tokens_per_micro_batch(self) -> int:
         """Upper bound: padding-free packing fills a micro-batch with at most this many."""
-        return self.micro_batch * self.seq_len
+        return self.row_tokens or self.micro_batch * self.seq_len
 
     @property
     def masked_attention(self) -> bool:
