@@ -31,7 +31,7 @@ from finetune_api.constants import (
     MANAGED_BY,
 )
 
-from . import coalesce, k8s, kubeconfig, metrics, requeue, resync
+from . import coalesce, heap, k8s, kubeconfig, metrics, requeue, resync
 from .constants import SERVER_COMPONENT
 from .reconcile import adapterdeployment, adaptermerge, finetunejob
 from .reconcile.settings import OperatorSettings
@@ -52,6 +52,9 @@ PASSES = coalesce.Coalescer()
 # At most this many passes at once, over all objects (FINETUNE_MAX_CONCURRENT_PASSES), urgent
 # ones first, then in order (coalesce.Slots). Set at start-up.
 _pass_slots: coalesce.Slots | None = None
+# Freed memory back to the OS when the passes drain (heap.py); a no-op until start-up finds
+# glibc's malloc_trim.
+HEAP = heap.Trimmer()
 CONFLICT_ATTEMPTS = 4
 RETRIES = requeue.RetryQueue()
 
@@ -60,9 +63,14 @@ async def _attempts(
     settings: OperatorSettings, kind: str, namespace: str, name: str, urgent: bool
 ) -> Exception | None:
     """The pass, with its conflict retries, once a slot is free; -> what made it fail, or
-    None."""
+    None. The last pass of a burst, the one that leaves no pass running or waiting, gives
+    freed memory back to the OS on its way out (heap.py, rate-limited)."""
     async with _pass_slots.hold(urgent) if _pass_slots else contextlib.nullcontext():
-        return await _attempts_now(settings, kind, namespace, name)
+        failure = await _attempts_now(settings, kind, namespace, name)
+    HEAP.worked()
+    if _pass_slots is None or not _pass_slots.busy:
+        HEAP.quiet()
+    return failure
 
 
 async def _attempts_now(
@@ -190,8 +198,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> No
     except ValueError as exc:
         raise kopf.PermanentError(f"invalid operator environment: {exc}") from exc
     memo.operator_settings = ours
-    global _pass_slots
+    global _pass_slots, HEAP
     _pass_slots = coalesce.Slots(ours.max_concurrent_passes)
+    HEAP = heap.Trimmer(trim=heap.libc_malloc_trim())
     # Our own annotation prefix and finalizer name, should kopf ever need them.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
