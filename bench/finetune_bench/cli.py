@@ -188,9 +188,10 @@ def cmd_job(args) -> None:
 
     harness.cuda_context_bytes()
     examples = bench_examples(args.examples, shapes.SHAPES[args.shape]["vocab_size"], args.seed)
-    jobs = []
+    jobs, extras = [], {}
     for text in args.job:
         job = json.loads(text)
+        extras[job["label"]] = job
         manifest = yaml.safe_load(Path(job["manifest"]).read_text())
         spec = trainer.user_job(manifest, args.shape, steps=args.steps, overrides=job.get("set"))
         jobs.append((job["label"], spec, trainer.plan(spec, args.shape).method))
@@ -202,7 +203,15 @@ def cmd_job(args) -> None:
         base = harness.build_base(args.shape, method)
         for label, spec in todo:
             base, row = trainer.run_user_job(
-                base, spec, args.shape, examples, steps=args.steps, warmup=args.warmup, label=label
+                base,
+                spec,
+                args.shape,
+                examples,
+                steps=args.steps,
+                warmup=args.warmup,
+                label=label,
+                trainer_args=extras[label].get("trainer_args"),
+                sync_each_step=extras[label].get("sync_each_step", True),
             )
             _emit(row, args.out)
         del base
@@ -308,7 +317,9 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help=(
             'JSON: {"label": ..., "manifest": "examples/x.yaml",'
-            ' "set": {"training.packing": false}}'
+            ' "set": {"training.packing": false}}; experiments may add "trainer_args"'
+            " (TrainingArguments fields changed after the worker built the trainer) and"
+            ' "sync_each_step": false (no GPU synchronisation at each step end)'
         ),
     )
     j.add_argument("--shape", default="llama-3-8b")

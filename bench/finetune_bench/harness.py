@@ -50,6 +50,8 @@ class RunConfig:
     fused_kernels: bool = True
     fused_adamw: bool = True
     compile_layers: bool = False
+    blas_library: str | None = None  # torch.backends.cuda.preferred_blas_library for the run
+    gc_freeze: bool = False  # gc.freeze() before the steps: collections skip what exists then
     kbit_fp32_upcast: bool = (
         False  # QLoRA: peft's prepare_model_for_kbit_training upcast (the recipe's)
     )
@@ -393,8 +395,14 @@ def measure(
     import torch
 
     pm = None
+    blas = torch.backends.cuda.preferred_blas_library()
     try:
         pm = prepare(base, cfg)
+        if cfg.blas_library:
+            torch.backends.cuda.preferred_blas_library(cfg.blas_library)
+        if cfg.gc_freeze:
+            gc.collect()
+            gc.freeze()
         result = train(
             pm, examples, cfg, log=log, profile_steps=profile_steps, profile_out=profile_out
         )
@@ -402,6 +410,9 @@ def measure(
         result = RunResult(config=asdict(cfg), error=f"OOM: {str(exc).splitlines()[0][:200]}")
         result.peak_reserved_bytes = torch.cuda.max_memory_reserved()
         result.peak_allocated_bytes = torch.cuda.max_memory_allocated()
+    finally:
+        torch.backends.cuda.preferred_blas_library(blas)
+        gc.unfreeze()
     if pm is not None:
         base = release(pm)
     torch.cuda.reset_peak_memory_stats()

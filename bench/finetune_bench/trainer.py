@@ -117,7 +117,10 @@ def bench_tokenizer(vocab_size: int):
     return tok
 
 
-def _step_clock():
+def _step_clock(sync_each_step: bool = True):
+    """Per optimizer step wall times. With `sync_each_step` each step ends at a GPU
+    synchronisation (exact per-step times, but a sync the job itself may not have); without,
+    the times are the host's and `finish()` adds what the GPU still had queued to the last."""
     import torch
     from transformers import TrainerCallback
 
@@ -132,10 +135,16 @@ def _step_clock():
                 self.start = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
-            _sync()
+            if sync_each_step:
+                _sync()
             now = time.perf_counter()
             self.times.append(now - self.start)
             self.start = now
+
+        def finish(self):
+            if self.times and not sync_each_step:
+                _sync()
+                self.times[-1] += time.perf_counter() - self.start
 
     def _sync():
         if torch.cuda.is_available():
@@ -315,9 +324,13 @@ def run_user_job(
     warmup: int,
     label: str,
     log=print,
+    trainer_args: dict | None = None,
+    sync_each_step: bool = True,
 ):
     """Plan `spec` with the operator's planner and train it through the worker's own
-    preparation (modeling.prepare_for_training) and trainer, as a pod would."""
+    preparation (modeling.prepare_for_training) and trainer, as a pod would.
+    `trainer_args`: TrainingArguments fields to change after the worker built the trainer
+    (experiments only); `sync_each_step`: see _step_clock."""
     import datasets
     import torch
 
@@ -364,11 +377,14 @@ def run_user_job(
             return collate(batch)
 
         trainer.data_collator = counting
-        clock = _step_clock()
+        for name, value in (trainer_args or {}).items():
+            setattr(trainer.args, name, value)
+        clock = _step_clock(sync_each_step)
         trainer.add_callback(clock)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
+        clock.finish()
         # collator calls per optimizer step: the plan's micro-batches, or one (a whole step's
         # examples, split into rows inside the step) for unpacked jobs
         accum = trainer.args.gradient_accumulation_steps
