@@ -10,8 +10,9 @@ OUT_DIR=${1:?usage: row-budget.sh OUT_DIR}
 # shellcheck source=bench/gpu-env.sh
 source bench/gpu-env.sh || exit 1
 OUT="$OUT_DIR/row-budget.jsonl"
-L=examples/finetunejob-llama3-8b.yaml
-SEED='"method":"qlora","lora.r":64,"lora.alpha":16,"lora.dropout":0.1,"training.seqLength":512,"training.batchSize":16,"resources.gpu.memory":"12Gi","training.packing":false'
+# shellcheck source=bench/seed-job.sh
+source bench/seed-job.sh
+SEED="$SEED,\"training.packing\":false"
 FILLED="{\"label\":\"seed QLoRA job, 12Gi, rows filled (planner)\",\"manifest\":\"$L\",\"set\":{$SEED}}"
 WHOLE="{\"label\":\"seed QLoRA job, 12Gi, micro-batch 8 (whole micro-batch rows)\",\"manifest\":\"$L\",\"set\":{$SEED,\"training.microBatchSize\":8}}"
 for round in 1 2; do

@@ -8,8 +8,8 @@
 set -u
 OUT=${1:?usage: shipped-examples.sh OUT_DIR}/shipped-examples.jsonl
 B="python3 -m finetune_bench.cli job"
-L=examples/finetunejob-llama3-8b.yaml
-SEED='"method":"qlora","lora.r":64,"lora.alpha":16,"lora.dropout":0.1,"training.seqLength":512,"training.batchSize":16,"resources.gpu.memory":"12Gi"'
+# shellcheck source=bench/seed-job.sh
+source bench/seed-job.sh
 timeout 420 $B --shape llama-3-8b --out "$OUT" \
   --job "{\"label\":\"llama3-8b example\",\"manifest\":\"$L\"}" \
   --job "{\"label\":\"llama3-8b example, packing false\",\"manifest\":\"$L\",\"set\":{\"training.packing\":false}}" \

@@ -10,8 +10,9 @@ OUT_DIR=${1:?usage: step-syncs.sh OUT_DIR}
 # shellcheck source=bench/gpu-env.sh
 source bench/gpu-env.sh || exit 1
 OUT="$OUT_DIR/step-syncs.jsonl"
-L=examples/finetunejob-llama3-8b.yaml
-SEED='"method":"qlora","lora.r":64,"lora.alpha":16,"lora.dropout":0.1,"training.seqLength":512,"training.batchSize":16,"resources.gpu.memory":"12Gi","training.packing":false'
+# shellcheck source=bench/seed-job.sh
+source bench/seed-job.sh
+SEED="$SEED,\"training.packing\":false"
 args=()
 for round in 1 2; do
   args+=(--job "{\"label\":\"as the worker runs it-$round\",\"manifest\":\"$L\",\"set\":{$SEED},\"sync_each_step\":false}")

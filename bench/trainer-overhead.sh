@@ -10,8 +10,9 @@ OUT_DIR=${1:?usage: trainer-overhead.sh OUT_DIR}
 # shellcheck source=bench/gpu-env.sh
 source bench/gpu-env.sh || exit 1
 OUT="$OUT_DIR/trainer-overhead.jsonl"
-L=examples/finetunejob-llama3-8b.yaml
-SEED='"method":"qlora","lora.r":64,"lora.alpha":16,"lora.dropout":0.1,"training.seqLength":512,"training.batchSize":16,"resources.gpu.memory":"12Gi","training.packing":true,"training.microBatchSize":8,"training.gradientCheckpointing":"on"'
+# shellcheck source=bench/seed-job.sh
+source bench/seed-job.sh
+SEED="$SEED,\"training.packing\":true,\"training.microBatchSize\":8,\"training.gradientCheckpointing\":\"on\""
 Q='"r":64,"alpha":16,"dropout":0.1,"varlen":true,"grad_ckpt":1,"tokens_per_micro_batch":4096,"grad_accum":2,"fused_adamw":false'
 for round in 1 2; do
   timeout 200 $B job --shape llama-3-8b --steps 20 --warmup 4 --out "$OUT" \
