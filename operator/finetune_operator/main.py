@@ -3,7 +3,10 @@
 Run with `kopf run -m finetune_operator.main` (or `finetune-operator run`). Every
 handler hands off to one reconcile function per kind, with the operator's settings, which
 the start-up handler reads from the environment once (`memo.operator_settings`); importing
-this module reads nothing. Handlers are `on.event`:
+this module reads nothing. A handler starts the pass as a task of its own and returns
+(`start_pass`): kopf holds the event it delivered (the body and its own copies of it) until
+the handler returns, and during a burst a pass waits for a slot behind hundreds of others.
+Handlers are `on.event`:
 level-triggered, no per-object progress annotations and no finalizers, so the operator
 never writes to a user's object except its status subresource (GitOps tools see no
 drift) and deletion is left to owner references and the garbage collector.
@@ -152,6 +155,42 @@ async def run_reconcile(
     )
 
 
+# The passes the event handlers started, until each is done (`start_pass`).
+_STARTED: set[asyncio.Task] = set()
+
+
+def start_pass(
+    settings: OperatorSettings, kind: str, namespace: str, name: str, *, urgent: bool = False
+) -> None:
+    """`run_reconcile` as a task of its own, so that the event handler returns at once.
+
+    kopf keeps an event (its body, kopf's copies of it, the handler's arguments) alive until
+    the handler returns. Awaiting the pass in the handler held each event as long as its pass
+    waited for a slot: in a burst of 1,000 FineTuneJobs, their Jobs and pods, thousands of
+    bodies at once, and the heap they grew stayed with the process once freed (CPython
+    returns its small-object memory only in whole arenas). The task holds only the key.
+    Nothing is lost: the pass reads the object afresh, and the coalescer (coalesce.py) gives
+    the events of one object at most one pass running and one waiting, as before."""
+    task = asyncio.get_running_loop().create_task(
+        run_reconcile(settings, kind, namespace, name, urgent=urgent),
+        name=f"pass {kind} {namespace}/{name}",
+    )
+    _STARTED.add(task)
+    task.add_done_callback(_pass_done)
+
+
+def _pass_done(task: asyncio.Task) -> None:
+    _STARTED.discard(task)
+    if not task.cancelled() and task.exception() is not None:  # run_reconcile lets none out
+        log.error("%s raised", task.get_name(), exc_info=task.exception())
+
+
+async def started_passes() -> None:
+    """Until every pass the handlers started (and those started meanwhile) is done."""
+    while _STARTED:
+        await asyncio.gather(*list(_STARTED), return_exceptions=True)
+
+
 async def _requeued_pass(settings: OperatorSettings, kind: str, namespace: str, name: str) -> None:
     # A standby that took over no lead since the failure must not write: kopf pauses its
     # watchers when outranked, not this queue.
@@ -242,12 +281,16 @@ def _start_metrics_server(port: int) -> None:
 
 @kopf.on.cleanup()
 async def shutdown(memo: kopf.Memo, **_) -> None:
-    # The resync's passes, spread over its interval, are nearly always under way: they stop
-    # before the client they use is closed.
+    # The resync's passes, spread over its interval, are nearly always under way, and so
+    # may be those the handlers started: they stop before the client they use is closed.
     resync_task = getattr(memo, "resync", None)
     if resync_task is not None:
         resync_task.cancel()
         await asyncio.gather(resync_task, return_exceptions=True)
+    started = list(_STARTED)
+    for task in started:
+        task.cancel()
+    await asyncio.gather(*started, return_exceptions=True)
     RETRIES.cancel_all()
     await k8s.close()
 
@@ -266,13 +309,13 @@ async def finetunejob_event(
         # A job whose status names no Job yet is waiting for its Job: its pass goes first.
         status = status or {}
         urgent = not status.get("jobName") and not status.get("completionTime")
-        await run_reconcile(memo.operator_settings, "FineTuneJob", namespace, name, urgent=urgent)
+        start_pass(memo.operator_settings, "FineTuneJob", namespace, name, urgent=urgent)
 
 
 @kopf.on.event(GROUP, VERSION, "adaptermerges")
 async def adaptermerge_event(type: str, name: str, namespace: str, memo: kopf.Memo, **_) -> None:
     if type != "DELETED":
-        await run_reconcile(memo.operator_settings, "AdapterMerge", namespace, name)
+        start_pass(memo.operator_settings, "AdapterMerge", namespace, name)
 
 
 @kopf.on.event(GROUP, VERSION, "adapterdeployments")
@@ -281,7 +324,7 @@ async def adapterdeployment_event(
 ) -> None:
     adapterdeployment.REFERENCES.note(body, deleted=type == "DELETED")
     # DELETED too: the shared server drops the adapters (or goes) with the deployment.
-    await run_reconcile(memo.operator_settings, "AdapterDeployment", namespace, name)
+    start_pass(memo.operator_settings, "AdapterDeployment", namespace, name)
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=MANAGED_BY)
@@ -289,7 +332,7 @@ async def server_event(meta: dict, namespace: str, memo: kopf.Memo, **_) -> None
     # A vLLM server is owned by every AdapterDeployment it serves.
     for ref in meta.get("ownerReferences") or []:
         if ref.get("kind") == "AdapterDeployment":
-            await run_reconcile(memo.operator_settings, "AdapterDeployment", namespace, ref["name"])
+            start_pass(memo.operator_settings, "AdapterDeployment", namespace, ref["name"])
 
 
 @kopf.on.event("", "v1", "pods", labels={**MANAGED_BY, LABEL_COMPONENT: SERVER_COMPONENT})
@@ -297,14 +340,14 @@ async def server_pod_event(labels: dict, namespace: str, memo: kopf.Memo, **_) -
     # A server pod that cannot start (a failed adapter check) degrades its deployments now,
     # not at the next resync.
     for ad_name in await adapterdeployment.served_by(namespace, labels.get(LABEL_SERVER, "")):
-        await run_reconcile(memo.operator_settings, "AdapterDeployment", namespace, ad_name)
+        start_pass(memo.operator_settings, "AdapterDeployment", namespace, ad_name)
 
 
 @kopf.on.event(GROUP, VERSION, "finetunejobs")
 async def finetunejob_adapters_event(name: str, namespace: str, memo: kopf.Memo, **_) -> None:
     # An adapter waiting for this job is served as soon as the job succeeds.
     for ad_name in adapterdeployment.REFERENCES.referencing(namespace, name):
-        await run_reconcile(memo.operator_settings, "AdapterDeployment", namespace, ad_name)
+        start_pass(memo.operator_settings, "AdapterDeployment", namespace, ad_name)
 
 
 def _owner_kind(labels: dict) -> tuple[str, str] | None:
@@ -319,14 +362,14 @@ def _owner_kind(labels: dict) -> tuple[str, str] | None:
 async def job_event(labels: dict, namespace: str, memo: kopf.Memo, **_) -> None:
     owner = _owner_kind(labels)
     if owner:
-        await run_reconcile(memo.operator_settings, owner[0], namespace, owner[1])
+        start_pass(memo.operator_settings, owner[0], namespace, owner[1])
 
 
 @kopf.on.event("", "v1", "pods", labels=MANAGED_BY)
 async def pod_event(labels: dict, namespace: str, memo: kopf.Memo, **_) -> None:
     owner = _owner_kind(labels)
     if owner:
-        await run_reconcile(memo.operator_settings, owner[0], namespace, owner[1])
+        start_pass(memo.operator_settings, owner[0], namespace, owner[1])
 
 
 async def _resync_forever(settings: OperatorSettings) -> None:

@@ -1,4 +1,10 @@
-"""Freed memory goes back to the OS when the operator goes quiet after work (heap.py): the
+"""What a burst leaves on the heap.
+
+An event handler starts its pass as a task and returns at once (main.start_pass), so kopf
+lets go of the event's body while the pass still waits for a slot; the pass runs later all
+the same, and the operator's shutdown stops the passes it started.
+
+Freed memory goes back to the OS when the operator goes quiet after work (heap.py): the
 pass that leaves no other pass running or waiting runs a full collection and glibc's
 `malloc_trim(0)`, once per burst and at most once per interval, never while passes are
 still running, never for an operator that did nothing since the last trim, and not at all
@@ -10,7 +16,9 @@ Pure asyncio with the trim and the clock injected; one check calls the real `mal
 from __future__ import annotations
 
 import asyncio
+import gc
 import platform
+import weakref
 
 import kopf
 import pytest
@@ -18,6 +26,79 @@ import pytest
 from finetune_operator import heap, main
 from finetune_operator.coalesce import Slots
 from finetune_operator.reconcile.settings import OperatorSettings
+
+
+class Body(dict):
+    """An event's body, as kopf hands it to the handler (a dict that can be watched)."""
+
+
+def blocked_pass(monkeypatch) -> tuple[asyncio.Event, list[str]]:
+    """Passes of FineTuneJobs that wait for the one slot, which a pass already under way
+    holds until the returned gate opens; -> the gate and the names of the passes that ran."""
+    ran: list[str] = []
+
+    async def reconcile(namespace: str, name: str, settings) -> None:
+        ran.append(name)
+
+    monkeypatch.setitem(main.RECONCILERS, "FineTuneJob", reconcile)
+    monkeypatch.setattr(main, "_STARTED", set())
+    monkeypatch.setattr(main, "_pass_slots", Slots(1))
+    gate = asyncio.Event()
+
+    async def holder() -> None:
+        async with main._pass_slots.hold():
+            await gate.wait()
+
+    asyncio.get_running_loop().create_task(holder())
+    return gate, ran
+
+
+def test_a_handler_returns_at_once_and_does_not_hold_the_event_while_its_pass_waits(
+    monkeypatch,
+):
+    memo = kopf.Memo(operator_settings=OperatorSettings())
+
+    async def scenario() -> None:
+        gate, ran = blocked_pass(monkeypatch)
+        await asyncio.sleep(0)  # the holder takes the slot
+        body = Body(metadata={"name": "job", "namespace": "ns"}, spec={"big": "x" * 100_000})
+        held = weakref.ref(body)
+        handler = main.finetunejob_event(
+            type="ADDED", name="job", namespace="ns", memo=memo, status={}, body=body
+        )
+        # Awaiting the pass in the handler would wait for the slot: the deadline says so.
+        await asyncio.wait_for(handler, timeout=5)
+        del body, handler
+        gc.collect()
+        assert held() is None  # nothing the pass keeps refers to the event
+        assert ran == [] and len(main._STARTED) == 1  # the pass waits for its slot
+        gate.set()
+        await asyncio.wait_for(main.started_passes(), timeout=5)
+        assert ran == ["job"] and not main._STARTED
+
+    asyncio.run(scenario())
+
+
+def test_the_shutdown_stops_the_passes_the_handlers_started(monkeypatch):
+    memo = kopf.Memo(operator_settings=OperatorSettings())
+    closed: list[bool] = []
+
+    async def close() -> None:
+        closed.append(True)
+
+    monkeypatch.setattr(main.k8s, "close", close)
+
+    async def scenario() -> None:
+        gate, ran = blocked_pass(monkeypatch)
+        await asyncio.sleep(0)
+        labels = {main.LABEL_FINETUNEJOB: "job"}
+        await asyncio.wait_for(main.job_event(labels=labels, namespace="ns", memo=memo), 5)
+        (task,) = main._STARTED
+        await asyncio.wait_for(main.shutdown(memo=kopf.Memo()), timeout=5)
+        assert task.cancelled() and not main._STARTED and ran == [] and closed == [True]
+        gate.set()
+
+    asyncio.run(scenario())
 
 
 class FakeClock:

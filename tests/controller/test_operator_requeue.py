@@ -21,14 +21,25 @@ class Harness:
     def __init__(self, monkeypatch):
         self.slept: list[float] = []
         self.monkeypatch = monkeypatch
+        self.gate: asyncio.Event | None = None
 
         async def no_wait(seconds):
+            # A re-run waits for `release()`, not for the clock: the test sees it scheduled.
             self.slept.append(seconds)
+            if self.gate is None:
+                self.gate = asyncio.Event()
+            await self.gate.wait()
 
         # The operator's queue, with a clock that does not wait.
         self.queue = requeue.RetryQueue(sleep=no_wait)
         monkeypatch.setattr(main, "RETRIES", self.queue)
         monkeypatch.setattr(k8s, "RETRY_ATTEMPTS", 1)  # _call gives up at once: a spent call
+
+    def release(self) -> None:
+        """From now on re-runs start as soon as they are scheduled."""
+        if self.gate is None:
+            self.gate = asyncio.Event()
+        self.gate.set()
 
     def api(self, failures) -> ScriptedApi:
         # after the failures every object is gone (404): a pass reads nothing and ends
@@ -54,10 +65,12 @@ def failures(error: str) -> float:
     return metrics.RECONCILE_FAILURES.labels(kind="FineTuneJob", error=error)._value.get()
 
 
-def handle_event() -> None:
-    """What kopf does with an event of a FineTuneJob: call the handler once."""
+async def handle_event() -> None:
+    """What kopf does with an event of a FineTuneJob: call the handler once; then until the
+    pass it started is done."""
     memo = kopf.Memo(operator_settings=OperatorSettings())
-    return main.finetunejob_event(type="MODIFIED", name="job", namespace="ns", memo=memo)
+    await main.finetunejob_event(type="MODIFIED", name="job", namespace="ns", memo=memo)
+    await main.started_passes()
 
 
 def test_a_throttled_pass_runs_again_after_retry_after_then_backoff_starts_over(harness):
@@ -68,6 +81,7 @@ def test_a_throttled_pass_runs_again_after_retry_after_then_backoff_starts_over(
         await handle_event()  # returns: nothing escapes to kopf, which would drop it
         assert harness.queue.failures[KEY] == 1 and KEY in harness.queue.tasks
         # The re-runs: 503, scheduled again with backoff; then one that goes through.
+        harness.release()
         while harness.queue.tasks:
             await next(iter(harness.queue.tasks.values()))
 
