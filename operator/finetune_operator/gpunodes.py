@@ -2,11 +2,12 @@
 
 `method: auto` may give a job that names no `spec.resources.gpu.product` an FP8 base only when
 every GPU node that could take it has FP8 tensor cores; planner/gpus.py decides that from
-the nodes' labels. This module only reads them: one list of the nodes that carry
-`nvidia.com/gpu.memory`, metadata only (labels are all the planner needs; a node's status is
-most of its bytes), kept for `max_age` seconds (FINETUNE_GPU_NODES_CACHE_SECONDS) so that a
-burst of new jobs costs one request rather than one per job; the passes of a burst wait for
-the list in flight instead of each sending their own.
+the nodes' labels. This module only reads them: one list of the schedulable (not
+cordoned) nodes that carry `nvidia.com/gpu.memory`, metadata only (labels are all the
+planner needs; a node's status is most of its bytes), kept for `max_age` seconds
+(FINETUNE_GPU_NODES_CACHE_SECONDS) so that a burst of new jobs costs one request rather than
+one per job; the passes of a burst wait for the list in flight instead of each sending their
+own.
 
 Planning never fails for want of the nodes. A list that is refused (no `list nodes` in the
 operator's RBAC, e.g. the chart in namespaces mode without rbac.clusterDiscovery) or that
@@ -60,10 +61,17 @@ class GpuNodes:
 GPU_NODES = GpuNodes()
 
 
+SCHEDULABLE = "spec.unschedulable=false"
+"""Cordoned nodes take no new pods, so they are left out of the list by the API server
+(metadata only cannot show `spec.unschedulable`): a cordoned node without FP8 no longer keeps
+fp8 out. Uncordoned later, it still never gets an fp8 plan's pods, which require FP8 by the
+same labels (builders/training.py)."""
+
+
 async def list_gpu_node_labels() -> NodeLabels:
-    """One list of the nodes GPU Feature Discovery labelled (metadata only): their labels.
-    Raises what the request raises (k8s.REQUEST_FAILURES)."""
-    listed = await k8s.list_metadata("v1", "Node", None, GPU_MEMORY_LABEL)
+    """One list of the schedulable nodes GPU Feature Discovery labelled (metadata only): their
+    labels. Raises what the request raises (k8s.REQUEST_FAILURES)."""
+    listed = await k8s.list_metadata("v1", "Node", None, GPU_MEMORY_LABEL, SCHEDULABLE)
     return {md["name"]: dict(md.get("labels") or {}) for md in listed}
 
 

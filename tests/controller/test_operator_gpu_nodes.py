@@ -46,8 +46,8 @@ def test_a_burst_of_plans_lists_the_gpu_nodes_once_per_interval(monkeypatch):
 
     calls = []
 
-    async def list_metadata(api_version, kind, namespace, label_selector=None):
-        calls.append((api_version, kind, namespace, label_selector))
+    async def list_metadata(api_version, kind, namespace, label_selector=None, field_selector=None):
+        calls.append((api_version, kind, namespace, label_selector, field_selector))
         await asyncio.sleep(0)  # the rest of the burst arrives while this list is in flight
         return [{"name": "h100-0", "labels": H100}]
 
@@ -70,7 +70,8 @@ def test_a_burst_of_plans_lists_the_gpu_nodes_once_per_interval(monkeypatch):
 
     assert asyncio.run(bursts()) == [1, 1, 2, 4]
     # Only nodes GFD labelled, metadata only (list_metadata's Accept header).
-    assert calls[0] == ("v1", "Node", None, "nvidia.com/gpu.memory")
+    # schedulable nodes only: a cordoned one takes no new pods
+    assert calls[0] == ("v1", "Node", None, "nvidia.com/gpu.memory", "spec.unschedulable=false")
 
 
 def _refused() -> Exception:
@@ -96,7 +97,7 @@ def test_a_refused_node_list_plans_without_fp8_warns_once_and_never_fails(monkey
 
     answer: dict = {"error": _refused()}
 
-    async def list_metadata(api_version, kind, namespace, label_selector=None):
+    async def list_metadata(api_version, kind, namespace, label_selector=None, field_selector=None):
         if answer["error"]:
             raise answer["error"]
         return [{"name": "h100-0", "labels": H100}]
@@ -281,6 +282,13 @@ def test_the_plan_command_reads_the_cluster_nodes_as_the_operator_does(
     a100 = add("a100", "NVIDIA-A100-SXM4-80GB", 81920, (8, 0))
     mixed = plan("--cluster")
     assert mixed["method"] != "fp8" and f"{a100}: compute capability 8.0" in mixed["reason"]
+    # Cordoned, the A100 takes no new pods: fp8 again (its pods would never land there).
+    admin = Kube(cluster)
+    admin.kubectl("cordon", a100, namespaced=False)
+    cordoned = plan("--cluster")
+    assert cordoned["method"] == "fp8" and a100 not in cordoned["reason"], cordoned["reason"]
+    admin.kubectl("uncordon", a100, namespaced=False)
+    assert plan("--cluster")["method"] != "fp8"
 
     # A cluster it cannot reach is bad input (exit 2), named as such.
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "absent"))

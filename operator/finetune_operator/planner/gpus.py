@@ -154,9 +154,10 @@ def fp8_on_nodes(
     could take the job when GFD labelled its GPU memory at least the budget per GPU (the rule
     of the pods' node affinity) and it has every label of `spec.resources.nodeSelector`. The
     scheduler may choose any of them, so fp8 needs at least one and all of them at compute
-    capability 8.9 or newer; a node whose capability is unknown counts as lacking FP8. Taints
-    and cordons are not looked at: a node the job could not use anyway can only keep fp8 out,
-    never let it in where the job might land without FP8.
+    capability 8.9 or newer; a node whose capability is unknown counts as lacking FP8.
+    Cordoned nodes are not in `nodes` (gpunodes lists schedulable ones). Taints are not looked
+    at: a tainted node the job could not use anyway can only keep fp8 out, never let it in
+    where the job might land without FP8.
 
     A node's product label stands in for its compute labels when GFD did not write them, but
     only to judge it: an fp8 plan's pods require the compute labels, so at least one of the
