@@ -640,13 +640,15 @@ class TrainingPlan(StatusModel):
     """The predicted peak, term by term."""
     micro_batch_size: Annotated[int, Field(ge=1)]
     """Sequences per forward pass, per process: each forward pass is one padding-free row of
-    at most microBatchSize x seqLength tokens. With packing a row is filled to that budget;
-    without packing an optimizer step's batchSize / worldSize whole examples are split into as
-    few such rows as they fit in (the same gradients as one pass over all of them)."""
+    at most microBatchSize x seqLength tokens (rowTokens when set). With packing a row is
+    filled to that budget; without packing an optimizer step's batchSize / worldSize whole
+    examples are split into as few such rows as they fit in (the same gradients as one pass
+    over all of them)."""
     row_tokens: Annotated[int, Field(ge=1)] | None = None
     """Without packing: the most real tokens one row (forward pass) holds, when the planner
     filled the memory between two micro-batch sizes; each step's whole examples are split into
-    as few rows of at most rowTokens as they fit in. Unset: microBatchSize x seqLength."""
+    as few rows of at most rowTokens as they fit in. microBatchSize is then the whole
+    seqLength-long examples such a row is sure to hold. Unset: microBatchSize x seqLength."""
     gradient_accumulation: Annotated[int, Field(ge=1)]
     """Micro-batches accumulated per optimizer step, per process; without packing the most
     rows a step can need (every example seqLength long), usually fewer."""
