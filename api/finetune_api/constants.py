@@ -149,6 +149,10 @@ FP8_MIN_COMPUTE_CAPABILITY = (8, 9)
 """FP8 tensor cores: Ada (8.9), Hopper (9.0) and newer. The worker refuses `fp8` below it; the
 planner offers `fp8` to `method: auto` only on a GPU product, or (without one) GPU nodes, known
 to reach it, and an fp8 plan's pods require nodes labelled with it."""
+ROW_PAD_MULTIPLE = 64
+"""The worker pads each padding-free row (and each unpacked step's rows) up to a multiple of
+this many tokens, which bounds the shapes a run sees; the planner makes filled unpacked row
+budgets (plan.rowTokens) a multiple of it, so no padded row is wider than its budget."""
 # torchrun's master port on pod 0 of a multi-node job: the operator's Service and container
 # port, and the worker launcher's default.
 RENDEZVOUS_PORT = 29500

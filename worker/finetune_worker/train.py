@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finetune_api import WorkerConfig, spec_hash, uri_scheme
+from finetune_api.constants import ROW_PAD_MULTIPLE
 
 from . import distributed, preflight, sources
 from .checkpoints import find_resumable_checkpoint
@@ -156,8 +157,7 @@ def row_budget(config: WorkerConfig) -> int:
     plan.rowTokens where the planner filled the budget between two micro-batch sizes, else
     microBatchSize x seqLength (and never less than one whole example)."""
     seq = config.spec.training.seq_length
-    row_tokens = getattr(config.plan, "row_tokens", None)
-    return max(row_tokens or config.plan.micro_batch_size * seq, seq)
+    return max(config.plan.row_tokens or config.plan.micro_batch_size * seq, seq)
 
 
 def examples_per_step(config: WorkerConfig) -> int:
@@ -664,7 +664,7 @@ def configure_fsdp(plugin: Any, model: PeftModel) -> None:
     plugin.mixed_precision_policy = None
 
 
-DENSE_BATCH_MULTIPLE = 64
+DENSE_BATCH_MULTIPLE = ROW_PAD_MULTIPLE
 
 
 def training_batches(

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from finetune_api.constants import FP8_MIN_COMPUTE_CAPABILITY
+from finetune_api.constants import FP8_MIN_COMPUTE_CAPABILITY, ROW_PAD_MULTIPLE
 
 from .arch import ModelArch
 from .gpus import NodeFp8, compute_capability, format_capability, has_fp8
@@ -311,7 +311,6 @@ def _shape(
     gpu_count: int,
     strategy: str = "single",
     recomputed: int | None = None,
-    row_tokens: int | None = None,
 ) -> TrainingShape:
     return TrainingShape(
         method=method,
@@ -321,7 +320,6 @@ def _shape(
         use_dora=request.use_dora,
         seq_len=request.seq_len,
         micro_batch=micro,
-        row_tokens=row_tokens,
         packing=request.packing,
         gradient_checkpointing=ckpt,
         checkpointed_layers=recomputed if ckpt else None,
@@ -439,12 +437,6 @@ def enumerate_candidates(
     return candidates
 
 
-ROW_TOKENS_MULTIPLE = 64
-"""Filled rows are a multiple of this many tokens: the worker pads each unpacked row up to a
-multiple of 64 (train.DENSE_BATCH_MULTIPLE), so a row of real tokens <= the budget is never
-wider than the budget."""
-
-
 def _filled_row(
     request: PlanRequest,
     ladder: list[Candidate],
@@ -469,15 +461,15 @@ def _filled_row(
     low = max(c.shape.tokens_per_micro_batch for c in fitting)
     over = [c.shape.tokens_per_micro_batch for c in ladder if not c.fits]
     high = min([*over, request.max_tokens_per_micro_batch + 1, per_process * seq + 1])
-    step = ROW_TOKENS_MULTIPLE
-    lo, hi = low // step + 1, (high - 1) // step  # row budgets lo*step .. hi*step to try
-    best = None
+    # row budgets lo*step .. hi*step, each a multiple of the worker's row padding
+    step = ROW_PAD_MULTIPLE
+    lo, hi = low // step + 1, (high - 1) // step
+    base, best = fitting[0].shape, None
     while lo <= hi:
         mid = (lo + hi) // 2
         tokens = mid * step
         micro = max(1, tokens // seq)
         accum = max(1, math.ceil(per_process / micro))
-        base = fitting[0].shape
         found = candidate(
             base.but(micro_batch=micro, row_tokens=tokens, gradient_accumulation=accum), accum
         )
