@@ -147,3 +147,18 @@ def test_plan_command_does_not_import_torch():
         [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_explain_runs_as_a_module():
+    """`python -m finetune_operator.planner.cli` runs main() as the module loads: everything
+    the table needs must be defined before that (a helper after the `__main__` guard was not)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "finetune_operator.planner.cli", "--memory", "24Gi", "--explain"]
+        + ["-f", str(EXAMPLES / "finetunejob-llama3-8b.yaml")],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "->single" in result.stdout and "plan: " in result.stdout

@@ -325,12 +325,12 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_PLANNED if decision.fits else EXIT_DOES_NOT_FIT
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def _checkpointing(shape) -> str:
     """off, all, or how many layers are recomputed."""
     if not shape.gradient_checkpointing:
         return "off"
     return "all" if shape.checkpointed_layers is None else str(shape.checkpointed_layers)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
