@@ -212,6 +212,7 @@ def cmd_job(args) -> None:
                 label=label,
                 trainer_args=extras[label].get("trainer_args"),
                 sync_each_step=extras[label].get("sync_each_step", True),
+                worker_switches=extras[label].get("worker_switches"),
             )
             _emit(row, args.out)
         del base
@@ -319,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
             'JSON: {"label": ..., "manifest": "examples/x.yaml",'
             ' "set": {"training.packing": false}}; experiments may add "trainer_args"'
             " (TrainingArguments fields changed after the worker built the trainer) and"
-            ' "sync_each_step": false (no GPU synchronisation at each step end)'
+            ' "sync_each_step": false (no GPU synchronisation at each step end) and'
+            ' "worker_switches": {"fusedLora": false} (preparation switches the plan lacks)'
         ),
     )
     j.add_argument("--shape", default="llama-3-8b")

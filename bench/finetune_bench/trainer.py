@@ -326,11 +326,13 @@ def run_user_job(
     log=print,
     trainer_args: dict | None = None,
     sync_each_step: bool = True,
+    worker_switches: dict | None = None,
 ):
     """Plan `spec` with the operator's planner and train it through the worker's own
     preparation (modeling.prepare_for_training) and trainer, as a pod would.
     `trainer_args`: TrainingArguments fields to change after the worker built the trainer
-    (experiments only); `sync_each_step`: see _step_clock."""
+    (experiments only); `sync_each_step`: see _step_clock; `worker_switches`: the worker's
+    preparation switches that the plan does not carry (e.g. {"fusedLora": false}) for A/B runs."""
     import datasets
     import torch
 
@@ -348,8 +350,11 @@ def run_user_job(
     }
     torch.manual_seed(0)
     targets = train.resolve_target_modules(base, list(config.spec.lora.target_modules))
+    prepared_plan = config.plan
+    if worker_switches:
+        prepared_plan = {**config.plan.model_dump(by_alias=True), **worker_switches}
     model = modeling.prepare_for_training(
-        base, train.with_target_modules(config.spec, targets), config.plan
+        base, train.with_target_modules(config.spec, targets), prepared_plan
     )
     splits = TokenizedSplits(
         train=datasets.Dataset.from_dict(
