@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
             ' "set": {"training.packing": false}}; experiments may add "trainer_args"'
             " (TrainingArguments fields changed after the worker built the trainer) and"
             ' "sync_each_step": false (no GPU synchronisation at each step end) and'
-            ' "worker_switches": {"fusedLora": false} (preparation switches the plan lacks)'
+            ' "worker_switches": {"leanLora": false} (preparation switches the plan lacks)'
         ),
     )
     j.add_argument("--shape", default="llama-3-8b")

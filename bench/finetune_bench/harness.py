@@ -42,7 +42,6 @@ class RunConfig:
         False  # one padding-free row of exactly tokens_per_micro_batch, varlen flash attention
     )
     lean_lora: bool = True  # modeling.lean_lora_layers (no fp32 input round trip, addmm epilogue)
-    fused_lora: bool = True  # lean layers as one autograd node each (fused_lora.LoraProjection)
     cudnn_sdpa: bool = False  # let SDPA pick cuDNN attention (per-shape plans) or not
     pad_multiple: int = 1  # length-grouped: pad widths to a multiple (fewer distinct shapes)
     grad_accum: int = 1
@@ -82,7 +81,6 @@ class RunConfig:
             "checkpointFraction": self.grad_ckpt,
             "checkpointedLayers": self.ckpt_layers,
             "leanLora": self.lean_lora,
-            "fusedLora": self.fused_lora,
             "cudnnAttention": self.cudnn_sdpa,
         }
 

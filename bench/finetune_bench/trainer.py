@@ -332,7 +332,7 @@ def run_user_job(
     preparation (modeling.prepare_for_training) and trainer, as a pod would.
     `trainer_args`: TrainingArguments fields to change after the worker built the trainer
     (experiments only); `sync_each_step`: see _step_clock; `worker_switches`: the worker's
-    preparation switches that the plan does not carry (e.g. {"fusedLora": false}) for A/B runs."""
+    preparation switches that the plan does not carry (e.g. {"leanLora": false}) for A/B runs."""
     import datasets
     import torch
 

@@ -414,12 +414,12 @@ def prepare_for_training(
     if on_cuda:
         configure_cuda_backends(bool(field(plan, "cudnn_attention", False)))
     if field(plan, "lean_lora", on_cuda):
-        lean_lora_layers(peft_model, fused=bool(field(plan, "fused_lora", on_cuda)))
+        lean_lora_layers(peft_model)
     peft_model.fused_kernels_applied = applied
     return peft_model
 
 
-def lean_lora_layers(peft_model: PeftModel, fused: bool = False) -> int:
+def lean_lora_layers(peft_model: PeftModel) -> int:
     """Make the LoRA layers skip two memory-bound detours of peft's generic forward.
 
     1. peft casts each adapter's input to the adapter weights' dtype (fp32): under bf16 autocast
@@ -429,10 +429,6 @@ def lean_lora_layers(peft_model: PeftModel, fused: bool = False) -> int:
        peft's bitsandbytes layers already skip it under autocast; this does the same for bf16.
     2. `result + lora_B(h) * scaling` is three passes over the (tokens x out_features) output;
        one addmm (result + scaling * h @ B^T, the add in the GEMM epilogue) is one.
-    3. `fused`: where the base is a bf16 Linear or an NF4 Linear, the whole projection (frozen
-       matmul, dropout, both adapter matmuls) runs as one autograd node
-       (fused_lora.LoraProjection): the same kernels, a fraction of the host work, which is
-       what bounds QLoRA's short rows.
     Only plain LoRA with one active adapter takes the lean path (DoRA, merged or disabled
     adapters and mixed-adapter batches keep peft's forward), and it assumes training under bf16
     autocast, as the worker does on GPUs. Returns how many layers were switched.
@@ -441,23 +437,18 @@ def lean_lora_layers(peft_model: PeftModel, fused: bool = False) -> int:
 
     from peft.tuners.lora import LoraLayer
 
-    from . import fused_lora
-
     count = 0
     for module in peft_model.modules():
         if isinstance(module, LoraLayer) and hasattr(module, "base_layer"):
             if not hasattr(module, "_peft_forward"):
                 module._peft_forward = module.forward
                 module.forward = types.MethodType(_lean_lora_forward, module)
-            module._fused_lora = fused and fused_lora.fusable_base(module.base_layer)
             count += 1
     return count
 
 
 def _lean_lora_forward(self, x, *args, **kwargs):
     import torch
-
-    from . import fused_lora
 
     active = self.active_adapters
     if (
@@ -472,14 +463,8 @@ def _lean_lora_forward(self, x, *args, **kwargs):
     ):
         return self._peft_forward(x, *args, **kwargs)
     name = active[0]
-    lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-    if (
-        getattr(self, "_fused_lora", False)
-        and x.dtype == torch.get_autocast_dtype(x.device.type)
-        and fused_lora.fusable_adapter(lora_a, lora_b, self.lora_dropout[name])
-    ):
-        return fused_lora.lora_projection(self, x, name)
     result = self.base_layer(x)
+    lora_a, lora_b = self.lora_A[name], self.lora_B[name]
     h = lora_a(self.lora_dropout[name](x))
     if type(lora_b) is not torch.nn.Linear:
         # Under FSDP each LoRA matrix is a unit of its own, and only calling the module runs
