@@ -34,7 +34,8 @@ from finetune_api.constants import (
     MANAGED_BY,
 )
 
-from . import coalesce, heap, k8s, kubeconfig, metrics, requeue, resync
+from . import coalesce, heap, k8s, kubeconfig, metrics, requeue, resync, urgency
+from .coalesce import Priority
 from .constants import SERVER_COMPONENT
 from .reconcile import adapterdeployment, adaptermerge, finetunejob
 from .reconcile.settings import OperatorSettings
@@ -50,10 +51,12 @@ RECONCILERS = {
 # FineTuneJob and several of its Job and pods may arrive together; the pass that starts
 # after them sees them all.
 PASSES = coalesce.Coalescer()
+# What the FineTuneJob events showed of each job's completion, for its passes' priority.
+URGENCY = urgency.Urgency()
 
 
-# At most this many passes at once, over all objects (FINETUNE_MAX_CONCURRENT_PASSES), urgent
-# ones first, then in order (coalesce.Slots). Set at start-up.
+# At most this many passes at once, over all objects (FINETUNE_MAX_CONCURRENT_PASSES), by
+# priority, then in order (coalesce.Slots). Set at start-up.
 _pass_slots: coalesce.Slots | None = None
 # Freed memory back to the OS when the passes drain (heap.py); a no-op until start-up finds
 # glibc's malloc_trim.
@@ -63,12 +66,13 @@ RETRIES = requeue.RetryQueue()
 
 
 async def _attempts(
-    settings: OperatorSettings, kind: str, namespace: str, name: str, urgent: bool
+    settings: OperatorSettings, kind: str, namespace: str, name: str, priority: Priority
 ) -> Exception | None:
     """The pass, with its conflict retries, once a slot is free; -> what made it fail, or
     None. The last pass of a burst, the one that leaves no pass running or waiting, gives
     freed memory back to the OS on its way out (heap.py, rate-limited)."""
-    async with _pass_slots.hold(urgent) if _pass_slots else contextlib.nullcontext():
+    slot = _pass_slots.hold(priority, (kind, namespace, name)) if _pass_slots else None
+    async with slot or contextlib.nullcontext():
         failure = await _attempts_now(settings, kind, namespace, name)
     HEAP.worked()
     if _pass_slots is None or not _pass_slots.busy:
@@ -109,21 +113,31 @@ async def _attempts_now(
 
 
 async def run_reconcile(
-    settings: OperatorSettings, kind: str, namespace: str, name: str, *, urgent: bool = False
+    settings: OperatorSettings,
+    kind: str,
+    namespace: str,
+    name: str,
+    *,
+    priority: Priority = Priority.OTHER,
 ) -> None:
     """One pass for the object, repeated at once on a write conflict (a fresh read settles
     it), or nothing when a pass for it is already waiting to start (coalesce.py). A pass
     that still fails for a reason that passes (the API's 429 or 5xx after k8s._call's own
     attempts, a dropped connection, a conflict on every attempt) is scheduled again with
     backoff (requeue.py): kopf does not retry `on.event` handlers, and waiting for the next
-    event or resync could take minutes. Nothing escapes to kopf. `urgent` passes get the
-    next free slot before the others (a FineTuneJob still without its Job)."""
+    event or resync could take minutes. Nothing escapes to kopf. Passes take free slots by
+    `priority` (urgency.py); a request answered by the pass already waiting for the object
+    lends that pass its priority."""
     key = (kind, namespace, name)
     outcome: list[Exception | None] = []
 
     async def one_pass() -> None:
-        outcome.append(await _attempts(settings, kind, namespace, name, urgent))
+        outcome.append(await _attempts(settings, kind, namespace, name, priority))
 
+    if _pass_slots is not None and priority < Priority.OTHER:
+        # A pass for the object that waits for a slot, or will wait behind the running one,
+        # answers this request (coalesce.py): it goes as early as this one would.
+        _pass_slots.raise_priority(key, priority)
     if not await PASSES.run(key, one_pass):
         return  # the pass waiting to start reads what this one would have
     failure = outcome[0]
@@ -160,7 +174,12 @@ _STARTED: set[asyncio.Task] = set()
 
 
 def start_pass(
-    settings: OperatorSettings, kind: str, namespace: str, name: str, *, urgent: bool = False
+    settings: OperatorSettings,
+    kind: str,
+    namespace: str,
+    name: str,
+    *,
+    priority: Priority = Priority.OTHER,
 ) -> None:
     """`run_reconcile` as a task of its own, so that the event handler returns at once.
 
@@ -172,7 +191,7 @@ def start_pass(
     Nothing is lost: the pass reads the object afresh, and the coalescer (coalesce.py) gives
     the events of one object at most one pass running and one waiting, as before."""
     task = asyncio.get_running_loop().create_task(
-        run_reconcile(settings, kind, namespace, name, urgent=urgent),
+        run_reconcile(settings, kind, namespace, name, priority=priority),
         name=f"pass {kind} {namespace}/{name}",
     )
     _STARTED.add(task)
@@ -305,11 +324,9 @@ async def apiserver_reachable(**_) -> str:
 async def finetunejob_event(
     type: str, name: str, namespace: str, memo: kopf.Memo, status: dict | None = None, **_
 ) -> None:
+    priority = URGENCY.finetunejob((namespace, name), status, deleted=type == "DELETED")
     if type != "DELETED":
-        # A job whose status names no Job yet is waiting for its Job: its pass goes first.
-        status = status or {}
-        urgent = not status.get("jobName") and not status.get("completionTime")
-        start_pass(memo.operator_settings, "FineTuneJob", namespace, name, urgent=urgent)
+        start_pass(memo.operator_settings, "FineTuneJob", namespace, name, priority=priority)
 
 
 @kopf.on.event(GROUP, VERSION, "adaptermerges")
@@ -358,18 +375,30 @@ def _owner_kind(labels: dict) -> tuple[str, str] | None:
     return None
 
 
-@kopf.on.event("batch", "v1", "jobs", labels=MANAGED_BY)
-async def job_event(labels: dict, namespace: str, memo: kopf.Memo, **_) -> None:
+def _child_event(settings: OperatorSettings, labels: dict, namespace: str, finished: bool) -> None:
     owner = _owner_kind(labels)
-    if owner:
-        start_pass(memo.operator_settings, owner[0], namespace, owner[1])
+    if not owner:
+        return
+    priority = Priority.OTHER
+    if finished and owner[0] == "FineTuneJob":
+        priority = URGENCY.child_finished((namespace, owner[1]))
+    start_pass(settings, owner[0], namespace, owner[1], priority=priority)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=MANAGED_BY)
+async def job_event(
+    labels: dict, namespace: str, memo: kopf.Memo, status: dict | None = None, **_
+) -> None:
+    finished = urgency.job_finished(status)
+    _child_event(memo.operator_settings, labels, namespace, finished)
 
 
 @kopf.on.event("", "v1", "pods", labels=MANAGED_BY)
-async def pod_event(labels: dict, namespace: str, memo: kopf.Memo, **_) -> None:
-    owner = _owner_kind(labels)
-    if owner:
-        start_pass(memo.operator_settings, owner[0], namespace, owner[1])
+async def pod_event(
+    labels: dict, namespace: str, memo: kopf.Memo, status: dict | None = None, **_
+) -> None:
+    finished = urgency.pod_finished(status)
+    _child_event(memo.operator_settings, labels, namespace, finished)
 
 
 async def _resync_forever(settings: OperatorSettings) -> None:
