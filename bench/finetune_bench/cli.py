@@ -213,6 +213,7 @@ def cmd_job(args) -> None:
                 trainer_args=extras[label].get("trainer_args"),
                 sync_each_step=extras[label].get("sync_each_step", True),
                 worker_switches=extras[label].get("worker_switches"),
+                step_memory=extras[label].get("step_memory", False),
             )
             _emit(row, args.out)
         del base
@@ -321,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
             ' "set": {"training.packing": false}}; experiments may add "trainer_args"'
             " (TrainingArguments fields changed after the worker built the trainer) and"
             ' "sync_each_step": false (no GPU synchronisation at each step end) and'
-            ' "worker_switches": {"leanLora": false} (preparation switches the plan lacks)'
+            ' "worker_switches": {"leanLora": false} (preparation switches the plan lacks),'
+            ' "step_memory": true (each step\'s allocated bytes at its start and peaks)'
         ),
     )
     j.add_argument("--shape", default="llama-3-8b")

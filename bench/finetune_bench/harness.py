@@ -55,6 +55,7 @@ class RunConfig:
     kbit_fp32_upcast: bool = (
         False  # QLoRA: peft's prepare_model_for_kbit_training upcast (the recipe's)
     )
+    bf16_adapters: bool = False  # trainable weights cast to bf16, as trl's SFTTrainer does (QLoRA)
     lr: float = 2e-4
     weight_decay: float = 0.001
     max_grad_norm: float = 0.3
@@ -182,6 +183,10 @@ def prepare(base, cfg: RunConfig):
     model = modeling.prepare_for_training(
         base, cfg.spec(), cfg.plan(), fused_kernels=cfg.fused_kernels
     )
+    if cfg.bf16_adapters:
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
     if cfg.varlen:
         from finetune_worker import attention
 

@@ -117,10 +117,13 @@ def bench_tokenizer(vocab_size: int):
     return tok
 
 
-def _step_clock(sync_each_step: bool = True):
+def _step_clock(sync_each_step: bool = True, step_memory: bool = False):
     """Per optimizer step wall times. With `sync_each_step` each step ends at a GPU
     synchronisation (exact per-step times, but a sync the job itself may not have); without,
-    the times are the host's and `finish()` adds what the GPU still had queued to the last."""
+    the times are the host's and `finish()` adds what the GPU still had queued to the last.
+    `step_memory`: also each step's allocated bytes at its start and its peak allocated and
+    reserved bytes (the allocator's peak is reset at each step start; `peak_reserved` keeps
+    the run's), to read what a step adds to what it starts with."""
     import torch
     from transformers import TrainerCallback
 
@@ -128,15 +131,28 @@ def _step_clock(sync_each_step: bool = True):
         def __init__(self):
             self.times: list[float] = []
             self.start = None
+            self.memory: list[tuple[int, int, int]] = []
+            self.peak_reserved = 0
+            self._at_start = 0
 
         def on_step_begin(self, args, state, control, **kwargs):
             if self.start is None:
                 _sync()
                 self.start = time.perf_counter()
+            if step_memory:
+                self.peak_reserved = max(self.peak_reserved, torch.cuda.max_memory_reserved())
+                torch.cuda.reset_peak_memory_stats()
+                self._at_start = torch.cuda.memory_allocated()
 
         def on_step_end(self, args, state, control, **kwargs):
             if sync_each_step:
                 _sync()
+            if step_memory:
+                reserved = torch.cuda.max_memory_reserved()
+                self.peak_reserved = max(self.peak_reserved, reserved)
+                self.memory.append((self._at_start, torch.cuda.max_memory_allocated(), reserved))
+                if len(self.memory) == 2:
+                    self.tensors = _tensor_bytes(kwargs.get("model"), kwargs.get("optimizer"))
             now = time.perf_counter()
             self.times.append(now - self.start)
             self.start = now
@@ -149,6 +165,28 @@ def _step_clock(sync_each_step: bool = True):
     def _sync():
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+
+    def _tensor_bytes(model, optimizer) -> dict:
+        """What the static terms of the memory model count, as the trainer holds them."""
+        out: dict = {"trainable": 0, "frozen": 0, "grads": 0, "optimizer_state": 0, "dtypes": {}}
+        seen = set()
+        for p in model.parameters() if model is not None else []:
+            if p.data_ptr() in seen:
+                continue
+            seen.add(p.data_ptr())
+            n = p.numel() * p.element_size()
+            out["trainable" if p.requires_grad else "frozen"] += n
+            if p.requires_grad:
+                out["dtypes"][str(p.dtype)] = out["dtypes"].get(str(p.dtype), 0) + n
+            if p.grad is not None:
+                out["grads"] += p.grad.numel() * p.grad.element_size()
+        inner = getattr(optimizer, "optimizer", optimizer)
+        for state in getattr(inner, "state", {}).values():
+            for v in state.values():
+                if torch.is_tensor(v) and v.is_cuda:
+                    out["optimizer_state"] += v.numel() * v.element_size()
+        out["optimizer"] = type(inner).__name__
+        return out
 
     return StepClock()
 
@@ -252,7 +290,11 @@ def run(
                 "step_seconds": [round(t, 4) for t in clock.times],
                 "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
                 "attn_implementation": trainer.model.config._attn_implementation,
-                "peak_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else 0,
+                "peak_reserved_bytes": (
+                    max(clock.peak_reserved, torch.cuda.max_memory_reserved()) if cuda else 0
+                ),
+                **({"step_memory": clock.memory} if clock.memory else {}),
+                **({"tensor_bytes": clock.tensors} if getattr(clock, "tensors", None) else {}),
                 "peak_allocated_bytes": torch.cuda.max_memory_allocated() if cuda else 0,
                 "non_torch_bytes": harness.non_torch_bytes() if cuda else 0,
                 "predicted_peak_bytes": training_plan.estimated_peak_bytes,
@@ -327,12 +369,14 @@ def run_user_job(
     trainer_args: dict | None = None,
     sync_each_step: bool = True,
     worker_switches: dict | None = None,
+    step_memory: bool = False,
 ):
     """Plan `spec` with the operator's planner and train it through the worker's own
     preparation (modeling.prepare_for_training) and trainer, as a pod would.
     `trainer_args`: TrainingArguments fields to change after the worker built the trainer
     (experiments only); `sync_each_step`: see _step_clock; `worker_switches`: the worker's
-    preparation switches that the plan does not carry (e.g. {"leanLora": false}) for A/B runs."""
+    preparation switches that the plan does not carry (e.g. {"leanLora": false}) for A/B runs;
+    `step_memory`: see _step_clock."""
     import datasets
     import torch
 
@@ -384,7 +428,7 @@ def run_user_job(
         trainer.data_collator = counting
         for name, value in (trainer_args or {}).items():
             setattr(trainer.args, name, value)
-        clock = _step_clock(sync_each_step)
+        clock = _step_clock(sync_each_step, step_memory and cuda)
         trainer.add_callback(clock)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -404,7 +448,11 @@ def run_user_job(
                 "step_seconds": [round(t, 4) for t in clock.times],
                 "attn_implementation": trainer.model.config._attn_implementation,
                 "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
-                "peak_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else 0,
+                "peak_reserved_bytes": (
+                    max(clock.peak_reserved, torch.cuda.max_memory_reserved()) if cuda else 0
+                ),
+                **({"step_memory": clock.memory} if clock.memory else {}),
+                **({"tensor_bytes": clock.tensors} if getattr(clock, "tensors", None) else {}),
                 "non_torch_bytes": harness.non_torch_bytes() if cuda else 0,
                 "predicted_peak_bytes": training_plan.estimated_peak_bytes,
             }

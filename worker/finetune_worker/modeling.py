@@ -397,7 +397,8 @@ def prepare_for_training(
         model.enable_input_require_grads()
     peft_model = get_peft_model(model, lora_config(spec))
     # Adapters in fp32 (peft's default) keep the optimizer update precise; cast them only if a
-    # bf16 base made peft create them in bf16.
+    # bf16 base made peft create them in bf16. Under QLoRA trl's SFTTrainer casts them back to
+    # bf16 (the QLoRA paper's choice), and the planner counts them so (WORKER_ADAPTER_BYTES).
     for _name, p in peft_model.named_parameters():
         if p.requires_grad and p.dtype != _fp32():
             p.data = p.data.float()

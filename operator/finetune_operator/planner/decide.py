@@ -41,6 +41,7 @@ from .arch import ModelArch
 from .gpus import NodeFp8, compute_capability, format_capability, has_fp8
 from .memory import (
     DEFAULT_CONSTANTS,
+    WORKER_ADAPTER_BYTES,
     GiB,
     MemoryConstants,
     MemoryEstimate,
@@ -328,6 +329,7 @@ def _shape(
         fused_ce=request.fused_ce,
         fused_kernels=request.fused_kernels,
         double_quant=request.double_quant,
+        adapter_bytes=WORKER_ADAPTER_BYTES[method],
         gpu_count=gpu_count,
         strategy=strategy,
     )

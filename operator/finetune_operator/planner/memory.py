@@ -109,6 +109,14 @@ class MemoryConstants:
 
 
 DEFAULT_CONSTANTS = MemoryConstants()
+
+WORKER_ADAPTER_BYTES = {"lora": 4, "fp8": 4, "qlora": 2}
+"""Bytes per adapter weight in the worker, by method. The worker makes the adapters fp32
+(modeling.prepare_for_training), and under QLoRA trl's SFTTrainer casts them to bf16, as the
+QLoRA paper does: their gradients and torch AdamW's two moments are then bf16 as well.
+Measured in the worker's trainer (bench/data/tensor-bytes-h200.jsonl): the seed's
+168M r 64 adapters held 0.31 GiB and their AdamW state 0.63 GiB, against 0.63 and 1.25 GiB
+counted at 4 bytes."""
 STRATEGIES = ("single", "ddp", "fsdp")
 
 
@@ -144,7 +152,8 @@ class TrainingShape:
     """liger-kernel RMSNorm and SwiGLU (they save bf16 inputs instead of fp32 copies)."""
     double_quant: bool = True
     adapter_bytes: int = 4
-    """fp32 adapters (peft's default, and our worker's); 2 when a recipe casts them to bf16."""
+    """fp32 adapters (peft's default, and our worker's for LoRA and FP8); 2 when they are cast
+    to bf16 (the worker's QLoRA, through trl, and the common recipe's: WORKER_ADAPTER_BYTES)."""
     lean_lora: bool = True
     """The worker's lean LoRA layers (modeling.lean_lora_layers): under autocast the adapters
     read the block's bf16 input directly, without peft's fp32 round trip and its copy."""
