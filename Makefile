@@ -90,9 +90,13 @@ SCALE_ARGS ?= --jobs 1000 --nodes 100 --kills 3
 OPERATOR_VENV := .venv-operator
 OPERATOR_STAMP := $(OPERATOR_VENV)/.installed-$(shell cat api/pyproject.toml operator/pyproject.toml | sha256sum | cut -c1-12)
 
-$(OPERATOR_STAMP): api/pyproject.toml operator/pyproject.toml
+# The packages are installed as the image installs them (not editable): rebuilt when any of
+# their sources changes, or the scale benchmark would measure an older operator.
+$(OPERATOR_STAMP): api/pyproject.toml operator/pyproject.toml \
+		$(shell find api/finetune_api operator/finetune_operator -name '*.py' -o -name '*.yaml')
 	@echo "==> the operator image's Python packages in $(OPERATOR_VENV)"
 	@test -x $(OPERATOR_VENV)/bin/python || $(PYTHON) -m venv $(OPERATOR_VENV)
+	$(OPERATOR_VENV)/bin/pip install --progress-bar off --force-reinstall --no-deps ./api ./operator
 	$(OPERATOR_VENV)/bin/pip install --progress-bar off ./api ./operator
 	@rm -rf api/build operator/build  # setuptools' in-tree leftovers
 	@rm -f $(OPERATOR_VENV)/.installed-* && touch $@
