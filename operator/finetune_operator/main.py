@@ -389,16 +389,14 @@ def _child_event(settings: OperatorSettings, labels: dict, namespace: str, finis
 async def job_event(
     labels: dict, namespace: str, memo: kopf.Memo, status: dict | None = None, **_
 ) -> None:
-    finished = urgency.job_finished(status)
-    _child_event(memo.operator_settings, labels, namespace, finished)
+    _child_event(memo.operator_settings, labels, namespace, urgency.job_finished(status))
 
 
 @kopf.on.event("", "v1", "pods", labels=MANAGED_BY)
 async def pod_event(
     labels: dict, namespace: str, memo: kopf.Memo, status: dict | None = None, **_
 ) -> None:
-    finished = urgency.pod_finished(status)
-    _child_event(memo.operator_settings, labels, namespace, finished)
+    _child_event(memo.operator_settings, labels, namespace, urgency.pod_finished(status))
 
 
 async def _resync_forever(settings: OperatorSettings) -> None:
