@@ -620,3 +620,17 @@ def test_status_plan_carries_the_row_budget():
     planned = plan_for_spec(FineTuneJobSpec.model_validate(spec), LLAMA3_8B)
     assert 12 * 512 < planned.row_tokens < 16 * 512
     assert planned.model_dump(by_alias=True)["rowTokens"] == planned.row_tokens
+
+
+def test_qlora_plans_count_the_adapters_in_bf16_as_the_trainer_holds_them():
+    """trl's SFTTrainer casts a quantised model's adapters to bf16, and their gradients and
+    AdamW moments follow (measured: bench/data/tensor-bytes-h200.jsonl); LoRA keeps fp32."""
+    for method, adapter_bytes in (("qlora", 2), ("lora", 4)):
+        decision = plan(80, replace(SEED_QLORA, method=method))
+        estimate, chosen = decision.estimate, decision.chosen
+        params = decision.chosen.estimate.details["trainable_params"]
+        assert chosen.shape.method == method and chosen.shape.adapter_bytes == adapter_bytes
+        assert estimate.breakdown["adapter_weights"] == adapter_bytes * params
+        assert estimate.breakdown["gradients"] == adapter_bytes * params
+        # torch AdamW: two moments in the parameters' dtype
+        assert estimate.breakdown["optimizer_state"] == 2 * adapter_bytes * params
