@@ -212,7 +212,6 @@ def cmd_job(args) -> None:
                 label=label,
                 trainer_args=extras[label].get("trainer_args"),
                 sync_each_step=extras[label].get("sync_each_step", True),
-                worker_switches=extras[label].get("worker_switches"),
                 step_memory=extras[label].get("step_memory", False),
             )
             _emit(row, args.out)
@@ -320,9 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         help=(
             'JSON: {"label": ..., "manifest": "examples/x.yaml",'
             ' "set": {"training.packing": false}}; experiments may add "trainer_args"'
-            " (TrainingArguments fields changed after the worker built the trainer) and"
+            " (TrainingArguments fields changed after the worker built the trainer),"
             ' "sync_each_step": false (no GPU synchronisation at each step end) and'
-            ' "worker_switches": {"leanLora": false} (preparation switches the plan lacks),'
             ' "step_memory": true (each step\'s allocated bytes at its start and peaks)'
         ),
     )

@@ -368,15 +368,12 @@ def run_user_job(
     log=print,
     trainer_args: dict | None = None,
     sync_each_step: bool = True,
-    worker_switches: dict | None = None,
     step_memory: bool = False,
 ):
     """Plan `spec` with the operator's planner and train it through the worker's own
     preparation (modeling.prepare_for_training) and trainer, as a pod would.
     `trainer_args`: TrainingArguments fields to change after the worker built the trainer
-    (experiments only); `sync_each_step`: see _step_clock; `worker_switches`: the worker's
-    preparation switches that the plan does not carry (e.g. {"leanLora": false}) for A/B runs;
-    `step_memory`: see _step_clock."""
+    (experiments only); `sync_each_step` and `step_memory`: see _step_clock."""
     import datasets
     import torch
 
@@ -394,11 +391,8 @@ def run_user_job(
     }
     torch.manual_seed(0)
     targets = train.resolve_target_modules(base, list(config.spec.lora.target_modules))
-    prepared_plan = config.plan
-    if worker_switches:
-        prepared_plan = {**config.plan.model_dump(by_alias=True), **worker_switches}
     model = modeling.prepare_for_training(
-        base, train.with_target_modules(config.spec, targets), prepared_plan
+        base, train.with_target_modules(config.spec, targets), config.plan
     )
     splits = TokenizedSplits(
         train=datasets.Dataset.from_dict(

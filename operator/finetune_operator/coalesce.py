@@ -108,8 +108,8 @@ class Slots:
             except asyncio.CancelledError:
                 if waiter.done() and not waiter.cancelled():
                     self._release()  # handed over just as we were cancelled: pass it on
-                else:
-                    self._queues[self._waiting_priority(key, priority)].remove(waiter)
+                else:  # still in line, in the queue of its (possibly raised) priority
+                    next(q for q in self._queues if waiter in q).remove(waiter)
                 raise
             finally:
                 if key is not None:
@@ -133,11 +133,6 @@ class Slots:
             self._queues[current].remove(waiter)
             self._queues[priority].append(waiter)
             self._waiting[key] = (waiter, priority)
-
-    def _waiting_priority(self, key: Hashable | None, priority: Priority) -> Priority:
-        if key is not None and key in self._waiting:
-            return self._waiting[key][1]
-        return priority
 
     def _release(self) -> None:
         for queue in self._queues:
