@@ -3,6 +3,9 @@
 # (Llama-3-8B shape, LoRA r 16 on every projection, one varlen row of 12,288 tokens, no
 # checkpointing, dropout 0), on the worker's training step (bench/finetune_bench/
 # harness.py). 12 optimizer steps, the first 5 not timed (compilation happens in the first).
+# The recorded run (compile-layers-h200.jsonl) compiled the layers with liger's kernels in
+# them (Dynamo broke its graphs at each); "compile_layers" now runs the worker's compiled
+# layers (plan.compiledLayers: PyTorch's own norm, RoPE and SwiGLU, dynamic graphs).
 # Run from the repository root on the GPU machine:  bash bench/compile-layers.sh OUT_DIR
 set -u
 OUT_DIR=${1:?usage: compile-layers.sh OUT_DIR}

@@ -661,6 +661,12 @@ class TrainingPlan(StatusModel):
     fused_kernels: bool = True
     """The prediction assumes liger's fused Triton kernels on the GPU; the worker refuses to
     start without them (exit code 16) rather than run a plan made for other kernels."""
+    compiled_layers: bool = False
+    """The decoder layers run compiled (torch.compile, one graph per layer's forward and
+    backward, Inductor's fused kernels in place of liger's inside the layers; liger's fused
+    loss stays). Chosen where every layer is recomputed, which makes a row's host work (each
+    layer's kernels launched three times) the bound; the first steps take longer (compilation,
+    once more when the row shapes first change)."""
     strategy: Literal["single", "ddp", "fsdp"] = "single"
     """How the processes share the work: one process (`single`); data-parallel replicas of the
     whole model (`ddp`); or FULL_SHARD FSDP (`fsdp`), which shards the frozen base, the

@@ -213,6 +213,7 @@ def cmd_job(args) -> None:
                 trainer_args=extras[label].get("trainer_args"),
                 sync_each_step=extras[label].get("sync_each_step", True),
                 step_memory=extras[label].get("step_memory", False),
+                plan_set=extras[label].get("plan_set"),
             )
             _emit(row, args.out)
         del base
@@ -322,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
             " (TrainingArguments fields changed after the worker built the trainer),"
             ' "sync_each_step": false (no GPU synchronisation at each step end) and'
             ' "step_memory": true (each step\'s allocated bytes at its start and peaks)'
+            ' and "plan_set" (plan fields changed before training, e.g.'
+            ' {"compiled_layers": false})'
         ),
     )
     j.add_argument("--shape", default="llama-3-8b")

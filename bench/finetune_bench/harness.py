@@ -49,7 +49,7 @@ class RunConfig:
     ckpt_layers: int | None = None  # or exactly this many (the plan's checkpointedLayers)
     fused_kernels: bool = True
     fused_adamw: bool = True
-    compile_layers: bool = False
+    compile_layers: bool = False  # the plan's compiledLayers (modeling.compile_decoder_layers)
     blas_library: str | None = None  # torch.backends.cuda.preferred_blas_library for the run
     gc_freeze: bool = False  # gc.freeze() before the steps: collections skip what exists then
     kbit_fp32_upcast: bool = (
@@ -83,6 +83,7 @@ class RunConfig:
             "checkpointedLayers": self.ckpt_layers,
             "leanLora": self.lean_lora,
             "cudnnAttention": self.cudnn_sdpa,
+            "compiledLayers": self.compile_layers,
         }
 
 
@@ -199,6 +200,8 @@ def release(peft_model):
     import torch
 
     base = peft_model.unload()
+    for layer in modeling.decoder_layers(base):
+        layer._compiled_call_impl = None  # a compiled run's layers run eager again
     base.config._attn_implementation = "sdpa"  # a varlen run switched it
     base.gradient_checkpointing_disable()
     if getattr(base, "_require_grads_hook", None) is not None:
@@ -295,9 +298,6 @@ def train(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
     )
-    if cfg.compile_layers:
-        for layer in model.base_model.model.model.layers:
-            layer.compile()
     model.train()
     if cuda:
         torch.cuda.synchronize()
@@ -362,6 +362,14 @@ def train(
                 fh.write(f"\n== {cfg.label}: by self CPU time\n")
                 fh.write(averages.table(sort_by="self_cpu_time_total", row_limit=40))
                 fh.write("\n")
+    if cfg.compile_layers:
+        from torch._dynamo.utils import counters
+
+        result.notes["dynamo"] = {
+            "unique_graphs": counters["stats"].get("unique_graphs", 0),
+            "graph_breaks": sum(counters["graph_break"].values()),
+            "break_reasons": sorted(counters["graph_break"])[:5],
+        }
     result.losses = [round(float(x), 5) for x in losses]
     result.notes["step_seconds"] = [round(t, 4) for t in step_times]
     result.notes["step_shapes"] = [

@@ -369,11 +369,14 @@ def run_user_job(
     trainer_args: dict | None = None,
     sync_each_step: bool = True,
     step_memory: bool = False,
+    plan_set: dict | None = None,
 ):
     """Plan `spec` with the operator's planner and train it through the worker's own
     preparation (modeling.prepare_for_training) and trainer, as a pod would.
     `trainer_args`: TrainingArguments fields to change after the worker built the trainer
-    (experiments only); `sync_each_step` and `step_memory`: see _step_clock."""
+    (experiments only); `sync_each_step` and `step_memory`: see _step_clock; `plan_set`:
+    fields of the planner's plan to change before training (A/B runs of one plan setting,
+    e.g. {"compiled_layers": false})."""
     import datasets
     import torch
 
@@ -381,6 +384,8 @@ def run_user_job(
     from finetune_worker.data import TokenizedSplits
 
     training_plan = plan(spec, shape)
+    if plan_set:
+        training_plan = training_plan.model_copy(update=plan_set)
     config = worker_config(spec, training_plan, tempfile.mkdtemp(prefix="bench-job-"))
     row: dict[str, Any] = {
         "kind": "job",

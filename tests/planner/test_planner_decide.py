@@ -335,7 +335,9 @@ def test_fp8_is_planned_when_named_and_never_sharded():
     same = next(
         c
         for c in lora.candidates
-        if c.shape == named.chosen.shape.but(method="lora") and c.gradient_accumulation
+        # (the bf16 twin of a fully checkpointed shape runs compiled layers; FP8 does not)
+        if c.shape.but(compiled_layers=False) == named.chosen.shape.but(method="lora")
+        and c.gradient_accumulation
     )
     saved = same.estimate.breakdown["weights"] - named.estimate.breakdown["weights"]
     assert 6.3 * GiB < saved < 6.6 * GiB

@@ -239,3 +239,55 @@ def test_lean_lora_calls_a_wrapped_lora_b_so_fsdp_can_gather_it():
         if wrap:
             assert units and all(u.calls == 1 for u in units)
     assert torch.allclose(outputs[0], outputs[1], rtol=2e-2, atol=2e-2)
+
+
+def _with_lora_b(pm):
+    """lora_B starts at zero; give it values so that lora_A gets gradients too."""
+    for n, p in pm.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(len(n)))
+    return pm
+
+
+def test_compiled_decoder_layers_give_the_eager_loss_gradients_and_adapter_keys():
+    # Dynamo's trace of each checkpointed layer, through AOT autograd's forward and backward
+    # graphs (the "aot_eager" backend: the same graphs Inductor would turn into kernels, run
+    # by PyTorch's ops so that the CPU can check them quickly), over rows of several lengths.
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    plan = {"method": "lora", "gradient_checkpointing": True}
+    runs = []
+    for compiled in (False, True):
+        pm = _with_lora_b(
+            modeling.prepare_for_training(
+                tiny_model(torch.float32), {"lora": {"r": 4, "dropout": 0.0}}, plan
+            )
+        )
+        if compiled:
+            assert modeling.compile_decoder_layers(pm, backend="aot_eager") == 4
+        pm.train()
+        losses, grads = [], {}
+        for length in (16, 23, 9):
+            ids = torch.randint(
+                0, 256, (1, length), generator=torch.Generator().manual_seed(length)
+            )
+            loss = pm(input_ids=ids, labels=ids).loss
+            loss.backward()
+            losses.append(loss.item())
+        grads = {n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad}
+        runs.append((losses, grads, sorted(pm.state_dict())))
+    (eager_losses, eager_grads, eager_keys), (losses, grads, keys) = runs
+    assert losses == pytest.approx(eager_losses, rel=1e-5)
+    assert grads.keys() == eager_grads.keys() and keys == eager_keys  # no _orig_mod prefix
+    for n in grads:
+        assert torch.allclose(grads[n], eager_grads[n], rtol=1e-4, atol=1e-6), n
+    # compiled once (dynamic from the start: three row lengths, one graph), without breaks
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+
+
+def test_a_plan_with_compiled_layers_compiles_them_on_the_gpu_only():
+    plan = {"method": "lora", "gradient_checkpointing": True, "compiledLayers": True}
+    pm = modeling.prepare_for_training(tiny_model(), SPEC, plan, device="cpu")
+    assert pm.compiled_layers == 0
+    assert all(layer._compiled_call_impl is None for layer in modeling.decoder_layers(pm))

@@ -101,6 +101,30 @@ def test_a_plan_made_without_fused_kernels_needs_no_compiler(tmp_path, tiny_mode
     assert result.returncode == 16 and "no C compiler" in summary["message"]
 
 
+def test_compiled_layers_need_a_writable_inductor_cache_named_in_the_exit_message(
+    tmp_path, tiny_model_root
+):
+    config = worker_config_dict(tmp_path, tiny_model_root)
+    config["plan"] |= {"fusedKernels": False, "compiledLayers": True}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("a file where the cache directory goes")  # unwritable even for root
+    args = ("--config", str(path), "--device", "cuda", "--no-launch")
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(blocked / "inductor")}
+    result, summary = preflight(tmp_path, *args, env=env)
+    assert result.returncode == 16, result.stderr
+    assert "plan.compiledLayers" in summary["message"]
+    assert f"{blocked / 'inductor'} is not writable" in summary["message"]
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "inductor")
+    result, _ = preflight(tmp_path, *args, env=env)
+    assert result.returncode == 0, result.stderr
+    config["plan"]["compiledLayers"] = False  # an eager plan does not look at it
+    path.write_text(yaml.safe_dump(config))
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(blocked / "inductor")
+    assert preflight(tmp_path, *args, env=env)[0].returncode == 0
+
+
 def test_qlora_plans_need_bitsandbytes_and_gpu_launches_need_a_gpu():
     from finetune_worker import preflight as pf
 

@@ -81,6 +81,7 @@ def problems(plan: Any, device: str, *, packing: bool = False, launch: bool = Tr
         found += static
         if launch and not static:
             found += _launch("liger's fused RMSNorm kernel", _run_fused_kernel)
+    found += compiled_layers_problems(plan)
     if str(_plan_field(plan, "method", "lora")).lower() == "qlora":
         missing = _import_problem("bitsandbytes", "QLoRA's NF4 weights")
         found += [missing] if missing else []
@@ -161,6 +162,29 @@ def triton_cache_dir() -> Path:
         return Path(os.environ["TRITON_CACHE_DIR"])
     home = os.environ.get("TRITON_HOME") or os.path.expanduser("~")
     return Path(home) / ".triton" / "cache"
+
+
+def inductor_cache_dir() -> Path:
+    """Where Inductor writes the compiled layers' generated code: $TORCHINDUCTOR_CACHE_DIR, else
+    torchinductor_<user> under the temporary directory (torch's default_cache_dir)."""
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    return Path(tempfile.gettempdir()) / f"torchinductor_uid_{os.getuid()}"
+
+
+def compiled_layers_problems(plan: Any) -> list[str]:
+    """A plan with compiled decoder layers writes Inductor's generated kernels at its first
+    step (the same C compiler as Triton's launcher, checked with the fused kernels)."""
+    if not _plan_field(plan, "compiled_layers", False):
+        return []
+    directory = inductor_cache_dir()
+    if _writable(directory):
+        return []
+    return [
+        f"plan.compiledLayers is true but Inductor's cache directory {directory} is not "
+        "writable (set TORCHINDUCTOR_CACHE_DIR to a writable path; the operator points it at "
+        "the pod's scratch volume)"
+    ]
 
 
 def _writable(directory: Path) -> bool:

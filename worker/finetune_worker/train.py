@@ -355,6 +355,13 @@ def load_model(
         raise InvalidConfigError(
             f"cannot apply LoRA with spec.lora {spec.lora.model_dump()}: {exc}"
         ) from exc
+    if getattr(model, "compiled_layers", 0):
+        # so that the first step's pause has a reason in the log
+        log.info(
+            "%d decoder layers compiled (plan.compiledLayers); the first step compiles them "
+            "(10-25 s on an H200)",
+            model.compiled_layers,
+        )
     return model, revision
 
 

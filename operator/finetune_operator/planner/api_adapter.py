@@ -128,6 +128,7 @@ def training_plan(decision: PlanDecision) -> TrainingPlan:
         gradient_checkpointing=decision.chosen.shape.gradient_checkpointing,
         checkpointed_layers=decision.chosen.shape.checkpointed_layers,
         fused_kernels=decision.request.fused_kernels,
+        compiled_layers=decision.chosen.shape.compiled_layers,
         strategy=decision.chosen.strategy,
         nodes=decision.budget.nodes,
         processes_per_node=decision.budget.gpu_count,

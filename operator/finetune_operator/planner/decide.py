@@ -47,6 +47,7 @@ from .memory import (
     MemoryEstimate,
     MiB,
     TrainingShape,
+    compiles_layers,
     estimate_memory,
 )
 from .speed import predicted_tokens_per_second
@@ -198,6 +199,8 @@ class Candidate:
             ckpt = "with gradient checkpointing"
         else:
             ckpt = f"with gradient checkpointing of {shape.checkpointed_layers} layers"
+        if shape.compiled_layers:
+            ckpt += " and compiled decoder layers"
         if self.step_examples is None:
             batching = (
                 f"micro-batch {shape.micro_batch} x {self.gradient_accumulation} accumulation "
@@ -330,6 +333,9 @@ def _shape(
         fused_kernels=request.fused_kernels,
         double_quant=request.double_quant,
         adapter_bytes=WORKER_ADAPTER_BYTES[method],
+        compiled_layers=compiles_layers(
+            method, ckpt, recomputed if ckpt else None, request.fused_kernels, strategy
+        ),
         gpu_count=gpu_count,
         strategy=strategy,
     )

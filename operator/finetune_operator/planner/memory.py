@@ -93,6 +93,17 @@ class MemoryConstants:
     runs; this constant and the fraction below were fitted on both."""
     allocator_slack_fraction: float = 0.02
     """Additional slack proportional to the step's activation memory."""
+    compiled_layers_bytes: int = 224 * MiB
+    """Compiled decoder layers (plan.compiledLayers), fixed part: Inductor's kernels loaded as
+    CUDA modules and its buffers. With the per-token part below, set above every difference
+    measured between compiled and eager layers, every layer checkpointed, Llama-3-8B shape:
+    +0.13 to +0.46 GiB at 2,048-16,384 tokens per row, LoRA and QLoRA (+0.25 GiB for QLoRA at
+    2,048 tokens, the most over the per-token part)
+    (bench/data/compiled-layers-h200.jsonl)."""
+    compiled_layers_bytes_per_hidden: float = 6.0
+    """Compiled decoder layers, per token and hidden channel: what the compiled forward and
+    backward of the one layer running at a time hold beyond eager's (Inductor's partitioner
+    chooses what to keep, about three bf16 copies of the hidden state per token)."""
     fsdp_gathered_layers: float = 5.0
     """Decoder layers whose full (unsharded) weights one FSDP rank holds at its peak, on top
     of the root unit: 2 if only the running and the next layer were gathered; 5 measured.
@@ -118,6 +129,31 @@ Measured in the worker's trainer (bench/data/tensor-bytes-h200.jsonl): the seed'
 168M r 64 adapters held 0.31 GiB and their AdamW state 0.63 GiB, against 0.63 and 1.25 GiB
 counted at 4 bytes."""
 STRATEGIES = ("single", "ddp", "fsdp")
+
+
+COMPILED_METHODS = ("lora", "qlora")
+"""Methods whose decoder layers the worker compiles when every layer is recomputed (measured:
+docs/perf-notes.md, "Compiled decoder layers")."""
+
+
+def compiles_layers(
+    method: str,
+    gradient_checkpointing: bool,
+    checkpointed_layers: int | None,
+    fused_kernels: bool,
+    strategy: str,
+) -> bool:
+    """Whether a plan runs compiled decoder layers: where every layer is recomputed (a row's
+    host work, each layer's kernels launched three times, is then the bound, and compiling
+    takes most of it away), on one process (compiled layers inside DDP and FSDP wrappers are
+    not measured), with the fused kernels (a GPU plan)."""
+    return (
+        method in COMPILED_METHODS
+        and gradient_checkpointing
+        and checkpointed_layers is None
+        and fused_kernels
+        and strategy == "single"
+    )
 
 
 @dataclass(frozen=True)
@@ -172,6 +208,9 @@ class TrainingShape:
     which makes transformers repeat the K/V heads and keep a tokens x tokens boolean mask.
     None: True whenever the batch can hold padding or masked packed rows (our worker), False
     for varlen packed rows."""
+    compiled_layers: bool = False
+    """The worker compiles the decoder layers (modeling.compile_decoder_layers) and leaves
+    liger's kernels out of them: chosen by compiles_layers()."""
     gpu_count: int = 1
     """Training processes in the job (the world size), one per GPU."""
     strategy: str = "single"
@@ -546,6 +585,11 @@ def estimate_memory(
     else:
         activations, logits, transient = saved + recomputed, 0.0, backward
     dynamic = activations + logits + transient + attention_mask
+    compiled = (
+        constants.compiled_layers_bytes + constants.compiled_layers_bytes_per_hidden * h * tokens
+        if shape.compiled_layers
+        else 0.0
+    )
     slack = constants.allocator_slack_bytes + constants.allocator_slack_fraction * dynamic
 
     breakdown = {
@@ -556,7 +600,7 @@ def estimate_memory(
         "activations": int(activations + attention_mask),
         "logits": int(logits),
         "backward_buffers": int(transient),
-        "workspace": int(constants.cublas_workspace_bytes),
+        "workspace": int(constants.cublas_workspace_bytes + compiled),
         "allocator_overhead": int(slack),
     }
     details = {

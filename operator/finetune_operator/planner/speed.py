@@ -57,6 +57,15 @@ class SpeedConstants:
         }
     )
     """Launch time per decoder layer and micro-batch; checkpointing launches the forward again."""
+    compiled_host_seconds_per_layer: dict[str, float] = field(
+        default_factory=lambda: {"lora": 0.0075, "qlora": 0.0105}
+    )
+    """The same for a recomputed layer that runs compiled (plan.compiledLayers): one graph per
+    forward and backward instead of an operator at a time (LoRA rows of 2,048 tokens: 0.297 s
+    against 0.527 s eager; QLoRA 0.376 s against 0.518 s). Fitted on the compiled runs at
+    2,048, 4,608 and 16,384 tokens (bench/data/compiled-layers-h200.jsonl,
+    compile-qlora-h200.jsonl: within 5.6 % for QLoRA, 6.7 % for LoRA), the other constants
+    kept; the product-path runs (compiled-product-h200.jsonl) are held out."""
     host_seconds_fixed: float = 0.02823
     """Per micro-batch, outside the layers (loss, optimizer step share, data)."""
     overlap: float = 2.72
@@ -92,8 +101,13 @@ def step_seconds(
         passes = 2 + share  # forward, backward, and the recomputed forward
         gpu += passes * constants.dequant_seconds_per_gparam * arch.quantizable_params() / 1e9
     per_layer = constants.host_seconds_per_layer
+    recomputed_layer = (
+        constants.compiled_host_seconds_per_layer[shape.method]
+        if shape.compiled_layers
+        else per_layer[(shape.method, True)]
+    )
     host = (
-        rebuilt * per_layer[(shape.method, True)]
+        rebuilt * recomputed_layer
         + (layers - rebuilt) * per_layer[(shape.method, False)]
         + constants.host_seconds_fixed
     )
