@@ -291,3 +291,67 @@ def test_a_plan_with_compiled_layers_compiles_them_on_the_gpu_only():
     pm = modeling.prepare_for_training(tiny_model(), SPEC, plan, device="cpu")
     assert pm.compiled_layers == 0
     assert all(layer._compiled_call_impl is None for layer in modeling.decoder_layers(pm))
+
+
+FAMILIES = {
+    "mistral": lambda kw: transformers.MistralConfig(**kw, sliding_window=32),
+    "qwen2": lambda kw: transformers.Qwen2Config(**kw),
+    "phi3": lambda kw: transformers.Phi3Config(**kw, pad_token_id=0),
+    "gemma2": lambda kw: transformers.Gemma2Config(**kw, head_dim=16, sliding_window=32),
+}
+
+
+def _losses(config, compile_backend=None) -> list[float]:
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    pm = modeling.prepare_for_training(
+        model,
+        {"lora": {"r": 4, "dropout": 0.0}},
+        {"method": "lora", "gradient_checkpointing": True},
+    )
+    if compile_backend is not None:
+        modeling.compile_decoder_layers(pm, backend=compile_backend)
+    pm.train()
+    losses = []
+    for length in (17, 40):  # the second past the sliding windows
+        ids = torch.randint(0, 256, (1, length), generator=torch.Generator().manual_seed(length))
+        loss = pm(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_other_planned_families_compile_their_layers_whole(family):
+    # The planner compiles the layers of every family it plans for; each traces as one graph
+    # (a second for sliding-window attention past its window) with eager's losses.
+    from torch._dynamo.utils import counters
+
+    kw = {k: v for k, v in tiny_config().to_dict().items() if k in _TINY_KEYS}
+    config = FAMILIES[family](kw)
+    counters.clear()
+    assert _losses(config, "aot_eager") == pytest.approx(_losses(config), rel=1e-5)
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
+
+
+_TINY_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "max_position_embeddings",
+)
+
+
+def test_a_layer_that_fails_to_compile_runs_eager_instead_of_ending_the_job():
+    calls = []
+
+    def broken_backend(graph_module, example_inputs):
+        calls.append(len(example_inputs))
+        raise RuntimeError("this backend cannot compile anything")
+
+    config = tiny_config()
+    assert _losses(config, broken_backend) == pytest.approx(_losses(config), rel=1e-6)
+    assert calls  # the backend was asked, failed, and the layers ran eager

@@ -347,6 +347,9 @@ def compile_decoder_layers(peft_model: PeftModel, backend: str = "inductor") -> 
         torch._dynamo.config.accumulated_cache_size_limit, 512
     )
     fx_config.use_duck_shape = False
+    # Compiling is an optimisation: a layer Dynamo or Inductor cannot compile runs eager (and
+    # logs why) instead of ending the job. Eager needs less memory than the plan allows for.
+    torch._dynamo.config.suppress_errors = True
     layers = decoder_layers(peft_model)
     for layer in layers:
         layer.compile(backend=backend, dynamic=True)
