@@ -636,3 +636,12 @@ def test_qlora_plans_count_the_adapters_in_bf16_as_the_trainer_holds_them():
         assert estimate.breakdown["gradients"] == adapter_bytes * params
         # torch AdamW: two moments in the parameters' dtype
         assert estimate.breakdown["optimizer_state"] == 2 * adapter_bytes * params
+
+
+def test_an_unpacked_plan_says_its_predicted_rate_is_for_full_rows():
+    # Unpacked rows hold a step's whole examples, usually fewer tokens than the row allows;
+    # the figure in the reason is what full rows would reach, and it says so.
+    unpacked = plan(24, PlanRequest(seq_len=2048, batch_size=16, packing=False))
+    packed = plan(24, PlanRequest(seq_len=2048, batch_size=16, packing=True))
+    assert "tokens/s on an H200 with full rows)" in unpacked.reason
+    assert "tokens/s on an H200)" in packed.reason and "full rows" not in packed.reason
