@@ -259,6 +259,11 @@ class TrainingSpec(SpecModel):
     short, uneven instruction data; docs/benchmarks.md)."""
     gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
     """Trade compute for activation memory; `auto` lets the planner decide."""
+    compile_layers: Literal["auto", "off"] = "auto"
+    """`auto`: the planner compiles the decoder layers (torch.compile) where that is measured
+    to pay, in plans that recompute every layer (status.plan.compiledLayers); the first step
+    then takes 10-25 s longer. `off`: always run them eager. Not part of the spec hash: a
+    checkpoint resumes either way."""
     optimizer: Literal[
         "adamw_torch",
         "adamw_torch_fused",

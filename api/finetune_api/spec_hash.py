@@ -43,6 +43,9 @@ def spec_hash(spec: FineTuneJobSpec) -> str:
     # under a running Job. The spec is immutable, so the plan recorded for it stays its plan.
     # Without a product the GPU nodes decide, when the job is planned; they are not the spec,
     # so nodes that come or go later never re-plan it (an fp8 plan's pods require FP8 nodes).
+    # Compiling the layers changes how the same mathematics is launched, not the weights: a
+    # checkpoint made compiled resumes eager and the other way round.
+    data.get("training", {}).pop("compileLayers", None)
     gpu = spec.resources.gpu
     data["gpu"] = {"count": gpu.count, "memoryBytes": parse_quantity(gpu.memory)}
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)

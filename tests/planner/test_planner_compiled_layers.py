@@ -86,6 +86,24 @@ def test_the_shipped_llama3_example_is_planned_with_compiled_layers_in_its_statu
     assert plan.model_dump(by_alias=True)["compiledLayers"] is True
 
 
+def test_spec_training_compile_layers_off_keeps_the_layers_eager_and_the_spec_hash():
+    from finetune_api import spec_hash
+
+    doc = yaml.safe_load((ROOT / "examples/finetunejob-llama3-8b.yaml").read_text())["spec"]
+    auto = FineTuneJobSpec.model_validate(doc)
+    off = FineTuneJobSpec.model_validate(
+        {**doc, "training": {**doc.get("training", {}), "compileLayers": "off"}}
+    )
+    compiled, eager = plan_for_spec(auto, LLAMA3_8B), plan_for_spec(off, LLAMA3_8B)
+    assert compiled.compiled_layers and not eager.compiled_layers
+    assert eager.gradient_checkpointing and "compiled" not in eager.reason
+    # without the compiled term the eager plan needs less memory for the same or larger rows
+    assert eager.breakdown.overhead < compiled.breakdown.overhead
+    assert spec_hash(auto) == spec_hash(off)  # a checkpoint resumes either way
+    with pytest.raises(ValueError, match="compileLayers"):
+        FineTuneJobSpec.model_validate({**doc, "training": {"compileLayers": "on"}})
+
+
 def test_the_compiled_term_covers_every_measured_difference_and_not_by_much():
     rows = {r["label"]: r for r in _grid()}
     pairs = [

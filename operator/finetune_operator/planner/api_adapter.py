@@ -77,6 +77,7 @@ def request_from_spec(
         gradient_checkpointing=ckpt,
         optimizer=training.optimizer,
         double_quant=spec.quantization_or_default.double_quant,
+        compile_layers=training.compile_layers != "off",
     )
     gpu = spec.resources.gpu
     return request, Budget(

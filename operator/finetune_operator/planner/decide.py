@@ -144,6 +144,9 @@ class PlanRequest:
     double_quant: bool = True
     fused_ce: bool = True
     fused_kernels: bool = True
+    compile_layers: bool = True
+    """Whether plans may compile their decoder layers (memory.compiles_layers decides where);
+    spec.training.compileLayers `off` forbids it."""
     max_tokens_per_micro_batch: int = DEFAULT_MAX_TOKENS_PER_MICRO_BATCH
 
     def __post_init__(self) -> None:
@@ -333,7 +336,8 @@ def _shape(
         fused_kernels=request.fused_kernels,
         double_quant=request.double_quant,
         adapter_bytes=WORKER_ADAPTER_BYTES[method],
-        compiled_layers=compiles_layers(
+        compiled_layers=request.compile_layers
+        and compiles_layers(
             method, ckpt, recomputed if ckpt else None, request.fused_kernels, strategy
         ),
         gpu_count=gpu_count,
