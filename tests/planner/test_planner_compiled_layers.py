@@ -40,15 +40,28 @@ def _grid() -> list[dict]:
     ]
 
 
-def _shape(row: dict, compiled: bool) -> TrainingShape:
+def _checkpointed(method: str, r: int, dropout: float, seq_len: int, compiled: bool, **kw):
+    """A packed shape that recomputes every layer, as the measured runs trained."""
     return TrainingShape(
-        method=row["method"],
-        lora_r=row["r"],
-        lora_dropout=row["dropout"],
-        seq_len=row["tokens_per_micro_batch"],
+        method=method,
+        lora_r=r,
+        lora_dropout=dropout,
+        seq_len=seq_len,
         packing=True,
         gradient_checkpointing=True,
         compiled_layers=compiled,
+        **kw,
+    )
+
+
+def _shape(row: dict, compiled: bool) -> TrainingShape:
+    """One row of the bench loop's grid: a micro-batch is one row of its token budget."""
+    return _checkpointed(
+        row["method"],
+        row["r"],
+        row["dropout"],
+        row["tokens_per_micro_batch"],
+        compiled,
         optimizer="adamw_torch_fused",
         adapter_bytes=2 if row["bf16_adapters"] else 4,
     )
@@ -156,15 +169,13 @@ def test_compiled_layers_speed_is_predicted_within_7_percent_and_ranks_above_eag
         if not (plan["compiledLayers"] and training.get("packing")):
             continue
         lora = r.get("spec", {}).get("lora", {"r": 16, "dropout": 0.0})
-        shape = TrainingShape(
-            method=plan["method"],
-            lora_r=lora["r"],
-            lora_dropout=lora["dropout"],
-            seq_len=training["seqLength"],
+        shape = _checkpointed(
+            plan["method"],
+            lora["r"],
+            lora["dropout"],
+            training["seqLength"],
+            True,
             micro_batch=plan["microBatchSize"],
-            packing=True,
-            gradient_checkpointing=True,
-            compiled_layers=True,
         )
         got = predicted_tokens_per_second(LLAMA3_8B, shape)
         assert got == pytest.approx(r["tokens_per_s"], rel=0.05), r["label"]

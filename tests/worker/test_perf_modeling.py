@@ -10,19 +10,19 @@ pytest.importorskip("peft")
 
 from finetune_worker import modeling
 
+TINY = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 256,
+    "max_position_embeddings": 256,
+}
+
 
 def tiny_config(**kw):
-    base = {
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "vocab_size": 256,
-        "max_position_embeddings": 256,
-    }
-    base.update(kw)
-    return transformers.LlamaConfig(**base)
+    return transformers.LlamaConfig(**{**TINY, **kw})
 
 
 def tiny_model(dtype=torch.bfloat16):
@@ -327,22 +327,10 @@ def test_the_other_planned_families_compile_their_layers_whole(family):
     # (a second for sliding-window attention past its window) with eager's losses.
     from torch._dynamo.utils import counters
 
-    kw = {k: v for k, v in tiny_config().to_dict().items() if k in _TINY_KEYS}
-    config = FAMILIES[family](kw)
+    config = FAMILIES[family](dict(TINY))
     counters.clear()
     assert _losses(config, "aot_eager") == pytest.approx(_losses(config), rel=1e-5)
     assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
-
-
-_TINY_KEYS = (
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "vocab_size",
-    "max_position_embeddings",
-)
 
 
 def test_a_layer_that_fails_to_compile_runs_eager_instead_of_ending_the_job():
