@@ -670,8 +670,8 @@ class TrainingPlan(StatusModel):
     """The decoder layers run compiled (torch.compile, one graph per layer's forward and
     backward, Inductor's fused kernels in place of liger's inside the layers; liger's fused
     loss stays). Chosen where every layer is recomputed, which makes a row's host work (each
-    layer's kernels launched three times) the bound; the first steps take longer (compilation,
-    once more when the row shapes first change)."""
+    layer's kernels launched three times) the bound; the first step takes 10-25 s longer
+    (compilation). spec.training.compileLayers `off` rules it out."""
     strategy: Literal["single", "ddp", "fsdp"] = "single"
     """How the processes share the work: one process (`single`); data-parallel replicas of the
     whole model (`ddp`); or FULL_SHARD FSDP (`fsdp`), which shards the frozen base, the
