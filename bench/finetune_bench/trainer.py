@@ -100,6 +100,19 @@ def worker_config(spec: dict, training_plan, workdir: str):
     )
 
 
+def _clock_readings(clock, cuda: bool) -> dict:
+    """A run's peak reserved bytes (the step clock resets the allocator's peak at each step
+    when it reads step memory) and, when it read them, its per-step and tensor readings."""
+    import torch
+
+    peak = max(clock.peak_reserved, torch.cuda.max_memory_reserved()) if cuda else 0
+    return {
+        "peak_reserved_bytes": peak,
+        **({"step_memory": clock.memory} if clock.memory else {}),
+        **({"tensor_bytes": clock.tensors} if clock.tensors else {}),
+    }
+
+
 def bench_tokenizer(vocab_size: int):
     """A stand-in tokenizer: the data is already token ids; the trainer only asks for pad/eos."""
     from tokenizers import Tokenizer
@@ -133,6 +146,7 @@ def _step_clock(sync_each_step: bool = True, step_memory: bool = False):
             self.start = None
             self.memory: list[tuple[int, int, int]] = []
             self.peak_reserved = 0
+            self.tensors: dict | None = None
             self._at_start = 0
 
         def on_step_begin(self, args, state, control, **kwargs):
@@ -290,11 +304,7 @@ def run(
                 "step_seconds": [round(t, 4) for t in clock.times],
                 "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
                 "attn_implementation": trainer.model.config._attn_implementation,
-                "peak_reserved_bytes": (
-                    max(clock.peak_reserved, torch.cuda.max_memory_reserved()) if cuda else 0
-                ),
-                **({"step_memory": clock.memory} if clock.memory else {}),
-                **({"tensor_bytes": clock.tensors} if getattr(clock, "tensors", None) else {}),
+                **_clock_readings(clock, cuda),
                 "peak_allocated_bytes": torch.cuda.max_memory_allocated() if cuda else 0,
                 "non_torch_bytes": harness.non_torch_bytes() if cuda else 0,
                 "predicted_peak_bytes": training_plan.estimated_peak_bytes,
@@ -447,11 +457,7 @@ def run_user_job(
                 "step_seconds": [round(t, 4) for t in clock.times],
                 "attn_implementation": trainer.model.config._attn_implementation,
                 "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
-                "peak_reserved_bytes": (
-                    max(clock.peak_reserved, torch.cuda.max_memory_reserved()) if cuda else 0
-                ),
-                **({"step_memory": clock.memory} if clock.memory else {}),
-                **({"tensor_bytes": clock.tensors} if getattr(clock, "tensors", None) else {}),
+                **_clock_readings(clock, cuda),
                 "non_torch_bytes": harness.non_torch_bytes() if cuda else 0,
                 "predicted_peak_bytes": training_plan.estimated_peak_bytes,
             }

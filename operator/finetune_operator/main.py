@@ -375,28 +375,33 @@ def _owner_kind(labels: dict) -> tuple[str, str] | None:
     return None
 
 
-def _child_event(settings: OperatorSettings, labels: dict, namespace: str, finished: bool) -> None:
+def _child_event(
+    settings: OperatorSettings, labels: dict, namespace: str, finished: bool, event_type: str
+) -> None:
     owner = _owner_kind(labels)
     if not owner:
         return
     priority = Priority.OTHER
     if finished and owner[0] == "FineTuneJob":
-        priority = URGENCY.child_finished((namespace, owner[1]))
+        key = (namespace, owner[1])
+        priority = URGENCY.child_finished(key, deleted=event_type == "DELETED")
     start_pass(settings, owner[0], namespace, owner[1], priority=priority)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=MANAGED_BY)
 async def job_event(
-    labels: dict, namespace: str, memo: kopf.Memo, status: dict | None = None, **_
+    type: str, labels: dict, namespace: str, memo: kopf.Memo, status: dict | None = None, **_
 ) -> None:
-    _child_event(memo.operator_settings, labels, namespace, urgency.job_finished(status))
+    finished = urgency.job_finished(status)
+    _child_event(memo.operator_settings, labels, namespace, finished, type)
 
 
 @kopf.on.event("", "v1", "pods", labels=MANAGED_BY)
 async def pod_event(
-    labels: dict, namespace: str, memo: kopf.Memo, status: dict | None = None, **_
+    type: str, labels: dict, namespace: str, memo: kopf.Memo, status: dict | None = None, **_
 ) -> None:
-    _child_event(memo.operator_settings, labels, namespace, urgency.pod_finished(status))
+    finished = urgency.pod_finished(status)
+    _child_event(memo.operator_settings, labels, namespace, finished, type)
 
 
 async def _resync_forever(settings: OperatorSettings) -> None:

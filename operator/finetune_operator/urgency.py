@@ -60,8 +60,12 @@ class Urgency:
             return Priority.FINISHING
         return Priority.NEW if not status.get("jobName") else Priority.OTHER
 
-    def child_finished(self, key: Key) -> Priority:
-        """The priority of the pass for a FineTuneJob whose Job or pod was seen finished."""
+    def child_finished(self, key: Key, deleted: bool = False) -> Priority:
+        """The priority of the pass for a FineTuneJob whose Job or pod was seen finished.
+        A finished child seen deleted is no news to hurry: mostly it goes with its FineTuneJob,
+        whose own deletion came first, and remembering it would outlive that job."""
+        if deleted:
+            return Priority.OTHER
         done = self.completed.get(key)
         if done is None:
             self.unseen_finished.add(key)  # its own event, when it comes, asks for the pass

@@ -304,3 +304,6 @@ def test_a_finished_child_makes_its_jobs_pass_urgent_until_the_status_records_it
     for key in (a, b, c):
         u.finetunejob(key, None, deleted=True)
     assert len(u) == 0
+    # the finished pods of a deleted job go after it: nothing to hurry, nothing remembered
+    assert u.child_finished(a, deleted=True) == Priority.OTHER
+    assert len(u) == 0

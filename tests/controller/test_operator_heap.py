@@ -92,7 +92,8 @@ def test_the_shutdown_stops_the_passes_the_handlers_started(monkeypatch):
         gate, ran = blocked_pass(monkeypatch)
         await asyncio.sleep(0)
         labels = {main.LABEL_FINETUNEJOB: "job"}
-        await asyncio.wait_for(main.job_event(labels=labels, namespace="ns", memo=memo), 5)
+        event = main.job_event(type="ADDED", labels=labels, namespace="ns", memo=memo)
+        await asyncio.wait_for(event, 5)
         (task,) = main._STARTED
         await asyncio.wait_for(main.shutdown(memo=kopf.Memo()), timeout=5)
         assert task.cancelled() and not main._STARTED and ran == [] and closed == [True]

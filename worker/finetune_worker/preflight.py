@@ -166,10 +166,12 @@ def triton_cache_dir() -> Path:
 
 def inductor_cache_dir() -> Path:
     """Where Inductor writes the compiled layers' generated code: $TORCHINDUCTOR_CACHE_DIR, else
-    torchinductor_<user> under the temporary directory (torch's default_cache_dir)."""
+    torch's own default (torchinductor_<user> under the temporary directory)."""
     if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
         return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
-    return Path(tempfile.gettempdir()) / f"torchinductor_uid_{os.getuid()}"
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    return Path(default_cache_dir())
 
 
 def compiled_layers_problems(plan: Any) -> list[str]:
